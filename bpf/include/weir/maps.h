@@ -1,0 +1,61 @@
+/* Maps shared by every Weir object, pinned by name under <bpffs>/globals/.
+ *
+ * Every object that includes this header declares the same maps; libbpf reuses
+ * an existing pin (the loader passes the globals directory as pin_root_path),
+ * so all objects of a node share one copy of each.
+ */
+#pragma once
+
+#include <linux/bpf.h>
+#include <bpf/bpf_helpers.h>
+#include "defs.h"
+
+#define WEIR_CALL_MAP(name)                            \
+	struct {                                       \
+		__uint(type, BPF_MAP_TYPE_PROG_ARRAY); \
+		__uint(max_entries, WEIR_NUM_SLOTS);   \
+		__type(key, __u32);                    \
+		__type(value, __u32);                  \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);   \
+	} name SEC(".maps")
+
+/* One call map per hook point; index = enum weir_slot. */
+WEIR_CALL_MAP(calls_from_container);
+WEIR_CALL_MAP(calls_to_container);
+WEIR_CALL_MAP(calls_from_network);
+WEIR_CALL_MAP(calls_to_network);
+WEIR_CALL_MAP(calls_xdp);
+
+/* Forwarded and dropped packets per (reason, direction), per CPU. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, WEIR_METRICS_MAX);
+	__type(key, struct weir_metric_key);
+	__type(value, struct weir_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} metrics SEC(".maps");
+
+/* Packets seen by each hook's entry program, per CPU; index = enum weir_hook. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_NUM_HOOKS);
+	__type(key, __u32);
+	__type(value, struct weir_counter);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} entry_stats SEC(".maps");
+
+/* Endpoints of this node by host-side ifindex; written by the orchestrator. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct weir_endpoint_info);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+/* Drops, verdicts and redirects, streamed to user space as flows. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, WEIR_EVENTS_BYTES);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");

@@ -1,0 +1,207 @@
+"""The datapath contract shared by the BPF C programs and the Python services.
+
+This module is the single source of every constant and struct that both sides
+use: hook points, chain slots, the `skb->cb[]` layout, drop reasons and the
+layouts of the shared maps' keys and values. `bpf/include/weir/defs.h` is
+generated from it (`python -m services.common.datapath`), so the two sides can
+never drift apart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from enum import IntEnum
+from typing import Any
+
+
+class Hook(IntEnum):
+    """Where an entry program is attached; each hook has its own call map."""
+
+    FROM_CONTAINER = 0  # tc ingress on the host side of an endpoint veth
+    TO_CONTAINER = 1  # tc egress on the host side of an endpoint veth
+    FROM_NETWORK = 2  # tc ingress on a network-facing device
+    TO_NETWORK = 3  # tc egress on a network-facing device
+    XDP = 4  # XDP on a network-facing device
+
+
+class Slot(IntEnum):
+    """Fixed indexes in every call map, in the order a packet visits them."""
+
+    PREFILTER = 0
+    LB = 1
+    POLICY = 2
+    IPSEC = 3
+    L7 = 4
+    CUSTOM0 = 5
+    CUSTOM1 = 6
+    CUSTOM2 = 7
+
+
+NUM_SLOTS = len(Slot)
+MAX_ENDPOINTS = 65536
+
+
+class Direction(IntEnum):
+    """Traffic direction from the point of view of the endpoint or node."""
+
+    INGRESS = 0
+    EGRESS = 1
+
+
+HOOK_DIRECTION = {
+    Hook.FROM_CONTAINER: Direction.EGRESS,
+    Hook.TO_CONTAINER: Direction.INGRESS,
+    Hook.FROM_NETWORK: Direction.INGRESS,
+    Hook.TO_NETWORK: Direction.EGRESS,
+    Hook.XDP: Direction.INGRESS,
+}
+
+
+class Reason(IntEnum):
+    """Why a packet left the chain: 0 is forwarded, everything else is a drop."""
+
+    FORWARDED = 0
+    INVALID_PACKET = 1
+    PREFILTER_DENIED = 2
+    POLICY_DENIED = 3
+    POLICY_DENY_RULE = 4
+    NO_SERVICE_BACKEND = 5
+    CT_INVALID = 6
+    UNKNOWN_ENDPOINT = 7
+    MISSED_TAIL_CALL = 8
+
+
+class Cb(IntEnum):
+    """Per-packet metadata between tail calls, one `skb->cb[]` word each."""
+
+    HOOK = 0  # the Hook the packet entered through
+    SLOT = 1  # the Slot currently running; the next program starts after it
+    ENDPOINT = 2  # endpoint id of the interface, 0 when none
+    SRC_IDENTITY = 3  # security identity of the source, 0 when unknown
+    FLAGS = 4  # verdict flags set by earlier objects
+
+
+class EventType(IntEnum):
+    """Kinds of records on the events ring buffer."""
+
+    DROP = 1
+    VERDICT = 2
+    REDIRECT = 3
+
+
+class MetricKey(ctypes.Structure):
+    """Key of the per-CPU metrics map: one counter pair per (reason, direction)."""
+
+    _fields_ = [("reason", ctypes.c_uint8), ("dir", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+
+
+class Counter(ctypes.Structure):
+    """A packets/bytes pair; per-CPU in every map that holds it."""
+
+    _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class EndpointInfo(ctypes.Structure):
+    """Value of the endpoints map, keyed by the host-side ifindex."""
+
+    _fields_ = [
+        ("id", ctypes.c_uint32),
+        ("identity", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class XdpMeta(ctypes.Structure):
+    """What the XDP entry program puts in front of the packet (data_meta)."""
+
+    _fields_ = [("slot", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class Event(ctypes.Structure):
+    """A record on the events ring buffer (drops, verdicts, redirects)."""
+
+    _fields_ = [
+        ("type", ctypes.c_uint8),
+        ("reason", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("hook", ctypes.c_uint8),
+        ("ifindex", ctypes.c_uint32),
+        ("endpoint", ctypes.c_uint32),
+        ("len", ctypes.c_uint32),
+        ("src_identity", ctypes.c_uint32),
+        ("dst_identity", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+ENUMS: list[type[IntEnum]] = [Hook, Slot, Direction, Reason, Cb, EventType]
+STRUCTS: list[type[ctypes.Structure]] = [MetricKey, Counter, EndpointInfo, XdpMeta, Event]
+
+# Map sizes that both sides must agree on.
+CONSTANTS = {
+    "NUM_SLOTS": NUM_SLOTS,
+    "NUM_HOOKS": len(Hook),
+    "MAX_ENDPOINTS": MAX_ENDPOINTS,
+    "METRICS_MAX": 1024,
+    "EVENTS_BYTES": 1 << 20,
+}
+
+_C_TYPES: dict[Any, str] = {
+    ctypes.c_uint8: "__u8",
+    ctypes.c_uint16: "__u16",
+    ctypes.c_uint32: "__u32",
+    ctypes.c_uint64: "__u64",
+    ctypes.c_int32: "__s32",
+    ctypes.c_int64: "__s64",
+}
+
+
+def _snake(name: str) -> str:
+    out = "".join("_" + c.lower() if c.isupper() else c for c in name)
+    return out.lstrip("_")
+
+
+def _c_field(name: str, ctype: Any) -> str:
+    if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
+        return f"\t{_C_TYPES[ctype._type_]} {name}[{ctype._length_}];"
+    return f"\t{_C_TYPES[ctype]} {name};"
+
+
+def c_header() -> str:
+    """Render the C header: enums as `WEIR_<ENUM>_<NAME>`, structs as `struct weir_<name>`."""
+    lines = [
+        "/* Generated from services/common/datapath.py. Do not edit. */",
+        "#pragma once",
+        "#include <linux/types.h>",
+        "",
+    ]
+    for name, value in CONSTANTS.items():
+        lines.append(f"#define WEIR_{name} {value}")
+    lines.append("")
+    for enum in ENUMS:
+        prefix = f"WEIR_{_snake(enum.__name__).upper()}"
+        lines.append(f"enum weir_{_snake(enum.__name__)} {{")
+        lines += [f"\t{prefix}_{member.name} = {member.value}," for member in enum]
+        lines += ["};", ""]
+    for struct in STRUCTS:
+        lines.append(f"struct weir_{_snake(struct.__name__)} {{")
+        lines += [_c_field(name, ctype) for name, ctype in struct._fields_]
+        lines.append("};")
+        lines.append(
+            f"_Static_assert(sizeof(struct weir_{_snake(struct.__name__)}) == "
+            f"{ctypes.sizeof(struct)}, \"layout of {struct.__name__}\");"
+        )
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(c_header())

@@ -1,0 +1,93 @@
+"""Structured JSON logs on stderr, one object per line, with secrets redacted.
+
+Every service logs the same shape (timestamp, level, service, event, bound context) so the
+suite's logs can be merged and filtered by machine. IPsec keys and other secrets must never
+reach a log, so ``redact`` runs on every event, including nested values.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, TextIO
+
+import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+REDACTED = "<redacted>"
+LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Deliberately broad: over-redacting a log field costs a little, leaking a key costs a lot.
+_SECRET_KEY = re.compile(r"key|secret|psk|passw|auth|token|credential", re.IGNORECASE)
+
+
+def _scrub(value: Any) -> Any:
+    """Redact secret-named keys at any depth of dicts, lists and tuples."""
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return type(value)(_scrub(v) for v in value)
+    return value
+
+
+def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: replace values of keys named like key/secret/psk/password/auth."""
+    for k in list(event_dict):
+        if k == "event":
+            continue
+        event_dict[k] = REDACTED if _SECRET_KEY.search(k) else _scrub(event_dict[k])
+    return event_dict
+
+
+def _add_service(service: str) -> structlog.typing.Processor:
+    """A processor that stamps the service name (not a contextvar, so it is on every line)."""
+
+    def add(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        event_dict.setdefault("service", service)
+        return event_dict
+
+    return add
+
+
+def setup_logging(service: str, level: str = "info", stream: TextIO | None = None) -> None:
+    """Configure structlog (and the stdlib root logger, for grpc's own messages) for a service.
+
+    ``stream`` defaults to stderr; tests pass a buffer.
+    """
+    if level.lower() not in LEVELS:
+        raise ValueError(f"unknown log level {level!r}; expected one of {', '.join(LEVELS)}")
+    numeric = logging.getLevelNamesMapping()[level.upper()]
+    out = stream if stream is not None else sys.stderr
+    stamp: list[structlog.typing.Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        _add_service(service),
+    ]
+    render: list[structlog.typing.Processor] = [
+        redact,
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        structlog.processors.JSONRenderer(default=str),
+    ]
+    structlog.configure(
+        processors=[structlog.contextvars.merge_contextvars, *stamp, *render],
+        wrapper_class=structlog.make_filtering_bound_logger(numeric),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
+    # grpc and asyncio log through the stdlib; render them as the same JSON lines.
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.contextvars.merge_contextvars, *stamp],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *render],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(numeric)

@@ -1,0 +1,218 @@
+"""Bootstrap of every Weir gRPC service: listeners, health, reflection, clean shutdown.
+
+Each service only registers its servicers; this module makes them reachable the same way
+everywhere: a 0600 unix socket (plus opt-in TLS TCP), gRPC health checking and server
+reflection (so grpcurl works with no proto files), and a SIGTERM that drains calls, runs the
+service's clean-up and removes the socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import socket
+import stat
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+import grpc
+import grpc.aio
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.config import NodeConfig
+from services.common.errors import ErrorInterceptor, FailedPrecondition, WeirError
+from services.common.logs import setup_logging
+
+log = structlog.get_logger("weir.server")
+
+Register = Callable[[grpc.aio.Server], Sequence[str]]
+OnStop = Callable[[], Awaitable[None] | None]
+
+STOP_GRACE_SECONDS = 5.0
+_MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead process; refuse to steal one that a live server holds."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise FailedPrecondition(f"{path} exists and is not a socket; remove it or change --run-dir")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(os.fspath(path))
+    except (ConnectionRefusedError, FileNotFoundError):
+        path.unlink(missing_ok=True)
+        return
+    finally:
+        probe.close()
+    raise FailedPrecondition(f"another process is already serving on {path}")
+
+
+def _read(path: Path | None) -> bytes | None:
+    return None if path is None else path.read_bytes()
+
+
+class ServiceServer:
+    """One service's gRPC server; ``serve`` runs one until a signal, tests drive it directly."""
+
+    def __init__(
+        self,
+        service: str,
+        config: NodeConfig,
+        register: Register,
+        on_stop: OnStop | None = None,
+    ) -> None:
+        self.service = service
+        self.config = config
+        self.socket_path = config.socket_path(service)
+        self.health = health.aio.HealthServicer()
+        self.tcp_port: int | None = None
+        self.service_names: tuple[str, ...] = ()
+        self._register = register
+        self._on_stop = on_stop
+        self._server: grpc.aio.Server | None = None
+        self._socket_ino: int | None = None
+        self._stopped = False
+
+    async def start(self) -> None:
+        """Register everything, bind the listeners and start serving."""
+        run_dir = self.config.run_dir
+        if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
+            raise FailedPrecondition(
+                f"socket path {self.socket_path} is longer than {_MAX_UNIX_PATH} bytes; "
+                "choose a shorter --run-dir"
+            )
+        if not run_dir.exists():
+            run_dir.mkdir(mode=0o700, parents=True)
+            os.chmod(run_dir, 0o700)
+        _clear_stale_socket(self.socket_path)
+
+        # so_reuseport=0: a second instance on the same TCP port must fail, not share it.
+        server = grpc.aio.server(
+            interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
+        )
+        self._server = server
+        self.service_names = tuple(self._register(server))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        for name in ("", *self.service_names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection(
+            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+
+        old_umask = os.umask(0o177)  # the socket is created 0600 from the start
+        try:
+            server.add_insecure_port(f"unix:{self.socket_path.absolute()}")
+            if self.config.tcp_listen is not None:
+                self.tcp_port = self._add_tls_port(server, self.config.tcp_listen)
+            await server.start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(self.socket_path, 0o600)
+        self._socket_ino = os.lstat(self.socket_path).st_ino
+        log.info(
+            "serving",
+            socket=str(self.socket_path),
+            tcp=self.config.tcp_listen,
+            tcp_port=self.tcp_port,
+            services=list(self.service_names),
+        )
+
+    def _add_tls_port(self, server: grpc.aio.Server, address: str) -> int:
+        """Add the TLS TCP listener; a client CA makes client certificates mandatory."""
+        cert, key = _read(self.config.tls_cert), _read(self.config.tls_key)
+        if cert is None or key is None:
+            raise FailedPrecondition("a TCP listener requires --tls-cert and --tls-key")
+        client_ca = _read(self.config.tls_client_ca)
+        credentials = grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+        )
+        port = server.add_secure_port(address, credentials)
+        if port == 0:
+            raise FailedPrecondition(f"cannot listen on {address}")
+        return port
+
+    async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
+        """Report NOT_SERVING, drain calls for ``grace`` seconds, run on_stop, remove the socket.
+
+        Idempotent, so it is safe from both a signal path and a ``finally``.
+        """
+        if self._stopped:
+            return
+        self._stopped = True
+        try:
+            await self.health.enter_graceful_shutdown()
+            if self._server is not None:
+                await self._server.stop(grace)
+            if self._on_stop is not None:
+                result = self._on_stop()
+                if inspect.isawaitable(result):
+                    await result
+        finally:
+            self._remove_socket()
+            log.info("stopped", socket=str(self.socket_path))
+
+    def _remove_socket(self) -> None:
+        """Unlink our socket, but not one a newer instance has bound in its place."""
+        try:
+            if os.lstat(self.socket_path).st_ino == self._socket_ino:
+                self.socket_path.unlink()
+        except FileNotFoundError:
+            pass
+
+
+async def serve(
+    service: str,
+    config: NodeConfig,
+    register: Register,
+    on_stop: OnStop | None = None,
+) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly (see ``ServiceServer.stop``)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stop.set()
+
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for sig in signals:
+        loop.add_signal_handler(sig, on_signal, sig)
+    server = ServiceServer(service, config, register, on_stop)
+    try:
+        await server.start()
+        await stop.wait()
+        log.info("stopping", signal=received[0] if received else None)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+        await server.stop()
+
+
+def run(
+    service: str,
+    config: NodeConfig,
+    register: Register,
+    on_stop: OnStop | None = None,
+) -> None:
+    """A service's ``main``: set up logging, serve, exit 1 with a clear line if startup fails."""
+    setup_logging(service, config.log_level)
+    try:
+        asyncio.run(serve(service, config, register, on_stop))
+    except WeirError as exc:
+        log.error("cannot serve", error=str(exc))
+        raise SystemExit(1) from None
+
+
+def channel(socket_path: Path | str) -> grpc.aio.Channel:
+    """A client channel to a service's unix socket, e.g. ``channel(config.socket_path("lb"))``."""
+    return grpc.aio.insecure_channel(f"unix:{Path(socket_path).absolute()}")

@@ -1,0 +1,166 @@
+"""The embedded store of a service's desired state: JSON documents in one SQLite file.
+
+A restarted service reads back what it was told and reconciles its pinned maps with it, so
+this must be durable (WAL, synchronous=FULL) and private (0700 directory, 0600 file).
+
+Not thread-safe by design: services call it from the asyncio loop thread only, and the
+sqlite3 connection refuses use from any other thread. Calls are short local disk writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from services.common.config import NodeConfig
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS docs (
+    kind TEXT NOT NULL,
+    key  TEXT NOT NULL,
+    doc  TEXT NOT NULL,
+    PRIMARY KEY (kind, key)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS revisions (
+    kind     TEXT PRIMARY KEY,
+    revision INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
+
+
+def _create_private_dirs(path: Path) -> None:
+    """Create missing directories 0700 (existing ones are left as the operator made them)."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for directory in reversed(missing):
+        try:
+            directory.mkdir(mode=0o700)
+        except FileExistsError:
+            continue
+        os.chmod(directory, 0o700)
+
+
+class Store:
+    """Documents (JSON objects) by (kind, key), plus a revision counter per kind."""
+
+    def __init__(self, path: Path) -> None:
+        """Open (creating if needed) the database at ``path``."""
+        self.path = path
+        _create_private_dirs(path.parent)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        os.chmod(path, 0o600)
+        # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
+        self._db = sqlite3.connect(path, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        self._depth = 0
+
+    @classmethod
+    def open(cls, config: NodeConfig, service: str) -> Store:
+        """The store of ``service`` on this node."""
+        return cls(config.state_db(service))
+
+    def close(self) -> None:
+        """Close the database (the WAL is checkpointed by SQLite)."""
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Make the puts/deletes/bumps inside atomic: all of them, or (on exception) none.
+
+        Nested use joins a savepoint, so an inner failure that the caller catches undoes
+        only the inner part.
+        """
+        name = f"sp{self._depth}"
+        self._db.execute("BEGIN IMMEDIATE" if self._depth == 0 else f"SAVEPOINT {name}")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._db.execute("ROLLBACK")
+            else:
+                self._db.execute(f"ROLLBACK TO {name}")
+                self._db.execute(f"RELEASE {name}")
+            raise
+        self._depth -= 1
+        self._db.execute("COMMIT" if self._depth == 0 else f"RELEASE {name}")
+
+    def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
+        """Insert or replace one document."""
+        if not isinstance(doc, dict):
+            raise TypeError(f"a stored document must be a dict, got {type(doc).__name__}")
+        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)
+        self._db.execute(
+            "INSERT INTO docs (kind, key, doc) VALUES (?, ?, ?) "
+            "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
+            (kind, key, text),
+        )
+
+    def get(self, kind: str, key: str) -> dict[str, Any] | None:
+        """The document, or None if absent."""
+        row = self._db.execute(
+            "SELECT doc FROM docs WHERE kind = ? AND key = ?", (kind, key)
+        ).fetchone()
+        return None if row is None else _load(row[0])
+
+    def delete(self, kind: str, key: str) -> bool:
+        """Remove a document; True if it existed (so callers can stay idempotent)."""
+        cur = self._db.execute("DELETE FROM docs WHERE kind = ? AND key = ?", (kind, key))
+        return cur.rowcount > 0
+
+    def items(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
+        """All documents of a kind, ordered by key."""
+        rows = self._db.execute(
+            "SELECT key, doc FROM docs WHERE kind = ? ORDER BY key", (kind,)
+        ).fetchall()
+        return [(key, _load(text)) for key, text in rows]
+
+    def keys(self, kind: str) -> list[str]:
+        """All keys of a kind, ordered."""
+        rows = self._db.execute(
+            "SELECT key FROM docs WHERE kind = ? ORDER BY key", (kind,)
+        ).fetchall()
+        return [key for (key,) in rows]
+
+    def revision(self, kind: str) -> int:
+        """The current revision of a kind; 0 before the first bump."""
+        row = self._db.execute(
+            "SELECT revision FROM revisions WHERE kind = ?", (kind,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def bump_revision(self, kind: str) -> int:
+        """Increment and return the revision of a kind (part of any enclosing transaction)."""
+        row = self._db.execute(
+            "INSERT INTO revisions (kind, revision) VALUES (?, 1) "
+            "ON CONFLICT (kind) DO UPDATE SET revision = revision + 1 RETURNING revision",
+            (kind,),
+        ).fetchone()
+        return int(row[0])
+
+
+def _load(text: str) -> dict[str, Any]:
+    doc = json.loads(text)
+    if not isinstance(doc, dict):
+        raise ValueError("corrupt state store: a document is not a JSON object")
+    return doc

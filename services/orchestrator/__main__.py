@@ -1,0 +1,62 @@
+"""Run the orchestrator: `python -m services.orchestrator [--instance NAME ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc.aio
+import structlog
+from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+from services.common.bpffs import ensure_bpffs
+from services.common.config import NodeConfig
+from services.common.logs import setup_logging
+from services.common.server import serve
+from services.common.store import Store
+from services.orchestrator import netdev
+from services.orchestrator.chain import Chain
+from services.orchestrator.endpoints import Endpoints
+from services.orchestrator.events import EventHub
+from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
+
+SERVICE = "orchestrator"
+DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
+log = structlog.get_logger("weir.orchestrator")
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
+                        help="directory of the built BPF objects (default bpf/build)")
+
+
+async def main(config: NodeConfig, bpf_dir: Path) -> None:
+    ensure_bpffs(config.bpffs_root)
+    netdev.enable_forwarding()
+    chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
+    chain.load()
+    store = Store.open(config, SERVICE)
+    endpoints = Endpoints(config.instance, chain, store)
+    endpoints.reconcile()
+    events = EventHub(chain.events)
+    events.start(asyncio.get_running_loop())
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(chain, endpoints, events), server)
+        return [SERVICE_NAME]
+
+    async def on_stop() -> None:
+        events.stop()
+        store.close()
+        chain.close()
+
+    log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))
+    await serve(SERVICE, config, register, on_stop)
+
+
+if __name__ == "__main__":
+    node, args = NodeConfig.from_args(None, SERVICE, _flags)
+    setup_logging(SERVICE, node.log_level)
+    asyncio.run(main(node, args.bpf_dir))

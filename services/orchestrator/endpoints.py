@@ -1,0 +1,270 @@
+"""Endpoints: a network namespace and a veth pair (or an adopted interface).
+
+`Endpoints` owns the desired state of a node's endpoints (in the state store),
+the netlink objects that realise it, the entry-program attachments on each
+host-side interface and the endpoints map the datapath reads. A restarted
+orchestrator calls `reconcile()`: what the store knows is re-adopted, what it
+does not know but carries this instance's tag is removed.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import structlog
+
+from pybpf import TcDirection, attach_tc, detach_tc
+from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.store import Store
+from services.orchestrator import netdev
+from services.orchestrator.chain import Chain
+
+log = structlog.get_logger("weir.endpoints")
+
+KIND = "endpoint"
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
+LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
+LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+TC_HANDLE = 1
+TC_PRIORITY = 1
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+@dataclass
+class Endpoint:
+    name: str
+    id: int
+    ipv4: str = ""
+    ipv6: str = ""
+    labels: dict[str, str] = field(default_factory=dict)
+    netns: str = ""
+    host_ifname: str = ""
+    host_ifindex: int = 0
+    mac: str = ""
+    adopted: bool = False
+
+    @classmethod
+    def from_doc(cls, doc: dict[str, Any]) -> Endpoint:
+        return cls(**doc)
+
+
+@dataclass(frozen=True)
+class EndpointSpec:
+    """A validated CreateEndpoint request."""
+
+    name: str
+    ipv4: str
+    ipv6: str
+    labels: dict[str, str]
+    adopt_interface: str
+
+    @classmethod
+    def parse(
+        cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str
+    ) -> EndpointSpec:
+        if not NAME_RE.match(name):
+            raise InvalidArgument(
+                f"endpoint name {name!r} is invalid: use 1-32 lowercase letters, digits or '-', "
+                "starting and ending with a letter or digit"
+            )
+        if not ipv4 and not ipv6:
+            raise InvalidArgument("an endpoint needs an IPv4 or an IPv6 address")
+        try:
+            v4 = netdev.valid_address(ipv4, 4) if ipv4 else ""
+            v6 = netdev.valid_address(ipv6, 6) if ipv6 else ""
+        except ValueError as exc:
+            raise InvalidArgument(f"invalid address: {exc}") from exc
+        for key, value in labels.items():
+            if not LABEL_KEY_RE.match(key):
+                raise InvalidArgument(f"label key {key!r} is invalid")
+            if not LABEL_VALUE_RE.match(value):
+                raise InvalidArgument(f"label value {value!r} of {key!r} is invalid")
+        if adopt_interface and len(adopt_interface.encode()) > 15:
+            raise InvalidArgument(f"interface name {adopt_interface!r} is longer than 15 bytes")
+        return cls(name, v4, v6, dict(labels), adopt_interface)
+
+
+class Endpoints:
+    """The endpoints of one node (instance), their interfaces and attachments."""
+
+    def __init__(self, instance: str, chain: Chain, store: Store) -> None:
+        self._instance = instance
+        self._chain = chain
+        self._store = store
+
+    # ---- queries ----
+
+    def get(self, name: str) -> Endpoint:
+        doc = self._store.get(KIND, name)
+        if doc is None:
+            raise NotFound(f"endpoint {name!r} does not exist")
+        return Endpoint.from_doc(doc)
+
+    def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[Endpoint], str]:
+        """A page of endpoints ordered by name; the token is the last name returned."""
+        if page_size > MAX_PAGE_SIZE:
+            raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")
+        size = page_size or DEFAULT_PAGE_SIZE
+        rest = [Endpoint.from_doc(doc) for key, doc in self._store.items(KIND) if key > page_token]
+        page = rest[:size]
+        token = page[-1].name if len(rest) > size else ""
+        return page, token
+
+    # ---- changes ----
+
+    def create(self, spec: EndpointSpec) -> Endpoint:
+        """Make (or adopt) an endpoint; on any failure, undo what was made."""
+        existing = self._store.get(KIND, spec.name)
+        if existing is not None:
+            raise AlreadyExists(f"endpoint {spec.name!r} already exists")
+        self._check_addresses_free(spec)
+        endpoint = Endpoint(
+            name=spec.name,
+            id=self._allocate_id(),
+            ipv4=spec.ipv4,
+            ipv6=spec.ipv6,
+            labels=spec.labels,
+            adopted=bool(spec.adopt_interface),
+        )
+        try:
+            if spec.adopt_interface:
+                self._adopt(endpoint, spec.adopt_interface)
+            else:
+                self._make(endpoint)
+            self._attach(endpoint)
+            self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+        except Exception:
+            self._teardown(endpoint)
+            raise
+        self._store.put(KIND, endpoint.name, asdict(endpoint))
+        log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname)
+        return endpoint
+
+    def delete(self, name: str) -> None:
+        endpoint = self.get(name)
+        self._teardown(endpoint)
+        self._store.delete(KIND, name)
+        log.info("endpoint deleted", endpoint=name)
+
+    def reconcile(self) -> None:
+        """After a (re)start: re-adopt known endpoints, remove tagged leftovers."""
+        known = {}
+        for name, doc in self._store.items(KIND):
+            endpoint = Endpoint.from_doc(doc)
+            if self._still_there(endpoint):
+                endpoint.host_ifindex = netdev.link_index(endpoint.host_ifname) or 0
+                self._attach(endpoint)
+                self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+                self._store.put(KIND, name, asdict(endpoint))
+                known[netdev.alias(self._instance, name)] = endpoint
+                log.info("endpoint re-adopted", endpoint=name)
+            else:
+                log.warning("endpoint vanished while the orchestrator was down", endpoint=name)
+                self._teardown(endpoint)
+                self._store.delete(KIND, name)
+        prefix = netdev.alias(self._instance, "")
+        for tag, ifindex in netdev.tagged_links(prefix).items():
+            if tag not in known:
+                log.warning("removing an interface no endpoint owns", alias=tag)
+                netdev.delete_link(ifindex)
+        names = {e.netns for e in known.values()}
+        for ns in netdev.list_netns(netdev.netns_name(self._instance, "")):
+            if ns not in names:
+                log.warning("removing a namespace no endpoint owns", netns=ns)
+                netdev.remove_netns(ns)
+        valid = {e.host_ifindex for e in known.values()}
+        for ifindex in list(self._chain.endpoints.keys()):
+            if ifindex not in valid:
+                self._chain.endpoints.delete(ifindex)
+
+    # ---- helpers ----
+
+    def _make(self, endpoint: Endpoint) -> None:
+        endpoint.netns = netdev.netns_name(self._instance, endpoint.name)
+        endpoint.host_ifname = netdev.host_ifname(self._instance, endpoint.name)
+        if netdev.netns_exists(endpoint.netns) or netdev.link_index(endpoint.host_ifname):
+            raise AlreadyExists(
+                f"namespace {endpoint.netns} or interface {endpoint.host_ifname} already exists "
+                "but belongs to no endpoint; delete it or restart the orchestrator to clean up"
+            )
+        veth = netdev.create_veth(
+            endpoint.host_ifname, netdev.alias(self._instance, endpoint.name), endpoint.netns
+        )
+        endpoint.host_ifindex = veth.host_ifindex
+        endpoint.mac = veth.peer_mac
+        netdev.configure_container(endpoint.netns, veth.host_mac, endpoint.ipv4, endpoint.ipv6)
+        netdev.add_host_routes(veth.host_ifindex, endpoint.ipv4, endpoint.ipv6, veth.peer_mac)
+
+    def _adopt(self, endpoint: Endpoint, ifname: str) -> None:
+        ifindex = netdev.link_index(ifname)
+        if ifindex is None:
+            raise NotFound(f"interface {ifname!r} does not exist in the node's namespace")
+        for other in self._all():
+            if other.host_ifname == ifname:
+                raise AlreadyExists(f"interface {ifname!r} already belongs to endpoint {other.name!r}")
+        endpoint.host_ifname = ifname
+        endpoint.host_ifindex = ifindex
+        netdev.add_host_routes(ifindex, endpoint.ipv4, endpoint.ipv6, "")
+
+    def _attach(self, endpoint: Endpoint) -> None:
+        """Attach (or atomically replace) the entry programs on the host side."""
+        for hook, direction in (
+            (Hook.FROM_CONTAINER, TcDirection.INGRESS),
+            (Hook.TO_CONTAINER, TcDirection.EGRESS),
+        ):
+            attach_tc(
+                endpoint.host_ifindex,
+                self._chain.programs[hook],
+                direction,
+                handle=TC_HANDLE,
+                priority=TC_PRIORITY,
+                replace=True,
+            )
+
+    def _teardown(self, endpoint: Endpoint) -> None:
+        """Remove what create() made; tolerant of parts that are already gone."""
+        if endpoint.host_ifindex:
+            try:
+                self._chain.endpoints.delete(endpoint.host_ifindex)
+            except KeyError:
+                pass
+        if endpoint.adopted:
+            if endpoint.host_ifindex and netdev.link_index(endpoint.host_ifname) == endpoint.host_ifindex:
+                for direction in (TcDirection.INGRESS, TcDirection.EGRESS):
+                    detach_tc(endpoint.host_ifindex, direction, handle=TC_HANDLE, priority=TC_PRIORITY)
+                netdev.remove_host_routes(endpoint.host_ifindex, endpoint.ipv4, endpoint.ipv6)
+            return
+        ifindex = netdev.link_index(endpoint.host_ifname) if endpoint.host_ifname else None
+        if ifindex is not None:
+            netdev.delete_link(ifindex)
+        if endpoint.netns:
+            netdev.remove_netns(endpoint.netns)
+
+    def _still_there(self, endpoint: Endpoint) -> bool:
+        if not endpoint.host_ifname or netdev.link_index(endpoint.host_ifname) is None:
+            return False
+        return endpoint.adopted or netdev.netns_exists(endpoint.netns)
+
+    def _all(self) -> list[Endpoint]:
+        return [Endpoint.from_doc(doc) for _, doc in self._store.items(KIND)]
+
+    def _allocate_id(self) -> int:
+        used = {e.id for e in self._all()}
+        for candidate in range(1, MAX_ENDPOINTS):
+            if candidate not in used:
+                return candidate
+        raise ResourceExhausted(f"this node already has {MAX_ENDPOINTS - 1} endpoints")
+
+    def _check_addresses_free(self, spec: EndpointSpec) -> None:
+        for other in self._all():
+            for mine, theirs in ((spec.ipv4, other.ipv4), (spec.ipv6, other.ipv6)):
+                if mine and mine == theirs:
+                    raise AlreadyExists(f"address {mine} already belongs to endpoint {other.name!r}")
+
+    @staticmethod
+    def _info(endpoint: Endpoint) -> EndpointInfo:
+        return EndpointInfo(id=endpoint.id, identity=0, flags=0, pad=0)

@@ -1,0 +1,168 @@
+"""Netlink plumbing for endpoints: namespaces, veth pairs, addresses, routes.
+
+Everything here runs in the orchestrator's own network namespace (the node's)
+and in the endpoint namespaces it creates; it never looks at other interfaces
+except to find the ones it tagged. Interfaces Weir makes carry an ifalias
+`weir/<instance>/<endpoint>` so a restarted orchestrator can tell its own
+leftovers from everything else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import os
+from dataclasses import dataclass
+
+from pyroute2 import IPRoute, NetNS, netns
+from pyroute2.netlink.exceptions import NetlinkError
+
+# The endpoint's default gateway: a link-local address that exists nowhere. The
+# endpoint reaches it through a permanent neighbour entry pointing at the host
+# side of its veth, so no ARP/ND is ever needed for it.
+GATEWAY_V4 = "169.254.1.1"
+GATEWAY_V6 = "fe80::1"
+CONTAINER_IFNAME = "eth0"
+NUD_PERMANENT = 0x80
+RT_SCOPE_LINK = 253
+
+
+@dataclass(frozen=True)
+class Veth:
+    """What create_veth made: the host side in the node, the peer in the namespace."""
+
+    host_ifname: str
+    host_ifindex: int
+    host_mac: str
+    peer_mac: str
+
+
+def host_ifname(instance: str, endpoint: str) -> str:
+    """A stable, short (<= 15 bytes) interface name unique per instance and endpoint."""
+    digest = hashlib.sha256(f"{instance}/{endpoint}".encode()).hexdigest()[:8]
+    return f"lxc{digest}"
+
+
+def alias(instance: str, endpoint: str) -> str:
+    return f"weir/{instance}/{endpoint}"
+
+
+def netns_name(instance: str, endpoint: str) -> str:
+    return f"{instance}.{endpoint}"
+
+
+def enable_forwarding() -> None:
+    """The node routes between endpoints and the network (its own namespace only)."""
+    for path in ("/proc/sys/net/ipv4/ip_forward", "/proc/sys/net/ipv6/conf/all/forwarding"):
+        with open(path, "w") as f:
+            f.write("1")
+
+
+def list_netns(prefix: str) -> list[str]:
+    return [name for name in netns.listnetns() if name.startswith(prefix)]
+
+
+def netns_exists(name: str) -> bool:
+    return os.path.exists(f"/run/netns/{name}")
+
+
+def remove_netns(name: str) -> None:
+    if netns_exists(name):
+        netns.remove(name)
+
+
+def link_index(ifname: str) -> int | None:
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=ifname)
+    return found[0] if found else None
+
+
+def tagged_links(prefix: str) -> dict[str, int]:
+    """Interfaces of this namespace whose ifalias starts with prefix: alias -> ifindex."""
+    with IPRoute() as ipr:
+        return {
+            str(link.get("ifalias")): int(link["index"])
+            for link in ipr.get_links()
+            if str(link.get("ifalias") or "").startswith(prefix)
+        }
+
+
+def create_veth(ifname: str, tag: str, ns: str) -> Veth:
+    """Make a veth pair with the peer (eth0) inside namespace ns, host side up."""
+    if not netns_exists(ns):
+        netns.create(ns)
+    with IPRoute() as ipr:
+        ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": CONTAINER_IFNAME, "net_ns_fd": ns})
+        index = ipr.link_lookup(ifname=ifname)[0]
+        ipr.link("set", index=index, ifalias=tag, state="up")
+        host_mac = str(ipr.get_links(index)[0].get("address"))
+    with NetNS(ns) as nsr:
+        peer = nsr.link_lookup(ifname=CONTAINER_IFNAME)[0]
+        peer_mac = str(nsr.get_links(peer)[0].get("address"))
+    return Veth(ifname, index, host_mac, peer_mac)
+
+
+def configure_container(ns: str, host_mac: str, ipv4: str, ipv6: str) -> None:
+    """Address eth0 in the endpoint namespace and route everything via the host side."""
+    with NetNS(ns) as nsr:
+        lo = nsr.link_lookup(ifname="lo")[0]
+        nsr.link("set", index=lo, state="up")
+        eth = nsr.link_lookup(ifname=CONTAINER_IFNAME)[0]
+        nsr.link("set", index=eth, state="up")
+        if ipv4:
+            nsr.addr("add", index=eth, address=ipv4, prefixlen=32)
+            nsr.neigh("add", dst=GATEWAY_V4, lladdr=host_mac, ifindex=eth, state=NUD_PERMANENT)
+            nsr.route("add", dst=f"{GATEWAY_V4}/32", oif=eth, scope=RT_SCOPE_LINK)
+            nsr.route("add", dst="0.0.0.0/0", gateway=GATEWAY_V4, oif=eth)
+        if ipv6:
+            # nodad: the address is ours by construction; DAD would only delay it.
+            nsr.addr("add", index=eth, address=ipv6, prefixlen=128, flags=0x02)
+            nsr.neigh("add", dst=GATEWAY_V6, lladdr=host_mac, ifindex=eth, state=NUD_PERMANENT)
+            nsr.route("add", dst="::/0", gateway=GATEWAY_V6, oif=eth)
+
+
+def add_host_routes(ifindex: int, ipv4: str, ipv6: str, peer_mac: str) -> None:
+    """Route the endpoint's addresses to its host-side interface (replace: idempotent)."""
+    with IPRoute() as ipr:
+        for address, plen in ((ipv4, 32), (ipv6, 128)):
+            if not address:
+                continue
+            ipr.route("replace", dst=f"{address}/{plen}", oif=ifindex, scope=RT_SCOPE_LINK)
+            if peer_mac:
+                ipr.neigh("replace", dst=address, lladdr=peer_mac, ifindex=ifindex, state=NUD_PERMANENT)
+
+
+def remove_host_routes(ifindex: int, ipv4: str, ipv6: str) -> None:
+    """Undo add_host_routes on an adopted interface that stays in place."""
+    with IPRoute() as ipr:
+        for address, plen in ((ipv4, 32), (ipv6, 128)):
+            if not address:
+                continue
+            for call in (
+                lambda: ipr.route("del", dst=f"{address}/{plen}", oif=ifindex),
+                lambda: ipr.neigh("del", dst=address, ifindex=ifindex),
+            ):
+                try:
+                    call()
+                except NetlinkError:
+                    pass
+
+
+def delete_link(ifindex: int) -> None:
+    """Delete an interface (a veth takes its peer with it); absent is fine."""
+    with IPRoute() as ipr:
+        try:
+            ipr.link("del", index=ifindex)
+        except NetlinkError as exc:
+            if exc.code != 19:  # ENODEV: already gone
+                raise
+
+
+def valid_address(text: str, version: int) -> str:
+    """Normalise an address of the given family; raises ValueError with a reason."""
+    address = ipaddress.ip_address(text)
+    if address.version != version:
+        raise ValueError(f"{text!r} is not an IPv{version} address")
+    if address.is_multicast or address.is_unspecified or address.is_loopback:
+        raise ValueError(f"{text!r} cannot be an endpoint address")
+    return str(address)

@@ -1,0 +1,162 @@
+"""The orchestrator's gRPC layer: validate, call one method, fill the reply.
+
+Status codes come from the exceptions the plain classes raise; the mapping
+lives in services/common/errors.py and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import grpc.aio
+from weir.common.v1 import common_pb2
+from weir.orchestrator.v1 import orchestrator_pb2 as pb
+from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
+
+from services.common.datapath import Hook, Slot
+from services.common.errors import InvalidArgument
+from services.orchestrator.chain import Chain, SlotState
+from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
+from services.orchestrator.events import EventHub
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
+
+
+def hook_from_proto(value: int) -> Hook:
+    if value == common_pb2.HOOK_UNSPECIFIED or value - 1 not in Hook._value2member_map_:
+        raise InvalidArgument(f"hook {value} is not one of {', '.join(common_pb2.Hook.keys()[1:])}")
+    return Hook(value - 1)
+
+
+def slot_from_proto(value: int) -> int:
+    """A slot number as the datapath counts them; range errors come from Chain."""
+    if value == common_pb2.SLOT_UNSPECIFIED:
+        raise InvalidArgument(f"slot is required: one of {', '.join(common_pb2.Slot.keys()[1:])}")
+    return value - 1
+
+
+def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
+    return pb.Endpoint(
+        name=endpoint.name,
+        id=endpoint.id,
+        ipv4=endpoint.ipv4,
+        ipv6=endpoint.ipv6,
+        labels=endpoint.labels,
+        netns=endpoint.netns,
+        host_ifname=endpoint.host_ifname,
+        host_ifindex=endpoint.host_ifindex,
+        mac=endpoint.mac,
+        adopted=endpoint.adopted,
+    )
+
+
+def slot_to_proto(state: SlotState) -> pb.SlotState:
+    return pb.SlotState(
+        hook=state.hook + 1,
+        slot=Slot(state.slot) + 1,
+        program_id=state.program_id,
+        program_name=state.program_name,
+    )
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+    def __init__(self, chain: Chain, endpoints: Endpoints, events: EventHub) -> None:
+        self._chain = chain
+        self._endpoints = endpoints
+        self._events = events
+
+    async def CreateEndpoint(
+        self, request: pb.CreateEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Endpoint:
+        spec = EndpointSpec.parse(
+            request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
+        )
+        return endpoint_to_proto(self._endpoints.create(spec))
+
+    async def GetEndpoint(
+        self, request: pb.GetEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Endpoint:
+        return endpoint_to_proto(self._endpoints.get(request.name))
+
+    async def ListEndpoints(
+        self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListEndpointsResponse:
+        page, token = self._endpoints.list(request.page.page_size, request.page.page_token)
+        return pb.ListEndpointsResponse(
+            endpoints=[endpoint_to_proto(e) for e in page], next_page_token=token
+        )
+
+    async def DeleteEndpoint(
+        self, request: pb.DeleteEndpointRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteEndpointResponse:
+        self._endpoints.delete(request.name)
+        return pb.DeleteEndpointResponse()
+
+    async def SetSlot(self, request: pb.SetSlotRequest, context: grpc.aio.ServicerContext) -> pb.SlotState:
+        hook = hook_from_proto(request.hook)
+        slot = slot_from_proto(request.slot)
+        with Chain.open_program(request.pin_path, request.program_id) as program:
+            return slot_to_proto(self._chain.set_slot(hook, slot, program))
+
+    async def ClearSlot(
+        self, request: pb.ClearSlotRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SlotState:
+        hook = hook_from_proto(request.hook)
+        return slot_to_proto(self._chain.clear_slot(hook, slot_from_proto(request.slot)))
+
+    async def ListSlots(
+        self, request: pb.ListSlotsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListSlotsResponse:
+        hooks = [hook_from_proto(request.hook)] if request.hook else list(Hook)
+        return pb.ListSlotsResponse(
+            slots=[slot_to_proto(s) for hook in hooks for s in self._chain.slots(hook)]
+        )
+
+    async def GetMetrics(
+        self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetMetricsResponse:
+        entry = [
+            pb.HookCounter(hook=hook + 1, counter=common_pb2.Counter(packets=p, bytes=b))
+            for hook, (p, b) in self._chain.entry_counts().items()
+        ]
+        reasons = [
+            pb.ReasonCounter(
+                reason=r.reason.name if hasattr(r.reason, "name") else str(r.reason),
+                reason_code=int(r.reason),
+                direction=r.direction + 1,
+                counter=common_pb2.Counter(packets=r.packets, bytes=r.bytes),
+            )
+            for r in self._chain.reason_counts()
+        ]
+        return pb.GetMetricsResponse(entry=entry, reasons=reasons)
+
+    async def WatchEvents(
+        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Event]:
+        wanted = {t.upper() for t in request.types}
+        queue = self._events.subscribe()
+        try:
+            while True:
+                event = await queue.get()
+                if wanted and event.type not in wanted:
+                    continue
+                yield pb.Event(
+                    type=event.type,
+                    reason=event.reason,
+                    hook=event.hook + 1,
+                    direction=event.direction + 1,
+                    ifindex=event.ifindex,
+                    endpoint_id=event.endpoint_id,
+                    length=event.length,
+                    src_identity=event.src_identity,
+                    protocol=event.protocol,
+                    src=event.src,
+                    dst=event.dst,
+                    src_port=event.src_port,
+                    dst_port=event.dst_port,
+                )
+        except asyncio.CancelledError:
+            raise
+        finally:
+            self._events.unsubscribe(queue)
