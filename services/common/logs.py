@@ -54,6 +54,17 @@ def _add_service(service: str) -> structlog.typing.Processor:
     return add
 
 
+_FIRST = ("timestamp", "level", "service", "event")
+
+
+def _lead_with_essentials(
+    _logger: WrappedLogger, _method: str, event_dict: EventDict
+) -> EventDict:
+    """Put timestamp, level, service and event first so lines read well in a terminal."""
+    head = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
+    return {**head, **event_dict}
+
+
 def setup_logging(service: str, level: str = "info", stream: TextIO | None = None) -> None:
     """Configure structlog (and the stdlib root logger, for grpc's own messages) for a service.
 
@@ -72,6 +83,7 @@ def setup_logging(service: str, level: str = "info", stream: TextIO | None = Non
         redact,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
+        _lead_with_essentials,
         structlog.processors.JSONRenderer(default=str),
     ]
     structlog.configure(
@@ -91,3 +103,5 @@ def setup_logging(service: str, level: str = "info", stream: TextIO | None = Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(numeric)
+    # grpc's debug lines (event-loop bookkeeping on every call) drown out the service's own.
+    logging.getLogger("grpc").setLevel(max(numeric, logging.INFO))

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from services.common.config import NodeConfig
 
@@ -71,7 +71,7 @@ class Store:
         """Close the database (the WAL is checkpointed by SQLite)."""
         self._db.close()
 
-    def __enter__(self) -> Store:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(
@@ -162,5 +162,5 @@ class Store:
 def _load(text: str) -> dict[str, Any]:
     doc = json.loads(text)
     if not isinstance(doc, dict):
-        raise ValueError("corrupt state store: a document is not a JSON object")
+        raise TypeError("corrupt state store: a document is not a JSON object")
     return doc

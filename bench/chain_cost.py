@@ -1,0 +1,79 @@
+"""What a tail-call chain costs: entry program alone vs. entry + 1, 2, 4 objects.
+
+Runs the from-container entry program through BPF_PROG_TEST_RUN on a 64-byte
+UDP/IPv4 frame, with 0, 1, 2 and 4 counting objects in its call map, and prints
+the mean ns per packet (best of several runs) and the ratio to the entry alone.
+Everything lives in a private bpffs directory that is removed afterwards.
+
+    sudo .venv/bin/python -m bench.chain_cost [--repeat N] [--runs N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import struct
+from pathlib import Path
+
+from pybpf import BpfObject, ProgArray
+from services.common.bpffs import ensure_bpffs, remove_pins
+from services.common.datapath import Slot
+
+BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
+
+
+def udp_frame() -> bytes:
+    """Ethernet + IPv4 + UDP, 64 bytes in all (checksums are not checked by test_run)."""
+    payload = bytes(64 - 14 - 20 - 8)
+    udp = struct.pack("!HHHH", 40000, 9000, 8 + len(payload), 0) + payload
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
+                     bytes([198, 18, 0, 10]), bytes([198, 18, 0, 11]))
+    eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
+    return eth + ip + udp
+
+
+def measure(repeat: int, runs: int) -> dict[int, float]:
+    root = Path(f"/sys/fs/bpf/weir-bench-{os.getpid()}")
+    ensure_bpffs(root)
+    globals_dir = root / "globals"
+    globals_dir.mkdir(parents=True)
+    objects: list[BpfObject] = []
+    try:
+        entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=globals_dir)
+        entry.load()
+        objects.append(entry)
+        calls = ProgArray(entry.maps["calls_from_container"])
+        program = entry.programs["entry_from_container"]
+        frame = udp_frame()
+        results: dict[int, float] = {}
+        for depth in (0, 1, 2, 4):
+            while len(objects) - 1 < depth:
+                counter = BpfObject.open(BPF_BUILD / "counter.o", pin_root=globals_dir)
+                counter.load()
+                objects.append(counter)
+                calls.set(len(objects) - 2, counter.programs["count_from_container"])
+            best = min(program.test_run(frame, repeat=repeat).duration_ns for _ in range(runs))
+            results[depth] = float(best)
+            assert depth == 0 or calls.get_id(Slot(depth - 1))
+        return results
+    finally:
+        for obj in objects:
+            obj.close()
+        remove_pins(root)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions per run")
+    parser.add_argument("--runs", type=int, default=5, help="runs per configuration; the best is kept")
+    args = parser.parse_args()
+    results = measure(args.repeat, args.runs)
+    base = results[0]
+    print(f"{'chain':<22}{'ns/packet':>10}{'ratio':>8}")
+    for depth, ns in results.items():
+        label = "entry alone" if depth == 0 else f"entry + {depth} object{'s' if depth > 1 else ''}"
+        print(f"{label:<22}{ns:>10.1f}{ns / base:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,214 @@
+"""Real traffic between namespaces: ICMP via ping, TCP and UDP via sockets.
+
+Every helper is bounded in time and count, and only ever sends to addresses
+of namespaces the test made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from tests.harness import netns
+
+TIMEOUT = 3.0
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
+
+
+def ping(ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0) -> int:
+    """Echo replies received by `count` pings from ns to address."""
+    result = netns.run(
+        ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(wait), "-q", address, check=False
+    )
+    for line in result.stdout.splitlines():
+        if "received" in line:
+            return int(line.split(",")[1].split()[0])
+    return 0
+
+
+@dataclass
+class Server:
+    """A TCP or UDP server thread inside a namespace; TCP echoes, UDP records."""
+
+    ns: str
+    address: str
+    port: int
+    proto: str = "tcp"
+    reply: bytes = b""
+    received: list[tuple[bytes, tuple[str, int]]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _sock: socket.socket | None = None
+    _thread: threading.Thread | None = None
+
+    def start(self) -> Server:
+        kind = socket.SOCK_STREAM if self.proto == "tcp" else socket.SOCK_DGRAM
+        with netns.entered(self.ns):
+            sock = socket.socket(_family(self.address), kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.address, self.port))
+        sock.settimeout(0.2)
+        if self.proto == "tcp":
+            sock.listen(128)
+        self._sock = sock
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+        return self
+
+    def _serve(self) -> None:
+        assert self._sock is not None
+        while not self._stop.is_set():
+            try:
+                if self.proto == "tcp":
+                    conn, _ = self._sock.accept()
+                    threading.Thread(target=self._echo, args=(conn,), daemon=True).start()
+                else:
+                    data, peer = self._sock.recvfrom(65535)
+                    self.received.append((data, peer[:2]))
+                    if self.reply:
+                        self._sock.sendto(self.reply + data, peer)
+            except (TimeoutError, OSError):
+                continue
+
+    def _echo(self, conn: socket.socket) -> None:
+        conn.settimeout(TIMEOUT)
+        with conn:
+            try:
+                while data := conn.recv(65536):
+                    conn.sendall(self.reply + data)
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=2)
+        if self._sock is not None:
+            self._sock.close()
+
+
+@contextmanager
+def server(ns: str, address: str, port: int, proto: str = "tcp", reply: bytes = b"") -> Iterator[Server]:
+    srv = Server(ns, address, port, proto, reply).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
+
+
+def tcp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: float = TIMEOUT) -> bytes:
+    """Connect from ns, send payload, return what came back (raises on failure)."""
+    with netns.entered(ns):
+        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.connect((address, port))
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while data := sock.recv(65536):
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0) -> bool:
+    """Whether a TCP connection from ns carrying data succeeds within timeout."""
+    try:
+        return tcp_exchange(ns, address, port, b"probe", timeout) .endswith(b"probe")
+    except OSError:
+        return False
+
+
+def udp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
+    """Send one datagram from ns and wait for an answer; None when nothing came back."""
+    with netns.entered(ns):
+        sock = socket.socket(_family(address), socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(timeout)
+        sock.sendto(payload, (address, port))
+        try:
+            return sock.recvfrom(65535)[0]
+        except TimeoutError:
+            return None
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    sent: int
+    received: int
+    missing: list[int]
+    duplicates: int
+
+
+class CountedStream:
+    """Numbered UDP datagrams from one namespace to another, to detect loss.
+
+    The receiver records sequence numbers; `result()` says which never arrived.
+    Run `start()`, do something to the datapath, then `finish()`.
+    """
+
+    def __init__(self, src_ns: str, dst_ns: str, dst: str, port: int, rate: int = 2000) -> None:
+        self._dst = dst
+        self._port = port
+        self._interval = 1.0 / rate
+        self._stop = threading.Event()
+        self._seen: list[int] = []
+        self._sent = 0
+        with netns.entered(dst_ns):
+            self._rx = socket.socket(_family(dst), socket.SOCK_DGRAM)
+        self._rx.bind((dst, port))
+        self._rx.settimeout(0.2)
+        with netns.entered(src_ns):
+            self._tx = socket.socket(_family(dst), socket.SOCK_DGRAM)
+        self._threads = [
+            threading.Thread(target=self._send, daemon=True),
+            threading.Thread(target=self._receive, daemon=True),
+        ]
+        self._rx_done = threading.Event()
+
+    def start(self) -> CountedStream:
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _send(self) -> None:
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self._tx.sendto(struct.pack("!Q", self._sent), (self._dst, self._port))
+            self._sent += 1
+            next_at += self._interval
+            delay = next_at - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+
+    def _receive(self) -> None:
+        while not self._rx_done.is_set():
+            try:
+                data = self._rx.recv(64)
+            except TimeoutError:
+                continue
+            self._seen.append(struct.unpack("!Q", data[:8])[0])
+
+    @property
+    def sent(self) -> int:
+        return self._sent
+
+    def finish(self, drain: float = 0.5) -> StreamResult:
+        self._stop.set()
+        self._threads[0].join(timeout=2)
+        time.sleep(drain)
+        self._rx_done.set()
+        self._threads[1].join(timeout=2)
+        self._tx.close()
+        self._rx.close()
+        seen = set(self._seen)
+        missing = [n for n in range(self._sent) if n not in seen]
+        return StreamResult(self._sent, len(seen), missing, len(self._seen) - len(seen))
