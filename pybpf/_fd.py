@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any
+from typing import Any, Protocol
 
 from pybpf import _libbpf
 from pybpf.errors import check
@@ -89,3 +89,15 @@ def unpin(path: str | os.PathLike[str], *, missing_ok: bool = False) -> None:
     except FileNotFoundError:
         if not missing_ok:
             raise
+
+
+class HasFd(Protocol):
+    """Anything with an ``fd`` (a Map, a Program)."""
+
+    @property
+    def fd(self) -> int: ...
+
+
+def as_fd(value: HasFd | int) -> int:
+    """The fd of a Map or Program, or the int itself."""
+    return value if isinstance(value, int) else value.fd
