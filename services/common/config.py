@@ -128,13 +128,14 @@ class NodeConfig:
         Flags override WEIR_* env vars, which override the instance-derived defaults. On bad
         input this exits with status 2 and a usage message, as argparse does.
         """
-        parser = argparse.ArgumentParser(
-            prog=f"weir-{service}", description=f"Weir {service} service"
-        )
+        parser = argparse.ArgumentParser(prog=f"weir-{service}", description=f"Weir {service} service")
         env = os.environ.get
         node = parser.add_argument_group("node")
-        node.add_argument("--instance", default=env(ENV["instance"], "weir"),
-                          help="node name; derives the default paths (env WEIR_INSTANCE)")
+        node.add_argument(
+            "--instance",
+            default=env(ENV["instance"], "weir"),
+            help="node name; derives the default paths (env WEIR_INSTANCE)",
+        )
         for flag, what in (
             ("bpffs_root", "bpffs directory of this node (default /sys/fs/bpf/<instance>)"),
             ("run_dir", "directory of the unix sockets (default /run/<instance>)"),
@@ -144,13 +145,22 @@ class NodeConfig:
             ("tls_key", "PEM private key for --tcp-listen"),
             ("tls_client_ca", "PEM CA bundle; when set, TCP clients must present a certificate"),
         ):
-            node.add_argument("--" + flag.replace("_", "-"), type=Path, default=env(ENV[flag]),
-                              help=f"{what} (env {ENV[flag]})")
-        node.add_argument("--tcp-listen", metavar="HOST:PORT", default=env(ENV["tcp_listen"]),
-                          help="also listen on TCP, with TLS (env WEIR_TCP_LISTEN)")
-        node.add_argument("--log-level", choices=LEVELS, type=str.lower,
-                          default=env(ENV["log_level"], "info"),
-                          help="log level (env WEIR_LOG_LEVEL)")
+            node.add_argument(
+                "--" + flag.replace("_", "-"), type=Path, default=env(ENV[flag]), help=f"{what} (env {ENV[flag]})"
+            )
+        node.add_argument(
+            "--tcp-listen",
+            metavar="HOST:PORT",
+            default=env(ENV["tcp_listen"]),
+            help="also listen on TCP, with TLS (env WEIR_TCP_LISTEN)",
+        )
+        node.add_argument(
+            "--log-level",
+            choices=LEVELS,
+            type=str.lower,
+            default=env(ENV["log_level"], "info"),
+            help="log level (env WEIR_LOG_LEVEL)",
+        )
         if extra is not None:
             extra(parser)
         args = parser.parse_args(argv)

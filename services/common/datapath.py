@@ -12,7 +12,8 @@ from __future__ import annotations
 import ctypes
 import sys
 from enum import IntEnum
-from typing import Any
+
+from services.common.cdefs import render_header
 
 
 class Hook(IntEnum):
@@ -154,53 +155,9 @@ CONSTANTS = {
     "EVENTS_BYTES": 1 << 20,
 }
 
-_C_TYPES: dict[Any, str] = {
-    ctypes.c_uint8: "__u8",
-    ctypes.c_uint16: "__u16",
-    ctypes.c_uint32: "__u32",
-    ctypes.c_uint64: "__u64",
-    ctypes.c_int32: "__s32",
-    ctypes.c_int64: "__s64",
-}
-
-
-def _snake(name: str) -> str:
-    out = "".join("_" + c.lower() if c.isupper() else c for c in name)
-    return out.lstrip("_")
-
-
-def _c_field(name: str, ctype: Any) -> str:
-    if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
-        return f"\t{_C_TYPES[ctype._type_]} {name}[{ctype._length_}];"
-    return f"\t{_C_TYPES[ctype]} {name};"
-
-
 def c_header() -> str:
-    """Render the C header: enums as `WEIR_<ENUM>_<NAME>`, structs as `struct weir_<name>`."""
-    lines = [
-        "/* Generated from services/common/datapath.py. Do not edit. */",
-        "#pragma once",
-        "#include <linux/types.h>",
-        "",
-    ]
-    for name, value in CONSTANTS.items():
-        lines.append(f"#define WEIR_{name} {value}")
-    lines.append("")
-    for enum in ENUMS:
-        prefix = f"WEIR_{_snake(enum.__name__).upper()}"
-        lines.append(f"enum weir_{_snake(enum.__name__)} {{")
-        lines += [f"\t{prefix}_{member.name} = {member.value}," for member in enum]
-        lines += ["};", ""]
-    for struct in STRUCTS:
-        lines.append(f"struct weir_{_snake(struct.__name__)} {{")
-        lines += [_c_field(name, ctype) for name, ctype in struct._fields_]
-        lines.append("};")
-        lines.append(
-            f"_Static_assert(sizeof(struct weir_{_snake(struct.__name__)}) == "
-            f"{ctypes.sizeof(struct)}, \"layout of {struct.__name__}\");"
-        )
-        lines.append("")
-    return "\n".join(lines)
+    """The C header `bpf/include/weir/defs.h`."""
+    return render_header("services/common/datapath.py", CONSTANTS, ENUMS, STRUCTS)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ Service code raises (``raise NotFound("endpoint 7 not found")``); only ``ErrorIn
 decides what a client sees, so every service answers the same way for the same failure.
 """
 
+# ruff: noqa: N818 -- the names mirror gRPC status codes (NotFound, not NotFoundError)
+
 from __future__ import annotations
 
 import asyncio
@@ -184,9 +186,7 @@ class _Call:
         """Log a call the client cancelled (or that hit its deadline)."""
         self._log(grpc.StatusCode.CANCELLED)
 
-    async def fail(
-        self, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> NoReturn:
+    async def fail(self, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
         """Log ``exc`` and abort the call with its mapped status; never returns."""
         code, message = status_for(exc)
         if code is grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE:
@@ -215,7 +215,7 @@ def _wrap_unary(behavior: UnaryBehavior, call_for: Callable[[], _Call]) -> Unary
         except asyncio.CancelledError:
             call.cancelled()
             raise
-        except Exception as exc:  # noqa: BLE001 -- mapping every error is the point
+        except Exception as exc:
             await call.fail(exc, context)
         call.done(context)
         return response
@@ -226,9 +226,7 @@ def _wrap_unary(behavior: UnaryBehavior, call_for: Callable[[], _Call]) -> Unary
 def _wrap_stream(behavior: StreamBehavior, call_for: Callable[[], _Call]) -> StreamBehavior:
     """Wrap an async-generator handler (streaming response)."""
 
-    async def handler(
-        request: Any, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Any]:
+    async def handler(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
         call = call_for()
         call.bind()
         try:
@@ -240,7 +238,7 @@ def _wrap_stream(behavior: StreamBehavior, call_for: Callable[[], _Call]) -> Str
         except (asyncio.CancelledError, GeneratorExit):
             call.cancelled()
             raise
-        except Exception as exc:  # noqa: BLE001 -- mapping every error is the point
+        except Exception as exc:
             await call.fail(exc, context)
         call.done(context)
 
@@ -256,9 +254,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
@@ -285,4 +281,3 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 return make(_wrap_stream(behavior, call_for), des, ser)
             break
         return handler
-

@@ -26,10 +26,7 @@ _SECRET_KEY = re.compile(r"key|secret|psk|passw|auth|token|credential", re.IGNOR
 def _scrub(value: Any) -> Any:
     """Redact secret-named keys at any depth of dicts, lists and tuples."""
     if isinstance(value, Mapping):
-        return {
-            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v)
-            for k, v in value.items()
-        }
+        return {k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else _scrub(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return type(value)(_scrub(v) for v in value)
     return value
@@ -57,9 +54,7 @@ def _add_service(service: str) -> structlog.typing.Processor:
 _FIRST = ("timestamp", "level", "service", "event")
 
 
-def _lead_with_essentials(
-    _logger: WrappedLogger, _method: str, event_dict: EventDict
-) -> EventDict:
+def _lead_with_essentials(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
     """Put timestamp, level, service and event first so lines read well in a terminal."""
     head = {k: event_dict.pop(k) for k in _FIRST if k in event_dict}
     return {**head, **event_dict}

@@ -57,7 +57,24 @@ def _clear_stale_socket(path: Path) -> None:
 
 
 def _read(path: Path | None) -> bytes | None:
-    return None if path is None else path.read_bytes()
+    """Read a TLS file, turning a missing or unreadable one into an actionable startup error."""
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read TLS file {path}: {exc.strerror}") from exc
+
+
+def _bind(add_port: Callable[[], int], address: str) -> int:
+    """Run a grpc add_*_port call; grpc signals failure by RuntimeError or by port 0."""
+    try:
+        port = add_port()
+    except RuntimeError as exc:
+        raise FailedPrecondition(f"cannot listen on {address}: {exc}") from exc
+    if port == 0:
+        raise FailedPrecondition(f"cannot listen on {address}")
+    return port
 
 
 class ServiceServer:
@@ -87,8 +104,7 @@ class ServiceServer:
         run_dir = self.config.run_dir
         if len(os.fsencode(self.socket_path)) > _MAX_UNIX_PATH:
             raise FailedPrecondition(
-                f"socket path {self.socket_path} is longer than {_MAX_UNIX_PATH} bytes; "
-                "choose a shorter --run-dir"
+                f"socket path {self.socket_path} is longer than {_MAX_UNIX_PATH} bytes; choose a shorter --run-dir"
             )
         if not run_dir.exists():
             run_dir.mkdir(mode=0o700, parents=True)
@@ -96,21 +112,20 @@ class ServiceServer:
         _clear_stale_socket(self.socket_path)
 
         # so_reuseport=0: a second instance on the same TCP port must fail, not share it.
-        server = grpc.aio.server(
-            interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)]
-        )
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
         self._server = server
         self.service_names = tuple(self._register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         for name in ("", *self.service_names):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        reflection.enable_server_reflection((*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
         old_umask = os.umask(0o177)  # the socket is created 0600 from the start
         try:
-            server.add_insecure_port(f"unix:{self.socket_path.absolute()}")
+            target = f"unix:{self.socket_path.absolute()}"
+            _bind(lambda: server.add_insecure_port(target), target)
+            if self.socket_path.exists():  # grpc binds here; lets stop() clean up a failed start
+                self._socket_ino = os.lstat(self.socket_path).st_ino
             if self.config.tcp_listen is not None:
                 self.tcp_port = self._add_tls_port(server, self.config.tcp_listen)
             await server.start()
@@ -135,10 +150,7 @@ class ServiceServer:
         credentials = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
-        port = server.add_secure_port(address, credentials)
-        if port == 0:
-            raise FailedPrecondition(f"cannot listen on {address}")
-        return port
+        return _bind(lambda: server.add_secure_port(address, credentials), address)
 
     async def stop(self, grace: float = STOP_GRACE_SECONDS) -> None:
         """Report NOT_SERVING, drain calls for ``grace`` seconds, run on_stop, remove the socket.

@@ -118,9 +118,7 @@ class Store:
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         """The document, or None if absent."""
-        row = self._db.execute(
-            "SELECT doc FROM docs WHERE kind = ? AND key = ?", (kind, key)
-        ).fetchone()
+        row = self._db.execute("SELECT doc FROM docs WHERE kind = ? AND key = ?", (kind, key)).fetchone()
         return None if row is None else _load(row[0])
 
     def delete(self, kind: str, key: str) -> bool:
@@ -130,23 +128,17 @@ class Store:
 
     def items(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """All documents of a kind, ordered by key."""
-        rows = self._db.execute(
-            "SELECT key, doc FROM docs WHERE kind = ? ORDER BY key", (kind,)
-        ).fetchall()
+        rows = self._db.execute("SELECT key, doc FROM docs WHERE kind = ? ORDER BY key", (kind,)).fetchall()
         return [(key, _load(text)) for key, text in rows]
 
     def keys(self, kind: str) -> list[str]:
         """All keys of a kind, ordered."""
-        rows = self._db.execute(
-            "SELECT key FROM docs WHERE kind = ? ORDER BY key", (kind,)
-        ).fetchall()
+        rows = self._db.execute("SELECT key FROM docs WHERE kind = ? ORDER BY key", (kind,)).fetchall()
         return [key for (key,) in rows]
 
     def revision(self, kind: str) -> int:
         """The current revision of a kind; 0 before the first bump."""
-        row = self._db.execute(
-            "SELECT revision FROM revisions WHERE kind = ?", (kind,)
-        ).fetchone()
+        row = self._db.execute("SELECT revision FROM revisions WHERE kind = ?", (kind,)).fetchone()
         return 0 if row is None else int(row[0])
 
     def bump_revision(self, kind: str) -> int:

@@ -180,7 +180,7 @@ class Chain:
 
     def reason_counts(self) -> list[ReasonCount]:
         out = []
-        for key in self.metrics.keys():
+        for key in self.metrics:
             total = self.metrics.lookup_sum(key)
             if total is None:
                 continue

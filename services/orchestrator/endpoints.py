@@ -9,6 +9,7 @@ does not know but carries this instance's tag is removed.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -228,10 +229,8 @@ class Endpoints:
     def _teardown(self, endpoint: Endpoint) -> None:
         """Remove what create() made; tolerant of parts that are already gone."""
         if endpoint.host_ifindex:
-            try:
+            with contextlib.suppress(KeyError):
                 self._chain.endpoints.delete(endpoint.host_ifindex)
-            except KeyError:
-                pass
         if endpoint.adopted:
             if endpoint.host_ifindex and netdev.link_index(endpoint.host_ifname) == endpoint.host_ifindex:
                 for direction in (TcDirection.INGRESS, TcDirection.EGRESS):

@@ -9,6 +9,7 @@ leftovers from everything else.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import os
@@ -138,14 +139,10 @@ def remove_host_routes(ifindex: int, ipv4: str, ipv6: str) -> None:
         for address, plen in ((ipv4, 32), (ipv6, 128)):
             if not address:
                 continue
-            for call in (
-                lambda: ipr.route("del", dst=f"{address}/{plen}", oif=ifindex),
-                lambda: ipr.neigh("del", dst=address, ifindex=ifindex),
-            ):
-                try:
-                    call()
-                except NetlinkError:
-                    pass
+            with contextlib.suppress(NetlinkError):
+                ipr.route("del", dst=f"{address}/{plen}", oif=ifindex)
+            with contextlib.suppress(NetlinkError):
+                ipr.neigh("del", dst=address, ifindex=ifindex)
 
 
 def delete_link(ifindex: int) -> None:

@@ -119,9 +119,7 @@ def test_mounts_sys_fs_bpf_when_missing() -> None:
         print("mounted")
         """
     )
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False
-    )
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a mount namespace: {probe.stderr.decode().strip()}")
     done = subprocess.run(

@@ -25,7 +25,7 @@ IncompatibleMapError = _pybpf("IncompatibleMapError", BpfError)
 VerifierError = _pybpf("VerifierError", BpfError)
 
 
-class ServiceMiss(KeyNotFoundError):  # type: ignore[misc,valid-type]
+class ServiceMissError(KeyNotFoundError):  # type: ignore[misc,valid-type]
     """A service's own subclass of a pybpf error keeps its meaning."""
 
 
@@ -48,7 +48,7 @@ CASES: list[tuple[BaseException, grpc.StatusCode, str | None]] = [
     (NotSupportedError(errno.EOPNOTSUPP, "no tcx"), SC.FAILED_PRECONDITION, None),
     (IncompatibleMapError(errno.EINVAL, "pinned map differs"), SC.FAILED_PRECONDITION, None),
     (VerifierError(errno.EACCES, "R1 invalid mem access"), SC.INTERNAL, INTERNAL_MESSAGE),
-    (ServiceMiss(errno.ENOENT, "miss"), SC.NOT_FOUND, None),
+    (ServiceMissError(errno.ENOENT, "miss"), SC.NOT_FOUND, None),
     (BpfError(errno.ENOSPC, "no space"), SC.RESOURCE_EXHAUSTED, None),
     (FileNotFoundError(errno.ENOENT, "No such file or directory", "/sys/fs/bpf/x"), SC.NOT_FOUND, None),
     (FileExistsError(errno.EEXIST, "File exists"), SC.ALREADY_EXISTS, None),

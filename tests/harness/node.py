@@ -9,6 +9,7 @@ instance its own place (bpffs root, sockets, state, cgroup), and joins an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -148,10 +149,8 @@ class Node:
     def teardown(self) -> None:
         """Remove everything this node made; safe after any failure, safe twice."""
         for name in list(self.services):
-            try:
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                 self.kill(name, signal.SIGKILL)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
         for ns in netns.names(f"{self.name}."):
             netns.remove(ns)
         netns.remove(self.outside)

@@ -1,0 +1,205 @@
+/* Prefilter: drop packets whose source address is on a deny list, at XDP.
+ *
+ * Exact hosts (/32, /128) live in hash maps, shorter prefixes in LPM tries; the
+ * program checks the host map first, then the trie. Both kinds exist in two
+ * generations (outer ARRAY_OF_MAPS with one inner map per generation) and
+ * `pf_active` names the live one, so a bulk replace fills the other
+ * generation and flips one word: no packet sees a half-written list.
+ *
+ * Attached to a device, the program starts the XDP chain itself (metadata,
+ * then the next filled slot of calls_xdp after PREFILTER); placed in the
+ * PREFILTER slot behind the orchestrator's entry_xdp it behaves the same.
+ */
+#include "weir/chain.h"
+#include "weir/prefilter_defs.h"
+
+#define INNER_PLACEHOLDER 1 /* real sizes are chosen by the service: hash and LPM inner maps may differ in max_entries */
+
+/* Inner map templates give sizes, not BTF types: clang 14 emits the key and
+ * value structs of a template that no variable instantiates as forward
+ * declarations, which libbpf cannot size.
+ */
+
+struct v4_host_inner {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_prefilter_entry));
+};
+
+struct v6_host_inner {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(key_size, sizeof(struct weir_v6_addr));
+	__uint(value_size, sizeof(struct weir_prefilter_entry));
+};
+
+struct v4_lpm_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(struct weir_lpm_v4_key));
+	__uint(value_size, sizeof(struct weir_prefilter_entry));
+};
+
+struct v6_lpm_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(struct weir_lpm_v6_key));
+	__uint(value_size, sizeof(struct weir_prefilter_entry));
+};
+
+#define OUTER(name, inner)                                     \
+	struct {                                               \
+		__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);      \
+		__uint(max_entries, WEIR_PREFILTER_GENERATIONS); \
+		__type(key, __u32);                            \
+		__array(values, struct inner);                 \
+	} name SEC(".maps")
+
+/* Deny lists by generation; index = generation. */
+OUTER(pf_v4_host, v4_host_inner);
+OUTER(pf_v6_host, v6_host_inner);
+OUTER(pf_v4_lpm, v4_lpm_inner);
+OUTER(pf_v6_lpm, v6_lpm_inner);
+
+/* The live generation: one __u32 at index 0. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} pf_active SEC(".maps");
+
+/* Hits per entry, by the entry's id; sized by the service before load. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_PREFILTER_STATS_DEFAULT);
+	__type(key, __u32);
+	__type(value, struct weir_counter);
+} pf_entry_stats SEC(".maps");
+
+/* Totals per ingress interface. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, WEIR_PREFILTER_MAX_INTERFACES);
+	__type(key, __u32);
+	__type(value, struct weir_if_stats);
+} pf_if_stats SEC(".maps");
+
+static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 saddr)
+{
+	struct weir_lpm_v4_key key = { .prefixlen = 32 };
+	struct weir_prefilter_entry *e = 0;
+	void *inner;
+
+	inner = bpf_map_lookup_elem(&pf_v4_host, &gen);
+	if (inner)
+		e = bpf_map_lookup_elem(inner, &saddr);
+	if (e)
+		return e;
+	inner = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
+	if (!inner)
+		return 0;
+	__builtin_memcpy(key.addr, &saddr, 4);
+	return bpf_map_lookup_elem(inner, &key);
+}
+
+static __always_inline struct weir_prefilter_entry *lookup_v6(__u32 gen, struct in6_addr *saddr)
+{
+	struct weir_lpm_v6_key key = { .prefixlen = 128 };
+	struct weir_prefilter_entry *e = 0;
+	struct weir_v6_addr host;
+	void *inner;
+
+	__builtin_memcpy(host.addr, saddr, 16);
+	inner = bpf_map_lookup_elem(&pf_v6_host, &gen);
+	if (inner)
+		e = bpf_map_lookup_elem(inner, &host);
+	if (e)
+		return e;
+	inner = bpf_map_lookup_elem(&pf_v6_lpm, &gen);
+	if (!inner)
+		return 0;
+	__builtin_memcpy(key.addr, saddr, 16);
+	return bpf_map_lookup_elem(inner, &key);
+}
+
+static __always_inline struct weir_if_stats *if_stats(__u32 ifindex)
+{
+	struct weir_if_stats *s = bpf_map_lookup_elem(&pf_if_stats, &ifindex);
+	struct weir_if_stats zero = {};
+
+	if (s)
+		return s;
+	bpf_map_update_elem(&pf_if_stats, &ifindex, &zero, BPF_NOEXIST);
+	return bpf_map_lookup_elem(&pf_if_stats, &ifindex);
+}
+
+/* The entry that denies this packet's source, or NULL. */
+static __always_inline struct weir_prefilter_entry *match(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct cursor c;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct ipv6hdr *ip6;
+	__u32 zero = 0, *gen;
+	int proto;
+
+	gen = bpf_map_lookup_elem(&pf_active, &zero);
+	if (!gen)
+		return 0;
+	cursor_init(&c, data, data_end);
+	proto = parse_ethhdr(&c, &eth);
+	if (proto == ETH_P_IP && parse_iphdr(&c, &ip) >= 0)
+		return lookup_v4(*gen, ip->saddr);
+	if (proto == ETH_P_IPV6 && parse_ipv6hdr(&c, &ip6) >= 0)
+		return lookup_v6(*gen, &ip6->saddr);
+	return 0;
+}
+
+SEC("xdp")
+int prefilter_xdp(struct xdp_md *ctx)
+{
+	__u64 bytes = ctx->data_end - ctx->data;
+	struct weir_prefilter_entry *e = match(ctx);
+	struct weir_if_stats *ifs = if_stats(ctx->ingress_ifindex);
+	struct weir_xdp_meta *meta;
+	struct weir_counter *hits;
+	__u32 id;
+
+	if (e) {
+		id = e->id;
+		hits = bpf_map_lookup_elem(&pf_entry_stats, &id);
+		if (hits)
+			counter_add(hits, bytes);
+		if (!(e->flags & WEIR_ENTRY_FLAG_AUDIT)) {
+			if (ifs)
+				counter_add(&ifs->dropped, bytes);
+			metrics_bump(WEIR_REASON_PREFILTER_DENIED, WEIR_DIRECTION_INGRESS, bytes);
+			return XDP_DROP;
+		}
+		if (ifs)
+			counter_add(&ifs->audited, bytes);
+	} else if (ifs) {
+		counter_add(&ifs->passed, bytes);
+	}
+
+	/* Continue the chain after our slot; start it if we are the attached program. */
+	meta = xdp_meta(ctx);
+	if (!meta) {
+		if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct weir_xdp_meta)) < 0)
+			return weir_xdp_forward(ctx);
+		meta = xdp_meta(ctx);
+		if (!meta)
+			return weir_xdp_forward(ctx);
+		meta->flags = 0;
+	}
+	meta->slot = WEIR_SLOT_PREFILTER;
+	return weir_xdp_next(ctx);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,137 @@
+"""Attaching SCHED_CLS programs as direct-action tc filters on a clsact qdisc.
+
+The filter lives in the interface, not in this process: it stays after the
+Python object is dropped or the process dies, until ``close()`` (see
+``pybpf.attachment``). The clsact qdisc is created when missing; only the
+attachment that created it may remove it, and only when no filter is left on
+either direction.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import errno
+import os
+
+from pybpf import _libbpf
+from pybpf._fd import FdHandle
+from pybpf._rtnl import count_tc_filters, ifindex
+from pybpf.attachment import Attachment
+from pybpf.errors import BpfError, check
+from pybpf.programs import Program
+
+__all__ = ["TcAttachment", "TcDirection", "attach_tc", "query_tc"]
+
+BPF_TC_F_REPLACE = 1
+_CLSACT_PARENTS = (0xFFFFFFF2, 0xFFFFFFF3)  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{IN,E}GRESS)
+
+
+class TcDirection(enum.IntEnum):
+    """Which side of the clsact qdisc (libbpf's BPF_TC_INGRESS / BPF_TC_EGRESS)."""
+
+    INGRESS = 1
+    EGRESS = 2
+
+
+def query_tc(
+    interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1
+) -> int | None:
+    """The id of the program at (handle, priority), or None when there is none."""
+    index = ifindex(interface)
+    hook = _libbpf.new_tc_hook(index, int(direction))
+    opts = _libbpf.new_tc_opts(handle, priority)
+    ret = _libbpf.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))
+    # ENOENT: no such filter; EINVAL: no clsact qdisc on the interface at all.
+    if ret in (-errno.ENOENT, -errno.EINVAL):
+        return None
+    check(ret, f"query tc {direction.name.lower()} on {interface}")
+    prog_id: int = opts.prog_id
+    return prog_id
+
+
+def _create_clsact(index: int) -> bool:
+    """Create the clsact qdisc; True if we did, False if it was already there."""
+    hook = _libbpf.new_tc_hook(index, int(TcDirection.INGRESS))
+    ret = _libbpf.bpf_tc_hook_create(ctypes.byref(hook))
+    if ret == -errno.EEXIST:
+        return False
+    check(ret, f"create clsact qdisc on ifindex {index}")
+    return True
+
+
+class TcAttachment(Attachment):
+    """A direct-action filter at (handle, priority) on one clsact direction."""
+
+    def __init__(
+        self,
+        index: int,
+        direction: TcDirection,
+        handle: int,
+        priority: int,
+        program: Program,
+        created_hook: bool,
+    ) -> None:
+        self.ifindex = index
+        self.direction = direction
+        self.handle = handle
+        self.priority = priority
+        self.program_id = program.id
+        self.created_hook = created_hook
+        self._prog = FdHandle(os.dup(program.fd), what=f"tc program {program.name}")
+
+    def _detach(self) -> None:
+        # A filter that another attachment replaced is no longer ours to remove.
+        if query_tc(self.ifindex, self.direction, self.handle, self.priority) == self.program_id:
+            hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
+            opts = _libbpf.new_tc_opts(self.handle, self.priority)
+            ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+            if ret not in (-errno.ENOENT, -errno.ENODEV):
+                check(ret, f"detach tc filter from ifindex {self.ifindex}")
+        self._prog.close()
+        if self.created_hook and not any(
+            count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS
+        ):
+            both = int(TcDirection.INGRESS | TcDirection.EGRESS)
+            hook = _libbpf.new_tc_hook(self.ifindex, both)
+            ret = _libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
+            if ret not in (-errno.ENOENT, -errno.EINVAL, -errno.ENODEV):
+                check(ret, f"destroy clsact qdisc on ifindex {self.ifindex}")
+
+    def __repr__(self) -> str:
+        return (
+            f"<TcAttachment ifindex={self.ifindex} {self.direction.name} "
+            f"handle={self.handle} priority={self.priority} prog={self.program_id}>"
+        )
+
+
+def attach_tc(
+    interface: int | str,
+    program: Program,
+    direction: TcDirection,
+    handle: int = 1,
+    priority: int = 1,
+    replace: bool = True,
+) -> TcAttachment:
+    """Attach ``program`` as a direct-action filter, creating clsact if needed.
+
+    With ``replace=False`` an existing filter at (handle, priority) raises
+    BpfError(EEXIST); with ``replace=True`` it is replaced in place.
+    """
+    index = ifindex(interface)
+    created = _create_clsact(index)
+    hook = _libbpf.new_tc_hook(index, int(direction))
+    flags = BPF_TC_F_REPLACE if replace else 0
+    opts = _libbpf.new_tc_opts(handle, priority, program.fd, flags)
+    what = f"attach tc program {program.name} to {interface} {direction.name.lower()}"
+    ret = _libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+    if ret < 0:
+        if created:
+            _libbpf.bpf_tc_hook_destroy(ctypes.byref(_libbpf.new_tc_hook(index, 3)))
+        if ret == -errno.EEXIST:
+            raise BpfError(
+                errno.EEXIST,
+                f"{what}: a filter exists at handle {handle} priority {priority} and replace=False",
+            )
+        check(ret, what)
+    return TcAttachment(index, direction, handle, priority, program, created)

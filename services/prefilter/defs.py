@@ -1,0 +1,66 @@
+"""Structs and constants the prefilter's BPF program shares with the service.
+
+`bpf/include/weir/prefilter_defs.h` is generated from this module.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from enum import IntEnum
+
+from services.common.cdefs import render_header
+from services.common.datapath import Counter
+
+DEFAULT_HOST_ENTRIES = 1_000_000
+DEFAULT_PREFIX_ENTRIES = 64_000
+GENERATIONS = 2  # the live list and the one a bulk replace is building
+MAX_INTERFACES = 1024
+
+
+class EntryFlag(IntEnum):
+    AUDIT = 1  # count, but let the packet pass
+
+
+class PrefilterEntry(ctypes.Structure):
+    """Value of the host and prefix maps: the entry's counter index and flags."""
+
+    _fields_ = [("id", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class LpmV4Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 4)]
+
+
+class LpmV6Key(ctypes.Structure):
+    _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
+
+
+class V6Addr(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_uint8 * 16)]
+
+
+class IfStats(ctypes.Structure):
+    """Totals per interface: dropped, audited (matched, passed) and passed packets."""
+
+    _fields_ = [("dropped", Counter), ("audited", Counter), ("passed", Counter)]
+
+
+CONSTANTS = {
+    "PREFILTER_GENERATIONS": GENERATIONS,
+    "PREFILTER_STATS_DEFAULT": DEFAULT_HOST_ENTRIES + DEFAULT_PREFIX_ENTRIES,
+    "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
+}
+
+
+def c_header() -> str:
+    return render_header(
+        "services/prefilter/defs.py",
+        CONSTANTS,
+        [EntryFlag],
+        [PrefilterEntry, LpmV4Key, LpmV6Key, V6Addr, IfStats],
+    )
+
+
+if __name__ == "__main__":
+    sys.stdout.write(c_header())
