@@ -189,9 +189,10 @@ class _Call:
     async def fail(self, exc: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> NoReturn:
         """Log ``exc`` and abort the call with its mapped status; never returns."""
         code, message = status_for(exc)
-        if code is grpc.StatusCode.INTERNAL and message == INTERNAL_MESSAGE:
+        if code is grpc.StatusCode.INTERNAL:
             self._log(code, exc_info=exc)
-            message = f"{INTERNAL_MESSAGE} (request id {self.request_id}; see the service log)"
+            if message == INTERNAL_MESSAGE:
+                message = f"{INTERNAL_MESSAGE} (request id {self.request_id}; see the service log)"
         else:
             self._log(code, error=message)
         await context.abort(code, message)
