@@ -9,11 +9,14 @@ must equal the map's key or value size, checked once when the handle is made.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, TypeAlias
 
 from pybpf.errors import IncompatibleMapError
 
-_Scalar: Any = ctypes._SimpleCData  # noqa: SLF001 - the one base of c_int, c_uint32...
+CType: TypeAlias = type
+"""A ctypes type used for keys or values (``type`` is shadowed in classes with a ``.type``)."""
+
+_Scalar: Any = ctypes._SimpleCData  # the one base of c_int, c_uint32...
 _Aggregate: tuple[Any, ...] = (ctypes.Structure, ctypes.Union, ctypes.Array)
 
 
@@ -26,8 +29,7 @@ class Codec:
                 raise TypeError(f"{what}: {ctype!r} is not a ctypes type")
             if ctypes.sizeof(ctype) != size:
                 raise IncompatibleMapError(
-                    f"{what}: {ctype.__name__} is {ctypes.sizeof(ctype)} bytes, "
-                    f"the map's is {size} bytes",
+                    f"{what}: {ctype.__name__} is {ctypes.sizeof(ctype)} bytes, the map's is {size} bytes",
                     field=what.rsplit(" ", 1)[-1],
                 )
         self.ctype = ctype
@@ -49,9 +51,7 @@ class Codec:
             if ctype.from_buffer_copy(raw).value != value:  # type: ignore[attr-defined]
                 raise ValueError(f"{self.what}: {value!r} does not fit {ctype.__name__}")
         else:
-            raise TypeError(
-                f"{self.what}: expected {ctype.__name__} or bytes, got {type(value).__name__}"
-            )
+            raise TypeError(f"{self.what}: expected {ctype.__name__} or bytes, got {type(value).__name__}")
         if len(raw) != self.size:
             raise ValueError(f"{self.what}: {len(raw)} bytes given, the map's is {self.size}")
         return raw
@@ -70,14 +70,14 @@ def add_values(values: list[Any]) -> Any:
     if isinstance(first, int):
         return sum(values)
     if isinstance(first, ctypes.Array):
-        out = type(first)()
+        array = type(first)()
         for i in range(len(first)):
-            out[i] = add_values([v[i] for v in values])
-        return out
+            array[i] = add_values([v[i] for v in values])
+        return array
     if isinstance(first, ctypes.Structure):
-        out = type(first)()
+        struct = type(first)()
         for field in type(first)._fields_:
             name = field[0]
-            setattr(out, name, add_values([getattr(v, name) for v in values]))
-        return out
+            setattr(struct, name, add_values([getattr(v, name) for v in values]))
+        return struct
     raise TypeError(f"cannot sum per-CPU values of type {type(first).__name__}")

@@ -19,9 +19,7 @@ from pybpf.errors import check
 class FdHandle:
     """A file descriptor that knows whether, and when, to close itself."""
 
-    def __init__(
-        self, fd: int, *, owner: Any = None, close_on_gc: bool = True, what: str = "fd"
-    ) -> None:
+    def __init__(self, fd: int, *, owner: Any = None, close_on_gc: bool = True, what: str = "fd") -> None:
         if fd < 0:
             raise ValueError(f"{what}: invalid file descriptor {fd}")
         self._fd = fd

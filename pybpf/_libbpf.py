@@ -49,7 +49,7 @@ LIBBPF_WARN, LIBBPF_INFO, LIBBPF_DEBUG = 0, 1, 2
 def _sized(cls: type[Structure]) -> Any:
     """Return an instance of an opts struct with ``sz`` already set, as libbpf demands."""
     inst = cls()
-    inst.sz = ctypes.sizeof(cls)  # type: ignore[attr-defined]
+    inst.sz = ctypes.sizeof(cls)
     return inst
 
 
@@ -70,7 +70,7 @@ class bpf_object_open_opts(Structure):  # noqa: N801 - the C name, on purpose
     ]
 
 
-class bpf_test_run_opts(Structure):  # noqa: N801
+class bpf_test_run_opts(Structure):  # noqa: N801 - the C name, on purpose
     """bpf.h ``struct bpf_test_run_opts`` (1.1)."""
 
     _fields_ = [
@@ -92,13 +92,13 @@ class bpf_test_run_opts(Structure):  # noqa: N801
     ]
 
 
-class bpf_map_batch_opts(Structure):  # noqa: N801
+class bpf_map_batch_opts(Structure):  # noqa: N801 - the C name, on purpose
     """bpf.h ``struct bpf_map_batch_opts`` (1.1)."""
 
     _fields_ = [("sz", c_size_t), ("elem_flags", c_uint64), ("flags", c_uint64)]
 
 
-class bpf_tc_hook(Structure):  # noqa: N801
+class bpf_tc_hook(Structure):  # noqa: N801 - the C name, on purpose
     """libbpf.h ``struct bpf_tc_hook`` (1.1); ends with ``size_t :0``."""
 
     _fields_ = [
@@ -109,7 +109,7 @@ class bpf_tc_hook(Structure):  # noqa: N801
     ]
 
 
-class bpf_tc_opts(Structure):  # noqa: N801
+class bpf_tc_opts(Structure):  # noqa: N801 - the C name, on purpose
     """libbpf.h ``struct bpf_tc_opts`` (1.1); ends with ``size_t :0``."""
 
     _fields_ = [
@@ -122,13 +122,13 @@ class bpf_tc_opts(Structure):  # noqa: N801
     ]
 
 
-class bpf_xdp_attach_opts(Structure):  # noqa: N801
+class bpf_xdp_attach_opts(Structure):  # noqa: N801 - the C name, on purpose
     """libbpf.h ``struct bpf_xdp_attach_opts`` (1.1); ends with ``size_t :0``."""
 
     _fields_ = [("sz", c_size_t), ("old_prog_fd", c_int)]
 
 
-class bpf_xdp_query_opts(Structure):  # noqa: N801
+class bpf_xdp_query_opts(Structure):  # noqa: N801 - the C name, on purpose
     """libbpf.h ``struct bpf_xdp_query_opts`` (1.1); ends with ``size_t :0``."""
 
     _fields_ = [
@@ -141,7 +141,7 @@ class bpf_xdp_query_opts(Structure):  # noqa: N801
     ]
 
 
-class bpf_map_info(Structure):  # noqa: N801
+class bpf_map_info(Structure):  # noqa: N801 - the C name, on purpose
     """linux/bpf.h ``struct bpf_map_info``; the kernel fills what it knows."""
 
     _fields_ = [
@@ -164,7 +164,7 @@ class bpf_map_info(Structure):  # noqa: N801
     ]
 
 
-class bpf_prog_info(Structure):  # noqa: N801
+class bpf_prog_info(Structure):  # noqa: N801 - the C name, on purpose
     """linux/bpf.h ``struct bpf_prog_info`` (6.1 uapi); pointers left zero."""
 
     _fields_ = [
@@ -211,7 +211,7 @@ class bpf_prog_info(Structure):  # noqa: N801
     ]
 
 
-class bpf_link_info_head(Structure):  # noqa: N801
+class bpf_link_info_head(Structure):  # noqa: N801 - the C name, on purpose
     """The leading, type-independent fields of linux/bpf.h ``struct bpf_link_info``."""
 
     _fields_ = [("type", c_uint32), ("id", c_uint32), ("prog_id", c_uint32)]
@@ -284,9 +284,7 @@ libbpf_num_possible_cpus = _declare("libbpf_num_possible_cpus", c_int)
 libbpf_probe_bpf_map_type = _declare("libbpf_probe_bpf_map_type", c_int, c_int, _p)
 libbpf_probe_bpf_prog_type = _declare("libbpf_probe_bpf_prog_type", c_int, c_int, _p)
 
-bpf_object__open_file = _declare(
-    "bpf_object__open_file", _p, c_char_p, POINTER(bpf_object_open_opts)
-)
+bpf_object__open_file = _declare("bpf_object__open_file", _p, c_char_p, POINTER(bpf_object_open_opts))
 bpf_object__load = _declare("bpf_object__load", c_int, _p)
 bpf_object__close = _declare("bpf_object__close", None, _p)
 bpf_object__name = _declare("bpf_object__name", c_char_p, _p)
@@ -315,25 +313,17 @@ bpf_map_lookup_elem = _declare("bpf_map_lookup_elem", c_int, c_int, _p, _p)
 bpf_map_update_elem = _declare("bpf_map_update_elem", c_int, c_int, _p, _p, c_uint64)
 bpf_map_delete_elem = _declare("bpf_map_delete_elem", c_int, c_int, _p)
 bpf_map_get_next_key = _declare("bpf_map_get_next_key", c_int, c_int, _p, _p)
-bpf_map_update_batch = _declare(
-    "bpf_map_update_batch", c_int, c_int, _p, _p, _u32p, POINTER(bpf_map_batch_opts)
-)
-bpf_map_delete_batch = _declare(
-    "bpf_map_delete_batch", c_int, c_int, _p, _u32p, POINTER(bpf_map_batch_opts)
-)
+bpf_map_update_batch = _declare("bpf_map_update_batch", c_int, c_int, _p, _p, _u32p, POINTER(bpf_map_batch_opts))
+bpf_map_delete_batch = _declare("bpf_map_delete_batch", c_int, c_int, _p, _u32p, POINTER(bpf_map_batch_opts))
 
 bpf_obj_pin = _declare("bpf_obj_pin", c_int, c_int, c_char_p)
 bpf_obj_get = _declare("bpf_obj_get", c_int, c_char_p)
 bpf_obj_get_info_by_fd = _declare("bpf_obj_get_info_by_fd", c_int, c_int, _p, _u32p)
 bpf_prog_get_fd_by_id = _declare("bpf_prog_get_fd_by_id", c_int, c_uint32)
 bpf_map_get_fd_by_id = _declare("bpf_map_get_fd_by_id", c_int, c_uint32)
-bpf_prog_test_run_opts = _declare(
-    "bpf_prog_test_run_opts", c_int, c_int, POINTER(bpf_test_run_opts)
-)
+bpf_prog_test_run_opts = _declare("bpf_prog_test_run_opts", c_int, c_int, POINTER(bpf_test_run_opts))
 
-bpf_xdp_attach = _declare(
-    "bpf_xdp_attach", c_int, c_int, c_int, c_uint32, POINTER(bpf_xdp_attach_opts)
-)
+bpf_xdp_attach = _declare("bpf_xdp_attach", c_int, c_int, c_int, c_uint32, POINTER(bpf_xdp_attach_opts))
 bpf_xdp_detach = _declare("bpf_xdp_detach", c_int, c_int, c_uint32, POINTER(bpf_xdp_attach_opts))
 bpf_xdp_query = _declare("bpf_xdp_query", c_int, c_int, c_int, POINTER(bpf_xdp_query_opts))
 
@@ -345,9 +335,7 @@ bpf_tc_query = _declare("bpf_tc_query", c_int, POINTER(bpf_tc_hook), POINTER(bpf
 
 bpf_prog_attach = _declare("bpf_prog_attach", c_int, c_int, c_int, c_int, c_uint32)
 bpf_prog_detach2 = _declare("bpf_prog_detach2", c_int, c_int, c_int, c_int)
-bpf_prog_query = _declare(
-    "bpf_prog_query", c_int, c_int, c_int, c_uint32, _u32p, _u32p, _u32p
-)
+bpf_prog_query = _declare("bpf_prog_query", c_int, c_int, c_int, c_uint32, _u32p, _u32p, _u32p)
 bpf_link_create = _declare("bpf_link_create", c_int, c_int, c_int, c_int, _p)
 bpf_link_detach = _declare("bpf_link_detach", c_int, c_int)
 
@@ -411,7 +399,7 @@ def _on_print(level: int, fmt: bytes | None, ap: int | None) -> int:
             stack[-1].append(text)
         else:
             _log.log(py_level, "%s", text.rstrip("\n"))
-    except Exception:  # noqa: BLE001 - never let an exception unwind into C
+    except Exception:  # never let an exception unwind into C
         return 0
     return 0
 

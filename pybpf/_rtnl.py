@@ -33,9 +33,8 @@ def ifindex(interface: int | str) -> int:
 
 def count_tc_filters(index: int, parent: int) -> int:
     """How many tc filter messages a dump of ``parent`` on ``index`` returns."""
-    request = _NLMSG.pack(
-        _NLMSG.size + _TCMSG.size, _RTM_GETTFILTER, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0
-    ) + _TCMSG.pack(socket.AF_UNSPEC, index, 0, parent, 0)
+    header = _NLMSG.pack(_NLMSG.size + _TCMSG.size, _RTM_GETTFILTER, _NLM_F_REQUEST | _NLM_F_DUMP, 1, 0)
+    request = header + _TCMSG.pack(socket.AF_UNSPEC, index, 0, parent, 0)
     count = 0
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
         sock.sendall(request)

@@ -9,9 +9,15 @@ programs through the query functions of each hook and takes over from there.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 from types import TracebackType
 
-__all__ = ["Attachment"]
+from pybpf import _libbpf
+from pybpf.errors import check
+from pybpf.programs import AttachType
+
+__all__ = ["Attachment", "query_programs"]
 
 
 class Attachment:
@@ -47,3 +53,20 @@ class Attachment:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def query_programs(target_fd: int, attach_type: AttachType, what: str) -> list[int]:
+    """BPF_PROG_QUERY on any target fd (cgroup, sockmap...), growing the id buffer as needed."""
+    size = 64
+    while True:
+        ids = (ctypes.c_uint32 * size)()
+        count = ctypes.c_uint32(size)
+        attach_flags = ctypes.c_uint32(0)
+        ret = _libbpf.bpf_prog_query(
+            target_fd, int(attach_type), 0, ctypes.byref(attach_flags), ids, ctypes.byref(count)
+        )
+        if ret == -errno.ENOSPC:
+            size *= 4
+            continue
+        check(ret, f"query {attach_type.name} on {what}")
+        return list(ids[: count.value])

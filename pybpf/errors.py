@@ -15,7 +15,12 @@ from pybpf import _libbpf
 ENOTSUPP = 524
 """The kernel-internal "operation not supported" that bpf() leaks to user space."""
 
-_NAMES = {ENOTSUPP: "ENOTSUPP"}
+_LIBBPF_ERRNOS = (
+    "LIBELF FORMAT KVERSION ENDIAN INTERNAL RELOC LOAD VERIFY PROG2BIG KVER PROGTYPE WRNGPID INVSEQ NLPARSE"
+)
+_NAMES = {ENOTSUPP: "ENOTSUPP", _errno.EOPNOTSUPP: "EOPNOTSUPP"} | {
+    4000 + i: f"LIBBPF_ERRNO__{name}" for i, name in enumerate(_LIBBPF_ERRNOS.split())
+}
 _VERIFIER_TAIL_LINES = 20
 
 
@@ -40,8 +45,11 @@ class BpfError(OSError):
         return str(self.strerror)
 
 
-class KeyNotFoundError(BpfError):
-    """The key is not in the map (ENOENT from a lookup, delete or update with EXIST)."""
+class KeyNotFoundError(BpfError, KeyError):
+    """The key is not in the map (ENOENT from a lookup, delete or update with EXIST).
+
+    Also a ``KeyError``, so a map can be used where a mapping is expected.
+    """
 
 
 class KeyExistsError(BpfError):

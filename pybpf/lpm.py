@@ -9,17 +9,10 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
-from typing import Union
 
 __all__ = ["LpmKeyV4", "LpmKeyV6", "Network"]
 
-Network = Union[
-    str,
-    ipaddress.IPv4Network,
-    ipaddress.IPv6Network,
-    ipaddress.IPv4Address,
-    ipaddress.IPv6Address,
-]
+Network = str | ipaddress.IPv4Network | ipaddress.IPv6Network | ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class _LpmKey(ctypes.Structure):
@@ -42,10 +35,10 @@ class _LpmKey(ctypes.Structure):
         return ipaddress.ip_network(f"{address}/{self.prefixlen}", strict=False)
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and bytes(self) == bytes(other)  # type: ignore[call-overload]
+        return type(other) is type(self) and bytes(self) == bytes(other)
 
     def __hash__(self) -> int:
-        return hash(bytes(self))  # type: ignore[call-overload]
+        return hash(bytes(self))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.network()})"

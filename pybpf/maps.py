@@ -14,6 +14,7 @@ a map fd never destroys a map that is pinned or used by a loaded program.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import enum
 import errno
@@ -24,7 +25,7 @@ from types import TracebackType
 from typing import Any
 
 from pybpf import _libbpf
-from pybpf._codec import Codec, add_values
+from pybpf._codec import Codec, CType, add_values
 from pybpf._fd import FdHandle, fd_kind, get_pinned, pin_fd, unpin
 from pybpf.errors import ENOTSUPP, BpfError, check, error_for
 
@@ -149,9 +150,7 @@ class Map:
     _keys: Codec
     _values: Codec
 
-    def __init__(
-        self, fd: int, *, key_type: type | None = None, value_type: type | None = None
-    ) -> None:
+    def __init__(self, fd: int, *, key_type: CType | None = None, value_type: CType | None = None) -> None:
         """Take ownership of ``fd`` (pass ``os.dup(fd)`` to keep yours)."""
         info = map_info(fd)
         self._setup(FdHandle(fd, what=f"map {info.name}"), info, info.name, key_type, value_type)
@@ -161,8 +160,8 @@ class Map:
         cls,
         path: str | os.PathLike[str],
         *,
-        key_type: type | None = None,
-        value_type: type | None = None,
+        key_type: CType | None = None,
+        value_type: CType | None = None,
     ) -> Map:
         """Open a map pinned on a bpffs; raises BpfError (ENOENT when nothing is there)."""
         fd = get_pinned(path, "map")
@@ -173,9 +172,7 @@ class Map:
             raise
 
     @classmethod
-    def from_id(
-        cls, map_id: int, *, key_type: type | None = None, value_type: type | None = None
-    ) -> Map:
+    def from_id(cls, map_id: int, *, key_type: CType | None = None, value_type: CType | None = None) -> Map:
         """Open a map by its kernel id; raises BpfError (ENOENT when gone)."""
         fd = check(_libbpf.bpf_map_get_fd_by_id(map_id), f"open map id {map_id}")
         return cls(fd, key_type=key_type, value_type=value_type)
@@ -186,8 +183,8 @@ class Map:
         handle: FdHandle,
         info: MapInfo,
         name: str,
-        key_type: type | None,
-        value_type: type | None,
+        key_type: CType | None,
+        value_type: CType | None,
     ) -> Map:
         """A handle over an existing FdHandle (borrowed from an object, or a typed view)."""
         inst = cls.__new__(cls)
@@ -199,8 +196,8 @@ class Map:
         handle: FdHandle,
         info: MapInfo,
         name: str,
-        key_type: type | None,
-        value_type: type | None,
+        key_type: CType | None,
+        value_type: CType | None,
     ) -> None:
         self._handle = handle
         self._info = info
@@ -208,7 +205,7 @@ class Map:
         self._keys = Codec(key_type, info.key_size, f"map {name}: key_size")
         self._values = Codec(value_type, info.value_size, f"map {name}: value_size")
 
-    def typed(self, key_type: type | None, value_type: type | None) -> Map:
+    def typed(self, key_type: CType | None, value_type: CType | None) -> Map:
         """A view of this map with other key/value types; it shares this handle's fd."""
         return Map._wrap(self._handle, self._info, self._name, key_type, value_type)
 
@@ -255,11 +252,11 @@ class Map:
         return self._info.flags
 
     @property
-    def key_type(self) -> type | None:
+    def key_type(self) -> CType | None:
         return self._keys.ctype
 
     @property
-    def value_type(self) -> type | None:
+    def value_type(self) -> CType | None:
         return self._values.ctype
 
     @property
@@ -289,9 +286,7 @@ class Map:
         if not self.is_percpu:
             return self._values.decode(raw)
         stride, size = _roundup8(self.value_size), self.value_size
-        return [
-            self._values.decode(raw[i : i + size]) for i in range(0, len(raw), stride)
-        ]
+        return [self._values.decode(raw[i : i + size]) for i in range(0, len(raw), stride)]
 
     def _lookup_raw(self, key: Any) -> bytes | None:
         buf = ctypes.create_string_buffer(self._value_buffer_size())
@@ -332,9 +327,7 @@ class Map:
 
         Raises KeyExistsError (NOEXIST), KeyNotFoundError (EXIST) or MapFullError.
         """
-        ret = _libbpf.bpf_map_update_elem(
-            self.fd, self._keys.encode(key), self._encode_value(value), int(flags)
-        )
+        ret = _libbpf.bpf_map_update_elem(self.fd, self._keys.encode(key), self._encode_value(value), int(flags))
         check(ret, f"update map {self._name}", key_op=True)
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -378,36 +371,35 @@ class Map:
         for _, value in self.items():
             yield value
 
-    def update_batch(
-        self, keys: Sequence[Any], values: Sequence[Any], flags: UpdateFlag = UpdateFlag.ANY
-    ) -> int:
-        """Update many keys in one syscall (one per key where the kernel lacks batches).
+    def update_batch(self, keys: Sequence[Any], values: Sequence[Any], flags: UpdateFlag = UpdateFlag.ANY) -> int:
+        """Update many keys in one syscall; returns the number of elements written.
 
-        Returns the number of elements written; raises like ``update``.
+        The kernel's batch accepts no per-element NOEXIST/EXIST (only BPF_F_LOCK,
+        whatever libbpf's header says), so with those flags, and where the map
+        type has no batch support, this updates key by key. Raises like ``update``;
+        the elements before the failing one stay written.
         """
         if len(keys) != len(values):
             raise ValueError(f"update_batch map {self._name}: {len(keys)} keys, {len(values)} values")
         if not keys:
             return 0
-        key_buf = b"".join(self._keys.encode(k) for k in keys)
-        value_buf = b"".join(self._encode_value(v) for v in values)
-        count = ctypes.c_uint32(len(keys))
-        opts = _libbpf.new_batch_opts(int(flags))
-        ret = _libbpf.bpf_map_update_batch(
-            self.fd, key_buf, value_buf, ctypes.byref(count), ctypes.byref(opts)
-        )
-        if ret in (-ENOTSUPP, -errno.EOPNOTSUPP):
-            for key, value in zip(keys, values):
-                self.update(key, value, flags)
-            return len(keys)
-        what = f"update_batch map {self._name} (after {count.value} of {len(keys)})"
-        check(ret, what, key_op=True)
-        return count.value
+        if flags == UpdateFlag.ANY:
+            key_buf = b"".join(self._keys.encode(k) for k in keys)
+            value_buf = b"".join(self._encode_value(v) for v in values)
+            count = ctypes.c_uint32(len(keys))
+            opts = _libbpf.new_batch_opts()
+            ret = _libbpf.bpf_map_update_batch(self.fd, key_buf, value_buf, ctypes.byref(count), ctypes.byref(opts))
+            if ret not in (-ENOTSUPP, -errno.EOPNOTSUPP):
+                check(ret, self._batch_what("update_batch", count.value, len(keys)), key_op=True)
+                return count.value
+        for key, value in zip(keys, values, strict=True):
+            self.update(key, value, flags)
+        return len(keys)
 
     def delete_batch(self, keys: Sequence[Any]) -> int:
         """Delete many keys in one syscall (or one by one where unsupported).
 
-        Raises KeyNotFoundError when a key is absent; earlier keys are then deleted.
+        Raises KeyNotFoundError when a key is absent; the keys before it are deleted.
         """
         if not keys:
             return 0
@@ -419,9 +411,12 @@ class Map:
             for key in keys:
                 self.delete(key)
             return len(keys)
-        what = f"delete_batch map {self._name} (after {count.value} of {len(keys)})"
-        check(ret, what, key_op=True)
+        check(ret, self._batch_what("delete_batch", count.value, len(keys)), key_op=True)
         return count.value
+
+    def _batch_what(self, op: str, done: int, total: int) -> str:
+        progress = f" (after {done} of {total} elements)" if done < total else ""
+        return f"{op} map {self._name}{progress}"
 
     def clear(self) -> int:
         """Delete every key (hash-like maps); returns how many were deleted."""
@@ -442,7 +437,7 @@ class Map:
 
     def __exit__(
         self,
-        exc_type: type[BaseException] | None,
+        exc_type: builtins.type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
@@ -451,4 +446,3 @@ class Map:
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"fd={self._handle.fd}"
         return f"<Map {self._name} {self.type.name} id={self.id} {state}>"
-

@@ -90,9 +90,7 @@ def _load_error(err: int, obj_name: str, messages: list[str]) -> BpfError:
     failed = _FAILED_PROG.search(text)
     if log is not None:
         prog = failed.group(1) if failed else "?"
-        return VerifierError(
-            err, f"load program {prog} of object {obj_name}: {describe(err)}", log.group(1)
-        )
+        return VerifierError(err, f"load program {prog} of object {obj_name}: {describe(err)}", log.group(1))
     tail = [line for line in text.splitlines() if line.strip()][-_LIBBPF_TAIL_LINES:]
     message = error_for(err, f"load object {obj_name}").strerror
     return BpfError(err, "\n  ".join([str(message), *tail]))
@@ -113,9 +111,7 @@ class BpfObject:
         self._programs: dict[str, Program] | None = None
 
     @classmethod
-    def open(
-        cls, path: str | os.PathLike[str], pin_root: str | os.PathLike[str] | None = None
-    ) -> BpfObject:
+    def open(cls, path: str | os.PathLike[str], pin_root: str | os.PathLike[str] | None = None) -> BpfObject:
         """Read an ELF object into an editable spec; raises BpfError (ENOENT, EINVAL...)."""
         opts = _libbpf.new_object_open_opts()
         root = os.fspath(pin_root) if pin_root is not None else None
@@ -129,9 +125,7 @@ class BpfObject:
         return cls(ptr, os.fspath(path), root)
 
     @classmethod
-    def load_file(
-        cls, path: str | os.PathLike[str], pin_root: str | os.PathLike[str] | None = None
-    ) -> BpfObject:
+    def load_file(cls, path: str | os.PathLike[str], pin_root: str | os.PathLike[str] | None = None) -> BpfObject:
         """``open`` then ``load`` in one step; the object is closed if loading fails."""
         obj = cls.open(path, pin_root)
         try:
@@ -221,8 +215,7 @@ class BpfObject:
         if diff is not None:
             field, want, have = diff
             raise IncompatibleMapError(
-                f"reuse map {name} in object {self.name}: the given map has {field} {have}, "
-                f"the object declares {want}",
+                f"reuse map {name} in object {self.name}: the given map has {field} {have}, the object declares {want}",
                 field=field,
             )
         check(_libbpf.bpf_map__reuse_fd(ptr, existing.fd), f"reuse map {name}")
@@ -240,9 +233,7 @@ class BpfObject:
                 with Map.from_pin(spec.pin_path) as pinned:
                     diff = _incompatibility(spec, pinned.info)
             except BpfError as exc:
-                raise IncompatibleMapError(
-                    f"{what}: pin {spec.pin_path} is not a usable map: {exc}"
-                ) from exc
+                raise IncompatibleMapError(f"{what}: pin {spec.pin_path} is not a usable map: {exc}") from exc
             if diff is not None:
                 field, want, have = diff
                 raise IncompatibleMapError(
@@ -270,7 +261,7 @@ class BpfObject:
                 continue
             name = _libbpf.bpf_map__name(ptr).decode()
             handle = FdHandle(fd, owner=self, what=f"map {name}")
-            maps[name] = Map._wrap(handle, map_info(fd), name, None, None)  # noqa: SLF001
+            maps[name] = Map._wrap(handle, map_info(fd), name, None, None)
         programs: dict[str, Program] = {}
         for ptr in self._iter_ptrs(_libbpf.bpf_object__next_program):
             fd = _libbpf.bpf_program__fd(ptr)
@@ -278,7 +269,7 @@ class BpfObject:
                 continue
             name = _libbpf.bpf_program__name(ptr).decode()
             handle = FdHandle(fd, owner=self, what=f"program {name}")
-            programs[name] = Program._wrap(handle, name)  # noqa: SLF001
+            programs[name] = Program._wrap(handle, name)
         self._maps, self._programs = maps, programs
         return self
 
@@ -298,8 +289,10 @@ class BpfObject:
 
     def close(self) -> None:
         """Free the object; its borrowed Map/Program handles stop working. Idempotent."""
-        for handle in [*(self._maps or {}).values(), *(self._programs or {}).values()]:
-            handle._handle.close()  # noqa: SLF001
+        for map_ in (self._maps or {}).values():
+            map_._handle.close()
+        for program in (self._programs or {}).values():
+            program._handle.close()
         self._ptr = None
         self._finalizer()
 

@@ -39,7 +39,7 @@ class ProgArray:
             raise
         return True
 
-    def get(self, index: int) -> int | None:
+    def get_id(self, index: int) -> int | None:
         """The id of the program in slot ``index``, or None when empty."""
         prog_id: int | None = self.map.lookup(index)
         return prog_id

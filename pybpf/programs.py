@@ -8,6 +8,7 @@ Closing a program fd never detaches it from a hook that holds it.
 
 from __future__ import annotations
 
+import builtins
 import ctypes
 import enum
 import errno
@@ -302,7 +303,7 @@ class Program:
 
     def __exit__(
         self,
-        exc_type: type[BaseException] | None,
+        exc_type: builtins.type[BaseException] | None,
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:

@@ -24,9 +24,9 @@ class RingBuffer:
 
     def __init__(self, map_: Map, callback: Callable[[bytes], None]) -> None:
         """Raises ValueError for a map that is not a RINGBUF, BpfError from libbpf."""
+        self._ptr: int | None = None
         if map_.type != MapType.RINGBUF:
             raise ValueError(f"map {map_.name} is {map_.type.name}, not RINGBUF")
-        self._ptr: int | None = None
         self.map = map_
         self._callback = callback
         self._error: BaseException | None = None
@@ -39,7 +39,7 @@ class RingBuffer:
     def _on_sample(self, _ctx: int | None, data: int | None, size: int) -> int:
         try:
             self._callback(ctypes.string_at(data, size) if data else b"")
-        except BaseException as exc:  # noqa: BLE001 - handed back to the caller of poll()
+        except BaseException as exc:  # handed back to the caller of poll()
             self._error = exc
             return -errno.ECANCELED
         return 0

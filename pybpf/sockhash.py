@@ -30,9 +30,7 @@ class SockHash:
         value_type = ctypes.c_uint64 if map_.value_size == 8 else ctypes.c_uint32
         self.map = map_.typed(key_type, value_type)
 
-    def update(
-        self, key: Any, sock: socket.socket | int, flags: UpdateFlag = UpdateFlag.ANY
-    ) -> None:
+    def update(self, key: Any, sock: socket.socket | int, flags: UpdateFlag = UpdateFlag.ANY) -> None:
         """Add a socket (a TCP socket must be established or listening)."""
         fd = sock if isinstance(sock, int) else sock.fileno()
         self.map.update(key, fd, flags)

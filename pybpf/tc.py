@@ -21,7 +21,7 @@ from pybpf.attachment import Attachment
 from pybpf.errors import BpfError, check
 from pybpf.programs import Program
 
-__all__ = ["TcAttachment", "TcDirection", "attach_tc", "query_tc"]
+__all__ = ["TcAttachment", "TcDirection", "attach_tc", "detach_tc", "query_tc"]
 
 BPF_TC_F_REPLACE = 1
 _CLSACT_PARENTS = (0xFFFFFFF2, 0xFFFFFFF3)  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{IN,E}GRESS)
@@ -34,9 +34,7 @@ class TcDirection(enum.IntEnum):
     EGRESS = 2
 
 
-def query_tc(
-    interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1
-) -> int | None:
+def query_tc(interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1) -> int | None:
     """The id of the program at (handle, priority), or None when there is none."""
     index = ifindex(interface)
     hook = _libbpf.new_tc_hook(index, int(direction))
@@ -48,6 +46,21 @@ def query_tc(
     check(ret, f"query tc {direction.name.lower()} on {interface}")
     prog_id: int = opts.prog_id
     return prog_id
+
+
+def detach_tc(interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1) -> bool:
+    """Remove whatever filter sits at (handle, priority), e.g. after a restart lost the attachment.
+
+    Returns False when there was none. The clsact qdisc is left in place.
+    """
+    index = ifindex(interface)
+    hook = _libbpf.new_tc_hook(index, int(direction))
+    opts = _libbpf.new_tc_opts(handle, priority)
+    ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+    if ret in (-errno.ENOENT, -errno.EINVAL) and query_tc(index, direction, handle, priority) is None:
+        return False
+    check(ret, f"detach tc {direction.name.lower()} filter from {interface}")
+    return True
 
 
 def _create_clsact(index: int) -> bool:
@@ -89,9 +102,7 @@ class TcAttachment(Attachment):
             if ret not in (-errno.ENOENT, -errno.ENODEV):
                 check(ret, f"detach tc filter from ifindex {self.ifindex}")
         self._prog.close()
-        if self.created_hook and not any(
-            count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS
-        ):
+        if self.created_hook and not any(count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS):
             both = int(TcDirection.INGRESS | TcDirection.EGRESS)
             hook = _libbpf.new_tc_hook(self.ifindex, both)
             ret = _libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))

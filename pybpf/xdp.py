@@ -20,7 +20,7 @@ from pybpf.attachment import Attachment
 from pybpf.errors import BpfError, NotSupportedError, check
 from pybpf.programs import Program
 
-__all__ = ["XdpAttachment", "XdpMode", "XdpStatus", "attach_xdp", "query_xdp"]
+__all__ = ["XdpAttachment", "XdpMode", "XdpStatus", "attach_xdp", "detach_xdp", "query_xdp"]
 
 XDP_FLAGS_UPDATE_IF_NOEXIST = 1 << 0
 XDP_FLAGS_SKB_MODE = 1 << 1
@@ -81,9 +81,7 @@ class XdpAttachment(Attachment):
         # with our fd as the expected one): a newer attachment that replaced ours
         # must survive our close(). EEXIST means "not ours any more".
         opts = _libbpf.new_xdp_attach_opts(self._prog.fd)
-        ret = _libbpf.bpf_xdp_detach(
-            self.ifindex, self.mode.value | XDP_FLAGS_REPLACE, ctypes.byref(opts)
-        )
+        ret = _libbpf.bpf_xdp_detach(self.ifindex, self.mode.value | XDP_FLAGS_REPLACE, ctypes.byref(opts))
         self._prog.close()
         if ret not in (-errno.EEXIST, -errno.ENODEV):
             check(ret, f"detach xdp from ifindex {self.ifindex}")
@@ -122,3 +120,20 @@ def attach_xdp(
             mode = XdpMode.GENERIC
     _attach(index, program, mode, replace)
     return XdpAttachment(index, program, mode)
+
+
+def detach_xdp(interface: int | str, mode: XdpMode = XdpMode.AUTO) -> bool:
+    """Remove the XDP program of ``mode`` (AUTO: whichever runs) whoever attached it.
+
+    For a service that restarted without its ``XdpAttachment``; returns False
+    when no program was attached.
+    """
+    index = ifindex(interface)
+    status = query_xdp(index)
+    modes = [mode] if mode is not XdpMode.AUTO else [XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD]
+    detached = False
+    for concrete in modes:
+        if status.get(concrete) is not None:
+            check(_libbpf.bpf_xdp_detach(index, concrete.value, None), f"detach xdp from {interface}")
+            detached = True
+    return detached

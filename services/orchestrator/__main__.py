@@ -16,6 +16,7 @@ from services.common.config import NodeConfig
 from services.common.logs import setup_logging
 from services.common.server import serve
 from services.common.store import Store
+from services.common.worker import Worker
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.endpoints import Endpoints
@@ -37,19 +38,21 @@ async def main(config: NodeConfig, bpf_dir: Path) -> None:
     netdev.enable_forwarding()
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
     chain.load()
-    store = Store.open(config, SERVICE)
+    worker = Worker(SERVICE)
+    store = await worker.call(Store.open, config, SERVICE)
     endpoints = Endpoints(config.instance, chain, store)
-    endpoints.reconcile()
+    await worker.call(endpoints.reconcile)
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(chain, endpoints, events), server)
+        pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(worker, chain, endpoints, events), server)
         return [SERVICE_NAME]
 
     async def on_stop() -> None:
         events.stop()
-        store.close()
+        await worker.call(store.close)
+        worker.shutdown()
         chain.close()
 
     log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))

@@ -15,8 +15,10 @@ import ipaddress
 import os
 from dataclasses import dataclass
 
-from pyroute2 import IPRoute, NetNS, netns
+from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
+
+from services.common import netns
 
 # The endpoint's default gateway: a link-local address that exists nowhere. The
 # endpoint reaches it through a permanent neighbour entry pointing at the host
@@ -60,16 +62,15 @@ def enable_forwarding() -> None:
 
 
 def list_netns(prefix: str) -> list[str]:
-    return [name for name in netns.listnetns() if name.startswith(prefix)]
+    return netns.names(prefix)
 
 
 def netns_exists(name: str) -> bool:
-    return os.path.exists(f"/run/netns/{name}")
+    return netns.exists(name)
 
 
 def remove_netns(name: str) -> None:
-    if netns_exists(name):
-        netns.remove(name)
+    netns.remove(name)
 
 
 def link_index(ifname: str) -> int | None:
@@ -92,12 +93,16 @@ def create_veth(ifname: str, tag: str, ns: str) -> Veth:
     """Make a veth pair with the peer (eth0) inside namespace ns, host side up."""
     if not netns_exists(ns):
         netns.create(ns)
-    with IPRoute() as ipr:
-        ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": CONTAINER_IFNAME, "net_ns_fd": ns})
-        index = ipr.link_lookup(ifname=ifname)[0]
-        ipr.link("set", index=index, ifalias=tag, state="up")
-        host_mac = str(ipr.get_links(index)[0].get("address"))
-    with NetNS(ns) as nsr:
+    ns_fd = netns.fd(ns)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=ifname, kind="veth", peer={"ifname": CONTAINER_IFNAME, "net_ns_fd": ns_fd})
+            index = ipr.link_lookup(ifname=ifname)[0]
+            ipr.link("set", index=index, ifalias=tag, state="up")
+            host_mac = str(ipr.get_links(index)[0].get("address"))
+    finally:
+        os.close(ns_fd)
+    with netns.entered(ns), IPRoute() as nsr:
         peer = nsr.link_lookup(ifname=CONTAINER_IFNAME)[0]
         peer_mac = str(nsr.get_links(peer)[0].get("address"))
     return Veth(ifname, index, host_mac, peer_mac)
@@ -105,7 +110,7 @@ def create_veth(ifname: str, tag: str, ns: str) -> Veth:
 
 def configure_container(ns: str, host_mac: str, ipv4: str, ipv6: str) -> None:
     """Address eth0 in the endpoint namespace and route everything via the host side."""
-    with NetNS(ns) as nsr:
+    with netns.entered(ns), IPRoute() as nsr:
         lo = nsr.link_lookup(ifname="lo")[0]
         nsr.link("set", index=lo, state="up")
         eth = nsr.link_lookup(ifname=CONTAINER_IFNAME)[0]

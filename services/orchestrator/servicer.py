@@ -16,6 +16,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 from services.common.datapath import Hook, Slot
 from services.common.errors import InvalidArgument
+from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
@@ -61,7 +62,8 @@ def slot_to_proto(state: SlotState) -> pb.SlotState:
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
-    def __init__(self, chain: Chain, endpoints: Endpoints, events: EventHub) -> None:
+    def __init__(self, worker: Worker, chain: Chain, endpoints: Endpoints, events: EventHub) -> None:
+        self._worker = worker
         self._chain = chain
         self._endpoints = endpoints
         self._events = events
@@ -72,17 +74,19 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         spec = EndpointSpec.parse(
             request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
         )
-        return endpoint_to_proto(self._endpoints.create(spec))
+        return endpoint_to_proto(await self._worker.call(self._endpoints.create, spec))
 
     async def GetEndpoint(
         self, request: pb.GetEndpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.Endpoint:
-        return endpoint_to_proto(self._endpoints.get(request.name))
+        return endpoint_to_proto(await self._worker.call(self._endpoints.get, request.name))
 
     async def ListEndpoints(
         self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListEndpointsResponse:
-        page, token = self._endpoints.list(request.page.page_size, request.page.page_token)
+        page, token = await self._worker.call(
+            self._endpoints.list, request.page.page_size, request.page.page_token
+        )
         return pb.ListEndpointsResponse(
             endpoints=[endpoint_to_proto(e) for e in page], next_page_token=token
         )
@@ -90,7 +94,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def DeleteEndpoint(
         self, request: pb.DeleteEndpointRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteEndpointResponse:
-        self._endpoints.delete(request.name)
+        await self._worker.call(self._endpoints.delete, request.name)
         return pb.DeleteEndpointResponse()
 
     async def SetSlot(self, request: pb.SetSlotRequest, context: grpc.aio.ServicerContext) -> pb.SlotState:

@@ -174,7 +174,11 @@ def test_adopted_interface_is_left_in_place(node: Node) -> None:
         netns.run(node.ns, "ip", "link", "set", "ext0", "up")
         netns.run(ns, "ip", "addr", "add", "198.18.1.5/32", "dev", "eth0")
         netns.run(ns, "ip", "link", "set", "eth0", "up")
-        netns.run(ns, "ip", "route", "add", "192.0.2.0/24", "dev", "eth0")
+        # The adopting runtime's own plumbing: a gateway that is the host side's MAC.
+        host_mac = netns.run(node.ns, "cat", "/sys/class/net/ext0/address").stdout.strip()
+        netns.run(ns, "ip", "neigh", "add", "169.254.1.1", "lladdr", host_mac, "dev", "eth0", "nud", "permanent")
+        netns.run(ns, "ip", "route", "add", "169.254.1.1/32", "dev", "eth0", "scope", "link")
+        netns.run(ns, "ip", "route", "add", "default", "via", "169.254.1.1", "dev", "eth0")
         request = pb.CreateEndpointRequest(name="ext", ipv4="198.18.1.5", adopt_interface="ext0")
         ep = node.orchestrator().CreateEndpoint(request, timeout=10)
         assert ep.adopted and ep.host_ifname == "ext0" and not ep.netns
@@ -197,7 +201,7 @@ def test_restart_removes_what_it_no_longer_knows(node: Node) -> None:
     netns.create(stray_ns)
     netns.run(node.ns, "ip", "link", "add", "lxcstray", "type", "veth", "peer", "name", "p0")
     netns.run(node.ns, "ip", "link", "set", "lxcstray", "alias", f"weir/{node.name}/stray")
-    netns.run(node.ns, "ip", "link", "add", "other0", "type", "dummy")  # not ours: must stay
+    netns.run(node.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1")  # not ours: stays
     node.start("orchestrator")
     links = netns.run(node.ns, "ip", "-o", "link", "show").stdout
     assert "lxcstray" not in links
@@ -307,10 +311,10 @@ def _bpftool_json(*args: str) -> list[dict[str, int]]:
 
 def test_grpcurl_walkthrough(node: Node) -> None:
     """The README's walk-through, with the real grpcurl binary."""
-    sock = f"unix://{node.socket('orchestrator')}"
+    sock = str(node.socket("orchestrator"))
 
     def grpcurl(*args: str) -> str:
-        result = subprocess.run(["grpcurl", "-plaintext", *args], capture_output=True, text=True,
+        result = subprocess.run(["grpcurl", "-plaintext", "-unix", *args], capture_output=True, text=True,
                                 timeout=30, env={**os.environ, "PATH": _venv_path()})
         assert result.returncode == 0, result.stderr
         return result.stdout
@@ -320,10 +324,10 @@ def test_grpcurl_walkthrough(node: Node) -> None:
     assert "grpc.health.v1.Health" in services
     assert "rpc CreateEndpoint" in grpcurl(sock, "describe", "weir.orchestrator.v1.Orchestrator")
     assert '"SERVING"' in grpcurl(sock, "grpc.health.v1.Health/Check")
-    created = grpcurl("-d", '{"name": "web", "ipv4": "198.18.3.3", "labels": {"app": "web"}}',
-                      sock, "weir.orchestrator.v1.Orchestrator/CreateEndpoint")
-    assert '"hostIfname": "lxc' in created
+    created = grpcurl("-d", '{"name": "web", "ipv4": "198.18.3.3", "labels": {"app": "web"}}', sock, "weir.orchestrator.v1.Orchestrator/CreateEndpoint")
+    assert '"host_ifname": "lxc' in created
     listed = grpcurl("-d", "{}", sock, "weir.orchestrator.v1.Orchestrator/ListEndpoints")
+    assert traffic.ping(node.outside, "198.18.3.3", count=2) == 2
     assert '"name": "web"' in listed and '"198.18.3.3"' in listed
 
 

@@ -109,7 +109,7 @@ class Node:
             "--run-dir", str(self.run_dir),
             "--state-dir", str(self.state_dir),
             "--cgroup-root", str(self.cgroup_root),
-            "--log-level", "debug",
+            "--log-level", "info",
         ]  # fmt: skip
 
     def start(self, service: str, timeout: float = START_TIMEOUT) -> Service:
@@ -147,7 +147,12 @@ class Node:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
     def teardown(self) -> None:
-        """Remove everything this node made; safe after any failure, safe twice."""
+        """Remove everything this node made; safe after any failure, safe twice.
+
+        The services' logs go to stdout first: pytest shows them when a test fails.
+        """
+        for log in sorted(self.workdir.glob("*.log")):
+            print(f"---- {self.name}: {log.name} ----\n{self.log_tail(log.stem, 60)}")
         for name in list(self.services):
             with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                 self.kill(name, signal.SIGKILL)
