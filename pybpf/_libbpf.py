@@ -17,6 +17,7 @@ import contextlib
 import ctypes
 import logging
 import platform
+import re
 import threading
 from collections.abc import Iterator
 from ctypes import (
@@ -425,3 +426,18 @@ def possible_cpus() -> int:
     if n <= 0:
         raise OSError(-n, f"libbpf_num_possible_cpus: {strerror(-n)}")
     return n
+
+
+_EXTACK = re.compile(r"Kernel error message: (.*)")
+
+
+def call_netlink(func: Any, *args: Any) -> tuple[int, str]:
+    """Call a libbpf netlink function; return its result and the kernel's extack text.
+
+    libbpf would otherwise print that text as a warning even where the caller
+    expects the failure (a query that finds nothing).
+    """
+    with capture_output() as messages:
+        ret: int = func(*args)
+    notes = [m.group(1).strip() for text in messages for m in _EXTACK.finditer(text)]
+    return ret, "; ".join(notes)

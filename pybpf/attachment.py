@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 from types import TracebackType
+from typing import Self
 
 from pybpf import _libbpf
 from pybpf.errors import check
@@ -43,7 +44,7 @@ class Attachment:
         """Same as ``close()``."""
         self.close()
 
-    def __enter__(self) -> Attachment:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

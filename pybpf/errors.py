@@ -111,16 +111,19 @@ _HINTS = {
 }
 
 
-def error_for(err: int, what: str, *, key_op: bool = False) -> BpfError:
+def error_for(err: int, what: str, *, key_op: bool = False, kernel_says: str = "") -> BpfError:
     """Build the ``BpfError`` subclass that matches ``err`` for the operation ``what``.
 
     ``key_op`` says the errno came from a map key operation, where ENOENT, EEXIST
-    and E2BIG mean key-not-found, key-exists and map-full.
+    and E2BIG mean key-not-found, key-exists and map-full. ``kernel_says`` is the
+    kernel's own explanation (netlink extack), when there is one.
     """
     if key_op and err in _KEY_ERRORS:
         cls, text = _KEY_ERRORS[err]
         return cls(err, f"{what}: {text} ({errno_name(err)})")
     message = f"{what}: {describe(err)}"
+    if kernel_says:
+        message += f": {kernel_says}"
     if err in _HINTS:
         message += f" ({_HINTS[err]})"
     if err in (_errno.EOPNOTSUPP, ENOTSUPP):
@@ -128,8 +131,8 @@ def error_for(err: int, what: str, *, key_op: bool = False) -> BpfError:
     return BpfError(err, message)
 
 
-def check(ret: int, what: str, *, key_op: bool = False) -> int:
+def check(ret: int, what: str, *, key_op: bool = False, kernel_says: str = "") -> int:
     """Return ``ret`` when it is not negative, else raise the error for ``-ret``."""
     if ret < 0:
-        raise error_for(-ret, what, key_op=key_op)
+        raise error_for(-ret, what, key_op=key_op, kernel_says=kernel_says)
     return ret

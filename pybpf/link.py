@@ -13,6 +13,7 @@ import ctypes
 import errno
 import os
 from types import TracebackType
+from typing import Self
 
 from pybpf import _libbpf
 from pybpf._fd import FdHandle, fd_kind, get_pinned, pin_fd, unpin
@@ -26,7 +27,7 @@ class Link:
 
     def __init__(self, fd: int) -> None:
         """Take ownership of a link fd; BpfError when ``fd`` is not a link."""
-        if fd_kind(fd) != "bpf_link":
+        if fd_kind(fd) not in ("bpf_link", "bpf-link"):  # BPF_LINK_CREATE vs BPF_OBJ_GET
             raise BpfError(errno.EINVAL, f"link: fd {fd} is not a BPF link")
         self._handle = FdHandle(fd, close_on_gc=False, what="link")
         head = _libbpf.bpf_link_info_head()
@@ -79,7 +80,7 @@ class Link:
         """Release the fd: the program detaches unless the link is pinned. Idempotent."""
         self._handle.close()
 
-    def __enter__(self) -> Link:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -22,7 +22,7 @@ import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pybpf import _libbpf
 from pybpf._codec import Codec, CType, add_values
@@ -432,7 +432,7 @@ class Map:
         if self._handle.owned:
             self._handle.close()
 
-    def __enter__(self) -> Map:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

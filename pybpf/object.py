@@ -28,7 +28,7 @@ import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pybpf import _libbpf
 from pybpf._fd import FdHandle
@@ -84,7 +84,7 @@ def _incompatibility(spec: MapSpec, info: MapInfo) -> tuple[str, Any, Any] | Non
     return None
 
 
-def _load_error(err: int, obj_name: str, messages: list[str]) -> BpfError:
+def _load_error(err: int, obj_name: str, messages: list[str], verb: str = "load") -> BpfError:
     text = "".join(messages)
     log = _PROG_LOG.search(text)
     failed = _FAILED_PROG.search(text)
@@ -92,7 +92,7 @@ def _load_error(err: int, obj_name: str, messages: list[str]) -> BpfError:
         prog = failed.group(1) if failed else "?"
         return VerifierError(err, f"load program {prog} of object {obj_name}: {describe(err)}", log.group(1))
     tail = [line for line in text.splitlines() if line.strip()][-_LIBBPF_TAIL_LINES:]
-    message = error_for(err, f"load object {obj_name}").strerror
+    message = error_for(err, f"{verb} object {obj_name}").strerror
     return BpfError(err, "\n  ".join([str(message), *tail]))
 
 
@@ -121,7 +121,7 @@ class BpfObject:
             ptr = _libbpf.bpf_object__open_file(os.fsencode(path), ctypes.byref(opts))
         if not ptr:
             err = _libbpf.get_errno() or errno.EINVAL
-            raise _load_error(err, os.fspath(path), messages)
+            raise _load_error(err, os.fspath(path), messages, verb="open")
         return cls(ptr, os.fspath(path), root)
 
     @classmethod
@@ -296,7 +296,7 @@ class BpfObject:
         self._ptr = None
         self._finalizer()
 
-    def __enter__(self) -> BpfObject:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -15,7 +15,7 @@ import errno
 import os
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from pybpf import _libbpf
 from pybpf._fd import FdHandle, fd_kind, get_pinned, pin_fd
@@ -298,7 +298,7 @@ class Program:
         if self._handle.owned:
             self._handle.close()
 
-    def __enter__(self) -> Program:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -6,6 +6,7 @@ import ctypes
 import errno
 from collections.abc import Callable
 from types import TracebackType
+from typing import Self
 
 from pybpf import _libbpf
 from pybpf.errors import check
@@ -79,7 +80,7 @@ class RingBuffer:
     def __del__(self) -> None:
         self.close()
 
-    def __enter__(self) -> RingBuffer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

@@ -34,6 +34,9 @@ class TcDirection(enum.IntEnum):
     EGRESS = 2
 
 
+_BOTH = int(TcDirection.INGRESS | TcDirection.EGRESS)  # the whole clsact qdisc
+
+
 def query_tc(interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1) -> int | None:
     """The id of the program at (handle, priority), or None when there is none."""
     index = ifindex(interface)
@@ -94,20 +97,32 @@ class TcAttachment(Attachment):
         self._prog = FdHandle(os.dup(program.fd), what=f"tc program {program.name}")
 
     def _detach(self) -> None:
-        # A filter that another attachment replaced is no longer ours to remove.
-        if query_tc(self.ifindex, self.direction, self.handle, self.priority) == self.program_id:
-            hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
-            opts = _libbpf.new_tc_opts(self.handle, self.priority)
-            ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
-            if ret not in (-errno.ENOENT, -errno.ENODEV):
-                check(ret, f"detach tc filter from ifindex {self.ifindex}")
         self._prog.close()
-        if self.created_hook and not any(count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS):
-            both = int(TcDirection.INGRESS | TcDirection.EGRESS)
-            hook = _libbpf.new_tc_hook(self.ifindex, both)
-            ret = _libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
-            if ret not in (-errno.ENOENT, -errno.EINVAL, -errno.ENODEV):
-                check(ret, f"destroy clsact qdisc on ifindex {self.ifindex}")
+        try:
+            self._remove_filter()
+            if self.created_hook:
+                self._remove_hook_if_unused()
+        except BpfError as exc:
+            if exc.errno != errno.ENODEV:  # the interface is gone, and its filters with it
+                raise
+
+    def _remove_filter(self) -> None:
+        # A filter that another attachment replaced is no longer ours to remove.
+        if query_tc(self.ifindex, self.direction, self.handle, self.priority) != self.program_id:
+            return
+        hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
+        opts = _libbpf.new_tc_opts(self.handle, self.priority)
+        ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+        if ret != -errno.ENOENT:
+            check(ret, f"detach tc filter from ifindex {self.ifindex}")
+
+    def _remove_hook_if_unused(self) -> None:
+        if any(count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS):
+            return
+        hook = _libbpf.new_tc_hook(self.ifindex, _BOTH)
+        ret = _libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
+        if ret not in (-errno.ENOENT, -errno.EINVAL):
+            check(ret, f"destroy clsact qdisc on ifindex {self.ifindex}")
 
     def __repr__(self) -> str:
         return (
@@ -138,7 +153,7 @@ def attach_tc(
     ret = _libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
     if ret < 0:
         if created:
-            _libbpf.bpf_tc_hook_destroy(ctypes.byref(_libbpf.new_tc_hook(index, 3)))
+            _libbpf.bpf_tc_hook_destroy(ctypes.byref(_libbpf.new_tc_hook(index, _BOTH)))
         if ret == -errno.EEXIST:
             raise BpfError(
                 errno.EEXIST,

@@ -60,7 +60,7 @@ def render_header(
     for struct in structs:
         c_name = f"struct weir_{snake(struct.__name__)}"
         lines.append(f"{c_name} {{")
-        lines += [_c_field(name, ctype) for name, ctype in struct._fields_]
+        lines += [_c_field(field[0], field[1]) for field in struct._fields_]
         lines.append("};")
         lines.append(
             f'_Static_assert(sizeof({c_name}) == {ctypes.sizeof(struct)}, "layout of {struct.__name__}");'

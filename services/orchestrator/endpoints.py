@@ -105,7 +105,7 @@ class Endpoints:
             raise NotFound(f"endpoint {name!r} does not exist")
         return Endpoint.from_doc(doc)
 
-    def list(self, page_size: int = 0, page_token: str = "") -> tuple[list[Endpoint], str]:
+    def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Endpoint], str]:
         """A page of endpoints ordered by name; the token is the last name returned."""
         if page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")

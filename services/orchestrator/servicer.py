@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc.aio
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
-from services.common.datapath import Hook, Slot
+from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
@@ -24,17 +25,32 @@ from services.orchestrator.events import EventHub
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
 def hook_from_proto(value: int) -> Hook:
-    if value == common_pb2.HOOK_UNSPECIFIED or value - 1 not in Hook._value2member_map_:
+    """Proto enum names are the datapath's names with a prefix (checked by a unit test)."""
+    name = common_pb2.Hook.Name(common_pb2.Hook.ValueType(value)) if value in common_pb2.Hook.values() else ""
+    if not name or value == common_pb2.HOOK_UNSPECIFIED:
         raise InvalidArgument(f"hook {value} is not one of {', '.join(common_pb2.Hook.keys()[1:])}")
-    return Hook(value - 1)
+    return Hook[name.removeprefix("HOOK_")]
 
 
 def slot_from_proto(value: int) -> int:
     """A slot number as the datapath counts them; range errors come from Chain."""
     if value == common_pb2.SLOT_UNSPECIFIED:
         raise InvalidArgument(f"slot is required: one of {', '.join(common_pb2.Slot.keys()[1:])}")
-    return value - 1
+    if value not in common_pb2.Slot.values():
+        return value - 1
+    return Slot[common_pb2.Slot.Name(common_pb2.Slot.ValueType(value)).removeprefix("SLOT_")]
+
+
+def hook_to_proto(hook: Hook) -> common_pb2.Hook.ValueType:
+    return common_pb2.Hook.Value(f"HOOK_{hook.name}")
+
+
+def direction_to_proto(direction: Direction) -> common_pb2.Direction.ValueType:
+    return common_pb2.Direction.Value(f"DIRECTION_{direction.name}")
 
 
 def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
@@ -54,8 +70,8 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
 
 def slot_to_proto(state: SlotState) -> pb.SlotState:
     return pb.SlotState(
-        hook=state.hook + 1,
-        slot=Slot(state.slot) + 1,
+        hook=hook_to_proto(state.hook),
+        slot=common_pb2.Slot.Value(f"SLOT_{state.slot.name}"),
         program_id=state.program_id,
         program_name=state.program_name,
     )
@@ -69,66 +85,59 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._events = events
 
     async def CreateEndpoint(
-        self, request: pb.CreateEndpointRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Endpoint:
+        self, request: pb.CreateEndpointRequest, context: Context    ) -> pb.Endpoint:
         spec = EndpointSpec.parse(
             request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
         )
         return endpoint_to_proto(await self._worker.call(self._endpoints.create, spec))
 
     async def GetEndpoint(
-        self, request: pb.GetEndpointRequest, context: grpc.aio.ServicerContext
-    ) -> pb.Endpoint:
+        self, request: pb.GetEndpointRequest, context: Context    ) -> pb.Endpoint:
         return endpoint_to_proto(await self._worker.call(self._endpoints.get, request.name))
 
     async def ListEndpoints(
-        self, request: pb.ListEndpointsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListEndpointsResponse:
+        self, request: pb.ListEndpointsRequest, context: Context    ) -> pb.ListEndpointsResponse:
         page, token = await self._worker.call(
-            self._endpoints.list, request.page.page_size, request.page.page_token
+            self._endpoints.list_page, request.page.page_size, request.page.page_token
         )
         return pb.ListEndpointsResponse(
             endpoints=[endpoint_to_proto(e) for e in page], next_page_token=token
         )
 
     async def DeleteEndpoint(
-        self, request: pb.DeleteEndpointRequest, context: grpc.aio.ServicerContext
-    ) -> pb.DeleteEndpointResponse:
+        self, request: pb.DeleteEndpointRequest, context: Context    ) -> pb.DeleteEndpointResponse:
         await self._worker.call(self._endpoints.delete, request.name)
         return pb.DeleteEndpointResponse()
 
-    async def SetSlot(self, request: pb.SetSlotRequest, context: grpc.aio.ServicerContext) -> pb.SlotState:
+    async def SetSlot(self, request: pb.SetSlotRequest, context: Context) -> pb.SlotState:
         hook = hook_from_proto(request.hook)
         slot = slot_from_proto(request.slot)
         with Chain.open_program(request.pin_path, request.program_id) as program:
             return slot_to_proto(self._chain.set_slot(hook, slot, program))
 
     async def ClearSlot(
-        self, request: pb.ClearSlotRequest, context: grpc.aio.ServicerContext
-    ) -> pb.SlotState:
+        self, request: pb.ClearSlotRequest, context: Context    ) -> pb.SlotState:
         hook = hook_from_proto(request.hook)
         return slot_to_proto(self._chain.clear_slot(hook, slot_from_proto(request.slot)))
 
     async def ListSlots(
-        self, request: pb.ListSlotsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ListSlotsResponse:
+        self, request: pb.ListSlotsRequest, context: Context    ) -> pb.ListSlotsResponse:
         hooks = [hook_from_proto(request.hook)] if request.hook else list(Hook)
         return pb.ListSlotsResponse(
             slots=[slot_to_proto(s) for hook in hooks for s in self._chain.slots(hook)]
         )
 
     async def GetMetrics(
-        self, request: pb.GetMetricsRequest, context: grpc.aio.ServicerContext
-    ) -> pb.GetMetricsResponse:
+        self, request: pb.GetMetricsRequest, context: Context    ) -> pb.GetMetricsResponse:
         entry = [
-            pb.HookCounter(hook=hook + 1, counter=common_pb2.Counter(packets=p, bytes=b))
+            pb.HookCounter(hook=hook_to_proto(hook), counter=common_pb2.Counter(packets=p, bytes=b))
             for hook, (p, b) in self._chain.entry_counts().items()
         ]
         reasons = [
             pb.ReasonCounter(
                 reason=r.reason.name if hasattr(r.reason, "name") else str(r.reason),
                 reason_code=int(r.reason),
-                direction=r.direction + 1,
+                direction=direction_to_proto(r.direction),
                 counter=common_pb2.Counter(packets=r.packets, bytes=r.bytes),
             )
             for r in self._chain.reason_counts()
@@ -136,8 +145,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.GetMetricsResponse(entry=entry, reasons=reasons)
 
     async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[pb.Event]:
+        self, request: pb.WatchEventsRequest, context: Context    ) -> AsyncIterator[pb.Event]:
         wanted = {t.upper() for t in request.types}
         queue = self._events.subscribe()
         try:
@@ -148,8 +156,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 yield pb.Event(
                     type=event.type,
                     reason=event.reason,
-                    hook=event.hook + 1,
-                    direction=event.direction + 1,
+                    hook=hook_to_proto(event.hook),
+                    direction=direction_to_proto(Direction(event.direction)),
                     ifindex=event.ifindex,
                     endpoint_id=event.endpoint_id,
                     length=event.length,

@@ -23,7 +23,7 @@ START_GRACE = 0.5
 
 def main(argv: list[str]) -> int:
     NodeConfig.from_args(argv, "suite")  # validate the flags once, before starting anything
-    processes: list[subprocess.Popen[bytes]] = []
+    processes: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -33,19 +33,19 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     for service in SERVICES:
-        processes.append(subprocess.Popen([sys.executable, "-m", f"services.{service}", *argv]))
+        processes[service] = subprocess.Popen([sys.executable, "-m", f"services.{service}", *argv])
         time.sleep(START_GRACE)
     code = 0
     while not stopping:
-        for process in processes:
+        for service, process in processes.items():
             if process.poll() is not None:
-                print(f"weir: {process.args[2]} exited with {process.returncode}", file=sys.stderr)
+                print(f"weir: {service} exited with {process.returncode}", file=sys.stderr)
                 stopping, code = True, 1
         time.sleep(0.2)
-    for process in processes:
+    for process in processes.values():
         if process.poll() is None:
             process.terminate()
-    for process in processes:
+    for process in processes.values():
         process.wait(timeout=15)
     return code
 

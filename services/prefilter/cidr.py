@@ -26,9 +26,9 @@ def parse_cidr(text: str) -> Network:
         ip = ipaddress.ip_address(address)
     except ValueError:
         raise CidrError(f"{text!r} is not a CIDR: {address!r} is not an IPv4 or IPv6 address") from None
-    max_len = ip.max_prefixlen
+    max_len: int = ip.max_prefixlen
     if not slash:
-        prefixlen = max_len
+        prefixlen: int = max_len
     elif not length.isdigit():
         raise CidrError(f"{text!r}: prefix length {length!r} is not a number")
     else:

@@ -47,11 +47,13 @@ def counted(obj: BpfObject, hook: Hook) -> int:
     return int(total.packets) if total else 0
 
 
-def set_slot(node: Node, hook: int, slot: int, pin: Path) -> pb.SlotState:
+def set_slot(
+    node: Node, hook: common_pb2.Hook.ValueType, slot: common_pb2.Slot.ValueType, pin: Path
+) -> pb.SlotState:
     return node.orchestrator().SetSlot(pb.SetSlotRequest(hook=hook, slot=slot, pin_path=str(pin)), timeout=5)
 
 
-def entry_packets(node: Node, hook: int) -> int:
+def entry_packets(node: Node, hook: common_pb2.Hook.ValueType) -> int:
     metrics = node.orchestrator().GetMetrics(pb.GetMetricsRequest(), timeout=5)
     return next(e.counter.packets for e in metrics.entry if e.hook == hook)
 
@@ -268,9 +270,9 @@ def test_bad_input_is_refused_and_changes_nothing(node: Node) -> None:
             pb.CreateEndpointRequest(name="z", ipv4="198.18.9.3", adopt_interface="nope0")),
          grpc.StatusCode.NOT_FOUND, "nope0"),
         ("slot out of range", lambda: stub.SetSlot(pb.SetSlotRequest(
-            hook=common_pb2.HOOK_FROM_CONTAINER, slot=42, pin_path=str(xdp_pin))),
+            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.Slot.ValueType(42), pin_path=str(xdp_pin))),
          grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        ("hook unspecified", lambda: stub.SetSlot(pb.SetSlotRequest(slot=1, pin_path=str(xdp_pin))),
+        ("hook unspecified", lambda: stub.SetSlot(pb.SetSlotRequest(slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))),
          grpc.StatusCode.INVALID_ARGUMENT, "hook"),
         ("wrong program type", lambda: stub.SetSlot(pb.SetSlotRequest(
             hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))),
@@ -324,7 +326,8 @@ def test_grpcurl_walkthrough(node: Node) -> None:
     assert "grpc.health.v1.Health" in services
     assert "rpc CreateEndpoint" in grpcurl(sock, "describe", "weir.orchestrator.v1.Orchestrator")
     assert '"SERVING"' in grpcurl(sock, "grpc.health.v1.Health/Check")
-    created = grpcurl("-d", '{"name": "web", "ipv4": "198.18.3.3", "labels": {"app": "web"}}', sock, "weir.orchestrator.v1.Orchestrator/CreateEndpoint")
+    body = '{"name": "web", "ipv4": "198.18.3.3", "labels": {"app": "web"}}'
+    created = grpcurl("-d", body, sock, "weir.orchestrator.v1.Orchestrator/CreateEndpoint")
     assert '"host_ifname": "lxc' in created
     listed = grpcurl("-d", "{}", sock, "weir.orchestrator.v1.Orchestrator/ListEndpoints")
     assert traffic.ping(node.outside, "198.18.3.3", count=2) == 2

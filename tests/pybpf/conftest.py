@@ -35,11 +35,16 @@ _libc = ctypes.CDLL(None, use_errno=True)
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _root_and_bpffs() -> None:
+def _root_and_bpffs() -> Iterator[None]:
+    """Skip without root; mount the bpffs; fail if a test pinned outside its pin_dir."""
     if os.geteuid() != 0:
         pytest.skip("pybpf tests need root (CAP_BPF, CAP_NET_ADMIN)")
     if not os.path.ismount(BPFFS):
         subprocess.run(["mount", "-t", "bpf", "bpf", str(BPFFS)], check=True)
+    before = set(os.listdir(BPFFS))
+    yield
+    leaked = {name for name in set(os.listdir(BPFFS)) - before if name == "shared_counter"}
+    assert not leaked, f"a test pinned {leaked} in {BPFFS} instead of its pin_dir"
 
 
 def _compile(src: Path, dst: Path) -> None:
@@ -47,8 +52,8 @@ def _compile(src: Path, dst: Path) -> None:
     if clang is None:
         pytest.skip("clang is needed to build the BPF test fixtures")
     arch_include = f"/usr/include/{platform.machine()}-linux-gnu"
-    cmd = [clang, "-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{arch_include}", "-c", str(src), "-o", str(dst)]
-    subprocess.run(cmd, check=True)
+    flags = ["-O2", "-g", "-Wall", "-Werror", "-target", "bpf", f"-I{arch_include}"]
+    subprocess.run([clang, *flags, "-c", str(src), "-o", str(dst)], check=True)
 
 
 @pytest.fixture(scope="session")

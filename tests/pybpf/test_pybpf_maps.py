@@ -173,9 +173,7 @@ def test_lpm_v4_longest_prefix_match(maps_obj: pybpf.BpfObject) -> None:
     assert m.lookup(LpmKeyV4.of(ipaddress.ip_address("10.1.9.9"))) == 16
     assert m.lookup(LpmKeyV4.of("10.200.0.1")) == 8
     assert m.lookup(LpmKeyV4.of("11.0.0.1")) is None
-    assert {k.network() for k in m.keys()} == {
-        ipaddress.ip_network(n) for n in ("10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24")
-    }
+    assert {k.network() for k in m} == {ipaddress.ip_network(n) for n in ("10.0.0.0/8", "10.1.0.0/16", "10.1.2.0/24")}
     m.delete(LpmKeyV4.of("10.1.2.0/24"))
     assert m.lookup(LpmKeyV4.of("10.1.2.3")) == 16
     with pytest.raises(ValueError, match="not an IPv4"):
@@ -240,9 +238,7 @@ def tcp_pair() -> Iterator[tuple[socket.socket, socket.socket]]:
         yield client, server
 
 
-def test_sockhash_takes_a_tcp_socket(
-    maps_obj: pybpf.BpfObject, tcp_pair: tuple[socket.socket, socket.socket]
-) -> None:
+def test_sockhash_takes_a_tcp_socket(maps_obj: pybpf.BpfObject, tcp_pair: tuple[socket.socket, socket.socket]) -> None:
     client, server = tcp_pair
     socks = SockHash(maps_obj.maps["sock_hash"])
     socks.update(1, client)
@@ -254,9 +250,8 @@ def test_sockhash_takes_a_tcp_socket(
         socks.update(1, server, UpdateFlag.NOEXIST)
     socks.delete(1)
     assert socks.cookie(1) is None
-    with pytest.raises(BpfError):  # a UDP socket cannot go in a sockhash
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            socks.update(3, udp)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, pytest.raises(BpfError):
+        socks.update(3, udp)  # a UDP socket cannot go in a sockhash
 
 
 def test_pin_reopen_clone_and_close(maps_obj: pybpf.BpfObject, pin_dir: Path) -> None:

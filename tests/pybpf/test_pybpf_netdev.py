@@ -8,6 +8,7 @@ import gc
 import socket
 import time
 from ctypes import c_uint32, c_uint64
+from pathlib import Path
 
 import pytest
 
@@ -108,9 +109,9 @@ def test_tc_attach_query_detach(maps_obj: pybpf.BpfObject, veth: VethPair) -> No
     assert not clsact_present("veth1")  # we created it, nothing else used it: removed
 
 
-def test_tc_replace_and_refuse(maps_obj: pybpf.BpfObject, veth: VethPair) -> None:
+def test_tc_replace_and_refuse(maps_obj: pybpf.BpfObject, veth: VethPair, pin_dir: Path) -> None:
     first = maps_obj.programs["tc_verdict"]
-    with pybpf.BpfObject.load_file(maps_obj.path) as other:
+    with pybpf.BpfObject.load_file(maps_obj.path, pin_root=pin_dir) as other:
         second = other.programs["tc_verdict"]
         a = attach_tc("veth1", first, TcDirection.EGRESS, handle=7, priority=3)
         b = attach_tc("veth1", second, TcDirection.EGRESS, handle=7, priority=3, replace=True)
@@ -151,3 +152,12 @@ def test_unknown_interface(maps_obj: pybpf.BpfObject, veth: VethPair) -> None:
     with pytest.raises(BpfError) as missing:
         attach_tc("nope0", maps_obj.programs["tc_verdict"], TcDirection.INGRESS)
     assert missing.value.errno == errno.ENODEV
+
+
+def test_close_after_the_interface_vanished(maps_obj: pybpf.BpfObject, veth: VethPair) -> None:
+    xdp = attach_xdp("veth1", maps_obj.programs["xdp_verdict"], XdpMode.GENERIC)
+    tc = attach_tc("veth1", maps_obj.programs["tc_verdict"], TcDirection.INGRESS)
+    run("ip", "link", "del", "veth1")
+    xdp.close()
+    tc.close()
+    assert xdp.closed and tc.closed

@@ -79,9 +79,11 @@ def test_reuse_map_checks_compatibility(objects: dict[str, Path], pin_dir: Path)
     (pin_dir / "c").mkdir()
     with BpfObject.load_file(objects["pybpf_maps"], pin_root=pin_dir / "a") as a:
         shared = a.maps["shared_counter"].typed(c_uint32, c_uint64)
-        with BpfObject.open(objects["pybpf_incompat"], pin_root=pin_dir / "b") as wrong:
-            with pytest.raises(IncompatibleMapError, match="given map has max_entries 1"):
-                wrong.reuse_map("shared_counter", shared)
+        with (
+            BpfObject.open(objects["pybpf_incompat"], pin_root=pin_dir / "b") as wrong,
+            pytest.raises(IncompatibleMapError, match="given map has max_entries 1"),
+        ):
+            wrong.reuse_map("shared_counter", shared)
         with BpfObject.open(objects["pybpf_reuse"], pin_root=pin_dir / "c") as b:
             b.reuse_map("shared_counter", shared)
             b.load()
