@@ -92,8 +92,8 @@ def _load_error(err: int, obj_name: str, messages: list[str], verb: str = "load"
         prog = failed.group(1) if failed else "?"
         return VerifierError(err, f"load program {prog} of object {obj_name}: {describe(err)}", log.group(1))
     tail = [line for line in text.splitlines() if line.strip()][-_LIBBPF_TAIL_LINES:]
-    message = error_for(err, f"{verb} object {obj_name}").strerror
-    return BpfError(err, "\n  ".join([str(message), *tail]))
+    plain = error_for(err, f"{verb} object {obj_name}")
+    return type(plain)(err, "\n  ".join([str(plain), *tail]))
 
 
 class BpfObject:

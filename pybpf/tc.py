@@ -42,11 +42,12 @@ def query_tc(interface: int | str, direction: TcDirection, handle: int = 1, prio
     index = ifindex(interface)
     hook = _libbpf.new_tc_hook(index, int(direction))
     opts = _libbpf.new_tc_opts(handle, priority)
-    ret = _libbpf.bpf_tc_query(ctypes.byref(hook), ctypes.byref(opts))
-    # ENOENT: no such filter; EINVAL: no clsact qdisc on the interface at all.
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_query, ctypes.byref(hook), ctypes.byref(opts))
+    # The kernel answers EINVAL when there is no clsact qdisc or no filter at that
+    # priority ("Cannot find specified filter chain"), ENOENT for no such handle.
     if ret in (-errno.ENOENT, -errno.EINVAL):
         return None
-    check(ret, f"query tc {direction.name.lower()} on {interface}")
+    check(ret, f"query tc {direction.name.lower()} on {interface}", kernel_says=kernel_says)
     prog_id: int = opts.prog_id
     return prog_id
 
@@ -59,20 +60,20 @@ def detach_tc(interface: int | str, direction: TcDirection, handle: int = 1, pri
     index = ifindex(interface)
     hook = _libbpf.new_tc_hook(index, int(direction))
     opts = _libbpf.new_tc_opts(handle, priority)
-    ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_detach, ctypes.byref(hook), ctypes.byref(opts))
     if ret in (-errno.ENOENT, -errno.EINVAL) and query_tc(index, direction, handle, priority) is None:
         return False
-    check(ret, f"detach tc {direction.name.lower()} filter from {interface}")
+    check(ret, f"detach tc {direction.name.lower()} filter from {interface}", kernel_says=kernel_says)
     return True
 
 
 def _create_clsact(index: int) -> bool:
     """Create the clsact qdisc; True if we did, False if it was already there."""
     hook = _libbpf.new_tc_hook(index, int(TcDirection.INGRESS))
-    ret = _libbpf.bpf_tc_hook_create(ctypes.byref(hook))
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_hook_create, ctypes.byref(hook))
     if ret == -errno.EEXIST:
         return False
-    check(ret, f"create clsact qdisc on ifindex {index}")
+    check(ret, f"create clsact qdisc on ifindex {index}", kernel_says=kernel_says)
     return True
 
 
@@ -112,17 +113,17 @@ class TcAttachment(Attachment):
             return
         hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
         opts = _libbpf.new_tc_opts(self.handle, self.priority)
-        ret = _libbpf.bpf_tc_detach(ctypes.byref(hook), ctypes.byref(opts))
+        ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_detach, ctypes.byref(hook), ctypes.byref(opts))
         if ret != -errno.ENOENT:
-            check(ret, f"detach tc filter from ifindex {self.ifindex}")
+            check(ret, f"detach tc filter from ifindex {self.ifindex}", kernel_says=kernel_says)
 
     def _remove_hook_if_unused(self) -> None:
         if any(count_tc_filters(self.ifindex, parent) for parent in _CLSACT_PARENTS):
             return
         hook = _libbpf.new_tc_hook(self.ifindex, _BOTH)
-        ret = _libbpf.bpf_tc_hook_destroy(ctypes.byref(hook))
+        ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_hook_destroy, ctypes.byref(hook))
         if ret not in (-errno.ENOENT, -errno.EINVAL):
-            check(ret, f"destroy clsact qdisc on ifindex {self.ifindex}")
+            check(ret, f"destroy clsact qdisc on ifindex {self.ifindex}", kernel_says=kernel_says)
 
     def __repr__(self) -> str:
         return (
@@ -150,14 +151,14 @@ def attach_tc(
     flags = BPF_TC_F_REPLACE if replace else 0
     opts = _libbpf.new_tc_opts(handle, priority, program.fd, flags)
     what = f"attach tc program {program.name} to {interface} {direction.name.lower()}"
-    ret = _libbpf.bpf_tc_attach(ctypes.byref(hook), ctypes.byref(opts))
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_attach, ctypes.byref(hook), ctypes.byref(opts))
     if ret < 0:
         if created:
-            _libbpf.bpf_tc_hook_destroy(ctypes.byref(_libbpf.new_tc_hook(index, _BOTH)))
+            _libbpf.call_netlink(_libbpf.bpf_tc_hook_destroy, ctypes.byref(_libbpf.new_tc_hook(index, _BOTH)))
         if ret == -errno.EEXIST:
             raise BpfError(
                 errno.EEXIST,
                 f"{what}: a filter exists at handle {handle} priority {priority} and replace=False",
             )
-        check(ret, what)
+        check(ret, what, kernel_says=kernel_says)
     return TcAttachment(index, direction, handle, priority, program, created)

@@ -59,7 +59,8 @@ def query_xdp(interface: int | str) -> XdpStatus:
     """Which XDP programs an interface runs; raises BpfError (ENODEV...)."""
     index = ifindex(interface)
     opts = _libbpf.new_xdp_query_opts()
-    check(_libbpf.bpf_xdp_query(index, 0, ctypes.byref(opts)), f"query xdp on {interface}")
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_xdp_query, index, 0, ctypes.byref(opts))
+    check(ret, f"query xdp on {interface}", kernel_says=kernel_says)
     return XdpStatus(
         native=opts.drv_prog_id or None,
         generic=opts.skb_prog_id or None,
@@ -81,10 +82,11 @@ class XdpAttachment(Attachment):
         # with our fd as the expected one): a newer attachment that replaced ours
         # must survive our close(). EEXIST means "not ours any more".
         opts = _libbpf.new_xdp_attach_opts(self._prog.fd)
-        ret = _libbpf.bpf_xdp_detach(self.ifindex, self.mode.value | XDP_FLAGS_REPLACE, ctypes.byref(opts))
+        flags = self.mode.value | XDP_FLAGS_REPLACE
+        ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_xdp_detach, self.ifindex, flags, ctypes.byref(opts))
         self._prog.close()
         if ret not in (-errno.EEXIST, -errno.ENODEV):
-            check(ret, f"detach xdp from ifindex {self.ifindex}")
+            check(ret, f"detach xdp from ifindex {self.ifindex}", kernel_says=kernel_says)
 
     def __repr__(self) -> str:
         return f"<XdpAttachment ifindex={self.ifindex} {self.mode.name} prog={self.program_id}>"
@@ -92,11 +94,11 @@ class XdpAttachment(Attachment):
 
 def _attach(index: int, program: Program, mode: XdpMode, replace: bool) -> None:
     flags = mode.value | (0 if replace else XDP_FLAGS_UPDATE_IF_NOEXIST)
-    ret = _libbpf.bpf_xdp_attach(index, program.fd, flags, None)
+    ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_xdp_attach, index, program.fd, flags, None)
     what = f"attach xdp program {program.name} to ifindex {index} ({mode.name})"
     if ret == -errno.EBUSY and not replace:
         raise BpfError(errno.EBUSY, f"{what}: a program is already attached and replace=False")
-    check(ret, what)
+    check(ret, what, kernel_says=kernel_says)
 
 
 def attach_xdp(
@@ -134,6 +136,7 @@ def detach_xdp(interface: int | str, mode: XdpMode = XdpMode.AUTO) -> bool:
     detached = False
     for concrete in modes:
         if status.get(concrete) is not None:
-            check(_libbpf.bpf_xdp_detach(index, concrete.value, None), f"detach xdp from {interface}")
+            ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_xdp_detach, index, concrete.value, None)
+            check(ret, f"detach xdp from {interface}", kernel_says=kernel_says)
             detached = True
     return detached

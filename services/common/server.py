@@ -33,6 +33,13 @@ Register = Callable[[grpc.aio.Server], Sequence[str]]
 OnStop = Callable[[], Awaitable[None] | None]
 
 STOP_GRACE_SECONDS = 5.0
+# Bulk calls (a million prefilter entries, ten thousand services) exceed gRPC's 4 MiB default.
+MAX_MESSAGE_BYTES = 256 << 20
+GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 _MAX_UNIX_PATH = 107  # sizeof(sun_path) - 1 on Linux
 
 
@@ -112,7 +119,7 @@ class ServiceServer:
         _clear_stale_socket(self.socket_path)
 
         # so_reuseport=0: a second instance on the same TCP port must fail, not share it.
-        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(interceptors=[ErrorInterceptor()], options=GRPC_OPTIONS)
         self._server = server
         self.service_names = tuple(self._register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

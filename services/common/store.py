@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +115,24 @@ class Store:
             "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
             (kind, key, text),
         )
+
+    def put_many(self, kind: str, docs: Iterable[tuple[str, dict[str, Any]]]) -> None:
+        """Insert or replace many documents in one statement (bulk loads of large lists)."""
+        rows = ((kind, key, json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False))
+                for key, doc in docs)
+        self._db.executemany(
+            "INSERT INTO docs (kind, key, doc) VALUES (?, ?, ?) "
+            "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
+            rows,
+        )
+
+    def delete_many(self, kind: str, keys: Iterable[str]) -> None:
+        """Remove many documents of a kind; absent keys are ignored."""
+        self._db.executemany("DELETE FROM docs WHERE kind = ? AND key = ?", ((kind, key) for key in keys))
+
+    def clear(self, kind: str) -> int:
+        """Remove every document of a kind; returns how many there were."""
+        return self._db.execute("DELETE FROM docs WHERE kind = ?", (kind,)).rowcount
 
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         """The document, or None if absent."""
