@@ -93,6 +93,23 @@ class bpf_test_run_opts(Structure):  # noqa: N801 - the C name, on purpose
     ]
 
 
+class bpf_map_create_opts(Structure):  # noqa: N801 - the C name, on purpose
+    """bpf.h ``struct bpf_map_create_opts`` (1.1)."""
+
+    _fields_ = [
+        ("sz", c_size_t),
+        ("btf_fd", c_uint32),
+        ("btf_key_type_id", c_uint32),
+        ("btf_value_type_id", c_uint32),
+        ("btf_vmlinux_value_type_id", c_uint32),
+        ("inner_map_fd", c_uint32),
+        ("map_flags", c_uint32),
+        ("map_extra", c_uint64),
+        ("numa_node", c_uint32),
+        ("map_ifindex", c_uint32),
+    ]
+
+
 class bpf_map_batch_opts(Structure):  # noqa: N801 - the C name, on purpose
     """bpf.h ``struct bpf_map_batch_opts`` (1.1)."""
 
@@ -224,6 +241,14 @@ def new_object_open_opts() -> bpf_object_open_opts:
     return opts
 
 
+def new_map_create_opts(map_flags: int = 0, inner_map_fd: int = 0) -> bpf_map_create_opts:
+    """Map-create opts with ``sz``, flags and (for maps of maps) the inner template set."""
+    opts: bpf_map_create_opts = _sized(bpf_map_create_opts)
+    opts.map_flags = map_flags
+    opts.inner_map_fd = inner_map_fd
+    return opts
+
+
 def new_test_run_opts() -> bpf_test_run_opts:
     """Zeroed test-run opts with ``sz`` set."""
     opts: bpf_test_run_opts = _sized(bpf_test_run_opts)
@@ -321,6 +346,9 @@ bpf_obj_pin = _declare("bpf_obj_pin", c_int, c_int, c_char_p)
 bpf_obj_get = _declare("bpf_obj_get", c_int, c_char_p)
 bpf_obj_get_info_by_fd = _declare("bpf_obj_get_info_by_fd", c_int, c_int, _p, _u32p)
 bpf_prog_get_fd_by_id = _declare("bpf_prog_get_fd_by_id", c_int, c_uint32)
+bpf_map_create = _declare(
+    "bpf_map_create", c_int, c_int, c_char_p, c_uint32, c_uint32, c_uint32, POINTER(bpf_map_create_opts)
+)
 bpf_map_get_fd_by_id = _declare("bpf_map_get_fd_by_id", c_int, c_uint32)
 bpf_prog_test_run_opts = _declare("bpf_prog_test_run_opts", c_int, c_int, POINTER(bpf_test_run_opts))
 

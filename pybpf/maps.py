@@ -178,6 +178,38 @@ class Map:
         return cls(fd, key_type=key_type, value_type=value_type)
 
     @classmethod
+    def create(
+        cls,
+        map_type: MapType,
+        key_size: int,
+        value_size: int,
+        max_entries: int,
+        *,
+        flags: int = 0,
+        name: str = "",
+        key_type: CType | None = None,
+        value_type: CType | None = None,
+    ) -> Map:
+        """Create a map from user space, e.g. an inner map to place into a map of maps.
+
+        Raises BpfError (EINVAL for a combination the kernel refuses, ENOMEM when
+        the memory cannot be had); the map lives as long as a handle, pin or outer
+        map holds it.
+        """
+        opts = _libbpf.new_map_create_opts(flags)
+        fd = check(
+            _libbpf.bpf_map_create(
+                int(map_type), name[:15].encode() or None, key_size, value_size, max_entries, ctypes.byref(opts)
+            ),
+            f"create {map_type.name} map {name or '(unnamed)'}",
+        )
+        try:
+            return cls(fd, key_type=key_type, value_type=value_type)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
     def _wrap(
         cls,
         handle: FdHandle,

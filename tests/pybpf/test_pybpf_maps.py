@@ -288,3 +288,16 @@ def test_map_from_fd_must_be_a_map() -> None:
             Map(fd)
     finally:
         os.close(fd)
+
+
+def test_create_map_from_user_space() -> None:
+    with pybpf.Map.create(pybpf.MapType.HASH, 4, 8, 2, name="created", key_type=c_uint32, value_type=c_uint64) as m:
+        assert (m.type, m.key_size, m.value_size, m.max_entries, m.name) == (pybpf.MapType.HASH, 4, 8, 2, "created")
+        m[1] = 10
+        m[2] = 20
+        assert dict(m.items()) == {1: 10, 2: 20}
+        with pytest.raises(pybpf.MapFullError):
+            m[3] = 30
+    with pytest.raises(pybpf.BpfError) as err:
+        pybpf.Map.create(pybpf.MapType.LPM_TRIE, 8, 8, 16)  # an LPM trie must be BPF_F_NO_PREALLOC
+    assert err.value.errno == errno.EINVAL
