@@ -23,7 +23,7 @@
 struct v4_host_inner {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, INNER_PLACEHOLDER);
-	__uint(key_size, sizeof(__u32));
+	__uint(key_size, sizeof(struct weir_v4_addr));
 	__uint(value_size, sizeof(struct weir_prefilter_entry));
 };
 
@@ -92,11 +92,13 @@ static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 s
 {
 	struct weir_lpm_v4_key key = { .prefixlen = 32 };
 	struct weir_prefilter_entry *e = 0;
+	struct weir_v4_addr host;
 	void *inner;
 
+	__builtin_memcpy(host.addr, &saddr, 4);
 	inner = bpf_map_lookup_elem(&pf_v4_host, &gen);
 	if (inner)
-		e = bpf_map_lookup_elem(inner, &saddr);
+		e = bpf_map_lookup_elem(inner, &host);
 	if (e)
 		return e;
 	inner = bpf_map_lookup_elem(&pf_v4_lpm, &gen);

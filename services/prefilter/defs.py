@@ -36,7 +36,15 @@ class LpmV6Key(ctypes.Structure):
     _fields_ = [("prefixlen", ctypes.c_uint32), ("addr", ctypes.c_uint8 * 16)]
 
 
+class V4Addr(ctypes.Structure):
+    """Key of the IPv4 host map: the address in network order."""
+
+    _fields_ = [("addr", ctypes.c_uint8 * 4)]
+
+
 class V6Addr(ctypes.Structure):
+    """Key of the IPv6 host map: the address in network order."""
+
     _fields_ = [("addr", ctypes.c_uint8 * 16)]
 
 
@@ -58,7 +66,7 @@ def c_header() -> str:
         "services/prefilter/defs.py",
         CONSTANTS,
         [EntryFlag],
-        [PrefilterEntry, LpmV4Key, LpmV6Key, V6Addr, IfStats],
+        [PrefilterEntry, LpmV4Key, LpmV6Key, V4Addr, V6Addr, IfStats],
     )
 
 

@@ -120,10 +120,7 @@ class DenyList:
         new_list = []
         for net, audit in wanted.items():
             current = self.entries.get(net)
-            if current is not None:
-                entry_id = current.id
-            else:
-                entry_id = spare.pop() if spare else self._allocate()
+            entry_id = current.id if current is not None else spare.pop() if spare else self._allocate()
             new_list.append(Entry(net, audit, entry_id))
         return new_list, leaving
 

@@ -1,0 +1,62 @@
+"""Run the prefilter: `python -m services.prefilter [--host-entries N --prefix-entries N ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc.aio
+from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
+
+from services.common.bpffs import ensure_bpffs
+from services.common.config import NodeConfig
+from services.common.logs import setup_logging
+from services.common.server import serve
+from services.common.store import Store
+from services.common.worker import Worker
+from services.prefilter.defs import DEFAULT_HOST_ENTRIES, DEFAULT_PREFIX_ENTRIES
+from services.prefilter.denylist import Capacity
+from services.prefilter.maps import PrefilterMaps
+from services.prefilter.prefilter import Prefilter
+from services.prefilter.servicer import SERVICE_NAME, PrefilterServicer
+
+SERVICE = "prefilter"
+DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
+                        help="directory of the built BPF objects (default bpf/build)")
+    parser.add_argument("--host-entries", type=int, default=DEFAULT_HOST_ENTRIES,
+                        help=f"exact hosts (/32, /128) per family (default {DEFAULT_HOST_ENTRIES})")
+    parser.add_argument("--prefix-entries", type=int, default=DEFAULT_PREFIX_ENTRIES,
+                        help=f"shorter prefixes per family (default {DEFAULT_PREFIX_ENTRIES})")
+
+
+async def main(config: NodeConfig, args: argparse.Namespace) -> None:
+    ensure_bpffs(config.bpffs_root)
+    capacity = Capacity(hosts=args.host_entries, prefixes=args.prefix_entries)
+    maps = PrefilterMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity)
+    worker = Worker(SERVICE)
+    store = await worker.call(Store.open, config, SERVICE)
+    prefilter = Prefilter(maps, store)
+    await worker.call(prefilter.start)
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_PrefilterServicer_to_server(PrefilterServicer(worker, prefilter), server)
+        return [SERVICE_NAME]
+
+    async def on_stop() -> None:
+        await worker.call(store.close)
+        await worker.call(prefilter.close)
+        worker.shutdown()
+
+    await serve(SERVICE, config, register, on_stop)
+
+
+if __name__ == "__main__":
+    node, arguments = NodeConfig.from_args(None, SERVICE, _flags)
+    setup_logging(SERVICE, node.log_level)
+    asyncio.run(main(node, arguments))

@@ -1,0 +1,253 @@
+"""The prefilter's BPF object and maps: load, pin, generations, counters.
+
+`PrefilterMaps` knows nothing of revisions or persistence; it turns entries
+into map contents. Hosts go to the host hash maps, shorter prefixes to the
+LPM tries, per family. Each of those four lists exists per generation, as an
+inner map inside an ARRAY_OF_MAPS, and `pf_active` names the live generation:
+incremental changes edit the live inner maps, a bulk replace fills fresh inner
+maps in the other generation and flips `pf_active` with one map update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
+from services.common.datapath import Counter, Slot
+from services.prefilter.cidr import Network
+from services.prefilter.defs import (
+    GENERATIONS,
+    EntryFlag,
+    IfStats,
+    LpmV4Key,
+    LpmV6Key,
+    PrefilterEntry,
+    V4Addr,
+    V6Addr,
+)
+from services.prefilter.denylist import Capacity, Entry
+
+log = structlog.get_logger("weir.prefilter.maps")
+
+PROGRAM = "prefilter_xdp"
+BPF_F_NO_PREALLOC = 1
+# Time for programs that looked up the old generation before a flip to finish;
+# XDP runs to completion in microseconds, this is a generous bound.
+FLIP_GRACE_SECONDS = 0.05
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One of the four inner lists: which outer map, which key layout, which capacity."""
+
+    outer: str
+    version: int
+    host: bool
+
+    @property
+    def key_type(self) -> type[ctypes.Structure]:
+        if self.host:
+            return V4Addr if self.version == 4 else V6Addr
+        return LpmV4Key if self.version == 4 else LpmV6Key
+
+    def key(self, network: Network) -> bytes:
+        packed = network.network_address.packed
+        if self.host:
+            return packed
+        return network.prefixlen.to_bytes(4, "little") + packed
+
+    def network(self, raw: bytes) -> Network:
+        if self.host:
+            return ipaddress.ip_network(ipaddress.ip_address(raw))
+        prefixlen = int.from_bytes(raw[:4], "little")
+        return ipaddress.ip_network(f"{ipaddress.ip_address(raw[4:])}/{prefixlen}")
+
+
+KINDS = [
+    Kind("pf_v4_host", 4, True),
+    Kind("pf_v6_host", 6, True),
+    Kind("pf_v4_lpm", 4, False),
+    Kind("pf_v6_lpm", 6, False),
+]
+OWN_MAPS = [*(k.outer for k in KINDS), "pf_active", "pf_entry_stats", "pf_if_stats"]
+
+
+def kind_of(network: Network) -> Kind:
+    host = network.prefixlen == network.max_prefixlen
+    return next(k for k in KINDS if k.version == network.version and k.host == host)
+
+
+def _value(entry: Entry) -> bytes:
+    return bytes(PrefilterEntry(entry.id, EntryFlag.AUDIT if entry.audit else 0))
+
+
+class PrefilterMaps:
+    """Owns the prefilter object, its pinned maps and program."""
+
+    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: Capacity) -> None:
+        self._path = bpf_dir / "prefilter.o"
+        self._globals_dir = globals_dir
+        self._pin_dir = pin_dir
+        self.capacity = capacity
+        self._obj: BpfObject | None = None
+        self.program: Program
+        self.maps: dict[str, Map] = {}
+
+    def load(self) -> None:
+        """Load the program; reuse this service's pinned maps if a previous run left them."""
+        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
+        obj.set_map_max_entries("pf_entry_stats", self.capacity.ids)
+        for name in OWN_MAPS:
+            pin = self._pin_dir / name
+            if pin.exists():
+                obj.reuse_map(name, Map.from_pin(pin))
+        obj.load()
+        self._obj = obj
+        for name in OWN_MAPS:
+            self.maps[name] = obj.maps[name]
+            if not (self._pin_dir / name).exists():
+                obj.maps[name].pin(self._pin_dir / name)
+        self.program = obj.programs[PROGRAM]
+        pin = self._pin_dir / PROGRAM
+        pin.unlink(missing_ok=True)
+        self.program.pin(pin)
+        ProgArray(obj.maps["calls_xdp"]).set(Slot.PREFILTER, self.program)
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    # ---- generations ----
+
+    @property
+    def active(self) -> int:
+        return int(self.maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0])
+
+    def _outer(self, kind: Kind) -> Map:
+        return self.maps[kind.outer].typed(ctypes.c_uint32, ctypes.c_uint32)
+
+    def inner(self, kind: Kind, generation: int) -> Map | None:
+        """The inner map of one kind in one generation (an owned handle), if any."""
+        map_id = self._outer(kind).lookup(generation)
+        return Map.from_id(map_id) if map_id else None
+
+    def _new_inner(self, kind: Kind) -> Map:
+        size = ctypes.sizeof(kind.key_type)
+        if kind.host:
+            return Map.create(MapType.HASH, size, ctypes.sizeof(PrefilterEntry), self.capacity.hosts,
+                              name=kind.outer)
+        return Map.create(MapType.LPM_TRIE, size, ctypes.sizeof(PrefilterEntry), self.capacity.prefixes,
+                          flags=BPF_F_NO_PREALLOC, name=kind.outer)
+
+    def install(self, entries: list[Entry]) -> int:
+        """Make `entries` the whole live list in one step; returns the new generation.
+
+        Fresh inner maps are filled in the idle generation, then `pf_active` flips.
+        If filling fails, the live generation is untouched.
+        """
+        target = (self.active + 1) % GENERATIONS
+        fresh = {kind: self._new_inner(kind) for kind in KINDS}
+        try:
+            for kind, inner in fresh.items():
+                self._write(inner, kind, [e for e in entries if kind_of(e.network) == kind])
+            for kind, inner in fresh.items():
+                self._outer(kind).update(target, inner.fd)
+        finally:
+            for inner in fresh.values():
+                inner.close()  # the outer map holds them now (or, on failure, nobody does)
+        previous = self.active
+        self.maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0] = target
+        time.sleep(FLIP_GRACE_SECONDS)
+        for kind in KINDS:
+            if previous != target:
+                with contextlib.suppress(KeyNotFoundError):
+                    self._outer(kind).delete(previous)
+        return target
+
+    # ---- incremental changes on the live generation ----
+
+    def upsert(self, entries: list[Entry]) -> None:
+        """Write entries into the live generation; on failure, what was written is undone."""
+        written: list[Entry] = []
+        try:
+            for kind, group in self._by_kind(entries):
+                inner = self._live(kind)
+                with inner:
+                    self._write(inner, kind, group)
+                written += group
+        except Exception:
+            self.remove(written, missing_ok=True)
+            raise
+
+    def remove(self, entries: list[Entry], missing_ok: bool = False) -> None:
+        for kind, group in self._by_kind(entries):
+            inner = self.inner(kind, self.active)
+            if inner is None:
+                continue
+            with inner:
+                for entry in group:
+                    try:
+                        inner.delete(kind.key(entry.network))
+                    except KeyNotFoundError:
+                        if not missing_ok:
+                            raise
+
+    def _live(self, kind: Kind) -> Map:
+        inner = self.inner(kind, self.active)
+        if inner is not None:
+            return inner
+        inner = self._new_inner(kind)
+        self._outer(kind).update(self.active, inner.fd)
+        return inner
+
+    @staticmethod
+    def _by_kind(entries: Iterable[Entry]) -> Iterator[tuple[Kind, list[Entry]]]:
+        groups: dict[Kind, list[Entry]] = {}
+        for entry in entries:
+            groups.setdefault(kind_of(entry.network), []).append(entry)
+        yield from groups.items()
+
+    @staticmethod
+    def _write(inner: Map, kind: Kind, entries: list[Entry]) -> None:
+        if entries:
+            inner.update_batch([kind.key(e.network) for e in entries], [_value(e) for e in entries])
+
+    # ---- reading back ----
+
+    def dump(self, generation: int | None = None) -> dict[Network, tuple[int, bool]]:
+        """The live (or given) generation as network -> (id, audit); what the program sees."""
+        gen = self.active if generation is None else generation
+        out: dict[Network, tuple[int, bool]] = {}
+        for kind in KINDS:
+            inner = self.inner(kind, gen)
+            if inner is None:
+                continue
+            with inner:
+                for raw_key, raw_value in inner.items():
+                    value = PrefilterEntry.from_buffer_copy(raw_value)
+                    out[kind.network(raw_key)] = (value.id, bool(value.flags & EntryFlag.AUDIT))
+        return out
+
+    def reset_counters(self, ids: Iterable[int]) -> None:
+        stats = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter)
+        for entry_id in ids:
+            stats.update(entry_id, Counter())
+
+    def hits(self, entry_id: int) -> Counter:
+        total = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter).lookup_sum(entry_id)
+        return total if total is not None else Counter()
+
+    def interface_counters(self) -> dict[int, IfStats]:
+        stats = self.maps["pf_if_stats"].typed(ctypes.c_uint32, IfStats)
+        return {int(ifindex): stats.lookup_sum(ifindex) for ifindex in stats}

@@ -1,0 +1,109 @@
+"""The prefilter's gRPC layer: convert, call one `Prefilter` method, fill the reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+from weir.common.v1 import common_pb2
+from weir.prefilter.v1 import prefilter_pb2 as pb
+from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
+
+from pybpf import XdpMode
+from services.common.datapath import Counter
+from services.common.worker import Worker
+from services.prefilter.denylist import Entry
+from services.prefilter.prefilter import AttachmentInfo, Change, Prefilter
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefilter"].full_name
+Context = grpc.aio.ServicerContext[Any, Any]
+
+XDP_MODES = {
+    pb.XDP_MODE_UNSPECIFIED: XdpMode.AUTO,
+    pb.XDP_MODE_NATIVE: XdpMode.NATIVE,
+    pb.XDP_MODE_GENERIC: XdpMode.GENERIC,
+}
+XDP_MODE_NAMES = {XdpMode.NATIVE: pb.XDP_MODE_NATIVE, XdpMode.GENERIC: pb.XDP_MODE_GENERIC}
+
+
+def _items(entries: Any) -> list[tuple[str, bool]]:
+    return [(e.cidr, e.mode == pb.MODE_AUDIT) for e in entries]
+
+
+def _mode(entry: Entry) -> pb.Mode.ValueType:
+    return pb.MODE_AUDIT if entry.audit else pb.MODE_DENY
+
+
+def _counter(c: Counter) -> common_pb2.Counter:
+    return common_pb2.Counter(packets=int(c.packets), bytes=int(c.bytes))
+
+
+def _change(change: Change) -> pb.ChangeResponse:
+    return pb.ChangeResponse(revision=change.revision, changed=change.changed)
+
+
+def _attachment(info: AttachmentInfo) -> pb.Attachment:
+    return pb.Attachment(
+        interface=info.interface,
+        ifindex=info.ifindex,
+        mode=XDP_MODE_NAMES.get(info.mode, pb.XDP_MODE_UNSPECIFIED),
+        program_id=info.program_id,
+    )
+
+
+class PrefilterServicer(pb_grpc.PrefilterServicer):
+    def __init__(self, worker: Worker, prefilter: Prefilter) -> None:
+        self._worker = worker
+        self._prefilter = prefilter
+
+    async def AddEntries(self, request: pb.AddEntriesRequest, context: Context) -> pb.ChangeResponse:
+        return _change(await self._worker.call(self._prefilter.add, _items(request.entries), request.expected_revision))
+
+    async def DeleteEntries(self, request: pb.DeleteEntriesRequest, context: Context) -> pb.ChangeResponse:
+        return _change(await self._worker.call(self._prefilter.delete, list(request.cidrs), request.expected_revision))
+
+    async def ReplaceEntries(self, request: pb.ReplaceEntriesRequest, context: Context) -> pb.ChangeResponse:
+        return _change(
+            await self._worker.call(self._prefilter.replace, _items(request.entries), request.expected_revision)
+        )
+
+    async def ListEntries(self, request: pb.ListEntriesRequest, context: Context) -> pb.ListEntriesResponse:
+        entries, token, revision = await self._worker.call(
+            self._prefilter.list_page, request.page.page_size, request.page.page_token
+        )
+        return pb.ListEntriesResponse(
+            entries=[pb.Entry(cidr=str(e.network), mode=_mode(e)) for e in entries],
+            next_page_token=token,
+            revision=revision,
+        )
+
+    async def GetCounters(self, request: pb.GetCountersRequest, context: Context) -> pb.GetCountersResponse:
+        entries = await self._worker.call(self._prefilter.counters, list(request.cidrs))
+        interfaces = await self._worker.call(self._prefilter.interface_counters)
+        return pb.GetCountersResponse(
+            entries=[pb.EntryCounter(cidr=str(e.network), mode=_mode(e), hits=_counter(c)) for e, c in entries],
+            interfaces=[
+                pb.InterfaceCounter(
+                    interface=i.interface,
+                    ifindex=i.ifindex,
+                    dropped=_counter(i.stats.dropped),
+                    audited=_counter(i.stats.audited),
+                    passed=_counter(i.stats.passed),
+                )
+                for i in interfaces
+            ],
+        )
+
+    async def Attach(self, request: pb.AttachRequest, context: Context) -> pb.Attachment:
+        mode = XDP_MODES.get(request.mode, XdpMode.AUTO)
+        return _attachment(await self._worker.call(self._prefilter.attach, request.interface, mode))
+
+    async def Detach(self, request: pb.DetachRequest, context: Context) -> pb.DetachResponse:
+        await self._worker.call(self._prefilter.detach, request.interface)
+        return pb.DetachResponse()
+
+    async def ListAttachments(
+        self, request: pb.ListAttachmentsRequest, context: Context
+    ) -> pb.ListAttachmentsResponse:
+        attachments = await self._worker.call(self._prefilter.attachments)
+        return pb.ListAttachmentsResponse(attachments=[_attachment(a) for a in attachments])
