@@ -85,6 +85,30 @@ def kind_of(network: Network) -> Kind:
     return next(k for k in KINDS if k.version == network.version and k.host == host)
 
 
+def _read(maps: dict[str, Map], generation: int) -> dict[Network, tuple[int, bool]]:
+    out: dict[Network, tuple[int, bool]] = {}
+    for kind in KINDS:
+        map_id = maps[kind.outer].typed(ctypes.c_uint32, ctypes.c_uint32).lookup(generation)
+        if not map_id:
+            continue
+        with Map.from_id(map_id) as inner:
+            for raw_key, raw_value in inner.items():
+                value = PrefilterEntry.from_buffer_copy(raw_value)
+                out[kind.network(raw_key)] = (value.id, bool(value.flags & EntryFlag.AUDIT))
+    return out
+
+
+def dump_pinned(pin_dir: Path) -> dict[Network, tuple[int, bool]]:
+    """Read the live list straight from a prefilter's pins, without the service."""
+    maps = {name: Map.from_pin(pin_dir / name) for name in OWN_MAPS}
+    try:
+        active = int(maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0])
+        return _read(maps, active)
+    finally:
+        for m in maps.values():
+            m.close()
+
+
 def _value(entry: Entry) -> bytes:
     return bytes(PrefilterEntry(entry.id, EntryFlag.AUDIT if entry.audit else 0))
 
@@ -227,17 +251,7 @@ class PrefilterMaps:
 
     def dump(self, generation: int | None = None) -> dict[Network, tuple[int, bool]]:
         """The live (or given) generation as network -> (id, audit); what the program sees."""
-        gen = self.active if generation is None else generation
-        out: dict[Network, tuple[int, bool]] = {}
-        for kind in KINDS:
-            inner = self.inner(kind, gen)
-            if inner is None:
-                continue
-            with inner:
-                for raw_key, raw_value in inner.items():
-                    value = PrefilterEntry.from_buffer_copy(raw_value)
-                    out[kind.network(raw_key)] = (value.id, bool(value.flags & EntryFlag.AUDIT))
-        return out
+        return _read(self.maps, self.active if generation is None else generation)
 
     def reset_counters(self, ids: Iterable[int]) -> None:
         stats = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter)

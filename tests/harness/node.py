@@ -34,6 +34,14 @@ NODE_NET_V4, OUTSIDE_V4 = "192.0.2.1", "192.0.2.2"
 NODE_NET_V6, OUTSIDE_V6 = "2001:db8:ff::1", "2001:db8:ff::2"
 ENDPOINT_V4_RANGE = "198.18.0.0/15"
 ENDPOINT_V6_RANGE = "2001:db8:e::/48"
+# More source addresses of the outside namespace (routed back to it by the node),
+# so tests can send "from" several hosts and networks.
+OUTSIDE_EXTRA = {
+    "203.0.113.0/24": ["203.0.113.7", "203.0.113.8"],
+    "198.51.0.0/16": ["198.51.100.9"],
+    "2001:db8:bad::/48": ["2001:db8:bad::7", "2001:db8:bad::8"],
+    "2001:db8:dead::/48": ["2001:db8:dead::9"],
+}
 START_TIMEOUT = 30.0
 
 
@@ -98,9 +106,21 @@ class Node:
             netns.run(ns, "ip", "link", "set", dev, "up")
         netns.run(self.outside, "ip", "route", "add", ENDPOINT_V4_RANGE, "via", NODE_NET_V4)
         netns.run(self.outside, "ip", "-6", "route", "add", ENDPOINT_V6_RANGE, "via", NODE_NET_V6)
+        for network, addresses in OUTSIDE_EXTRA.items():
+            is_v6 = ":" in network
+            for address in addresses:
+                netns.run(self.outside, "ip", "addr", "add", f"{address}/{128 if is_v6 else 32}", "dev", "eth0",
+                          *(["nodad"] if is_v6 else []))
+            netns.run(self.ns, "ip", "-6" if is_v6 else "-4", "route", "add", network, "via",
+                      OUTSIDE_V6 if is_v6 else OUTSIDE_V4)
+        # Resolve the neighbours once (the first IPv6 exchange waits up to a second
+        # for neighbour discovery), so tests measure the datapath, not ND.
+        for source in (OUTSIDE_V4, OUTSIDE_V6, *(a for addrs in OUTSIDE_EXTRA.values() for a in addrs)):
+            target = NODE_NET_V6 if ":" in source else NODE_NET_V4
+            netns.run(self.outside, "ping", "-c", "1", "-W", "2", "-I", source, target, check=False)
         return self
 
-    def argv(self, service: str) -> list[str]:
+    def argv(self, service: str, extra: tuple[str, ...] = ()) -> list[str]:
         return [
             *netns.nsenter_argv(self.ns),
             sys.executable, "-m", f"services.{service}",
@@ -110,13 +130,14 @@ class Node:
             "--state-dir", str(self.state_dir),
             "--cgroup-root", str(self.cgroup_root),
             "--log-level", "info",
+            *extra,
         ]  # fmt: skip
 
-    def start(self, service: str, timeout: float = START_TIMEOUT) -> Service:
+    def start(self, service: str, *extra: str, timeout: float = START_TIMEOUT) -> Service:
         """Start a service process in the node and wait until its health says SERVING."""
         log = self.workdir / f"{service}.log"
         with open(log, "ab") as out:
-            process = subprocess.Popen(self.argv(service), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            process = subprocess.Popen(self.argv(service, extra), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         svc = Service(service, process, log)
         self.services[service] = svc
         deadline = time.monotonic() + timeout

@@ -24,10 +24,13 @@ def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
-def ping(ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0) -> int:
-    """Echo replies received by `count` pings from ns to address."""
+def ping(
+    ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0, source: str = ""
+) -> int:
+    """Echo replies received by `count` pings from ns to address (from `source` if given)."""
     result = netns.run(
-        ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(wait), "-q", address, check=False
+        ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(wait), "-q",
+        *(["-I", source] if source else []), address, check=False,
     )
     for line in result.stdout.splitlines():
         if "received" in line:
@@ -104,11 +107,15 @@ def server(ns: str, address: str, port: int, proto: str = "tcp", reply: bytes = 
         srv.stop()
 
 
-def tcp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: float = TIMEOUT) -> bytes:
-    """Connect from ns, send payload, return what came back (raises on failure)."""
+def tcp_exchange(
+    ns: str, address: str, port: int, payload: bytes, timeout: float = TIMEOUT, source: str = ""
+) -> bytes:
+    """Connect from ns (from `source` if given), send payload, return the answer (raises on failure)."""
     with netns.entered(ns):
         sock = socket.socket(_family(address), socket.SOCK_STREAM)
     with sock:
+        if source:
+            sock.bind((source, 0))
         sock.settimeout(timeout)
         sock.connect((address, port))
         sock.sendall(payload)
@@ -119,19 +126,23 @@ def tcp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: floa
         return b"".join(chunks)
 
 
-def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0) -> bool:
+def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0, source: str = "") -> bool:
     """Whether a TCP connection from ns carrying data succeeds within timeout."""
     try:
-        return tcp_exchange(ns, address, port, b"probe", timeout) .endswith(b"probe")
+        return tcp_exchange(ns, address, port, b"probe", timeout, source).endswith(b"probe")
     except OSError:
         return False
 
 
-def udp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: float = 1.0) -> bytes | None:
+def udp_exchange(
+    ns: str, address: str, port: int, payload: bytes, timeout: float = 1.0, source: str = ""
+) -> bytes | None:
     """Send one datagram from ns and wait for an answer; None when nothing came back."""
     with netns.entered(ns):
         sock = socket.socket(_family(address), socket.SOCK_DGRAM)
     with sock:
+        if source:
+            sock.bind((source, 0))
         sock.settimeout(timeout)
         sock.sendto(payload, (address, port))
         try:
@@ -155,7 +166,9 @@ class CountedStream:
     Run `start()`, do something to the datapath, then `finish()`.
     """
 
-    def __init__(self, src_ns: str, dst_ns: str, dst: str, port: int, rate: int = 2000) -> None:
+    def __init__(
+        self, src_ns: str, dst_ns: str, dst: str, port: int, rate: int = 2000, source: str = ""
+    ) -> None:
         self._dst = dst
         self._port = port
         self._interval = 1.0 / rate
@@ -168,6 +181,8 @@ class CountedStream:
         self._rx.settimeout(0.2)
         with netns.entered(src_ns):
             self._tx = socket.socket(_family(dst), socket.SOCK_DGRAM)
+        if source:
+            self._tx.bind((source, 0))
         self._threads = [
             threading.Thread(target=self._send, daemon=True),
             threading.Thread(target=self._receive, daemon=True),
@@ -200,6 +215,9 @@ class CountedStream:
     @property
     def sent(self) -> int:
         return self._sent
+
+    def received_so_far(self) -> int:
+        return len(self._seen)
 
     def finish(self, drain: float = 0.5) -> StreamResult:
         self._stop.set()

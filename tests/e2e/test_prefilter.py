@@ -1,0 +1,260 @@
+"""The prefilter as a real process: XDP on the node's network-facing veth, real traffic."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from weir.common.v1 import common_pb2
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.prefilter.v1 import prefilter_pb2 as pb
+from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
+
+from services.prefilter.maps import dump_pinned
+from tests.harness import netns, traffic
+from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node
+
+pytestmark = pytest.mark.root
+
+DENIED_HOST_V4, DENIED_NET_V4, ALLOWED_V4 = "203.0.113.7", "198.51.100.9", OUTSIDE_V4
+DENIED_HOST_V6, DENIED_NET_V6, ALLOWED_V6 = "2001:db8:bad::7", "2001:db8:dead::9", OUTSIDE_V6
+
+
+def stub(node: Node) -> pb_grpc.PrefilterStub:
+    return pb_grpc.PrefilterStub(node.channel("prefilter"))
+
+
+def entries(*cidrs: str, audit: bool = False) -> list[pb.Entry]:
+    return [pb.Entry(cidr=c, mode=pb.MODE_AUDIT if audit else pb.MODE_DENY) for c in cidrs]
+
+
+def hits(node: Node, cidr: str) -> int:
+    reply = stub(node).GetCounters(pb.GetCountersRequest(cidrs=[cidr]), timeout=5)
+    return int(reply.entries[0].hits.packets)
+
+
+@pytest.fixture
+def pnode(make_node: Callable[..., Node]) -> Iterator[tuple[Node, orch_pb.Endpoint]]:
+    """A node with the orchestrator, the prefilter attached to wnet0 and one endpoint."""
+    node = make_node("orchestrator", "prefilter")
+    endpoint = node.create_endpoint("web")
+    attached = stub(node).Attach(pb.AttachRequest(interface=NET_IFNAME), timeout=10)
+    assert attached.mode in (pb.XDP_MODE_NATIVE, pb.XDP_MODE_GENERIC) and attached.program_id
+    yield node, endpoint
+
+
+def reachable(node: Node, ep: orch_pb.Endpoint, source: str, port: int) -> dict[str, bool]:
+    """Which of ICMP, TCP and UDP from `source` (outside) reach the endpoint."""
+    dst = ep.ipv6 if ":" in source else ep.ipv4
+    with traffic.server(ep.netns, dst, port), traffic.server(ep.netns, dst, port, "udp", reply=b"u:"):
+        return {
+            "icmp": traffic.ping(node.outside, dst, count=2, source=source, wait=0.5) == 2,
+            "tcp": traffic.tcp_connects(node.outside, dst, port, timeout=0.7, source=source),
+            "udp": traffic.udp_exchange(node.outside, dst, port, b"x", timeout=0.7, source=source) == b"u:x",
+        }
+
+
+ALL = {"icmp": True, "tcp": True, "udp": True}
+NONE = {"icmp": False, "tcp": False, "udp": False}
+
+
+@pytest.mark.parametrize("family", ["v4", "v6"])
+def test_denied_host_and_prefix_are_dropped_others_pass(pnode: tuple[Node, orch_pb.Endpoint], family: str) -> None:
+    node, ep = pnode
+    host, net, allowed = (
+        (DENIED_HOST_V4, DENIED_NET_V4, ALLOWED_V4) if family == "v4" else (DENIED_HOST_V6, DENIED_NET_V6, ALLOWED_V6)
+    )
+    host_cidr = f"{host}/32" if family == "v4" else f"{host}/128"
+    net_cidr = "198.51.0.0/16" if family == "v4" else "2001:db8:dead::/48"
+    other_cidr = "192.0.2.128/25" if family == "v4" else "2001:db8:beef::/48"  # matches nobody here
+    assert reachable(node, ep, host, 7001) == ALL  # before: everything passes
+    change = stub(node).AddEntries(pb.AddEntriesRequest(entries=entries(host_cidr, net_cidr, other_cidr)))
+    assert change.revision >= 1 and change.changed == 3
+
+    assert reachable(node, ep, host, 7002) == NONE
+    assert reachable(node, ep, net, 7003) == NONE
+    assert reachable(node, ep, allowed, 7004) == ALL
+    assert hits(node, host_cidr) >= 3 and hits(node, net_cidr) >= 3
+    assert hits(node, other_cidr) == 0
+    counters = stub(node).GetCounters(pb.GetCountersRequest()).interfaces
+    wnet = next(c for c in counters if c.interface == NET_IFNAME)
+    assert wnet.dropped.packets >= 6 and wnet.passed.packets >= 3
+
+
+def test_entry_takes_effect_at_once_and_delete_restores(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    stream = traffic.CountedStream(node.outside, ep.netns, ep.ipv4, 7100, rate=1000, source=DENIED_HOST_V4).start()
+    time.sleep(0.4)
+    before_add = stream.received_so_far()
+    stub(node).AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32")), timeout=5)
+    added_at = stream.sent
+    time.sleep(0.1)  # datagrams in flight when the entry landed
+    during_start = stream.received_so_far()
+    time.sleep(0.5)
+    assert stream.received_so_far() == during_start, "datagrams still arrive while the entry is in force"
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
+    stub(node).DeleteEntries(pb.DeleteEntriesRequest(cidrs=[f"{DENIED_HOST_V4}/32"]), timeout=5)
+    deleted_at = stream.sent
+    time.sleep(0.4)
+    result = stream.finish()
+    assert before_add > 200
+    assert during_start - before_add <= added_at - before_add + 20
+    lost = set(result.missing)
+    assert all(n in lost for n in range(added_at + 20, deleted_at - 20))  # dropped for the whole time
+    assert not any(n in lost for n in range(deleted_at + 5, result.sent))  # delivered again after delete
+    assert hits_or_zero(node, f"{DENIED_HOST_V4}/32") == 0  # the entry is gone, so are its counters
+
+
+def hits_or_zero(node: Node, cidr: str) -> int:
+    try:
+        return hits(node, cidr)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        return 0
+
+
+def test_audit_entries_count_and_pass(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    stub(node).AddEntries(pb.AddEntriesRequest(entries=entries("203.0.113.0/24", audit=True)))
+    assert reachable(node, ep, DENIED_HOST_V4, 7200) == ALL
+    assert hits(node, "203.0.113.0/24") >= 3
+    wnet = next(c for c in stub(node).GetCounters(pb.GetCountersRequest()).interfaces if c.interface == NET_IFNAME)
+    assert wnet.audited.packets >= 3 and wnet.dropped.packets == 0
+    # Switching the entry to deny is an in-place change of mode.
+    change = stub(node).AddEntries(pb.AddEntriesRequest(entries=entries("203.0.113.0/24")))
+    assert change.changed == 1
+    assert reachable(node, ep, DENIED_HOST_V4, 7201) == NONE
+
+
+def xdp_interfaces(node: Node) -> list[str]:
+    links = netns.run(node.ns, "ip", "-o", "link", "show").stdout.splitlines()
+    return [line.split(": ")[1].split("@")[0] for line in links if " xdp" in line]
+
+
+def test_detach_leaves_nothing_and_only_named_interfaces_are_touched(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    assert xdp_interfaces(node) == [NET_IFNAME]  # not the endpoint's veth, not lo
+    listed = stub(node).ListAttachments(pb.ListAttachmentsRequest()).attachments
+    assert [a.interface for a in listed] == [NET_IFNAME]
+    stub(node).Detach(pb.DetachRequest(interface=NET_IFNAME), timeout=5)
+    assert xdp_interfaces(node) == []
+    assert not stub(node).ListAttachments(pb.ListAttachmentsRequest()).attachments
+    stub(node).AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32")))
+    assert reachable(node, ep, DENIED_HOST_V4, 7300) == ALL  # detached: nothing filters any more
+    with pytest.raises(grpc.RpcError) as err:
+        stub(node).Detach(pb.DetachRequest(interface=NET_IFNAME), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_sigkill_keeps_dropping_and_restart_reinstalls_the_persisted_list(
+    pnode: tuple[Node, orch_pb.Endpoint],
+) -> None:
+    node, ep = pnode
+    s = stub(node)
+    s.AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32", "2001:db8:dead::/48")))
+    s.AddEntries(pb.AddEntriesRequest(entries=entries("203.0.113.0/24", audit=True)))
+    persisted = {(e.cidr, e.mode) for e in s.ListEntries(pb.ListEntriesRequest()).entries}
+    revision = s.ListEntries(pb.ListEntriesRequest()).revision
+    node.kill("prefilter")
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
+    assert traffic.ping(node.outside, ep.ipv6, count=2, source=DENIED_NET_V6, wait=0.5) == 0
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+    node.start("prefilter")
+    s = stub(node)
+    listed = s.ListEntries(pb.ListEntriesRequest())
+    assert {(e.cidr, e.mode) for e in listed.entries} == persisted and listed.revision == revision
+    in_maps = dump_pinned(node.bpffs_root / "prefilter")
+    assert {(str(n), pb.MODE_AUDIT if audit else pb.MODE_DENY) for n, (_, audit) in in_maps.items()} == persisted
+    assert xdp_interfaces(node) == [NET_IFNAME]
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+
+
+def test_replace_switches_lists_without_a_window(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    s = stub(node)
+    # The denied source moves from a host entry to a covering prefix; another one is never denied.
+    s.ReplaceEntries(pb.ReplaceEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32", "198.51.0.0/16")))
+    denied = traffic.CountedStream(node.outside, ep.netns, ep.ipv4, 7400, rate=1000, source=DENIED_HOST_V4)
+    allowed = traffic.CountedStream(node.outside, ep.netns, ep.ipv4, 7401, rate=1000, source=ALLOWED_V4)
+    denied.start()
+    allowed.start()
+    lists = [
+        entries("203.0.113.0/24", "2001:db8:bad::/48", *[f"10.{i}.0.0/16" for i in range(200)]),
+        entries(f"{DENIED_HOST_V4}/32", *[f"203.0.{i}.0/24" for i in range(200)]),
+    ]
+    for i in range(6):
+        s.ReplaceEntries(pb.ReplaceEntriesRequest(entries=lists[i % 2]), timeout=10)
+    denied_result, allowed_result = denied.finish(), allowed.finish()
+    assert denied_result.sent > 200 and denied_result.received == 0
+    assert allowed_result.missing == []
+    listed = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=1000))).entries
+    assert {e.cidr for e in listed} == {e.cidr for e in lists[1]}
+
+
+def test_bad_input_is_refused_and_changes_nothing(make_node: Callable[..., Node]) -> None:
+    node = make_node("orchestrator")
+    node.start("prefilter", "--host-entries", "4", "--prefix-entries", "2")
+    s = stub(node)
+    first = s.AddEntries(pb.AddEntriesRequest(entries=entries("203.0.113.7", "198.51.0.0/16")))
+    pins = node.bpffs_root / "prefilter"
+    before = (dump_pinned(pins), s.ListEntries(pb.ListEntriesRequest()).revision)
+    hosts = [f"192.0.2.{i}" for i in range(10, 14)]
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
+        ("malformed", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/8", "10.1.2/24"))),
+         grpc.StatusCode.INVALID_ARGUMENT, "not an IPv4 or IPv6 address"),
+        ("prefix too long", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/33"))),
+         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        ("v6 prefix too long", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("2001:db8::/129"))),
+         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
+        ("host bits", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.1.2.3/16"))),
+         grpc.StatusCode.INVALID_ARGUMENT, "host bits set"),
+        ("stale revision", lambda: s.AddEntries(pb.AddEntriesRequest(
+            entries=entries("10.0.0.0/8"), expected_revision=first.revision - 1 or 99)),
+         grpc.StatusCode.ABORTED, "revision"),
+        ("too many hosts", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries(*hosts))),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 4"),
+        ("too many in a replace", lambda: s.ReplaceEntries(pb.ReplaceEntriesRequest(
+            entries=entries("10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"))),
+         grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 2"),
+        ("delete unknown", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["203.0.113.7", "10.9.0.0/16"])),
+         grpc.StatusCode.NOT_FOUND, "10.9.0.0/16"),
+        ("unknown interface", lambda: s.Attach(pb.AttachRequest(interface="nope0")),
+         grpc.StatusCode.NOT_FOUND, "nope0"),
+        ("detach unknown", lambda: s.Detach(pb.DetachRequest(interface="nope0")),
+         grpc.StatusCode.NOT_FOUND, "nope0"),
+    ]
+    for what, call, code, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code, f"{what}: {err.value.code()} {err.value.details()}"
+        assert text in (err.value.details() or ""), f"{what}: {err.value.details()}"
+        assert (dump_pinned(pins), s.ListEntries(pb.ListEntriesRequest()).revision) == before, what
+    assert set(before[0]) == {ipaddress.ip_network("203.0.113.7/32"), ipaddress.ip_network("198.51.0.0/16")}
+    current = s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/8"), expected_revision=first.revision))
+    assert current.revision == first.revision + 1  # the right revision is accepted
+
+
+def test_grpcurl_adds_an_entry_and_reads_its_counters(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    sock = str(node.socket("prefilter"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+    def grpcurl(body: str, method: str) -> str:
+        argv = ["grpcurl", "-plaintext", "-unix", "-d", body, sock, f"weir.prefilter.v1.Prefilter/{method}"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    added = grpcurl('{"entries": [{"cidr": "203.0.113.7/32"}]}', "AddEntries")
+    assert '"revision": "1"' in added
+    assert traffic.ping(node.outside, ep.ipv4, count=3, source=DENIED_HOST_V4, wait=0.5) == 0
+    counters = grpcurl('{"cidrs": ["203.0.113.7/32"]}', "GetCounters")
+    assert '"cidr": "203.0.113.7/32"' in counters and '"packets": "3"' in counters
