@@ -71,6 +71,7 @@ class Reason(IntEnum):
     CT_INVALID = 6
     UNKNOWN_ENDPOINT = 7
     MISSED_TAIL_CALL = 8
+    POLICY_AUDIT = 9  # would have been dropped by policy; the endpoint is in audit mode, so it passed
 
 
 class Cb(IntEnum):
@@ -89,6 +90,36 @@ class EventType(IntEnum):
     DROP = 1
     VERDICT = 2
     REDIRECT = 3
+
+
+class ReservedIdentity(IntEnum):
+    """Security identities with a fixed meaning; label identities start at FIRST_LABEL_IDENTITY."""
+
+    UNKNOWN = 0  # in policy keys: any identity
+    HOST = 1
+    WORLD = 2
+
+
+FIRST_LABEL_IDENTITY = 256
+FIRST_CIDR_IDENTITY = 1 << 24  # node-local CIDR identities, as Cilium numbers them
+
+
+class CtFlag(IntEnum):
+    """Bits of a conntrack entry's flags."""
+
+    REPLY_SEEN = 1
+    TX_CLOSING = 2  # FIN seen in the original direction
+    RX_CLOSING = 4  # FIN seen in the reply direction
+    RST = 8
+
+
+# Seconds a conntrack entry lives after its last packet, by state (Cilium's defaults).
+CT_LIFETIMES = {
+    "TCP_SYN": 60,
+    "TCP_ESTABLISHED": 21600,
+    "TCP_CLOSE": 10,
+    "NON_TCP": 60,
+}
 
 
 class MetricKey(ctypes.Structure):
@@ -143,8 +174,58 @@ class Event(ctypes.Structure):
     ]
 
 
-ENUMS: list[type[IntEnum]] = [Hook, Slot, Direction, Reason, Cb, EventType]
-STRUCTS: list[type[ctypes.Structure]] = [MetricKey, Counter, EndpointInfo, XdpMeta, Event]
+class IpcacheKey(ctypes.Structure):
+    """Key of the ipcache LPM trie: prefixlen counts family + pad (32 bits) + address bits."""
+
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", ctypes.c_uint8 * 16),
+    ]
+
+
+class IpcacheValue(ctypes.Structure):
+    _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
+
+
+class CtKey(ctypes.Structure):
+    """A connection as first seen at one hook direction (ports in network order).
+
+    ICMP echo uses the echo id as both ports, so a reply's reversed key matches.
+    """
+
+    _fields_ = [
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("dir", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
+    ]
+
+
+class CtValue(ctypes.Structure):
+    """State of a connection; rev_nat_index is for the service load balancer."""
+
+    _fields_ = [
+        ("expires", ctypes.c_uint64),  # CLOCK_MONOTONIC ns
+        ("packets", ctypes.c_uint64),
+        ("bytes", ctypes.c_uint64),
+        ("src_identity", ctypes.c_uint32),
+        ("flags", ctypes.c_uint16),
+        ("rev_nat_index", ctypes.c_uint16),
+    ]
+
+
+ENUMS: list[type[IntEnum]] = [
+    Hook, Slot, Direction, Reason, Cb, EventType, ReservedIdentity, CtFlag,
+]  # fmt: skip
+STRUCTS: list[type[ctypes.Structure]] = [
+    MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, CtKey, CtValue,
+]  # fmt: skip
 
 # Map sizes that both sides must agree on.
 CONSTANTS = {
@@ -153,6 +234,10 @@ CONSTANTS = {
     "MAX_ENDPOINTS": MAX_ENDPOINTS,
     "METRICS_MAX": 1024,
     "EVENTS_BYTES": 1 << 20,
+    "IPCACHE_MAX": 512 * 1024,
+    "CT_MAX": 256 * 1024,
+    "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
+    **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 
 def c_header() -> str:

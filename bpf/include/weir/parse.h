@@ -120,6 +120,8 @@ struct flow {
 	__u16 sport; /* network order; ICMP: the echo id, else 0 */
 	__u16 dport; /* network order; ICMP: type << 8 | code */
 	__u16 len;
+	__u8 tcp_flags; /* FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10 */
+	__u8 l4_ok;     /* the L4 header was there and parsed */
 	__u8 saddr[16];
 	__u8 daddr[16];
 };
@@ -172,12 +174,15 @@ static __always_inline int parse_flow(void *data, void *data_end, struct flow *f
 			return -1;
 		f->sport = tcp->source;
 		f->dport = tcp->dest;
+		f->tcp_flags = ((__u8 *)tcp)[13];
+		f->l4_ok = 1;
 		break;
 	case IPPROTO_UDP:
 		if (parse_udphdr(&c, &udp) < 0)
 			return -1;
 		f->sport = udp->source;
 		f->dport = udp->dest;
+		f->l4_ok = 1;
 		break;
 	case IPPROTO_ICMP:
 	case IPPROTO_ICMPV6:
@@ -185,6 +190,7 @@ static __always_inline int parse_flow(void *data, void *data_end, struct flow *f
 			return -1;
 		f->sport = icmp->id;
 		f->dport = bpf_htons(icmp->type << 8 | icmp->code);
+		f->l4_ok = 1;
 		break;
 	}
 	return 0;

@@ -1,0 +1,152 @@
+/* Endpoint policy: stateful L3/L4 enforcement per endpoint, both directions.
+ *
+ * In the from-container chain the program enforces the source endpoint's
+ * egress policy; in the to-container chain, the destination endpoint's
+ * ingress policy. A packet of a known connection (or its reply) passes on its
+ * conntrack entry; a new one is looked up in the endpoint's policy map under
+ * the peer's identity (from the ipcache), then under "any identity". The
+ * service computes the maps so that one lookup gives the final verdict (deny
+ * rules already win over allows there). An endpoint that no rule selects in a
+ * direction is not enforced in that direction; one in audit mode records the
+ * verdict and lets the packet pass.
+ */
+#include "weir/chain.h"
+#include "weir/conntrack.h"
+#include "weir/ipcache.h"
+#include "weir/policy_defs.h"
+
+#define INNER_PLACEHOLDER 1 /* real sizes are chosen by the service */
+
+/* Template of an endpoint's policy map (sizes only; see prefilter.bpf.c why). */
+struct policy_inner {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(struct weir_policy_key));
+	__uint(value_size, sizeof(struct weir_policy_entry));
+};
+
+/* Endpoint id -> that endpoint's policy map; swapped whole on recompute. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, WEIR_POLICY_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__array(values, struct policy_inner);
+} policy_maps SEC(".maps");
+
+/* Endpoint id -> enforcement flags (ingress, egress, audit). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_POLICY_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, struct weir_endpoint_policy_config);
+} policy_config SEC(".maps");
+
+enum verdict { VERDICT_NONE, VERDICT_ALLOW, VERDICT_DENY };
+
+static __always_inline struct weir_policy_entry *policy_lookup_one(void *inner, __u8 dir, __u32 identity,
+								  __u8 proto, __u16 port)
+{
+	struct weir_policy_key key = { .prefixlen = WEIR_POLICY_PREFIX_FULL, .dir = dir, .proto = proto };
+	__u32 id_be = bpf_htonl(identity);
+
+	__builtin_memcpy(key.identity, &id_be, 4);
+	__builtin_memcpy(key.port, &port, 2);
+	return bpf_map_lookup_elem(inner, &key);
+}
+
+static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __u8 proto, __u16 port,
+					  __u64 bytes)
+{
+	struct weir_policy_entry *e;
+	void *inner = bpf_map_lookup_elem(&policy_maps, &ep);
+
+	if (!inner)
+		return VERDICT_NONE;
+	e = policy_lookup_one(inner, dir, identity, proto, port);
+	if (!e)
+		e = policy_lookup_one(inner, dir, WEIR_RESERVED_IDENTITY_UNKNOWN, proto, port);
+	if (!e)
+		return VERDICT_NONE;
+	__sync_fetch_and_add(&e->packets, 1);
+	__sync_fetch_and_add(&e->bytes, bytes);
+	return (e->flags & WEIR_POLICY_FLAG_DENY) ? VERDICT_DENY : VERDICT_ALLOW;
+}
+
+/* IPv6 neighbour discovery and router messages are never subject to policy. */
+static __always_inline int is_nd(const struct flow *f)
+{
+	__u8 type = bpf_ntohs(f->dport) >> 8;
+
+	return f->proto == IPPROTO_ICMPV6 && type >= 133 && type <= 137;
+}
+
+/* The port the policy keys on: TCP/UDP destination port, ICMP type (both network order). */
+static __always_inline __u16 policy_port(const struct flow *f)
+{
+	if (f->proto == IPPROTO_ICMP || f->proto == IPPROTO_ICMPV6)
+		return bpf_htons(bpf_ntohs(f->dport) >> 8);
+	return f->dport;
+}
+
+static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
+{
+	__u32 ep = skb->cb[WEIR_CB_ENDPOINT];
+	struct weir_endpoint_policy_config *cfg;
+	struct weir_ct_value *ct = 0;
+	struct weir_ct_key key;
+	struct flow f;
+	__u32 peer, self_identity;
+	int verdict;
+
+	if (!ep)
+		return weir_tc_next(skb, calls);
+	bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128);
+	if (parse_flow((void *)(long)skb->data, (void *)(long)skb->data_end, &f) != 0)
+		return weir_tc_next(skb, calls); /* not IP: ARP and the like */
+	if (is_nd(&f))
+		return weir_tc_next(skb, calls);
+
+	ct_key_from_flow(&key, &f, dir);
+	if (ct_lookup(&key, f.tcp_flags, skb->len, &ct) != CT_NEW)
+		return weir_tc_next(skb, calls);
+
+	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
+	self_identity = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.saddr : f.daddr);
+	cfg = bpf_map_lookup_elem(&policy_config, &ep);
+	if (!cfg || !(cfg->flags & (dir == WEIR_DIRECTION_EGRESS ? WEIR_CONFIG_FLAG_EGRESS_ENFORCED
+								     : WEIR_CONFIG_FLAG_INGRESS_ENFORCED))) {
+		ct_create(&key, f.tcp_flags, skb->len, dir == WEIR_DIRECTION_EGRESS ? self_identity : peer);
+		return weir_tc_next(skb, calls);
+	}
+	verdict = policy_verdict(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len);
+	if (verdict == VERDICT_ALLOW) {
+		ct_create(&key, f.tcp_flags, skb->len, dir == WEIR_DIRECTION_EGRESS ? self_identity : peer);
+		skb->cb[WEIR_CB_SRC_IDENTITY] = dir == WEIR_DIRECTION_EGRESS ? self_identity : peer;
+		return weir_tc_next(skb, calls);
+	}
+	if (cfg->flags & WEIR_CONFIG_FLAG_AUDIT) {
+		metrics_bump(WEIR_REASON_POLICY_AUDIT, dir, skb->len);
+		emit_event(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,
+			   ep, dir == WEIR_DIRECTION_EGRESS ? self_identity : peer,
+			   (void *)(long)skb->data, (void *)(long)skb->data_end);
+		ct_create(&key, f.tcp_flags, skb->len, dir == WEIR_DIRECTION_EGRESS ? self_identity : peer);
+		return weir_tc_next(skb, calls);
+	}
+	skb->cb[WEIR_CB_SRC_IDENTITY] = dir == WEIR_DIRECTION_EGRESS ? self_identity : peer;
+	return weir_tc_drop(skb, verdict == VERDICT_DENY ? WEIR_REASON_POLICY_DENY_RULE : WEIR_REASON_POLICY_DENIED);
+}
+
+SEC("tc")
+int policy_egress(struct __sk_buff *skb)
+{
+	return enforce(skb, WEIR_DIRECTION_EGRESS, &calls_from_container);
+}
+
+SEC("tc")
+int policy_ingress(struct __sk_buff *skb)
+{
+	return enforce(skb, WEIR_DIRECTION_INGRESS, &calls_to_container);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,265 @@
+"""From rules and endpoints to map contents: ipcache and per-endpoint policy maps.
+
+Pure Python, no kernel: the same function gives what the service writes, what
+a restarted service compares the pinned maps with, and what `Trace` explains.
+
+An endpoint's policy map is a set of LPM entries keyed (direction, identity,
+protocol, port prefix). The datapath looks up the peer's identity first, then
+identity 0 ("any"); an entry's verdict is final. So for each identity table the
+computation folds in every rule that applies to that identity (rules for "any"
+peer included) and lets deny win over allow before it emits an entry: one
+lookup then gives Cilium's answer, and a longer (more specific) prefix never
+turns a denied flow into an allowed one.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+
+from services.common.datapath import Direction, ReservedIdentity
+from services.common.errors import ResourceExhausted
+from services.policy.defs import PREFIX_IDENTITY, PREFIX_PROTO
+from services.policy.rules import PeerRule, Rule
+from services.prefilter.cidr import Network
+
+ANY = 0
+TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
+PROTOCOL_NAMES = {0: "ANY", TCP: "TCP", UDP: "UDP", ICMP: "ICMP", ICMPV6: "ICMPv6"}
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """What the policy needs of an endpoint (the orchestrator owns the rest)."""
+
+    name: str
+    id: int
+    ipv4: str
+    ipv6: str
+    labels: dict[str, str] = field(hash=False, compare=False)
+    identity: int = 0
+
+    def addresses(self) -> list[Network]:
+        return [ipaddress.ip_network(a) for a in (self.ipv4, self.ipv6) if a]
+
+
+@dataclass(frozen=True)
+class MapEntry:
+    """One policy map entry; proto 0 means every protocol (and then every port)."""
+
+    direction: Direction
+    identity: int
+    proto: int
+    port: int
+    port_prefix: int
+    deny: bool
+    rules: tuple[str, ...] = field(compare=False)
+
+    @property
+    def key_prefixlen(self) -> int:
+        return PREFIX_IDENTITY if self.proto == ANY else PREFIX_PROTO + self.port_prefix
+
+    def covers(self, proto: int, port: int) -> bool:
+        if self.proto == ANY:
+            return True
+        size = 1 << (16 - self.port_prefix)
+        return self.proto == proto and self.port <= port < self.port + size
+
+
+@dataclass(frozen=True)
+class EndpointPolicy:
+    endpoint: EndpointView
+    ingress_enforced: bool
+    egress_enforced: bool
+    entries: tuple[MapEntry, ...]
+
+    def enforced(self, direction: Direction) -> bool:
+        return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced
+
+    def lookup(self, direction: Direction, identity: int, proto: int, port: int) -> MapEntry | None:
+        """What the datapath finds: longest match for the identity, else for any identity."""
+        for table in (identity, ANY):
+            found = [
+                e for e in self.entries
+                if e.direction is direction and e.identity == table and e.covers(proto, port)
+            ]  # fmt: skip
+            if found:
+                return max(found, key=lambda e: e.key_prefixlen)
+        return None
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One (peers, protocol, port range) a rule allows or denies."""
+
+    identities: frozenset[int] | None  # None: every identity
+    proto: int
+    first: int
+    last: int
+    deny: bool
+    rule: str
+
+
+def port_prefixes(first: int, last: int, bits: int = 16) -> Iterator[tuple[int, int]]:
+    """Cover [first, last] with the fewest (value, prefix length) pairs."""
+    while first <= last:
+        size = first & -first if first else 1 << bits
+        while size > last - first + 1:
+            size >>= 1
+        yield first, bits - size.bit_length() + 1
+        first += size
+
+
+def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int]]:
+    if not peer.ports:
+        yield ANY, 0, 65535
+        return
+    for p in peer.ports:
+        if p.protocol == "ANY":
+            if (p.first, p.last) == (0, 65535):
+                yield ANY, 0, 65535
+            else:
+                yield TCP, p.first, p.last
+                yield UDP, p.first, p.last
+        elif p.protocol == "ICMP":
+            yield ICMP, p.first, p.last
+            yield ICMPV6, p.first, p.last
+        else:
+            yield (TCP if p.protocol == "TCP" else UDP), p.first, p.last
+
+
+class PolicyComputer:
+    """Rules + endpoints + identities -> ipcache and policy map contents."""
+
+    def __init__(
+        self,
+        rules: Iterable[Rule],
+        endpoints: Iterable[EndpointView],
+        cidr_identities: dict[Network, int],
+        host_addresses: Iterable[Network],
+        capacity: int,
+    ) -> None:
+        self.rules = sorted(rules, key=lambda r: r.name)
+        self.endpoints = sorted(endpoints, key=lambda e: e.name)
+        self.cidr_identities = cidr_identities
+        self.host_addresses = list(host_addresses)
+        self.capacity = capacity
+
+    def ipcache(self) -> dict[Network, int]:
+        out: dict[Network, int] = dict(self.cidr_identities)
+        for address in self.host_addresses:
+            out[address] = ReservedIdentity.HOST
+        for ep in self.endpoints:
+            for address in ep.addresses():
+                out[address] = ep.identity
+        return out
+
+    def _peer_identities(self, peer: PeerRule) -> frozenset[int] | None:
+        if peer.any_peer or "all" in peer.entities:
+            return None
+        ids: set[int] = set()
+        for selector in peer.endpoints:
+            ids |= {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
+        if "host" in peer.entities:
+            ids.add(ReservedIdentity.HOST)
+        if "world" in peer.entities:
+            ids.add(ReservedIdentity.WORLD)
+            ids |= set(self.cidr_identities.values())
+        for c in peer.cidrs:
+            for network, identity in self.cidr_identities.items():
+                if network.version != c.network.version or not network.subnet_of(c.network):  # type: ignore[arg-type]
+                    continue
+                if any(network.subnet_of(e) for e in c.excepts if e.version == network.version):  # type: ignore[arg-type]
+                    continue
+                ids.add(identity)
+        return frozenset(ids)
+
+    def _grants(self, rules: list[Rule], direction: Direction) -> list[Grant]:
+        grants = []
+        for rule in rules:
+            allow, deny = (
+                (rule.ingress, rule.ingress_deny) if direction is Direction.INGRESS else (rule.egress, rule.egress_deny)
+            )
+            for peers, is_deny in ((allow, False), (deny, True)):
+                for peer in peers:
+                    ids = self._peer_identities(peer)
+                    if ids is not None and not ids:
+                        continue
+                    for proto, first, last in _protocols(peer):
+                        grants.append(Grant(ids, proto, first, last, is_deny, rule.name))
+        return grants
+
+    @staticmethod
+    def _table(direction: Direction, identity: int, relevant: list[Grant]) -> Iterator[MapEntry]:
+        any_deny = [g for g in relevant if g.proto == ANY and g.deny]
+        any_allow = [g for g in relevant if g.proto == ANY and not g.deny]
+        if any_deny:
+            yield MapEntry(direction, identity, ANY, 0, 0, True, tuple(sorted({g.rule for g in any_deny})))
+            return
+        if any_allow:
+            yield MapEntry(direction, identity, ANY, 0, 0, False, tuple(sorted({g.rule for g in any_allow})))
+        for proto in sorted({g.proto for g in relevant if g.proto != ANY}):
+            grants = [g for g in relevant if g.proto == proto]
+            cuts = sorted({g.first for g in grants} | {g.last + 1 for g in grants})
+            segments: list[tuple[int, int, bool, tuple[str, ...]]] = []
+            for start, end in itertools.pairwise(cuts):
+                covering = [g for g in grants if g.first <= start and end - 1 <= g.last]
+                denies = sorted({g.rule for g in covering if g.deny})
+                allows = sorted({g.rule for g in covering if not g.deny})
+                if denies:
+                    verdict: tuple[bool, tuple[str, ...]] | None = (True, tuple(denies))
+                elif allows and not any_allow:
+                    verdict = (False, tuple(allows))
+                else:
+                    verdict = None
+                if verdict is None:
+                    continue
+                if segments and segments[-1][1] == start - 1 and segments[-1][2] == verdict[0]:
+                    first, _, deny, names = segments[-1]
+                    segments[-1] = (first, end - 1, deny, tuple(sorted(set(names) | set(verdict[1]))))
+                else:
+                    segments.append((start, end - 1, verdict[0], verdict[1]))
+            for first, last, deny, names in segments:
+                for port, plen in port_prefixes(first, last):
+                    yield MapEntry(direction, identity, proto, port, plen, deny, names)
+
+    def endpoint(self, ep: EndpointView) -> EndpointPolicy:
+        selecting = [r for r in self.rules if r.selector.matches(ep.labels)]
+        enforced = {
+            Direction.INGRESS: any(r.ingress or r.ingress_deny for r in selecting),
+            Direction.EGRESS: any(r.egress or r.egress_deny for r in selecting),
+        }
+        entries: list[MapEntry] = []
+        for direction in Direction:
+            if not enforced[direction]:
+                continue
+            grants = self._grants(selecting, direction)
+            specific = sorted({i for g in grants if g.identities is not None for i in g.identities})
+            for identity in [ANY, *specific]:
+                relevant = [
+                    g for g in grants
+                    if g.identities is None or (identity != ANY and identity in g.identities)
+                ]  # fmt: skip
+                entries.extend(self._table(direction, identity, relevant))
+        if len(entries) > self.capacity:
+            raise ResourceExhausted(
+                f"endpoint {ep.name} would need {len(entries)} policy map entries; its map holds "
+                f"{self.capacity} (restart the policy service with a larger --policy-entries, or use "
+                "fewer port ranges and peers)"
+            )
+        return EndpointPolicy(ep, enforced[Direction.INGRESS], enforced[Direction.EGRESS], tuple(entries))
+
+    def all(self) -> dict[int, EndpointPolicy]:
+        return {ep.id: self.endpoint(ep) for ep in self.endpoints}
+
+
+def lpm_identity(ipcache: dict[Network, int], address: str) -> int:
+    """The identity the datapath gives an address: longest ipcache prefix, else world."""
+    ip = ipaddress.ip_address(address)
+    best: tuple[int, int] | None = None
+    for network, identity in ipcache.items():
+        if network.version == ip.version and ip in network and (best is None or network.prefixlen > best[0]):
+            best = (network.prefixlen, identity)
+    return best[1] if best else ReservedIdentity.WORLD

@@ -1,0 +1,67 @@
+"""Security identities: numbers for label sets and CIDRs, stable on this node.
+
+The same label set always gets the same identity (they are persisted, so a
+restart changes nothing); CIDRs named in rules get node-local identities from
+FIRST_CIDR_IDENTITY up, as Cilium numbers them. Reserved identities (host,
+world) are fixed.
+"""
+
+from __future__ import annotations
+
+from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
+from services.common.errors import ResourceExhausted
+from services.common.store import Store
+from services.prefilter.cidr import Network
+
+KIND = "identity"
+MAX_LABEL_IDENTITY = FIRST_CIDR_IDENTITY - 1
+RESERVED_LABELS = {ReservedIdentity.HOST: "reserved:host", ReservedIdentity.WORLD: "reserved:world"}
+
+
+def label_key(labels: dict[str, str]) -> str:
+    """Canonical text of a label set: sorted k=v, comma-separated."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def cidr_key(network: Network) -> str:
+    return f"cidr:{network}"
+
+
+class Identities:
+    """Allocates and remembers identities; the store keeps them across restarts."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+        self._by_key: dict[str, int] = {key: int(doc["id"]) for key, doc in store.items(KIND)}
+
+    def _allocate(self, key: str, first: int, last: int) -> int:
+        if key in self._by_key:
+            return self._by_key[key]
+        used = {i for i in self._by_key.values() if first <= i <= last}
+        candidate = max(used, default=first - 1) + 1
+        if candidate > last:
+            candidate = next((i for i in range(first, last + 1) if i not in used), 0)
+            if not candidate:
+                raise ResourceExhausted(f"no identity left between {first} and {last}")
+        self._by_key[key] = candidate
+        self._store.put(KIND, key, {"id": candidate})
+        return candidate
+
+    def for_labels(self, labels: dict[str, str]) -> int:
+        return self._allocate(label_key(labels), FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)
+
+    def for_cidr(self, network: Network) -> int:
+        return self._allocate(cidr_key(network), FIRST_CIDR_IDENTITY, (1 << 32) - 1)
+
+    def release_cidrs(self, keep: set[Network]) -> None:
+        """Forget CIDR identities no rule names any more."""
+        wanted = {cidr_key(n) for n in keep}
+        for key in [k for k in self._by_key if k.startswith("cidr:") and k not in wanted]:
+            del self._by_key[key]
+            self._store.delete(KIND, key)
+
+    def labels_of(self) -> dict[int, str]:
+        """Identity -> the text of what it stands for (labels, cidr:..., reserved:...)."""
+        out: dict[int, str] = {int(i): text for i, text in RESERVED_LABELS.items()}
+        out.update({i: key for key, i in self._by_key.items()})
+        return out

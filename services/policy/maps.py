@@ -1,0 +1,226 @@
+"""The policy object's maps: ipcache, per-endpoint policy maps, config, conntrack.
+
+`PolicyMaps` turns computed policy into map contents. An endpoint's policy
+map is rebuilt whole and swapped into `policy_maps` with one update, so a
+packet sees the old policy or the new one, never a mix. ipcache and conntrack
+are shared maps (pinned under globals/); the policy maps and enforcement flags
+are this service's own (pinned under policy/).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
+from services.common.datapath import CtKey, CtValue, Direction, IpcacheKey, IpcacheValue, Slot
+from services.policy.compute import MapEntry
+from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
+from services.prefilter.cidr import Network
+
+OWN_MAPS = ["policy_maps", "policy_config"]
+PROGRAMS = {"policy_egress": "calls_from_container", "policy_ingress": "calls_to_container"}
+BPF_F_NO_PREALLOC = 1
+AF_INET, AF_INET6 = 2, 10
+
+
+def ipcache_key(network: Network) -> IpcacheKey:
+    key = IpcacheKey()
+    key.family = AF_INET if network.version == 4 else AF_INET6
+    key.prefixlen = 32 + network.prefixlen
+    packed = network.network_address.packed
+    ctypes.memmove(key.addr, packed, len(packed))
+    return key
+
+
+def ipcache_network(key: IpcacheKey) -> Network:
+    size = 4 if key.family == AF_INET else 16
+    address = ipaddress.ip_address(bytes(key.addr)[:size])
+    return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
+
+
+def policy_key(entry: MapEntry) -> PolicyKey:
+    key = PolicyKey()
+    key.prefixlen = entry.key_prefixlen
+    key.dir = entry.direction
+    ctypes.memmove(key.identity, entry.identity.to_bytes(4, "big"), 4)
+    key.proto = entry.proto
+    ctypes.memmove(key.port, entry.port.to_bytes(2, "big"), 2)
+    return key
+
+
+@dataclass(frozen=True)
+class Hits:
+    packets: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class ConntrackEntry:
+    key: CtKey
+    value: CtValue
+    expires_in: float
+
+
+class PolicyMaps:
+    """Owns the policy object, its programs in the chain and its maps."""
+
+    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int) -> None:
+        self._path = bpf_dir / "policy.o"
+        self._globals_dir = globals_dir
+        self._pin_dir = pin_dir
+        self.capacity = capacity
+        self._obj: BpfObject | None = None
+        self.programs: dict[str, Program] = {}
+        self.maps: dict[str, Map] = {}
+
+    def load(self) -> None:
+        """Load the programs (reusing this service's pins) and place them in their slots."""
+        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
+        for name in OWN_MAPS:
+            if (self._pin_dir / name).exists():
+                obj.reuse_map(name, Map.from_pin(self._pin_dir / name))
+        obj.load()
+        self._obj = obj
+        for name in [*OWN_MAPS, "ipcache", "conntrack"]:
+            self.maps[name] = obj.maps[name]
+        for name in OWN_MAPS:
+            if not (self._pin_dir / name).exists():
+                obj.maps[name].pin(self._pin_dir / name)
+        for name, call_map in PROGRAMS.items():
+            program = obj.programs[name]
+            pin = self._pin_dir / name
+            pin.unlink(missing_ok=True)
+            program.pin(pin)
+            self.programs[name] = program
+            ProgArray(obj.maps[call_map]).set(Slot.POLICY, program)
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    # ---- ipcache ----
+
+    def _ipcache(self) -> Map:
+        return self.maps["ipcache"].typed(IpcacheKey, IpcacheValue)
+
+    def read_ipcache(self) -> dict[Network, int]:
+        return {ipcache_network(k): int(v.identity) for k, v in self._ipcache().items()}
+
+    def write_ipcache(self, wanted: dict[Network, int]) -> None:
+        """Add and change first, remove last: an address never falls back to world in between."""
+        ipcache = self._ipcache()
+        current = self.read_ipcache()
+        for network, identity in wanted.items():
+            if current.get(network) != identity:
+                ipcache.update(ipcache_key(network), IpcacheValue(identity, 0))
+        for network in current.keys() - wanted.keys():
+            with contextlib.suppress(KeyNotFoundError):
+                ipcache.delete(ipcache_key(network))
+
+    # ---- endpoint policy ----
+
+    def _outer(self) -> Map:
+        return self.maps["policy_maps"].typed(ctypes.c_uint32, ctypes.c_uint32)
+
+    def _config(self) -> Map:
+        return self.maps["policy_config"].typed(ctypes.c_uint32, EndpointPolicyConfig)
+
+    def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
+        """Swap in a freshly built policy map; then set the enforcement flags.
+
+        Turning enforcement on happens after the map is in place, turning it off
+        before the map changes, so no packet is judged by a map it does not fit.
+        """
+        config = self._config()
+        old = config.lookup(endpoint_id)
+        if old is not None and (int(old.flags) & ~flags):
+            config.update(endpoint_id, EndpointPolicyConfig(int(old.flags) & flags))
+        inner = Map.create(
+            MapType.LPM_TRIE,
+            ctypes.sizeof(PolicyKey),
+            ctypes.sizeof(PolicyEntry),
+            self.capacity,
+            flags=BPF_F_NO_PREALLOC,
+            name=f"policy_{endpoint_id}",
+            key_type=PolicyKey,
+            value_type=PolicyEntry,
+        )
+        with inner:
+            for entry in entries:
+                value = PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0)
+                inner.update(policy_key(entry), value)
+            self._outer().update(endpoint_id, inner.fd)
+        config.update(endpoint_id, EndpointPolicyConfig(flags))
+
+    def remove(self, endpoint_id: int) -> None:
+        for m in (self._config(), self._outer()):
+            with contextlib.suppress(KeyNotFoundError):
+                m.delete(endpoint_id)
+
+    def endpoint_ids(self) -> set[int]:
+        return {int(k) for k in self._outer()} | {int(k) for k in self._config()}
+
+    def flags(self, endpoint_id: int) -> int:
+        value = self._config().lookup(endpoint_id)
+        return int(value.flags) if value is not None else 0
+
+    def read(self, endpoint_id: int) -> dict[tuple[int, int, int, int, int], tuple[bool, Hits]]:
+        """An endpoint's map as (dir, identity, proto, port, key prefixlen) -> (deny, hits)."""
+        map_id = self._outer().lookup(endpoint_id)
+        if not map_id:
+            return {}
+        out = {}
+        with Map.from_id(map_id, key_type=PolicyKey, value_type=PolicyEntry) as inner:
+            for key, value in inner.items():
+                k = (
+                    int(key.dir),
+                    int.from_bytes(bytes(key.identity), "big"),
+                    int(key.proto),
+                    int.from_bytes(bytes(key.port), "big"),
+                    int(key.prefixlen),
+                )
+                out[k] = (bool(value.flags & PolicyFlag.DENY), Hits(int(value.packets), int(value.bytes)))
+        return out
+
+    # ---- conntrack ----
+
+    def conntrack(self, limit: int = 0) -> list[ConntrackEntry]:
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        ct = self.maps["conntrack"].typed(CtKey, CtValue)
+        out = []
+        for key, value in ct.items():
+            out.append(ConntrackEntry(key, value, max(0.0, (int(value.expires) - now) / 1e9)))
+            if limit and len(out) >= limit:
+                break
+        return out
+
+    def collect_conntrack(self) -> int:
+        """Delete expired entries; returns how many."""
+        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        ct = self.maps["conntrack"].typed(CtKey, CtValue)
+        expired = [key for key, value in ct.items() if int(value.expires) <= now]
+        for key in expired:
+            with contextlib.suppress(KeyNotFoundError):
+                ct.delete(key)
+        return len(expired)
+
+
+def config_flags(ingress: bool, egress: bool, audit: bool) -> int:
+    return (
+        (ConfigFlag.INGRESS_ENFORCED if ingress else 0)
+        | (ConfigFlag.EGRESS_ENFORCED if egress else 0)
+        | (ConfigFlag.AUDIT if audit else 0)
+    )
+
+
+def direction_of(value: int) -> Direction:
+    return Direction(value)
