@@ -66,7 +66,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     worker = Worker(SERVICE)
     store = await worker.call(Store.open, config, SERVICE)
     endpoints = OrchestratorEndpoints(config.socket_path("orchestrator"))
-    policy = Policy(maps, store, endpoints, host_addresses)
+    policy = await worker.call(Policy, maps, store, endpoints, host_addresses)
     await worker.call(policy.start)
     task = asyncio.create_task(_background(worker, policy, args.refresh_seconds, args.gc_seconds))
 
