@@ -83,10 +83,12 @@ class Server:
 
     def _echo(self, conn: socket.socket) -> None:
         conn.settimeout(TIMEOUT)
+        prefix = self.reply  # once per connection, before the echoed bytes
         with conn:
             try:
                 while data := conn.recv(65536):
-                    conn.sendall(self.reply + data)
+                    conn.sendall(prefix + data)
+                    prefix = b""
             except OSError:
                 return
 

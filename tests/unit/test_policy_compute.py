@@ -42,7 +42,7 @@ def test_port_ranges_become_prefixes(first: int, last: int, expected: list[tuple
 
 
 def test_every_port_of_a_range_is_covered_exactly() -> None:
-    covered = set()
+    covered: set[int] = set()
     for port, plen in port_prefixes(1000, 2999):
         size = 1 << (16 - plen)
         assert not covered & set(range(port, port + size))
