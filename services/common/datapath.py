@@ -30,13 +30,13 @@ class Slot(IntEnum):
     """Fixed indexes in every call map, in the order a packet visits them."""
 
     PREFILTER = 0
-    LB = 1
+    LB = 1  # service translation (DNAT) before policy, so policy sees the backend
     POLICY = 2
-    IPSEC = 3
-    L7 = 4
-    CUSTOM0 = 5
-    CUSTOM1 = 6
-    CUSTOM2 = 7
+    LB_REPLY = 3  # reverse NAT of replies, after policy has matched them to their connection
+    IPSEC = 4
+    L7 = 5
+    CUSTOM0 = 6
+    CUSTOM1 = 7
 
 
 NUM_SLOTS = len(Slot)
@@ -48,6 +48,13 @@ class Direction(IntEnum):
 
     INGRESS = 0
     EGRESS = 1
+
+
+class CtScope(IntEnum):
+    """The `dir` field of a conntrack key: policy entries use Direction, these are the LB's."""
+
+    SERVICE = 2  # client -> frontend: which backend this connection uses
+    REV_NAT = 3  # client -> backend (after DNAT): how to turn replies back into the frontend
 
 
 HOOK_DIRECTION = {
@@ -208,7 +215,7 @@ class CtKey(ctypes.Structure):
 
 
 class CtValue(ctypes.Structure):
-    """State of a connection; rev_nat_index is for the service load balancer."""
+    """State of a connection; backend_id and rev_nat_index are the load balancer's."""
 
     _fields_ = [
         ("expires", ctypes.c_uint64),  # CLOCK_MONOTONIC ns
@@ -217,11 +224,13 @@ class CtValue(ctypes.Structure):
         ("src_identity", ctypes.c_uint32),
         ("flags", ctypes.c_uint16),
         ("rev_nat_index", ctypes.c_uint16),
+        ("backend_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
     ]
 
 
 ENUMS: list[type[IntEnum]] = [
-    Hook, Slot, Direction, Reason, Cb, EventType, ReservedIdentity, CtFlag,
+    Hook, Slot, Direction, CtScope, Reason, Cb, EventType, ReservedIdentity, CtFlag,
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, CtKey, CtValue,

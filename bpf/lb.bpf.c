@@ -1,0 +1,451 @@
+/* Service load balancer: frontends to backends, per packet and per socket.
+ *
+ * Per packet (IPv4, TCP and UDP): in the from-container chain (slot LB, before
+ * policy) a packet to a cluster frontend is DNATed to a backend; on the
+ * network-facing device (from-network, slot LB) a packet to a node port is.
+ * The backend of a connection lives in a conntrack entry of scope SERVICE;
+ * an entry of scope REV_NAT, keyed by the translated tuple, carries the
+ * reverse-NAT index, so replies get the frontend back as their source in the
+ * to-container and to-network chains (slot LB_REPLY, after policy).
+ *
+ * Per socket: cgroup connect4/sendmsg4 translate the destination once, and
+ * recvmsg4/getpeername4 translate it back, so no packet needs NAT at all.
+ *
+ * A new connection takes its service's session-affinity backend if it has a
+ * fresh one, else the backend in the service's selection table (Maglev or a
+ * weighted list, built by the service) at the flow's hash. Terminating
+ * backends are in no table but keep their connections; a backend in
+ * maintenance loses them too.
+ */
+#include <stddef.h>
+#include "weir/chain.h"
+#include "weir/conntrack.h"
+#include "weir/lb_defs.h"
+
+#define INNER_PLACEHOLDER 1
+
+/* Frontend (address, port, protocol) -> service. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_LB_MAX_SERVICES);
+	__type(key, struct weir_lb_service_key);
+	__type(value, struct weir_lb_service);
+} lb_services SEC(".maps");
+
+/* Backend id -> address, port, state. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct weir_lb_backend);
+} lb_backends SEC(".maps");
+
+struct lb_table_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
+};
+
+/* Service id -> its selection table (slot -> backend id), swapped whole. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, WEIR_LB_MAX_SERVICES);
+	__type(key, __u32);
+	__array(values, struct lb_table_inner);
+} lb_tables SEC(".maps");
+
+/* Reverse-NAT index -> the frontend replies must come from. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct weir_lb_rev_nat);
+} lb_rev_nat SEC(".maps");
+
+/* (service, client address) -> backend, for session affinity. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEIR_LB_AFFINITY_MAX);
+	__type(key, struct weir_lb_affinity_key);
+	__type(value, struct weir_lb_affinity);
+} lb_affinity SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, WEIR_LB_MAX_SERVICES);
+	__type(key, __u32);
+	__type(value, struct weir_lb_stats);
+} lb_service_stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, WEIR_LB_MAX_BACKENDS);
+	__type(key, __u32);
+	__type(value, struct weir_lb_stats);
+} lb_backend_stats SEC(".maps");
+
+/* (socket cookie, backend) -> frontend, for recvmsg4 and getpeername4. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, WEIR_LB_SOCK_REVNAT_MAX);
+	__type(key, struct weir_sock_rev_key);
+	__type(value, struct weir_sock_rev);
+} lb_sock_revnat SEC(".maps");
+
+static __always_inline void stats_add(void *map, __u32 id, __u64 bytes, int new_conn)
+{
+	struct weir_lb_stats *s = bpf_map_lookup_elem(map, &id);
+	struct weir_lb_stats init = { .packets = 1, .bytes = bytes, .new_conns = new_conn };
+
+	if (!s) {
+		bpf_map_update_elem(map, &id, &init, BPF_NOEXIST);
+		return;
+	}
+	s->packets++;
+	s->bytes += bytes;
+	s->new_conns += new_conn;
+}
+
+static __always_inline struct weir_lb_backend *usable_backend(__u32 id, int allow_terminating)
+{
+	struct weir_lb_backend *b;
+
+	if (!id)
+		return 0;
+	b = bpf_map_lookup_elem(&lb_backends, &id);
+	if (!b || b->state == WEIR_BACKEND_STATE_MAINTENANCE)
+		return 0;
+	if (!allow_terminating && b->state != WEIR_BACKEND_STATE_ACTIVE)
+		return 0;
+	return b;
+}
+
+/* Pick a backend for a new connection: affinity first, then the table at `hash`. */
+static __always_inline __u32 select_backend(struct weir_lb_service *svc, __u32 hash, __u8 family,
+					    const __u8 *client)
+{
+	struct weir_lb_affinity_key akey = {};
+	struct weir_lb_affinity *aff, anew = {};
+	__u64 now = bpf_ktime_get_ns();
+	__u32 sid = svc->service_id, slot, *id;
+	void *table;
+
+	if (svc->flags & WEIR_SERVICE_FLAG_AFFINITY) {
+		akey.service_id = sid;
+		akey.family = family;
+		__builtin_memcpy(akey.addr, client, 16);
+		aff = bpf_map_lookup_elem(&lb_affinity, &akey);
+		if (aff && now - aff->last_used < (__u64)svc->affinity_timeout * NSEC_PER_SEC &&
+		    usable_backend(aff->backend_id, 0)) {
+			aff->last_used = now;
+			return aff->backend_id;
+		}
+	}
+	if (!svc->table_size)
+		return 0;
+	table = bpf_map_lookup_elem(&lb_tables, &sid);
+	if (!table)
+		return 0;
+	slot = hash % svc->table_size;
+	id = bpf_map_lookup_elem(table, &slot);
+	if (!id)
+		return 0;
+	if (svc->flags & WEIR_SERVICE_FLAG_AFFINITY) {
+		anew.backend_id = *id;
+		anew.last_used = now;
+		bpf_map_update_elem(&lb_affinity, &akey, &anew, BPF_ANY);
+	}
+	return *id;
+}
+
+/* ---- per-packet NAT (IPv4) ---- */
+
+struct v4_tuple {
+	__u32 saddr, daddr;
+	__u16 sport, dport;
+	__u8 proto;
+	__u8 tcp_flags;
+	__u16 l4off;
+};
+
+static __always_inline int parse_v4(struct __sk_buff *skb, struct v4_tuple *t)
+{
+	void *data, *data_end;
+	struct cursor c;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct tcphdr *tcp;
+	struct udphdr *udp;
+	int proto;
+
+	bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128);
+	data = (void *)(long)skb->data;
+	data_end = (void *)(long)skb->data_end;
+	cursor_init(&c, data, data_end);
+	if (parse_ethhdr(&c, &eth) != ETH_P_IP)
+		return -1;
+	proto = parse_iphdr(&c, &ip);
+	if (proto < 0 || (ip->frag_off & bpf_htons(0x1fff)))
+		return -1;
+	t->saddr = ip->saddr;
+	t->daddr = ip->daddr;
+	t->proto = proto;
+	t->l4off = c.pos - data;
+	t->tcp_flags = 0;
+	if (proto == IPPROTO_TCP) {
+		if (parse_tcphdr(&c, &tcp) < 0)
+			return -1;
+		t->sport = tcp->source;
+		t->dport = tcp->dest;
+		t->tcp_flags = ((__u8 *)tcp)[13];
+	} else if (proto == IPPROTO_UDP) {
+		if (parse_udphdr(&c, &udp) < 0)
+			return -1;
+		t->sport = udp->source;
+		t->dport = udp->dest;
+	} else {
+		return -1;
+	}
+	return 0;
+}
+
+/* Rewrite the destination (is_dst) or source address and port, with checksums. */
+static __always_inline int nat_v4(struct __sk_buff *skb, const struct v4_tuple *t, int is_dst, __u32 new_addr,
+				  __u16 new_port)
+{
+	__u32 old_addr = is_dst ? t->daddr : t->saddr;
+	__u16 old_port = is_dst ? t->dport : t->sport;
+	__u32 addr_off = ETH_HLEN + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 csum_off, port_off;
+	__u64 l4flags = 0;
+
+	if (t->proto == IPPROTO_TCP) {
+		csum_off = t->l4off + offsetof(struct tcphdr, check);
+		port_off = t->l4off + (is_dst ? offsetof(struct tcphdr, dest) : offsetof(struct tcphdr, source));
+	} else {
+		csum_off = t->l4off + offsetof(struct udphdr, check);
+		port_off = t->l4off + (is_dst ? offsetof(struct udphdr, dest) : offsetof(struct udphdr, source));
+		l4flags = BPF_F_MARK_MANGLED_0;
+	}
+	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4flags | BPF_F_PSEUDO_HDR | 4) < 0)
+		return -1;
+	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | 2) < 0)
+		return -1;
+	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_addr, new_addr, 4) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
+		return -1;
+	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+		return -1;
+	return 0;
+}
+
+static __always_inline void v4_ct_key(struct weir_ct_key *key, __u32 saddr, __u32 daddr, __u16 sport,
+				      __u16 dport, __u8 proto, __u8 scope)
+{
+	__builtin_memset(key, 0, sizeof(*key));
+	__builtin_memcpy(key->saddr, &saddr, 4);
+	__builtin_memcpy(key->daddr, &daddr, 4);
+	key->sport = sport;
+	key->dport = dport;
+	key->proto = proto;
+	key->family = 2;
+	key->dir = scope;
+}
+
+/* Translate a packet to a frontend; returns a TC verdict or -1 to go on. */
+static __always_inline int lb_forward(struct __sk_buff *skb)
+{
+	struct weir_lb_service_key skey = {};
+	struct weir_lb_service *svc;
+	struct weir_lb_backend *b = 0;
+	struct weir_ct_key key, rkey;
+	struct weir_ct_value *ct, nct = {};
+	struct v4_tuple t;
+	__u64 now = bpf_ktime_get_ns();
+	__u32 backend_id = 0, baddr;
+	__u8 client[16] = {};
+	int syn, new_conn = 0;
+
+	if (parse_v4(skb, &t) < 0)
+		return -1;
+	__builtin_memcpy(skey.addr, &t.daddr, 4);
+	skey.port = t.dport;
+	skey.proto = t.proto;
+	skey.family = 2;
+	svc = bpf_map_lookup_elem(&lb_services, &skey);
+	if (!svc)
+		return -1;
+
+	syn = t.proto == IPPROTO_TCP && (t.tcp_flags & TCP_FLAG_SYN) && !(t.tcp_flags & 0x10);
+	v4_ct_key(&key, t.saddr, t.daddr, t.sport, t.dport, t.proto, WEIR_CT_SCOPE_SERVICE);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (ct && ct->expires > now && !syn) {
+		b = usable_backend(ct->backend_id, 1);
+		if (b) {
+			backend_id = ct->backend_id;
+			ct_touch(ct, t.proto, t.tcp_flags, 0, skb->len, now);
+		}
+	}
+	if (!b) {
+		__builtin_memcpy(client, &t.saddr, 4);
+		backend_id = select_backend(svc, bpf_get_hash_recalc(skb), 2, client);
+		b = usable_backend(backend_id, 0);
+		if (!b)
+			return weir_tc_drop(skb, WEIR_REASON_NO_SERVICE_BACKEND);
+		nct.backend_id = backend_id;
+		nct.rev_nat_index = svc->rev_nat_index;
+		nct.packets = 1;
+		nct.bytes = skb->len;
+		nct.expires = now + ct_lifetime(&nct, t.proto) * NSEC_PER_SEC;
+		bpf_map_update_elem(&conntrack, &key, &nct, BPF_ANY);
+		new_conn = 1;
+	}
+	__builtin_memcpy(&baddr, b->addr, 4);
+	v4_ct_key(&rkey, t.saddr, baddr, t.sport, b->port, t.proto, WEIR_CT_SCOPE_REV_NAT);
+	ct = bpf_map_lookup_elem(&conntrack, &rkey);
+	if (ct && ct->expires > now && ct->rev_nat_index == svc->rev_nat_index) {
+		ct_touch(ct, t.proto, t.tcp_flags, 0, skb->len, now);
+	} else {
+		__builtin_memset(&nct, 0, sizeof(nct));
+		nct.backend_id = backend_id;
+		nct.rev_nat_index = svc->rev_nat_index;
+		nct.expires = now + WEIR_CT_LIFETIME_TCP_SYN * NSEC_PER_SEC;
+		bpf_map_update_elem(&conntrack, &rkey, &nct, BPF_ANY);
+	}
+	stats_add(&lb_service_stats, svc->service_id, skb->len, new_conn);
+	stats_add(&lb_backend_stats, backend_id, skb->len, new_conn);
+	if (nat_v4(skb, &t, 1, baddr, b->port) < 0)
+		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
+	return -1;
+}
+
+/* Give a reply the frontend as its source, if it belongs to a translated connection. */
+static __always_inline int lb_reply(struct __sk_buff *skb)
+{
+	struct weir_ct_key key;
+	struct weir_ct_value *ct;
+	struct weir_lb_rev_nat *rn;
+	struct v4_tuple t;
+	__u32 index, vip;
+
+	if (parse_v4(skb, &t) < 0)
+		return -1;
+	v4_ct_key(&key, t.daddr, t.saddr, t.dport, t.sport, t.proto, WEIR_CT_SCOPE_REV_NAT);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (!ct || ct->expires <= bpf_ktime_get_ns())
+		return -1;
+	ct_touch(ct, t.proto, t.tcp_flags, 1, skb->len, bpf_ktime_get_ns());
+	index = ct->rev_nat_index;
+	rn = bpf_map_lookup_elem(&lb_rev_nat, &index);
+	if (!rn)
+		return -1;
+	__builtin_memcpy(&vip, rn->addr, 4);
+	if (nat_v4(skb, &t, 0, vip, rn->port) < 0)
+		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
+	return -1;
+}
+
+#define LB_TC(name, fn, calls)                   \
+	SEC("tc")                                \
+	int name(struct __sk_buff *skb)          \
+	{                                        \
+		int verdict = fn(skb);           \
+		if (verdict >= 0)                \
+			return verdict;          \
+		return weir_tc_next(skb, calls); \
+	}
+
+LB_TC(lb_from_container, lb_forward, &calls_from_container)
+LB_TC(lb_from_network, lb_forward, &calls_from_network)
+LB_TC(lb_to_container, lb_reply, &calls_to_container)
+LB_TC(lb_to_network, lb_reply, &calls_to_network)
+
+/* ---- per-socket LB (IPv4) ---- */
+
+static __always_inline struct weir_lb_service *sock_service(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	struct weir_lb_service_key skey = {};
+	__u32 addr = ctx->user_ip4;
+
+	__builtin_memcpy(skey.addr, &addr, 4);
+	skey.port = (__u16)ctx->user_port;
+	skey.proto = proto;
+	skey.family = 2;
+	return bpf_map_lookup_elem(&lb_services, &skey);
+}
+
+static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto)
+{
+	struct weir_lb_service *svc = sock_service(ctx, proto);
+	struct weir_sock_rev_key rkey = {};
+	struct weir_sock_rev rev = {};
+	struct weir_lb_backend *b;
+	__u8 client[16] = {};
+	__u64 cookie;
+	__u32 backend_id, baddr;
+
+	if (!svc)
+		return 1;
+	cookie = bpf_get_socket_cookie(ctx);
+	backend_id = select_backend(svc, (__u32)(cookie ^ (cookie >> 32)) * 2654435761u, 2, client);
+	b = usable_backend(backend_id, 0);
+	if (!b)
+		return 0; /* no backend: the connect fails (EPERM) */
+	__builtin_memcpy(&baddr, b->addr, 4);
+	rev.addr = ctx->user_ip4;
+	rev.port = (__u16)ctx->user_port;
+	rkey.cookie = cookie;
+	rkey.addr = baddr;
+	rkey.port = b->port;
+	bpf_map_update_elem(&lb_sock_revnat, &rkey, &rev, BPF_ANY);
+	stats_add(&lb_service_stats, svc->service_id, 0, 1);
+	stats_add(&lb_backend_stats, backend_id, 0, 1);
+	ctx->user_ip4 = baddr;
+	ctx->user_port = b->port;
+	return 1;
+}
+
+static __always_inline int sock_untranslate(struct bpf_sock_addr *ctx)
+{
+	struct weir_sock_rev_key rkey = {};
+	struct weir_sock_rev *rev;
+
+	rkey.cookie = bpf_get_socket_cookie(ctx);
+	rkey.addr = ctx->user_ip4;
+	rkey.port = (__u16)ctx->user_port;
+	rev = bpf_map_lookup_elem(&lb_sock_revnat, &rkey);
+	if (rev) {
+		ctx->user_ip4 = rev->addr;
+		ctx->user_port = rev->port;
+	}
+	return 1;
+}
+
+SEC("cgroup/connect4")
+int lb_connect4(struct bpf_sock_addr *ctx)
+{
+	return sock_translate(ctx, ctx->protocol == IPPROTO_UDP ? IPPROTO_UDP : IPPROTO_TCP);
+}
+
+SEC("cgroup/sendmsg4")
+int lb_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_translate(ctx, IPPROTO_UDP);
+}
+
+SEC("cgroup/recvmsg4")
+int lb_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return sock_untranslate(ctx);
+}
+
+SEC("cgroup/getpeername4")
+int lb_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return sock_untranslate(ctx);
+}
+
+char LICENSE[] SEC("license") = "GPL";
