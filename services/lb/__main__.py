@@ -1,0 +1,81 @@
+"""Run the load balancer: `python -m services.lb [--max-services N ...]`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc.aio
+import structlog
+from pyroute2 import IPRoute
+from weir.lb.v1 import lb_pb2_grpc as pb_grpc
+
+from services.common.bpffs import ensure_bpffs
+from services.common.config import NodeConfig
+from services.common.logs import setup_logging
+from services.common.server import serve
+from services.common.store import Store
+from services.common.worker import Worker
+from services.lb.defs import MAX_SERVICES
+from services.lb.lb import LoadBalancer
+from services.lb.maps import LbMaps
+from services.lb.servicer import SERVICE_NAME, LoadBalancerServicer
+
+SERVICE = "lb"
+DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
+log = structlog.get_logger("weir.lb")
+
+
+def _flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
+                        help="directory of the built BPF objects (default bpf/build)")
+    parser.add_argument("--max-services", type=int, default=MAX_SERVICES,
+                        help=f"frontends the maps hold (a node port counts once per node address; "
+                             f"at most {MAX_SERVICES})")
+
+
+def node_addresses() -> list[str]:
+    """IPv4 addresses of this (the node's) namespace that can serve node ports."""
+    with IPRoute() as ipr:
+        found = [str(a.get("address")) for a in ipr.get_addr(family=2)]
+    return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback)
+
+
+async def _health_loop(worker: Worker, lb: LoadBalancer) -> None:
+    while True:
+        await asyncio.sleep(0.2)
+        await worker.call(lb.check_health)
+
+
+async def main(config: NodeConfig, args: argparse.Namespace) -> None:
+    ensure_bpffs(config.bpffs_root)
+    maps = LbMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), config.cgroup_root)
+    worker = Worker(SERVICE)
+    store = await worker.call(Store.open, config, SERVICE)
+    lb = await worker.call(LoadBalancer, maps, store, node_addresses, min(args.max_services, MAX_SERVICES))
+    await worker.call(lb.start)
+    task = asyncio.create_task(_health_loop(worker, lb))
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        pb_grpc.add_LoadBalancerServicer_to_server(LoadBalancerServicer(worker, lb), server)
+        return [SERVICE_NAME]
+
+    async def on_stop() -> None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await worker.call(store.close)
+        await worker.call(lb.close)
+        worker.shutdown()
+
+    await serve(SERVICE, config, register, on_stop)
+
+
+if __name__ == "__main__":
+    node, arguments = NodeConfig.from_args(None, SERVICE, _flags)
+    setup_logging(SERVICE, node.log_level)
+    asyncio.run(main(node, arguments))

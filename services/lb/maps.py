@@ -1,0 +1,272 @@
+"""The load balancer's BPF object: programs in their slots and cgroup, and its maps.
+
+`LbMaps` writes one service at a time in an order that keeps every packet's
+lookups consistent: backends exist before a table names them, a table never
+has fewer slots than its service's `table_size` says, and backends go only
+after no table names them any more.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from pybpf import (
+    AttachType,
+    BpfError,
+    BpfObject,
+    KeyNotFoundError,
+    Map,
+    MapType,
+    ProgArray,
+    Program,
+    attach_cgroup,
+    detach_cgroup,
+    query_cgroup,
+)
+from services.common.datapath import Slot
+from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey, LbStats, ServiceFlag
+from services.lb.model import Backend, Service
+
+log = structlog.get_logger("weir.lb.maps")
+
+OWN_MAPS = [
+    "lb_services", "lb_backends", "lb_tables", "lb_rev_nat", "lb_affinity",
+    "lb_service_stats", "lb_backend_stats", "lb_sock_revnat",
+]  # fmt: skip
+TC_PROGRAMS = {
+    "lb_from_container": ("calls_from_container", Slot.LB),
+    "lb_from_network": ("calls_from_network", Slot.LB),
+    "lb_to_container": ("calls_to_container", Slot.LB_REPLY),
+    "lb_to_network": ("calls_to_network", Slot.LB_REPLY),
+}
+SOCK_PROGRAMS = {
+    "lb_connect4": AttachType.CGROUP_INET4_CONNECT,
+    "lb_sendmsg4": AttachType.CGROUP_UDP4_SENDMSG,
+    "lb_recvmsg4": AttachType.CGROUP_UDP4_RECVMSG,
+    "lb_getpeername4": AttachType.CGROUP_INET4_GETPEERNAME,
+}
+BPF_F_INNER_MAP = 1 << 12
+
+
+@dataclass(frozen=True)
+class Frontend:
+    address: str
+    port: int
+    proto: int
+    rev_nat_index: int
+
+    def key(self) -> LbServiceKey:
+        key = LbServiceKey()
+        ctypes.memmove(key.addr, ipaddress.ip_address(self.address).packed, 4)
+        key.port = int.from_bytes(self.port.to_bytes(2, "big"), "little")
+        key.proto = self.proto
+        key.family = 2
+        return key
+
+
+def _net_port(port: int) -> int:
+    """A port as the u16 the BPF side reads in network order."""
+    return int.from_bytes(port.to_bytes(2, "big"), "little")
+
+
+def backend_value(backend: Backend) -> LbBackend:
+    value = LbBackend()
+    ctypes.memmove(value.addr, ipaddress.ip_address(backend.address).packed, 4)
+    value.port = _net_port(backend.port)
+    value.family = 2
+    value.state = backend.state
+    value.weight = backend.weight
+    return value
+
+
+@dataclass(frozen=True)
+class Counts:
+    packets: int
+    bytes: int
+    new_conns: int
+
+
+class LbMaps:
+    """Owns the LB object, its slots and cgroup attachments, and its maps."""
+
+    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path) -> None:
+        self._path = bpf_dir / "lb.o"
+        self._globals_dir = globals_dir
+        self._pin_dir = pin_dir
+        self._cgroup = cgroup
+        self._obj: BpfObject | None = None
+        self.maps: dict[str, Map] = {}
+        self.programs: dict[str, Program] = {}
+
+    def load(self) -> None:
+        """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
+        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
+        for name in OWN_MAPS:
+            if (self._pin_dir / name).exists():
+                obj.reuse_map(name, Map.from_pin(self._pin_dir / name))
+        obj.load()
+        self._obj = obj
+        for name in OWN_MAPS:
+            self.maps[name] = obj.maps[name]
+            if not (self._pin_dir / name).exists():
+                obj.maps[name].pin(self._pin_dir / name)
+        for name in [*TC_PROGRAMS, *SOCK_PROGRAMS]:
+            program = obj.programs[name]
+            (self._pin_dir / name).unlink(missing_ok=True)
+            program.pin(self._pin_dir / name)
+            self.programs[name] = program
+        for name, (call_map, slot) in TC_PROGRAMS.items():
+            ProgArray(obj.maps[call_map]).set(slot, self.programs[name])
+        self._attach_sockets()
+
+    def _attach_sockets(self) -> None:
+        """Attach the socket programs to the node's cgroup, replacing our older ones."""
+        self._cgroup.mkdir(parents=True, exist_ok=True)
+        for name, attach_type in SOCK_PROGRAMS.items():
+            stale = []
+            for prog_id in query_cgroup(self._cgroup, attach_type):
+                try:
+                    with Program.from_id(prog_id) as program:
+                        if program.name == name[:15]:
+                            stale.append(prog_id)
+                except BpfError:
+                    continue
+            attach_cgroup(self._cgroup, self.programs[name], attach_type, multi=True)
+            for prog_id in stale:
+                with Program.from_id(prog_id) as program:
+                    detach_cgroup(self._cgroup, program, attach_type)
+
+    def detach_sockets(self) -> None:
+        for name, attach_type in SOCK_PROGRAMS.items():
+            if self._cgroup.exists() and self.programs[name].id in query_cgroup(self._cgroup, attach_type):
+                detach_cgroup(self._cgroup, self.programs[name], attach_type)
+
+    def close(self) -> None:
+        if self._obj is not None:
+            self._obj.close()
+            self._obj = None
+
+    # ---- writing a service ----
+
+    def _typed(self, name: str, key: object, value: object) -> Map:
+        return self.maps[name].typed(key, value)  # type: ignore[arg-type]
+
+    def _table_size(self, frontends: list[Frontend]) -> int | None:
+        services = self._typed("lb_services", LbServiceKey, LbService)
+        for f in frontends:
+            value = services.lookup(f.key())
+            if value is not None:
+                return int(value.table_size)
+        return None
+
+    def write(
+        self,
+        service_id: int,
+        service: Service,
+        frontends: list[Frontend],
+        stale_frontends: list[Frontend],
+        backend_ids: dict[str, int],
+        stale_backend_ids: list[int],
+        table: list[int],
+    ) -> None:
+        """Make the maps hold this service: backends, reverse NAT, table, frontends, clean-up."""
+        backends = self._typed("lb_backends", ctypes.c_uint32, LbBackend)
+        for b in service.backends:
+            backends.update(backend_ids[b.key], backend_value(b))
+        rev_nat = self._typed("lb_rev_nat", ctypes.c_uint32, LbRevNat)
+        for f in frontends:
+            value = LbRevNat()
+            ctypes.memmove(value.addr, ipaddress.ip_address(f.address).packed, 4)
+            value.port = _net_port(f.port)
+            value.family = 2
+            rev_nat.update(f.rev_nat_index, value)
+        old_size = self._table_size(frontends) or 0
+        if len(table) <= old_size:
+            self._write_frontends(service_id, service, frontends, len(table))
+            self._write_table(service_id, table)
+        else:
+            self._write_table(service_id, table)
+            self._write_frontends(service_id, service, frontends, len(table))
+        self._delete_frontends(stale_frontends)
+        for backend_id in stale_backend_ids:
+            for name in ("lb_backends", "lb_backend_stats"):
+                with contextlib.suppress(KeyNotFoundError):
+                    self.maps[name].typed(ctypes.c_uint32, None).delete(backend_id)
+
+    def _write_frontends(self, service_id: int, service: Service, frontends: list[Frontend], size: int) -> None:
+        services = self._typed("lb_services", LbServiceKey, LbService)
+        flags = (ServiceFlag.AFFINITY if service.affinity_timeout else 0) | (
+            ServiceFlag.NODE_PORT if service.node_port else 0
+        )
+        for f in frontends:
+            services.update(
+                f.key(),
+                LbService(service_id=service_id, table_size=size, flags=flags,
+                          affinity_timeout=service.affinity_timeout, rev_nat_index=f.rev_nat_index),
+            )
+
+    def _write_table(self, service_id: int, table: list[int]) -> None:
+        tables = self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32)
+        if not table:
+            with contextlib.suppress(KeyNotFoundError):
+                tables.delete(service_id)
+            return
+        inner = Map.create(MapType.ARRAY, 4, 4, len(table), flags=BPF_F_INNER_MAP, name=f"lb_table_{service_id}",
+                           key_type=ctypes.c_uint32, value_type=ctypes.c_uint32)
+        with inner:
+            inner.update_batch(list(range(len(table))), table)
+            tables.update(service_id, inner.fd)
+
+    def _delete_frontends(self, frontends: list[Frontend]) -> None:
+        services = self._typed("lb_services", LbServiceKey, LbService)
+        rev_nat = self._typed("lb_rev_nat", ctypes.c_uint32, LbRevNat)
+        for f in frontends:
+            for m, key in ((services, f.key()), (rev_nat, f.rev_nat_index)):
+                with contextlib.suppress(KeyNotFoundError):
+                    m.delete(key)
+
+    def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int]) -> None:
+        self._delete_frontends(frontends)
+        self._write_table(service_id, [])
+        for name, key in [("lb_service_stats", service_id)] + [("lb_backends", b) for b in backend_ids] + [
+            ("lb_backend_stats", b) for b in backend_ids
+        ]:
+            with contextlib.suppress(KeyNotFoundError):
+                self.maps[name].typed(ctypes.c_uint32, None).delete(key)
+
+    # ---- reading ----
+
+    def frontend_keys(self) -> set[tuple[str, int, int]]:
+        services = self._typed("lb_services", LbServiceKey, LbService)
+        out = set()
+        for key in services:
+            port = int.from_bytes(int(key.port).to_bytes(2, "little"), "big")
+            out.add((str(ipaddress.ip_address(bytes(key.addr)[:4])), port, int(key.proto)))
+        return out
+
+    def backend_ids(self) -> set[int]:
+        return {int(k) for k in self.maps["lb_backends"].typed(ctypes.c_uint32, None)}
+
+    def service_ids(self) -> set[int]:
+        return {int(k) for k in self.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32)}
+
+    def table(self, service_id: int) -> list[int]:
+        map_id = self.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32).lookup(service_id)
+        if not map_id:
+            return []
+        with Map.from_id(map_id, key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as inner:
+            return [int(inner[i]) for i in range(inner.max_entries)]
+
+    def counts(self, name: str, key: int) -> Counts:
+        total = self.maps[name].typed(ctypes.c_uint32, LbStats).lookup_sum(key)
+        if total is None:
+            return Counts(0, 0, 0)
+        return Counts(int(total.packets), int(total.bytes), int(total.new_conns))

@@ -1,0 +1,174 @@
+"""Services and backends as the load balancer keeps them, validated from protobuf.
+
+Every check happens here, before any map is touched, and says what is wrong
+with which field, so a refused upsert changes nothing.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass, field, replace
+
+from weir.lb.v1 import lb_pb2 as pb
+
+from services.common.errors import InvalidArgument
+from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_TABLE, BackendState
+from services.lb.maglev import is_prime
+
+NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+PROTOCOLS = {"TCP": 6, "UDP": 17}
+STATES = {
+    pb.BACKEND_STATE_UNSPECIFIED: BackendState.ACTIVE,
+    pb.BACKEND_STATE_ACTIVE: BackendState.ACTIVE,
+    pb.BACKEND_STATE_TERMINATING: BackendState.TERMINATING,
+    pb.BACKEND_STATE_MAINTENANCE: BackendState.MAINTENANCE,
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    address: str
+    port: int
+    weight: int = 1
+    state: BackendState = BackendState.ACTIVE
+    healthy: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+    @property
+    def selectable(self) -> bool:
+        """Whether it may take new connections."""
+        return self.state is BackendState.ACTIVE and self.weight > 0 and self.healthy
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    interval_ms: int = 0
+    timeout_ms: int = 1000
+    unhealthy_threshold: int = 2
+    healthy_threshold: int = 2
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    node_port: bool
+    address: str  # cluster IP; "" for node ports
+    port: int
+    protocol: str
+    backends: tuple[Backend, ...]
+    maglev: bool = False
+    table_size: int = DEFAULT_MAGLEV_TABLE
+    seed: int = 0
+    affinity_timeout: int = 0
+    health: HealthCheck = field(default_factory=HealthCheck)
+
+    @property
+    def proto(self) -> int:
+        return PROTOCOLS[self.protocol]
+
+    def backend(self, address: str, port: int) -> Backend:
+        for b in self.backends:
+            if (b.address, b.port) == (address, port):
+                return b
+        raise KeyError(f"{address}:{port}")
+
+    def with_backend(self, changed: Backend) -> Service:
+        return replace(self, backends=tuple(changed if b.key == changed.key else b for b in self.backends))
+
+
+def _address(text: str, where: str) -> str:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise InvalidArgument(f"{where}: {text!r} is not an IP address") from None
+    if address.version != 4:
+        raise InvalidArgument(f"{where}: {text} is IPv6; the load balancer serves IPv4 frontends and backends")
+    if address.is_unspecified or address.is_multicast or address.is_loopback:
+        raise InvalidArgument(f"{where}: {text} cannot be used")
+    return str(address)
+
+
+def _port(value: int, where: str) -> int:
+    if not 1 <= value <= 65535:
+        raise InvalidArgument(f"{where}: port {value} is out of range (1-65535)")
+    return value
+
+
+def backend_from_proto(msg: pb.Backend, where: str) -> Backend:
+    weight = msg.weight if msg.HasField("weight") else 1
+    if weight < 0:
+        raise InvalidArgument(f"{where}: weight {weight} is negative")
+    if weight > 65535:
+        raise InvalidArgument(f"{where}: weight {weight} is above 65535")
+    if msg.state not in STATES:
+        raise InvalidArgument(f"{where}: unknown state {msg.state}")
+    return Backend(_address(msg.address, where), _port(msg.port, where), weight, STATES[msg.state])
+
+
+def from_proto(msg: pb.Service) -> Service:
+    """Validate a service message; raises InvalidArgument naming the faulty field."""
+    if not NAME_RE.match(msg.name):
+        raise InvalidArgument(f"service name {msg.name!r} is invalid: use lowercase letters, digits, '-' and '.'")
+    where = f"service {msg.name}"
+    protocol = (msg.protocol or "TCP").upper()
+    if protocol not in PROTOCOLS:
+        raise InvalidArgument(f"{where}: protocol {msg.protocol!r} is not TCP or UDP")
+    node_port = msg.kind == pb.KIND_NODE_PORT
+    address = "" if node_port else _address(msg.address, f"{where}: address")
+    port = _port(msg.port, f"{where}: frontend")
+    backends = tuple(backend_from_proto(b, f"{where}: backends[{i}]") for i, b in enumerate(msg.backends))
+    seen = set()
+    for b in backends:
+        if b.key in seen:
+            raise InvalidArgument(f"{where}: backend {b.key} is listed twice")
+        seen.add(b.key)
+    maglev = msg.algorithm == pb.ALGORITHM_MAGLEV
+    size = msg.maglev_table_size or DEFAULT_MAGLEV_TABLE
+    if maglev and not is_prime(size):
+        raise InvalidArgument(f"{where}: Maglev table size {size} is not a prime (try 1021, 4093 or 16381)")
+    if maglev and size > MAX_TABLE:
+        raise InvalidArgument(f"{where}: Maglev table size {size} is above the maximum {MAX_TABLE}")
+    if maglev and size < len(backends):
+        raise InvalidArgument(f"{where}: Maglev table size {size} is smaller than the {len(backends)} backends")
+    hc = msg.health_check
+    health = HealthCheck(
+        hc.interval_ms,
+        hc.timeout_ms or 1000,
+        hc.unhealthy_threshold or 2,
+        hc.healthy_threshold or 2,
+    )
+    return Service(msg.name, node_port, address, port, protocol, backends, maglev, size, msg.maglev_seed,
+                   msg.affinity_timeout_seconds, health)
+
+
+def state_to_proto(state: BackendState) -> pb.BackendState.ValueType:
+    return pb.BackendState.Value(f"BACKEND_STATE_{state.name}")
+
+
+def to_proto(service: Service) -> pb.Service:
+    return pb.Service(
+        name=service.name,
+        kind=pb.KIND_NODE_PORT if service.node_port else pb.KIND_CLUSTER_IP,
+        address=service.address,
+        port=service.port,
+        protocol=service.protocol,
+        backends=[
+            pb.Backend(address=b.address, port=b.port, weight=b.weight, state=state_to_proto(b.state),
+                       healthy=b.healthy)
+            for b in service.backends
+        ],
+        algorithm=pb.ALGORITHM_MAGLEV if service.maglev else pb.ALGORITHM_HASH,
+        maglev_table_size=service.table_size if service.maglev else 0,
+        maglev_seed=service.seed,
+        affinity_timeout_seconds=service.affinity_timeout,
+        health_check=pb.HealthCheck(
+            interval_ms=service.health.interval_ms,
+            timeout_ms=service.health.timeout_ms,
+            unhealthy_threshold=service.health.unhealthy_threshold,
+            healthy_threshold=service.health.healthy_threshold,
+        ),
+    )

@@ -1,0 +1,68 @@
+"""The load balancer's gRPC layer: convert, call one `LoadBalancer` method, fill the reply."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc.aio
+from weir.lb.v1 import lb_pb2 as pb
+from weir.lb.v1 import lb_pb2_grpc as pb_grpc
+
+from services.common.errors import InvalidArgument
+from services.common.worker import Worker
+from services.lb import model
+from services.lb.lb import LoadBalancer
+from services.lb.maps import Counts
+from services.lb.model import Service
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["LoadBalancer"].full_name
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _counter(c: Counts) -> pb.LbCounter:
+    return pb.LbCounter(packets=c.packets, bytes=c.bytes, new_connections=c.new_conns)
+
+
+class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
+    def __init__(self, worker: Worker, lb: LoadBalancer) -> None:
+        self._worker = worker
+        self._lb = lb
+
+    async def _reply(self, service: Service) -> pb.Service:
+        msg = model.to_proto(service)
+        msg.id = await self._worker.call(self._lb.service_id, service.name)
+        msg.frontends.extend(await self._worker.call(self._lb.frontends, service.name))
+        return msg
+
+    async def UpsertService(self, request: pb.UpsertServiceRequest, context: Context) -> pb.Service:
+        if not request.HasField("service"):
+            raise InvalidArgument("service is required")
+        return await self._reply(await self._worker.call(self._lb.upsert, request.service))
+
+    async def DeleteService(self, request: pb.DeleteServiceRequest, context: Context) -> pb.DeleteServiceResponse:
+        await self._worker.call(self._lb.delete, request.name)
+        return pb.DeleteServiceResponse()
+
+    async def GetService(self, request: pb.GetServiceRequest, context: Context) -> pb.Service:
+        return await self._reply(await self._worker.call(self._lb.get, request.name))
+
+    async def ListServices(self, request: pb.ListServicesRequest, context: Context) -> pb.ListServicesResponse:
+        services, token = await self._worker.call(self._lb.list_page, request.page.page_size, request.page.page_token)
+        return pb.ListServicesResponse(services=[await self._reply(s) for s in services], next_page_token=token)
+
+    async def SetBackend(self, request: pb.SetBackendRequest, context: Context) -> pb.Service:
+        if request.state not in model.STATES:
+            raise InvalidArgument(f"unknown backend state {request.state}")
+        state = model.STATES[request.state] if request.state else None
+        weight = request.weight if request.HasField("weight") else None
+        service = await self._worker.call(
+            self._lb.set_backend, request.service, request.address, request.port, weight, state
+        )
+        return await self._reply(service)
+
+    async def GetCounters(self, request: pb.GetCountersRequest, context: Context) -> pb.GetCountersResponse:
+        service, backends = await self._worker.call(self._lb.counters, request.service)
+        return pb.GetCountersResponse(
+            service=_counter(service),
+            backends=[pb.BackendCounter(address=b.address, port=b.port, counter=_counter(c)) for b, c in backends],
+        )
