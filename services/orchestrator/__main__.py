@@ -19,6 +19,7 @@ from services.common.store import Store
 from services.common.worker import Worker
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
+from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
 from services.orchestrator.events import EventHub
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
@@ -42,11 +43,14 @@ async def main(config: NodeConfig, bpf_dir: Path) -> None:
     store = await worker.call(Store.open, config, SERVICE)
     endpoints = Endpoints(config.instance, chain, store)
     await worker.call(endpoints.reconcile)
+    devices = Devices(chain, store)
+    await worker.call(devices.reconcile)
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        pb_grpc.add_OrchestratorServicer_to_server(OrchestratorServicer(worker, chain, endpoints, events), server)
+        servicer = OrchestratorServicer(worker, chain, endpoints, devices, events)
+        pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     async def on_stop() -> None:

@@ -19,6 +19,7 @@ from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
+from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
 
@@ -78,8 +79,11 @@ def slot_to_proto(state: SlotState) -> pb.SlotState:
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
-    def __init__(self, worker: Worker, chain: Chain, endpoints: Endpoints, events: EventHub) -> None:
+    def __init__(
+        self, worker: Worker, chain: Chain, endpoints: Endpoints, devices: Devices, events: EventHub
+    ) -> None:
         self._worker = worker
+        self._devices = devices
         self._chain = chain
         self._endpoints = endpoints
         self._events = events
@@ -126,6 +130,18 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         return pb.ListSlotsResponse(
             slots=[slot_to_proto(s) for hook in hooks for s in self._chain.slots(hook)]
         )
+
+    async def AttachDevice(self, request: pb.AttachDeviceRequest, context: Context) -> pb.Device:
+        ifindex = await self._worker.call(self._devices.attach, request.interface)
+        return pb.Device(interface=request.interface, ifindex=ifindex)
+
+    async def DetachDevice(self, request: pb.DetachDeviceRequest, context: Context) -> pb.DetachDeviceResponse:
+        await self._worker.call(self._devices.detach, request.interface)
+        return pb.DetachDeviceResponse()
+
+    async def ListDevices(self, request: pb.ListDevicesRequest, context: Context) -> pb.ListDevicesResponse:
+        devices = await self._worker.call(self._devices.list)
+        return pb.ListDevicesResponse(devices=[pb.Device(interface=n, ifindex=i) for n, i in devices])
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Context    ) -> pb.GetMetricsResponse:

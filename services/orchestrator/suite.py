@@ -17,7 +17,7 @@ from types import FrameType
 
 from services.common.config import NodeConfig
 
-SERVICES = ["orchestrator"]
+SERVICES = ["orchestrator", "prefilter", "policy", "lb"]
 START_GRACE = 0.5
 
 

@@ -1,0 +1,359 @@
+"""The service load balancer as real processes: VIPs, node ports and socket LB with real traffic."""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from weir.lb.v1 import lb_pb2 as pb
+from weir.lb.v1 import lb_pb2_grpc as pb_grpc
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+
+from pybpf import Map
+from services.common.datapath import CtKey, CtScope, CtValue
+from services.lb.defs import LbService, LbServiceKey
+from tests.harness import netns, traffic
+from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
+
+pytestmark = pytest.mark.root
+
+VIP = "198.19.0.1"
+
+
+@dataclass
+class Setup:
+    node: Node
+    client: orch_pb.Endpoint
+    backends: list[orch_pb.Endpoint]
+
+    @property
+    def lb(self) -> pb_grpc.LoadBalancerStub:
+        return pb_grpc.LoadBalancerStub(self.node.channel("lb"))
+
+    def name_of(self, address: str) -> str:
+        return next(b.name for b in self.backends if b.ipv4 == address)
+
+
+@contextmanager
+def servers(s: Setup, port: int = 8080) -> Iterator[None]:
+    """Every backend answers TCP and UDP on `port` with its own name."""
+    with ExitStack() as stack:
+        for b in s.backends:
+            stack.enter_context(traffic.server(b.netns, b.ipv4, port, reply=f"{b.name}:".encode()))
+            stack.enter_context(traffic.server(b.netns, b.ipv4, port, "udp", reply=f"{b.name}:".encode()))
+        yield
+
+
+def make_setup(make_node: Callable[..., Node], backends: int, *lb_args: str) -> Setup:
+    node = make_node("orchestrator")
+    node.start("lb", *lb_args)
+    client = node.create_endpoint("client", {"app": "client"}, ipv6=False)
+    made = [node.create_endpoint(f"b{i}", {"app": "backend"}, ipv6=False) for i in range(backends)]
+    return Setup(node, client, made)
+
+
+def service(s: Setup, name: str = "web", weights: list[int] | None = None, **kw: Any) -> pb.Service:
+    weights = weights or [1] * len(s.backends)
+    fields: dict[str, object] = {"name": name, "address": VIP, "port": 80, "protocol": "TCP", **kw}
+    return pb.Service(
+        backends=[pb.Backend(address=b.ipv4, port=8080, weight=w) for b, w in zip(s.backends, weights, strict=True)],
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+def tcp_backend(s: Setup, ns: str, dst: str = VIP, port: int = 80, source_port: int = 0) -> str:
+    """Which backend answered a TCP exchange with the frontend (the socket is connected to it)."""
+    with netns.entered(ns):
+        sock = socket.socket()
+    with sock:
+        sock.settimeout(2)
+        if source_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", source_port))
+        sock.connect((dst, port))
+        assert sock.getpeername() == (dst, port)
+        sock.sendall(b"x")
+        sock.shutdown(socket.SHUT_WR)
+        return sock.recv(100).split(b":")[0].decode()
+
+
+def udp_backend(ns: str, dst: str = VIP, port: int = 80, source_port: int = 0) -> str:
+    """Which backend answered a datagram; the answer must come from the frontend."""
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        sock.settimeout(2)
+        if source_port:
+            sock.bind(("", source_port))
+        sock.sendto(b"x", (dst, port))
+        data, peer = sock.recvfrom(100)
+        assert peer == (dst, port), f"reply from {peer}, not from the frontend"
+        return data.split(b":")[0].decode()
+
+
+def test_spread_follows_weights_and_replies_come_from_the_vip(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 3)
+    reply = s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, weights=[1, 2, 3])), timeout=10)
+    assert list(reply.frontends) == [f"{VIP}:80"]
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "dns", weights=[1, 2, 3], protocol="UDP")))
+    n = 300
+    with servers(s):
+        tcp = collections.Counter(tcp_backend(s, s.client.netns) for _ in range(n))
+        udp = collections.Counter(udp_backend(s.client.netns, source_port=20000 + i) for i in range(n))
+    for counts in (tcp, udp):
+        assert sum(counts.values()) == n
+        for backend, weight in zip(("b0", "b1", "b2"), (1, 2, 3), strict=True):
+            assert abs(counts[backend] / n - weight / 6) < 0.1, counts  # tolerance: 10 points of share
+    counters = s.lb.GetCounters(pb.GetCountersRequest(service="web"))
+    assert counters.service.new_connections == n
+    assert sum(b.counter.new_connections for b in counters.backends) == n
+
+
+def test_node_port_from_outside(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 2)
+    s.node.orchestrator().AttachDevice(orch_pb.AttachDeviceRequest(interface=NET_IFNAME), timeout=10)
+    svc = service(s, "np", kind=pb.KIND_NODE_PORT, port=30080)
+    reply = s.lb.UpsertService(pb.UpsertServiceRequest(service=svc), timeout=10)
+    assert f"{NODE_NET_V4}:30080" in reply.frontends
+    with servers(s):
+        seen = collections.Counter(tcp_backend(s, s.node.outside, NODE_NET_V4, 30080) for _ in range(40))
+    assert set(seen) == {"b0", "b1"}
+
+
+def run_in_node_cgroup(node: Node, script: str) -> str:
+    """Run Python in the node's namespace as a process of the node's cgroup (the host)."""
+    cgroup = node.cgroup_root / "clients"
+    cgroup.mkdir(exist_ok=True)
+    argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
+            *netns.nsenter_argv(node.ns), sys.executable, "-c", textwrap.dedent(script)]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_socket_lb_from_a_host_process(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 3)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "dns", protocol="UDP")), timeout=10)
+    before = s.lb.GetCounters(pb.GetCountersRequest(service="web")).service
+    with servers(s):
+        out = run_in_node_cgroup(s.node, f"""
+            import json, socket
+            seen = []
+            for _ in range(60):
+                with socket.create_connection(("{VIP}", 80), timeout=2) as c:
+                    peer = c.getpeername()
+                    c.sendall(b"x"); c.shutdown(socket.SHUT_WR)
+                    seen.append((c.recv(100).split(b":")[0].decode(), list(peer)))
+            udp = []
+            for _ in range(30):
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+                u.sendto(b"x", ("{VIP}", 80))
+                data, peer = u.recvfrom(100)
+                udp.append((data.split(b":")[0].decode(), list(peer)))
+                u.close()
+            print(json.dumps({{"tcp": seen, "udp": udp}}))
+        """)
+    result = json.loads(out)
+    assert {tuple(peer) for _, peer in result["tcp"]} == {(VIP, 80)}  # getpeername4 gives the VIP
+    assert {tuple(peer) for _, peer in result["udp"]} == {(VIP, 80)}  # recvmsg4 gives the VIP
+    assert {name for name, _ in result["tcp"]} == {"b0", "b1", "b2"}
+    after = s.lb.GetCounters(pb.GetCountersRequest(service="web")).service
+    assert after.new_connections - before.new_connections == 60
+    assert after.packets - before.packets == 60  # counted once per connect: no per-packet NAT happened
+
+
+def test_affinity_keeps_a_client_on_one_backend(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 4)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, affinity_timeout_seconds=60)), timeout=10)
+    with servers(s):
+        seen = {tcp_backend(s, s.client.netns) for _ in range(40)}
+    assert len(seen) == 1
+
+
+def test_terminating_backend_keeps_its_connection_and_gets_no_new_ones(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 3)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    with servers(s):
+        with netns.entered(s.client.netns):
+            held = socket.create_connection((VIP, 80), timeout=2)
+        held.sendall(b"a")
+        owner = held.recv(100).split(b":")[0].decode()
+        owner_ip = next(b.ipv4 for b in s.backends if b.name == owner)
+        s.lb.SetBackend(pb.SetBackendRequest(service="web", address=owner_ip, port=8080,
+                                             state=pb.BACKEND_STATE_TERMINATING), timeout=10)
+        new = collections.Counter(tcp_backend(s, s.client.netns) for _ in range(60))
+        held.sendall(b"still")
+        assert held.recv(100) == b"still"
+        held.close()
+        assert owner not in new and sum(new.values()) == 60
+        s.lb.SetBackend(pb.SetBackendRequest(service="web", address=owner_ip, port=8080,
+                                             state=pb.BACKEND_STATE_MAINTENANCE), timeout=10)
+        assert owner not in {tcp_backend(s, s.client.netns) for _ in range(20)}
+
+
+def _flush_service_conntrack(node: Node) -> None:
+    """Forget which backend each flow had, so the next packets are placed by the table alone."""
+    with Map.from_pin(node.bpffs_root / "globals/conntrack", key_type=CtKey, value_type=CtValue) as ct:
+        for key in [k for k in ct if k.dir in (CtScope.SERVICE, CtScope.REV_NAT)]:
+            ct.delete(key)
+
+
+def test_maglev_removing_one_of_ten_moves_few_flows(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 10)
+    maglev: dict[str, Any] = {"protocol": "UDP", "algorithm": pb.ALGORITHM_MAGLEV, "maglev_table_size": 1021,
+                                 "maglev_seed": 7}
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, **maglev)), timeout=10)
+    flows = range(30000, 30400)
+    with servers(s):
+        first = {sp: udp_backend(s.client.netns, source_port=sp) for sp in flows}
+        assert len(set(first.values())) == 10
+        gone = s.backends.pop(3)
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, **maglev)), timeout=10)
+        _flush_service_conntrack(s.node)
+        second = {sp: udp_backend(s.client.netns, source_port=sp) for sp in flows}
+    stayed = [sp for sp in flows if first[sp] != gone.name]
+    moved = [sp for sp in stayed if first[sp] != second[sp]]
+    assert all(second[sp] != gone.name for sp in flows)
+    # Theory: a 1021-slot table over 10 backends moves the removed backend's ~1/10 of
+    # the slots plus a few percent of the rest; 10% is a generous bound.
+    assert len(moved) <= 0.10 * len(stayed), f"{len(moved)} of {len(stayed)} flows moved"
+
+
+def _datapath_state(node: Node) -> dict[str, object]:
+    pins = node.bpffs_root / "lb"
+    out: dict[str, object] = {}
+    with Map.from_pin(pins / "lb_services", key_type=LbServiceKey, value_type=LbService) as services:
+        out["frontends"] = sorted((bytes(k.addr)[:4].hex(), int(k.port), int(v.service_id), int(v.table_size))
+                                  for k, v in services.items())
+    with Map.from_pin(pins / "lb_tables", key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as tables:
+        for service_id, map_id in tables.items():
+            with Map.from_id(map_id, key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as inner:
+                out[f"table{service_id}"] = [int(v) for _, v in sorted(inner.items())]
+    with Map.from_pin(pins / "lb_backends") as backends:
+        out["backends"] = sorted(bytes(k).hex() + bytes(v).hex() for k, v in backends.items())
+    return out
+
+
+def test_sigkill_keeps_vips_working_and_restart_restores_the_maps(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 3)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "m", address="198.19.0.2", weights=[1, 1, 2],
+                                                               algorithm=pb.ALGORITHM_MAGLEV)), timeout=10)
+    state = _datapath_state(s.node)
+    with servers(s):
+        with netns.entered(s.client.netns):
+            held = socket.create_connection((VIP, 80), timeout=2)
+        held.sendall(b"1")
+        assert held.recv(100).endswith(b"1")
+        s.node.kill("lb")
+        held.sendall(b"2")
+        assert held.recv(100) == b"2"
+        assert len({tcp_backend(s, s.client.netns) for _ in range(30)}) == 3
+        s.node.start("lb")
+        held.sendall(b"3")
+        assert held.recv(100) == b"3"
+        held.close()
+        assert len({tcp_backend(s, s.client.netns, "198.19.0.2") for _ in range(30)}) == 3
+    assert _datapath_state(s.node) == state
+    assert [x.name for x in s.lb.ListServices(pb.ListServicesRequest()).services] == ["m", "web"]
+
+
+def test_no_active_backend_drops_with_its_reason(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 1)
+    svc = service(s)
+    svc.backends[0].state = pb.BACKEND_STATE_MAINTENANCE
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=svc), timeout=10)
+    with servers(s), pytest.raises(OSError):
+        tcp_backend(s, s.client.netns)
+    reasons = s.node.orchestrator().GetMetrics(orch_pb.GetMetricsRequest()).reasons
+    assert any(r.reason == "NO_SERVICE_BACKEND" and r.counter.packets >= 1 for r in reasons)
+
+
+def test_health_check_takes_a_dead_backend_out(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 2)
+    hc = pb.HealthCheck(interval_ms=100, timeout_ms=200, unhealthy_threshold=2, healthy_threshold=1)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, health_check=hc)), timeout=10)
+    alive = s.backends[0]
+    with traffic.server(alive.netns, alive.ipv4, 8080, reply=b"b0:"):
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            states = {b.address: b.healthy for b in s.lb.GetService(pb.GetServiceRequest(name="web")).backends}
+            if not states[s.backends[1].ipv4]:
+                break
+            time.sleep(0.1)
+        assert states == {alive.ipv4: True, s.backends[1].ipv4: False}
+        assert {tcp_backend(s, s.client.netns) for _ in range(20)} == {"b0"}
+
+
+def test_bad_input_is_refused_and_changes_nothing(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 2, "--max-services", "2")
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    before = _datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())
+
+    def upsert(**kw: Any) -> Callable[[], object]:
+        return lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "other", **kw)))
+
+    negative = service(s, "other", address="198.19.0.9")
+    negative.backends[0].weight = -1
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
+        ("invalid VIP", upsert(address="198.19.0.300"), grpc.StatusCode.INVALID_ARGUMENT, "not an IP address"),
+        ("port 0", upsert(address="198.19.0.9", port=0), grpc.StatusCode.INVALID_ARGUMENT, "port 0 is out of range"),
+        ("port above 65535", upsert(address="198.19.0.9", port=70000), grpc.StatusCode.INVALID_ARGUMENT,
+         "port 70000"),
+        ("duplicate frontend", upsert(), grpc.StatusCode.ALREADY_EXISTS, f"{VIP}:80/TCP already belongs"),
+        ("negative weight", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=negative)),
+         grpc.StatusCode.INVALID_ARGUMENT, "weight -1 is negative"),
+        ("table not prime", upsert(address="198.19.0.9", algorithm=pb.ALGORITHM_MAGLEV, maglev_table_size=1000),
+         grpc.StatusCode.INVALID_ARGUMENT, "1000 is not a prime"),
+        ("unknown service", lambda: s.lb.GetService(pb.GetServiceRequest(name="ghost")),
+         grpc.StatusCode.NOT_FOUND, "ghost"),
+        ("unknown backend", lambda: s.lb.SetBackend(pb.SetBackendRequest(service="web", address="198.18.9.9",
+                                                                          port=8080, weight=2)),
+         grpc.StatusCode.NOT_FOUND, "198.18.9.9:8080"),
+        ("bad protocol", upsert(address="198.19.0.9", protocol="SCTP"), grpc.StatusCode.INVALID_ARGUMENT, "SCTP"),
+    ]
+    for what, call, code, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == code, f"{what}: {err.value.code()} {err.value.details()}"
+        assert text in (err.value.details() or ""), f"{what}: {err.value.details()}"
+        assert (_datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())) == before, what
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "second", address="198.19.0.3")), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "third", address="198.19.0.4")))
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "2 are free" in (err.value.details() or "")
+
+
+def test_grpcurl_creates_and_lists_a_service(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 1)
+    sock = str(s.node.socket("lb"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+    def grpcurl(body: str, method: str) -> str:
+        argv = ["grpcurl", "-plaintext", "-unix", "-d", body, sock, f"weir.lb.v1.LoadBalancer/{method}"]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=30, env=env)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    body = json.dumps({"service": {"name": "api", "address": "198.19.0.5", "port": 443, "protocol": "TCP",
+                                   "backends": [{"address": s.backends[0].ipv4, "port": 8080}]}})
+    assert '"198.19.0.5:443"' in grpcurl(body, "UpsertService")
+    listed = grpcurl("{}", "ListServices")
+    assert '"name": "api"' in listed and s.backends[0].ipv4 in listed
+    with traffic.server(s.backends[0].netns, s.backends[0].ipv4, 8080, reply=b"b0:"):
+        assert tcp_backend(s, s.client.netns, "198.19.0.5", 443) == "b0"
