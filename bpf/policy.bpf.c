@@ -73,11 +73,15 @@ static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __
 	return (e->flags & WEIR_POLICY_FLAG_DENY) ? VERDICT_DENY : VERDICT_ALLOW;
 }
 
-/* IPv6 neighbour discovery and router messages are never subject to policy. */
+/* IPv6 link control is never subject to policy: neighbour discovery and router
+ * messages, and anything to a link-local-scope multicast group (MLD reports).
+ */
 static __always_inline int is_nd(const struct flow *f)
 {
 	__u8 type = bpf_ntohs(f->dport) >> 8;
 
+	if (f->family == 10 && f->daddr[0] == 0xff && (f->daddr[1] & 0x0f) == 0x02)
+		return 1;
 	return f->proto == IPPROTO_ICMPV6 && type >= 133 && type <= 137;
 }
 

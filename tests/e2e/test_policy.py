@@ -20,6 +20,7 @@ from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from pybpf import Map
+from services.common.datapath import CtKey, CtValue
 from services.policy.defs import EndpointPolicyConfig, PolicyEntry, PolicyKey
 from tests.harness import netns, traffic
 from tests.harness.node import NODE_NET_V4, OUTSIDE_V4, Node
@@ -316,3 +317,38 @@ def test_grpcurl_imports_json_and_reads_the_policy_map(cluster: Cluster) -> None
     shown = grpcurl('{"endpoint": "db"}', "GetEndpointPolicy")
     assert '"ingress_enforced": true' in shown and '"port": 5432' in shown and '"rules": [' in shown
     assert '"packets": "1"' in shown
+
+
+def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node: Callable[..., Node]) -> None:
+    node = make_node("orchestrator")
+    node.start("policy", "--gc-seconds", "0.5", "--refresh-seconds", "0.25")
+    fe = node.create_endpoint("frontend", {"app": "frontend"})
+    be = node.create_endpoint("backend", {"app": "backend"})
+    s = pb_grpc.PolicyStub(node.channel("policy"))
+    s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
+    _server_ns.update({be.ipv4: be.netns, fe.ipv4: fe.netns})
+    events = node.orchestrator().WatchEvents(orch_pb.WatchEventsRequest(types=["DROP"]), timeout=20)
+    time.sleep(0.3)
+    assert not tcp_ok(fe.netns, be.ipv4, 9999)
+    drop = next(e for e in events if e.protocol == "TCP")
+    events.cancel()
+    assert (drop.reason, drop.protocol, drop.src, drop.dst, drop.dst_port) == (
+        "POLICY_DENIED", "TCP", fe.ipv4, be.ipv4, 9999)
+    assert drop.hook == common_pb2.HOOK_TO_CONTAINER
+
+    assert tcp_ok(fe.netns, be.ipv4, 8080)
+    listed = s.ListConntrack(pb.ListConntrackRequest()).entries
+    allowed = [e for e in listed if e.destination_port == 8080 and e.protocol == "TCP"]
+    assert {e.direction for e in allowed} == {common_pb2.DIRECTION_EGRESS, common_pb2.DIRECTION_INGRESS}
+    assert all("REPLY_SEEN" in e.flags and e.packets >= 3 for e in allowed)
+
+    # An entry whose time is up is collected by the service.
+    with Map.from_pin(node.bpffs_root / "globals/conntrack", key_type=CtKey, value_type=CtValue) as ct:
+        stale = CtKey(proto=17, family=2, dir=0)
+        stale.saddr[:4] = [203, 0, 113, 50]
+        stale.daddr[:4] = [198, 18, 0, 99]
+        ct.update(stale, CtValue(expires=1, packets=1))
+        deadline = time.monotonic() + 5
+        while stale in ct and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert stale not in ct

@@ -17,9 +17,11 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.prefilter.v1 import prefilter_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
+from services.common.datapath import Hook
 from services.prefilter.maps import dump_pinned
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node
+from tests.harness.objects import counted, counter_object
 
 pytestmark = pytest.mark.root
 
@@ -258,3 +260,18 @@ def test_grpcurl_adds_an_entry_and_reads_its_counters(pnode: tuple[Node, orch_pb
     assert traffic.ping(node.outside, ep.ipv4, count=3, source=DENIED_HOST_V4, wait=0.5) == 0
     counters = grpcurl('{"cidrs": ["203.0.113.7/32"]}', "GetCounters")
     assert '"cidr": "203.0.113.7/32"' in counters and '"packets": "3"' in counters
+
+
+def test_passed_packets_continue_to_the_next_xdp_slot(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
+    node, ep = pnode
+    with counter_object(node, "xdpnext") as obj:
+        node.orchestrator().SetSlot(orch_pb.SetSlotRequest(
+            hook=common_pb2.HOOK_XDP, slot=common_pb2.SLOT_CUSTOM0,
+            pin_path=str(node.bpffs_root / "test/xdpnext/count_xdp")), timeout=5)
+        stub(node).AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32")))
+        before = counted(obj, Hook.XDP)
+        assert traffic.ping(node.outside, ep.ipv4, count=5, source=DENIED_HOST_V4, wait=0.5) == 0
+        after_denied = counted(obj, Hook.XDP)
+        assert traffic.ping(node.outside, ep.ipv4, count=5, source=ALLOWED_V4) == 5
+        assert after_denied == before  # dropped packets never reach the next slot
+        assert counted(obj, Hook.XDP) - after_denied >= 5  # passed ones do
