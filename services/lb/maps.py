@@ -30,6 +30,7 @@ from pybpf import (
     query_cgroup,
 )
 from services.common.datapath import Slot
+from services.common.objects import load_service_object, pin_programs
 from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey, LbStats, ServiceFlag
 from services.lb.model import Backend, Service
 
@@ -106,23 +107,10 @@ class LbMaps:
 
     def load(self) -> None:
         """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
-        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
-        for name in OWN_MAPS:
-            if (self._pin_dir / name).exists():
-                obj.reuse_map(name, Map.from_pin(self._pin_dir / name))
-        obj.load()
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
         self._obj = obj
-        for name in OWN_MAPS:
-            self.maps[name] = obj.maps[name]
-            if not (self._pin_dir / name).exists():
-                obj.maps[name].pin(self._pin_dir / name)
-        for name in [*TC_PROGRAMS, *SOCK_PROGRAMS]:
-            program = obj.programs[name]
-            (self._pin_dir / name).unlink(missing_ok=True)
-            program.pin(self._pin_dir / name)
-            self.programs[name] = program
+        self.maps = {name: obj.maps[name] for name in OWN_MAPS}
+        self.programs = pin_programs(obj, [*TC_PROGRAMS, *SOCK_PROGRAMS], self._pin_dir)
         for name, (call_map, slot) in TC_PROGRAMS.items():
             ProgArray(obj.maps[call_map]).set(slot, self.programs[name])
         self._attach_sockets()

@@ -28,6 +28,7 @@ from services.common.datapath import (
     Slot,
 )
 from services.common.errors import InvalidArgument, NotFound
+from services.common.objects import load_service_object, pin_programs
 
 ENTRY_PROGRAMS = {
     Hook.FROM_CONTAINER: "entry_from_container",
@@ -83,18 +84,10 @@ class Chain:
 
     def load(self) -> None:
         """Load (or reload, on restart) the entry programs; shared maps are reused."""
-        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        obj = BpfObject.open(self._obj_path, pin_root=self._globals_dir)
-        obj.load()
+        obj = load_service_object(self._obj_path, self._globals_dir, self._pin_dir, [])
         self._obj = obj
-        for hook, name in ENTRY_PROGRAMS.items():
-            program = obj.programs[name]
-            pin = self._pin_dir / name
-            if pin.exists():
-                pin.unlink()
-            program.pin(pin)
-            self.programs[hook] = program
+        pinned = pin_programs(obj, ENTRY_PROGRAMS.values(), self._pin_dir)
+        self.programs = {hook: pinned[name] for hook, name in ENTRY_PROGRAMS.items()}
         for hook, name in CALL_MAPS.items():
             self.calls[hook] = ProgArray(obj.maps[name])
         self.endpoints = obj.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
 from services.common.datapath import CtKey, CtValue, Direction, IpcacheKey, IpcacheValue, Slot
+from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 from services.prefilter.cidr import Network
@@ -81,26 +82,12 @@ class PolicyMaps:
 
     def load(self) -> None:
         """Load the programs (reusing this service's pins) and place them in their slots."""
-        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
-        for name in OWN_MAPS:
-            if (self._pin_dir / name).exists():
-                obj.reuse_map(name, Map.from_pin(self._pin_dir / name))
-        obj.load()
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
         self._obj = obj
-        for name in [*OWN_MAPS, "ipcache", "conntrack"]:
-            self.maps[name] = obj.maps[name]
-        for name in OWN_MAPS:
-            if not (self._pin_dir / name).exists():
-                obj.maps[name].pin(self._pin_dir / name)
+        self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "ipcache", "conntrack"]}
+        self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
         for name, call_map in PROGRAMS.items():
-            program = obj.programs[name]
-            pin = self._pin_dir / name
-            pin.unlink(missing_ok=True)
-            program.pin(pin)
-            self.programs[name] = program
-            ProgArray(obj.maps[call_map]).set(Slot.POLICY, program)
+            ProgArray(obj.maps[call_map]).set(Slot.POLICY, self.programs[name])
 
     def close(self) -> None:
         if self._obj is not None:

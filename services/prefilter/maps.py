@@ -22,6 +22,7 @@ import structlog
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
 from services.common.datapath import Counter, Slot
+from services.common.objects import load_service_object, pin_programs
 from services.prefilter.cidr import Network
 from services.prefilter.defs import (
     GENERATIONS,
@@ -127,24 +128,11 @@ class PrefilterMaps:
 
     def load(self) -> None:
         """Load the program; reuse this service's pinned maps if a previous run left them."""
-        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self._pin_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        obj = BpfObject.open(self._path, pin_root=self._globals_dir)
-        obj.set_map_max_entries("pf_entry_stats", self.capacity.ids)
-        for name in OWN_MAPS:
-            pin = self._pin_dir / name
-            if pin.exists():
-                obj.reuse_map(name, Map.from_pin(pin))
-        obj.load()
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS,
+                                  {"pf_entry_stats": self.capacity.ids})
         self._obj = obj
-        for name in OWN_MAPS:
-            self.maps[name] = obj.maps[name]
-            if not (self._pin_dir / name).exists():
-                obj.maps[name].pin(self._pin_dir / name)
-        self.program = obj.programs[PROGRAM]
-        pin = self._pin_dir / PROGRAM
-        pin.unlink(missing_ok=True)
-        self.program.pin(pin)
+        self.maps = {name: obj.maps[name] for name in OWN_MAPS}
+        self.program = pin_programs(obj, [PROGRAM], self._pin_dir)[PROGRAM]
         ProgArray(obj.maps["calls_xdp"]).set(Slot.PREFILTER, self.program)
 
     def close(self) -> None:

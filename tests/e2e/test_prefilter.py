@@ -273,5 +273,7 @@ def test_passed_packets_continue_to_the_next_xdp_slot(pnode: tuple[Node, orch_pb
         assert traffic.ping(node.outside, ep.ipv4, count=5, source=DENIED_HOST_V4, wait=0.5) == 0
         after_denied = counted(obj, Hook.XDP)
         assert traffic.ping(node.outside, ep.ipv4, count=5, source=ALLOWED_V4) == 5
-        assert after_denied == before  # dropped packets never reach the next slot
-        assert counted(obj, Hook.XDP) - after_denied >= 5  # passed ones do
+        # Dropped packets never reach the next slot (a little link chatter, ARP or ND, may);
+        # passed ones do.
+        assert after_denied - before < 5
+        assert counted(obj, Hook.XDP) - after_denied >= 5

@@ -144,12 +144,13 @@ class Node:
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise RuntimeError(f"{service} exited with {process.returncode}:\n{self.log_tail(service)}")
-            if self.socket(service).exists() and self._serving(service):
+            if self.socket(service).exists() and self.serving(service):
                 return svc
             time.sleep(0.1)
         raise TimeoutError(f"{service} did not become healthy in {timeout}s:\n{self.log_tail(service)}")
 
-    def _serving(self, service: str) -> bool:
+    def serving(self, service: str) -> bool:
+        """Whether the service's health check answers SERVING."""
         try:
             with self.channel(service) as channel:
                 check = channel.unary_unary(

@@ -1,0 +1,113 @@
+"""What a deny-list lookup costs as the list grows: 1, 1k, 100k and 1M entries.
+
+Runs the prefilter's XDP program through BPF_PROG_TEST_RUN on 64-byte
+UDP/IPv4 frames from four sources: two on no list (the full miss: host hash,
+then LPM trie), one on the list as a /32 host and one inside a listed prefix.
+Lists are mostly /32 hosts plus 1% prefixes (at most 10k) of lengths /24../30
+packed into 10.64.0.0/10; the deep miss comes from next to a listed /25, so the
+trie walk goes all the way down, the shallow one from far away. Each
+list is installed with `Prefilter.replace`, as the service would. Prints the
+mean ns per packet (best of several runs) and the ratio to the 1-entry list.
+The same packet is repeated, so the map entries it touches stay in cache.
+Everything lives in a private bpffs directory and temp dir, removed afterwards.
+
+    sudo .venv/bin/python -m bench.prefilter_cost [--repeat N] [--runs N] [--sizes 1,1000,...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+
+from bench.netbench import BPF_BUILD, bpffs, exit_on_sigterm, filler_list, temp_dir, udp_frame
+from services.common.logs import setup_logging
+from services.common.store import Store
+from services.prefilter.denylist import Capacity
+from services.prefilter.maps import PrefilterMaps
+from services.prefilter.prefilter import Prefilter
+
+XDP_DROP, XDP_PASS = 1, 2
+DESTINATION = "198.18.0.2"
+SIZES = (1, 1_000, 100_000, 1_000_000)
+
+
+HOST_ENTRY = "10.15.255.254/32"
+PREFIX_ENTRY = "10.128.5.0/24"
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    source: str
+    verdict: int
+
+
+MISS = Case("miss, deep", "10.64.1.200", XDP_PASS)
+FAR = Case("miss, shallow", "198.51.100.7", XDP_PASS)
+HOST = Case("listed host", "10.15.255.254", XDP_DROP)
+PREFIX = Case("listed prefix", "10.128.5.77", XDP_DROP)
+CASES = (MISS, FAR, HOST, PREFIX)
+
+
+def lists(size: int) -> list[tuple[list[str], tuple[Case, ...]]]:
+    """The deny lists of one size and the cases each serves.
+
+    A 1-entry list holds only the entry its case needs (a host for the misses); a
+    longer list holds both probe entries plus fillers, and serves every case.
+    """
+    if size == 1:
+        return [([HOST_ENTRY], (MISS, FAR, HOST)), ([PREFIX_ENTRY], (PREFIX,))]
+    return [([HOST_ENTRY, PREFIX_ENTRY, *filler_list(size - 2)], CASES)]
+
+
+def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, float]]:
+    """Best mean ns per packet by list size and case; each verdict is checked first."""
+    frames = {case.name: udp_frame(case.source, DESTINATION) for case in CASES}
+    capacity = Capacity(hosts=max(sizes), prefixes=64_000)
+    results: dict[int, dict[str, float]] = {}
+    with bpffs() as root, temp_dir() as state:
+        maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter", capacity)
+        store = Store(state / "prefilter.db")
+        prefilter = Prefilter(maps, store)
+        try:
+            prefilter.start()
+            for size in sizes:
+                results[size] = {}
+                for entries, cases in lists(size):
+                    started = time.monotonic()
+                    prefilter.replace((cidr, False) for cidr in entries)
+                    print(f"  installed {len(entries):>9,} entries in {time.monotonic() - started:5.1f} s", flush=True)
+                    for case in cases:
+                        frame = frames[case.name]
+                        verdict = maps.program.test_run(frame, repeat=1).retval
+                        if verdict != case.verdict:
+                            raise RuntimeError(f"{case.name} at size {size}: verdict {verdict}, wanted {case.verdict}")
+                        best = min(maps.program.test_run(frame, repeat=repeat).duration_ns for _ in range(runs))
+                        results[size][case.name] = float(best)
+        finally:
+            prefilter.close()
+            store.close()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions per run")
+    parser.add_argument("--runs", type=int, default=5, help="runs per configuration; the best is kept")
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated list sizes")
+    args = parser.parse_args()
+    exit_on_sigterm()
+    setup_logging("bench", "warning")
+    sizes = sorted(int(s) for s in args.sizes.split(","))
+    results = measure(sizes, args.repeat, args.runs)
+    base = results[sizes[0]]
+    print(f"\nns per packet (best of {args.runs} runs of {args.repeat:,}); ratio to the {sizes[0]:,}-entry list")
+    print(f"{'entries':>10}" + "".join(f"{case.name:>16}{'ratio':>7}" for case in CASES))
+    for size, row in results.items():
+        cells = "".join(f"{row[c.name]:>16.0f}{row[c.name] / base[c.name]:>7.2f}" for c in CASES)
+        print(f"{size:>10,}{cells}")
+
+
+if __name__ == "__main__":
+    main()
