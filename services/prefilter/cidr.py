@@ -18,6 +18,14 @@ class CidrError(ValueError):
 
 def parse_cidr(text: str) -> Network:
     """Parse "a.b.c.d/n", "x::y/n" or a bare address (a host entry)."""
+    try:
+        return ipaddress.ip_network(text, strict=True)  # the common, valid case in one step
+    except ValueError:
+        return _diagnose(text)
+
+
+def _diagnose(text: str) -> Network:
+    """Parse what ip_network refused (or tolerated, like spaces) and say exactly why it is wrong."""
     raw = text.strip()
     if not raw:
         raise CidrError("empty CIDR")

@@ -170,9 +170,10 @@ class PrefilterMaps:
         """
         target = (self.active + 1) % GENERATIONS
         fresh = {kind: self._new_inner(kind) for kind in KINDS}
+        groups = dict(self._by_kind(entries))
         try:
             for kind, inner in fresh.items():
-                self._write(inner, kind, [e for e in entries if kind_of(e.network) == kind])
+                self._write(inner, kind, groups.get(kind, []))
             for kind, inner in fresh.items():
                 self._outer(kind).update(target, inner.fd)
         finally:
@@ -242,9 +243,11 @@ class PrefilterMaps:
         return _read(self.maps, self.active if generation is None else generation)
 
     def reset_counters(self, ids: Iterable[int]) -> None:
-        stats = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter)
-        for entry_id in ids:
-            stats.update(entry_id, Counter())
+        """Zero the counters of ids given to new entries (one batch syscall)."""
+        keys = list(ids)
+        if keys:
+            stats = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter)
+            stats.update_batch(keys, [Counter()] * len(keys))
 
     def hits(self, entry_id: int) -> Counter:
         total = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter).lookup_sum(entry_id)
