@@ -14,6 +14,8 @@ turns a denied flow into an allowed one.
 
 from __future__ import annotations
 
+import bisect
+import collections
 import ipaddress
 import itertools
 from collections.abc import Iterable, Iterator
@@ -146,6 +148,8 @@ class PolicyComputer:
         self.cidr_identities = cidr_identities
         self.host_addresses = list(host_addresses)
         self.capacity = capacity
+        self._cidrs = _CidrIndex(cidr_identities)
+        self._by_selector: dict[object, set[int]] = {}
 
     def ipcache(self) -> dict[Network, int]:
         out: dict[Network, int] = dict(self.cidr_identities)
@@ -161,19 +165,17 @@ class PolicyComputer:
             return None
         ids: set[int] = set()
         for selector in peer.endpoints:
-            ids |= {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
+            if selector not in self._by_selector:
+                self._by_selector[selector] = {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
+            ids |= self._by_selector[selector]
         if "host" in peer.entities:
             ids.add(ReservedIdentity.HOST)
         if "world" in peer.entities:
             ids.add(ReservedIdentity.WORLD)
             ids |= set(self.cidr_identities.values())
         for c in peer.cidrs:
-            for network, identity in self.cidr_identities.items():
-                if network.version != c.network.version or not network.subnet_of(c.network):  # type: ignore[arg-type]
-                    continue
-                if any(network.subnet_of(e) for e in c.excepts if e.version == network.version):  # type: ignore[arg-type]
-                    continue
-                ids.add(identity)
+            excluded = {i for e in c.excepts for i in self._cidrs.within(e)}
+            ids |= self._cidrs.within(c.network) - excluded
         return frozenset(ids)
 
     def _grants(self, rules: list[Rule], direction: Direction) -> list[Grant]:
@@ -201,26 +203,7 @@ class PolicyComputer:
         if any_allow:
             yield MapEntry(direction, identity, ANY, 0, 0, False, tuple(sorted({g.rule for g in any_allow})))
         for proto in sorted({g.proto for g in relevant if g.proto != ANY}):
-            grants = [g for g in relevant if g.proto == proto]
-            cuts = sorted({g.first for g in grants} | {g.last + 1 for g in grants})
-            segments: list[tuple[int, int, bool, tuple[str, ...]]] = []
-            for start, end in itertools.pairwise(cuts):
-                covering = [g for g in grants if g.first <= start and end - 1 <= g.last]
-                denies = sorted({g.rule for g in covering if g.deny})
-                allows = sorted({g.rule for g in covering if not g.deny})
-                if denies:
-                    verdict: tuple[bool, tuple[str, ...]] | None = (True, tuple(denies))
-                elif allows and not any_allow:
-                    verdict = (False, tuple(allows))
-                else:
-                    verdict = None
-                if verdict is None:
-                    continue
-                if segments and segments[-1][1] == start - 1 and segments[-1][2] == verdict[0]:
-                    first, _, deny, names = segments[-1]
-                    segments[-1] = (first, end - 1, deny, tuple(sorted(set(names) | set(verdict[1]))))
-                else:
-                    segments.append((start, end - 1, verdict[0], verdict[1]))
+            segments = _segments([g for g in relevant if g.proto == proto], skip_allows=bool(any_allow))
             for first, last, deny, names in segments:
                 for port, plen in port_prefixes(first, last):
                     yield MapEntry(direction, identity, proto, port, plen, deny, names)
@@ -253,6 +236,59 @@ class PolicyComputer:
 
     def all(self) -> dict[int, EndpointPolicy]:
         return {ep.id: self.endpoint(ep) for ep in self.endpoints}
+
+
+def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bool, tuple[str, ...]]]:
+    """Port intervals with their verdict (deny wins) and rules, by one sweep over the grants.
+
+    With `skip_allows`, allowed intervals are left out: an any-protocol allow
+    entry already covers them.
+    """
+    starts: dict[int, list[Grant]] = {}
+    ends: dict[int, list[Grant]] = {}
+    for g in grants:
+        starts.setdefault(g.first, []).append(g)
+        ends.setdefault(g.last + 1, []).append(g)
+    active: collections.Counter[tuple[bool, str]] = collections.Counter()
+    out: list[tuple[int, int, bool, tuple[str, ...]]] = []
+    cuts = sorted(starts.keys() | ends.keys())
+    for start, end in itertools.pairwise(cuts):
+        for g in ends.get(start, []):
+            active[(g.deny, g.rule)] -= 1
+            if not active[(g.deny, g.rule)]:
+                del active[(g.deny, g.rule)]
+        for g in starts.get(start, []):
+            active[(g.deny, g.rule)] += 1
+        denies = sorted(rule for deny, rule in active if deny)
+        allows = sorted(rule for deny, rule in active if not deny)
+        if denies:
+            verdict, names = True, tuple(denies)
+        elif allows and not skip_allows:
+            verdict, names = False, tuple(allows)
+        else:
+            continue
+        if out and out[-1][1] == start - 1 and out[-1][2] == verdict:
+            first, _, _, old = out[-1]
+            out[-1] = (first, end - 1, verdict, tuple(sorted(set(old) | set(names))))
+        else:
+            out.append((start, end - 1, verdict, names))
+    return out
+
+
+class _CidrIndex:
+    """CIDR identities sorted by address, to find those inside a prefix by bisection."""
+
+    def __init__(self, identities: dict[Network, int]) -> None:
+        rows = sorted((n.version, int(n.network_address), n.prefixlen, i) for n, i in identities.items())
+        self._rows = rows
+        self._keys = [(v, a) for v, a, _, _ in rows]
+
+    def within(self, network: Network) -> set[int]:
+        first = int(network.network_address)
+        last = int(network.broadcast_address)
+        lo = bisect.bisect_left(self._keys, (network.version, first))
+        hi = bisect.bisect_right(self._keys, (network.version, last))
+        return {i for _, _, plen, i in self._rows[lo:hi] if plen >= network.prefixlen}
 
 
 def lpm_identity(ipcache: dict[Network, int], address: str) -> int:

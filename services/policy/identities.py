@@ -33,19 +33,28 @@ class Identities:
     def __init__(self, store: Store) -> None:
         self._store = store
         self._by_key: dict[str, int] = {key: int(doc["id"]) for key, doc in store.items(KIND)}
+        self._used = set(self._by_key.values())
+        self._dirty: dict[str, int] = {}
 
     def _allocate(self, key: str, first: int, last: int) -> int:
         if key in self._by_key:
             return self._by_key[key]
-        used = {i for i in self._by_key.values() if first <= i <= last}
-        candidate = max(used, default=first - 1) + 1
+        candidate = first
+        while candidate in self._used and candidate <= last:
+            candidate += 1
         if candidate > last:
-            candidate = next((i for i in range(first, last + 1) if i not in used), 0)
-            if not candidate:
-                raise ResourceExhausted(f"no identity left between {first} and {last}")
+            raise ResourceExhausted(f"no identity left between {first} and {last}")
         self._by_key[key] = candidate
-        self._store.put(KIND, key, {"id": candidate})
+        self._used.add(candidate)
+        self._dirty[key] = candidate
         return candidate
+
+    def flush(self) -> None:
+        """Persist identities allocated since the last flush, in one transaction."""
+        if self._dirty:
+            with self._store.transaction():
+                self._store.put_many(KIND, ((k, {"id": i}) for k, i in self._dirty.items()))
+            self._dirty.clear()
 
     def for_labels(self, labels: dict[str, str]) -> int:
         return self._allocate(label_key(labels), FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)
@@ -56,9 +65,13 @@ class Identities:
     def release_cidrs(self, keep: set[Network]) -> None:
         """Forget CIDR identities no rule names any more."""
         wanted = {cidr_key(n) for n in keep}
-        for key in [k for k in self._by_key if k.startswith("cidr:") and k not in wanted]:
-            del self._by_key[key]
-            self._store.delete(KIND, key)
+        gone = [k for k in self._by_key if k.startswith("cidr:") and k not in wanted]
+        for key in gone:
+            self._used.discard(self._by_key.pop(key))
+            self._dirty.pop(key, None)
+        if gone:
+            with self._store.transaction():
+                self._store.delete_many(KIND, gone)
 
     def labels_of(self) -> dict[int, str]:
         """Identity -> the text of what it stands for (labels, cidr:..., reserved:...)."""

@@ -45,7 +45,8 @@ AUDIT = "audit"
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
 
-FetchEndpoints = Callable[[], list[tuple[str, int, str, str, dict[str, str]]]]
+Fetched = tuple[str, int, str, str, dict[str, str]]  # name, id, ipv4, ipv6, labels
+FetchEndpoints = Callable[[], list[Fetched]]
 HostAddresses = Callable[[], list[Network]]
 
 
@@ -74,6 +75,7 @@ class Policy:
         self._endpoints: list[EndpointView] = []
         self._hosts: list[Network] = []
         self._computed: dict[int, EndpointPolicy] = {}
+        self._seen: tuple[object, ...] = ()
         self._installed: dict[int, tuple[frozenset[tuple[MapEntry, bool]], int]] = {}
 
     # ---- life cycle ----
@@ -88,15 +90,26 @@ class Policy:
         self._maps.close()
 
     def refresh(self, force: bool = False) -> list[str]:
-        """Re-read endpoints and host addresses; rewrite what changed. Returns endpoints rewritten."""
-        self._endpoints = self._endpoint_views()
-        self._hosts = self._host_addresses()
-        return self._apply(self._rules, force)
+        """Re-read endpoints and host addresses; if they changed, rewrite what that changes.
 
-    def _endpoint_views(self) -> list[EndpointView]:
+        Returns the endpoints whose maps were rewritten. Cheap when nothing changed,
+        so it can run every second whatever the number of rules.
+        """
+        fetched = self._fetch()
+        hosts = self._host_addresses()
+        seen = (tuple((n, i, a, b, tuple(sorted(lab.items()))) for n, i, a, b, lab in fetched), tuple(hosts))
+        if seen == self._seen and not force:
+            return []
+        self._endpoints = self._endpoint_views(fetched)
+        self._hosts = hosts
+        changed = self._apply(self._rules, force)
+        self._seen = seen
+        return changed
+
+    def _endpoint_views(self, fetched: list[Fetched] | None = None) -> list[EndpointView]:
         return [
             EndpointView(name, ep_id, v4, v6, labels, self._identities.for_labels(labels))
-            for name, ep_id, v4, v6, labels in self._fetch()
+            for name, ep_id, v4, v6, labels in (self._fetch() if fetched is None else fetched)
         ]
 
     def _cidr_identities(self, rules: Iterable[Rule]) -> dict[Network, int]:
@@ -122,6 +135,7 @@ class Policy:
         changed |= self._install(final, force)
         self._maps.write_ipcache(self._computer(rules.values(), new_cidrs).ipcache())
         self._identities.release_cidrs(set(new_cidrs))
+        self._identities.flush()
         for stale in self._maps.endpoint_ids() - set(final):
             self._maps.remove(stale)
             self._installed.pop(stale, None)
