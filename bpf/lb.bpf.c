@@ -276,10 +276,18 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	skey.proto = t.proto;
 	skey.family = 2;
 	svc = bpf_map_lookup_elem(&lb_services, &skey);
-	if (!svc)
-		return -1;
-
 	syn = t.proto == IPPROTO_TCP && (t.tcp_flags & TCP_FLAG_SYN) && !(t.tcp_flags & 0x10);
+	if (!svc) {
+		/* A new direct connection on the tuple of an old translated one: its
+		 * replies must not be given the old frontend's address.
+		 */
+		if (syn) {
+			v4_ct_key(&rkey, t.saddr, t.daddr, t.sport, t.dport, t.proto, WEIR_CT_SCOPE_REV_NAT);
+			bpf_map_delete_elem(&conntrack, &rkey);
+		}
+		return -1;
+	}
+
 	v4_ct_key(&key, t.saddr, t.daddr, t.sport, t.dport, t.proto, WEIR_CT_SCOPE_SERVICE);
 	ct = bpf_map_lookup_elem(&conntrack, &key);
 	if (ct && ct->expires > now && !syn) {
@@ -343,6 +351,11 @@ static __always_inline int lb_reply(struct __sk_buff *skb)
 	if (!rn)
 		return -1;
 	__builtin_memcpy(&vip, rn->addr, 4);
+	/* The connection's backend choice lives as long as the connection does. */
+	v4_ct_key(&key, t.daddr, vip, t.dport, rn->port, t.proto, WEIR_CT_SCOPE_SERVICE);
+	ct = bpf_map_lookup_elem(&conntrack, &key);
+	if (ct)
+		ct_touch(ct, t.proto, t.tcp_flags, 1, 0, bpf_ktime_get_ns());
 	if (nat_v4(skb, &t, 0, vip, rn->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
 	return -1;

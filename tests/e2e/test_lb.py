@@ -357,3 +357,36 @@ def test_grpcurl_creates_and_lists_a_service(make_node: Callable[..., Node]) -> 
     assert '"name": "api"' in listed and s.backends[0].ipv4 in listed
     with traffic.server(s.backends[0].netns, s.backends[0].ipv4, 8080, reply=b"b0:"):
         assert tcp_backend(s, s.client.netns, "198.19.0.5", 443) == "b0"
+
+
+def test_connection_state_follows_replies_and_ports_can_be_reused_directly(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 1)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    backend = s.backends[0]
+    with servers(s):
+        with netns.entered(s.client.netns):
+            held = socket.socket()
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # so its TIME_WAIT lets the port be reused
+        held.settimeout(2)
+        held.connect((VIP, 80))
+        held.sendall(b"x")
+        assert held.recv(100) == b"b0:x"
+        sport = held.getsockname()[1]
+        # The backend choice of an established connection lives as long as the connection.
+        with Map.from_pin(s.node.bpffs_root / "globals/conntrack", key_type=CtKey, value_type=CtValue) as ct:
+            entries = [(k, v) for k, v in ct.items() if k.dir == CtScope.SERVICE and socket.ntohs(k.sport) == sport]
+            now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        assert len(entries) == 1 and entries[0][1].flags & 1  # REPLY_SEEN
+        assert (entries[0][1].expires - now) / 1e9 > 3600
+        held.close()
+        time.sleep(0.2)
+        # A direct connection from the same port to the same backend gets the backend's replies as they are.
+        with netns.entered(s.client.netns):
+            direct = socket.socket()
+        with direct:
+            direct.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            direct.settimeout(2)
+            direct.bind((s.client.ipv4, sport))
+            direct.connect((backend.ipv4, 8080))
+            direct.sendall(b"y")
+            assert direct.recv(100) == b"b0:y"
