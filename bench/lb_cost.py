@@ -54,7 +54,7 @@ from services.common.bpffs import ensure_bpffs, remove_pins
 from services.lb import model
 from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey
 from services.lb.maglev import weighted_table
-from services.lb.maps import BPF_F_INNER_MAP, Frontend, LbMaps, backend_value
+from services.lb.maps import BPF_F_INNER_MAP, Change, Frontend, LbMaps, backend_value
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
 SIZES = (10, 1_000, 10_000, 50_000)
@@ -219,7 +219,8 @@ class Bench:
             ids = {b.key: index * 64 + k + 1 for k, b in enumerate(service.backends)}
             order = list(ids.values())
             table = [order[i] for i in weighted_table([(b.key, b.weight) for b in service.backends])]
-            self.maps.write(index + 1, service, [Frontend(vip(index), PORT, TCP, index + 1)], [], ids, [], table)
+            self.maps.write([Change(index + 1, service, [Frontend(vip(index), PORT, TCP, index + 1)], [], ids, [],
+                                    table)])
         for sport in PING_PONG_SPORTS:
             result = self.program.test_run(tcp_frame(CLIENT, vip(0), sport, PORT, TCP_ACK), repeat=2)
             if destination(result.data) == (vip(0), PORT):  # A chose B and B chose A: both flows pinned

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import structlog
@@ -24,7 +24,7 @@ from services.common.store import Store
 from services.lb import model
 from services.lb.defs import MAX_BACKENDS, BackendState
 from services.lb.maglev import maglev_table, weighted_table
-from services.lb.maps import Counts, Frontend, LbMaps
+from services.lb.maps import Change, Counts, Frontend, LbMaps
 from services.lb.model import Backend, Service
 
 log = structlog.get_logger("weir.lb")
@@ -33,6 +33,8 @@ KIND = "service"
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
 MAX_REV_NAT = 65535
+MAX_SERVICE_ID = 1 << 30
+FrontendKey = tuple[str, int, int]  # address, port, protocol
 
 NodeAddresses = Callable[[], list[str]]
 
@@ -44,6 +46,34 @@ class Ids:
     service: int
     backends: dict[str, int] = field(default_factory=dict)
     rev_nat: dict[str, int] = field(default_factory=dict)  # frontend address -> index
+
+
+class IdPool:
+    """Small, reusable ids from 1 to `limit`; taking one costs about the same at any size."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._used: set[int] = set()
+        self._hint = 1
+
+    def take(self) -> int:
+        if len(self._used) >= self._limit:
+            raise ResourceExhausted(f"all {self._limit} ids are in use")
+        candidate = self._hint
+        while candidate in self._used:
+            candidate = candidate % self._limit + 1
+        self._used.add(candidate)
+        self._hint = candidate % self._limit + 1
+        return candidate
+
+    def hold(self, ids: Iterable[int]) -> None:
+        self._used.update(ids)
+
+    def release(self, ids: Iterable[int]) -> None:
+        self._used.difference_update(ids)
+
+    def __contains__(self, value: int) -> bool:
+        return value in self._used
 
 
 @dataclass
@@ -64,85 +94,80 @@ class LoadBalancer:
         self._services: dict[str, Service] = {}
         self._ids: dict[str, Ids] = {}
         self._health: dict[tuple[str, str], Health] = {}
+        # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
+        self._owners: dict[FrontendKey, str] = {}
+        self._service_ids = IdPool(MAX_SERVICE_ID)
+        self._backend_ids = IdPool(MAX_BACKENDS)
+        self._rev_nat_ids = IdPool(MAX_REV_NAT)
 
     # ---- life cycle ----
 
     def start(self) -> None:
         """Load, then rewrite every persisted service and remove what none of them owns."""
         self._maps.load()
-        for name, doc in self._store.items(KIND):
+        addresses = self._node_addresses()
+        for _name, doc in self._store.items(KIND):
             service = model.from_proto(json_format.ParseDict(doc["spec"], pb.Service()))
-            healthy = doc.get("unhealthy", [])
+            unhealthy = set(doc.get("unhealthy", []))
             service = replace(service, backends=tuple(
-                replace(b, healthy=b.key not in healthy) for b in service.backends))  # fmt: skip
-            self._services[name] = service
-            self._ids[name] = Ids(doc["ids"]["service"], dict(doc["ids"]["backends"]), dict(doc["ids"]["rev_nat"]))
-        for name, service in self._services.items():
-            self._write(service, self._ids[name], previous=None)
-        wanted_frontends = {
-            (f.address, f.port, f.proto) for name in self._services for f in self._frontends(self._services[name])
-        }
-        stale = [f for f in self._maps.frontend_keys() if f not in wanted_frontends]
+                replace(b, healthy=b.key not in unhealthy) for b in service.backends))  # fmt: skip
+            ids = Ids(doc["ids"]["service"], dict(doc["ids"]["backends"]), dict(doc["ids"]["rev_nat"]))
+            self._remember(service, ids, self._frontends(service, ids, addresses))
+        self._maps.write([self._change(s, self._ids[n], None, addresses) for n, s in self._services.items()])
+        stale = [f for f in self._maps.frontend_keys() if f not in self._owners]
         if stale:
             self._maps.delete(0, [Frontend(a, p, proto, 0) for a, p, proto in stale], [])
-        wanted_backends = {i for ids in self._ids.values() for i in ids.backends.values()}
-        wanted_services = {ids.service for ids in self._ids.values()}
-        for service_id in self._maps.service_ids() - wanted_services:
-            self._maps.delete(service_id, [], [])
-        leftover = sorted(self._maps.backend_ids() - wanted_backends)
+        for service_id in self._maps.service_ids():
+            if service_id not in self._service_ids:
+                self._maps.delete(service_id, [], [])
+        leftover = sorted(i for i in self._maps.backend_ids() if i not in self._backend_ids)
         if leftover:
             self._maps.delete(0, [], leftover)
 
     def close(self) -> None:
         self._maps.close()
 
-    # ---- ids ----
+    # ---- bookkeeping ----
 
-    def _frontends(self, service: Service, ids: Ids | None = None) -> list[Frontend]:
-        addresses = self._node_addresses() if service.node_port else [service.address]
-        ids = ids or self._ids.get(service.name)
-        return [
-            Frontend(a, service.port, service.proto, ids.rev_nat.get(a, 0) if ids else 0) for a in addresses
-        ]
+    def _frontends(self, service: Service, ids: Ids | None, addresses: list[str]) -> list[Frontend]:
+        hosts = addresses if service.node_port else [service.address]
+        return [Frontend(a, service.port, service.proto, ids.rev_nat.get(a, 0) if ids else 0) for a in hosts]
 
-    def _allocate(self, service: Service) -> Ids:
-        old = self._ids.get(service.name)
-        used_services = {i.service for n, i in self._ids.items() if n != service.name}
-        used_backends = {b for n, i in self._ids.items() if n != service.name for b in i.backends.values()}
-        used_rev = {r for n, i in self._ids.items() if n != service.name for r in i.rev_nat.values()}
-        ids = Ids(old.service if old else _lowest_free(used_services, 1 << 30))
-        pool = iter(_free_numbers(used_backends, MAX_BACKENDS))
+    def _remember(self, service: Service, ids: Ids, frontends: list[Frontend]) -> None:
+        self._forget(service.name)
+        self._services[service.name] = service
+        self._ids[service.name] = ids
+        self._owners.update({f.key_tuple: service.name for f in frontends})
+        self._hold(ids)
+
+    def _hold(self, ids: Ids) -> None:
+        self._service_ids.hold([ids.service])
+        self._backend_ids.hold(ids.backends.values())
+        self._rev_nat_ids.hold(ids.rev_nat.values())
+
+    def _release(self, ids: Ids) -> None:
+        self._service_ids.release([ids.service])
+        self._backend_ids.release(ids.backends.values())
+        self._rev_nat_ids.release(ids.rev_nat.values())
+
+    def _forget(self, name: str) -> None:
+        ids = self._ids.pop(name, None)
+        self._services.pop(name, None)
+        if ids is None:
+            return
+        for key in [k for k, owner in self._owners.items() if owner == name]:
+            del self._owners[key]
+        self._release(ids)
+
+    def _allocate(self, service: Service, old: Ids | None, frontends: list[Frontend]) -> Ids:
+        """Ids for a service: kept where it had them, else taken from the pools (held until released)."""
+        ids = Ids(old.service if old else self._service_ids.take())
         for b in service.backends:
-            ids.backends[b.key] = old.backends[b.key] if old and b.key in old.backends else next(pool)
-        rev_pool = iter(_free_numbers(used_rev, MAX_REV_NAT))
-        for f in self._frontends(service, old):
-            ids.rev_nat[f.address] = old.rev_nat[f.address] if old and f.address in old.rev_nat else next(rev_pool)
+            ids.backends[b.key] = old.backends[b.key] if old and b.key in old.backends else self._backend_ids.take()
+        for f in frontends:
+            ids.rev_nat[f.address] = old.rev_nat[f.address] if old and f.address in old.rev_nat else (
+                self._rev_nat_ids.take())
         return ids
-
-    # ---- changes ----
-
-    def _check(self, service: Service) -> None:
-        mine = {(f.address, f.port, f.proto) for f in self._frontends(service)}
-        if not mine:
-            raise InvalidArgument(f"service {service.name}: this node has no IPv4 address to serve a node port on")
-        total = len(mine)
-        for other in self._services.values():
-            if other.name == service.name:
-                continue
-            theirs = {(f.address, f.port, f.proto) for f in self._frontends(other)}
-            clash = mine & theirs
-            if clash:
-                address, port, _ = sorted(clash)[0]
-                raise AlreadyExists(
-                    f"frontend {address}:{port}/{service.protocol} already belongs to service {other.name}"
-                )
-            total += len(theirs)
-        if total > self._max_frontends:
-            raise ResourceExhausted(
-                f"service {service.name} needs {len(mine)} frontend(s) but only "
-                f"{self._max_frontends - (total - len(mine))} of {self._max_frontends} are free; "
-                "delete services or restart the load balancer with a larger --max-services"
-            )
 
     @staticmethod
     def _table(service: Service, ids: Ids) -> list[int]:
@@ -151,51 +176,98 @@ class LoadBalancer:
         order = [ids.backends[b.key] for b in service.backends]
         return [order[i] for i in slots]
 
-    def _write(self, service: Service, ids: Ids, previous: Ids | None) -> None:
-        frontends = self._frontends(service, ids)
-        stale_frontends = []
+    def _change(self, service: Service, ids: Ids, previous: Ids | None, addresses: list[str]) -> Change:
+        frontends = self._frontends(service, ids, addresses)
+        stale_frontends: list[Frontend] = []
         stale_backends: list[int] = []
-        if previous is not None:
-            old_service = self._services.get(service.name)
-            if old_service is not None:
-                current = {(f.address, f.port, f.proto) for f in frontends}
-                stale_frontends = [f for f in self._frontends(old_service, previous)
-                                   if (f.address, f.port, f.proto) not in current]
+        old = self._services.get(service.name)
+        if previous is not None and old is not None:
+            current = {f.key_tuple for f in frontends}
+            stale_frontends = [f for f in self._frontends(old, previous, addresses) if f.key_tuple not in current]
             stale_backends = [i for k, i in previous.backends.items() if k not in ids.backends]
-        self._maps.write(ids.service, service, frontends, stale_frontends, ids.backends, stale_backends,
-                         self._table(service, ids))
+        return Change(ids.service, service, frontends, stale_frontends, ids.backends, stale_backends,
+                      self._table(service, ids))
 
-    def _persist(self, service: Service, ids: Ids) -> None:
-        spec = json_format.MessageToDict(model.to_proto(service), preserving_proto_field_name=True)
-        self._store.put(KIND, service.name, {
-            "spec": spec,
-            "ids": {"service": ids.service, "backends": ids.backends, "rev_nat": ids.rev_nat},
-            "unhealthy": [b.key for b in service.backends if not b.healthy],
-        })  # fmt: skip
+    def _persist(self, items: list[tuple[Service, Ids]]) -> None:
+        docs = []
+        for service, ids in items:
+            spec = json_format.MessageToDict(model.to_proto(service), preserving_proto_field_name=True)
+            docs.append((service.name, {
+                "spec": spec,
+                "ids": {"service": ids.service, "backends": ids.backends, "rev_nat": ids.rev_nat},
+                "unhealthy": [b.key for b in service.backends if not b.healthy],
+            }))  # fmt: skip
+        with self._store.transaction():
+            self._store.put_many(KIND, docs)
+
+    # ---- changes ----
 
     def upsert(self, msg: pb.Service) -> Service:
         """Create or replace a service with its backends; all or nothing."""
-        service = model.from_proto(msg)
-        old = self._services.get(service.name)
-        if old is not None:  # keep what health checks learnt about backends that stay
-            known = {b.key: b.healthy for b in old.backends}
-            service = replace(service, backends=tuple(
-                replace(b, healthy=known.get(b.key, True)) for b in service.backends))  # fmt: skip
-        self._check(service)
-        ids = self._allocate(service)
-        self._write(service, ids, self._ids.get(service.name))
-        self._persist(service, ids)
-        self._services[service.name] = service
-        self._ids[service.name] = ids
-        log.info("service upserted", service=service.name, backends=len(service.backends))
-        return service
+        return self.upsert_many([msg])[0]
+
+    def upsert_many(self, msgs: list[pb.Service]) -> list[Service]:
+        """Create or replace many services in one change: all are checked before any is written."""
+        services = [model.from_proto(m) for m in msgs]
+        if not services:
+            raise InvalidArgument("no services given")
+        names = [s.name for s in services]
+        if len(set(names)) != len(names):
+            raise InvalidArgument("a service name is given twice")
+        addresses = self._node_addresses()
+        claimed: dict[FrontendKey, str] = {}
+        plans: list[tuple[Service, list[Frontend]]] = []
+        new_frontends = 0
+        for service in services:
+            old = self._services.get(service.name)
+            if old is not None:  # keep what health checks learnt about backends that stay
+                known = {b.key: b.healthy for b in old.backends}
+                service = replace(service, backends=tuple(
+                    replace(b, healthy=known.get(b.key, True)) for b in service.backends))  # fmt: skip
+            frontends = self._frontends(service, self._ids.get(service.name), addresses)
+            if not frontends:
+                raise InvalidArgument(f"service {service.name}: this node has no IPv4 address for a node port")
+            for f in frontends:
+                owner = claimed.get(f.key_tuple) or self._owners.get(f.key_tuple)
+                if owner is not None and owner != service.name:
+                    raise AlreadyExists(
+                        f"frontend {f.address}:{f.port}/{service.protocol} already belongs to service {owner}"
+                    )
+                claimed[f.key_tuple] = service.name
+            new_frontends += len(frontends) - (len(self._frontends(old, None, addresses)) if old else 0)
+            plans.append((service, frontends))
+        in_use = len(self._owners)
+        if in_use + new_frontends > self._max_frontends:
+            raise ResourceExhausted(
+                f"these services need {new_frontends} more frontend(s) but only {self._max_frontends - in_use} "
+                f"of {self._max_frontends} are free; delete services or restart the load balancer with a "
+                "larger --max-services"
+            )
+        allocated: list[tuple[Service, Ids]] = []
+        try:
+            for service, frontends in plans:
+                allocated.append((service, self._allocate(service, self._ids.get(service.name), frontends)))
+            changes = [self._change(s, ids, self._ids.get(s.name), addresses) for s, ids in allocated]
+            self._maps.write(changes)
+            self._persist(allocated)
+        except Exception:
+            for service, ids in allocated:  # give back what this change took; keep what others hold
+                self._release(ids)
+                if service.name in self._ids:
+                    self._hold(self._ids[service.name])
+            raise
+        for (service, ids), change in zip(allocated, changes, strict=True):
+            self._remember(service, ids, change.frontends)
+        log.info("services upserted", services=len(allocated))
+        return [service for service, _ in allocated]
 
     def delete(self, name: str) -> None:
         service = self.get(name)
         ids = self._ids[name]
-        self._maps.delete(ids.service, self._frontends(service, ids), list(ids.backends.values()))
+        self._maps.delete(ids.service, self._frontends(service, ids, self._node_addresses()),
+                          list(ids.backends.values()))
         self._store.delete(KIND, name)
-        del self._services[name], self._ids[name]
+        self._forget(name)
 
     def set_backend(
         self, name: str, address: str, port: int, weight: int | None, state: BackendState | None
@@ -218,9 +290,11 @@ class LoadBalancer:
 
     def _replace(self, service: Service) -> Service:
         ids = self._ids[service.name]
-        self._write(service, ids, ids)
-        self._persist(service, ids)
-        self._services[service.name] = service
+        addresses = self._node_addresses()
+        change = self._change(service, ids, ids, addresses)
+        self._maps.write([change])
+        self._persist([(service, ids)])
+        self._remember(service, ids, change.frontends)
         return service
 
     # ---- queries ----
@@ -235,7 +309,7 @@ class LoadBalancer:
         return self._ids[name].service
 
     def frontends(self, name: str) -> list[str]:
-        return [f"{f.address}:{f.port}" for f in self._frontends(self.get(name))]
+        return [f"{a}:{p}" for (a, p, _), owner in self._owners.items() if owner == name]
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
         if page_size > MAX_PAGE_SIZE:
@@ -297,17 +371,3 @@ def _tcp_probe(address: str, port: int, timeout: float) -> bool:
             return True
     except OSError:
         return False
-
-
-def _lowest_free(used: set[int], limit: int) -> int:
-    for candidate in range(1, limit):
-        if candidate not in used:
-            return candidate
-    raise ResourceExhausted("no service id is free")
-
-
-def _free_numbers(used: set[int], limit: int) -> Iterator[int]:
-    for candidate in range(1, limit + 1):
-        if candidate not in used:
-            yield candidate
-    raise ResourceExhausted(f"all {limit} ids are in use")

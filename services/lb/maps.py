@@ -13,6 +13,7 @@ import ctypes
 import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -62,6 +63,10 @@ class Frontend:
     proto: int
     rev_nat_index: int
 
+    @property
+    def key_tuple(self) -> tuple[str, int, int]:
+        return (self.address, self.port, self.proto)
+
     def key(self) -> LbServiceKey:
         key = LbServiceKey()
         ctypes.memmove(key.addr, ipaddress.ip_address(self.address).packed, 4)
@@ -84,6 +89,19 @@ def backend_value(backend: Backend) -> LbBackend:
     value.state = backend.state
     value.weight = backend.weight
     return value
+
+
+@dataclass(frozen=True)
+class Change:
+    """One service as the maps must hold it, and what of its previous version must go."""
+
+    service_id: int
+    service: Service
+    frontends: list[Frontend]
+    stale_frontends: list[Frontend]
+    backend_ids: dict[str, int]
+    stale_backend_ids: list[int]
+    table: list[int]
 
 
 @dataclass(frozen=True)
@@ -155,63 +173,73 @@ class LbMaps:
                 return int(value.table_size)
         return None
 
-    def write(
-        self,
-        service_id: int,
-        service: Service,
-        frontends: list[Frontend],
-        stale_frontends: list[Frontend],
-        backend_ids: dict[str, int],
-        stale_backend_ids: list[int],
-        table: list[int],
-    ) -> None:
-        """Make the maps hold this service: backends, reverse NAT, table, frontends, clean-up."""
-        backends = self._typed("lb_backends", ctypes.c_uint32, LbBackend)
-        for b in service.backends:
-            backends.update(backend_ids[b.key], backend_value(b))
-        rev_nat = self._typed("lb_rev_nat", ctypes.c_uint32, LbRevNat)
-        for f in frontends:
-            value = LbRevNat()
-            ctypes.memmove(value.addr, ipaddress.ip_address(f.address).packed, 4)
-            value.port = _net_port(f.port)
-            value.family = 2
-            rev_nat.update(f.rev_nat_index, value)
-        old_size = self._table_size(frontends) or 0
-        if len(table) <= old_size:
-            self._write_frontends(service_id, service, frontends, len(table))
-            self._write_table(service_id, table)
-        else:
-            self._write_table(service_id, table)
-            self._write_frontends(service_id, service, frontends, len(table))
-        self._delete_frontends(stale_frontends)
-        for backend_id in stale_backend_ids:
+    def write(self, changes: list[Change]) -> None:
+        """Make the maps hold these services, in batches: backends, reverse NAT, tables, frontends.
+
+        A frontend's `table_size` never exceeds the slots of the table it names:
+        services whose table shrinks get their frontends first, the others after
+        the tables. The tables of all services swap in one batch (one RCU wait
+        for the lot, not one per service).
+        """
+        backends = [(c.backend_ids[b.key], backend_value(b)) for c in changes for b in c.service.backends]
+        self._batch("lb_backends", ctypes.c_uint32, LbBackend, backends)
+        rev_nat = []
+        for c in changes:
+            for f in c.frontends:
+                value = LbRevNat()
+                ctypes.memmove(value.addr, ipaddress.ip_address(f.address).packed, 4)
+                value.port = _net_port(f.port)
+                value.family = 2
+                rev_nat.append((f.rev_nat_index, value))
+        self._batch("lb_rev_nat", ctypes.c_uint32, LbRevNat, rev_nat)
+        shrinking = [c for c in changes if len(c.table) <= (self._table_size(c.frontends) or 0)]
+        growing = [c for c in changes if c not in shrinking]
+        self._write_frontends(shrinking)
+        self._write_tables(changes)
+        self._write_frontends(growing)
+        self._delete_frontends([f for c in changes for f in c.stale_frontends])
+        for backend_id in (i for c in changes for i in c.stale_backend_ids):
             for name in ("lb_backends", "lb_backend_stats"):
                 with contextlib.suppress(KeyNotFoundError):
                     self.maps[name].typed(ctypes.c_uint32, None).delete(backend_id)
 
-    def _write_frontends(self, service_id: int, service: Service, frontends: list[Frontend], size: int) -> None:
-        services = self._typed("lb_services", LbServiceKey, LbService)
-        flags = (ServiceFlag.AFFINITY if service.affinity_timeout else 0) | (
-            ServiceFlag.NODE_PORT if service.node_port else 0
-        )
-        for f in frontends:
-            services.update(
-                f.key(),
-                LbService(service_id=service_id, table_size=size, flags=flags,
-                          affinity_timeout=service.affinity_timeout, rev_nat_index=f.rev_nat_index),
-            )
+    def _batch(self, name: str, key: object, value: object, items: list[tuple[Any, Any]]) -> None:
+        if items:
+            self._typed(name, key, value).update_batch([k for k, _ in items], [v for _, v in items])
 
-    def _write_table(self, service_id: int, table: list[int]) -> None:
+    def _write_frontends(self, changes: list[Change]) -> None:
+        items = []
+        for c in changes:
+            flags = (ServiceFlag.AFFINITY if c.service.affinity_timeout else 0) | (
+                ServiceFlag.NODE_PORT if c.service.node_port else 0
+            )
+            for f in c.frontends:
+                items.append((f.key(), LbService(
+                    service_id=c.service_id, table_size=len(c.table), flags=flags,
+                    affinity_timeout=c.service.affinity_timeout, rev_nat_index=f.rev_nat_index,
+                )))  # fmt: skip
+        self._batch("lb_services", LbServiceKey, LbService, items)
+
+    def _write_tables(self, changes: list[Change]) -> None:
         tables = self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32)
-        if not table:
-            with contextlib.suppress(KeyNotFoundError):
-                tables.delete(service_id)
-            return
-        inner = Map.create(MapType.ARRAY, 4, 4, len(table), flags=BPF_F_INNER_MAP, name=f"lb_table_{service_id}",
-                           key_type=ctypes.c_uint32, value_type=ctypes.c_uint32)
-        with inner:
-            inner.update_batch(list(range(len(table))), table)
-            tables.update(service_id, inner.fd)
+        inners: list[Map] = []
+        try:
+            for c in changes:
+                if not c.table:
+                    with contextlib.suppress(KeyNotFoundError):
+                        tables.delete(c.service_id)
+                    continue
+                inner = Map.create(MapType.ARRAY, 4, 4, len(c.table), flags=BPF_F_INNER_MAP,
+                                   name=f"lb_table_{c.service_id}", key_type=ctypes.c_uint32,
+                                   value_type=ctypes.c_uint32)
+                inners.append(inner)
+                inner.update_batch(list(range(len(c.table))), c.table)
+            with_tables = [c for c in changes if c.table]
+            if with_tables:
+                tables.update_batch([c.service_id for c in with_tables], [m.fd for m in inners])
+        finally:
+            for inner in inners:
+                inner.close()  # the outer map holds them now
 
     def _delete_frontends(self, frontends: list[Frontend]) -> None:
         services = self._typed("lb_services", LbServiceKey, LbService)
@@ -223,7 +251,8 @@ class LbMaps:
 
     def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int]) -> None:
         self._delete_frontends(frontends)
-        self._write_table(service_id, [])
+        with contextlib.suppress(KeyNotFoundError):
+            self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32).delete(service_id)
         for name, key in [("lb_service_stats", service_id)] + [("lb_backends", b) for b in backend_ids] + [
             ("lb_backend_stats", b) for b in backend_ids
         ]:
