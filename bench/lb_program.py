@@ -1,29 +1,19 @@
 """How long programming 10k services takes: Weir's LB over gRPC against iptables-restore of kube-proxy rules.
 
-Weir: a node (tests.harness.node.Node) runs the orchestrator and the LB
-(`--max-services` at least N) as processes; services are sent one
-UpsertService call after the other (10 backends each, made-up addresses: no
-traffic flows), timing every call. iptables: the same services as kube-proxy
+Weir: a node (tests.harness.node.Node) runs the orchestrator and the LB as
+processes; the services (10 backends each, made-up addresses: no traffic
+flows) go through UpsertServices in batches (each batch one all-or-nothing
+change), then a few more one UpsertService call each, to time a single
+change with everything in place. iptables: the same services as kube-proxy
 writes them (bench.lb_connect_rate.kube_proxy_rules) loaded by one
-`iptables-restore` into the nat table of a fresh namespace.
-
-The gRPC phase stops after --budget seconds if it has not reached N by then
-(the default keeps the whole run under 4 minutes; each call gets slower as
-services accumulate, so all of 10k takes several times longer: use
-`--budget 0` for the full run). iptables is then timed at the count Weir
-reached too, so the ratio printed is always one of two measurements of the
-same work; the figure for all N is extrapolated from a straight line fitted
-to the per-call latencies, and printed as an estimate.
-
-"One more service" compares the cost of a single change with the services in
-place: Weir's last calls against kube-proxy's partial sync, an
-`iptables-restore --noflush` that rewrites KUBE-SERVICES in full and adds
-the new service's chains (what kube-proxy sends for one new service).
+`iptables-restore` into the nat table of a fresh namespace, then kube-proxy's
+partial sync for one more service (`iptables-restore --noflush` rewriting
+KUBE-SERVICES in full plus the new chains).
 
 Everything made here is removed at the end: the node (namespaces, bpffs root,
-cgroup, work dir) and the namespaces wl<pid>-ipt*.
+cgroup, work dir) and the namespace wl<pid>-ipt.
 
-    sudo .venv/bin/python -m bench.lb_program [--services N] [--backends B] [--budget S] [--changes K]
+    sudo .venv/bin/python -m bench.lb_program [--services N] [--backends B] [--batch K] [--singles M]
 """
 
 from __future__ import annotations
@@ -51,40 +41,41 @@ from tests.harness.node import Node
 
 SERVICES = 10_000
 BACKENDS = 10
-BUDGET = 140.0
+BATCH = 1_000
+SINGLES = 100
 CHANGES = 5
-BUCKET = 1_000
 
 
 @dataclass(frozen=True)
 class Programmed:
-    """What the gRPC phase did: per-call latencies (s) in call order, wall time."""
+    """What the gRPC phase did: bulk wall time, then per-call latencies (s) of single upserts."""
 
-    latencies: list[float]
-    seconds: float
-    cut_short: bool
+    bulk_seconds: float
+    single_latencies: list[float]
 
 
-def request(spec: Spec) -> pb.UpsertServiceRequest:
-    return pb.UpsertServiceRequest(service=pb.Service(
+def service_message(spec: Spec) -> pb.Service:
+    return pb.Service(
         name=f"svc-{spec.index}", address=spec.address, port=80, protocol="TCP",
-        backends=[pb.Backend(address=a, port=p) for a, p in spec.backends]))  # fmt: skip
+        backends=[pb.Backend(address=a, port=p) for a, p in spec.backends])  # fmt: skip
 
 
-def program_weir(node: Node, specs: Sequence[Spec], budget: float) -> Programmed:
-    """UpsertService for each spec in turn, until done or the budget is spent."""
-    latencies = []
-    start = time.perf_counter()
+def program_weir(node: Node, specs: Sequence[Spec], batch: int, singles: Sequence[Spec]) -> Programmed:
+    """All specs through UpsertServices in batches, then `singles` one UpsertService call each."""
     with node.channel("lb") as channel:
         stub = pb_grpc.LoadBalancerStub(channel)
-        for spec in specs:
-            if budget and time.perf_counter() - start > budget:
-                break
-            message = request(spec)
+        start = time.perf_counter()
+        for first in range(0, len(specs), batch):
+            chunk = [service_message(s) for s in specs[first : first + batch]]
+            stub.UpsertServices(pb.UpsertServicesRequest(services=chunk), timeout=600)
+        bulk = time.perf_counter() - start
+        latencies = []
+        for spec in singles:
+            message = pb.UpsertServiceRequest(service=service_message(spec))
             before = time.perf_counter()
             stub.UpsertService(message, timeout=120)
             latencies.append(time.perf_counter() - before)
-    return Programmed(latencies, time.perf_counter() - start, len(latencies) < len(specs))
+    return Programmed(bulk, latencies)
 
 
 def frontends(node: Node) -> int:
@@ -109,13 +100,13 @@ def partial_sync(specs: Sequence[Spec], new: Spec) -> str:
     return "\n".join(["*nat", *chains, *body, "COMMIT", ""])
 
 
-def time_iptables(prefix: str, specs: Sequence[Spec], count: int, changes: int) -> tuple[float, list[float]]:
-    """iptables-restore of the first `count` services into a fresh namespace, then `changes` partial syncs."""
-    ns = f"{prefix}-ipt{count}"
+def time_iptables(prefix: str, specs: Sequence[Spec], changes: int) -> tuple[float, list[float]]:
+    """iptables-restore of all services into a fresh namespace, then `changes` partial syncs."""
+    ns = f"{prefix}-ipt"
     try:
         netns.create(ns)
-        full = iptables_restore(ns, rules(specs[:count]))
-        added = list(specs[:count])
+        full = iptables_restore(ns, rules(specs))
+        added = list(specs)
         syncs = []
         for j in range(changes):
             new = filler(len(specs) + j, len(specs[0].backends))
@@ -133,67 +124,40 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(ordered) * 1e3, p99 * 1e3, ordered[-1] * 1e3
 
 
-def measure(count: int, backends: int, budget: float, changes: int) -> None:
+def measure(count: int, backends: int, batch: int, singles: int, changes: int) -> None:
     pid = os.getpid()
     prefix = f"wl{pid}"
-    specs = [filler(i, backends) for i in range(count)]
+    specs = [filler(i, backends) for i in range(count + singles)]
     workdir = Path(tempfile.mkdtemp(prefix=f"{prefix}-"))
     node = Node(prefix, workdir)
     try:
         node.setup()
         node.start("orchestrator")
-        node.start("lb", "--max-services", str(max(10_000, count)))
-        done = program_weir(node, specs, budget)
-        reached = len(done.latencies)
-        if reached < 2:
-            raise RuntimeError(f"only {reached} call(s) within --budget {budget:g} s; give it more time")
-        if frontends(node) != reached:
-            raise RuntimeError(f"{frontends(node)} frontends in the LB's map after {reached} calls")
+        node.start("lb", "--max-services", str(count + singles))
+        done = program_weir(node, specs[:count], batch, specs[count:])
+        if frontends(node) != count + singles:
+            raise RuntimeError(f"{frontends(node)} frontends in the LB's map after {count + singles} services")
     finally:
         teardown(node)
         shutil.rmtree(workdir, ignore_errors=True)
-    ipt_reached, syncs_reached = time_iptables(prefix, specs, reached, changes)
-    ipt_all, syncs_all = (ipt_reached, syncs_reached) if reached == count else time_iptables(prefix, specs, count,
-                                                                                              changes)
-    report(count, backends, budget, done, ipt_reached, syncs_reached, ipt_all, syncs_all)
-
-
-def report(count: int, backends: int, budget: float, done: Programmed, ipt_reached: float,
-           syncs_reached: list[float], ipt_all: float, syncs_all: list[float]) -> None:
-    reached = len(done.latencies)
+    ipt, syncs = time_iptables(prefix, specs[:count], changes)
     print(f"programming {count} services with {backends} backends each")
-    print(f"Weir, UpsertService over gRPC, sequential: {reached} services in {done.seconds:.1f} s "
-          f"({reached / done.seconds:.0f}/s)" + (f"; stopped by --budget {budget:g} s" if done.cut_short else ""))
-    print(f"{'calls':>13}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}")
-    for first in range(0, reached, BUCKET):
-        p50, p99, top = percentiles(done.latencies[first : first + BUCKET])
-        print(f"{first + 1:>6}-{min(first + BUCKET, reached):<6}{p50:>9.1f}{p99:>9.1f}{top:>9.1f}")
-    p50, p99, top = percentiles(done.latencies)
-    print(f"{'all':>13}{p50:>9.1f}{p99:>9.1f}{top:>9.1f}")
-    print(f"\niptables-restore of the kube-proxy rules (one transaction): {reached} services in {ipt_reached:.2f} s")
-    print(f"ratio Weir / iptables at {reached} services: {done.seconds / ipt_reached:.1f}")
-    if reached < count:
-        fit = statistics.linear_regression(range(reached), done.latencies)
-        estimate = count * fit.intercept + fit.slope * count * (count - 1) / 2
-        print(f"iptables-restore of all {count} services: {ipt_all:.2f} s")
-        print(f"Weir for all {count}, ESTIMATED from a linear fit of the per-call latency "
-              f"({fit.intercept * 1e3:.1f} ms + {fit.slope * 1e6:.2f} us per service already there): "
-              f"{estimate:.0f} s; estimated ratio {estimate / ipt_all:.0f}")
-    last = done.latencies[-min(100, reached):]
-    print(f"\none more service, with {reached} in place: Weir UpsertService p50 of the last {len(last)} calls "
-          f"{statistics.median(last) * 1e3:.1f} ms; kube-proxy partial sync (iptables-restore --noflush) "
-          f"median of {len(syncs_reached)} {statistics.median(syncs_reached) * 1e3:.1f} ms")
-    if reached < count:
-        print(f"one more service, with {count} in place: kube-proxy partial sync median of {len(syncs_all)} "
-              f"{statistics.median(syncs_all) * 1e3:.1f} ms")
+    print(f"Weir, UpsertServices over gRPC, {batch} per call: {done.bulk_seconds:.2f} s "
+          f"({count / done.bulk_seconds:.0f} services/s)")
+    print(f"iptables-restore of the kube-proxy rules (one transaction): {ipt:.2f} s")
+    print(f"ratio Weir / iptables: {done.bulk_seconds / ipt:.2f}")
+    p50, p99, top = percentiles(done.single_latencies)
+    print(f"\none more service with {count} in place: Weir UpsertService p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+          f"max {top:.1f} ms ({singles} calls); kube-proxy partial sync (iptables-restore --noflush) "
+          f"median of {len(syncs)} {statistics.median(syncs) * 1e3:.1f} ms")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=SERVICES, help="services to program")
     parser.add_argument("--backends", type=int, default=BACKENDS, help="backends per service")
-    parser.add_argument("--budget", type=float, default=BUDGET,
-                        help="seconds the gRPC phase may take (0: no limit, program all)")
+    parser.add_argument("--batch", type=int, default=BATCH, help="services per UpsertServices call")
+    parser.add_argument("--singles", type=int, default=SINGLES, help="single UpsertService calls timed afterwards")
     parser.add_argument("--changes", type=int, default=CHANGES, help="one-service changes timed on iptables")
     args = parser.parse_args()
     if not 2 <= args.services <= 50_000:
@@ -203,7 +167,7 @@ def main() -> None:
     if args.changes < 1:
         parser.error("--changes must be at least 1")
     exit_on_sigterm()
-    measure(args.services, args.backends, args.budget, args.changes)
+    measure(args.services, args.backends, args.batch, args.singles, args.changes)
 
 
 if __name__ == "__main__":
