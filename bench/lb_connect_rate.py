@@ -8,11 +8,10 @@ alternate between them round by round, so both see the same machine load:
   endpoint that is behind no service. 10k services are
   programmed; the two that are measured (the middle one, index N/2, and the
   last one) go through the LB's gRPC API with the backend endpoints behind
-  them. The other N - 2 have made-up backends and are written by default
-  straight into the LB's pinned maps in the layout the LB writes
-  (bench.lb_cost.write_services), because N sequential UpsertService calls
-  take many minutes (see bench.lb_program); `--fillers grpc` sends them all
-  through the API instead (slow).
+  them. The other N - 2 have made-up backends and go through the API too,
+  by UpsertServices in batches of 1000 (`--fillers maps` writes them straight
+  into the LB's pinned maps instead, in the layout the LB writes:
+  bench.lb_cost.write_services).
 - iptables: a router namespace (ip_forward on) joined by veths to a client
   namespace, 3 backend namespaces and one more server namespace, with the same N services as kube-proxy
   writes them (iptables-restore into the router's nat table: PREROUTING ->
@@ -292,10 +291,11 @@ def weir_setup(node: Node, processes: Processes, count: int, measured: list[int]
         if fillers == "maps":
             write_services(node.bpffs_root / "lb", [s for s in specs if s.index not in real])
             specs = [s for s in specs if s.index in real]
-        for spec in specs:
-            stub.UpsertService(pb.UpsertServiceRequest(service=pb.Service(
-                name=f"svc-{spec.index}", address=spec.address, port=PORT, protocol="TCP",
-                backends=[pb.Backend(address=a, port=p) for a, p in spec.backends])), timeout=60)  # fmt: skip
+        messages = [pb.Service(
+            name=f"svc-{spec.index}", address=spec.address, port=PORT, protocol="TCP",
+            backends=[pb.Backend(address=a, port=p) for a, p in spec.backends]) for spec in specs]  # fmt: skip
+        for first in range(0, len(messages), 1000):
+            stub.UpsertServices(pb.UpsertServicesRequest(services=messages[first : first + 1000]), timeout=300)
     return Side(client.netns, [e.ipv4 for e in made], direct.ipv4, time.perf_counter() - start)
 
 
@@ -413,7 +413,7 @@ def main() -> None:
     parser.add_argument("--backends", type=int, default=BACKENDS, help="backends per service (and servers)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets (the median is shown)")
-    parser.add_argument("--fillers", choices=("maps", "grpc"), default="maps",
+    parser.add_argument("--fillers", choices=("maps", "grpc"), default="grpc",
                         help="how Weir gets the services that are not measured")
     args = parser.parse_args()
     if not 4 <= args.services <= 50_000:
