@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import ipaddress
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -14,11 +12,9 @@ import structlog
 from pyroute2 import IPRoute
 from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 
-from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
-from services.common.server import serve
-from services.common.store import Store
+from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.lb.defs import MAX_SERVICES
 from services.lb.lb import LoadBalancer
@@ -52,27 +48,17 @@ async def _health_loop(worker: Worker, lb: LoadBalancer) -> None:
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    ensure_bpffs(config.bpffs_root)
     maps = LbMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), config.cgroup_root)
-    worker = Worker(SERVICE)
-    store = await worker.call(Store.open, config, SERVICE)
-    lb = await worker.call(LoadBalancer, maps, store, node_addresses, min(args.max_services, MAX_SERVICES))
-    await worker.call(lb.start)
-    task = asyncio.create_task(_health_loop(worker, lb))
+    max_frontends = min(args.max_services, MAX_SERVICES)
 
-    def register(server: grpc.aio.Server) -> Sequence[str]:
+    def add_servicer(server: grpc.aio.Server, worker: Worker, lb: LoadBalancer) -> str:
         pb_grpc.add_LoadBalancerServicer_to_server(LoadBalancerServicer(worker, lb), server)
-        return [SERVICE_NAME]
+        return SERVICE_NAME
 
-    async def on_stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.call(store.close)
-        await worker.call(lb.close)
-        worker.shutdown()
-
-    await serve(SERVICE, config, register, on_stop)
+    await run_datapath_service(
+        SERVICE, config, lambda store: LoadBalancer(maps, store, node_addresses, max_frontends), add_servicer,
+        _health_loop,
+    )
 
 
 if __name__ == "__main__":

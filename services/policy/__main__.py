@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc.aio
 import structlog
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
-from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
 from services.common.logs import setup_logging
-from services.common.server import serve
-from services.common.store import Store
+from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.policy.defs import DEFAULT_POLICY_ENTRIES
 from services.policy.maps import PolicyMaps
@@ -61,29 +57,22 @@ async def _background(worker: Worker, policy: Policy, refresh: float, gc: float)
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    ensure_bpffs(config.bpffs_root)
     maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries)
-    worker = Worker(SERVICE)
-    store = await worker.call(Store.open, config, SERVICE)
     endpoints = OrchestratorEndpoints(config.socket_path("orchestrator"))
-    policy = await worker.call(Policy, maps, store, endpoints, host_addresses)
-    await worker.call(policy.start)
-    task = asyncio.create_task(_background(worker, policy, args.refresh_seconds, args.gc_seconds))
 
-    def register(server: grpc.aio.Server) -> Sequence[str]:
+    def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:
         pb_grpc.add_PolicyServicer_to_server(PolicyServicer(worker, policy), server)
-        return [SERVICE_NAME]
+        return SERVICE_NAME
 
-    async def on_stop() -> None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await worker.call(store.close)
-        await worker.call(policy.close)
+    async def background(worker: Worker, policy: Policy) -> None:
+        await _background(worker, policy, args.refresh_seconds, args.gc_seconds)
+
+    try:
+        await run_datapath_service(
+            SERVICE, config, lambda store: Policy(maps, store, endpoints, host_addresses), add_servicer, background
+        )
+    finally:
         endpoints.close()
-        worker.shutdown()
-
-    await serve(SERVICE, config, register, on_stop)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
 from pathlib import Path
 
 import grpc.aio
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
-from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
-from services.common.server import serve
-from services.common.store import Store
+from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.prefilter.defs import DEFAULT_HOST_ENTRIES, DEFAULT_PREFIX_ENTRIES
 from services.prefilter.denylist import Capacity
@@ -36,24 +33,14 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    ensure_bpffs(config.bpffs_root)
     capacity = Capacity(hosts=args.host_entries, prefixes=args.prefix_entries)
     maps = PrefilterMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity)
-    worker = Worker(SERVICE)
-    store = await worker.call(Store.open, config, SERVICE)
-    prefilter = Prefilter(maps, store)
-    await worker.call(prefilter.start)
 
-    def register(server: grpc.aio.Server) -> Sequence[str]:
+    def add_servicer(server: grpc.aio.Server, worker: Worker, prefilter: Prefilter) -> str:
         pb_grpc.add_PrefilterServicer_to_server(PrefilterServicer(worker, prefilter), server)
-        return [SERVICE_NAME]
+        return SERVICE_NAME
 
-    async def on_stop() -> None:
-        await worker.call(store.close)
-        await worker.call(prefilter.close)
-        worker.shutdown()
-
-    await serve(SERVICE, config, register, on_stop)
+    await run_datapath_service(SERVICE, config, lambda store: Prefilter(maps, store), add_servicer)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+"""The life of a datapath service process, the same for every object.
+
+Mount check, one worker thread, the state store, the plain class that owns the
+maps (built and started on the worker, since it uses the store), an optional
+background task, the gRPC server, and on SIGTERM the reverse order. Each
+service's `__main__` only says how to build its class and its servicer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, Protocol, TypeVar
+
+import grpc.aio
+
+from services.common.bpffs import ensure_bpffs
+from services.common.config import NodeConfig
+from services.common.server import serve
+from services.common.store import Store
+from services.common.worker import Worker
+
+
+class Owner(Protocol):
+    """What a service's plain class offers its process: start (load, reconcile) and close."""
+
+    def start(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+T = TypeVar("T", bound=Owner)
+Background = Callable[[Worker, T], Coroutine[Any, Any, None]]
+
+
+async def run_datapath_service(
+    service: str,
+    config: NodeConfig,
+    build: Callable[[Store], T],
+    add_servicer: Callable[[grpc.aio.Server, Worker, T], str],
+    background: Background[T] | None = None,
+) -> None:
+    """Start `build(store)` on the worker, serve it until SIGTERM, then stop it cleanly."""
+    ensure_bpffs(config.bpffs_root)
+    worker = Worker(service)
+    store = await worker.call(Store.open, config, service)
+    owner = await worker.call(build, store)
+    await worker.call(owner.start)
+    task = asyncio.create_task(background(worker, owner)) if background else None
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        return [add_servicer(server, worker, owner)]
+
+    async def on_stop() -> None:
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await worker.call(store.close)
+        await worker.call(owner.close)
+        worker.shutdown()
+
+    await serve(service, config, register, on_stop)
