@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -96,6 +97,15 @@ class Endpoints:
         self._instance = instance
         self._chain = chain
         self._store = store
+        self._listeners: list[Callable[[str, str], None]] = []
+
+    def on_change(self, listener: Callable[[str, str], None]) -> None:
+        """Call listener(kind, name) after each endpoint is created ("CREATED") or deleted ("DELETED")."""
+        self._listeners.append(listener)
+
+    def _changed(self, kind: str, name: str) -> None:
+        for listener in self._listeners:
+            listener(kind, name)
 
     # ---- queries ----
 
@@ -143,6 +153,7 @@ class Endpoints:
             raise
         self._store.put(KIND, endpoint.name, asdict(endpoint))
         log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname)
+        self._changed("CREATED", endpoint.name)
         return endpoint
 
     def delete(self, name: str) -> None:
@@ -150,6 +161,7 @@ class Endpoints:
         self._teardown(endpoint)
         self._store.delete(KIND, name)
         log.info("endpoint deleted", endpoint=name)
+        self._changed("DELETED", name)
 
     def reconcile(self) -> None:
         """After a (re)start: re-adopt known endpoints, remove tagged leftovers."""

@@ -84,6 +84,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     ) -> None:
         self._worker = worker
         self._devices = devices
+        self._watchers: set[asyncio.Queue[tuple[str, str]]] = set()
+        self._loop = asyncio.get_running_loop()
+        endpoints.on_change(self.endpoint_changed)
         self._chain = chain
         self._endpoints = endpoints
         self._events = events
@@ -112,6 +115,23 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self, request: pb.DeleteEndpointRequest, context: Context    ) -> pb.DeleteEndpointResponse:
         await self._worker.call(self._endpoints.delete, request.name)
         return pb.DeleteEndpointResponse()
+
+    async def WatchEndpoints(
+        self, request: pb.WatchEndpointsRequest, context: Context
+    ) -> AsyncIterator[pb.EndpointChange]:
+        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._watchers.add(queue)
+        try:
+            while True:
+                kind, name = await queue.get()
+                yield pb.EndpointChange(kind=kind, name=name)
+        finally:
+            self._watchers.discard(queue)
+
+    def endpoint_changed(self, kind: str, name: str) -> None:
+        """From the worker thread: hand the change to every watcher on the loop."""
+        for queue in list(self._watchers):
+            self._loop.call_soon_threadsafe(queue.put_nowait, (kind, name))
 
     async def SetSlot(self, request: pb.SetSlotRequest, context: Context) -> pb.SlotState:
         hook = hook_from_proto(request.hook)

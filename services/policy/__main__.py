@@ -19,7 +19,7 @@ from services.policy.defs import DEFAULT_POLICY_ENTRIES
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
-from services.policy.sources import OrchestratorEndpoints, host_addresses
+from services.policy.sources import OrchestratorEndpoints, host_addresses, watch_endpoints
 
 SERVICE = "policy"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
@@ -65,7 +65,17 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         return SERVICE_NAME
 
     async def background(worker: Worker, policy: Policy) -> None:
-        await _background(worker, policy, args.refresh_seconds, args.gc_seconds)
+        async def on_change() -> None:
+            try:
+                await worker.call(policy.refresh)
+            except WeirError as exc:
+                log.warning("refresh skipped", error=str(exc))
+
+        watch = asyncio.create_task(watch_endpoints(config.socket_path("orchestrator"), on_change))
+        try:
+            await _background(worker, policy, args.refresh_seconds, args.gc_seconds)
+        finally:
+            watch.cancel()
 
     try:
         await run_datapath_service(

@@ -7,10 +7,13 @@ orchestrator never makes the policy service drop everyone's policy.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc
+import grpc.aio
 from pyroute2 import IPRoute
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -21,6 +24,7 @@ from services.prefilter.cidr import Network
 
 PAGE = 1000
 TIMEOUT = 5.0
+RECONNECT_SECONDS = 1.0
 
 
 class OrchestratorEndpoints:
@@ -56,3 +60,20 @@ def host_addresses() -> list[Network]:
     with IPRoute() as ipr:
         addresses = [str(a.get("address")) for a in ipr.get_addr()]
     return [ipaddress.ip_network(a) for a in addresses if a and a != "None"]
+
+
+async def watch_endpoints(socket_path: Path, on_change: Callable[[], Awaitable[object]]) -> None:
+    """Call on_change whenever the orchestrator creates or deletes an endpoint, forever.
+
+    The stream is re-opened after an error (the orchestrator restarting); the
+    periodic refresh covers whatever happens while it is down.
+    """
+    while True:
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+                stub = orch_grpc.OrchestratorStub(channel)
+                async for _ in stub.WatchEndpoints(orch_pb.WatchEndpointsRequest()):
+                    await on_change()
+        except grpc.RpcError:
+            pass
+        await asyncio.sleep(RECONNECT_SECONDS)

@@ -352,3 +352,23 @@ def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node:
         while stale in ct and time.monotonic() < deadline:
             time.sleep(0.2)
         assert stale not in ct
+
+
+def test_a_new_endpoint_gets_its_policy_at_once(make_node: Callable[..., Node]) -> None:
+    """The policy service follows the orchestrator's endpoint changes as they happen (no polling)."""
+    node = make_node("orchestrator")
+    node.start("policy", "--refresh-seconds", "3600")
+    s = pb_grpc.PolicyStub(node.channel("policy"))
+    s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
+    be = node.create_endpoint("backend", {"app": "backend"})
+    started = time.monotonic()
+    while not _pinned_policy(node, be.id)[0] & 1 and time.monotonic() - started < 3:
+        time.sleep(0.02)
+    assert _pinned_policy(node, be.id)[0] & 1, "backend's ingress policy was not installed"
+    assert time.monotonic() - started < 1.0
+    fe = node.create_endpoint("frontend", {"app": "frontend"})
+    _server_ns.update({be.ipv4: be.netns})
+    deadline = time.monotonic() + 2
+    while not tcp_ok(fe.netns, be.ipv4, 8080) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tcp_ok(fe.netns, be.ipv4, 8080) and not tcp_ok(fe.netns, be.ipv4, 8081)
