@@ -10,6 +10,7 @@ computed completely (validation, map capacity) before anything is written.
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -17,7 +18,7 @@ import structlog
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.datapath import Direction, ReservedIdentity
-from services.common.errors import InvalidArgument, NotFound
+from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.store import Store
 from services.policy import rules as rules_mod
 from services.policy.compute import (
@@ -40,6 +41,7 @@ from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.policy")
 
+START_WAIT_SECONDS = 30.0
 RULE = "rule"
 AUDIT = "audit"
 DEFAULT_PAGE_SIZE = 500
@@ -80,11 +82,26 @@ class Policy:
 
     # ---- life cycle ----
 
-    def start(self) -> None:
-        """Load, then rebuild every endpoint's map from the persisted rules."""
+    def start(self, wait_for_endpoints: float = START_WAIT_SECONDS) -> None:
+        """Load, then rebuild every endpoint's map from the persisted rules.
+
+        Waits (up to `wait_for_endpoints` seconds) for the orchestrator to answer:
+        without its endpoint list the maps cannot be rebuilt, and guessing "no
+        endpoints" would throw every endpoint's policy away. The pinned maps keep
+        enforcing meanwhile.
+        """
         self._maps.load()
         self._rules = {name: rules_mod.from_stored(doc) for name, doc in self._store.items(RULE)}
-        self.refresh(force=True)
+        deadline = time.monotonic() + wait_for_endpoints
+        while True:
+            try:
+                self.refresh(force=True)
+                return
+            except Unavailable:
+                if time.monotonic() > deadline:
+                    raise
+                log.info("waiting for the orchestrator")
+                time.sleep(0.5)
 
     def close(self) -> None:
         self._maps.close()

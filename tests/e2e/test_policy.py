@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -372,3 +373,18 @@ def test_a_new_endpoint_gets_its_policy_at_once(make_node: Callable[..., Node]) 
     while not tcp_ok(fe.netns, be.ipv4, 8080) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tcp_ok(fe.netns, be.ipv4, 8080) and not tcp_ok(fe.netns, be.ipv4, 8081)
+
+
+def test_policy_started_before_the_orchestrator_waits_for_it(make_node: Callable[..., Node]) -> None:
+    node = make_node()
+    waiting = threading.Thread(target=node.start, args=("policy",))
+    waiting.start()
+    time.sleep(1.5)
+    assert not node.serving("policy")  # still waiting for the endpoint list
+    node.start("orchestrator")
+    waiting.join(timeout=40)
+    assert node.serving("policy")
+    be = node.create_endpoint("backend", {"app": "backend"})
+    s = pb_grpc.PolicyStub(node.channel("policy"))
+    s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
+    assert s.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=be.name)).ingress_enforced
