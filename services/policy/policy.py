@@ -135,12 +135,21 @@ class Policy:
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
         return PolicyComputer(rules, self._endpoints, cidrs, self._hosts, self._maps.capacity)
 
-    def _apply(self, rules: dict[str, Rule], force: bool = False) -> list[str]:
-        """Compute, then write: maps first (with old and new CIDR identities), ipcache, final maps."""
+    def _apply(self, rules: dict[str, Rule], force: bool = False, changed_rules: Iterable[Rule] = ()) -> list[str]:
+        """Compute, then write: maps first (with old and new CIDR identities), ipcache, final maps.
+
+        With `changed_rules` (and the same CIDR identities as before), only the
+        endpoints those rules select are recomputed: nothing else can change.
+        """
         old_cidrs = {n: i for n, i in self._cidr_identities(self._rules.values()).items()}
         try:
             new_cidrs = self._cidr_identities(rules.values())
-            final = self._computer(rules.values(), new_cidrs).all()
+            computer = self._computer(rules.values(), new_cidrs)
+            affected = self._affected(list(changed_rules)) if new_cidrs.keys() == old_cidrs.keys() else None
+            if affected is None or force:
+                final = computer.all()
+            else:
+                final = {**self._computed, **{ep.id: computer.endpoint(ep) for ep in affected}}
         except Exception:
             self._identities.release_cidrs(set(old_cidrs))
             raise
@@ -158,6 +167,18 @@ class Policy:
             self._installed.pop(stale, None)
         self._computed = final
         return sorted(changed)
+
+    def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
+        """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
+        def view(ep: EndpointView) -> tuple[object, ...]:
+            return (ep.id, ep.name, ep.identity, ep.ipv4, ep.ipv6, tuple(sorted(ep.labels.items())))
+
+        computed_for = {view(p.endpoint) for p in self._computed.values()}
+        if not changed_rules or computed_for != {view(ep) for ep in self._endpoints}:
+            return None  # the endpoints changed too: every peer set may have
+        selectors = [r.selector for r in changed_rules]
+        selectors += [self._rules[r.name].selector for r in changed_rules if r.name in self._rules]
+        return [ep for ep in self._endpoints if any(sel.matches(ep.labels) for sel in selectors)]
 
     def _install(self, policies: dict[int, EndpointPolicy], force: bool) -> set[str]:
         changed = set()
@@ -191,7 +212,7 @@ class Policy:
                 raise InvalidArgument(f"rule {rule.name} is given twice")
             parsed[rule.name] = rule
         self._endpoints = self._endpoint_views()
-        changed = self._apply({**self._rules, **parsed})
+        changed = self._apply({**self._rules, **parsed}, changed_rules=parsed.values())
         with self._store.transaction():
             self._store.put_many(RULE, ((r.name, r.source) for r in parsed.values()))
             revision = self._store.bump_revision(RULE)
@@ -207,7 +228,7 @@ class Policy:
             if name not in self._rules:
                 raise NotFound(f"rule {name!r} does not exist")
         remaining = {n: r for n, r in self._rules.items() if n not in wanted}
-        changed = self._apply(remaining)
+        changed = self._apply(remaining, changed_rules=[self._rules[n] for n in wanted])
         with self._store.transaction():
             self._store.delete_many(RULE, wanted)
             revision = self._store.bump_revision(RULE)
