@@ -325,16 +325,6 @@ class LoadBalancer:
             (b, self._maps.counts("lb_backend_stats", ids.backends[b.key])) for b in service.backends
         ]
 
-    def datapath_table(self, name: str) -> list[tuple[str, int]]:
-        """The live selection table as backend (address, port) per slot, read from the map."""
-        ids = self._ids[name]
-        by_id = {i: key for key, i in ids.backends.items()}
-        out = []
-        for backend_id in self._maps.table(ids.service):
-            address, port = by_id[backend_id].rsplit(":", 1)
-            out.append((address, int(port)))
-        return out
-
     # ---- active health checks ----
 
     def check_health(self, now: float | None = None) -> list[str]:

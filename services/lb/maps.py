@@ -275,13 +275,6 @@ class LbMaps:
     def service_ids(self) -> set[int]:
         return {int(k) for k in self.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32)}
 
-    def table(self, service_id: int) -> list[int]:
-        map_id = self.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32).lookup(service_id)
-        if not map_id:
-            return []
-        with Map.from_id(map_id, key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as inner:
-            return [int(inner[i]) for i in range(inner.max_entries)]
-
     def counts(self, name: str, key: int) -> Counts:
         total = self.maps[name].typed(ctypes.c_uint32, LbStats).lookup_sum(key)
         if total is None:

@@ -17,7 +17,6 @@ from pathlib import Path
 
 from pybpf import BpfObject, Map, ProgArray, Program, ProgType
 from services.common.datapath import (
-    HOOK_DIRECTION,
     NUM_SLOTS,
     Counter,
     Direction,
@@ -180,7 +179,3 @@ class Chain:
             reason: Reason | int = Reason(key.reason) if key.reason in Reason._value2member_map_ else key.reason
             out.append(ReasonCount(reason, Direction(key.dir), int(total.packets), int(total.bytes)))
         return sorted(out, key=lambda r: (int(r.reason), r.direction))
-
-    @staticmethod
-    def direction(hook: Hook) -> Direction:
-        return HOOK_DIRECTION[hook]

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
-from services.common.datapath import CtKey, CtValue, Direction, IpcacheKey, IpcacheValue, Slot
+from services.common.datapath import CtKey, CtValue, IpcacheKey, IpcacheValue, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
@@ -102,10 +102,13 @@ class PolicyMaps:
     def read_ipcache(self) -> dict[Network, int]:
         return {ipcache_network(k): int(v.identity) for k, v in self._ipcache().items()}
 
-    def write_ipcache(self, wanted: dict[Network, int]) -> None:
-        """Add and change first, remove last: an address never falls back to world in between."""
+    def write_ipcache(self, wanted: dict[Network, int], current: dict[Network, int] | None = None) -> None:
+        """Add and change first, remove last: an address never falls back to world in between.
+
+        `current` is what the map holds when the caller knows it; else the map is read.
+        """
         ipcache = self._ipcache()
-        current = self.read_ipcache()
+        current = self.read_ipcache() if current is None else current
         for network, identity in wanted.items():
             if current.get(network) != identity:
                 ipcache.update(ipcache_key(network), IpcacheValue(identity, 0))
@@ -207,7 +210,3 @@ def config_flags(ingress: bool, egress: bool, audit: bool) -> int:
         | (ConfigFlag.EGRESS_ENFORCED if egress else 0)
         | (ConfigFlag.AUDIT if audit else 0)
     )
-
-
-def direction_of(value: int) -> Direction:
-    return Direction(value)

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import structlog
 from weir.policy.v1 import policy_pb2 as pb
 
-from services.common.datapath import Direction, ReservedIdentity
+from services.common.datapath import Direction
 from services.common.errors import InvalidArgument, NotFound, Unavailable
 from services.common.store import Store
 from services.policy import rules as rules_mod
 from services.policy.compute import (
-    ANY,
     ICMP,
     ICMPV6,
     PROTOCOL_NAMES,
@@ -77,6 +76,8 @@ class Policy:
         self._endpoints: list[EndpointView] = []
         self._hosts: list[Network] = []
         self._computed: dict[int, EndpointPolicy] = {}
+        self._ipcache: dict[Network, int] = {}  # as last written to the map
+        self._written_ipcache = False  # until the first write, the map holds what a previous run left
         self._seen: tuple[object, ...] = ()
         self._installed: dict[int, tuple[frozenset[tuple[MapEntry, bool]], int]] = {}
 
@@ -159,7 +160,9 @@ class Policy:
             transition = self._computer(rules.values(), {**old_cidrs, **new_cidrs}).all()
             changed |= self._install(transition, force)
         changed |= self._install(final, force)
-        self._maps.write_ipcache(self._computer(rules.values(), new_cidrs).ipcache())
+        ipcache = computer.ipcache()
+        self._maps.write_ipcache(ipcache, self._ipcache if self._written_ipcache else None)
+        self._ipcache, self._written_ipcache = ipcache, True
         self._identities.release_cidrs(set(new_cidrs))
         self._identities.flush()
         for stale in self._maps.endpoint_ids() - set(final):
@@ -285,15 +288,9 @@ class Policy:
             hits[entry] = in_map[key][1] if key in in_map else Hits(0, 0)
         return policy, self._audit(name), hits
 
-    def datapath_policy(self, name: str) -> tuple[int, dict[tuple[int, int, int, int, int], bool]]:
-        """What the pinned maps hold for an endpoint: (flags, key -> deny)."""
-        ep = self._endpoint(name)
-        return self._maps.flags(ep.id), {k: deny for k, (deny, _) in self._maps.read(ep.id).items()}
-
     def identities(self) -> list[tuple[int, str, list[str]]]:
-        ipcache = self._computer(self._rules.values(), self._cidr_identities(self._rules.values())).ipcache()
         prefixes: dict[int, list[str]] = {}
-        for network, identity in ipcache.items():
+        for network, identity in self._ipcache.items():
             prefixes.setdefault(identity, []).append(str(network))
         return [(i, text, sorted(prefixes.get(i, []))) for i, text in sorted(self._identities.labels_of().items())]
 
@@ -315,8 +312,7 @@ class Policy:
             raise InvalidArgument(f"trace: port {port} is out of range")
         proto = protos[proto_name]
         self.refresh()
-        ipcache = self._computer(self._rules.values(), self._cidr_identities(self._rules.values())).ipcache()
-        src_id, dst_id = lpm_identity(ipcache, source), lpm_identity(ipcache, destination)
+        src_id, dst_id = lpm_identity(self._ipcache, source), lpm_identity(self._ipcache, destination)
         steps: list[str] = []
         deciding: list[str] = []
         allowed = True
@@ -357,5 +353,3 @@ class Policy:
 def protocol_name(proto: int) -> str:
     return PROTOCOL_NAMES.get(proto, str(proto))
 
-
-__all__ = ["ANY", "Policy", "ReservedIdentity", "TraceResult", "protocol_name"]

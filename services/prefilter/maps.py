@@ -238,10 +238,6 @@ class PrefilterMaps:
 
     # ---- reading back ----
 
-    def dump(self, generation: int | None = None) -> dict[Network, tuple[int, bool]]:
-        """The live (or given) generation as network -> (id, audit); what the program sees."""
-        return _read(self.maps, self.active if generation is None else generation)
-
     def reset_counters(self, ids: Iterable[int]) -> None:
         """Zero the counters of ids given to new entries (one batch syscall)."""
         keys = list(ids)

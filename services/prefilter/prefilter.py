@@ -22,7 +22,6 @@ from pybpf import BpfError, NotSupportedError, Program, XdpMode, attach_xdp, det
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
-from services.prefilter.cidr import Network
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
 from services.prefilter.maps import PROGRAM, PrefilterMaps
@@ -201,13 +200,6 @@ class Prefilter:
             InterfaceCounters(_ifname(ifindex), ifindex, stats)
             for ifindex, stats in sorted(self._maps.interface_counters().items())
         ]
-
-    def entries(self) -> dict[Network, Entry]:
-        return dict(self._list.entries)
-
-    def datapath_entries(self) -> dict[Network, tuple[int, bool]]:
-        """What the program sees in the live generation (for checks after restarts)."""
-        return self._maps.dump()
 
     # ---- attachments ----
 
