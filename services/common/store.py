@@ -105,6 +105,23 @@ class Store:
         self._depth -= 1
         self._db.execute("COMMIT" if self._depth == 0 else f"RELEASE {name}")
 
+    def begin(self) -> None:
+        """Open a transaction that `commit` or `rollback` ends (used by `services.common.change`)."""
+        if self._depth:
+            raise RuntimeError("a store transaction is already open")
+        self._db.execute("BEGIN IMMEDIATE")
+        self._depth = 1
+
+    def commit(self) -> None:
+        """Commit the transaction `begin` opened."""
+        self._db.execute("COMMIT")
+        self._depth = 0
+
+    def rollback(self) -> None:
+        """Drop everything written since `begin`."""
+        self._depth = 0
+        self._db.execute("ROLLBACK")
+
     def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         """Insert or replace one document."""
         if not isinstance(doc, dict):
@@ -118,8 +135,9 @@ class Store:
 
     def put_many(self, kind: str, docs: Iterable[tuple[str, dict[str, Any]]]) -> None:
         """Insert or replace many documents in one statement (bulk loads of large lists)."""
-        rows = ((kind, key, json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False))
-                for key, doc in docs)
+        rows = (
+            (kind, key, json.dumps(doc, sort_keys=True, separators=(",", ":"), allow_nan=False)) for key, doc in docs
+        )
         self._db.executemany(
             "INSERT INTO docs (kind, key, doc) VALUES (?, ?, ?) "
             "ON CONFLICT (kind, key) DO UPDATE SET doc = excluded.doc",
