@@ -1,0 +1,135 @@
+"""Rows of the packet tables and how one is run, in the shape of Katran's test fixtures.
+
+A row is a description, the hook the packet enters through, the packet (built
+with scapy, or raw bytes for frames scapy would repair), the verdict and the
+reason the metrics map must count, and the frame that must come out: the
+input itself unless the row says otherwise. Rows that need state first (a
+connection to reply to) list the packets sent before, whose verdicts are not
+judged. A row whose verdict is None expects the kernel to refuse the frame
+(test_run answers EINVAL for frames too short for the headers it reads itself).
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Packet
+
+from pybpf import BpfError
+from services.common.datapath import Hook, Reason
+from tests.harness.bpfrun import Datapath, Outcome
+
+MAC_LOCAL = "02:00:00:00:00:01"
+MAC_PEER = "02:00:00:00:00:02"
+
+EXT_HEADERS_XFAIL = pytest.mark.xfail(strict=True, reason="IPv6 extension headers are walked by the parser rework")
+FRAGMENTS_XFAIL = pytest.mark.xfail(strict=True, reason="fragments are tracked by the parser rework")
+VLAN_XFAIL = pytest.mark.xfail(strict=True, reason="VLAN tags are unwrapped by the parser rework")
+
+Frame = Packet | bytes
+
+
+def eth() -> Packet:
+    return Ether(src=MAC_LOCAL, dst=MAC_PEER)
+
+
+def raw(frame: Frame) -> bytes:
+    return frame if isinstance(frame, bytes) else bytes(frame)
+
+
+def cut(frame: Packet, keep: int) -> bytes:
+    """The first `keep` bytes of a frame: headers cut short, length fields left claiming more."""
+    data = bytes(frame)
+    if keep >= len(data):
+        raise ValueError(f"cutting a {len(data)}-byte frame to {keep} bytes cuts nothing")
+    return data[:keep]
+
+
+def rebuilt(frame: Packet, **changes: dict[str, Any]) -> Packet:
+    """A copy of `frame` with fields changed per layer and every checksum recomputed by scapy.
+
+    `changes` maps a layer name (IP, TCP, UDP) to its new field values, e.g.
+    rebuilt(p, IP={"dst": "10.0.1.1"}, TCP={"dport": 8080}).
+    """
+    out = frame.copy()
+    layers = {"IP": IP, "IPv6": IPv6, "TCP": TCP, "UDP": UDP, "ICMP": ICMP}
+    for name, values in changes.items():
+        for key, value in values.items():
+            setattr(out[layers[name]], key, value)
+    for layer, chksum in ((IP, "chksum"), (TCP, "chksum"), (UDP, "chksum"), (ICMP, "chksum")):
+        if layer in out and not (layer is UDP and out[UDP].chksum == 0):
+            setattr(out[layer], chksum, None)
+    return Ether(bytes(out))
+
+
+def checksums_valid(data: bytes) -> bool:
+    """Whether scapy, recomputing every checksum of the frame, gets the bytes that are there."""
+    parsed = Ether(data)
+    fresh = parsed.copy()
+    for layer in (IP, TCP, UDP, ICMP):
+        if layer in fresh and not (layer is UDP and fresh[UDP].chksum == 0):
+            fresh[layer].chksum = None
+    return bytes(Ether(bytes(fresh))) == data
+
+
+SAME = object()  # the frame comes out as it went in
+
+
+@dataclass(frozen=True)
+class Row:
+    desc: str
+    hook: Hook
+    packet: Frame
+    verdict: int | None
+    reason: Reason | None = Reason.FORWARDED
+    output: Frame | object = SAME
+    prior: tuple[tuple[Hook, Frame], ...] = ()
+    marks: tuple[Any, ...] = ()
+    setup: str = ""  # a table's own variation of its maps (e.g. "audit"); "" is the table's default
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def params(rows: Iterable[Row]) -> list[Any]:
+    """Rows as pytest parameters, named by their descriptions, with their marks."""
+    out = []
+    seen: set[str] = set()
+    for row in rows:
+        if row.desc in seen:
+            raise ValueError(f"two rows are described as {row.desc!r}")
+        seen.add(row.desc)
+        out.append(pytest.param(row, id=row.desc, marks=row.marks))
+    return out
+
+
+def _show(data: bytes) -> str:
+    try:
+        return str(Ether(data).summary())
+    except Exception:  # scapy cannot dissect every malformed frame; the hex still says it
+        return data.hex()
+
+
+def run_row(dp: Datapath, row: Row) -> Outcome | None:
+    """Send the row's prior packets and its packet; assert verdict, reason and output."""
+    for hook, frame in row.prior:
+        dp.run(hook, raw(frame))
+    data = raw(row.packet)
+    if row.verdict is None:
+        with pytest.raises(BpfError) as refused:
+            dp.run(row.hook, data)
+        assert refused.value.errno == errno.EINVAL
+        return None
+    outcome = dp.run(row.hook, data)
+    expected = Outcome(row.hook, row.verdict, b"", {row.reason: 1} if row.reason is not None else {})
+    assert (outcome.verdict, outcome.reason) == (row.verdict, row.reason), (
+        f"{row.desc}: got {outcome.describe()}, expected {expected.describe()}"
+    )
+    want = data if row.output is SAME else raw(row.output)  # type: ignore[arg-type]
+    assert outcome.data == want, f"{row.desc}: out came {_show(outcome.data)}, expected {_show(want)}"
+    return outcome
