@@ -22,6 +22,7 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrHopByHop,
 )
 from scapy.layers.l2 import ARP, Dot1Q, Ether
+from scapy.packet import Packet
 
 from services.common.datapath import Hook, Reason
 from services.prefilter.denylist import Capacity, Entry
@@ -42,11 +43,11 @@ X = Hook.XDP
 DENIED = Reason.PREFILTER_DENIED
 
 
-def v4(src: str, dst: str = NODE4) -> Ether:
+def v4(src: str, dst: str = NODE4) -> Packet:
     return eth() / IP(src=src, dst=dst)
 
 
-def v6(src: str, dst: str = NODE6) -> Ether:
+def v6(src: str, dst: str = NODE6) -> Packet:
     return eth() / IPv6(src=src, dst=dst)
 
 

@@ -41,7 +41,7 @@ ENTRY_PROGRAMS = {
     Hook.TO_NETWORK: "entry_to_network",
     Hook.XDP: "entry_xdp",
 }
-VERDICT_NAMES = {
+VERDICT_NAMES: dict[Hook, dict[int, str]] = {
     Hook.XDP: {XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS"},
     **{hook: {TC_ACT_OK: "TC_ACT_OK", TC_ACT_SHOT: "TC_ACT_SHOT"} for hook in Hook if hook is not Hook.XDP},
 }
