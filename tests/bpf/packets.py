@@ -69,6 +69,18 @@ def rebuilt(frame: Packet, **changes: dict[str, Any]) -> Packet:
     return Ether(bytes(out))
 
 
+def dnat(frame: Packet, backend: tuple[str, int]) -> Packet:
+    """The frame as it must leave when sent to `backend`: destination rewritten, checksums right."""
+    l4 = "TCP" if TCP in frame else "UDP"
+    return rebuilt(frame, IP={"dst": backend[0]}, **{l4: {"dport": backend[1]}})
+
+
+def snat(frame: Packet, frontend: tuple[str, int]) -> Packet:
+    """A reply as the client must see it: the frontend as its source, checksums right."""
+    l4 = "TCP" if TCP in frame else "UDP"
+    return rebuilt(frame, IP={"src": frontend[0]}, **{l4: {"sport": frontend[1]}})
+
+
 def checksums_valid(data: bytes) -> bool:
     """Whether scapy, recomputing every checksum of the frame, gets the bytes that are there."""
     parsed = Ether(data)

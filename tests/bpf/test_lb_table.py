@@ -27,16 +27,13 @@ from scapy.packet import Packet
 
 from services.common.datapath import Hook, Reason
 from services.lb.defs import BackendState
-from services.lb.maglev import weighted_table
-from services.lb.maps import Change, Frontend
 from services.lb.model import Backend, Service
-from tests.bpf.packets import SAME, Row, checksums_valid, cut, eth, params, rebuilt, run_row
-from tests.harness.bpfrun import TC_ACT_OK, TC_ACT_SHOT, Datapath
+from tests.bpf.packets import SAME, Row, checksums_valid, cut, dnat, eth, params, rebuilt, run_row, snat
+from tests.harness.bpfrun import TC_ACT_OK, TC_ACT_SHOT, Datapath, lb_changes
 
 CLIENT = "10.0.0.10"
 VIP, VIP_EMPTY, VIP_MAINT, VIP_PAIR = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
 WEB, DNS, PAIR_A, PAIR_B = ("10.0.1.1", 8080), ("10.0.1.2", 5353), ("10.0.1.5", 80), ("10.0.1.6", 80)
-TCP_P, UDP_P = 6, 17
 SPORT = 40000
 
 
@@ -59,19 +56,6 @@ LATER_FRAGMENT_BUG = pytest.mark.xfail(strict=True, reason=(
     "backend never gets the whole datagram; needs the parser rework's fragment tracking"))  # fmt: skip
 
 
-def changes() -> list[Change]:
-    """The services as the LB service would write them: ids, frontends and selection tables."""
-    out = []
-    for index, svc in enumerate(SERVICES, start=1):
-        ids = {b.key: index * 16 + k for k, b in enumerate(svc.backends)}
-        chosen = [(b.key, b.weight if b.selectable else 0) for b in svc.backends]
-        order = list(ids.values())
-        table = [order[i] for i in weighted_table(chosen)]
-        frontends = [Frontend(svc.address, svc.port, svc.proto, index)]
-        out.append(Change(index, svc, frontends, [], ids, [], table))
-    return out
-
-
 def to(dst: str, l4: Packet, src: str = CLIENT) -> Packet:
     return eth() / IP(src=src, dst=dst) / l4
 
@@ -80,20 +64,8 @@ def syn(dport: int = 80, sport: int = SPORT) -> TCP:
     return TCP(sport=sport, dport=dport, flags="S")
 
 
-def dnat(frame: Packet, backend: tuple[str, int]) -> Packet:
-    """What the frame must look like sent to `backend`: destination rewritten, checksums right."""
-    l4 = "TCP" if TCP in frame else "UDP"
-    return rebuilt(frame, IP={"dst": backend[0]}, **{l4: {"dport": backend[1]}})
-
-
 def from_backend(backend: tuple[str, int], l4: Packet) -> Packet:
     return eth() / IP(src=backend[0], dst=CLIENT) / l4
-
-
-def snat(frame: Packet, frontend: tuple[str, int]) -> Packet:
-    """The reply as the client must see it: the frontend as its source, checksums right."""
-    l4 = "TCP" if TCP in frame else "UDP"
-    return rebuilt(frame, IP={"src": frontend[0]}, **{l4: {"sport": frontend[1]}})
 
 
 WEB_SYN = to(VIP, syn())
@@ -174,7 +146,7 @@ ROWS = [
 @pytest.fixture(scope="module")
 def lb_dp(make_datapath: Callable[[], Datapath], scratch_cgroup: Path) -> Datapath:
     dp = make_datapath()
-    dp.load_lb(scratch_cgroup).write(changes())
+    dp.load_lb(scratch_cgroup).write(lb_changes(SERVICES))
     return dp
 
 

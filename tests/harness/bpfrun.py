@@ -23,7 +23,9 @@ from pathlib import Path
 from pybpf import BpfObject, Map
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, XdpMeta
-from services.lb.maps import LbMaps
+from services.lb.maglev import weighted_table
+from services.lb.maps import Change, Frontend, LbMaps
+from services.lb.model import Service
 from services.policy.maps import PolicyMaps
 from services.prefilter.denylist import Capacity
 from services.prefilter.maps import PrefilterMaps
@@ -176,6 +178,18 @@ def strip_xdp_meta(data: bytes, sent: int) -> bytes:
     """XDP's test_run returns the frame from data_meta on; the entry program put an XdpMeta there."""
     meta = ctypes.sizeof(XdpMeta)
     return data[meta:] if len(data) == sent + meta else data
+
+
+def lb_changes(services: list[Service]) -> list[Change]:
+    """Services as the LB service writes them: the n-th (from 1) gets service and reverse-NAT
+    index n and backend ids 16n.., and a weighted table of its selectable backends."""
+    out = []
+    for index, svc in enumerate(services, start=1):
+        ids = {b.key: index * 16 + k for k, b in enumerate(svc.backends)}
+        order = list(ids.values())
+        table = [order[i] for i in weighted_table([(b.key, b.weight if b.selectable else 0) for b in svc.backends])]
+        out.append(Change(index, svc, [Frontend(svc.address, svc.port, svc.proto, index)], [], ids, [], table))
+    return out
 
 
 @contextmanager
