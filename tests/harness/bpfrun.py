@@ -3,10 +3,10 @@
 A `Datapath` is a node's datapath without the services: the orchestrator's
 entry programs (entry.o) with their shared maps pinned under a private bpffs
 root, plus whichever objects a test loads through the services' own map classes
-(`PrefilterMaps`, `PolicyMaps`, `LbMaps`), which put their programs in their
-slots of the call maps as the services do. `run` hands a frame to a hook's
-entry program, so the packet takes the real tail-call chain, and returns the
-verdict, the bytes that came out and the reasons the metrics map counted.
+(`PrefilterMaps`, `PolicyMaps`, `LbMaps`), their programs put in the contract's
+slots as the orchestrator does. `run` hands a frame to a hook's entry program,
+so the packet takes the real tail-call chain, and returns the verdict, the
+bytes that came out and the reasons the metrics map counted.
 
 test_run gives a tc program the loopback device, so the one endpoint a
 `Datapath` knows sits at the loopback's ifindex.
@@ -15,14 +15,14 @@ test_run gives a tc program the loopback device, so the one endpoint a
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pybpf import BpfObject, Map
+from pybpf import BpfObject, Map, ProgArray, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
-from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, XdpMeta
+from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, Slot, XdpMeta
 from services.lb.maglev import weighted_table
 from services.lb.maps import Change, Frontend, LbMaps
 from services.lb.model import Service
@@ -42,6 +42,24 @@ ENTRY_PROGRAMS = {
     Hook.FROM_NETWORK: "entry_from_network",
     Hook.TO_NETWORK: "entry_to_network",
     Hook.XDP: "entry_xdp",
+}
+CALL_MAPS = {
+    Hook.FROM_CONTAINER: "calls_from_container",
+    Hook.TO_CONTAINER: "calls_to_container",
+    Hook.FROM_NETWORK: "calls_from_network",
+    Hook.TO_NETWORK: "calls_to_network",
+    Hook.XDP: "calls_xdp",
+}
+# Where the contract puts each object's programs: (hook, slot, program name).
+PLACEMENTS = {
+    "prefilter": [(Hook.XDP, Slot.PREFILTER, "prefilter_xdp")],
+    "policy": [(Hook.FROM_CONTAINER, Slot.POLICY, "policy_egress"), (Hook.TO_CONTAINER, Slot.POLICY, "policy_ingress")],
+    "lb": [
+        (Hook.FROM_CONTAINER, Slot.LB, "lb_from_container"),
+        (Hook.FROM_NETWORK, Slot.LB, "lb_from_network"),
+        (Hook.TO_CONTAINER, Slot.LB_REPLY, "lb_to_container"),
+        (Hook.TO_NETWORK, Slot.LB_REPLY, "lb_to_network"),
+    ],
 }
 VERDICT_NAMES: dict[Hook, dict[int, str]] = {
     Hook.XDP: {XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS"},
@@ -116,18 +134,30 @@ class Datapath:
     def load_prefilter(self, capacity: Capacity) -> PrefilterMaps:
         self.prefilter = PrefilterMaps(BPF_BUILD, self.globals_dir, self.root / "prefilter", capacity)
         self.prefilter.load()
+        self._place("prefilter", {"prefilter_xdp": self.prefilter.program})
         return self.prefilter
 
     def load_policy(self, capacity: int = 1024) -> PolicyMaps:
         self.policy = PolicyMaps(BPF_BUILD, self.globals_dir, self.root / "policy", capacity)
         self.policy.load()
+        self._place("policy", self.policy.programs)
         return self.policy
 
     def load_lb(self, cgroup: Path) -> LbMaps:
         """The LB's socket programs attach to `cgroup`, which the caller makes and removes."""
         self.lb = LbMaps(BPF_BUILD, self.globals_dir, self.root / "lb", cgroup)
         self.lb.load()
+        self._place("lb", self.lb.programs)
         return self.lb
+
+    def _place(self, service: str, programs: Mapping[str, Program]) -> None:
+        """Put a service's programs in their slots of the call maps, as the orchestrator does.
+
+        The one place that knows how a call map is written: a chain with call-map
+        generations changes this method, not the tables.
+        """
+        for hook, slot, name in PLACEMENTS[service]:
+            ProgArray(self.shared(CALL_MAPS[hook])).set(slot, programs[name])
 
     # ---- node state ----
 
