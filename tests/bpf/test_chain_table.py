@@ -15,7 +15,6 @@ accepts nothing new from anyone (ingress enforced, no entries).
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -74,7 +73,7 @@ def chain_dp(make_datapath: Callable[[], Datapath], scratch_cgroup: Path) -> Dat
     dp = make_datapath()
     dp.load_lb(scratch_cgroup).write(lb_changes(SERVICES))
     policy = dp.load_policy()
-    policy.write_ipcache({ipaddress.ip_network(cidr): identity for cidr, identity in IPCACHE.items()})
+    dp.set_ipcache(IPCACHE)
     policy.install(ENDPOINT_ID, POLICY, config_flags(ingress=True, egress=True, audit=False))
     dp.set_endpoint(ENDPOINT_ID, ENDPOINT_IDENTITY)
     return dp

@@ -15,6 +15,7 @@ test_run gives a tc program the loopback device, so the one endpoint a
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -165,6 +166,12 @@ class Datapath:
         """The endpoint at the device test_run uses (both directions see the same one)."""
         endpoints = self.shared("endpoints").typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(endpoint_id, identity, 0, 0))
+
+    def set_ipcache(self, wanted: Mapping[str, int]) -> None:
+        """The identities of these CIDRs (and no others) in the node's ipcache."""
+        if self.policy is None:
+            raise RuntimeError("the ipcache is written by the policy's maps today: load the policy first")
+        self.policy.write_ipcache({ipaddress.ip_network(cidr): identity for cidr, identity in wanted.items()})
 
     def clear_endpoint(self) -> None:
         self.shared("endpoints").typed(ctypes.c_uint32, EndpointInfo).clear()
