@@ -91,8 +91,13 @@ class Outcome:
         return Reason.FORWARDED if self.counted else None
 
     def describe(self) -> str:
-        name = VERDICT_NAMES[self.hook].get(self.verdict, str(self.verdict))
-        return f"{name}, reason {self.reason.name if self.reason is not None else None}"
+        return describe(self.hook, self.verdict, self.reason)
+
+
+def describe(hook: Hook, verdict: int, reason: Reason | None) -> str:
+    """A verdict and a reason as a person reads them: "TC_ACT_SHOT, reason POLICY_DENIED"."""
+    name = VERDICT_NAMES[hook].get(verdict, str(verdict))
+    return f"{name}, reason {reason.name if reason is not None else None}"
 
 
 class Datapath:
