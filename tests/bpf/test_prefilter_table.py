@@ -91,13 +91,15 @@ ROWS = [
     Row("Ethernet header cut short is refused by test_run", X, cut(v4(HOST4) / UDP(), 10), None, None),
     Row("Ethernet header alone with the IPv4 EtherType passes", X, cut(v4(HOST4) / UDP(), 14), XDP_PASS),
     Row("v4 header cut before the addresses passes", X, cut(v4(HOST4) / UDP(), 14 + 10), XDP_PASS),
-    Row("v4 header cut after the source address passes", X, cut(v4(HOST4) / UDP(), 14 + 16), XDP_PASS),
+    Row("v4 header cut after the source address, from a listed host, passes to the stack", X,
+        cut(v4(HOST4) / UDP(), 14 + 16), XDP_PASS),
     Row("v4 ihl below 5 from a listed host passes to the stack", X,
         eth() / IP(src=HOST4, dst=NODE4, ihl=4) / UDP(), XDP_PASS),
     Row("v4 ihl past the end from a listed host passes to the stack", X,
         eth() / IP(src=HOST4, dst=NODE4, ihl=15) / UDP(), XDP_PASS),
     Row("v4 TCP cut short from a listed host drops", X, cut(v4(HOST4) / TCP(), 14 + 20 + 6), XDP_DROP, DENIED),
-    Row("v6 header cut short passes", X, cut(v6(HOST6) / UDP(), 14 + 30), XDP_PASS),
+    Row("v6 header cut after the source address, from a listed host, passes to the stack", X,
+        cut(v6(HOST6) / UDP(), 14 + 30), XDP_PASS),
     Row("v6 UDP cut short from a listed host drops", X, cut(v6(HOST6) / UDP(), 14 + 40 + 4), XDP_DROP, DENIED),
 ]
 
