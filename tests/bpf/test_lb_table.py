@@ -7,6 +7,8 @@ source of replies). Services are written with the service's LbMaps:
     10.96.0.10:80/TCP  -> 10.0.1.1:8080         10.96.0.10:53/UDP -> 10.0.1.2:5353
     10.96.0.11:80/TCP  -> no backends           10.96.0.12:80/TCP -> one backend, in maintenance
     10.96.0.13:80/TCP  -> 10.0.1.5:80 or 10.0.1.6:80
+    10.96.0.15:80/TCP  -> 10.0.1.7:80 (drained by a test)
+    10.96.0.16:80/TCP  -> 10.0.1.10:80 or 10.0.1.11:80, session affinity
 
 Every translated frame is compared with the input rewritten by scapy and every
 checksum recomputed: the incremental checksum updates must give the same bytes.
@@ -17,6 +19,7 @@ passes untranslated (it judges nothing; the stack drops malformed IP).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,6 +36,8 @@ from tests.harness.bpfrun import TC_ACT_OK, TC_ACT_SHOT, Datapath, lb_changes
 
 CLIENT = "10.0.0.10"
 VIP, VIP_EMPTY, VIP_MAINT, VIP_PAIR = "10.96.0.10", "10.96.0.11", "10.96.0.12", "10.96.0.13"
+VIP_DRAIN, VIP_STICKY = "10.96.0.15", "10.96.0.16"
+DRAIN, STICKY_A, STICKY_B = ("10.0.1.7", 80), ("10.0.1.10", 80), ("10.0.1.11", 80)
 WEB, DNS, PAIR_A, PAIR_B = ("10.0.1.1", 8080), ("10.0.1.2", 5353), ("10.0.1.5", 80), ("10.0.1.6", 80)
 SPORT = 40000
 
@@ -47,6 +52,8 @@ SERVICES = [
     service("empty", VIP_EMPTY, 80, "TCP"),
     service("maint", VIP_MAINT, 80, "TCP", Backend("10.0.1.4", 80, state=BackendState.MAINTENANCE)),
     service("pair", VIP_PAIR, 80, "TCP", Backend(*PAIR_A), Backend(*PAIR_B)),
+    service("drain", VIP_DRAIN, 80, "TCP", Backend(*DRAIN)),
+    replace(service("sticky", VIP_STICKY, 80, "TCP", Backend(*STICKY_A), Backend(*STICKY_B)), affinity_timeout=60),
 ]
 
 E, N, TC, TN = Hook.FROM_CONTAINER, Hook.FROM_NETWORK, Hook.TO_CONTAINER, Hook.TO_NETWORK
@@ -172,3 +179,38 @@ def test_new_connections_count_once(dp: Datapath) -> None:
     after = dp.lb.counts("lb_service_stats", 1), dp.lb.counts("lb_backend_stats", 16)
     assert [a.new_conns - b.new_conns for a, b in zip(after, before, strict=True)] == [1, 1]
     assert [a.packets - b.packets for a, b in zip(after, before, strict=True)] == [2, 2]
+
+
+@pytest.mark.parametrize(
+    ("state", "keeps"),
+    [(BackendState.TERMINATING, True), (BackendState.MAINTENANCE, False)],
+    ids=["terminating", "maintenance"],
+)
+def test_draining_backend(dp: Datapath, state: BackendState, keeps: bool) -> None:
+    """A terminating backend keeps its connections and takes no new ones; one in maintenance loses both."""
+    assert dp.lb is not None
+    first, other = to(VIP_DRAIN, syn()), to(VIP_DRAIN, syn(80, SPORT + 1))
+    ack = to(VIP_DRAIN, TCP(sport=SPORT, dport=80, flags="A"))
+    run_row(dp, Row("SYN while the backend is active", E, first, OK, output=dnat(first, DRAIN)))
+    drained = [replace(s, backends=(Backend(*DRAIN, state=state),)) if s.name == "drain" else s for s in SERVICES]
+    dp.lb.write(lb_changes(drained))
+    try:
+        if keeps:
+            run_row(dp, Row("ACK of the connection", E, ack, OK, output=dnat(ack, DRAIN)))
+        else:
+            run_row(dp, Row("ACK of the connection", E, ack, SHOT, Reason.NO_SERVICE_BACKEND))
+        run_row(dp, Row("SYN of a new connection", E, other, SHOT, Reason.NO_SERVICE_BACKEND))
+    finally:
+        dp.lb.write(lb_changes(SERVICES))
+
+
+def test_session_affinity_keeps_a_client_on_one_backend(dp: Datapath) -> None:
+    """New connections of one client to an affinity service all go to the backend its first one got."""
+    chosen = set()
+    for sport in range(SPORT, SPORT + 8):
+        frame = to(VIP_STICKY, syn(80, sport))
+        outcome = run_row(dp, Row(f"SYN from port {sport}", E, frame, OK,
+                                  output=(dnat(frame, STICKY_A), dnat(frame, STICKY_B))))
+        assert outcome is not None
+        chosen.add(Ether(outcome.data)[IP].dst)
+    assert len(chosen) == 1, f"one client's connections went to {sorted(chosen)}"
