@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import subprocess
@@ -17,8 +18,10 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.prefilter.v1 import prefilter_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
+from pybpf import Map
 from services.common.datapath import Hook
-from services.prefilter.maps import dump_pinned
+from services.prefilter.defs import PrefilterEntry
+from services.prefilter.maps import dump_pinned, kind_of
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node
 from tests.harness.objects import counted, counter_object
@@ -168,6 +171,10 @@ def test_sigkill_keeps_dropping_and_restart_reinstalls_the_persisted_list(
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv6, count=2, source=DENIED_NET_V6, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+    # Damage the live list while the service is down, so that only a rebuild
+    # from the persisted list (not pins left as they were) can pass the checks below.
+    _damage_live_list(node.bpffs_root / "prefilter", drop=f"{DENIED_HOST_V4}/32", add="10.99.0.0/16")
+    assert set(dump_pinned(node.bpffs_root / "prefilter")) != {ipaddress.ip_network(c) for c, _ in persisted}
     node.start("prefilter")
     s = stub(node)
     listed = s.ListEntries(pb.ListEntriesRequest())
@@ -177,6 +184,22 @@ def test_sigkill_keeps_dropping_and_restart_reinstalls_the_persisted_list(
     assert xdp_interfaces(node) == [NET_IFNAME]
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+
+
+def _damage_live_list(pin_dir: Path, drop: str, add: str) -> None:
+    """Remove one entry from the live generation and add one nobody asked for."""
+    with Map.from_pin(pin_dir / "pf_active").typed(ctypes.c_uint32, ctypes.c_uint32) as flag:
+        active = int(flag[0])
+    for cidr, remove in ((drop, True), (add, False)):
+        network = ipaddress.ip_network(cidr)
+        kind = kind_of(network)
+        with Map.from_pin(pin_dir / kind.outer).typed(ctypes.c_uint32, ctypes.c_uint32) as outer:
+            map_id = outer[active]
+        with Map.from_id(map_id) as inner:
+            if remove:
+                inner.delete(kind.key(network))
+            else:
+                inner[kind.key(network)] = bytes(PrefilterEntry(0, 0))
 
 
 def test_replace_switches_lists_without_a_window(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
