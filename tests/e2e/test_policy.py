@@ -394,8 +394,13 @@ def test_policy_started_before_the_orchestrator_waits_for_it(make_node: Callable
     node = make_node()
     waiting = threading.Thread(target=node.start, args=("policy",))
     waiting.start()
-    time.sleep(1.5)
-    assert not node.serving("policy")  # still waiting for the endpoint list
+    deadline = time.monotonic() + 20
+    while "waiting for the orchestrator" not in node.log_tail("policy") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # It got as far as asking for the endpoint list (not merely slow to start), and does not serve.
+    assert "waiting for the orchestrator" in node.log_tail("policy")
+    time.sleep(0.5)
+    assert not node.serving("policy")
     node.start("orchestrator")
     waiting.join(timeout=40)
     assert node.serving("policy")
