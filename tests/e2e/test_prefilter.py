@@ -112,6 +112,7 @@ def test_entry_takes_effect_at_once_and_delete_restores(pnode: tuple[Node, orch_
     assert before_add > 200
     assert during_start - before_add <= added_at - before_add + 20
     lost = set(result.missing)
+    assert deleted_at - added_at > 200 and result.sent - deleted_at > 200  # the ranges below are not empty
     assert all(n in lost for n in range(added_at + 20, deleted_at - 20))  # dropped for the whole time
     assert not any(n in lost for n in range(deleted_at + 5, result.sent))  # delivered again after delete
     assert hits_or_zero(node, f"{DENIED_HOST_V4}/32") == 0  # the entry is gone, so are its counters
