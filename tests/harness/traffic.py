@@ -136,7 +136,9 @@ def tcp_exchange(
 # What a connection the datapath does not let through looks like to the client.
 # Anything else (no such namespace, a source address that is not configured, no
 # route) is a broken test set-up and raises, so it cannot pass for "denied".
-_NOT_THROUGH = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EPIPE}
+_NOT_THROUGH = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EPIPE,
+}
 
 
 def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0, source: str = "") -> bool:
