@@ -234,6 +234,17 @@ def _computed(policy: pb.EndpointPolicy) -> set[tuple[int, int, int, int, int, b
     return out
 
 
+def _damage_policy(node: Node, entry_of: int, enforcement_of: int) -> None:
+    """Remove one policy entry of one endpoint and turn enforcement off for another."""
+    pins = node.bpffs_root / "policy"
+    with Map.from_pin(pins / "policy_maps", key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as outer:
+        map_id = outer[entry_of]
+    with Map.from_id(map_id, key_type=PolicyKey, value_type=PolicyEntry) as inner:
+        inner.delete(next(iter(inner.keys())))
+    with Map.from_pin(pins / "policy_config", key_type=ctypes.c_uint32, value_type=EndpointPolicyConfig) as cfg:
+        cfg[enforcement_of] = EndpointPolicyConfig(0)
+
+
 def test_sigkill_keeps_enforcing_and_restart_rebuilds_maps_from_persisted_rules(cluster: Cluster) -> None:
     c = cluster
     fe, be, db = c.frontend, c.backend, c.db
@@ -242,6 +253,10 @@ def test_sigkill_keeps_enforcing_and_restart_rebuilds_maps_from_persisted_rules(
     c.node.kill("policy")
     assert tcp_ok(fe.netns, be.ipv4, 8080) and not tcp_ok(fe.netns, be.ipv4, 8081)
     assert not tcp_ok(fe.netns, db.ipv4, 5432)
+    # Damage the maps while the service is down, so that only a rebuild from the
+    # persisted rules (not pins left as they were) passes the checks below.
+    _damage_policy(c.node, entry_of=be.id, enforcement_of=db.id)
+    assert _pinned_policy(c.node, be.id) != before["backend"] and _pinned_policy(c.node, db.id) != before["db"]
     c.node.start("policy")
     rules = c.policy.ListRules(pb.ListRulesRequest()).rules
     assert sorted(r.name for r in rules) == ["backend-in", "db-in"]
@@ -379,8 +394,13 @@ def test_policy_started_before_the_orchestrator_waits_for_it(make_node: Callable
     node = make_node()
     waiting = threading.Thread(target=node.start, args=("policy",))
     waiting.start()
-    time.sleep(1.5)
-    assert not node.serving("policy")  # still waiting for the endpoint list
+    deadline = time.monotonic() + 20
+    while "waiting for the orchestrator" not in node.log_tail("policy") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # It got as far as asking for the endpoint list (not merely slow to start), and does not serve.
+    assert "waiting for the orchestrator" in node.log_tail("policy")
+    time.sleep(0.5)
+    assert not node.serving("policy")
     node.start("orchestrator")
     waiting.join(timeout=40)
     assert node.serving("policy")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import ipaddress
 import os
 import subprocess
@@ -17,8 +18,10 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.prefilter.v1 import prefilter_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
+from pybpf import Map
 from services.common.datapath import Hook
-from services.prefilter.maps import dump_pinned
+from services.prefilter.defs import PrefilterEntry
+from services.prefilter.maps import dump_pinned, kind_of
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node
 from tests.harness.objects import counted, counter_object
@@ -109,6 +112,7 @@ def test_entry_takes_effect_at_once_and_delete_restores(pnode: tuple[Node, orch_
     assert before_add > 200
     assert during_start - before_add <= added_at - before_add + 20
     lost = set(result.missing)
+    assert deleted_at - added_at > 200 and result.sent - deleted_at > 200  # the ranges below are not empty
     assert all(n in lost for n in range(added_at + 20, deleted_at - 20))  # dropped for the whole time
     assert not any(n in lost for n in range(deleted_at + 5, result.sent))  # delivered again after delete
     assert hits_or_zero(node, f"{DENIED_HOST_V4}/32") == 0  # the entry is gone, so are its counters
@@ -168,6 +172,10 @@ def test_sigkill_keeps_dropping_and_restart_reinstalls_the_persisted_list(
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv6, count=2, source=DENIED_NET_V6, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+    # Damage the live list while the service is down, so that only a rebuild
+    # from the persisted list (not pins left as they were) can pass the checks below.
+    _damage_live_list(node.bpffs_root / "prefilter", drop=f"{DENIED_HOST_V4}/32", add="10.99.0.0/16")
+    assert set(dump_pinned(node.bpffs_root / "prefilter")) != {ipaddress.ip_network(c) for c, _ in persisted}
     node.start("prefilter")
     s = stub(node)
     listed = s.ListEntries(pb.ListEntriesRequest())
@@ -177,6 +185,22 @@ def test_sigkill_keeps_dropping_and_restart_reinstalls_the_persisted_list(
     assert xdp_interfaces(node) == [NET_IFNAME]
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED_HOST_V4, wait=0.5) == 0
     assert traffic.ping(node.outside, ep.ipv4, count=2, source=ALLOWED_V4) == 2
+
+
+def _damage_live_list(pin_dir: Path, drop: str, add: str) -> None:
+    """Remove one entry from the live generation and add one nobody asked for."""
+    with Map.from_pin(pin_dir / "pf_active").typed(ctypes.c_uint32, ctypes.c_uint32) as flag:
+        active = int(flag[0])
+    for cidr, remove in ((drop, True), (add, False)):
+        network = ipaddress.ip_network(cidr)
+        kind = kind_of(network)
+        with Map.from_pin(pin_dir / kind.outer).typed(ctypes.c_uint32, ctypes.c_uint32) as outer:
+            map_id = outer[active]
+        with Map.from_id(map_id) as inner:
+            if remove:
+                inner.delete(kind.key(network))
+            else:
+                inner[kind.key(network)] = bytes(PrefilterEntry(0, 0))
 
 
 def test_replace_switches_lists_without_a_window(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
@@ -196,7 +220,7 @@ def test_replace_switches_lists_without_a_window(pnode: tuple[Node, orch_pb.Endp
         s.ReplaceEntries(pb.ReplaceEntriesRequest(entries=lists[i % 2]), timeout=10)
     denied_result, allowed_result = denied.finish(), allowed.finish()
     assert denied_result.sent > 200 and denied_result.received == 0
-    assert allowed_result.missing == []
+    assert allowed_result.sent > 200 and allowed_result.missing == []
     listed = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=1000))).entries
     assert {e.cidr for e in listed} == {e.cidr for e in lists[1]}
 

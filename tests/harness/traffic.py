@@ -6,6 +6,7 @@ of namespaces the test made.
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 import struct
@@ -27,7 +28,11 @@ def _family(address: str) -> socket.AddressFamily:
 def ping(
     ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0, source: str = ""
 ) -> int:
-    """Echo replies received by `count` pings from ns to address (from `source` if given)."""
+    """Echo replies received by `count` pings from ns to address (from `source` if given).
+
+    A ping that could not run (no such namespace, source address not configured)
+    raises: it must not pass for "every echo was dropped".
+    """
     result = netns.run(
         ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(wait), "-q",
         *(["-I", source] if source else []), address, check=False,
@@ -35,7 +40,7 @@ def ping(
     for line in result.stdout.splitlines():
         if "received" in line:
             return int(line.split(",")[1].split()[0])
-    return 0
+    raise RuntimeError(f"ping {address} from {ns} did not run (exit {result.returncode}): {result.stderr.strip()}")
 
 
 @dataclass
@@ -128,12 +133,24 @@ def tcp_exchange(
         return b"".join(chunks)
 
 
+# What a connection the datapath does not let through looks like to the client.
+# Anything else (no such namespace, a source address that is not configured, no
+# route) is a broken test set-up and raises, so it cannot pass for "denied".
+_NOT_THROUGH = {
+    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EPIPE,
+}
+
+
 def tcp_connects(ns: str, address: str, port: int, timeout: float = 1.0, source: str = "") -> bool:
     """Whether a TCP connection from ns carrying data succeeds within timeout."""
     try:
         return tcp_exchange(ns, address, port, b"probe", timeout, source).endswith(b"probe")
-    except OSError:
+    except TimeoutError:
         return False
+    except OSError as err:
+        if err.errno in _NOT_THROUGH:
+            return False
+        raise
 
 
 def udp_exchange(
@@ -190,6 +207,7 @@ class CountedStream:
             threading.Thread(target=self._receive, daemon=True),
         ]
         self._rx_done = threading.Event()
+        self._send_error: OSError | None = None
 
     def start(self) -> CountedStream:
         for t in self._threads:
@@ -198,13 +216,16 @@ class CountedStream:
 
     def _send(self) -> None:
         next_at = time.monotonic()
-        while not self._stop.is_set():
-            self._tx.sendto(struct.pack("!Q", self._sent), (self._dst, self._port))
-            self._sent += 1
-            next_at += self._interval
-            delay = next_at - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
+        try:
+            while not self._stop.is_set():
+                self._tx.sendto(struct.pack("!Q", self._sent), (self._dst, self._port))
+                self._sent += 1
+                next_at += self._interval
+                delay = next_at - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+        except OSError as err:
+            self._send_error = err  # finish() raises it: a stream that stopped sending lost nothing
 
     def _receive(self) -> None:
         while not self._rx_done.is_set():
@@ -229,6 +250,8 @@ class CountedStream:
         self._threads[1].join(timeout=2)
         self._tx.close()
         self._rx.close()
+        if self._send_error is not None:
+            raise RuntimeError(f"the sender stopped after {self._sent} datagrams") from self._send_error
         seen = set(self._seen)
         missing = [n for n in range(self._sent) if n not in seen]
         return StreamResult(self._sent, len(seen), missing, len(self._seen) - len(seen))

@@ -87,6 +87,7 @@ def test_full_hash_raises_map_full(maps_obj: pybpf.BpfObject) -> None:
         m[3] = 30
     assert full.value.errno == errno.E2BIG
     m[2] = 21  # replacing an existing key still works when full
+    assert m[2] == 21 and sorted(m.keys()) == [1, 2]
 
 
 def test_array_keys_always_exist(maps_obj: pybpf.BpfObject) -> None:

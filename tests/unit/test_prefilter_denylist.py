@@ -80,5 +80,12 @@ def test_replace_plan_keeps_ids_of_kept_entries_and_abort_gives_ids_back() -> No
     assert [str(e.network) for e in leaving] == ["10.0.0.1/32"]
     deny.abort(new_list)
     assert set(map(str, deny.entries)) == {"10.0.0.1/32", "10.0.0.2/32"}
+    # Both ids of that plan are still held by current entries: none may be handed out again.
+    added, _ = deny.plan_add(parse_entries([("10.5.0.0/16", False)]))
+    assert [e.id for e in added] == [2]
+    # An aborted add gives its fresh id back: the next plan takes it again.
+    deny.abort(added)
+    again, _ = deny.plan_add(parse_entries([("10.6.0.0/16", False)]))
+    assert [e.id for e in again] == [2]
     with pytest.raises(NotFound):
         deny.plan_delete([ipaddress.ip_network("10.7.0.0/16")])
