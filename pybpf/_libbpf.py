@@ -329,6 +329,7 @@ bpf_map__map_extra = _declare("bpf_map__map_extra", c_uint64, _p)
 bpf_map__is_internal = _declare("bpf_map__is_internal", c_bool, _p)
 bpf_map__pin_path = _declare("bpf_map__pin_path", c_char_p, _p)
 bpf_map__reuse_fd = _declare("bpf_map__reuse_fd", c_int, _p, c_int)
+bpf_map__inner_map = _declare("bpf_map__inner_map", _p, _p)
 
 bpf_program__name = _declare("bpf_program__name", c_char_p, _p)
 bpf_program__section_name = _declare("bpf_program__section_name", c_char_p, _p)
