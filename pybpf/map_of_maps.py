@@ -128,8 +128,8 @@ class MapOfMaps:
         size = template.max_entries if max_entries is None else max_entries
         if size != template.max_entries and _sizes_fixed(template):
             raise IncompatibleMapError(
-                f"create inner map of {self.name}: its template is a {template.type.name} of "
-                f"{template.max_entries} entries without BPF_F_INNER_MAP; {size} entries would be refused",
+                f"create inner map of {self.name}: its template is an {template.type.name} with max_entries "
+                f"{template.max_entries} and no BPF_F_INNER_MAP flag, so max_entries {size} would be refused",
                 field="max_entries",
             )
         return Map.create(
