@@ -58,18 +58,18 @@ class MapOfMaps:
     ) -> None:
         """Wrap ``outer`` (shared, not copied) with the inner template ``inner``.
 
-        Without ``inner`` the template is read from an inner map already in
-        ``outer``, if there is one. Raises IncompatibleMapError when ``outer``
-        is not a map of maps or a type does not fit the template's sizes.
+        Without ``inner`` the template is read, when first needed, from an inner
+        map already in ``outer``. Raises IncompatibleMapError when ``outer`` is
+        not a map of maps or a type does not fit the template's sizes.
         """
         if outer.type not in _OUTER_TYPES:
             raise IncompatibleMapError(f"map {outer.name} is {outer.type.name}, not a map of maps", field="type")
         self._outer = outer.typed(key_type, ctypes.c_uint32)
         self._inner_key_type = inner_key_type
         self._inner_value_type = inner_value_type
-        self._template: _Template | None = inner if inner is not None else self._discover()
-        if self._template is not None:
-            self._check_types(self._template)
+        self._template: _Template | None = inner
+        if inner is not None:
+            self._check_types(inner)
 
     def _discover(self) -> MapInfo | None:
         for key in self._outer:
@@ -105,16 +105,23 @@ class MapOfMaps:
 
     @property
     def template(self) -> _Template | None:
-        """The inner template (a MapSpec from the object, or the MapInfo of an inner map)."""
+        """The inner template: a MapSpec from the object, else the MapInfo of an inner map
+        already installed (read when first needed), else None."""
+        if self._template is None:
+            found = self._discover()
+            if found is not None:
+                self._check_types(found)
+                self._template = found
         return self._template
 
     def _require_template(self, what: str) -> _Template:
-        if self._template is None:
+        template = self.template
+        if template is None:
             raise ValueError(
                 f"{what}: the inner template of map {self.name} is unknown "
                 "(pass inner=, e.g. the object's map_specs[name].inner, or install a map first)"
             )
-        return self._template
+        return template
 
     # ---- making inner maps ----
 
@@ -162,7 +169,7 @@ class MapOfMaps:
 
     def check_inner(self, inner: Map) -> None:
         """Raise IncompatibleMapError if the kernel would refuse ``inner`` in this map."""
-        template = self._template
+        template = self.template
         if template is None:
             return  # the kernel will judge; its EINVAL is turned into the same error
         what = f"map {inner.name} as inner map of {self.name}"
