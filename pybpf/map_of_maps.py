@@ -191,7 +191,9 @@ class MapOfMaps:
         """Install ``inner`` at ``key`` in one atomic update; return the replaced map's id.
 
         Programs see the previous inner map until this update and ``inner`` from
-        then on; one already running may finish on the previous one. The id is
+        then on; the kernel lets programs already running finish (an RCU grace
+        period) before the update returns, so afterwards none still reads the
+        previous map. That wait (milliseconds) is why ``swap_many`` exists. The id is
         the one read just before the update (exact when this process is the only
         writer); None when ``key`` was empty. Raises IncompatibleMapError for a
         map that does not fit the template, KeyExistsError/KeyNotFoundError with
@@ -205,19 +207,18 @@ class MapOfMaps:
             raise self._refused(exc, inner) from exc
         return previous
 
-    def swap_many(self, items: Sequence[tuple[Any, Map]]) -> list[int | None]:
-        """``swap`` several keys in one batch syscall (one RCU wait for all); the replaced ids.
+    def swap_many(self, items: Sequence[tuple[Any, Map]]) -> None:
+        """``swap`` several keys in one batch syscall (one wait for running programs in all).
 
-        On failure the keys before the failing one are already swapped.
+        The replaced ids are not read (that would cost one lookup per key). On
+        failure the keys before the failing one are already swapped.
         """
         for _, inner in items:
             self.check_inner(inner)
-        previous = [self.inner_id(key) for key, _ in items]
         try:
             self._outer.update_batch([k for k, _ in items], [m.fd for _, m in items])
         except BpfError as exc:
             raise self._refused(exc, None) from exc
-        return previous
 
     def replace(
         self,
@@ -271,6 +272,9 @@ class MapOfMaps:
 
     def keys(self) -> Iterator[Any]:
         """Keys that hold an inner map (an ARRAY_OF_MAPS lists only filled slots)."""
+        if self._outer.type == MapType.HASH_OF_MAPS:
+            yield from self._outer.keys()  # a hash holds no empty keys
+            return
         for key in self._outer:
             if self.inner_id(key) is not None:
                 yield key
