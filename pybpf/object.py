@@ -2,8 +2,10 @@
 
 ``BpfObject.open(path)`` reads the ELF into a spec (``map_specs``,
 ``program_specs``) that can still be edited: ``set_map_max_entries`` and
-``reuse_map``. ``load()`` creates the maps and verifies the programs; the live
-``maps`` and ``programs`` are then keyed by their C names. libbpf's internal
+``reuse_map``; a map of maps carries its inner template (``MapSpec.inner``).
+``load()`` creates the maps and verifies the programs; the live ``maps`` and
+``programs`` are then keyed by their C names, and ``typed_map`` /
+``map_of_maps`` give typed handles bound once (the same handle on every call). libbpf's internal
 maps for global variables (``.data``, ``.rodata``, ``.bss``, ``.kconfig``) are
 not listed: pybpf does not set globals.
 
