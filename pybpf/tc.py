@@ -122,6 +122,25 @@ class TcAttachment(Attachment):
         """Whether our program is still the filter at our (handle, priority)."""
         return not self.closed and query_tc(self.ifindex, self.direction, self.handle, self.priority) == self.program_id
 
+    def update(self, program: Program) -> None:
+        """Run ``program`` at our (handle, priority) instead of ours, in one step.
+
+        The filter's program is replaced in place (tc's replace), so no packet
+        meets an empty hook. Raises BpfError(EEXIST) when the filter there no
+        longer runs our program (theirs is left): the check and the replace are
+        two netlink calls, so a writer racing between them is not caught.
+        """
+        what = f"replace tc program {self.program_id} on ifindex {self.ifindex} by {program.name}"
+        if not self.attached:
+            raise BpfError(errno.EEXIST, f"{what}: the filter no longer runs our program; left alone")
+        hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
+        opts = _libbpf.new_tc_opts(self.handle, self.priority, program.fd, BPF_TC_F_REPLACE)
+        ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_attach, ctypes.byref(hook), ctypes.byref(opts))
+        check(ret, what, kernel_says=kernel_says)
+        self._prog.close()
+        self._prog = FdHandle(os.dup(program.fd), what=f"tc program {program.name}")
+        self.program_id = program.id
+
     def _detach(self) -> None:
         self._prog.close()
         try:

@@ -98,6 +98,26 @@ class XdpAttachment(Attachment):
         """Whether our program is still the one running in our mode."""
         return not self.closed and query_xdp(self.ifindex).get(self.mode) == self.program_id
 
+    def update(self, program: Program) -> None:
+        """Run ``program`` in our place, in one step, only while ours is still there.
+
+        The kernel swaps the programs atomically (XDP_FLAGS_REPLACE with ours as
+        the expected one): no packet meets an empty hook. Raises BpfError(EEXIST)
+        when someone else's program replaced ours (theirs is left), BpfError otherwise.
+        """
+        opts = _libbpf.new_xdp_attach_opts(self._prog.fd)
+        flags = self.mode.value | XDP_FLAGS_REPLACE
+        ret, kernel_says = _libbpf.call_netlink(
+            _libbpf.bpf_xdp_attach, self.ifindex, program.fd, flags, ctypes.byref(opts)
+        )
+        what = f"replace xdp program {self.program_id} on ifindex {self.ifindex} by {program.name}"
+        if ret == -errno.EEXIST:
+            raise BpfError(errno.EEXIST, f"{what}: the interface no longer runs our program; left alone")
+        check(ret, what, kernel_says=kernel_says)
+        self._prog.close()
+        self._prog = FdHandle(os.dup(program.fd), what=f"xdp program {program.name}")
+        self.program_id = program.id
+
     def _detach(self) -> None:
         # Detach only if our program is still the one attached (XDP_FLAGS_REPLACE
         # with our fd as the expected one): a newer attachment that replaced ours

@@ -4,15 +4,19 @@ pinned link outlives the process that made it."""
 
 from __future__ import annotations
 
+import errno
 import gc
 import subprocess
 import sys
 from ctypes import c_uint32, c_uint64
 from pathlib import Path
 
+import pytest
+
 import pybpf
 from pybpf import (
     AttachType,
+    BpfError,
     CgroupAttachment,
     Link,
     TcAttachment,
@@ -22,6 +26,7 @@ from pybpf import (
     attach_cgroup,
     attach_tc,
     attach_xdp,
+    link_cgroup,
     query_cgroup,
     query_tc,
     query_xdp,
@@ -130,3 +135,50 @@ def test_pinned_cgroup_link_outlives_its_process_and_is_reopened(
         if pin.exists():
             Link.from_pin(pin).detach()
             pin.unlink()
+
+
+def test_xdp_update_swaps_in_place_only_while_ours(maps_obj: pybpf.BpfObject, veth: VethPair) -> None:
+    first, second, third = (maps_obj.programs[n] for n in ("xdp_verdict", "xdp_tail_target", "xdp_tail_entry"))
+    attachment = attach_xdp("veth1", first, XdpMode.GENERIC)
+    attachment.update(second)
+    assert query_xdp("veth1").generic == second.id == attachment.program_id
+    attach_xdp("veth1", third, XdpMode.GENERIC)  # someone else's program takes the hook
+    with pytest.raises(BpfError) as stale:
+        attachment.update(first)
+    assert stale.value.errno == errno.EEXIST and "no longer runs our program" in str(stale.value)
+    assert query_xdp("veth1").generic == third.id
+    attachment.close()
+    assert query_xdp("veth1").generic == third.id
+    XdpAttachment(attachment.ifindex, third, XdpMode.GENERIC).close()
+    assert query_xdp("veth1").generic is None
+
+
+def test_tc_update_swaps_in_place_only_while_ours(maps_obj: pybpf.BpfObject, veth: VethPair, pin_dir: Path) -> None:
+    with pybpf.BpfObject.load_file(maps_obj.path, pin_root=pin_dir) as other:
+        first, second = maps_obj.programs["tc_verdict"], other.programs["tc_verdict"]
+        with attach_tc("veth1", first, TcDirection.EGRESS) as attachment:
+            attachment.update(second)
+            assert query_tc("veth1", TcDirection.EGRESS) == second.id == attachment.program_id
+            theirs = attach_tc("veth1", first, TcDirection.EGRESS, replace=True)
+            with pytest.raises(BpfError) as stale:
+                attachment.update(second)
+            assert stale.value.errno == errno.EEXIST
+            assert query_tc("veth1", TcDirection.EGRESS) == first.id
+        assert query_tc("veth1", TcDirection.EGRESS) == first.id  # closing ours left theirs
+        theirs.close()
+        assert query_tc("veth1", TcDirection.EGRESS) is None
+
+
+def test_cgroup_link_update_checks_the_expected_program(
+    sock_obj: pybpf.BpfObject, cgroup: Path, objects: dict[str, Path]
+) -> None:
+    with pybpf.BpfObject.load_file(objects["pybpf_sock"]) as other:
+        first, second = sock_obj.programs["connect4_count"], other.programs["connect4_count"]
+        with link_cgroup(cgroup, first, AttachType.CGROUP_INET4_CONNECT) as link:
+            link.update(second, expected=first)
+            assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == [second.id] == [link.program_id]
+            with pytest.raises(BpfError) as stale:
+                link.update(first, expected=first)  # it runs `second` now
+            assert stale.value.errno == errno.EPERM
+            assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == [second.id]
+    assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == []
