@@ -236,9 +236,25 @@ class bpf_prog_info(Structure):  # noqa: N801 - the C name, on purpose
 
 
 class bpf_link_info_head(Structure):  # noqa: N801 - the C name, on purpose
-    """The leading, type-independent fields of linux/bpf.h ``struct bpf_link_info``."""
+    """linux/bpf.h ``struct bpf_link_info`` up to its ``cgroup`` member.
 
-    _fields_ = [("type", c_uint32), ("id", c_uint32), ("prog_id", c_uint32)]
+    The union after ``prog_id`` is 8-byte aligned; for a cgroup link
+    (BPF_LINK_TYPE_CGROUP) it holds ``{ __u64 cgroup_id; __u32 attach_type; }``.
+    The kernel fills only as many bytes as it is given.
+    """
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("prog_id", c_uint32),
+        ("_pad", c_uint32),
+        ("cgroup_id", c_uint64),
+        ("cgroup_attach_type", c_uint32),
+        ("_pad2", c_uint32),
+    ]
+
+
+BPF_LINK_TYPE_CGROUP = 3
 
 
 def new_object_open_opts() -> bpf_object_open_opts:

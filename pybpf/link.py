@@ -18,7 +18,7 @@ from typing import Self
 from pybpf import _libbpf
 from pybpf._fd import FdHandle, fd_kind, get_pinned, pin_fd, unpin
 from pybpf.errors import BpfError, check
-from pybpf.programs import Program
+from pybpf.programs import AttachType, Program
 
 __all__ = ["Link"]
 
@@ -38,6 +38,13 @@ class Link:
         self.program_id: int = head.prog_id
         self.link_type: int = head.type
         self.pin_path: str | None = None
+        cgroup = head.type == _libbpf.BPF_LINK_TYPE_CGROUP
+        self.cgroup_id: int | None = head.cgroup_id if cgroup else None
+        """For a cgroup link: the cgroup's id (the inode number of its cgroup2 directory)."""
+        self.attach_type: AttachType | None = None
+        """For a cgroup link: the hook it is attached to (None for one pybpf does not name)."""
+        if cgroup and head.cgroup_attach_type in AttachType._value2member_map_:
+            self.attach_type = AttachType(head.cgroup_attach_type)
 
     def _info(self) -> _libbpf.bpf_link_info_head:
         head = _libbpf.bpf_link_info_head()
@@ -114,4 +121,5 @@ class Link:
         self.close()
 
     def __repr__(self) -> str:
-        return f"<Link id={self.id} prog={self.program_id} pin={self.pin_path}>"
+        hook = f" {self.attach_type.name} cgroup={self.cgroup_id}" if self.attach_type is not None else ""
+        return f"<Link id={self.id} prog={self.program_id}{hook} pin={self.pin_path}>"

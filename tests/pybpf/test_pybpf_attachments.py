@@ -125,6 +125,8 @@ def test_pinned_cgroup_link_outlives_its_process_and_is_reopened(
 
         reopened = Link.from_pin(pin)
         assert (reopened.id, reopened.program_id) == (link_id, program_id)
+        assert reopened.attach_type is AttachType.CGROUP_INET4_CONNECT  # where it is, read from the kernel
+        assert reopened.cgroup_id == cgroup.stat().st_ino
         reopened.close()  # releasing our fd: the pin still holds the link
         assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == [program_id]
 
