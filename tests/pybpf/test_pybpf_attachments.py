@@ -184,3 +184,23 @@ def test_cgroup_link_update_checks_the_expected_program(
             assert stale.value.errno == errno.EPERM
             assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == [second.id]
     assert query_cgroup(cgroup, AttachType.CGROUP_INET4_CONNECT) == []
+
+
+def test_restart_takes_over_through_the_pinned_program(
+    maps_obj: pybpf.BpfObject, veth: VethPair, pin_dir: Path
+) -> None:
+    """The flow a restarted service follows: find the old program by its pin, swap in the new one."""
+    old = maps_obj.programs["xdp_verdict"]
+    old.pin(pin_dir / "xdp_verdict")
+    attach_xdp("veth1", old, XdpMode.GENERIC)
+    gc.collect()
+    with pybpf.BpfObject.load_file(maps_obj.path, pin_root=pin_dir) as restarted:
+        new = restarted.programs["xdp_verdict"]
+        assert XdpAttachment.find("veth1", new) is None  # a fresh load is another program
+        with pybpf.Program.from_pin(pin_dir / "xdp_verdict") as pinned:
+            found = XdpAttachment.find("veth1", pinned)
+        assert found is not None
+        found.update(new)
+        assert query_xdp("veth1").generic == new.id
+        found.close()
+    assert query_xdp("veth1").generic is None
