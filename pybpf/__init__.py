@@ -6,11 +6,14 @@ Usage::
     import pybpf
 
     with pybpf.BpfObject.load_file("bpf/build/counter.o", pin_root="/sys/fs/bpf/weir") as obj:
-        counts = obj.maps["counts"].typed(c_uint32, c_uint64)
+        counts = obj.typed_map("counts", c_uint32, c_uint64)  # bound once, cached
         counts.update(7, 0, pybpf.UpdateFlag.NOEXIST)
         xdp = pybpf.attach_xdp("eth0", obj.programs["count_packets"], pybpf.XdpMode.AUTO)
         print(xdp.mode, counts.lookup_sum(7) if counts.is_percpu else counts[7])
         xdp.close()  # attachments stay until closed, even if this process dies
+
+        tables = obj.map_of_maps("tables", c_uint32, c_uint32, c_uint32)
+        old_id = tables.replace(1, {0: 10, 1: 11})  # a fresh inner map, filled, swapped in
 
 Errors are ``pybpf.BpfError`` (an ``OSError`` with ``errno``) or a subclass that
 says what happened: ``KeyNotFoundError``, ``KeyExistsError``, ``MapFullError``,
@@ -31,8 +34,9 @@ from pybpf.errors import (
 from pybpf.features import has_map_type, has_prog_type, require_map_type, require_prog_type
 from pybpf.link import Link
 from pybpf.lpm import LpmKeyV4, LpmKeyV6
-from pybpf.maps import Map, MapInfo, MapType, UpdateFlag, unpin
-from pybpf.object import BpfObject, MapSpec, ProgramSpec
+from pybpf.map_of_maps import MapOfMaps
+from pybpf.maps import BPF_F_INNER_MAP, Map, MapInfo, MapSpec, MapType, UpdateFlag, unpin
+from pybpf.object import BpfObject, ProgramSpec
 from pybpf.prog_array import ProgArray
 from pybpf.programs import AttachType, Program, ProgramInfo, ProgType, TestRunResult
 from pybpf.ringbuf import RingBuffer
@@ -42,6 +46,7 @@ from pybpf.tc import TcAttachment, TcDirection, attach_tc, detach_tc, query_tc
 from pybpf.xdp import XdpAttachment, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
 
 __all__ = [
+    "BPF_F_INNER_MAP",
     "AttachType",
     "Attachment",
     "BpfError",
@@ -56,6 +61,7 @@ __all__ = [
     "Map",
     "MapFullError",
     "MapInfo",
+    "MapOfMaps",
     "MapSpec",
     "MapType",
     "NotSupportedError",

@@ -140,6 +140,12 @@ class bpf_tc_opts(Structure):  # noqa: N801 - the C name, on purpose
     ]
 
 
+class bpf_link_update_opts(Structure):  # noqa: N801 - the C name, on purpose
+    """bpf.h ``struct bpf_link_update_opts`` (1.1)."""
+
+    _fields_ = [("sz", c_size_t), ("flags", c_uint32), ("old_prog_fd", c_uint32)]
+
+
 class bpf_xdp_attach_opts(Structure):  # noqa: N801 - the C name, on purpose
     """libbpf.h ``struct bpf_xdp_attach_opts`` (1.1); ends with ``size_t :0``."""
 
@@ -230,9 +236,25 @@ class bpf_prog_info(Structure):  # noqa: N801 - the C name, on purpose
 
 
 class bpf_link_info_head(Structure):  # noqa: N801 - the C name, on purpose
-    """The leading, type-independent fields of linux/bpf.h ``struct bpf_link_info``."""
+    """linux/bpf.h ``struct bpf_link_info`` up to its ``cgroup`` member.
 
-    _fields_ = [("type", c_uint32), ("id", c_uint32), ("prog_id", c_uint32)]
+    The union after ``prog_id`` is 8-byte aligned; for a cgroup link
+    (BPF_LINK_TYPE_CGROUP) it holds ``{ __u64 cgroup_id; __u32 attach_type; }``.
+    The kernel fills only as many bytes as it is given.
+    """
+
+    _fields_ = [
+        ("type", c_uint32),
+        ("id", c_uint32),
+        ("prog_id", c_uint32),
+        ("_pad", c_uint32),
+        ("cgroup_id", c_uint64),
+        ("cgroup_attach_type", c_uint32),
+        ("_pad2", c_uint32),
+    ]
+
+
+BPF_LINK_TYPE_CGROUP = 3
 
 
 def new_object_open_opts() -> bpf_object_open_opts:
@@ -284,6 +306,13 @@ def new_xdp_attach_opts(old_prog_fd: int = 0) -> bpf_xdp_attach_opts:
     return opts
 
 
+def new_link_update_opts(flags: int = 0, old_prog_fd: int = 0) -> bpf_link_update_opts:
+    """Link update opts; BPF_F_REPLACE in ``flags`` makes ``old_prog_fd`` the expected program."""
+    opts: bpf_link_update_opts = _sized(bpf_link_update_opts)
+    opts.flags, opts.old_prog_fd = flags, old_prog_fd
+    return opts
+
+
 def new_xdp_query_opts() -> bpf_xdp_query_opts:
     """Zeroed XDP query opts with ``sz`` set."""
     opts: bpf_xdp_query_opts = _sized(bpf_xdp_query_opts)
@@ -329,6 +358,7 @@ bpf_map__map_extra = _declare("bpf_map__map_extra", c_uint64, _p)
 bpf_map__is_internal = _declare("bpf_map__is_internal", c_bool, _p)
 bpf_map__pin_path = _declare("bpf_map__pin_path", c_char_p, _p)
 bpf_map__reuse_fd = _declare("bpf_map__reuse_fd", c_int, _p, c_int)
+bpf_map__inner_map = _declare("bpf_map__inner_map", _p, _p)
 
 bpf_program__name = _declare("bpf_program__name", c_char_p, _p)
 bpf_program__section_name = _declare("bpf_program__section_name", c_char_p, _p)
@@ -367,6 +397,7 @@ bpf_prog_detach2 = _declare("bpf_prog_detach2", c_int, c_int, c_int, c_int)
 bpf_prog_query = _declare("bpf_prog_query", c_int, c_int, c_int, c_uint32, _u32p, _u32p, _u32p)
 bpf_link_create = _declare("bpf_link_create", c_int, c_int, c_int, c_int, _p)
 bpf_link_detach = _declare("bpf_link_detach", c_int, c_int)
+bpf_link_update = _declare("bpf_link_update", c_int, c_int, c_int, POINTER(bpf_link_update_opts))
 
 ring_buffer__new = _declare("ring_buffer__new", _p, c_int, RINGBUF_SAMPLE_FN, _p, _p)
 ring_buffer__free = _declare("ring_buffer__free", None, _p)

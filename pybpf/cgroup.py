@@ -37,6 +37,23 @@ class CgroupAttachment(Attachment):
         self._cgroup = cgroup
         self._prog = FdHandle(os.dup(program.fd), what=f"cgroup program {program.name}")
 
+    @classmethod
+    def find(
+        cls, cgroup_path: str | os.PathLike[str], program: Program, attach_type: AttachType
+    ) -> CgroupAttachment | None:
+        """Take back the attachment of ``program`` to a cgroup hook (e.g. after a restart).
+
+        Returns None when ``program`` is not attached there.
+        """
+        if program.id not in query_cgroup(cgroup_path, attach_type):
+            return None
+        return cls(os.fspath(cgroup_path), program, attach_type, _open_cgroup(cgroup_path))
+
+    @property
+    def attached(self) -> bool:
+        """Whether our program is still attached to the hook."""
+        return not self.closed and self.program_id in query_cgroup(self.cgroup_path, self.attach_type)
+
     def _detach(self) -> None:
         ret = _libbpf.bpf_prog_detach2(self._prog.fd, self._cgroup.fd, int(self.attach_type))
         self._prog.close()
@@ -73,6 +90,8 @@ def attach_cgroup(
 def detach_cgroup(cgroup_path: str | os.PathLike[str], program: Program, attach_type: AttachType) -> bool:
     """Detach ``program`` from a cgroup hook without its attachment (e.g. after a restart).
 
+    The same as ``CgroupAttachment.find(...).close()``: only ``program`` is removed.
+
     Returns False when it was not attached there.
     """
     cgroup = _open_cgroup(cgroup_path)
@@ -89,7 +108,8 @@ def detach_cgroup(cgroup_path: str | os.PathLike[str], program: Program, attach_
 def link_cgroup(cgroup_path: str | os.PathLike[str], program: Program, attach_type: AttachType) -> Link:
     """Attach ``program`` to a cgroup through a bpf_link (BPF_LINK_CREATE, 5.7+).
 
-    The link detaches when its last fd closes, unless pinned (``Link.pin``).
+    The link detaches when its last fd closes, unless pinned (``Link.pin``); a
+    pinned link is taken back after a restart with ``Link.from_pin``.
     """
     cgroup = _open_cgroup(cgroup_path)
     try:

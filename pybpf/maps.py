@@ -29,7 +29,10 @@ from pybpf._codec import Codec, CType, add_values
 from pybpf._fd import FdHandle, fd_kind, get_pinned, pin_fd, unpin
 from pybpf.errors import ENOTSUPP, BpfError, check, error_for
 
-__all__ = ["Map", "MapInfo", "MapType", "UpdateFlag", "unpin"]
+__all__ = ["BPF_F_INNER_MAP", "Map", "MapInfo", "MapSpec", "MapType", "UpdateFlag", "unpin"]
+
+BPF_F_INNER_MAP = 1 << 12
+"""An ARRAY inner map with this flag may differ in max_entries from its template (5.10+)."""
 
 
 class MapType(enum.IntEnum):
@@ -113,6 +116,25 @@ class MapInfo:
     max_entries: int
     flags: int
     map_extra: int
+
+
+@dataclass(frozen=True)
+class MapSpec:
+    """A map as an object declares it, before (or regardless of) loading.
+
+    ``inner`` is the inner map template of an ARRAY_OF_MAPS or HASH_OF_MAPS
+    (``__array(values, struct inner)`` in C), None for other maps.
+    """
+
+    name: str
+    type: MapType
+    key_size: int
+    value_size: int
+    max_entries: int
+    flags: int
+    map_extra: int
+    pin_path: str | None
+    inner: MapSpec | None = None
 
 
 def map_info(fd: int) -> MapInfo:

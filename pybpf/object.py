@@ -2,8 +2,10 @@
 
 ``BpfObject.open(path)`` reads the ELF into a spec (``map_specs``,
 ``program_specs``) that can still be edited: ``set_map_max_entries`` and
-``reuse_map``. ``load()`` creates the maps and verifies the programs; the live
-``maps`` and ``programs`` are then keyed by their C names. libbpf's internal
+``reuse_map``; a map of maps carries its inner template (``MapSpec.inner``).
+``load()`` creates the maps and verifies the programs; the live ``maps`` and
+``programs`` are then keyed by their C names, and ``typed_map`` /
+``map_of_maps`` give typed handles bound once (the same handle on every call). libbpf's internal
 maps for global variables (``.data``, ``.rodata``, ``.bss``, ``.kconfig``) are
 not listed: pybpf does not set globals.
 
@@ -31,6 +33,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from pybpf import _libbpf
+from pybpf._codec import CType
 from pybpf._fd import FdHandle
 from pybpf.errors import (
     BpfError,
@@ -40,7 +43,8 @@ from pybpf.errors import (
     describe,
     error_for,
 )
-from pybpf.maps import Map, MapInfo, MapType, map_info
+from pybpf.map_of_maps import MapOfMaps
+from pybpf.maps import Map, MapInfo, MapSpec, MapType, map_info
 from pybpf.programs import Program, ProgType
 
 __all__ = ["BpfObject", "MapSpec", "ProgramSpec"]
@@ -49,20 +53,6 @@ _PROG_LOG = re.compile(r"-- BEGIN PROG LOAD LOG --\n(.*?)-- END PROG LOAD LOG --
 _FAILED_PROG = re.compile(r"prog '([^']+)': BPF program load failed")
 _LIBBPF_TAIL_LINES = 8
 _COMPARED_FIELDS = ("type", "key_size", "value_size", "max_entries", "flags", "map_extra")
-
-
-@dataclass(frozen=True)
-class MapSpec:
-    """A map as the object declares it, before (or regardless of) loading."""
-
-    name: str
-    type: MapType
-    key_size: int
-    value_size: int
-    max_entries: int
-    flags: int
-    map_extra: int
-    pin_path: str | None
 
 
 @dataclass(frozen=True)
@@ -109,6 +99,9 @@ class BpfObject:
         self._reused: set[str] = set()
         self._maps: dict[str, Map] | None = None
         self._programs: dict[str, Program] | None = None
+        self._inner_specs: dict[str, MapSpec] = {}
+        self._bound: dict[tuple[str, CType | None, CType | None], Map] = {}
+        self._maps_of_maps: dict[tuple[str, CType | None, CType | None, CType | None], MapOfMaps] = {}
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], pin_root: str | os.PathLike[str] | None = None) -> BpfObject:
@@ -156,25 +149,35 @@ class BpfObject:
                 return ptr
         raise KeyError(f"object {self.name} has no map {name!r}")
 
+    def _spec_of(self, ptr: int, inner: MapSpec | None) -> MapSpec:
+        pin = _libbpf.bpf_map__pin_path(ptr)
+        return MapSpec(
+            name=_libbpf.bpf_map__name(ptr).decode(),
+            type=MapType(_libbpf.bpf_map__type(ptr)),
+            key_size=_libbpf.bpf_map__key_size(ptr),
+            value_size=_libbpf.bpf_map__value_size(ptr),
+            max_entries=_libbpf.bpf_map__max_entries(ptr),
+            flags=_libbpf.bpf_map__map_flags(ptr),
+            map_extra=_libbpf.bpf_map__map_extra(ptr),
+            pin_path=os.fsdecode(pin) if pin else None,
+            inner=inner,
+        )
+
     @property
     def map_specs(self) -> dict[str, MapSpec]:
-        """The declared maps (internal ones excluded), reflecting edits made so far."""
+        """The declared maps (internal ones excluded), reflecting edits made so far.
+
+        A map of maps carries its inner template in ``inner``; libbpf frees the
+        template when it loads the object, so the one seen at ``load()`` is kept.
+        """
         specs = {}
         for ptr in self._iter_ptrs(_libbpf.bpf_object__next_map):
             if _libbpf.bpf_map__is_internal(ptr):
                 continue
             name = _libbpf.bpf_map__name(ptr).decode()
-            pin = _libbpf.bpf_map__pin_path(ptr)
-            specs[name] = MapSpec(
-                name=name,
-                type=MapType(_libbpf.bpf_map__type(ptr)),
-                key_size=_libbpf.bpf_map__key_size(ptr),
-                value_size=_libbpf.bpf_map__value_size(ptr),
-                max_entries=_libbpf.bpf_map__max_entries(ptr),
-                flags=_libbpf.bpf_map__map_flags(ptr),
-                map_extra=_libbpf.bpf_map__map_extra(ptr),
-                pin_path=os.fsdecode(pin) if pin else None,
-            )
+            inner_ptr = _libbpf.bpf_map__inner_map(ptr)
+            inner = self._spec_of(inner_ptr, None) if inner_ptr else self._inner_specs.get(name)
+            specs[name] = self._spec_of(ptr, inner)
         return specs
 
     @property
@@ -250,6 +253,7 @@ class BpfObject:
         """
         self._require_unloaded("load")
         self._check_pins()
+        self._inner_specs = {name: spec.inner for name, spec in self.map_specs.items() if spec.inner is not None}
         with _libbpf.capture_output() as messages:
             ret = _libbpf.bpf_object__load(self._live)
         if ret < 0:
@@ -280,6 +284,47 @@ class BpfObject:
             raise ValueError(f"object {self.name} is not loaded: call load() first")
         return self._maps
 
+    def typed_map(self, name: str, key_type: CType | None, value_type: CType | None) -> Map:
+        """The live map ``name`` typed once: the same handle for the same types on every call.
+
+        Bind typed handles when the object is loaded and keep them, instead of
+        calling ``maps[name].typed(...)`` on each use. Raises KeyError for an
+        unknown map, IncompatibleMapError when a type's size differs from the map's.
+        """
+        bound = (name, key_type, value_type)
+        if bound not in self._bound:
+            self._bound[bound] = self._live_map(name).typed(key_type, value_type)
+        return self._bound[bound]
+
+    def map_of_maps(
+        self,
+        name: str,
+        key_type: CType | None = ctypes.c_uint32,
+        inner_key_type: CType | None = None,
+        inner_value_type: CType | None = None,
+    ) -> MapOfMaps:
+        """The live map of maps ``name`` with the inner template the object declares (cached).
+
+        Raises KeyError for an unknown map, IncompatibleMapError when it is not a
+        map of maps or a type does not fit.
+        """
+        bound = (name, key_type, inner_key_type, inner_value_type)
+        if bound not in self._maps_of_maps:
+            self._maps_of_maps[bound] = MapOfMaps(
+                self._live_map(name),
+                self.map_specs[name].inner,
+                key_type=key_type,
+                inner_key_type=inner_key_type,
+                inner_value_type=inner_value_type,
+            )
+        return self._maps_of_maps[bound]
+
+    def _live_map(self, name: str) -> Map:
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise KeyError(f"object {self.name} has no map {name!r}") from None
+
     @property
     def programs(self) -> dict[str, Program]:
         """Live programs by name; ValueError before ``load()``."""
@@ -293,6 +338,8 @@ class BpfObject:
             map_._handle.close()
         for program in (self._programs or {}).values():
             program._handle.close()
+        self._bound.clear()
+        self._maps_of_maps.clear()
         self._ptr = None
         self._finalizer()
 

@@ -53,9 +53,10 @@ def query_tc(interface: int | str, direction: TcDirection, handle: int = 1, prio
 
 
 def detach_tc(interface: int | str, direction: TcDirection, handle: int = 1, priority: int = 1) -> bool:
-    """Remove whatever filter sits at (handle, priority), e.g. after a restart lost the attachment.
+    """Remove whatever filter sits at (handle, priority), whoever placed it.
 
-    Returns False when there was none. The clsact qdisc is left in place.
+    Prefer ``TcAttachment.find(...).close()``, which removes only a given
+    program. Returns False when there was none. The clsact qdisc is left in place.
     """
     index = ifindex(interface)
     hook = _libbpf.new_tc_hook(index, int(direction))
@@ -96,6 +97,49 @@ class TcAttachment(Attachment):
         self.program_id = program.id
         self.created_hook = created_hook
         self._prog = FdHandle(os.dup(program.fd), what=f"tc program {program.name}")
+
+    @classmethod
+    def find(
+        cls,
+        interface: int | str,
+        program: Program,
+        direction: TcDirection,
+        handle: int = 1,
+        priority: int = 1,
+    ) -> TcAttachment | None:
+        """Take back the filter of ``program`` at (handle, priority) (e.g. after a restart).
+
+        Returns None when another program (or none) is there. The result never
+        removes the clsact qdisc: who created it is not known any more.
+        """
+        index = ifindex(interface)
+        if query_tc(index, direction, handle, priority) != program.id:
+            return None
+        return cls(index, direction, handle, priority, program, created_hook=False)
+
+    @property
+    def attached(self) -> bool:
+        """Whether our program is still the filter at our (handle, priority)."""
+        return not self.closed and query_tc(self.ifindex, self.direction, self.handle, self.priority) == self.program_id
+
+    def update(self, program: Program) -> None:
+        """Run ``program`` at our (handle, priority) instead of ours, in one step.
+
+        The filter's program is replaced in place (tc's replace), so no packet
+        meets an empty hook. Raises BpfError(EEXIST) when the filter there no
+        longer runs our program (theirs is left): the check and the replace are
+        two netlink calls, so a writer racing between them is not caught.
+        """
+        what = f"replace tc program {self.program_id} on ifindex {self.ifindex} by {program.name}"
+        if not self.attached:
+            raise BpfError(errno.EEXIST, f"{what}: the filter no longer runs our program; left alone")
+        hook = _libbpf.new_tc_hook(self.ifindex, int(self.direction))
+        opts = _libbpf.new_tc_opts(self.handle, self.priority, program.fd, BPF_TC_F_REPLACE)
+        ret, kernel_says = _libbpf.call_netlink(_libbpf.bpf_tc_attach, ctypes.byref(hook), ctypes.byref(opts))
+        check(ret, what, kernel_says=kernel_says)
+        self._prog.close()
+        self._prog = FdHandle(os.dup(program.fd), what=f"tc program {program.name}")
+        self.program_id = program.id
 
     def _detach(self) -> None:
         self._prog.close()
@@ -143,7 +187,8 @@ def attach_tc(
     """Attach ``program`` as a direct-action filter, creating clsact if needed.
 
     With ``replace=False`` an existing filter at (handle, priority) raises
-    BpfError(EEXIST); with ``replace=True`` it is replaced in place.
+    BpfError(EEXIST); with ``replace=True`` it is replaced in place. A handle
+    or priority of 0 lets the kernel choose; the attachment records what it got.
     """
     index = ifindex(interface)
     created = _create_clsact(index)
@@ -161,4 +206,4 @@ def attach_tc(
                 f"{what}: a filter exists at handle {handle} priority {priority} and replace=False",
             )
         check(ret, what, kernel_says=kernel_says)
-    return TcAttachment(index, direction, handle, priority, program, created)
+    return TcAttachment(index, direction, opts.handle, opts.priority, program, created)

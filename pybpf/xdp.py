@@ -77,6 +77,47 @@ class XdpAttachment(Attachment):
         self.program_id = program.id
         self._prog = FdHandle(os.dup(program.fd), what=f"xdp program {program.name}")
 
+    @classmethod
+    def find(cls, interface: int | str, program: Program, mode: XdpMode = XdpMode.AUTO) -> XdpAttachment | None:
+        """Take back the attachment of ``program`` on ``interface`` (e.g. after a restart).
+
+        Returns None when ``program`` is not what the interface runs in ``mode``
+        (AUTO: any mode). Closing the result detaches it only while it is still
+        ``program`` there, like the attachment ``attach_xdp`` returned.
+        """
+        index = ifindex(interface)
+        status = query_xdp(index)
+        modes = [mode] if mode is not XdpMode.AUTO else [XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD]
+        for concrete in modes:
+            if status.get(concrete) == program.id:
+                return cls(index, program, concrete)
+        return None
+
+    @property
+    def attached(self) -> bool:
+        """Whether our program is still the one running in our mode."""
+        return not self.closed and query_xdp(self.ifindex).get(self.mode) == self.program_id
+
+    def update(self, program: Program) -> None:
+        """Run ``program`` in our place, in one step, only while ours is still there.
+
+        The kernel swaps the programs atomically (XDP_FLAGS_REPLACE with ours as
+        the expected one): no packet meets an empty hook. Raises BpfError(EEXIST)
+        when someone else's program replaced ours (theirs is left), BpfError otherwise.
+        """
+        opts = _libbpf.new_xdp_attach_opts(self._prog.fd)
+        flags = self.mode.value | XDP_FLAGS_REPLACE
+        ret, kernel_says = _libbpf.call_netlink(
+            _libbpf.bpf_xdp_attach, self.ifindex, program.fd, flags, ctypes.byref(opts)
+        )
+        what = f"replace xdp program {self.program_id} on ifindex {self.ifindex} by {program.name}"
+        if ret == -errno.EEXIST:
+            raise BpfError(errno.EEXIST, f"{what}: the interface no longer runs our program; left alone")
+        check(ret, what, kernel_says=kernel_says)
+        self._prog.close()
+        self._prog = FdHandle(os.dup(program.fd), what=f"xdp program {program.name}")
+        self.program_id = program.id
+
     def _detach(self) -> None:
         # Detach only if our program is still the one attached (XDP_FLAGS_REPLACE
         # with our fd as the expected one): a newer attachment that replaced ours
@@ -127,8 +168,9 @@ def attach_xdp(
 def detach_xdp(interface: int | str, mode: XdpMode = XdpMode.AUTO) -> bool:
     """Remove the XDP program of ``mode`` (AUTO: whichever runs) whoever attached it.
 
-    For a service that restarted without its ``XdpAttachment``; returns False
-    when no program was attached.
+    Prefer ``XdpAttachment.find(...).close()``, which removes only a given
+    program; this is for clearing an interface. Returns False when no program
+    was attached.
     """
     index = ifindex(interface)
     status = query_xdp(index)

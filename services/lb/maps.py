@@ -17,13 +17,14 @@ from typing import Any
 
 import structlog
 
+from pybpf import BPF_F_INNER_MAP as BPF_F_INNER_MAP  # re-exported: bench/lb_cost.py imports it from here
 from pybpf import (
     AttachType,
     BpfError,
     BpfObject,
     KeyNotFoundError,
     Map,
-    MapType,
+    MapOfMaps,
     ProgArray,
     Program,
     attach_cgroup,
@@ -53,7 +54,7 @@ SOCK_PROGRAMS = {
     "lb_recvmsg4": AttachType.CGROUP_UDP4_RECVMSG,
     "lb_getpeername4": AttachType.CGROUP_INET4_GETPEERNAME,
 }
-BPF_F_INNER_MAP = 1 << 12
+STATS_MAPS = ("lb_service_stats", "lb_backend_stats")
 
 
 @dataclass(frozen=True)
@@ -122,12 +123,22 @@ class LbMaps:
         self._obj: BpfObject | None = None
         self.maps: dict[str, Map] = {}
         self.programs: dict[str, Program] = {}
+        self._services: Map
+        self._backends: Map
+        self._rev_nat: Map
+        self._tables: MapOfMaps
+        self._stats: dict[str, Map] = {}
 
     def load(self) -> None:
         """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
+        self._services = obj.typed_map("lb_services", LbServiceKey, LbService)
+        self._backends = obj.typed_map("lb_backends", ctypes.c_uint32, LbBackend)
+        self._rev_nat = obj.typed_map("lb_rev_nat", ctypes.c_uint32, LbRevNat)
+        self._tables = obj.map_of_maps("lb_tables", ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
+        self._stats = {name: obj.typed_map(name, ctypes.c_uint32, LbStats) for name in STATS_MAPS}
         self.programs = pin_programs(obj, [*TC_PROGRAMS, *SOCK_PROGRAMS], self._pin_dir)
         for name, (call_map, slot) in TC_PROGRAMS.items():
             ProgArray(obj.maps[call_map]).set(slot, self.programs[name])
@@ -162,13 +173,9 @@ class LbMaps:
 
     # ---- writing a service ----
 
-    def _typed(self, name: str, key: object, value: object) -> Map:
-        return self.maps[name].typed(key, value)  # type: ignore[arg-type]
-
     def _table_size(self, frontends: list[Frontend]) -> int | None:
-        services = self._typed("lb_services", LbServiceKey, LbService)
         for f in frontends:
-            value = services.lookup(f.key())
+            value = self._services.lookup(f.key())
             if value is not None:
                 return int(value.table_size)
         return None
@@ -182,7 +189,7 @@ class LbMaps:
         for the lot, not one per service).
         """
         backends = [(c.backend_ids[b.key], backend_value(b)) for c in changes for b in c.service.backends]
-        self._batch("lb_backends", ctypes.c_uint32, LbBackend, backends)
+        self._batch(self._backends, backends)
         rev_nat = []
         for c in changes:
             for f in c.frontends:
@@ -191,7 +198,7 @@ class LbMaps:
                 value.port = _net_port(f.port)
                 value.family = 2
                 rev_nat.append((f.rev_nat_index, value))
-        self._batch("lb_rev_nat", ctypes.c_uint32, LbRevNat, rev_nat)
+        self._batch(self._rev_nat, rev_nat)
         shrinking = [c for c in changes if len(c.table) <= (self._table_size(c.frontends) or 0)]
         growing = [c for c in changes if c not in shrinking]
         self._write_frontends(shrinking)
@@ -199,13 +206,14 @@ class LbMaps:
         self._write_frontends(growing)
         self._delete_frontends([f for c in changes for f in c.stale_frontends])
         for backend_id in (i for c in changes for i in c.stale_backend_ids):
-            for name in ("lb_backends", "lb_backend_stats"):
+            for m in (self._backends, self._stats["lb_backend_stats"]):
                 with contextlib.suppress(KeyNotFoundError):
-                    self.maps[name].typed(ctypes.c_uint32, None).delete(backend_id)
+                    m.delete(backend_id)
 
-    def _batch(self, name: str, key: object, value: object, items: list[tuple[Any, Any]]) -> None:
+    @staticmethod
+    def _batch(m: Map, items: list[tuple[Any, Any]]) -> None:
         if items:
-            self._typed(name, key, value).update_batch([k for k, _ in items], [v for _, v in items])
+            m.update_batch([k for k, _ in items], [v for _, v in items])
 
     def _write_frontends(self, changes: list[Change]) -> None:
         items = []
@@ -218,65 +226,58 @@ class LbMaps:
                     service_id=c.service_id, table_size=len(c.table), flags=flags,
                     affinity_timeout=c.service.affinity_timeout, rev_nat_index=f.rev_nat_index,
                 )))  # fmt: skip
-        self._batch("lb_services", LbServiceKey, LbService, items)
+        self._batch(self._services, items)
 
     def _write_tables(self, changes: list[Change]) -> None:
-        tables = self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32)
-        inners: list[Map] = []
+        inners: list[tuple[int, Map]] = []
         try:
             for c in changes:
                 if not c.table:
                     with contextlib.suppress(KeyNotFoundError):
-                        tables.delete(c.service_id)
+                        self._tables.delete(c.service_id)
                     continue
-                inner = Map.create(MapType.ARRAY, 4, 4, len(c.table), flags=BPF_F_INNER_MAP,
-                                   name=f"lb_table_{c.service_id}", key_type=ctypes.c_uint32,
-                                   value_type=ctypes.c_uint32)
-                inners.append(inner)
-                inner.update_batch(list(range(len(c.table))), c.table)
-            with_tables = [c for c in changes if c.table]
-            if with_tables:
-                tables.update_batch([c.service_id for c in with_tables], [m.fd for m in inners])
+                inner = self._tables.new_inner(enumerate(c.table), len(c.table), name=f"lb_table_{c.service_id}")
+                inners.append((c.service_id, inner))
+            if inners:
+                self._tables.swap_many(inners)
         finally:
-            for inner in inners:
+            for _, inner in inners:
                 inner.close()  # the outer map holds them now
 
     def _delete_frontends(self, frontends: list[Frontend]) -> None:
-        services = self._typed("lb_services", LbServiceKey, LbService)
-        rev_nat = self._typed("lb_rev_nat", ctypes.c_uint32, LbRevNat)
         for f in frontends:
-            for m, key in ((services, f.key()), (rev_nat, f.rev_nat_index)):
+            for m, key in ((self._services, f.key()), (self._rev_nat, f.rev_nat_index)):
                 with contextlib.suppress(KeyNotFoundError):
                     m.delete(key)
 
     def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int]) -> None:
         self._delete_frontends(frontends)
         with contextlib.suppress(KeyNotFoundError):
-            self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32).delete(service_id)
-        for name, key in [("lb_service_stats", service_id)] + [("lb_backends", b) for b in backend_ids] + [
-            ("lb_backend_stats", b) for b in backend_ids
+            self._tables.delete(service_id)
+        backend_stats = self._stats["lb_backend_stats"]
+        for m, key in [(self._stats["lb_service_stats"], service_id)] + [
+            (m, b) for b in backend_ids for m in (self._backends, backend_stats)
         ]:
             with contextlib.suppress(KeyNotFoundError):
-                self.maps[name].typed(ctypes.c_uint32, None).delete(key)
+                m.delete(key)
 
     # ---- reading ----
 
     def frontend_keys(self) -> set[tuple[str, int, int]]:
-        services = self._typed("lb_services", LbServiceKey, LbService)
         out = set()
-        for key in services:
+        for key in self._services:
             port = int.from_bytes(int(key.port).to_bytes(2, "little"), "big")
             out.add((str(ipaddress.ip_address(bytes(key.addr)[:4])), port, int(key.proto)))
         return out
 
     def backend_ids(self) -> set[int]:
-        return {int(k) for k in self.maps["lb_backends"].typed(ctypes.c_uint32, None)}
+        return {int(k) for k in self._backends}
 
     def service_ids(self) -> set[int]:
-        return {int(k) for k in self.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32)}
+        return {int(k) for k in self._tables}
 
     def counts(self, name: str, key: int) -> Counts:
-        total = self.maps[name].typed(ctypes.c_uint32, LbStats).lookup_sum(key)
+        total = self._stats[name].lookup_sum(key)
         if total is None:
             return Counts(0, 0, 0)
         return Counts(int(total.packets), int(total.bytes), int(total.new_conns))

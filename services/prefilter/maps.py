@@ -3,9 +3,11 @@
 `PrefilterMaps` knows nothing of revisions or persistence; it turns entries
 into map contents. Hosts go to the host hash maps, shorter prefixes to the
 LPM tries, per family. Each of those four lists exists per generation, as an
-inner map inside an ARRAY_OF_MAPS, and `pf_active` names the live generation:
+inner map inside an ARRAY_OF_MAPS (a `pybpf.MapOfMaps`, inner maps made from
+the object's templates), and `pf_active` names the live generation:
 incremental changes edit the live inner maps, a bulk replace fills fresh inner
-maps in the other generation and flips `pf_active` with one map update.
+maps, swaps them into the other generation and flips `pf_active` with one map
+update (the four lists must change together, so one swap per list is not enough).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 
 import structlog
 
-from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
+from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, ProgArray, Program
 from services.common.datapath import Counter, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.prefilter.cidr import Network
@@ -39,7 +41,6 @@ from services.prefilter.denylist import Capacity, Entry
 log = structlog.get_logger("weir.prefilter.maps")
 
 PROGRAM = "prefilter_xdp"
-BPF_F_NO_PREALLOC = 1
 # Time for programs that looked up the old generation before a flip to finish;
 # XDP runs to completion in microseconds, this is a generous bound.
 FLIP_GRACE_SECONDS = 0.05
@@ -86,13 +87,13 @@ def kind_of(network: Network) -> Kind:
     return next(k for k in KINDS if k.version == network.version and k.host == host)
 
 
-def _read(maps: dict[str, Map], generation: int) -> dict[Network, tuple[int, bool]]:
+def _read(outers: dict[Kind, MapOfMaps], generation: int) -> dict[Network, tuple[int, bool]]:
     out: dict[Network, tuple[int, bool]] = {}
-    for kind in KINDS:
-        map_id = maps[kind.outer].typed(ctypes.c_uint32, ctypes.c_uint32).lookup(generation)
-        if not map_id:
+    for kind, outer in outers.items():
+        inner = outer.get(generation)
+        if inner is None:
             continue
-        with Map.from_id(map_id) as inner:
+        with inner:
             for raw_key, raw_value in inner.items():
                 value = PrefilterEntry.from_buffer_copy(raw_value)
                 out[kind.network(raw_key)] = (value.id, bool(value.flags & EntryFlag.AUDIT))
@@ -104,7 +105,7 @@ def dump_pinned(pin_dir: Path) -> dict[Network, tuple[int, bool]]:
     maps = {name: Map.from_pin(pin_dir / name) for name in OWN_MAPS}
     try:
         active = int(maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0])
-        return _read(maps, active)
+        return _read({kind: MapOfMaps(maps[kind.outer]) for kind in KINDS}, active)
     finally:
         for m in maps.values():
             m.close()
@@ -125,6 +126,10 @@ class PrefilterMaps:
         self._obj: BpfObject | None = None
         self.program: Program
         self.maps: dict[str, Map] = {}
+        self._active: Map
+        self._outers: dict[Kind, MapOfMaps] = {}
+        self._entry_stats: Map
+        self._if_stats: Map
 
     def load(self) -> None:
         """Load the program; reuse this service's pinned maps if a previous run left them."""
@@ -132,6 +137,10 @@ class PrefilterMaps:
                                   {"pf_entry_stats": self.capacity.ids})
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
+        self._active = obj.typed_map("pf_active", ctypes.c_uint32, ctypes.c_uint32)
+        self._outers = {kind: obj.map_of_maps(kind.outer) for kind in KINDS}
+        self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
+        self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
         self.program = pin_programs(obj, [PROGRAM], self._pin_dir)[PROGRAM]
         ProgArray(obj.maps["calls_xdp"]).set(Slot.PREFILTER, self.program)
 
@@ -144,48 +153,40 @@ class PrefilterMaps:
 
     @property
     def active(self) -> int:
-        return int(self.maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0])
-
-    def _outer(self, kind: Kind) -> Map:
-        return self.maps[kind.outer].typed(ctypes.c_uint32, ctypes.c_uint32)
+        return int(self._active[0])
 
     def inner(self, kind: Kind, generation: int) -> Map | None:
         """The inner map of one kind in one generation (an owned handle), if any."""
-        map_id = self._outer(kind).lookup(generation)
-        return Map.from_id(map_id) if map_id else None
+        return self._outers[kind].get(generation)
 
-    def _new_inner(self, kind: Kind) -> Map:
-        size = ctypes.sizeof(kind.key_type)
-        if kind.host:
-            return Map.create(MapType.HASH, size, ctypes.sizeof(PrefilterEntry), self.capacity.hosts,
-                              name=kind.outer)
-        return Map.create(MapType.LPM_TRIE, size, ctypes.sizeof(PrefilterEntry), self.capacity.prefixes,
-                          flags=BPF_F_NO_PREALLOC, name=kind.outer)
+    def _capacity(self, kind: Kind) -> int:
+        return self.capacity.hosts if kind.host else self.capacity.prefixes
 
     def install(self, entries: list[Entry]) -> int:
         """Make `entries` the whole live list in one step; returns the new generation.
 
-        Fresh inner maps are filled in the idle generation, then `pf_active` flips.
-        If filling fails, the live generation is untouched.
+        Fresh inner maps are filled and swapped into the idle generation, then
+        `pf_active` flips. If filling fails, the live generation is untouched.
         """
         target = (self.active + 1) % GENERATIONS
-        fresh = {kind: self._new_inner(kind) for kind in KINDS}
         groups = dict(self._by_kind(entries))
+        fresh: dict[Kind, Map] = {}
         try:
+            for kind in KINDS:
+                fresh[kind] = self._outers[kind].new_inner(self._items(kind, groups.get(kind, [])),
+                                                           self._capacity(kind))
             for kind, inner in fresh.items():
-                self._write(inner, kind, groups.get(kind, []))
-            for kind, inner in fresh.items():
-                self._outer(kind).update(target, inner.fd)
+                self._outers[kind].swap(target, inner)
         finally:
             for inner in fresh.values():
                 inner.close()  # the outer map holds them now (or, on failure, nobody does)
         previous = self.active
-        self.maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32)[0] = target
+        self._active[0] = target
         time.sleep(FLIP_GRACE_SECONDS)
         for kind in KINDS:
             if previous != target:
                 with contextlib.suppress(KeyNotFoundError):
-                    self._outer(kind).delete(previous)
+                    self._outers[kind].delete(previous)
         return target
 
     # ---- incremental changes on the live generation ----
@@ -220,8 +221,8 @@ class PrefilterMaps:
         inner = self.inner(kind, self.active)
         if inner is not None:
             return inner
-        inner = self._new_inner(kind)
-        self._outer(kind).update(self.active, inner.fd)
+        inner = self._outers[kind].create_inner(self._capacity(kind))
+        self._outers[kind].swap(self.active, inner)
         return inner
 
     @staticmethod
@@ -232,9 +233,14 @@ class PrefilterMaps:
         yield from groups.items()
 
     @staticmethod
+    def _items(kind: Kind, entries: list[Entry]) -> list[tuple[bytes, bytes]]:
+        return [(kind.key(e.network), _value(e)) for e in entries]
+
+    @staticmethod
     def _write(inner: Map, kind: Kind, entries: list[Entry]) -> None:
         if entries:
-            inner.update_batch([kind.key(e.network) for e in entries], [_value(e) for e in entries])
+            items = PrefilterMaps._items(kind, entries)
+            inner.update_batch([k for k, _ in items], [v for _, v in items])
 
     # ---- reading back ----
 
@@ -242,13 +248,11 @@ class PrefilterMaps:
         """Zero the counters of ids given to new entries (one batch syscall)."""
         keys = list(ids)
         if keys:
-            stats = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter)
-            stats.update_batch(keys, [Counter()] * len(keys))
+            self._entry_stats.update_batch(keys, [Counter()] * len(keys))
 
     def hits(self, entry_id: int) -> Counter:
-        total = self.maps["pf_entry_stats"].typed(ctypes.c_uint32, Counter).lookup_sum(entry_id)
+        total = self._entry_stats.lookup_sum(entry_id)
         return total if total is not None else Counter()
 
     def interface_counters(self) -> dict[int, IfStats]:
-        stats = self.maps["pf_if_stats"].typed(ctypes.c_uint32, IfStats)
-        return {int(ifindex): stats.lookup_sum(ifindex) for ifindex in stats}
+        return {int(ifindex): self._if_stats.lookup_sum(ifindex) for ifindex in self._if_stats}

@@ -28,7 +28,7 @@ TESTDATA = REPO / "bpf" / "testdata"
 BUILD = REPO / "bpf" / "build"
 BPFFS = Path("/sys/fs/bpf")
 CGROUP2 = Path("/sys/fs/cgroup/unified")
-FIXTURES = ("pybpf_maps", "pybpf_reuse", "pybpf_incompat", "pybpf_reject", "pybpf_sock")
+FIXTURES = ("pybpf_maps", "pybpf_reuse", "pybpf_incompat", "pybpf_reject", "pybpf_sock", "pybpf_inner")
 
 _CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -159,3 +159,9 @@ def cgroup() -> Iterator[Path]:
         yield path
     finally:
         path.rmdir()
+
+
+@pytest.fixture
+def inner_obj(objects: dict[str, Path]) -> Iterator[pybpf.BpfObject]:
+    with pybpf.BpfObject.load_file(objects["pybpf_inner"]) as obj:
+        yield obj

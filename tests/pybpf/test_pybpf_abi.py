@@ -28,7 +28,10 @@ MIRRORS: dict[str, tuple[type[ctypes.Structure], bool]] = {
     "bpf_map_info": (_libbpf.bpf_map_info, True),
     "bpf_prog_info": (_libbpf.bpf_prog_info, True),
     "bpf_link_info": (_libbpf.bpf_link_info_head, False),
+    "bpf_link_update_opts": (_libbpf.bpf_link_update_opts, True),
 }
+# Mirror fields that stand for a member of a C union: the C designator for offsetof.
+UNION_MEMBERS = {"cgroup_id": "cgroup.cgroup_id", "cgroup_attach_type": "cgroup.attach_type"}
 
 
 def _named_fields(mirror: type[ctypes.Structure]) -> list[str]:
@@ -45,7 +48,8 @@ def test_struct_layouts_match_headers(tmp_path: Path) -> None:
     for c_name, (mirror, _) in MIRRORS.items():
         lines.append(f'printf("{c_name} sizeof %zu\\n", sizeof(struct {c_name}));')
         for field in _named_fields(mirror):
-            lines.append(f'printf("{c_name} {field} %zu\\n", offsetof(struct {c_name}, {field}));')
+            member = UNION_MEMBERS.get(field, field)
+            lines.append(f'printf("{c_name} {field} %zu\\n", offsetof(struct {c_name}, {member}));')
     lines.append("return 0; }")
     source, binary = tmp_path / "layout.c", tmp_path / "layout"
     source.write_text("\n".join(lines))
