@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.prefilter.cidr import CidrError, Network, is_host, parse_cidr
+from services.common.validate import CidrError, Network, is_host, parse_cidr
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ import structlog
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
 from services.common.datapath import Counter, Slot
 from services.common.objects import load_service_object, pin_programs
-from services.prefilter.cidr import Network
+from services.common.validate import Network
 from services.prefilter.defs import (
     GENERATIONS,
     EntryFlag,
