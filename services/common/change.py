@@ -65,6 +65,15 @@ class Change:
         self._undo.append(undo)
         return result
 
+    def attempt(self, do: Callable[[], T], undo: Callable[[], object]) -> T:
+        """Like `apply`, for a write that may half-apply (a batch, several maps).
+
+        ``undo`` is registered before ``do`` runs, so it also runs when ``do`` fails
+        partway; it must therefore tolerate writes that never happened.
+        """
+        self._undo.append(undo)
+        return do()
+
     def on_failure(self, undo: Callable[[], object]) -> None:
         """Register an undo for something already done (ids taken from a pool, caches)."""
         self._undo.append(undo)

@@ -37,7 +37,8 @@ class Every:
         """Seconds to the next run after ``failures`` consecutive failures (0: none)."""
         if failures == 0:
             return self.interval
-        return min(self.interval * 2**failures, max(self.max_backoff, self.interval))
+        backoff: float = self.interval * 2.0**failures
+        return min(backoff, max(self.max_backoff, self.interval))
 
 
 class Periodic:

@@ -92,7 +92,7 @@ def backend_value(backend: Backend) -> LbBackend:
 
 
 @dataclass(frozen=True)
-class Change:
+class ServiceWrite:
     """One service as the maps must hold it, and what of its previous version must go."""
 
     service_id: int
@@ -173,7 +173,7 @@ class LbMaps:
                 return int(value.table_size)
         return None
 
-    def write(self, changes: list[Change]) -> None:
+    def write(self, changes: list[ServiceWrite]) -> None:
         """Make the maps hold these services, in batches: backends, reverse NAT, tables, frontends.
 
         A frontend's `table_size` never exceeds the slots of the table it names:
@@ -207,7 +207,7 @@ class LbMaps:
         if items:
             self._typed(name, key, value).update_batch([k for k, _ in items], [v for _, v in items])
 
-    def _write_frontends(self, changes: list[Change]) -> None:
+    def _write_frontends(self, changes: list[ServiceWrite]) -> None:
         items = []
         for c in changes:
             flags = (ServiceFlag.AFFINITY if c.service.affinity_timeout else 0) | (
@@ -220,7 +220,7 @@ class LbMaps:
                 )))  # fmt: skip
         self._batch("lb_services", LbServiceKey, LbService, items)
 
-    def _write_tables(self, changes: list[Change]) -> None:
+    def _write_tables(self, changes: list[ServiceWrite]) -> None:
         tables = self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32)
         inners: list[Map] = []
         try:
@@ -249,15 +249,28 @@ class LbMaps:
                 with contextlib.suppress(KeyNotFoundError):
                     m.delete(key)
 
-    def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int]) -> None:
+    def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int], stats: bool = True) -> None:
+        """Remove a service's frontends, table and backends (and their counters, if ``stats``).
+
+        Absent keys are skipped, so it also cleans up after a half-written service.
+        """
         self._delete_frontends(frontends)
         with contextlib.suppress(KeyNotFoundError):
             self._typed("lb_tables", ctypes.c_uint32, ctypes.c_uint32).delete(service_id)
-        for name, key in [("lb_service_stats", service_id)] + [("lb_backends", b) for b in backend_ids] + [
-            ("lb_backend_stats", b) for b in backend_ids
-        ]:
+        self._delete_keys("lb_backends", backend_ids)
+        if stats:
+            self.delete_stats(service_id, backend_ids)
+
+    def delete_stats(self, service_id: int, backend_ids: list[int]) -> None:
+        """Forget the counters of ids that no service holds (a new holder starts from zero)."""
+        self._delete_keys("lb_service_stats", [service_id])
+        self._delete_keys("lb_backend_stats", backend_ids)
+
+    def _delete_keys(self, name: str, keys: list[int]) -> None:
+        handle = self.maps[name].typed(ctypes.c_uint32, None)
+        for key in keys:
             with contextlib.suppress(KeyNotFoundError):
-                self.maps[name].typed(ctypes.c_uint32, None).delete(key)
+                handle.delete(key)
 
     # ---- reading ----
 

@@ -51,3 +51,18 @@ def test_success_commits_both(tmp_path: Path) -> None:
         change.apply(lambda: fake_map.__setitem__(1, 1), undo=lambda: fake_map.pop(1))
     assert fake_map == {1: 1}
     assert store.get("k", "a") == {"v": 1}
+
+
+def test_attempt_undoes_a_half_applied_batch(tmp_path: Path) -> None:
+    store = Store(tmp_path / "s.db")
+    fake_map: dict[int, int] = {}
+
+    def half_batch() -> None:
+        fake_map[1] = 1
+        raise FullMapError("map is full after one of two")
+
+    with pytest.raises(FullMapError), Change(store) as change:
+        store.put("k", "a", {"v": 1})
+        change.attempt(half_batch, undo=lambda: fake_map.pop(1, None))
+    assert fake_map == {}
+    assert store.get("k", "a") is None
