@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,8 +115,12 @@ class Counts:
 class LbMaps:
     """Owns the LB object, its slots and cgroup attachments, and its maps."""
 
-    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path) -> None:
+    def __init__(
+        self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path, sizes: Mapping[str, int] | None = None
+    ) -> None:
+        """``sizes`` overrides the max_entries of own maps (small maps for tests and small nodes)."""
         self._path = bpf_dir / "lb.o"
+        self._sizes = dict(sizes or {})
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
         self._cgroup = cgroup
@@ -125,7 +130,7 @@ class LbMaps:
 
     def load(self) -> None:
         """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
-        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS, self._sizes)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
         self.programs = pin_programs(obj, [*TC_PROGRAMS, *SOCK_PROGRAMS], self._pin_dir)

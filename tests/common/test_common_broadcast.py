@@ -16,7 +16,12 @@ def test_every_subscriber_gets_items_published_from_a_thread() -> None:
     async def scenario() -> None:
         hub: Broadcast[int] = Broadcast(depth=100)
         with hub.subscribe() as a, hub.subscribe() as b:
-            worker = threading.Thread(target=lambda: [hub.publish(i) for i in range(50)])
+
+            def publish_all() -> None:
+                for i in range(50):
+                    hub.publish(i)
+
+            worker = threading.Thread(target=publish_all)
             worker.start()
             worker.join()
             got_a = [await asyncio.wait_for(a.get(), 2) for _ in range(50)]
