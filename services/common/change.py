@@ -94,6 +94,10 @@ class Change:
                 self._abort()
                 raise
         self._abort()
+        if isinstance(exc, sqlite3.Error) and self._store is not None:
+            # A store write inside the change failed (a full disk shows here when SQLite
+            # spills pages before the commit): say so with the file, not as a bug.
+            raise store_error(exc, self._store.path) from exc
 
     def _abort(self) -> None:
         """Undo every recorded write (newest first), then roll the store back."""
