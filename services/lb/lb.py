@@ -113,6 +113,7 @@ class LoadBalancer:
         self._services: dict[str, Service] = {}
         self._ids: dict[str, Ids] = {}
         self._health: dict[tuple[str, str], Health] = {}
+        self._health_pending: set[str] = set()  # services with probe results not yet applied
         # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
         self._owners: dict[FrontendKey, str] = {}
         self._service_ids = IdPool(MAX_SERVICE_ID)
@@ -406,29 +407,39 @@ class LoadBalancer:
         return due
 
     def apply_probes(self, results: Iterable[tuple[Probe, bool]]) -> list[str]:
-        """Count probe results; rewrite the services whose rotation changed, in one change."""
-        updated: dict[str, Service] = {}
+        """Count probe results; rewrite the services whose rotation changed, in one change.
+
+        A service stays pending until its rewrite succeeds, so a round that fails (a full
+        disk) is retried by the next round even when no new probe result arrives.
+        """
         for probe, ok in results:
-            service = updated.get(probe.service) or self._services.get(probe.service)
             state = self._health.get(probe.key)
-            if service is None or state is None:
+            if state is None or probe.service not in self._services:
                 continue  # deleted while the probe ran
-            try:
-                b = service.backend(*_split(probe.backend))
-            except KeyError:
-                continue
-            hc = service.health
             state.successes, state.failures = (state.successes + 1, 0) if ok else (0, state.failures + 1)
-            if b.healthy and state.failures >= hc.unhealthy_threshold:
-                updated[probe.service] = service.with_backend(replace(b, healthy=False))
-            elif not b.healthy and state.successes >= hc.healthy_threshold:
-                updated[probe.service] = service.with_backend(replace(b, healthy=True))
-        changed = [s for name, s in updated.items() if s != self._services[name]]
+            self._health_pending.add(probe.service)
+        changed = []
+        for name in sorted(self._health_pending):
+            service = self._services.get(name)
+            if service is None:
+                continue
+            hc, updated = service.health, service
+            for b in service.backends:
+                state = self._health.get((name, b.key))
+                if state is None:
+                    continue
+                if b.healthy and state.failures >= hc.unhealthy_threshold:
+                    updated = updated.with_backend(replace(b, healthy=False))
+                elif not b.healthy and state.successes >= hc.healthy_threshold:
+                    updated = updated.with_backend(replace(b, healthy=True))
+            if updated != service:
+                changed.append(updated)
         if changed:
             self._replace(changed)
             for s in changed:
                 log.info("health changed rotation", service=s.name,
                          unhealthy=[b.key for b in s.backends if not b.healthy])  # fmt: skip
+        self._health_pending.clear()
         return [s.name for s in changed]
 
     def health_round(
@@ -437,8 +448,3 @@ class LoadBalancer:
         """One round on the worker: apply finished probes, then say which to start next."""
         self.apply_probes(results)
         return self.due_probes(busy=busy)
-
-
-def _split(backend_key: str) -> tuple[str, int]:
-    address, _, port = backend_key.rpartition(":")
-    return address, int(port)

@@ -415,3 +415,46 @@ def test_dead_backends_do_not_hold_up_calls_while_probes_run(make_node: Callable
     backends = s.lb.GetService(pb.GetServiceRequest(name="dead"), timeout=5).backends
     assert [b.healthy for b in backends] == [False] * 20
     assert s.node.serving("lb")
+
+
+def test_failing_health_round_turns_the_lb_not_serving_until_it_recovers(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node("orchestrator")
+    state = tmp_path / "lbstate"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", f"{node.name}-lbstate", str(state)], check=True)
+    try:
+        node.start("lb", "--state-dir", str(state))  # the last --state-dir wins
+        backend = node.create_endpoint("b0", ipv6=False)
+        s = Setup(node, backend, [backend])
+        hc = pb.HealthCheck(interval_ms=100, timeout_ms=200, unhealthy_threshold=1, healthy_threshold=1)
+        with traffic.server(backend.netns, backend.ipv4, 8080):
+            s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, health_check=hc)), timeout=10)
+            time.sleep(0.5)
+            assert s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy
+            filler = state / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        # The backend is gone, but the store cannot record it: every round fails.
+        deadline = time.monotonic() + 10
+        while node.serving("lb") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not node.serving("lb"), "the LB stayed SERVING while its health checks kept failing"
+        assert s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy  # nothing half-written
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while not node.serving("lb") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.serving("lb")
+        assert not s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy
+        assert "periodic.failed" in node.log_tail("lb", 200)
+    finally:
+        node.kill("lb")
+        subprocess.run(["umount", str(state)], check=True)
