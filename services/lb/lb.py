@@ -4,10 +4,10 @@
 service first (addresses, ports, weights, table size, frontend clashes,
 capacity), allocates stable ids (service, backends, reverse-NAT indexes),
 builds the selection table (Maglev or weighted hash) over the backends that
-may take new connections, and applies the change with the one change protocol (store transaction, map
-writes that are undone if anything fails, commit), so a refused or failed call
-leaves maps, store and id pools as they were, and a restarted service rewrites
-exactly what it was given. Health checks run off the worker (see `probes`); only
+may take new connections, and applies it with the one change protocol (store
+transaction, map writes that are undone if anything fails, commit), so a refused
+or failed call leaves maps, store and id pools as they were, and a restarted
+service rewrites exactly what it was given. Health checks run off the worker (see `probes`); only
 their results come here, in one batched change per round.
 """
 
