@@ -105,6 +105,9 @@ class ServiceWrite:
     table: list[int]
 
 
+Change = ServiceWrite  # the old name, still used by bench/lb_cost.py
+
+
 @dataclass(frozen=True)
 class Counts:
     packets: int
