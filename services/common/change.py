@@ -65,6 +65,15 @@ class Change:
         self._undo.append(undo)
         return result
 
+    def attempt(self, do: Callable[[], T], undo: Callable[[], object]) -> T:
+        """Like `apply`, for a write that may half-apply (a batch, several maps).
+
+        ``undo`` is registered before ``do`` runs, so it also runs when ``do`` fails
+        partway; it must therefore tolerate writes that never happened.
+        """
+        self._undo.append(undo)
+        return do()
+
     def on_failure(self, undo: Callable[[], object]) -> None:
         """Register an undo for something already done (ids taken from a pool, caches)."""
         self._undo.append(undo)
@@ -85,6 +94,10 @@ class Change:
                 self._abort()
                 raise
         self._abort()
+        if isinstance(exc, sqlite3.Error) and self._store is not None:
+            # A store write inside the change failed (a full disk shows here when SQLite
+            # spills pages before the commit): say so with the file, not as a bug.
+            raise store_error(exc, self._store.path) from exc
 
     def _abort(self) -> None:
         """Undo every recorded write (newest first), then roll the store back."""

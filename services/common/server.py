@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.common.config import NodeConfig
 from services.common.errors import ErrorInterceptor, FailedPrecondition, WeirError
+from services.common.health import Readiness
 from services.common.logs import setup_logging
 
 log = structlog.get_logger("weir.server")
@@ -93,11 +94,13 @@ class ServiceServer:
         config: NodeConfig,
         register: Register,
         on_stop: OnStop | None = None,
+        readiness: Readiness | None = None,
     ) -> None:
         self.service = service
         self.config = config
         self.socket_path = config.socket_path(service)
         self.health = health.aio.HealthServicer()
+        self.readiness = readiness if readiness is not None else Readiness()
         self.tcp_port: int | None = None
         self.service_names: tuple[str, ...] = ()
         self._register = register
@@ -123,8 +126,7 @@ class ServiceServer:
         self._server = server
         self.service_names = tuple(self._register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        for name in ("", *self.service_names):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await self.readiness.bind(self._set_serving)
         reflection.enable_server_reflection((*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
 
         old_umask = os.umask(0o177)  # the socket is created 0600 from the start
@@ -147,6 +149,12 @@ class ServiceServer:
             tcp_port=self.tcp_port,
             services=list(self.service_names),
         )
+
+    async def _set_serving(self, serving: bool) -> None:
+        """Set every name's health (the server's "" and each service's) to one answer."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", *self.service_names):
+            await self.health.set(name, status)
 
     def _add_tls_port(self, server: grpc.aio.Server, address: str) -> int:
         """Add the TLS TCP listener; a client CA makes client certificates mandatory."""
@@ -193,8 +201,12 @@ async def serve(
     config: NodeConfig,
     register: Register,
     on_stop: OnStop | None = None,
+    readiness: Readiness | None = None,
 ) -> None:
-    """Serve until SIGTERM or SIGINT, then stop cleanly (see ``ServiceServer.stop``)."""
+    """Serve until SIGTERM or SIGINT, then stop cleanly (see ``ServiceServer.stop``).
+
+    ``readiness`` lets background tasks turn the health to NOT_SERVING while they fail.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     received: list[str] = []
@@ -206,7 +218,7 @@ async def serve(
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, on_signal, sig)
-    server = ServiceServer(service, config, register, on_stop)
+    server = ServiceServer(service, config, register, on_stop, readiness)
     try:
         await server.start()
         await stop.wait()

@@ -1,9 +1,10 @@
 """The life of a datapath service process, the same for every object.
 
 Mount check, one worker thread, the state store, the plain class that owns the
-maps (built and started on the worker, since it uses the store), an optional
-background task, the gRPC server, and on SIGTERM the reverse order. Each
-service's `__main__` only says how to build its class and its servicer.
+maps (built and started on the worker, since it uses the store), its periodic
+tasks (which turn the health to NOT_SERVING while they keep failing), the gRPC
+server, and on SIGTERM the reverse order. Each service's `__main__` only says how
+to build its class, its servicer and its periodic tasks.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import grpc.aio
 
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
+from services.common.health import Readiness
+from services.common.periodic import Every, Periodic
 from services.common.server import serve
 from services.common.store import Store
 from services.common.worker import Worker
@@ -32,6 +35,7 @@ class Owner(Protocol):
 
 T = TypeVar("T", bound=Owner)
 Background = Callable[[Worker, T], Coroutine[Any, Any, None]]
+Tasks = Callable[[Worker, T], Sequence[Every]]
 
 
 async def run_datapath_service(
@@ -40,19 +44,28 @@ async def run_datapath_service(
     build: Callable[[Store], T],
     add_servicer: Callable[[grpc.aio.Server, Worker, T], str],
     background: Background[T] | None = None,
+    tasks: Tasks[T] | None = None,
 ) -> None:
-    """Start `build(store)` on the worker, serve it until SIGTERM, then stop it cleanly."""
+    """Start `build(store)` on the worker, serve it until SIGTERM, then stop it cleanly.
+
+    ``tasks`` are run as `Periodic` loops; ``background`` is a bare coroutine that gets
+    none of their protection (kept for services not yet moved to ``tasks``).
+    """
     ensure_bpffs(config.bpffs_root)
     worker = Worker(service)
     store = await worker.call(Store.open, config, service)
     owner = await worker.call(build, store)
     await worker.call(owner.start)
     task = asyncio.create_task(background(worker, owner)) if background else None
+    readiness = Readiness()
+    loops = [Periodic(every, readiness).start() for every in (tasks(worker, owner) if tasks else ())]
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         return [add_servicer(server, worker, owner)]
 
     async def on_stop() -> None:
+        for loop in loops:
+            await loop.stop()
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -61,4 +74,4 @@ async def run_datapath_service(
         await worker.call(owner.close)
         worker.shutdown()
 
-    await serve(service, config, register, on_stop)
+    await serve(service, config, register, on_stop, readiness)

@@ -118,9 +118,10 @@ class Store:
         self._depth = 0
 
     def rollback(self) -> None:
-        """Drop everything written since `begin`."""
+        """Drop everything written since `begin` (SQLite may have rolled back already, e.g. on a full disk)."""
         self._depth = 0
-        self._db.execute("ROLLBACK")
+        if self._db.in_transaction:
+            self._db.execute("ROLLBACK")
 
     def put(self, kind: str, key: str, doc: dict[str, Any]) -> None:
         """Insert or replace one document."""

@@ -14,16 +14,19 @@ from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
+from services.common.periodic import Every
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.lb.defs import MAX_SERVICES
 from services.lb.lb import LoadBalancer
 from services.lb.maps import LbMaps
+from services.lb.probes import Prober
 from services.lb.servicer import SERVICE_NAME, LoadBalancerServicer
 
 SERVICE = "lb"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 log = structlog.get_logger("weir.lb")
+HEALTH_ROUND_SECONDS = 0.1  # how often finished probes are applied and due ones started
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -41,10 +44,15 @@ def node_addresses() -> list[str]:
     return sorted(a for a in found if not ipaddress.ip_address(a).is_loopback)
 
 
-async def _health_loop(worker: Worker, lb: LoadBalancer) -> None:
-    while True:
-        await asyncio.sleep(0.2)
-        await worker.call(lb.check_health)
+def _tasks(worker: Worker, lb: LoadBalancer) -> list[Every]:
+    """Health checks: probes run on the loop; each round hands finished ones to the worker."""
+    prober = Prober()
+
+    async def health_round() -> None:
+        due = await worker.call(lb.health_round, prober.finished(), prober.busy)
+        prober.launch(due)
+
+    return [Every("health-checks", HEALTH_ROUND_SECONDS, health_round)]
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
@@ -57,7 +65,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     await run_datapath_service(
         SERVICE, config, lambda store: LoadBalancer(maps, store, node_addresses, max_frontends), add_servicer,
-        _health_loop,
+        tasks=_tasks,
     )
 
 

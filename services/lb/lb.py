@@ -4,27 +4,31 @@
 service first (addresses, ports, weights, table size, frontend clashes,
 capacity), allocates stable ids (service, backends, reverse-NAT indexes),
 builds the selection table (Maglev or weighted hash) over the backends that
-may take new connections, writes the maps and then persists the service, so a
-restarted service rewrites exactly what it was given.
+may take new connections, and applies it with the one change protocol (store
+transaction, map writes that are undone if anything fails, commit), so a refused
+or failed call leaves maps, store and id pools as they were, and a restarted
+service rewrites exactly what it was given. Health checks run off the worker (see `probes`); only
+their results come here, in one batched change per round.
 """
 
 from __future__ import annotations
 
-import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 import structlog
 from google.protobuf import json_format
 from weir.lb.v1 import lb_pb2 as pb
 
+from services.common import paging
+from services.common.change import Change
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.lb import model
 from services.lb.defs import MAX_BACKENDS, BackendState
 from services.lb.maglev import maglev_table, weighted_table
-from services.lb.maps import Change, Counts, Frontend, LbMaps
+from services.lb.maps import Counts, Frontend, LbMaps, ServiceWrite
 from services.lb.model import Backend, Service
 
 log = structlog.get_logger("weir.lb")
@@ -83,6 +87,21 @@ class Health:
     next_at: float = 0.0
 
 
+@dataclass(frozen=True)
+class Probe:
+    """One health probe to run: a TCP connect to a backend, with its timeout."""
+
+    service: str
+    backend: str
+    address: str
+    port: int
+    timeout: float
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.service, self.backend)
+
+
 class LoadBalancer:
     """Services of one node and the maps that realise them."""
 
@@ -94,6 +113,7 @@ class LoadBalancer:
         self._services: dict[str, Service] = {}
         self._ids: dict[str, Ids] = {}
         self._health: dict[tuple[str, str], Health] = {}
+        self._health_pending: set[str] = set()  # services with probe results not yet applied
         # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
         self._owners: dict[FrontendKey, str] = {}
         self._service_ids = IdPool(MAX_SERVICE_ID)
@@ -113,7 +133,7 @@ class LoadBalancer:
                 replace(b, healthy=b.key not in unhealthy) for b in service.backends))  # fmt: skip
             ids = Ids(doc["ids"]["service"], dict(doc["ids"]["backends"]), dict(doc["ids"]["rev_nat"]))
             self._remember(service, ids, self._frontends(service, ids, addresses))
-        self._maps.write([self._change(s, self._ids[n], None, addresses) for n, s in self._services.items()])
+        self._maps.write([self._write(s, self._ids[n], None, addresses) for n, s in self._services.items()])
         stale = [f for f in self._maps.frontend_keys() if f not in self._owners]
         if stale:
             self._maps.delete(0, [Frontend(a, p, proto, 0) for a, p, proto in stale], [])
@@ -160,14 +180,36 @@ class LoadBalancer:
         self._release(ids)
 
     def _allocate(self, service: Service, old: Ids | None, frontends: list[Frontend]) -> Ids:
-        """Ids for a service: kept where it had them, else taken from the pools (held until released)."""
-        ids = Ids(old.service if old else self._service_ids.take())
-        for b in service.backends:
-            ids.backends[b.key] = old.backends[b.key] if old and b.key in old.backends else self._backend_ids.take()
-        for f in frontends:
-            ids.rev_nat[f.address] = old.rev_nat[f.address] if old and f.address in old.rev_nat else (
-                self._rev_nat_ids.take())
+        """Ids for a service: kept where it had them, else taken from the pools (held until released).
+
+        If a pool runs out halfway, the ids this call took are given back before it raises.
+        """
+        taken: list[tuple[IdPool, int]] = []
+
+        def take(pool: IdPool) -> int:
+            taken.append((pool, pool.take()))
+            return taken[-1][1]
+
+        try:
+            ids = Ids(old.service if old else take(self._service_ids))
+            for b in service.backends:
+                kept = old.backends.get(b.key) if old else None
+                ids.backends[b.key] = kept if kept is not None else take(self._backend_ids)
+            for f in frontends:
+                kept = old.rev_nat.get(f.address) if old else None
+                ids.rev_nat[f.address] = kept if kept is not None else take(self._rev_nat_ids)
+        except Exception:
+            for pool, value in taken:
+                pool.release([value])
+            raise
         return ids
+
+    def _give_back(self, allocated: list[tuple[Service, Ids]]) -> None:
+        """Release the ids a failed change took; keep those the current services hold."""
+        for service, ids in allocated:
+            self._release(ids)
+            if service.name in self._ids:
+                self._hold(self._ids[service.name])
 
     @staticmethod
     def _table(service: Service, ids: Ids) -> list[int]:
@@ -176,29 +218,46 @@ class LoadBalancer:
         order = [ids.backends[b.key] for b in service.backends]
         return [order[i] for i in slots]
 
-    def _change(self, service: Service, ids: Ids, previous: Ids | None, addresses: list[str]) -> Change:
+    def _write(
+        self, service: Service, ids: Ids, before: tuple[Service, Ids] | None, addresses: list[str]
+    ) -> ServiceWrite:
+        """What the maps must hold for ``service``, and what of its version ``before`` must go."""
         frontends = self._frontends(service, ids, addresses)
         stale_frontends: list[Frontend] = []
         stale_backends: list[int] = []
-        old = self._services.get(service.name)
-        if previous is not None and old is not None:
+        if before is not None:
+            old, old_ids = before
             current = {f.key_tuple for f in frontends}
-            stale_frontends = [f for f in self._frontends(old, previous, addresses) if f.key_tuple not in current]
-            stale_backends = [i for k, i in previous.backends.items() if k not in ids.backends]
-        return Change(ids.service, service, frontends, stale_frontends, ids.backends, stale_backends,
-                      self._table(service, ids))
+            stale_frontends = [f for f in self._frontends(old, old_ids, addresses) if f.key_tuple not in current]
+            stale_backends = [i for k, i in old_ids.backends.items() if k not in ids.backends]
+        return ServiceWrite(ids.service, service, frontends, stale_frontends, ids.backends, stale_backends,
+                            self._table(service, ids))
 
-    def _persist(self, items: list[tuple[Service, Ids]]) -> None:
-        docs = []
-        for service, ids in items:
-            spec = json_format.MessageToDict(model.to_proto(service), preserving_proto_field_name=True)
-            docs.append((service.name, {
-                "spec": spec,
-                "ids": {"service": ids.service, "backends": ids.backends, "rev_nat": ids.rev_nat},
-                "unhealthy": [b.key for b in service.backends if not b.healthy],
-            }))  # fmt: skip
-        with self._store.transaction():
-            self._store.put_many(KIND, docs)
+    @staticmethod
+    def _doc(service: Service, ids: Ids) -> dict[str, object]:
+        spec = json_format.MessageToDict(model.to_proto(service), preserving_proto_field_name=True)
+        return {
+            "spec": spec,
+            "ids": {"service": ids.service, "backends": ids.backends, "rev_nat": ids.rev_nat},
+            "unhealthy": [b.key for b in service.backends if not b.healthy],
+        }
+
+    def _apply(self, change: Change, items: list[tuple[Service, Ids]], addresses: list[str]) -> list[ServiceWrite]:
+        """Store, then maps, inside ``change``; the undo puts every service back as it was."""
+        before = {s.name: (self._services[s.name], self._ids[s.name]) for s, _ in items if s.name in self._services}
+        writes = [self._write(s, ids, before.get(s.name), addresses) for s, ids in items]
+        restore = [self._write(*before[s.name], (s, ids), addresses) for s, ids in items if s.name in before]
+        created = [w for w in writes if w.service.name not in before]
+        self._store.put_many(KIND, ((s.name, self._doc(s, ids)) for s, ids in items))
+
+        def undo() -> None:
+            if restore:
+                self._maps.write(restore)
+            for w in created:
+                self._maps.delete(w.service_id, w.frontends, list(w.backend_ids.values()))
+
+        change.attempt(lambda: self._maps.write(writes), undo=undo)
+        return writes
 
     # ---- changes ----
 
@@ -244,30 +303,30 @@ class LoadBalancer:
                 "larger --max-services"
             )
         allocated: list[tuple[Service, Ids]] = []
-        try:
+        with Change(self._store) as change:
+            change.on_failure(lambda: self._give_back(allocated))
             for service, frontends in plans:
                 allocated.append((service, self._allocate(service, self._ids.get(service.name), frontends)))
-            changes = [self._change(s, ids, self._ids.get(s.name), addresses) for s, ids in allocated]
-            self._maps.write(changes)
-            self._persist(allocated)
-        except Exception:
-            for service, ids in allocated:  # give back what this change took; keep what others hold
-                self._release(ids)
-                if service.name in self._ids:
-                    self._hold(self._ids[service.name])
-            raise
-        for (service, ids), change in zip(allocated, changes, strict=True):
-            self._remember(service, ids, change.frontends)
+            writes = self._apply(change, allocated, addresses)
+        for (service, ids), write in zip(allocated, writes, strict=True):
+            self._remember(service, ids, write.frontends)
         log.info("services upserted", services=len(allocated))
         return [service for service, _ in allocated]
 
     def delete(self, name: str) -> None:
+        """Remove a service, its frontends, table and backends; all or nothing."""
         service = self.get(name)
         ids = self._ids[name]
-        self._maps.delete(ids.service, self._frontends(service, ids, self._node_addresses()),
-                          list(ids.backends.values()))
-        self._store.delete(KIND, name)
+        addresses = self._node_addresses()
+        frontends = self._frontends(service, ids, addresses)
+        backend_ids = list(ids.backends.values())
+        restore = self._write(service, ids, None, addresses)
+        with Change(self._store) as change:
+            self._store.delete(KIND, name)
+            change.attempt(lambda: self._maps.delete(ids.service, frontends, backend_ids, stats=False),
+                           undo=lambda: self._maps.write([restore]))  # fmt: skip
         self._forget(name)
+        self._maps.delete_stats(ids.service, backend_ids)  # counters of ids nobody holds any more
 
     def set_backend(
         self, name: str, address: str, port: int, weight: int | None, state: BackendState | None
@@ -286,16 +345,17 @@ class LoadBalancer:
             weight=backend.weight if weight is None else weight,
             state=backend.state if state is None else state,
         )
-        return self._replace(service.with_backend(changed))
+        return self._replace([service.with_backend(changed)])[0]
 
-    def _replace(self, service: Service) -> Service:
-        ids = self._ids[service.name]
+    def _replace(self, services: list[Service]) -> list[Service]:
+        """Rewrite existing services (same ids) in one change."""
+        items = [(s, self._ids[s.name]) for s in services]
         addresses = self._node_addresses()
-        change = self._change(service, ids, ids, addresses)
-        self._maps.write([change])
-        self._persist([(service, ids)])
-        self._remember(service, ids, change.frontends)
-        return service
+        with Change(self._store) as change:
+            writes = self._apply(change, items, addresses)
+        for (service, ids), write in zip(items, writes, strict=True):
+            self._remember(service, ids, write.frontends)
+        return services
 
     # ---- queries ----
 
@@ -312,11 +372,9 @@ class LoadBalancer:
         return [f"{a}:{p}" for (a, p, _), owner in self._owners.items() if owner == name]
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
-        if page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")
-        size = page_size or DEFAULT_PAGE_SIZE
-        rest = [self._services[n] for n in sorted(self._services) if n > page_token]
-        return rest[:size], (rest[size - 1].name if len(rest) > size else "")
+        """Services ordered by name; the token says where the next page starts."""
+        return paging.page(sorted(self._services), page_size, page_token, self._services.__getitem__,
+                           default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
 
     def counters(self, name: str) -> tuple[Counts, list[tuple[Backend, Counts]]]:
         service = self.get(name)
@@ -325,39 +383,68 @@ class LoadBalancer:
             (b, self._maps.counts("lb_backend_stats", ids.backends[b.key])) for b in service.backends
         ]
 
-    # ---- active health checks ----
+    # ---- active health checks (probes run off the worker; see services.lb.probes) ----
 
-    def check_health(self, now: float | None = None) -> list[str]:
-        """Probe due backends with a TCP connect; rewrite services whose rotation changed."""
+    def due_probes(self, now: float | None = None, busy: Collection[tuple[str, str]] = ()) -> list[Probe]:
+        """Backends whose next probe is due (and not still in flight); their clocks move on."""
         now = time.monotonic() if now is None else now
-        changed = []
-        for name, service in list(self._services.items()):
+        due = []
+        known = set()
+        for name, service in self._services.items():
             hc = service.health
             if not hc.interval_ms:
                 continue
-            updated = service
             for b in service.backends:
-                state = self._health.setdefault((name, b.key), Health())
-                if now < state.next_at:
+                key = (name, b.key)
+                known.add(key)
+                state = self._health.setdefault(key, Health())
+                if now < state.next_at or key in busy:
                     continue
                 state.next_at = now + hc.interval_ms / 1000
-                ok = _tcp_probe(b.address, b.port, hc.timeout_ms / 1000)
-                state.successes, state.failures = (state.successes + 1, 0) if ok else (0, state.failures + 1)
+                due.append(Probe(name, b.key, b.address, b.port, hc.timeout_ms / 1000))
+        for key in [k for k in self._health if k not in known]:
+            del self._health[key]  # deleted services and backends, or checks turned off
+        return due
+
+    def apply_probes(self, results: Iterable[tuple[Probe, bool]]) -> list[str]:
+        """Count probe results; rewrite the services whose rotation changed, in one change.
+
+        A service stays pending until its rewrite succeeds, so a round that fails (a full
+        disk) is retried by the next round even when no new probe result arrives.
+        """
+        for probe, ok in results:
+            state = self._health.get(probe.key)
+            if state is None or probe.service not in self._services:
+                continue  # deleted while the probe ran
+            state.successes, state.failures = (state.successes + 1, 0) if ok else (0, state.failures + 1)
+            self._health_pending.add(probe.service)
+        changed = []
+        for name in sorted(self._health_pending):
+            service = self._services.get(name)
+            if service is None:
+                continue
+            hc, updated = service.health, service
+            for b in service.backends:
+                state = self._health.get((name, b.key))
+                if state is None:
+                    continue
                 if b.healthy and state.failures >= hc.unhealthy_threshold:
                     updated = updated.with_backend(replace(b, healthy=False))
                 elif not b.healthy and state.successes >= hc.healthy_threshold:
                     updated = updated.with_backend(replace(b, healthy=True))
             if updated != service:
-                self._replace(updated)
-                changed.append(name)
-                log.info("health changed rotation", service=name,
-                         unhealthy=[b.key for b in updated.backends if not b.healthy])
-        return changed
+                changed.append(updated)
+        if changed:
+            self._replace(changed)
+            for s in changed:
+                log.info("health changed rotation", service=s.name,
+                         unhealthy=[b.key for b in s.backends if not b.healthy])  # fmt: skip
+        self._health_pending.clear()
+        return [s.name for s in changed]
 
-
-def _tcp_probe(address: str, port: int, timeout: float) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    def health_round(
+        self, results: Iterable[tuple[Probe, bool]], busy: Collection[tuple[str, str]] = ()
+    ) -> list[Probe]:
+        """One round on the worker: apply finished probes, then say which to start next."""
+        self.apply_probes(results)
+        return self.due_probes(busy=busy)

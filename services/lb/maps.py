@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,7 +94,7 @@ def backend_value(backend: Backend) -> LbBackend:
 
 
 @dataclass(frozen=True)
-class Change:
+class ServiceWrite:
     """One service as the maps must hold it, and what of its previous version must go."""
 
     service_id: int
@@ -103,6 +104,9 @@ class Change:
     backend_ids: dict[str, int]
     stale_backend_ids: list[int]
     table: list[int]
+
+
+Change = ServiceWrite  # the old name, still used by bench/lb_cost.py
 
 
 @dataclass(frozen=True)
@@ -115,8 +119,12 @@ class Counts:
 class LbMaps:
     """Owns the LB object, its slots and cgroup attachments, and its maps."""
 
-    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path) -> None:
+    def __init__(
+        self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path, sizes: Mapping[str, int] | None = None
+    ) -> None:
+        """``sizes`` overrides the max_entries of own maps (small maps for tests and small nodes)."""
         self._path = bpf_dir / "lb.o"
+        self._sizes = dict(sizes or {})
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
         self._cgroup = cgroup
@@ -131,7 +139,7 @@ class LbMaps:
 
     def load(self) -> None:
         """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
-        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS, self._sizes)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
         self._services = obj.typed_map("lb_services", LbServiceKey, LbService)
@@ -180,7 +188,7 @@ class LbMaps:
                 return int(value.table_size)
         return None
 
-    def write(self, changes: list[Change]) -> None:
+    def write(self, changes: list[ServiceWrite]) -> None:
         """Make the maps hold these services, in batches: backends, reverse NAT, tables, frontends.
 
         A frontend's `table_size` never exceeds the slots of the table it names:
@@ -215,7 +223,7 @@ class LbMaps:
         if items:
             m.update_batch([k for k, _ in items], [v for _, v in items])
 
-    def _write_frontends(self, changes: list[Change]) -> None:
+    def _write_frontends(self, changes: list[ServiceWrite]) -> None:
         items = []
         for c in changes:
             flags = (ServiceFlag.AFFINITY if c.service.affinity_timeout else 0) | (
@@ -228,7 +236,7 @@ class LbMaps:
                 )))  # fmt: skip
         self._batch(self._services, items)
 
-    def _write_tables(self, changes: list[Change]) -> None:
+    def _write_tables(self, changes: list[ServiceWrite]) -> None:
         inners: list[tuple[int, Map]] = []
         try:
             for c in changes:
@@ -250,16 +258,28 @@ class LbMaps:
                 with contextlib.suppress(KeyNotFoundError):
                     m.delete(key)
 
-    def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int]) -> None:
+    def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int], stats: bool = True) -> None:
+        """Remove a service's frontends, table and backends (and their counters, if ``stats``).
+
+        Absent keys are skipped, so it also cleans up after a half-written service.
+        """
         self._delete_frontends(frontends)
         with contextlib.suppress(KeyNotFoundError):
             self._tables.delete(service_id)
-        backend_stats = self._stats["lb_backend_stats"]
-        for m, key in [(self._stats["lb_service_stats"], service_id)] + [
-            (m, b) for b in backend_ids for m in (self._backends, backend_stats)
-        ]:
+        self._delete_keys(self._backends, backend_ids)
+        if stats:
+            self.delete_stats(service_id, backend_ids)
+
+    def delete_stats(self, service_id: int, backend_ids: list[int]) -> None:
+        """Forget the counters of ids that no service holds (a new holder starts from zero)."""
+        self._delete_keys(self._stats["lb_service_stats"], [service_id])
+        self._delete_keys(self._stats["lb_backend_stats"], backend_ids)
+
+    @staticmethod
+    def _delete_keys(handle: Map, keys: list[int]) -> None:
+        for key in keys:
             with contextlib.suppress(KeyNotFoundError):
-                m.delete(key)
+                handle.delete(key)
 
     # ---- reading ----
 

@@ -6,17 +6,15 @@ with which field, so a refused upsert changes nothing.
 
 from __future__ import annotations
 
-import ipaddress
-import re
 from dataclasses import dataclass, field, replace
 
 from weir.lb.v1 import lb_pb2 as pb
 
+from services.common import validate
 from services.common.errors import InvalidArgument
 from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_TABLE, BackendState
 from services.lb.maglev import is_prime
 
-NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 STATES = {
     pb.BACKEND_STATE_UNSPECIFIED: BackendState.ACTIVE,
@@ -81,21 +79,12 @@ class Service:
 
 
 def _address(text: str, where: str) -> str:
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise InvalidArgument(f"{where}: {text!r} is not an IP address") from None
-    if address.version != 4:
-        raise InvalidArgument(f"{where}: {text} is IPv6; the load balancer serves IPv4 frontends and backends")
-    if address.is_unspecified or address.is_multicast or address.is_loopback:
-        raise InvalidArgument(f"{where}: {text} cannot be used")
-    return str(address)
+    """An IPv4 unicast address: the load balancer serves IPv4 frontends and backends."""
+    return str(validate.address(text, where, versions=(4,), unicast=True))
 
 
 def _port(value: int, where: str) -> int:
-    if not 1 <= value <= 65535:
-        raise InvalidArgument(f"{where}: port {value} is out of range (1-65535)")
-    return value
+    return validate.port(value, where)
 
 
 def backend_from_proto(msg: pb.Backend, where: str) -> Backend:
@@ -111,12 +100,9 @@ def backend_from_proto(msg: pb.Backend, where: str) -> Backend:
 
 def from_proto(msg: pb.Service) -> Service:
     """Validate a service message; raises InvalidArgument naming the faulty field."""
-    if not NAME_RE.match(msg.name):
-        raise InvalidArgument(f"service name {msg.name!r} is invalid: use lowercase letters, digits, '-' and '.'")
+    validate.name(msg.name, "service")
     where = f"service {msg.name}"
-    protocol = (msg.protocol or "TCP").upper()
-    if protocol not in PROTOCOLS:
-        raise InvalidArgument(f"{where}: protocol {msg.protocol!r} is not TCP or UDP")
+    protocol = validate.protocol(msg.protocol, where, allowed=PROTOCOLS)
     node_port = msg.kind == pb.KIND_NODE_PORT
     address = "" if node_port else _address(msg.address, f"{where}: address")
     port = _port(msg.port, f"{where}: frontend")

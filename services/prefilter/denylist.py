@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.prefilter.cidr import CidrError, Network, is_host, parse_cidr
+from services.common.validate import CidrError, Network, is_host, parse_cidr
 
 
 @dataclass(frozen=True)
@@ -127,7 +127,11 @@ class DenyList:
     def abort(self, planned: Iterable[Entry]) -> None:
         """Give back the ids a plan took that no current entry holds."""
         held = {e.id for e in self.entries.values()}
-        self._free.extend(e.id for e in planned if e.id not in held)
+        free = set(self._free) | {e.id for e in planned if e.id not in held}
+        while self._next_id - 1 in free:  # ids past every held one go back to never-used
+            self._next_id -= 1
+            free.discard(self._next_id)
+        self._free = sorted(free, reverse=True)
 
     def commit_replace(self, new_list: list[Entry], leaving: list[Entry]) -> None:
         reused = {e.id for e in new_list}

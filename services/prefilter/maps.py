@@ -25,7 +25,7 @@ import structlog
 from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, ProgArray, Program
 from services.common.datapath import Counter, Slot
 from services.common.objects import load_service_object, pin_programs
-from services.prefilter.cidr import Network
+from services.common.validate import Network
 from services.prefilter.defs import (
     GENERATIONS,
     EntryFlag,
@@ -162,13 +162,31 @@ class PrefilterMaps:
     def _capacity(self, kind: Kind) -> int:
         return self.capacity.hosts if kind.host else self.capacity.prefixes
 
+    @property
+    def idle(self) -> int:
+        """The generation a bulk replace fills (not the live one)."""
+        return (self.active + 1) % GENERATIONS
+
     def install(self, entries: list[Entry]) -> int:
         """Make `entries` the whole live list in one step; returns the new generation.
 
         Fresh inner maps are filled and swapped into the idle generation, then
         `pf_active` flips. If filling fails, the live generation is untouched.
         """
-        target = (self.active + 1) % GENERATIONS
+        target, previous = self.idle, self.active
+        try:
+            self.fill(target, entries)
+        except Exception:
+            self.drop(target)
+            raise
+        self.flip(target)
+        self.retire(previous)
+        return target
+
+    def fill(self, generation: int, entries: list[Entry]) -> None:
+        """Put fresh inner maps holding `entries` into a generation that is not live."""
+        if generation == self.active:
+            raise ValueError(f"generation {generation} is live; fill the idle one")
         groups = dict(self._by_kind(entries))
         fresh: dict[Kind, Map] = {}
         try:
@@ -176,33 +194,35 @@ class PrefilterMaps:
                 fresh[kind] = self._outers[kind].new_inner(self._items(kind, groups.get(kind, [])),
                                                            self._capacity(kind))
             for kind, inner in fresh.items():
-                self._outers[kind].swap(target, inner)
+                self._outers[kind].swap(generation, inner)
         finally:
             for inner in fresh.values():
                 inner.close()  # the outer map holds them now (or, on failure, nobody does)
-        previous = self.active
-        self._active[0] = target
-        time.sleep(FLIP_GRACE_SECONDS)
+
+    def flip(self, generation: int) -> None:
+        """Make a generation live: one map update that every later packet sees."""
+        self._active[0] = generation
+
+    def drop(self, generation: int) -> None:
+        """Remove the inner maps of a generation that is not live (absent ones are skipped)."""
+        if generation == self.active:
+            raise ValueError(f"generation {generation} is live; it cannot be dropped")
         for kind in KINDS:
-            if previous != target:
-                with contextlib.suppress(KeyNotFoundError):
-                    self._outers[kind].delete(previous)
-        return target
+            with contextlib.suppress(KeyNotFoundError):
+                self._outers[kind].delete(generation)
+
+    def retire(self, generation: int) -> None:
+        """Drop the generation that was live before a flip, once programs that read it are done."""
+        time.sleep(FLIP_GRACE_SECONDS)
+        self.drop(generation)
 
     # ---- incremental changes on the live generation ----
 
     def upsert(self, entries: list[Entry]) -> None:
-        """Write entries into the live generation; on failure, what was written is undone."""
-        written: list[Entry] = []
-        try:
-            for kind, group in self._by_kind(entries):
-                inner = self._live(kind)
-                with inner:
-                    self._write(inner, kind, group)
-                written += group
-        except Exception:
-            self.remove(written, missing_ok=True)
-            raise
+        """Write entries into the live generation (a failure may leave some written)."""
+        for kind, group in self._by_kind(entries):
+            with self._live(kind) as inner:
+                self._write(inner, kind, group)
 
     def remove(self, entries: list[Entry], missing_ok: bool = False) -> None:
         for kind, group in self._by_kind(entries):

@@ -2,15 +2,17 @@
 
 `Prefilter` is the plain class the gRPC layer, the tests and the benchmarks
 call. It validates a change completely (CIDRs, revision, capacity) before it
-touches a map, writes the maps, then persists the desired state with the new
-revision in one store transaction. On start it reinstalls the persisted list as
+touches a map, then follows the one change protocol: the desired state and the
+new revision go into one store transaction, the maps are written with their
+undo, and the transaction commits; a failure anywhere (a full map, a full disk)
+undoes the map writes and gives back the counter ids, so the list, the maps and
+the store are as they were. On start it reinstalls the persisted list as
 a fresh generation (so the maps equal the store exactly, with no window) and
 re-attaches to the interfaces it was attached to.
 """
 
 from __future__ import annotations
 
-import bisect
 import ipaddress
 import socket
 from collections.abc import Iterable
@@ -18,7 +20,9 @@ from dataclasses import dataclass
 
 import structlog
 
-from pybpf import BpfError, NotSupportedError, Program, XdpMode, attach_xdp, detach_xdp, query_xdp
+from pybpf import BpfError, NotSupportedError, Program, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
+from services.common import paging
+from services.common.change import Change as StoreChange
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
@@ -53,6 +57,10 @@ class InterfaceCounters:
     interface: str
     ifindex: int
     stats: IfStats
+
+
+def _doc(entry: Entry) -> dict[str, object]:
+    return {"audit": entry.audit, "id": entry.id}
 
 
 def _ifindex(interface: str) -> int:
@@ -120,15 +128,18 @@ class Prefilter:
         added, changed = self._list.plan_add(wanted)
         if not added and not changed:
             return Change(self.revision, 0)
-        try:
-            self._maps.reset_counters(e.id for e in added)
-            self._maps.upsert([*added, *changed])
-        except Exception:
-            self._list.abort(added)
-            raise
-        with self._store.transaction():
-            self._store.put_many(ENTRY, ((str(e.network), {"audit": e.audit, "id": e.id}) for e in [*added, *changed]))
+        previous = [self._list.entries[e.network] for e in changed]
+
+        def undo() -> None:
+            self._maps.remove(added, missing_ok=True)
+            self._maps.upsert(previous)
+
+        with StoreChange(self._store) as change:
+            change.on_failure(lambda: self._list.abort(added))
+            self._store.put_many(ENTRY, ((str(e.network), _doc(e)) for e in [*added, *changed]))
             revision = self._store.bump_revision(ENTRY)
+            self._maps.reset_counters(e.id for e in added)  # ids no entry holds: nothing to undo
+            change.attempt(lambda: self._maps.upsert([*added, *changed]), undo=undo)
         self._list.commit(upserts=[*added, *changed])
         return Change(revision, len(added) + len(changed))
 
@@ -139,10 +150,11 @@ class Prefilter:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
         removed = self._list.plan_delete(networks)
-        self._maps.remove(removed)
-        with self._store.transaction():
+        with StoreChange(self._store) as change:
             self._store.delete_many(ENTRY, (str(e.network) for e in removed))
             revision = self._store.bump_revision(ENTRY)
+            change.attempt(lambda: self._maps.remove(removed, missing_ok=True),
+                           undo=lambda: self._maps.upsert(removed))  # fmt: skip
         self._list.commit(removed=removed)
         return Change(revision, len(removed))
 
@@ -152,17 +164,20 @@ class Prefilter:
         self._check_revision(expected_revision)
         before = self._list.entries
         new_list, leaving = self._list.plan_replace(wanted)
+        held = {e.id for e in before.values()}
         fresh_ids = [e.id for e in new_list if before.get(e.network) is None]
-        try:
-            self._maps.reset_counters(fresh_ids)
-            self._maps.install(new_list)
-        except Exception:
-            self._list.abort(new_list)
-            raise
-        with self._store.transaction():
+        target, previous = self._maps.idle, self._maps.active
+        with StoreChange(self._store) as change:
+            change.on_failure(lambda: self._list.abort(new_list))
             self._store.clear(ENTRY)
-            self._store.put_many(ENTRY, ((str(e.network), {"audit": e.audit, "id": e.id}) for e in new_list))
+            self._store.put_many(ENTRY, ((str(e.network), _doc(e)) for e in new_list))
             revision = self._store.bump_revision(ENTRY)
+            self._maps.reset_counters(i for i in fresh_ids if i not in held)
+            change.attempt(lambda: self._maps.fill(target, new_list), undo=lambda: self._maps.drop(target))
+            change.apply(lambda: self._maps.flip(target), undo=lambda: self._maps.flip(previous))
+        self._maps.retire(previous)
+        # Ids taken over from leaving entries start from zero once the old list is gone.
+        self._maps.reset_counters(i for i in fresh_ids if i in held)
         changed = len(leaving) + sum(
             1 for e in new_list if e.network not in before or before[e.network].audit != e.audit
         )
@@ -171,14 +186,9 @@ class Prefilter:
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Entry], str, int]:
         """Entries ordered by CIDR text; the token is the last CIDR returned."""
-        if page_size > MAX_PAGE_SIZE:
-            raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")
-        size = page_size or DEFAULT_PAGE_SIZE
-        keys = sorted(str(n) for n in self._list.entries)
-        start = bisect.bisect_right(keys, page_token) if page_token else 0
-        page = keys[start : start + size]
-        token = page[-1] if start + size < len(keys) else ""
-        entries = [self._list.entries[ipaddress.ip_network(k)] for k in page]
+        by_text = {str(n): e for n, e in self._list.entries.items()}
+        entries, token = paging.page(sorted(by_text), page_size, page_token, by_text.__getitem__,
+                                     default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
         return entries, token, self.revision
 
     def counters(self, cidrs: Iterable[str] = ()) -> list[tuple[Entry, Counter]]:
@@ -204,10 +214,27 @@ class Prefilter:
     # ---- attachments ----
 
     def attach(self, interface: str, mode: XdpMode = XdpMode.AUTO) -> AttachmentInfo:
-        info = self._attach(interface, mode)
-        self._store.put(ATTACHMENT, interface, {"requested": mode.name, "mode": info.mode.name})
+        """Attach to an interface and remember it; if the store fails, the interface is put back."""
+        ifindex = _ifindex(interface)
+        before = query_xdp(ifindex)
+        with StoreChange(self._store) as change:
+            info = change.attempt(lambda: self._attach(interface, mode), undo=lambda: self._restore(ifindex, before))
+            self._store.put(ATTACHMENT, interface, {"requested": mode.name, "mode": info.mode.name})
         log.info("attached", interface=interface, mode=info.mode.name)
         return info
+
+    def _restore(self, ifindex: int, before: XdpStatus) -> None:
+        """Put an interface's XDP programs back as they were (only ours are moved)."""
+        now = query_xdp(ifindex)
+        for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
+            current, wanted = now.get(mode), before.get(mode)
+            if current == wanted:
+                continue
+            if current and self._is_ours(current):
+                detach_xdp(ifindex, mode)
+            if wanted and self._is_ours(wanted):
+                with Program.from_id(wanted) as program:
+                    attach_xdp(ifindex, program, mode, replace=True)
 
     def _attach(self, interface: str, mode: XdpMode) -> AttachmentInfo:
         ifindex = _ifindex(interface)
@@ -241,12 +268,17 @@ class Prefilter:
         ifindex = _ifindex(interface)
         if self._store.get(ATTACHMENT, interface) is None:
             raise NotFound(f"the prefilter is not attached to {interface}")
-        current = query_xdp(ifindex)
-        for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
-            prog_id = current.get(mode)
-            if prog_id and self._is_ours(prog_id):
-                detach_xdp(ifindex, mode)
-        self._store.delete(ATTACHMENT, interface)
+        before = query_xdp(ifindex)
+
+        def detach_ours() -> None:
+            for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
+                prog_id = before.get(mode)
+                if prog_id and self._is_ours(prog_id):
+                    detach_xdp(ifindex, mode)
+
+        with StoreChange(self._store) as change:
+            self._store.delete(ATTACHMENT, interface)
+            change.attempt(detach_ours, undo=lambda: self._restore(ifindex, before))
         log.info("detached", interface=interface)
 
     def attachments(self) -> list[AttachmentInfo]:

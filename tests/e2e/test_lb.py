@@ -410,3 +410,71 @@ def test_connection_state_follows_replies_and_ports_can_be_reused_directly(make_
             direct.connect((backend.ipv4, 8080))
             direct.sendall(b"y")
             assert direct.recv(100) == b"b0:y"
+
+
+def test_dead_backends_do_not_hold_up_calls_while_probes_run(make_node: Callable[..., Node]) -> None:
+    s = make_setup(make_node, 1)
+    # Addresses on the node's network that nobody answers: a connect waits out its timeout.
+    dead = [f"192.0.2.{100 + i}" for i in range(20)]
+    hc = pb.HealthCheck(interval_ms=100, timeout_ms=1000, unhealthy_threshold=1, healthy_threshold=1)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=pb.Service(
+        name="dead", address=VIP, port=80, protocol="TCP", health_check=hc,
+        backends=[pb.Backend(address=a, port=8080) for a in dead])), timeout=10)  # fmt: skip
+    slowest = 0.0
+    calls = 0
+    deadline = time.monotonic() + 4  # several probe rounds of 20 one-second timeouts each
+    while time.monotonic() < deadline:
+        started = time.monotonic()
+        s.lb.ListServices(pb.ListServicesRequest(), timeout=5)
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "live", address="198.19.0.2",
+                                                                   weights=[1 + calls % 3])), timeout=5)  # fmt: skip
+        slowest = max(slowest, time.monotonic() - started)
+        calls += 1
+    assert slowest < 0.5, f"an LB call took {slowest:.2f}s while probes ran"
+    # The probes did run meanwhile: every dead backend is out of rotation.
+    backends = s.lb.GetService(pb.GetServiceRequest(name="dead"), timeout=5).backends
+    assert [b.healthy for b in backends] == [False] * 20
+    assert s.node.serving("lb")
+
+
+def test_failing_health_round_turns_the_lb_not_serving_until_it_recovers(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node("orchestrator")
+    state = tmp_path / "lbstate"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", f"{node.name}-lbstate", str(state)], check=True)
+    try:
+        node.start("lb", "--state-dir", str(state))  # the last --state-dir wins
+        backend = node.create_endpoint("b0", ipv6=False)
+        s = Setup(node, backend, [backend])
+        hc = pb.HealthCheck(interval_ms=100, timeout_ms=200, unhealthy_threshold=1, healthy_threshold=1)
+        with traffic.server(backend.netns, backend.ipv4, 8080):
+            s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, health_check=hc)), timeout=10)
+            time.sleep(0.5)
+            assert s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy
+            filler = state / "filler"
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        # The backend is gone, but the store cannot record it: every round fails.
+        deadline = time.monotonic() + 10
+        while node.serving("lb") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not node.serving("lb"), "the LB stayed SERVING while its health checks kept failing"
+        assert s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy  # nothing half-written
+        filler.unlink()
+        deadline = time.monotonic() + 10
+        while not node.serving("lb") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert node.serving("lb")
+        assert not s.lb.GetService(pb.GetServiceRequest(name="web")).backends[0].healthy
+        assert "periodic.failed" in node.log_tail("lb", 200)
+    finally:
+        node.kill("lb")
+        subprocess.run(["umount", str(state)], check=True)

@@ -301,3 +301,45 @@ def test_passed_packets_continue_to_the_next_xdp_slot(pnode: tuple[Node, orch_pb
         # passed ones do.
         assert after_denied - before < 5
         assert counted(obj, Hook.XDP) - after_denied >= 5
+
+
+def test_full_disk_is_resource_exhausted_naming_the_store_and_changes_nothing(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node("orchestrator")
+    state = tmp_path / "pfstate"
+    state.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", f"{node.name}-pfstate", str(state)], check=True)
+    try:
+        node.start("prefilter", "--state-dir", str(state), "--host-entries", "64", "--prefix-entries", "64")
+        s = stub(node)
+        s.AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32", "198.51.0.0/16")), timeout=5)
+        pins = node.bpffs_root / "prefilter"
+        before = (dump_pinned(pins), s.ListEntries(pb.ListEntriesRequest()))
+        fd = os.open(state / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 4096)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        many = entries(*[f"10.{i}.0.0/16" for i in range(40)])
+        calls: list[tuple[str, Callable[[], object]]] = [
+            ("add", lambda: s.AddEntries(pb.AddEntriesRequest(entries=many), timeout=5)),
+            ("delete", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["198.51.0.0/16"]), timeout=5)),
+            ("replace", lambda: s.ReplaceEntries(pb.ReplaceEntriesRequest(entries=entries("10.0.0.0/8")), timeout=5)),
+        ]
+        for what, call in calls:
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, f"{what}: {err.value.details()}"
+            assert str(state / "prefilter.db") in (err.value.details() or ""), what
+            assert (dump_pinned(pins), s.ListEntries(pb.ListEntriesRequest())) == before, what
+        (state / "filler").unlink()
+        s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["198.51.0.0/16"]), timeout=5)
+        assert set(dump_pinned(pins)) == {ipaddress.ip_network(f"{DENIED_HOST_V4}/32")}
+    finally:
+        if "prefilter" in node.services:
+            node.kill("prefilter")
+        subprocess.run(["umount", str(state)], check=True)
