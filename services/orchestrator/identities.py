@@ -116,7 +116,7 @@ class Identities:
         owners = tuple(sorted(self._owners.get(text, ())))
         return IdentityInfo(identity, labels, tuple(self._ipcache.prefixes_of(identity)), owners)
 
-    def list(self) -> list[IdentityInfo]:
+    def all(self) -> list[IdentityInfo]:
         return [self.info(i, text) for i, text in sorted(self._text().items())]
 
     def for_labels(self, labels: dict[str, str]) -> int:

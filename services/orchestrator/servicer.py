@@ -160,7 +160,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def ListIdentities(
         self, request: pb.ListIdentitiesRequest, context: Context
     ) -> pb.ListIdentitiesResponse:
-        infos = await self._worker.call(self._identities.list)
+        infos = await self._worker.call(self._identities.all)
         return pb.ListIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
 
     async def WatchIdentities(
@@ -169,7 +169,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         queue: asyncio.Queue[pb.IdentityUpdate] = asyncio.Queue()
         self._identity_watchers.add(queue)  # before the snapshot, as in WatchEndpoints
         try:
-            infos = await self._worker.call(self._identities.list)
+            infos = await self._worker.call(self._identities.all)
             yield pb.IdentityUpdate(snapshot=True, upserted=[identity_to_proto(i) for i in infos])
             while True:
                 yield await queue.get()
