@@ -346,8 +346,8 @@ def _fail_write(store: Store) -> None:
     def put_many(*_: object) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
-    store.put_many = put_many  # type: ignore[method-assign]
-    store.delete_many = put_many  # type: ignore[method-assign]
+    store.put_many = put_many  # type: ignore[method-assign,assignment]
+    store.delete_many = put_many  # type: ignore[method-assign,assignment]
 
 
 @pytest.mark.parametrize("failure", ["store write", "store commit", "map full mid-change"])
