@@ -91,16 +91,6 @@ class Ipcache:
         del self._entries[network]
         self._by_identity[old].discard(network)
 
-    def restore(self, network: Network, identity: int | None) -> None:
-        """Put back what `get` returned before a change (None: absent)."""
-        if identity is None:
-            self.delete(network)
-        else:
-            self.put(network, identity)
-
-    def entries(self) -> dict[Network, int]:
-        return dict(self._entries)
-
     def prefixes_of(self, identity: int) -> list[str]:
         """The prefixes that map to an identity, sorted."""
         return sorted(str(n) for n in self._by_identity.get(identity, ()))
