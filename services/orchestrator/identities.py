@@ -110,8 +110,7 @@ class Identities:
         out.update({i: key for key, i in self._by_key.items()})
         return out
 
-    def info(self, identity: int, text: str | None = None) -> IdentityInfo:
-        text = self._text().get(identity, "") if text is None else text
+    def info(self, identity: int, text: str) -> IdentityInfo:
         labels = tuple(text.split(",")) if text else ()
         owners = tuple(sorted(self._owners.get(text, ())))
         return IdentityInfo(identity, labels, tuple(self._ipcache.prefixes_of(identity)), owners)
@@ -124,7 +123,7 @@ class Identities:
         key = label_key(labels)
         if key in self._by_key:
             return self._by_key[key]
-        identity = self._free(FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)
+        identity = self._allocator(FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)()
         self._store.put(KIND, key, {"id": identity})
         self._by_key[key] = identity
         self._notify([identity], [])
@@ -171,12 +170,13 @@ class Identities:
         before = self._save()
         touched = self._touched(networks)
         new: list[int] = []
+        next_free = self._allocator(FIRST_CIDR_IDENTITY, MAX_CIDR_IDENTITY)
         with Change(self._store) as change:
             change.on_failure(lambda: self._restore(before, networks, touched))
             for network in dict.fromkeys(networks):
                 key = cidr_key(network)
                 if key not in self._by_key:
-                    self._by_key[key] = self._free(FIRST_CIDR_IDENTITY, MAX_CIDR_IDENTITY)
+                    self._by_key[key] = next_free()
                     new.append(self._by_key[key])
                 self._owners[key] = self._owners.get(key, frozenset()) | {owner}
                 if not reserve_only:
@@ -184,7 +184,7 @@ class Identities:
                 self._store.put(KIND, key, self._doc(network))
             self._refresh(networks, touched, notify=False)
         self._notify([*new, *touched, *(self._by_key[cidr_key(n)] for n in networks)], [])
-        return [self.info(self._by_key[cidr_key(n)]) for n in networks]
+        return [self.info(self._by_key[cidr_key(n)], cidr_key(n)) for n in networks]
 
     def release_cidrs(self, owner: str, networks: list[Network]) -> None:
         """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""
@@ -220,14 +220,21 @@ class Identities:
         key = cidr_key(network)
         return {"id": self._by_key[key], "owners": sorted(self._owners[key]), "published": network in self._published}
 
-    def _free(self, first: int, last: int) -> int:
+    def _allocator(self, first: int, last: int) -> Callable[[], int]:
+        """Hands out the lowest free numbers of [first, last], one call each (one scan for many)."""
         used = set(self._by_key.values())
         candidate = first
-        while candidate in used and candidate <= last:
-            candidate += 1
-        if candidate > last:
-            raise ResourceExhausted(f"no identity left between {first} and {last}")
-        return candidate
+
+        def next_free() -> int:
+            nonlocal candidate
+            while candidate in used and candidate <= last:
+                candidate += 1
+            if candidate > last:
+                raise ResourceExhausted(f"no identity left between {first} and {last}")
+            used.add(candidate)
+            return candidate
+
+        return next_free
 
     def _wanted(self, network: Network) -> int | None:
         if network in self._endpoints:
