@@ -20,6 +20,7 @@ import ipaddress
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.change import Change
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
@@ -167,46 +168,59 @@ class Identities:
     def allocate_cidrs(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[IdentityInfo]:
         """Identities for `networks`, held by `owner` (idempotent); published unless reserve_only."""
         self._check_owner(owner)
+        keys = {n: cidr_key(n) for n in networks}
         before = self._save()
-        touched = self._touched(networks)
+        touched = self._touched(keys)
         new: list[int] = []
+        published: list[Network] = []
         next_free = self._allocator(FIRST_CIDR_IDENTITY, MAX_CIDR_IDENTITY)
         with Change(self._store) as change:
-            change.on_failure(lambda: self._restore(before, networks, touched))
-            for network in dict.fromkeys(networks):
-                key = cidr_key(network)
+            change.on_failure(lambda: self._restore(before, published, touched))
+            docs = []
+            for network, key in keys.items():
                 if key not in self._by_key:
                     self._by_key[key] = next_free()
                     new.append(self._by_key[key])
-                self._owners[key] = self._owners.get(key, frozenset()) | {owner}
-                if not reserve_only:
+                owners = self._owners.get(key, frozenset())
+                publish = not reserve_only and network not in self._published
+                if owner in owners and not publish and key in before.by_key:
+                    continue  # nothing changes for this one
+                self._owners[key] = owners | {owner}
+                if publish:
                     self._published[network] = self._by_key[key]
-                self._store.put(KIND, key, self._doc(network))
-            self._refresh(networks, touched, notify=False)
-        self._notify([*new, *touched, *(self._by_key[cidr_key(n)] for n in networks)], [])
-        return [self.info(self._by_key[cidr_key(n)], cidr_key(n)) for n in networks]
+                    published.append(network)
+                docs.append((key, self._doc(network, key)))
+            self._store.put_many(KIND, docs)
+            self._refresh(published, touched, notify=False)
+        self._notify([*new, *touched, *(self._by_key[keys[n]] for n in published)], [])
+        return [self.info(self._by_key[key], key) for key in keys.values()]
 
     def release_cidrs(self, owner: str, networks: list[Network]) -> None:
         """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""
         self._check_owner(owner)
+        keys = {n: cidr_key(n) for n in networks}
         before = self._save()
-        touched = self._touched(networks)
+        touched = self._touched(keys)
         freed: list[int] = []
+        unpublished: list[Network] = []
         with Change(self._store) as change:
-            change.on_failure(lambda: self._restore(before, networks, touched))
-            for network in dict.fromkeys(networks):
-                key = cidr_key(network)
+            change.on_failure(lambda: self._restore(before, unpublished, touched))
+            docs, gone = [], []
+            for network, key in keys.items():
                 if owner not in self._owners.get(key, frozenset()):
                     continue
                 self._owners[key] -= {owner}
                 if self._owners[key]:
-                    self._store.put(KIND, key, self._doc(network))
+                    docs.append((key, self._doc(network, key)))
                     continue
                 del self._owners[key]
-                self._published.pop(network, None)
+                if self._published.pop(network, None) is not None:
+                    unpublished.append(network)
                 freed.append(self._by_key.pop(key))
-                self._store.delete(KIND, key)
-            self._refresh(networks, touched, notify=False)
+                gone.append(key)
+            self._store.put_many(KIND, docs)
+            self._store.delete_many(KIND, gone)
+            self._refresh(unpublished, touched, notify=False)
         self._notify([i for i in touched if i not in freed], freed)
 
     # ---- helpers ----
@@ -216,8 +230,7 @@ class Identities:
         if not OWNER_RE.match(owner):
             raise InvalidArgument(f"owner {owner!r} is invalid: use lowercase letters, digits, '-' and '.'")
 
-    def _doc(self, network: Network) -> dict[str, object]:
-        key = cidr_key(network)
+    def _doc(self, network: Network, key: str) -> dict[str, Any]:
         return {"id": self._by_key[key], "owners": sorted(self._owners[key]), "published": network in self._published}
 
     def _allocator(self, first: int, last: int) -> Callable[[], int]:

@@ -186,8 +186,7 @@ class Policy:
     def _recompute(self, force: bool = False) -> list[str]:
         """Bring every endpoint's map in line with the state followed; cheap when nothing changed."""
         cidrs = self._cidr_ids()
-        seen = (tuple(sorted((e.name, e.id, e.ipv4, e.ipv6, e.identity, tuple(sorted(e.labels.items())))
-                             for e in self._endpoints.values())), tuple(sorted(cidrs.items(), key=str)))  # fmt: skip
+        seen = self._inputs(cidrs)
         if seen == self._seen and not force:
             return []
         policies = self._computer(self._rules.values(), cidrs).all()
@@ -199,6 +198,13 @@ class Policy:
         self._computed = policies
         self._seen = seen
         return sorted(changed)
+
+    def _inputs(self, cidrs: dict[Network, int]) -> object:
+        """What the maps were computed from, besides the rules (a stream message that changes
+        none of it, such as a new prefix of a known identity, recomputes nothing)."""
+        endpoints = sorted((e.name, e.id, e.ipv4, e.ipv6, e.identity, tuple(sorted(e.labels.items())))
+                           for e in self._endpoints.values())  # fmt: skip
+        return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
         return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity)
@@ -271,6 +277,7 @@ class Policy:
         self._rules = rules
         self._computed = policies
         self._learn_cidrs(reserved)
+        self._seen = self._inputs(self._cidr_ids())
         if removed:
             try:
                 self._release(removed)
@@ -278,6 +285,7 @@ class Policy:
                 with self._changing(None) as (change, holds):
                     changed |= self._install(final, change, holds)
                 self._computed = final
+                self._seen = self._inputs(self._cidr_ids())
             except WeirError as exc:
                 log.warning("CIDR identities kept until the next change", cidrs=sorted(map(str, removed)),
                             error=str(exc))
