@@ -104,6 +104,12 @@ def test_the_endpoints_map_carries_the_orchestrators_identity_for_the_labels(mak
     # policy's view (from the stream) is the orchestrator's
     listed = {",".join(i.labels): i.id for i in s.ListIdentities(pb.ListIdentitiesRequest()).identities}
     assert listed["app=web"] == web1.identity and listed["app=db,tier=data"] == db.identity
+    # a deleted endpoint's addresses leave the ipcache; its labels keep their number
+    node.orchestrator().DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="web2"), timeout=15)
+    cache = ipcache_map(node)
+    assert f"{web2.ipv4}/32" not in cache and cache[f"{web1.ipv4}/32"] == web1.identity
+    assert web2.host_ifindex not in endpoints_map(node)
+    assert node.create_endpoint("web3", {"app": "web"}).identity == web1.identity
 
 
 def test_identities_are_stable_across_an_orchestrator_restart(make_node: Callable[..., Node]) -> None:
