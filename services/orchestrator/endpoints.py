@@ -161,11 +161,12 @@ class Endpoints:
                 self._make(endpoint)
             self._attach(endpoint)
             self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+            self._identities.endpoint_up(endpoint.identity, endpoint.networks())
         except Exception:
+            self._identities.endpoint_down(endpoint.networks())
             self._teardown(endpoint)
             raise
         self._store.put(KIND, endpoint.name, asdict(endpoint))
-        self._identities.endpoint_up(endpoint.identity, endpoint.networks())
         log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname,
                  identity=endpoint.identity)
         self._changed("CREATED", endpoint)
