@@ -297,6 +297,7 @@ class Local:
     identities: Identities
     ipcache: Ipcache
     endpoints: list[EndpointView]
+    orch_store: Store
 
     def state(self) -> dict[str, Any]:
         """Everything a change may touch: policy maps, both stores, identities, the ipcache."""
@@ -326,7 +327,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
         ids.sync_ipcache()
         policy = Policy(maps, policy_store, LocalNode(ids, endpoints))
         policy.start(wait_for_node=0)
-        yield Local(policy, maps, policy_store, ids, ipcache, endpoints)
+        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, orch_store)
     finally:
         maps.close()
         node_maps.close()
@@ -393,3 +394,26 @@ def test_a_failed_rule_change_leaves_maps_stores_and_identities_as_they_were(
         policy.delete_rules(["fe-from-net", "db-in"])
         assert not any(i.labels[0].startswith("cidr:") for i in local.identities.all() if i.labels)
     assert local.state() != before
+
+
+def test_ipcache_precedence_and_a_failed_allocation_changes_nothing(local: Local) -> None:
+    ids, cache = local.identities, local.ipcache
+    address = ipaddress.ip_network("198.18.0.99/32")
+    (cidr,) = ids.allocate_cidrs("lb", [address])
+    assert cache.read()[address] == cidr.id
+    ids.endpoint_up(local.endpoints[0].identity, [address])  # an endpoint's address beats a CIDR
+    assert cache.read()[address] == local.endpoints[0].identity
+    ids.set_hosts([address])  # ... and the host
+    ids.endpoint_down([address])
+    assert cache.read()[address] == 1
+    ids.set_hosts([])
+    assert cache.read()[address] == cidr.id  # the CIDR is back once nothing else claims the address
+    ids.release_cidrs("lb", [address])
+    assert address not in cache.read()
+    # the orchestrator's own change protocol: a commit that fails leaves identities and ipcache alone
+    before = (ids.all(), cache.read())
+    _fail_commit(local.orch_store)
+    with pytest.raises(ResourceExhausted):
+        ids.allocate_cidrs("lb", [ipaddress.ip_network("10.9.0.0/16"), address])
+    vars(local.orch_store).pop("commit")
+    assert (ids.all(), cache.read()) == before
