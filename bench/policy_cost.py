@@ -59,6 +59,7 @@ from services.common.datapath import (
     Direction,
     EndpointInfo,
 )
+from services.orchestrator.ipcache import Ipcache
 from services.policy.compute import TCP, MapEntry
 from services.policy.defs import PREFIX_FULL
 from services.policy.maps import PolicyMaps, config_flags
@@ -145,11 +146,11 @@ def hits(maps: PolicyMaps, identity: int) -> int:
 
 
 def measure_size(
-    program: Program, maps: PolicyMaps, layout: str, size: int, runs: int, repeat: int, loops: int
+    program: Program, maps: PolicyMaps, cache: Ipcache, layout: str, size: int, runs: int, repeat: int, loops: int
 ) -> Cost:
     """Fill the map (and the ipcache) with `size` entries, then time new and established flows."""
     maps.install(ENDPOINT_ID, entries(size), config_flags(ingress=False, egress=True, audit=False))
-    maps.write_ipcache(ipcache(size, layout))
+    cache.reconcile(ipcache(size, layout))
     conntrack: Map = maps.maps["conntrack"].typed(CtKey, CtValue)
     conntrack.clear()
     target = peer(size - 1)
@@ -191,11 +192,13 @@ def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
         endpoints = entry.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(ENDPOINT_ID, FIRST_LABEL_IDENTITY, 0, 0))
         program = entry.programs["entry_from_container"]
-        return [
-            measure_size(program, maps, layout, size, runs, repeat, loops)
-            for layout in LAYOUTS
-            for size in sizes
-        ]
+        with Map.from_pin(globals_dir / "ipcache") as pinned:  # the orchestrator writes it in a node
+            cache = Ipcache(pinned)
+            return [
+                measure_size(program, maps, cache, layout, size, runs, repeat, loops)
+                for layout in LAYOUTS
+                for size in sizes
+            ]
     finally:
         maps.close()
         if entry is not None:

@@ -16,8 +16,8 @@ Beside it, `iptables-restore` of the same R rules as FORWARD rules
 (`-s <endpoint> -d <cidr> -p tcp --dport 443 -j ACCEPT`) inside a namespace
 of its own. Prints seconds and the ratios. Then, with the last policy in
 place, what that policy costs the service after the import: its CPU while
-nobody calls it (it recomputes every endpoint's policy each
---refresh-seconds, default 1 s) and how long it takes to exit on SIGTERM.
+nobody calls it (it follows the orchestrator's streams and recomputes only on
+a change) and how long it takes to exit on SIGTERM.
 Nothing goes on the wire. Namespaces, processes,
 /sys/fs/bpf/weir-pbench-<pid>-* and temp dirs are removed afterwards.
 
@@ -174,7 +174,7 @@ def main() -> None:
     print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
     for count, imported, ipt in results:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.0f}{imported * 1000 / count:>14.2f}")
-    print(f"policy service CPU while idle with {sizes[-1]} rules (default refresh every 1 s): "
+    print(f"policy service CPU while idle with {sizes[-1]} rules: "
           f"{idle:.2f} cores over {args.idle_seconds:g} s")
     print("policy service exit on SIGTERM after that: " + (
         f"{stopped:.2f} s" if stopped is not None else f"not within {args.stop_grace:g} s (killed)"))

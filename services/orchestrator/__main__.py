@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -13,15 +13,20 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
+from services.common.errors import WeirError
 from services.common.logs import setup_logging
+from services.common.objects import load_service_object
 from services.common.server import serve
 from services.common.store import Store
 from services.common.worker import Worker
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
+from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
 from services.orchestrator.events import EventHub
+from services.orchestrator.identities import Identities
+from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
 SERVICE = "orchestrator"
@@ -32,32 +37,67 @@ log = structlog.get_logger("weir.orchestrator")
 def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
                         help="directory of the built BPF objects (default bpf/build)")
+    parser.add_argument("--ct-gc-seconds", type=float, default=10.0,
+                        help="how often expired conntrack entries are collected (default 10)")
+    parser.add_argument("--host-seconds", type=float, default=2.0,
+                        help="how often the node's own addresses are re-read for the ipcache (default 2)")
 
 
-async def main(config: NodeConfig, bpf_dir: Path) -> None:
+async def _every(worker: Worker, seconds: float, what: str, fn: Callable[[], object]) -> None:
+    """Run fn on the worker every `seconds`; log failures and back off (up to a minute) while they last."""
+    failures = 0
+    while True:
+        await asyncio.sleep(min(seconds * (2**failures), 60.0))
+        try:
+            result = await worker.call(fn)
+            failures = 0
+            if result:
+                log.info(what, result=result)
+        except (WeirError, OSError) as exc:
+            failures += 1
+            log.warning(f"{what} failed", error=str(exc), failures=failures)
+
+
+async def main(config: NodeConfig, args: argparse.Namespace) -> None:
+    bpf_dir: Path = args.bpf_dir
     ensure_bpffs(config.bpffs_root)
     netdev.enable_forwarding()
+    node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), [])
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
     chain.load()
     worker = Worker(SERVICE)
     store = await worker.call(Store.open, config, SERVICE)
-    endpoints = Endpoints(config.instance, chain, store)
+    identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
+    conntrack = Conntrack(node_maps.maps["conntrack"])
+    endpoints = Endpoints(config.instance, chain, store, identities)
     await worker.call(endpoints.reconcile)
+    await worker.call(lambda: identities.set_hosts(host_addresses()))
+    await worker.call(identities.sync_ipcache)
     devices = Devices(chain, store)
     await worker.call(devices.reconcile)
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
+    background = [
+        asyncio.create_task(_every(worker, args.ct_gc_seconds, "conntrack collected", conntrack.collect)),
+        asyncio.create_task(
+            _every(worker, args.host_seconds, "host addresses changed", lambda: identities.set_hosts(host_addresses()))
+        ),
+    ]
+
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        servicer = OrchestratorServicer(worker, chain, endpoints, devices, events)
+        servicer = OrchestratorServicer(worker, chain, endpoints, devices, events, identities, conntrack)
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     async def on_stop() -> None:
+        for task in background:
+            task.cancel()
         events.stop()
         await worker.call(store.close)
         worker.shutdown()
         chain.close()
+        node_maps.close()
 
     log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))
     await serve(SERVICE, config, register, on_stop)
@@ -66,4 +106,4 @@ async def main(config: NodeConfig, bpf_dir: Path) -> None:
 if __name__ == "__main__":
     node, args = NodeConfig.from_args(None, SERVICE, _flags)
     setup_logging(SERVICE, node.log_level)
-    asyncio.run(main(node, args.bpf_dir))
+    asyncio.run(main(node, args))

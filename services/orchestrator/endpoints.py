@@ -10,6 +10,7 @@ does not know but carries this instance's tag is removed.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,8 @@ from services.common.errors import AlreadyExists, InvalidArgument, NotFound, Res
 from services.common.store import Store
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
+from services.orchestrator.identities import Identities
+from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.endpoints")
 
@@ -48,6 +51,11 @@ class Endpoint:
     host_ifindex: int = 0
     mac: str = ""
     adopted: bool = False
+    identity: int = 0
+
+    def networks(self) -> list[Network]:
+        """The endpoint's addresses as host prefixes (its ipcache entries)."""
+        return [ipaddress.ip_network(a) for a in (self.ipv4, self.ipv6) if a]
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Endpoint:
@@ -93,19 +101,23 @@ class EndpointSpec:
 class Endpoints:
     """The endpoints of one node (instance), their interfaces and attachments."""
 
-    def __init__(self, instance: str, chain: Chain, store: Store) -> None:
+    def __init__(self, instance: str, chain: Chain, store: Store, identities: Identities) -> None:
         self._instance = instance
         self._chain = chain
         self._store = store
-        self._listeners: list[Callable[[str, str], None]] = []
+        self._identities = identities
+        self._listeners: list[Callable[[str, Endpoint], None]] = []
 
-    def on_change(self, listener: Callable[[str, str], None]) -> None:
-        """Call listener(kind, name) after each endpoint is created ("CREATED") or deleted ("DELETED")."""
+    def on_change(self, listener: Callable[[str, Endpoint], None]) -> None:
+        """Call listener(kind, endpoint) after each endpoint is created ("CREATED") or deleted ("DELETED")."""
         self._listeners.append(listener)
 
-    def _changed(self, kind: str, name: str) -> None:
+    def _changed(self, kind: str, endpoint: Endpoint) -> None:
         for listener in self._listeners:
-            listener(kind, name)
+            listener(kind, endpoint)
+
+    def all(self) -> list[Endpoint]:
+        return self._all()
 
     # ---- queries ----
 
@@ -140,6 +152,7 @@ class Endpoints:
             ipv6=spec.ipv6,
             labels=spec.labels,
             adopted=bool(spec.adopt_interface),
+            identity=self._identities.for_labels(spec.labels),
         )
         try:
             if spec.adopt_interface:
@@ -148,20 +161,24 @@ class Endpoints:
                 self._make(endpoint)
             self._attach(endpoint)
             self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+            self._identities.endpoint_up(endpoint.identity, endpoint.networks())
         except Exception:
+            self._identities.endpoint_down(endpoint.networks())
             self._teardown(endpoint)
             raise
         self._store.put(KIND, endpoint.name, asdict(endpoint))
-        log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname)
-        self._changed("CREATED", endpoint.name)
+        log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname,
+                 identity=endpoint.identity)
+        self._changed("CREATED", endpoint)
         return endpoint
 
     def delete(self, name: str) -> None:
         endpoint = self.get(name)
+        self._identities.endpoint_down(endpoint.networks())
         self._teardown(endpoint)
         self._store.delete(KIND, name)
         log.info("endpoint deleted", endpoint=name)
-        self._changed("DELETED", name)
+        self._changed("DELETED", endpoint)
 
     def reconcile(self) -> None:
         """After a (re)start: re-adopt known endpoints, remove tagged leftovers."""
@@ -170,6 +187,8 @@ class Endpoints:
             endpoint = Endpoint.from_doc(doc)
             if self._still_there(endpoint):
                 endpoint.host_ifindex = netdev.link_index(endpoint.host_ifname) or 0
+                endpoint.identity = self._identities.for_labels(endpoint.labels)
+                self._identities.endpoint_up(endpoint.identity, endpoint.networks())
                 self._attach(endpoint)
                 self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
                 self._store.put(KIND, name, asdict(endpoint))
@@ -278,4 +297,4 @@ class Endpoints:
 
     @staticmethod
     def _info(endpoint: Endpoint) -> EndpointInfo:
-        return EndpointInfo(id=endpoint.id, identity=0, flags=0, pad=0)
+        return EndpointInfo(id=endpoint.id, identity=endpoint.identity, flags=0, pad=0)

@@ -19,9 +19,11 @@ from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
+from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
+from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -66,7 +68,12 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
         host_ifindex=endpoint.host_ifindex,
         mac=endpoint.mac,
         adopted=endpoint.adopted,
+        identity=endpoint.identity,
     )
+
+
+def identity_to_proto(info: IdentityInfo) -> pb.Identity:
+    return pb.Identity(id=info.id, labels=info.labels, prefixes=info.prefixes, owners=info.owners)
 
 
 def slot_to_proto(state: SlotState) -> pb.SlotState:
@@ -80,16 +87,27 @@ def slot_to_proto(state: SlotState) -> pb.SlotState:
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     def __init__(
-        self, worker: Worker, chain: Chain, endpoints: Endpoints, devices: Devices, events: EventHub
+        self,
+        worker: Worker,
+        chain: Chain,
+        endpoints: Endpoints,
+        devices: Devices,
+        events: EventHub,
+        identities: Identities,
+        conntrack: Conntrack,
     ) -> None:
         self._worker = worker
         self._devices = devices
-        self._watchers: set[asyncio.Queue[tuple[str, str]]] = set()
+        self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
         self._loop = asyncio.get_running_loop()
         endpoints.on_change(self.endpoint_changed)
         self._chain = chain
         self._endpoints = endpoints
         self._events = events
+        self._identities = identities
+        self._conntrack = conntrack
+        self._identity_watchers: set[asyncio.Queue[pb.IdentityUpdate]] = set()
+        identities.on_change(self.identities_changed)
 
     async def CreateEndpoint(
         self, request: pb.CreateEndpointRequest, context: Context    ) -> pb.Endpoint:
@@ -119,19 +137,73 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def WatchEndpoints(
         self, request: pb.WatchEndpointsRequest, context: Context
     ) -> AsyncIterator[pb.EndpointChange]:
-        queue: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
-        self._watchers.add(queue)
+        queue: asyncio.Queue[pb.EndpointChange] = asyncio.Queue()
+        self._watchers.add(queue)  # before the snapshot: a change meanwhile is sent (again) after it
         try:
+            if request.snapshot:
+                for endpoint in await self._worker.call(self._endpoints.all):
+                    yield pb.EndpointChange(kind="EXISTS", name=endpoint.name, endpoint=endpoint_to_proto(endpoint))
+                yield pb.EndpointChange(kind="SYNCED")
             while True:
-                kind, name = await queue.get()
-                yield pb.EndpointChange(kind=kind, name=name)
+                yield await queue.get()
         finally:
             self._watchers.discard(queue)
 
-    def endpoint_changed(self, kind: str, name: str) -> None:
+    def endpoint_changed(self, kind: str, endpoint: Endpoint) -> None:
         """From the worker thread: hand the change to every watcher on the loop."""
+        change = pb.EndpointChange(kind=kind, name=endpoint.name, endpoint=endpoint_to_proto(endpoint))
         for queue in list(self._watchers):
-            self._loop.call_soon_threadsafe(queue.put_nowait, (kind, name))
+            self._loop.call_soon_threadsafe(queue.put_nowait, change)
+
+    # ---- node state: identities, ipcache, conntrack ----
+
+    async def ListIdentities(
+        self, request: pb.ListIdentitiesRequest, context: Context
+    ) -> pb.ListIdentitiesResponse:
+        infos = await self._worker.call(self._identities.all)
+        return pb.ListIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
+
+    async def WatchIdentities(
+        self, request: pb.WatchIdentitiesRequest, context: Context
+    ) -> AsyncIterator[pb.IdentityUpdate]:
+        queue: asyncio.Queue[pb.IdentityUpdate] = asyncio.Queue()
+        self._identity_watchers.add(queue)  # before the snapshot, as in WatchEndpoints
+        try:
+            infos = await self._worker.call(self._identities.all)
+            yield pb.IdentityUpdate(snapshot=True, upserted=[identity_to_proto(i) for i in infos])
+            while True:
+                yield await queue.get()
+        finally:
+            self._identity_watchers.discard(queue)
+
+    def identities_changed(self, upserted: list[IdentityInfo], deleted: list[int]) -> None:
+        """From the worker thread: hand the change to every identity watcher on the loop."""
+        update = pb.IdentityUpdate(upserted=[identity_to_proto(i) for i in upserted], deleted=deleted)
+        for queue in list(self._identity_watchers):
+            self._loop.call_soon_threadsafe(queue.put_nowait, update)
+
+    async def AllocateCIDRIdentities(
+        self, request: pb.AllocateCIDRIdentitiesRequest, context: Context
+    ) -> pb.AllocateCIDRIdentitiesResponse:
+        networks = parse_cidrs(request.cidrs)
+        infos = await self._worker.call(
+            self._identities.allocate_cidrs, request.owner, networks, request.reserve_only
+        )
+        return pb.AllocateCIDRIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
+
+    async def ReleaseCIDRIdentities(
+        self, request: pb.ReleaseCIDRIdentitiesRequest, context: Context
+    ) -> pb.ReleaseCIDRIdentitiesResponse:
+        networks = parse_cidrs(request.cidrs)
+        await self._worker.call(self._identities.release_cidrs, request.owner, networks)
+        return pb.ReleaseCIDRIdentitiesResponse()
+
+    async def CollectConntrack(
+        self, request: pb.CollectConntrackRequest, context: Context
+    ) -> pb.CollectConntrackResponse:
+        return pb.CollectConntrackResponse(expired=await self._worker.call(self._conntrack.collect))
+
+    # ---- end of node state ----
 
     async def SetSlot(self, request: pb.SetSlotRequest, context: Context) -> pb.SlotState:
         hook = hook_from_proto(request.hook)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc.aio
@@ -19,7 +20,7 @@ from services.policy.defs import DEFAULT_POLICY_ENTRIES
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
-from services.policy.sources import OrchestratorEndpoints, host_addresses, watch_endpoints
+from services.policy.sources import Orchestrator, follow_endpoints, follow_identities
 
 SERVICE = "policy"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
@@ -31,61 +32,46 @@ def _flags(parser: argparse.ArgumentParser) -> None:
                         help="directory of the built BPF objects (default bpf/build)")
     parser.add_argument("--policy-entries", type=int, default=DEFAULT_POLICY_ENTRIES,
                         help=f"policy map entries per endpoint (default {DEFAULT_POLICY_ENTRIES})")
-    parser.add_argument("--refresh-seconds", type=float, default=1.0,
-                        help="how often endpoints are re-read from the orchestrator (default 1)")
-    parser.add_argument("--gc-seconds", type=float, default=10.0,
-                        help="how often expired conntrack entries are collected (default 10)")
 
 
-async def _background(worker: Worker, policy: Policy, refresh: float, gc: float) -> None:
-    """Follow endpoint changes and collect expired connections, forever."""
-    since_gc = 0.0
-    while True:
-        await asyncio.sleep(refresh)
-        since_gc += refresh
+def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Callable[..., Awaitable[None]]:
+    """A stream callback: apply the message on the worker; a failure is logged, the next message retries."""
+
+    async def on_change(*message: object) -> None:
         try:
-            changed = await worker.call(policy.refresh)
-            if changed:
-                log.info("endpoints recomputed", endpoints=changed)
-            if since_gc >= gc:
-                since_gc = 0.0
-                collected = await worker.call(policy.collect)
-                if collected:
-                    log.info("conntrack collected", expired=collected)
-        except WeirError as exc:
-            log.warning("refresh skipped", error=str(exc))
+            changed = await worker.call(apply, *message)
+        except (WeirError, OSError) as exc:
+            log.warning(f"{what}: recompute failed", error=str(exc))
+            return
+        if changed:
+            log.info(f"{what}: endpoints recomputed", endpoints=changed)
+
+    return on_change
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries)
-    endpoints = OrchestratorEndpoints(config.socket_path("orchestrator"))
+    orchestrator_socket = config.socket_path("orchestrator")
+    node = Orchestrator(orchestrator_socket)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:
         pb_grpc.add_PolicyServicer_to_server(PolicyServicer(worker, policy), server)
         return SERVICE_NAME
 
     async def background(worker: Worker, policy: Policy) -> None:
-        async def on_change() -> None:
-            try:
-                await worker.call(policy.refresh)
-            except WeirError as exc:
-                log.warning("refresh skipped", error=str(exc))
-
-        watch = asyncio.create_task(watch_endpoints(config.socket_path("orchestrator"), on_change))
-        try:
-            await _background(worker, policy, args.refresh_seconds, args.gc_seconds)
-        finally:
-            watch.cancel()
+        """Follow the node's endpoints and identities, forever (reconnecting after a restart)."""
+        await asyncio.gather(
+            follow_endpoints(orchestrator_socket, _follower(worker, policy.on_endpoints, "endpoints")),
+            follow_identities(orchestrator_socket, _follower(worker, policy.on_identities, "identities")),
+        )
 
     try:
-        await run_datapath_service(
-            SERVICE, config, lambda store: Policy(maps, store, endpoints, host_addresses), add_servicer, background
-        )
+        await run_datapath_service(SERVICE, config, lambda store: Policy(maps, store, node), add_servicer, background)
     finally:
-        endpoints.close()
+        node.close()
 
 
 if __name__ == "__main__":
-    node, arguments = NodeConfig.from_args(None, SERVICE, _flags)
-    setup_logging(SERVICE, node.log_level)
-    asyncio.run(main(node, arguments))
+    node_config, arguments = NodeConfig.from_args(None, SERVICE, _flags)
+    setup_logging(SERVICE, node_config.log_level)
+    asyncio.run(main(node_config, arguments))

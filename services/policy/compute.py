@@ -1,7 +1,8 @@
-"""From rules and endpoints to map contents: ipcache and per-endpoint policy maps.
+"""From rules, endpoints and identities to map contents: per-endpoint policy maps.
 
 Pure Python, no kernel: the same function gives what the service writes, what
 a restarted service compares the pinned maps with, and what `Trace` explains.
+Identities and the ipcache are the orchestrator's; they come in as data.
 
 An endpoint's policy map is a set of LPM entries keyed (direction, identity,
 protocol, port prefix). The datapath looks up the peer's identity first, then
@@ -133,32 +134,25 @@ def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int]]:
 
 
 class PolicyComputer:
-    """Rules + endpoints + identities -> ipcache and policy map contents."""
+    """Rules + endpoints + CIDR identities -> policy map contents.
+
+    `cidr_identities` are the node's CIDR identities (all of them: "world" and a
+    rule's CIDR select every CIDR identity inside it, whoever asked for it).
+    """
 
     def __init__(
         self,
         rules: Iterable[Rule],
         endpoints: Iterable[EndpointView],
         cidr_identities: dict[Network, int],
-        host_addresses: Iterable[Network],
         capacity: int,
     ) -> None:
         self.rules = sorted(rules, key=lambda r: r.name)
         self.endpoints = sorted(endpoints, key=lambda e: e.name)
         self.cidr_identities = cidr_identities
-        self.host_addresses = list(host_addresses)
         self.capacity = capacity
         self._cidrs = _CidrIndex(cidr_identities)
         self._by_selector: dict[object, set[int]] = {}
-
-    def ipcache(self) -> dict[Network, int]:
-        out: dict[Network, int] = dict(self.cidr_identities)
-        for address in self.host_addresses:
-            out[address] = ReservedIdentity.HOST
-        for ep in self.endpoints:
-            for address in ep.addresses():
-                out[address] = ep.identity
-        return out
 
     def _peer_identities(self, peer: PeerRule) -> frozenset[int] | None:
         if peer.any_peer or "all" in peer.entities:

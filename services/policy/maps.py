@@ -1,48 +1,32 @@
-"""The policy object's maps: ipcache, per-endpoint policy maps, config, conntrack.
+"""The policy object's maps: per-endpoint policy maps and config; conntrack for listing.
 
 `PolicyMaps` turns computed policy into map contents. An endpoint's policy
 map is rebuilt whole and swapped into `policy_maps` with one update, so a
-packet sees the old policy or the new one, never a mix. ipcache and conntrack
-are shared maps (pinned under globals/); the policy maps and enforcement flags
-are this service's own (pinned under policy/).
+packet sees the old policy or the new one, never a mix; `save` keeps the map an
+endpoint has now, so a failed change can swap it back with `restore`. The
+policy maps and enforcement flags are this service's own (pinned under
+policy/); the ipcache and conntrack are the node's (the orchestrator writes the
+ipcache and collects conntrack), read here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
-from services.common.datapath import CtKey, CtValue, IpcacheKey, IpcacheValue, Slot
+from services.common.datapath import CtKey, CtValue, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
-from services.prefilter.cidr import Network
 
 OWN_MAPS = ["policy_maps", "policy_config"]
 PROGRAMS = {"policy_egress": "calls_from_container", "policy_ingress": "calls_to_container"}
 BPF_F_NO_PREALLOC = 1
-AF_INET, AF_INET6 = 2, 10
-
-
-def ipcache_key(network: Network) -> IpcacheKey:
-    key = IpcacheKey()
-    key.family = AF_INET if network.version == 4 else AF_INET6
-    key.prefixlen = 32 + network.prefixlen
-    packed = network.network_address.packed
-    ctypes.memmove(key.addr, packed, len(packed))
-    return key
-
-
-def ipcache_network(key: IpcacheKey) -> Network:
-    size = 4 if key.family == AF_INET else 16
-    address = ipaddress.ip_address(bytes(key.addr)[:size])
-    return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
 
 
 def policy_key(entry: MapEntry) -> PolicyKey:
@@ -68,6 +52,19 @@ class ConntrackEntry:
     expires_in: float
 
 
+@dataclass
+class Saved:
+    """What an endpoint had before a change: its policy map (kept open) and its flags."""
+
+    inner: Map | None
+    flags: EndpointPolicyConfig | None
+
+    def close(self) -> None:
+        if self.inner is not None:
+            self.inner.close()
+            self.inner = None
+
+
 class PolicyMaps:
     """Owns the policy object, its programs in the chain and its maps."""
 
@@ -84,7 +81,7 @@ class PolicyMaps:
         """Load the programs (reusing this service's pins) and place them in their slots."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
         self._obj = obj
-        self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "ipcache", "conntrack"]}
+        self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "conntrack"]}
         self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
         for name, call_map in PROGRAMS.items():
             ProgArray(obj.maps[call_map]).set(Slot.POLICY, self.programs[name])
@@ -93,28 +90,6 @@ class PolicyMaps:
         if self._obj is not None:
             self._obj.close()
             self._obj = None
-
-    # ---- ipcache ----
-
-    def _ipcache(self) -> Map:
-        return self.maps["ipcache"].typed(IpcacheKey, IpcacheValue)
-
-    def read_ipcache(self) -> dict[Network, int]:
-        return {ipcache_network(k): int(v.identity) for k, v in self._ipcache().items()}
-
-    def write_ipcache(self, wanted: dict[Network, int], current: dict[Network, int] | None = None) -> None:
-        """Add and change first, remove last: an address never falls back to world in between.
-
-        `current` is what the map holds when the caller knows it; else the map is read.
-        """
-        ipcache = self._ipcache()
-        current = self.read_ipcache() if current is None else current
-        for network, identity in wanted.items():
-            if current.get(network) != identity:
-                ipcache.update(ipcache_key(network), IpcacheValue(identity, 0))
-        for network in current.keys() - wanted.keys():
-            with contextlib.suppress(KeyNotFoundError):
-                ipcache.delete(ipcache_key(network))
 
     # ---- endpoint policy ----
 
@@ -150,6 +125,26 @@ class PolicyMaps:
                 inner.update(policy_key(entry), value)
             self._outer().update(endpoint_id, inner.fd)
         config.update(endpoint_id, EndpointPolicyConfig(flags))
+
+    def save(self, endpoint_id: int) -> Saved:
+        """Hold on to what the endpoint has now (the caller closes it)."""
+        map_id = self._outer().lookup(endpoint_id)
+        inner = Map.from_id(map_id) if map_id else None
+        return Saved(inner, self._config().lookup(endpoint_id))
+
+    def restore(self, endpoint_id: int, saved: Saved) -> None:
+        """Put back what `save` held: flags off first, then the map, then the old flags."""
+        config = self._config()
+        if saved.inner is None or saved.flags is None:
+            self.remove(endpoint_id)
+            if saved.flags is not None:
+                config.update(endpoint_id, saved.flags)
+            return
+        current = config.lookup(endpoint_id)
+        if current is not None:
+            config.update(endpoint_id, EndpointPolicyConfig(int(current.flags) & int(saved.flags.flags)))
+        self._outer().update(endpoint_id, saved.inner.fd)
+        config.update(endpoint_id, saved.flags)
 
     def remove(self, endpoint_id: int) -> None:
         for m in (self._config(), self._outer()):
@@ -192,16 +187,6 @@ class PolicyMaps:
             if limit and len(out) >= limit:
                 break
         return out
-
-    def collect_conntrack(self) -> int:
-        """Delete expired entries; returns how many."""
-        now = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
-        ct = self.maps["conntrack"].typed(CtKey, CtValue)
-        expired = [key for key, value in ct.items() if int(value.expires) <= now]
-        for key in expired:
-            with contextlib.suppress(KeyNotFoundError):
-                ct.delete(key)
-        return len(expired)
 
 
 def config_flags(ingress: bool, egress: bool, audit: bool) -> int:

@@ -1,24 +1,37 @@
-"""Endpoint policy: rules in, identities, ipcache and per-endpoint maps out.
+"""Endpoint policy: rules in, per-endpoint maps out, from the node state it follows.
 
 `Policy` is the plain class behind the gRPC layer. It keeps the rules (and
-audit settings) in the state store, learns endpoints from the orchestrator
-through an injected function, computes every endpoint's policy with
-`PolicyComputer` and writes only the endpoints whose maps change. A change is
-computed completely (validation, map capacity) before anything is written.
+audit settings) in the state store. Endpoints and identities (with the ipcache)
+belong to the orchestrator: the service follows them through `on_endpoints` and
+`on_identities` (fed by watch streams in the background) and recomputes, so a
+request never waits for a refresh. CIDR identities for rules are allocated by
+the orchestrator.
+
+A rule change follows the one change protocol (services/common/change.py):
+validate, plan (compute every map and reserve new CIDR identities), then in one
+`Change` the store transaction, the map swaps (each recorded with the map it
+replaced) and the publication of new CIDRs in the ipcache; on any failure the
+maps are swapped back, the reservation released and the store rolled back.
+CIDRs no rule names any more are released after the commit; until then the maps
+keep their identities, which is correct for whichever address they still cover.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 from weir.policy.v1 import policy_pb2 as pb
 
+from services.common.change import Change, store_error
 from services.common.datapath import Direction
-from services.common.errors import InvalidArgument, NotFound, Unavailable
+from services.common.errors import InvalidArgument, NotFound, Unavailable, WeirError
 from services.common.store import Store
 from services.policy import rules as rules_mod
 from services.policy.compute import (
@@ -33,9 +46,9 @@ from services.policy.compute import (
     PolicyComputer,
     lpm_identity,
 )
-from services.policy.identities import Identities
-from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, config_flags
+from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import Rule
+from services.policy.sources import OWNER, IdentityView
 from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.policy")
@@ -43,12 +56,21 @@ log = structlog.get_logger("weir.policy")
 START_WAIT_SECONDS = 30.0
 RULE = "rule"
 AUDIT = "audit"
+OLD_IDENTITIES = "identity"  # identities this service allocated before the orchestrator owned them
 DEFAULT_PAGE_SIZE = 500
 MAX_PAGE_SIZE = 10_000
 
-Fetched = tuple[str, int, str, str, dict[str, str]]  # name, id, ipv4, ipv6, labels
-FetchEndpoints = Callable[[], list[Fetched]]
-HostAddresses = Callable[[], list[Network]]
+Signature = tuple[frozenset[tuple[MapEntry, bool]], int]
+
+
+class NodeState(Protocol):
+    """The orchestrator as policy uses it (services.policy.sources.Orchestrator)."""
+
+    def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]: ...
+
+    def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]: ...
+
+    def release(self, networks: Iterable[Network]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -62,114 +84,219 @@ class TraceResult:
 
 
 class Policy:
-    """Rules, identities and the policy maps of one node."""
+    """Rules and the policy maps of one node, computed from the node state it follows."""
 
-    def __init__(
-        self, maps: PolicyMaps, store: Store, fetch_endpoints: FetchEndpoints, host_addresses: HostAddresses
-    ) -> None:
+    def __init__(self, maps: PolicyMaps, store: Store, node: NodeState) -> None:
         self._maps = maps
         self._store = store
-        self._fetch = fetch_endpoints
-        self._host_addresses = host_addresses
-        self._identities = Identities(store)
+        self._node = node
         self._rules: dict[str, Rule] = {}
-        self._endpoints: list[EndpointView] = []
-        self._hosts: list[Network] = []
+        self._endpoints: dict[str, EndpointView] = {}
+        self._identities: dict[int, IdentityView] = {}
         self._computed: dict[int, EndpointPolicy] = {}
-        self._ipcache: dict[Network, int] = {}  # as last written to the map
-        self._written_ipcache = False  # until the first write, the map holds what a previous run left
-        self._seen: tuple[object, ...] = ()
-        self._installed: dict[int, tuple[frozenset[tuple[MapEntry, bool]], int]] = {}
+        self._installed: dict[int, Signature] = {}
+        self._seen: object = None
 
     # ---- life cycle ----
 
-    def start(self, wait_for_endpoints: float = START_WAIT_SECONDS) -> None:
-        """Load, then rebuild every endpoint's map from the persisted rules.
+    def start(self, wait_for_node: float = START_WAIT_SECONDS) -> None:
+        """Load, take the node's state, hold the CIDRs the rules name, rebuild every map.
 
-        Waits (up to `wait_for_endpoints` seconds) for the orchestrator to answer:
-        without its endpoint list the maps cannot be rebuilt, and guessing "no
-        endpoints" would throw every endpoint's policy away. The pinned maps keep
-        enforcing meanwhile.
+        Waits (up to `wait_for_node` seconds) for the orchestrator to answer; the
+        pinned maps keep enforcing meanwhile.
         """
         self._maps.load()
         self._rules = {name: rules_mod.from_stored(doc) for name, doc in self._store.items(RULE)}
-        deadline = time.monotonic() + wait_for_endpoints
+        deadline = time.monotonic() + wait_for_node
         while True:
             try:
-                self.refresh(force=True)
-                return
+                endpoints, identities = self._node.snapshot()
+                break
             except Unavailable:
                 if time.monotonic() > deadline:
                     raise
                 log.info("waiting for the orchestrator")
                 time.sleep(0.5)
+        self._endpoints = {e.name: e for e in endpoints}
+        self._identities = {i.id: i for i in identities}
+        wanted = self._rule_cidrs(self._rules.values())
+        self._learn_cidrs(self._node.allocate(wanted))
+        self._release(self._held() - wanted)
+        if self._store.keys(OLD_IDENTITIES):
+            with self._store.transaction():
+                self._store.clear(OLD_IDENTITIES)
+        self._recompute(force=True)
 
     def close(self) -> None:
         self._maps.close()
 
-    def refresh(self, force: bool = False) -> list[str]:
-        """Re-read endpoints and host addresses; if they changed, rewrite what that changes.
+    # ---- the node state it follows ----
 
-        Returns the endpoints whose maps were rewritten. Cheap when nothing changed,
-        so it can run every second whatever the number of rules.
-        """
-        fetched = self._fetch()
-        hosts = self._host_addresses()
-        seen = (tuple((n, i, a, b, tuple(sorted(lab.items()))) for n, i, a, b, lab in fetched), tuple(hosts))
+    def on_endpoints(self, snapshot: bool, upserted: list[EndpointView], deleted: list[str]) -> list[str]:
+        """An endpoint stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
+        if snapshot:
+            self._endpoints = {}
+        for name in deleted:
+            self._endpoints.pop(name, None)
+        self._endpoints.update({e.name: e for e in upserted})
+        return self._recompute()
+
+    def on_identities(self, snapshot: bool, upserted: list[IdentityView], deleted: list[int]) -> list[str]:
+        """An identity stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
+        if snapshot:
+            self._identities = {}
+        for identity in deleted:
+            self._identities.pop(identity, None)
+        self._identities.update({i.id: i for i in upserted})
+        return self._recompute()
+
+    def _cidr_ids(self) -> dict[Network, int]:
+        return {cidr: i.id for i in self._identities.values() if (cidr := i.cidr) is not None}
+
+    def _held(self) -> set[Network]:
+        return {cidr for i in self._identities.values() if OWNER in i.owners and (cidr := i.cidr) is not None}
+
+    def _ipcache(self) -> dict[Network, int]:
+        return {prefix: i.id for i in self._identities.values() for prefix in i.prefixes}
+
+    @staticmethod
+    def _rule_cidrs(rules: Iterable[Rule]) -> set[Network]:
+        return {n for rule in rules for n in rule.cidrs()}
+
+    def _learn_cidrs(self, allocated: dict[Network, int]) -> None:
+        """What an allocation answered, until the identity stream says the same."""
+        for network, identity in allocated.items():
+            known = self._identities.get(identity)
+            prefixes = known.prefixes if known else ()
+            owners = (known.owners if known else frozenset()) | {OWNER}
+            self._identities[identity] = IdentityView(identity, f"cidr:{network}", prefixes, owners)
+
+    def _release(self, networks: set[Network]) -> None:
+        if not networks:
+            return
+        self._node.release(networks)
+        for identity, view in list(self._identities.items()):
+            if view.cidr in networks:
+                owners = view.owners - {OWNER}
+                if owners:
+                    self._identities[identity] = IdentityView(identity, view.text, view.prefixes, owners)
+                else:
+                    del self._identities[identity]
+
+    def _recompute(self, force: bool = False) -> list[str]:
+        """Bring every endpoint's map in line with the state followed; cheap when nothing changed."""
+        cidrs = self._cidr_ids()
+        seen = self._inputs(cidrs)
         if seen == self._seen and not force:
             return []
-        self._endpoints = self._endpoint_views(fetched)
-        self._hosts = hosts
-        changed = self._apply(self._rules, force)
-        self._seen = seen
-        return changed
-
-    def _endpoint_views(self, fetched: list[Fetched] | None = None) -> list[EndpointView]:
-        return [
-            EndpointView(name, ep_id, v4, v6, labels, self._identities.for_labels(labels))
-            for name, ep_id, v4, v6, labels in (self._fetch() if fetched is None else fetched)
-        ]
-
-    def _cidr_identities(self, rules: Iterable[Rule]) -> dict[Network, int]:
-        return {n: self._identities.for_cidr(n) for rule in rules for n in rule.cidrs()}
-
-    def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
-        return PolicyComputer(rules, self._endpoints, cidrs, self._hosts, self._maps.capacity)
-
-    def _apply(self, rules: dict[str, Rule], force: bool = False, changed_rules: Iterable[Rule] = ()) -> list[str]:
-        """Compute, then write: maps first (with old and new CIDR identities), ipcache, final maps.
-
-        With `changed_rules` (and the same CIDR identities as before), only the
-        endpoints those rules select are recomputed: nothing else can change.
-        """
-        old_cidrs = {n: i for n, i in self._cidr_identities(self._rules.values()).items()}
-        try:
-            new_cidrs = self._cidr_identities(rules.values())
-            computer = self._computer(rules.values(), new_cidrs)
-            affected = self._affected(list(changed_rules)) if new_cidrs.keys() == old_cidrs.keys() else None
-            if affected is None or force:
-                final = computer.all()
-            else:
-                final = {**self._computed, **{ep.id: computer.endpoint(ep) for ep in affected}}
-        except Exception:
-            self._identities.release_cidrs(set(old_cidrs))
-            raise
-        changed: set[str] = set()
-        removed_cidrs = old_cidrs.keys() - new_cidrs.keys()
-        if removed_cidrs and not force:
-            transition = self._computer(rules.values(), {**old_cidrs, **new_cidrs}).all()
-            changed |= self._install(transition, force)
-        changed |= self._install(final, force)
-        ipcache = computer.ipcache()
-        self._maps.write_ipcache(ipcache, self._ipcache if self._written_ipcache else None)
-        self._ipcache, self._written_ipcache = ipcache, True
-        self._identities.release_cidrs(set(new_cidrs))
-        self._identities.flush()
-        for stale in self._maps.endpoint_ids() - set(final):
+        policies = self._computer(self._rules.values(), cidrs).all()
+        with self._changing(None) as (change, holds):
+            changed = self._install(policies, change, holds, force)
+        for stale in self._maps.endpoint_ids() - set(policies):
             self._maps.remove(stale)
             self._installed.pop(stale, None)
-        self._computed = final
+        self._computed = policies
+        self._seen = seen
         return sorted(changed)
+
+    def _inputs(self, cidrs: dict[Network, int]) -> object:
+        """What the maps were computed from, besides the rules (a stream message that changes
+        none of it, such as a new prefix of a known identity, recomputes nothing)."""
+        endpoints = sorted((e.name, e.id, e.ipv4, e.ipv6, e.identity, tuple(sorted(e.labels.items())))
+                           for e in self._endpoints.values())  # fmt: skip
+        return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
+
+    def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
+        return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity)
+
+    @contextlib.contextmanager
+    def _changing(self, store: Store | None) -> Iterator[tuple[Change, list[Saved]]]:
+        """A Change, and the replaced maps it holds for undo (closed when it is over)."""
+        holds: list[Saved] = []
+        try:
+            with Change(store) as change:
+                yield change, holds
+        finally:
+            for saved in holds:
+                saved.close()
+
+    def _install(
+        self, policies: dict[int, EndpointPolicy], change: Change, holds: list[Saved], force: bool = False
+    ) -> set[str]:
+        """Swap in every map that changes, each recorded in `change` with the map it replaced."""
+        changed = set()
+        before = dict(self._installed)
+        change.on_failure(lambda: self._reset_installed(before))
+        for ep_id, policy in policies.items():
+            flags = config_flags(policy.ingress_enforced, policy.egress_enforced, self._audit(policy.endpoint.name))
+            signature = (frozenset((e, e.deny) for e in policy.entries), flags)
+            if not force and self._installed.get(ep_id) == signature:
+                continue
+            saved = self._maps.save(ep_id)
+            holds.append(saved)
+            change.apply(self._installer(ep_id, policy, flags), undo=self._restorer(ep_id, saved))
+            self._installed[ep_id] = signature
+            changed.add(policy.endpoint.name)
+        return changed
+
+    def _installer(self, endpoint_id: int, policy: EndpointPolicy, flags: int) -> Callable[[], None]:
+        return lambda: self._maps.install(endpoint_id, policy.entries, flags)
+
+    def _restorer(self, endpoint_id: int, saved: Saved) -> Callable[[], None]:
+        return lambda: self._maps.restore(endpoint_id, saved)
+
+    def _reset_installed(self, before: dict[int, Signature]) -> None:
+        self._installed = before
+
+    def _change_rules(
+        self, rules: dict[str, Rule], changed_rules: list[Rule], write_store: Callable[[], int]
+    ) -> tuple[int, list[str]]:
+        """The change protocol for a new rule set; returns (revision, endpoints rewritten)."""
+        wanted, held = self._rule_cidrs(rules.values()), self._held()
+        added, removed = wanted - held, held - wanted
+        reserved = self._node.allocate(added, reserve_only=True) if added else {}
+        try:
+            computer = self._computer(rules.values(), {**self._cidr_ids(), **reserved})
+            affected = None if added or removed else self._affected(changed_rules)
+            if affected is None:
+                policies = computer.all()
+            else:
+                policies = {**self._computed, **{ep.id: computer.endpoint(ep) for ep in affected}}
+            with self._changing(self._store) as (change, holds):
+                try:
+                    revision = write_store()
+                except sqlite3.Error as exc:
+                    raise store_error(exc, self._store.path) from exc
+                changed = self._install(policies, change, holds)
+                if added:
+                    change.apply(lambda: self._node.allocate(added), undo=lambda: self._node.release(added))
+        except BaseException:
+            if added:
+                self._release_quietly(added)
+            raise
+        self._rules = rules
+        self._computed = policies
+        self._learn_cidrs(reserved)
+        self._seen = self._inputs(self._cidr_ids())
+        if removed:
+            try:
+                self._release(removed)
+                final = self._computer(rules.values(), self._cidr_ids()).all()
+                with self._changing(None) as (change, holds):
+                    changed |= self._install(final, change, holds)
+                self._computed = final
+                self._seen = self._inputs(self._cidr_ids())
+            except WeirError as exc:
+                log.warning("CIDR identities kept until the next change", cidrs=sorted(map(str, removed)),
+                            error=str(exc))
+        return revision, sorted(changed)
+
+    def _release_quietly(self, networks: set[Network]) -> None:
+        try:
+            self._node.release(networks)
+        except WeirError as exc:
+            log.warning("reserved CIDR identities not released; the next change releases them",
+                        cidrs=sorted(map(str, networks)), error=str(exc))
 
     def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
         """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
@@ -177,23 +304,11 @@ class Policy:
             return (ep.id, ep.name, ep.identity, ep.ipv4, ep.ipv6, tuple(sorted(ep.labels.items())))
 
         computed_for = {view(p.endpoint) for p in self._computed.values()}
-        if not changed_rules or computed_for != {view(ep) for ep in self._endpoints}:
+        if not changed_rules or computed_for != {view(ep) for ep in self._endpoints.values()}:
             return None  # the endpoints changed too: every peer set may have
         selectors = [r.selector for r in changed_rules]
         selectors += [self._rules[r.name].selector for r in changed_rules if r.name in self._rules]
-        return [ep for ep in self._endpoints if any(sel.matches(ep.labels) for sel in selectors)]
-
-    def _install(self, policies: dict[int, EndpointPolicy], force: bool) -> set[str]:
-        changed = set()
-        for ep_id, policy in policies.items():
-            flags = config_flags(policy.ingress_enforced, policy.egress_enforced, self._audit(policy.endpoint.name))
-            signature = (frozenset((e, e.deny) for e in policy.entries), flags)
-            if not force and self._installed.get(ep_id) == signature:
-                continue
-            self._maps.install(ep_id, policy.entries, flags)
-            self._installed[ep_id] = signature
-            changed.add(policy.endpoint.name)
-        return changed
+        return [ep for ep in self._endpoints.values() if any(sel.matches(ep.labels) for sel in selectors)]
 
     # ---- rules ----
 
@@ -214,12 +329,12 @@ class Policy:
             if rule.name in parsed:
                 raise InvalidArgument(f"rule {rule.name} is given twice")
             parsed[rule.name] = rule
-        self._endpoints = self._endpoint_views()
-        changed = self._apply({**self._rules, **parsed}, changed_rules=parsed.values())
-        with self._store.transaction():
+
+        def write() -> int:
             self._store.put_many(RULE, ((r.name, r.source) for r in parsed.values()))
-            revision = self._store.bump_revision(RULE)
-        self._rules.update(parsed)
+            return self._store.bump_revision(RULE)
+
+        revision, changed = self._change_rules({**self._rules, **parsed}, list(parsed.values()), write)
         log.info("rules imported", rules=sorted(parsed), endpoints=changed, revision=revision)
         return revision, changed
 
@@ -231,11 +346,13 @@ class Policy:
             if name not in self._rules:
                 raise NotFound(f"rule {name!r} does not exist")
         remaining = {n: r for n, r in self._rules.items() if n not in wanted}
-        changed = self._apply(remaining, changed_rules=[self._rules[n] for n in wanted])
-        with self._store.transaction():
+
+        def write() -> int:
             self._store.delete_many(RULE, wanted)
-            revision = self._store.bump_revision(RULE)
-        self._rules = remaining
+            return self._store.bump_revision(RULE)
+
+        revision, changed = self._change_rules(remaining, [self._rules[n] for n in wanted], write)
+        log.info("rules deleted", rules=sorted(wanted), endpoints=changed, revision=revision)
         return revision, changed
 
     def list_rules(self, page_size: int = 0, page_token: str = "") -> tuple[list[Rule], str, int]:
@@ -253,34 +370,34 @@ class Policy:
     # ---- endpoints ----
 
     def _endpoint(self, name: str) -> EndpointView:
-        for ep in self._endpoints:
-            if ep.name == name:
-                return ep
-        self.refresh()
-        for ep in self._endpoints:
-            if ep.name == name:
-                return ep
-        raise NotFound(f"endpoint {name!r} does not exist")
+        ep = self._endpoints.get(name)
+        if ep is None or ep.id not in self._computed:
+            raise NotFound(
+                f"endpoint {name!r} is not known to the policy service; it follows the orchestrator's "
+                "endpoints, so a just-created endpoint appears within moments"
+            )
+        return ep
 
     def _audit(self, name: str) -> bool:
         doc = self._store.get(AUDIT, name)
         return bool(doc and doc.get("audit"))
 
     def set_audit(self, name: str, audit: bool) -> None:
-        self._endpoint(name)
-        if audit:
-            self._store.put(AUDIT, name, {"audit": True})
-        else:
-            self._store.delete(AUDIT, name)
-        self._apply(self._rules)
+        ep = self._endpoint(name)
+        with self._changing(self._store) as (change, holds):
+            try:
+                if audit:
+                    self._store.put(AUDIT, name, {"audit": True})
+                else:
+                    self._store.delete(AUDIT, name)
+            except sqlite3.Error as exc:
+                raise store_error(exc, self._store.path) from exc
+            self._install({ep.id: self._computed[ep.id]}, change, holds)
 
     def endpoint_policy(self, name: str) -> tuple[EndpointPolicy, bool, dict[MapEntry, Hits]]:
         """The computed policy, the audit flag and each entry's hit counters from the map."""
         ep = self._endpoint(name)
-        policy = self._computed.get(ep.id)
-        if policy is None:
-            self.refresh()
-            policy = self._computed[ep.id]
+        policy = self._computed[ep.id]
         in_map = self._maps.read(ep.id)
         hits = {}
         for entry in policy.entries:
@@ -289,10 +406,10 @@ class Policy:
         return policy, self._audit(name), hits
 
     def identities(self) -> list[tuple[int, str, list[str]]]:
-        prefixes: dict[int, list[str]] = {}
-        for network, identity in self._ipcache.items():
-            prefixes.setdefault(identity, []).append(str(network))
-        return [(i, text, sorted(prefixes.get(i, []))) for i, text in sorted(self._identities.labels_of().items())]
+        """The node's identities as last streamed: (id, labels text, ipcache prefixes)."""
+        return [
+            (i, view.text, sorted(str(p) for p in view.prefixes)) for i, view in sorted(self._identities.items())
+        ]
 
     # ---- trace ----
 
@@ -311,14 +428,14 @@ class Policy:
         if port > (255 if proto_name == "ICMP" else 65535):
             raise InvalidArgument(f"trace: port {port} is out of range")
         proto = protos[proto_name]
-        self.refresh()
-        src_id, dst_id = lpm_identity(self._ipcache, source), lpm_identity(self._ipcache, destination)
+        ipcache = self._ipcache()
+        src_id, dst_id = lpm_identity(ipcache, source), lpm_identity(ipcache, destination)
         steps: list[str] = []
         deciding: list[str] = []
         allowed = True
         for address, direction, peer in ((source, Direction.EGRESS, dst_id), (destination, Direction.INGRESS, src_id)):
-            ep = next((e for e in self._endpoints if address in (e.ipv4, e.ipv6)), None)
-            if ep is None:
+            ep = next((e for e in self._endpoints.values() if address in (e.ipv4, e.ipv6)), None)
+            if ep is None or ep.id not in self._computed:
                 continue
             policy = self._computed[ep.id]
             where = f"{direction.name.lower()} of {ep.name}"
@@ -344,10 +461,8 @@ class Policy:
     # ---- conntrack ----
 
     def conntrack(self, limit: int = 0) -> list[ConntrackEntry]:
+        """The node's conntrack entries (the orchestrator collects expired ones)."""
         return self._maps.conntrack(limit)
-
-    def collect(self) -> int:
-        return self._maps.collect_conntrack()
 
 
 def protocol_name(proto: int) -> str:

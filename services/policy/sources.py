@@ -1,42 +1,85 @@
-"""Where the policy service learns about the node: endpoints and host addresses.
+"""What the policy service learns from the orchestrator, which owns the node's state.
 
-Endpoints come from the orchestrator over its unix socket; a failure raises
-(Unavailable) instead of answering "no endpoints", so a restarting
-orchestrator never makes the policy service drop everyone's policy.
+Endpoints and identities (with the ipcache prefixes of each) arrive on two watch streams
+that start with a snapshot; `follow` keeps them open in the background and hands every
+message to the service, so no request ever waits for the orchestrator to refresh them.
+Two things are asked for directly: a snapshot at start (the maps cannot be rebuilt before
+it, and guessing "no endpoints" would throw every endpoint's policy away), and the
+identities of CIDRs that rules name (allocated by the orchestrator). A failure raises
+Unavailable instead of answering "nothing".
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import grpc.aio
-from pyroute2 import IPRoute
+import structlog
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from services.common.errors import Unavailable
+from services.policy.compute import EndpointView
 from services.prefilter.cidr import Network
 
+log = structlog.get_logger("weir.policy")
+
+OWNER = "policy"
+CIDR_LABEL = "cidr:"
 PAGE = 1000
 TIMEOUT = 5.0
-RECONNECT_SECONDS = 1.0
+RECONNECT_SECONDS = 0.5
 
 
-class OrchestratorEndpoints:
-    """Fetches the node's endpoints: (name, id, ipv4, ipv6, labels) tuples."""
+def endpoint_view(msg: orch_pb.Endpoint) -> EndpointView:
+    return EndpointView(msg.name, msg.id, msg.ipv4, msg.ipv6, dict(msg.labels), msg.identity)
+
+
+@dataclass(frozen=True)
+class IdentityView:
+    """An identity as policy needs it: its text, the prefixes mapping to it, who holds it."""
+
+    id: int
+    text: str
+    prefixes: tuple[Network, ...]
+    owners: frozenset[str] = field(default_factory=frozenset)
+
+    @property
+    def cidr(self) -> Network | None:
+        if self.text.startswith(CIDR_LABEL):
+            return ipaddress.ip_network(self.text.removeprefix(CIDR_LABEL))
+        return None
+
+
+def identity_view(msg: orch_pb.Identity) -> IdentityView:
+    return IdentityView(
+        msg.id, ",".join(msg.labels), tuple(ipaddress.ip_network(p) for p in msg.prefixes), frozenset(msg.owners)
+    )
+
+
+def _unavailable(socket: Path, exc: grpc.RpcError) -> Unavailable:
+    code = exc.code()
+    details = exc.details()
+    return Unavailable(f"the orchestrator at {socket} does not answer ({code.name}: {details}); retry when it is up")
+
+
+class Orchestrator:
+    """Blocking calls to the orchestrator, for start-up and CIDR identities."""
 
     def __init__(self, socket_path: Path) -> None:
         self._socket = socket_path
         self._channel = grpc.insecure_channel(f"unix://{socket_path}")
         self._stub = orch_grpc.OrchestratorStub(self._channel)
 
-    def __call__(self) -> list[tuple[str, int, str, str, dict[str, str]]]:
-        out = []
+    def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]:
+        """Every endpoint and identity now."""
+        endpoints: list[EndpointView] = []
         token = ""
         try:
             while True:
@@ -44,36 +87,80 @@ class OrchestratorEndpoints:
                     orch_pb.ListEndpointsRequest(page=common_pb2.PageRequest(page_size=PAGE, page_token=token)),
                     timeout=TIMEOUT,
                 )
-                out += [(e.name, e.id, e.ipv4, e.ipv6, dict(e.labels)) for e in reply.endpoints]
+                endpoints += [endpoint_view(e) for e in reply.endpoints]
                 token = reply.next_page_token
                 if not token:
-                    return out
+                    break
+            identities = self._stub.ListIdentities(orch_pb.ListIdentitiesRequest(), timeout=TIMEOUT).identities
         except grpc.RpcError as exc:
-            raise Unavailable(f"the orchestrator at {self._socket} does not answer: {exc.code().name}") from None
+            raise _unavailable(self._socket, exc) from None
+        return endpoints, [identity_view(i) for i in identities]
+
+    def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
+        """The identities of these CIDRs, held by the policy service (idempotent)."""
+        wanted = sorted(set(networks), key=str)
+        if not wanted:
+            return {}
+        request = orch_pb.AllocateCIDRIdentitiesRequest(
+            owner=OWNER, cidrs=[str(n) for n in wanted], reserve_only=reserve_only
+        )
+        try:
+            reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            raise _unavailable(self._socket, exc) from None
+        return {ipaddress.ip_network(i.labels[0].removeprefix(CIDR_LABEL)): i.id for i in reply.identities}
+
+    def release(self, networks: Iterable[Network]) -> None:
+        wanted = sorted(set(networks), key=str)
+        if not wanted:
+            return
+        try:
+            self._stub.ReleaseCIDRIdentities(
+                orch_pb.ReleaseCIDRIdentitiesRequest(owner=OWNER, cidrs=[str(n) for n in wanted]), timeout=TIMEOUT
+            )
+        except grpc.RpcError as exc:
+            raise _unavailable(self._socket, exc) from None
 
     def close(self) -> None:
         self._channel.close()
 
 
-def host_addresses() -> list[Network]:
-    """Every address of this (the node's) network namespace, as host routes."""
-    with IPRoute() as ipr:
-        addresses = [str(a.get("address")) for a in ipr.get_addr()]
-    return [ipaddress.ip_network(a) for a in addresses if a and a != "None"]
+OnEndpoints = Callable[[bool, list[EndpointView], list[str]], Awaitable[object]]
+OnIdentities = Callable[[bool, list[IdentityView], list[int]], Awaitable[object]]
 
 
-async def watch_endpoints(socket_path: Path, on_change: Callable[[], Awaitable[object]]) -> None:
-    """Call on_change whenever the orchestrator creates or deletes an endpoint, forever.
+async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
+    """on_change(snapshot, upserted, deleted names) for every endpoint change, forever.
 
-    The stream is re-opened after an error (the orchestrator restarting); the
-    periodic refresh covers whatever happens while it is down.
+    The first call after each (re)connection carries the whole set (snapshot=True).
     """
     while True:
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
                 stub = orch_grpc.OrchestratorStub(channel)
-                async for _ in stub.WatchEndpoints(orch_pb.WatchEndpointsRequest()):
-                    await on_change()
-        except grpc.RpcError:
-            pass
+                pending: list[EndpointView] = []
+                async for change in stub.WatchEndpoints(orch_pb.WatchEndpointsRequest(snapshot=True)):
+                    if change.kind == "EXISTS":
+                        pending.append(endpoint_view(change.endpoint))
+                    elif change.kind == "SYNCED":
+                        await on_change(True, pending, [])
+                    elif change.kind == "DELETED":
+                        await on_change(False, [], [change.name])
+                    else:
+                        await on_change(False, [endpoint_view(change.endpoint)], [])
+        except grpc.RpcError as exc:
+            log.info("endpoint stream interrupted; reconnecting", code=exc.code().name)
+        await asyncio.sleep(RECONNECT_SECONDS)
+
+
+async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
+    """on_change(snapshot, upserted, deleted ids) for every identity change, forever."""
+    while True:
+        try:
+            async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
+                stub = orch_grpc.OrchestratorStub(channel)
+                async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest()):
+                    await on_change(update.snapshot, [identity_view(i) for i in update.upserted], list(update.deleted))
+        except grpc.RpcError as exc:
+            log.info("identity stream interrupted; reconnecting", code=exc.code().name)
         await asyncio.sleep(RECONNECT_SECONDS)

@@ -54,9 +54,22 @@ def cluster(make_node: Callable[..., Node]) -> Cluster:
         node.create_endpoint("backend", {"app": "backend"}),
         node.create_endpoint("db", {"app": "db", "tier": "data"}),
     )
-    for ep in (c.frontend, c.backend, c.db):  # the policy service has seen them all
-        c.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=ep.name), timeout=10)
+    known(c.policy, c.frontend, c.backend, c.db)
     return c
+
+
+def known(stub: pb_grpc.PolicyStub, *endpoints: orch_pb.Endpoint, timeout: float = 5.0) -> None:
+    """Wait until the policy service has followed these endpoints from the orchestrator's stream."""
+    deadline = time.monotonic() + timeout
+    for ep in endpoints:
+        while True:
+            try:
+                stub.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=ep.name), timeout=5)
+                break
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
 
 def sel(**labels: str) -> pb.EndpointSelector:
@@ -275,6 +288,7 @@ def test_bad_input_is_refused_and_policy_unchanged(make_node: Callable[..., Node
     fe = node.create_endpoint("frontend", {"app": "frontend"})
     be = node.create_endpoint("backend", {"app": "backend"})
     s = pb_grpc.PolicyStub(node.channel("policy"))
+    known(s, fe, be)
     s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
     before = (s.ListRules(pb.ListRulesRequest()), _pinned_policy(node, be.id))
 
@@ -336,11 +350,13 @@ def test_grpcurl_imports_json_and_reads_the_policy_map(cluster: Cluster) -> None
 
 
 def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node: Callable[..., Node]) -> None:
-    node = make_node("orchestrator")
-    node.start("policy", "--gc-seconds", "0.5", "--refresh-seconds", "0.25")
+    node = make_node()
+    node.start("orchestrator", "--ct-gc-seconds", "0.5")
+    node.start("policy")
     fe = node.create_endpoint("frontend", {"app": "frontend"})
     be = node.create_endpoint("backend", {"app": "backend"})
     s = pb_grpc.PolicyStub(node.channel("policy"))
+    known(s, fe, be)
     s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
     _server_ns.update({be.ipv4: be.netns, fe.ipv4: fe.netns})
     events = node.orchestrator().WatchEvents(orch_pb.WatchEventsRequest(types=["DROP"]), timeout=20)
@@ -358,7 +374,7 @@ def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node:
     assert {e.direction for e in allowed} == {common_pb2.DIRECTION_EGRESS, common_pb2.DIRECTION_INGRESS}
     assert all("REPLY_SEEN" in e.flags and e.packets >= 3 for e in allowed)
 
-    # An entry whose time is up is collected by the service.
+    # An entry whose time is up is collected by the orchestrator, which owns conntrack.
     with Map.from_pin(node.bpffs_root / "globals/conntrack", key_type=CtKey, value_type=CtValue) as ct:
         stale = CtKey(proto=17, family=2, dir=0)
         stale.saddr[:4] = [203, 0, 113, 50]
@@ -373,7 +389,7 @@ def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node:
 def test_a_new_endpoint_gets_its_policy_at_once(make_node: Callable[..., Node]) -> None:
     """The policy service follows the orchestrator's endpoint changes as they happen (no polling)."""
     node = make_node("orchestrator")
-    node.start("policy", "--refresh-seconds", "3600")
+    node.start("policy")
     s = pb_grpc.PolicyStub(node.channel("policy"))
     s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
     be = node.create_endpoint("backend", {"app": "backend"})
@@ -406,5 +422,6 @@ def test_policy_started_before_the_orchestrator_waits_for_it(make_node: Callable
     assert node.serving("policy")
     be = node.create_endpoint("backend", {"app": "backend"})
     s = pb_grpc.PolicyStub(node.channel("policy"))
+    known(s, be)
     s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
     assert s.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=be.name)).ingress_enforced

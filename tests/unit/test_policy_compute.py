@@ -24,7 +24,7 @@ def sel(**labels: str) -> pb.EndpointSelector:
 def computer(*rules: pb.Rule, capacity: int = 1000) -> PolicyComputer:
     parsed = [from_proto(r) for r in rules]
     cidrs = {n: 1 << 24 | i for i, n in enumerate(sorted({c for r in parsed for c in r.cidrs()}, key=str))}
-    return PolicyComputer(parsed, [WEB, DB, CLIENT], cidrs, [ipaddress.ip_network("192.0.2.1/32")], capacity)
+    return PolicyComputer(parsed, [WEB, DB, CLIENT], cidrs, capacity)
 
 
 @pytest.mark.parametrize(
@@ -91,7 +91,9 @@ def test_cidr_except_and_world() -> None:
         pb.PeerRule(cidrs=[pb.CidrRule(cidr="203.0.113.0/24", **{"except": ["203.0.113.8/32"]})]),
     ])
     c = computer(rule)
-    ipcache = c.ipcache()
+    # the ipcache as the orchestrator writes it: CIDR identities, the host, endpoints
+    ipcache = {**c.cidr_identities, ipaddress.ip_network("192.0.2.1/32"): ReservedIdentity.HOST}
+    ipcache |= {ipaddress.ip_network(ep.ipv4): ep.identity for ep in (WEB, DB, CLIENT)}
     allowed_id, except_id = lpm_identity(ipcache, "203.0.113.7"), lpm_identity(ipcache, "203.0.113.8")
     assert allowed_id != except_id and lpm_identity(ipcache, "198.51.100.9") == ReservedIdentity.WORLD
     web = c.endpoint(WEB)

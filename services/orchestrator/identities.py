@@ -1,0 +1,296 @@
+"""Security identities of the node, and what the ipcache says about each address.
+
+The orchestrator allocates every identity, as Cilium's agent does: a label identity when
+an endpoint is created (the same label set always gets the same number; they are kept in
+the store, so a restart changes nothing), CIDR identities when a service asks for the
+CIDRs its rules name (held per owner, freed when no owner holds them), and the reserved
+host and world identities. Numbers follow the datapath contract: labels from
+FIRST_LABEL_IDENTITY, CIDRs from FIRST_CIDR_IDENTITY.
+
+The ipcache follows from three sources, in this order of precedence for one prefix: an
+endpoint's address, a host address, a published CIDR. A CIDR can be reserved before it
+is published, so its holder installs maps that know the new number before any address
+maps to it. Every change is reported to listeners (the watch streams) as identities
+upserted and deleted.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from services.common.change import Change
+from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
+from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.store import Store
+from services.orchestrator.ipcache import Ipcache
+from services.prefilter.cidr import Network
+
+KIND = "identity"
+CIDR_PREFIX = "cidr:"
+MAX_LABEL_IDENTITY = FIRST_CIDR_IDENTITY - 1
+MAX_CIDR_IDENTITY = (1 << 32) - 1
+MAX_CIDRS_PER_CALL = 100_000
+OWNER_RE = re.compile(r"^[a-z0-9][-a-z0-9.]{0,62}$")
+RESERVED = {int(ReservedIdentity.HOST): "reserved:host", int(ReservedIdentity.WORLD): "reserved:world"}
+
+
+def label_key(labels: dict[str, str]) -> str:
+    """Canonical text of a label set: sorted k=v, comma-separated."""
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def cidr_key(network: Network) -> str:
+    return f"{CIDR_PREFIX}{network}"
+
+
+@dataclass(frozen=True)
+class IdentityInfo:
+    """An identity as the API shows it: what it stands for and where the ipcache uses it."""
+
+    id: int
+    labels: tuple[str, ...]
+    prefixes: tuple[str, ...]
+    owners: tuple[str, ...]
+
+
+Listener = Callable[[list[IdentityInfo], list[int]], None]
+
+
+@dataclass
+class _State:
+    """The in-memory state a failed change puts back."""
+
+    by_key: dict[str, int]
+    owners: dict[str, frozenset[str]]
+    published: dict[Network, int]
+
+
+def parse_cidrs(texts: Iterable[str]) -> list[Network]:
+    out = []
+    for text in texts:
+        try:
+            out.append(ipaddress.ip_network(text))
+        except ValueError as exc:
+            raise InvalidArgument(f"CIDR {text!r} is invalid: {exc}") from None
+    if len(out) > MAX_CIDRS_PER_CALL:
+        raise InvalidArgument(f"{len(out)} CIDRs in one call; at most {MAX_CIDRS_PER_CALL}")
+    return out
+
+
+class Identities:
+    """Allocates identities and keeps the ipcache in line with endpoints, hosts and CIDRs."""
+
+    def __init__(self, store: Store, ipcache: Ipcache) -> None:
+        self._store = store
+        self._ipcache = ipcache
+        self._by_key: dict[str, int] = {}
+        self._owners: dict[str, frozenset[str]] = {}
+        self._published: dict[Network, int] = {}
+        for key, doc in store.items(KIND):
+            self._by_key[key] = int(doc["id"])
+            if key.startswith(CIDR_PREFIX):
+                self._owners[key] = frozenset(doc.get("owners", []))
+                if doc.get("published"):
+                    self._published[ipaddress.ip_network(key.removeprefix(CIDR_PREFIX))] = int(doc["id"])
+        self._endpoints: dict[Network, int] = {}
+        self._hosts: set[Network] = set()
+        self._listeners: list[Listener] = []
+
+    def on_change(self, listener: Listener) -> None:
+        """Call listener(upserted, deleted ids) after every change (on the caller's thread)."""
+        self._listeners.append(listener)
+
+    # ---- queries ----
+
+    def _text(self) -> dict[int, str]:
+        out = dict(RESERVED)
+        out.update({i: key for key, i in self._by_key.items()})
+        return out
+
+    def info(self, identity: int, text: str) -> IdentityInfo:
+        labels = tuple(text.split(",")) if text else ()
+        owners = tuple(sorted(self._owners.get(text, ())))
+        return IdentityInfo(identity, labels, tuple(self._ipcache.prefixes_of(identity)), owners)
+
+    def all(self) -> list[IdentityInfo]:
+        return [self.info(i, text) for i, text in sorted(self._text().items())]
+
+    def for_labels(self, labels: dict[str, str]) -> int:
+        """The identity of a label set, allocated (and stored) the first time it is seen."""
+        key = label_key(labels)
+        if key in self._by_key:
+            return self._by_key[key]
+        identity = self._allocator(FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)()
+        self._store.put(KIND, key, {"id": identity})
+        self._by_key[key] = identity
+        self._notify([identity], [])
+        return identity
+
+    # ---- the ipcache's sources ----
+
+    def endpoint_up(self, identity: int, addresses: Iterable[Network]) -> None:
+        """An endpoint's addresses map to its identity."""
+        networks = list(addresses)
+        touched = self._touched(networks)
+        for network in networks:
+            self._endpoints[network] = identity
+        self._refresh(networks, touched)
+
+    def endpoint_down(self, addresses: Iterable[Network]) -> None:
+        networks = list(addresses)
+        touched = self._touched(networks)
+        for network in networks:
+            self._endpoints.pop(network, None)
+        self._refresh(networks, touched)
+
+    def set_hosts(self, addresses: Iterable[Network]) -> bool:
+        """The node's own addresses map to the host identity; True if they changed."""
+        wanted = set(addresses)
+        if wanted == self._hosts:
+            return False
+        networks = list(wanted ^ self._hosts)
+        touched = self._touched(networks)
+        self._hosts = wanted
+        self._refresh(networks, touched)
+        return True
+
+    def sync_ipcache(self) -> None:
+        """After a start: the pinned ipcache holds exactly what the sources say."""
+        wanted = {n: i for n in self._all_networks() if (i := self._wanted(n)) is not None}
+        self._ipcache.reconcile(wanted)
+
+    # ---- CIDR identities ----
+
+    def allocate_cidrs(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[IdentityInfo]:
+        """Identities for `networks`, held by `owner` (idempotent); published unless reserve_only."""
+        self._check_owner(owner)
+        keys = {n: cidr_key(n) for n in networks}
+        before = self._save()
+        touched = self._touched(keys)
+        new: list[int] = []
+        published: list[Network] = []
+        next_free = self._allocator(FIRST_CIDR_IDENTITY, MAX_CIDR_IDENTITY)
+        with Change(self._store) as change:
+            change.on_failure(lambda: self._restore(before, published, touched))
+            docs = []
+            for network, key in keys.items():
+                if key not in self._by_key:
+                    self._by_key[key] = next_free()
+                    new.append(self._by_key[key])
+                owners = self._owners.get(key, frozenset())
+                publish = not reserve_only and network not in self._published
+                if owner in owners and not publish and key in before.by_key:
+                    continue  # nothing changes for this one
+                self._owners[key] = owners | {owner}
+                if publish:
+                    self._published[network] = self._by_key[key]
+                    published.append(network)
+                docs.append((key, self._doc(network, key)))
+            self._store.put_many(KIND, docs)
+            self._refresh(published, touched, notify=False)
+        self._notify([*new, *touched, *(self._by_key[keys[n]] for n in published)], [])
+        return [self.info(self._by_key[key], key) for key in keys.values()]
+
+    def release_cidrs(self, owner: str, networks: list[Network]) -> None:
+        """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""
+        self._check_owner(owner)
+        keys = {n: cidr_key(n) for n in networks}
+        before = self._save()
+        touched = self._touched(keys)
+        freed: list[int] = []
+        unpublished: list[Network] = []
+        with Change(self._store) as change:
+            change.on_failure(lambda: self._restore(before, unpublished, touched))
+            docs, gone = [], []
+            for network, key in keys.items():
+                if owner not in self._owners.get(key, frozenset()):
+                    continue
+                self._owners[key] -= {owner}
+                if self._owners[key]:
+                    docs.append((key, self._doc(network, key)))
+                    continue
+                del self._owners[key]
+                if self._published.pop(network, None) is not None:
+                    unpublished.append(network)
+                freed.append(self._by_key.pop(key))
+                gone.append(key)
+            self._store.put_many(KIND, docs)
+            self._store.delete_many(KIND, gone)
+            self._refresh(unpublished, touched, notify=False)
+        self._notify([i for i in touched if i not in freed], freed)
+
+    # ---- helpers ----
+
+    @staticmethod
+    def _check_owner(owner: str) -> None:
+        if not OWNER_RE.match(owner):
+            raise InvalidArgument(f"owner {owner!r} is invalid: use lowercase letters, digits, '-' and '.'")
+
+    def _doc(self, network: Network, key: str) -> dict[str, Any]:
+        return {"id": self._by_key[key], "owners": sorted(self._owners[key]), "published": network in self._published}
+
+    def _allocator(self, first: int, last: int) -> Callable[[], int]:
+        """Hands out the lowest free numbers of [first, last], one call each (one scan for many)."""
+        used = set(self._by_key.values())
+        candidate = first
+
+        def next_free() -> int:
+            nonlocal candidate
+            while candidate in used and candidate <= last:
+                candidate += 1
+            if candidate > last:
+                raise ResourceExhausted(f"no identity left between {first} and {last}")
+            used.add(candidate)
+            return candidate
+
+        return next_free
+
+    def _wanted(self, network: Network) -> int | None:
+        if network in self._endpoints:
+            return self._endpoints[network]
+        if network in self._hosts:
+            return int(ReservedIdentity.HOST)
+        return self._published.get(network)
+
+    def _all_networks(self) -> set[Network]:
+        return set(self._endpoints) | self._hosts | set(self._published)
+
+    def _touched(self, networks: Iterable[Network]) -> set[int]:
+        """Identities the ipcache gives these networks now (their prefixes are about to change)."""
+        return {i for n in networks if (i := self._ipcache.get(n)) is not None}
+
+    def _refresh(self, networks: Iterable[Network], touched: set[int], notify: bool = True) -> None:
+        """Write the ipcache entries of these networks from the sources (adds before removals)."""
+        changed = set(touched)
+        removals = []
+        for network in networks:
+            wanted = self._wanted(network)
+            if wanted is None:
+                removals.append(network)
+            else:
+                self._ipcache.put(network, wanted)
+                changed.add(wanted)
+        for network in removals:
+            self._ipcache.delete(network)
+        if notify:
+            self._notify(sorted(changed), [])
+
+    def _save(self) -> _State:
+        return _State(dict(self._by_key), dict(self._owners), dict(self._published))
+
+    def _restore(self, state: _State, networks: list[Network], touched: set[int]) -> None:
+        self._by_key, self._owners, self._published = state.by_key, state.owners, state.published
+        self._refresh(networks, touched, notify=False)
+
+    def _notify(self, upserted: Iterable[int], deleted: list[int]) -> None:
+        ids = sorted(set(upserted) - set(deleted))
+        if not ids and not deleted:
+            return
+        text = self._text()
+        infos = [self.info(i, text[i]) for i in ids if i in text]
+        for listener in self._listeners:
+            listener(infos, deleted)

@@ -1,0 +1,96 @@
+"""The ipcache: the security identity of every address the node knows, as an LPM trie.
+
+The orchestrator is its only writer (objects read it under globals/). `Ipcache` keeps
+what it wrote, so a change writes only the difference and knows which prefixes map to
+an identity. A restarted orchestrator `reconcile`s the pinned map with what it wants:
+add and change first, remove last, so an address never falls back to world in between.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+
+from pyroute2 import IPRoute
+
+from pybpf import KeyNotFoundError, Map
+from services.common.datapath import IpcacheKey, IpcacheValue
+from services.prefilter.cidr import Network
+
+AF_INET, AF_INET6 = 2, 10
+
+
+def ipcache_key(network: Network) -> IpcacheKey:
+    key = IpcacheKey()
+    key.family = AF_INET if network.version == 4 else AF_INET6
+    key.prefixlen = 32 + network.prefixlen
+    packed = network.network_address.packed
+    ctypes.memmove(key.addr, packed, len(packed))
+    return key
+
+
+def ipcache_network(key: IpcacheKey) -> Network:
+    size = 4 if key.family == AF_INET else 16
+    address = ipaddress.ip_address(bytes(key.addr)[:size])
+    return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
+
+
+def host_addresses() -> list[Network]:
+    """Every address of this (the node's) network namespace, as host routes."""
+    with IPRoute() as ipr:
+        addresses = [str(a.get("address")) for a in ipr.get_addr()]
+    return [ipaddress.ip_network(a) for a in addresses if a and a != "None"]
+
+
+class Ipcache:
+    """The pinned ipcache map and what this process wrote to it."""
+
+    def __init__(self, ipcache: Map) -> None:
+        self._map = ipcache.typed(IpcacheKey, IpcacheValue)
+        self._entries: dict[Network, int] = {}
+        self._by_identity: dict[int, set[Network]] = {}
+
+    def read(self) -> dict[Network, int]:
+        """What the map holds now (a previous run's entries, right after start)."""
+        return {ipcache_network(k): int(v.identity) for k, v in self._map.items()}
+
+    def reconcile(self, wanted: dict[Network, int]) -> None:
+        """Make the map hold exactly `wanted` (adds and changes before removals)."""
+        current = self.read()
+        for network, identity in wanted.items():
+            if current.get(network) != identity:
+                self._map.update(ipcache_key(network), IpcacheValue(identity, 0))
+        for network in current.keys() - wanted.keys():
+            with contextlib.suppress(KeyNotFoundError):
+                self._map.delete(ipcache_key(network))
+        self._entries = dict(wanted)
+        self._by_identity = {}
+        for network, identity in wanted.items():
+            self._by_identity.setdefault(identity, set()).add(network)
+
+    def get(self, network: Network) -> int | None:
+        return self._entries.get(network)
+
+    def put(self, network: Network, identity: int) -> None:
+        old = self._entries.get(network)
+        if old == identity:
+            return
+        self._map.update(ipcache_key(network), IpcacheValue(identity, 0))
+        self._entries[network] = identity
+        if old is not None:
+            self._by_identity[old].discard(network)
+        self._by_identity.setdefault(identity, set()).add(network)
+
+    def delete(self, network: Network) -> None:
+        old = self._entries.get(network)
+        if old is None:
+            return
+        with contextlib.suppress(KeyNotFoundError):
+            self._map.delete(ipcache_key(network))
+        del self._entries[network]
+        self._by_identity[old].discard(network)
+
+    def prefixes_of(self, identity: int) -> list[str]:
+        """The prefixes that map to an identity, sorted."""
+        return sorted(str(n) for n in self._by_identity.get(identity, ()))
