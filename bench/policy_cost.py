@@ -59,11 +59,11 @@ from services.common.datapath import (
     Direction,
     EndpointInfo,
 )
+from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
 from services.policy.compute import TCP, MapEntry
 from services.policy.defs import PREFIX_FULL
 from services.policy.maps import PolicyMaps, config_flags
-from services.prefilter.cidr import Network
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
 SIZES = (10, 1_000, 10_000, 100_000)

@@ -22,10 +22,10 @@ from pybpf import TcDirection, attach_tc, detach_tc
 from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
+from services.common.validate import Network
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.identities import Identities
-from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.endpoints")
 

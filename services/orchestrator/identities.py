@@ -26,8 +26,8 @@ from services.common.change import Change
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.store import Store
+from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
-from services.prefilter.cidr import Network
 
 KIND = "identity"
 CIDR_PREFIX = "cidr:"

@@ -16,7 +16,7 @@ from pyroute2 import IPRoute
 
 from pybpf import KeyNotFoundError, Map
 from services.common.datapath import IpcacheKey, IpcacheValue
-from services.prefilter.cidr import Network
+from services.common.validate import Network
 
 AF_INET, AF_INET6 = 2, 10
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 
 from services.common.datapath import Direction, ReservedIdentity
 from services.common.errors import ResourceExhausted
+from services.common.validate import Network
 from services.policy.defs import PREFIX_IDENTITY, PREFIX_PROTO
 from services.policy.rules import PeerRule, Rule
-from services.prefilter.cidr import Network
 
 ANY = 0
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58

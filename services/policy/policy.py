@@ -33,6 +33,7 @@ from services.common.change import Change, store_error
 from services.common.datapath import Direction
 from services.common.errors import InvalidArgument, NotFound, Unavailable, WeirError
 from services.common.store import Store
+from services.common.validate import Network
 from services.policy import rules as rules_mod
 from services.policy.compute import (
     ICMP,
@@ -49,7 +50,6 @@ from services.policy.compute import (
 from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import Rule
 from services.policy.sources import OWNER, IdentityView
-from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.policy")
 

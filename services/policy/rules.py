@@ -18,7 +18,7 @@ from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument
-from services.prefilter.cidr import CidrError, Network, parse_cidr
+from services.common.validate import CidrError, Network, parse_cidr
 
 PROTOCOLS = {"TCP": 6, "UDP": 17, "ICMP": 1, "ANY": 0}
 ENTITIES = {"host", "world", "all"}

@@ -25,8 +25,8 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from services.common.errors import Unavailable
+from services.common.validate import Network
 from services.policy.compute import EndpointView
-from services.prefilter.cidr import Network
 
 log = structlog.get_logger("weir.policy")
 

@@ -32,13 +32,13 @@ from services.common.datapath import CtKey, CtValue, EndpointInfo, IpcacheKey, I
 from services.common.errors import ResourceExhausted
 from services.common.objects import load_service_object
 from services.common.store import Store
+from services.common.validate import Network
 from services.orchestrator.identities import Identities, IdentityInfo
 from services.orchestrator.ipcache import Ipcache, ipcache_network
 from services.policy.compute import EndpointView, MapEntry
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
 from services.policy.sources import OWNER, IdentityView
-from services.prefilter.cidr import Network
 from tests.e2e.test_policy import known, sel, tcp, three_tier
 from tests.harness import traffic
 from tests.harness.node import BPF_BUILD, Node, pid_prefix

@@ -15,7 +15,6 @@ test_run gives a tc program the loopback device, so the one endpoint a
 from __future__ import annotations
 
 import ctypes
-import ipaddress
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,9 +23,11 @@ from pathlib import Path
 from pybpf import BpfObject, Map, ProgArray, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, Slot, XdpMeta
+from services.common.validate import parse_cidr
 from services.lb.maglev import weighted_table
 from services.lb.maps import Change, Frontend, LbMaps
 from services.lb.model import Service
+from services.orchestrator.ipcache import Ipcache
 from services.policy.maps import PolicyMaps
 from services.prefilter.denylist import Capacity
 from services.prefilter.maps import PrefilterMaps
@@ -174,9 +175,11 @@ class Datapath:
 
     def set_ipcache(self, wanted: Mapping[str, int]) -> None:
         """The identities of these CIDRs (and no others) in the node's ipcache."""
-        if self.policy is None:
-            raise RuntimeError("the ipcache is written by the policy's maps today: load the policy first")
-        self.policy.write_ipcache({ipaddress.ip_network(cidr): identity for cidr, identity in wanted.items()})
+        ipcache = self.globals_dir / "ipcache"  # pinned by the first object that uses it
+        with Map.from_pin(ipcache) as pinned:
+            Ipcache(pinned).reconcile(
+                {parse_cidr(cidr): identity for cidr, identity in wanted.items()}
+            )
 
     def clear_endpoint(self) -> None:
         self.shared("endpoints").typed(ctypes.c_uint32, EndpointInfo).clear()
