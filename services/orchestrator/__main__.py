@@ -37,10 +37,10 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 async def main(config: NodeConfig, bpf_dir: Path) -> None:
     ensure_bpffs(config.bpffs_root)
     netdev.enable_forwarding()
-    chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
-    chain.load()
     worker = Worker(SERVICE)
     store = await worker.call(Store.open, config, SERVICE)
+    chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
+    await worker.call(chain.start)
     endpoints = Endpoints(config.instance, chain, store)
     await worker.call(endpoints.reconcile)
     devices = Devices(chain, store)
@@ -56,8 +56,8 @@ async def main(config: NodeConfig, bpf_dir: Path) -> None:
     async def on_stop() -> None:
         events.stop()
         await worker.call(store.close)
+        await worker.call(chain.close)
         worker.shutdown()
-        chain.close()
 
     log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))
     await serve(SERVICE, config, register, on_stop)

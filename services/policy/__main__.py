@@ -10,6 +10,7 @@ import grpc.aio
 import structlog
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
+from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
 from services.common.logs import setup_logging
@@ -57,7 +58,9 @@ async def _background(worker: Worker, policy: Policy, refresh: float, gc: float)
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries)
+    chain = ChainClient(config.socket_path("orchestrator"), SERVICE)
+    maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries,
+                      register=chain.register)
     endpoints = OrchestratorEndpoints(config.socket_path("orchestrator"))
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:

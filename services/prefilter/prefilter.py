@@ -1,4 +1,4 @@
-"""The prefilter: revisioned deny lists, their counters and XDP attachments.
+"""The prefilter: revisioned deny lists, their counters and the devices it filters.
 
 `Prefilter` is the plain class the gRPC layer, the tests and the benchmarks
 call. It validates a change completely (CIDRs, revision, capacity) before it
@@ -6,6 +6,9 @@ touches a map, writes the maps, then persists the desired state with the new
 revision in one store transaction. On start it reinstalls the persisted list as
 a fresh generation (so the maps equal the store exactly, with no window) and
 re-attaches to the interfaces it was attached to.
+
+The prefilter's program runs in the PREFILTER slot of the XDP chain; attaching
+to an interface asks the orchestrator to run the XDP chain's entry there.
 """
 
 from __future__ import annotations
@@ -15,16 +18,18 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
-from pybpf import BpfError, NotSupportedError, Program, XdpMode, attach_xdp, detach_xdp, query_xdp
+from pybpf import XdpMode, query_xdp
+from services.common.chain_client import XdpPlacement
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
-from services.prefilter.maps import PROGRAM, PrefilterMaps
+from services.prefilter.maps import PrefilterMaps
 
 log = structlog.get_logger("weir.prefilter")
 
@@ -55,6 +60,14 @@ class InterfaceCounters:
     stats: IfStats
 
 
+class XdpDevices(Protocol):
+    """Who runs the XDP chain on a device: the orchestrator (ChainClient), or in-process."""
+
+    def attach_xdp(self, interface: str, mode: XdpMode) -> XdpPlacement: ...
+
+    def detach_xdp(self, interface: str) -> None: ...
+
+
 def _ifindex(interface: str) -> int:
     try:
         return socket.if_nametoindex(interface)
@@ -72,9 +85,10 @@ def _ifname(ifindex: int) -> str:
 class Prefilter:
     """Deny lists by CIDR, enforced by an XDP program on the interfaces named."""
 
-    def __init__(self, maps: PrefilterMaps, store: Store) -> None:
+    def __init__(self, maps: PrefilterMaps, store: Store, devices: XdpDevices) -> None:
         self._maps = maps
         self._store = store
+        self._devices = devices
         self._list = DenyList(maps.capacity)
 
     # ---- life cycle ----
@@ -90,7 +104,7 @@ class Prefilter:
         for interface, doc in self._store.items(ATTACHMENT):
             try:
                 self._attach(interface, XdpMode[doc["requested"]])
-            except (NotFound, BpfError) as exc:
+            except (NotFound, FailedPrecondition) as exc:
                 log.warning("cannot re-attach; forgetting the attachment", interface=interface, error=str(exc))
                 self._store.delete(ATTACHMENT, interface)
 
@@ -210,42 +224,15 @@ class Prefilter:
         return info
 
     def _attach(self, interface: str, mode: XdpMode) -> AttachmentInfo:
-        ifindex = _ifindex(interface)
-        current = query_xdp(ifindex)
-        for attached_mode in (XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD):
-            prog_id = current.get(attached_mode)
-            if prog_id and not self._is_ours(prog_id):
-                raise FailedPrecondition(
-                    f"interface {interface} already runs XDP program id {prog_id} ({attached_mode.name.lower()}); "
-                    "detach it first"
-                )
-            if prog_id and mode not in (XdpMode.AUTO, attached_mode):
-                detach_xdp(ifindex, attached_mode)  # switching modes: ours, so safe to move
-        try:
-            attachment = attach_xdp(ifindex, self._maps.program, mode, replace=True)
-        except NotSupportedError as exc:
-            raise FailedPrecondition(
-                f"interface {interface} does not support {mode.name.lower()} XDP: {exc.strerror}"
-            ) from None
-        return AttachmentInfo(interface, ifindex, attachment.mode, attachment.program_id)
-
-    @staticmethod
-    def _is_ours(prog_id: int) -> bool:
-        try:
-            with Program.from_id(prog_id) as program:
-                return program.name == PROGRAM[:15]
-        except BpfError:
-            return False
+        _ifindex(interface)
+        placed = self._devices.attach_xdp(interface, mode)
+        return AttachmentInfo(interface, placed.ifindex, placed.mode, placed.program_id)
 
     def detach(self, interface: str) -> None:
-        ifindex = _ifindex(interface)
+        _ifindex(interface)
         if self._store.get(ATTACHMENT, interface) is None:
             raise NotFound(f"the prefilter is not attached to {interface}")
-        current = query_xdp(ifindex)
-        for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
-            prog_id = current.get(mode)
-            if prog_id and self._is_ours(prog_id):
-                detach_xdp(ifindex, mode)
+        self._devices.detach_xdp(interface)
         self._store.delete(ATTACHMENT, interface)
         log.info("detached", interface=interface)
 
