@@ -54,8 +54,8 @@ from services.common.bpffs import ensure_bpffs, remove_pins
 from services.lb import model
 from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey
 from services.lb.maglev import weighted_table
-from services.orchestrator.chain import local_register
 from services.lb.maps import BPF_F_INNER_MAP, Change, Frontend, LbMaps, backend_value
+from services.orchestrator.chain import local_register
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
 SIZES = (10, 1_000, 10_000, 50_000)

@@ -59,9 +59,9 @@ from services.common.datapath import (
     Direction,
     EndpointInfo,
 )
+from services.orchestrator.chain import local_register
 from services.policy.compute import TCP, MapEntry
 from services.policy.defs import PREFIX_FULL
-from services.orchestrator.chain import local_register
 from services.policy.maps import PolicyMaps, config_flags
 from services.prefilter.cidr import Network
 

@@ -27,8 +27,7 @@ from pathlib import Path
 
 import structlog
 
-from pybpf import BpfError, BpfObject, Map, ProgArray, Program, ProgType
-from pybpf import _libbpf
+from pybpf import BpfError, BpfObject, Map, ProgArray, Program, ProgType, _libbpf
 from pybpf.errors import check
 from services.common.chain_client import Placement, Register
 from services.common.change import Change
@@ -348,8 +347,19 @@ class Chain:
             for reg in regs:
                 self._store.put(KIND, reg.key, reg.doc())
             for hook in hooks:
-                change.apply(lambda h=hook: self._install(h), undo=lambda h=hook: self._restore(h, current))
+                self._swap_in_change(change, hook, current)
         return [self.slot(r.hook, r.slot) for r in regs]
+
+    def registrar(self, service: str) -> Register:
+        """A `Register` for a service running in this process (benchmarks; services use ChainClient)."""
+
+        def register(placements: list[Placement]) -> None:
+            self.register(service, [(p.hook, p.slot, str(p.pin_path), 0) for p in placements])
+
+        return register
+
+    def _swap_in_change(self, change: Change, hook: Hook, before: dict[tuple[Hook, Slot], Registration]) -> None:
+        change.apply(lambda: self._install(hook), undo=lambda: self._restore(hook, before))
 
     def _restore(self, hook: Hook, regs: dict[tuple[Hook, Slot], Registration]) -> None:
         """Undo of a failed registration: the chain the old registrations describe."""
@@ -376,7 +386,7 @@ class Chain:
         current = self._registrations()
         with Change(self._store) as change:
             self._store.delete(KIND, Registration(hook, checked, "").key)
-            change.apply(lambda: self._install(hook), undo=lambda: self._restore(hook, current))
+            self._swap_in_change(change, hook, current)
         return self.slot(hook, checked)
 
     def swap(self, hook: Hook) -> int:

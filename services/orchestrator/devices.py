@@ -10,12 +10,13 @@ Devices are remembered in the state store and re-attached after a restart.
 
 from __future__ import annotations
 
-import structlog
+import builtins
 
-from dataclasses import dataclass
+import structlog
 
 from pybpf import NotSupportedError, TcDirection, XdpMode, attach_tc, detach_tc, detach_xdp, query_tc, query_xdp
 from pybpf import attach_xdp as pybpf_attach_xdp
+from services.common.chain_client import XdpPlacement as XdpState
 from services.common.datapath import Hook, TcPriority
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.store import Store
@@ -29,14 +30,6 @@ XDP_KIND = "xdp"
 TC_HANDLE = 1
 TC_PRIORITY = TcPriority.ENTRY
 HOOKS = ((Hook.FROM_NETWORK, TcDirection.INGRESS), (Hook.TO_NETWORK, TcDirection.EGRESS))
-
-
-@dataclass(frozen=True)
-class XdpState:
-    interface: str
-    ifindex: int
-    mode: XdpMode
-    program_id: int
 
 
 class Devices:
@@ -129,7 +122,7 @@ class Devices:
         self._store.delete(XDP_KIND, ifname)
         log.info("xdp entry detached", interface=ifname)
 
-    def xdp_attachments(self) -> list[XdpState]:
+    def xdp_attachments(self) -> builtins.list[XdpState]:
         out = []
         for name, doc in self._store.items(XDP_KIND):
             ifindex = netdev.link_index(name)

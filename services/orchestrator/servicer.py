@@ -16,11 +16,12 @@ from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 from pybpf import XdpMode
+from services.common.chain_client import XdpPlacement as XdpState
 from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
-from services.orchestrator.devices import Devices, XdpState
+from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
 
