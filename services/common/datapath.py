@@ -115,8 +115,11 @@ class CgroupOrder(IntEnum):
     SOCKACCEL = 1  # sock_ops and sk_msg fast path, on the translated addresses
 
 
+XFRM_MARK_MASK = 0x0F00  # the field of skb->mark that the values below use
+
+
 class XfrmMark(IntEnum):
-    """skb->mark bits the objects beside the chain own (one owner each)."""
+    """Values of the skb->mark field XFRM_MARK_MASK, one owner each (ip xfrm matches on them)."""
 
     ENCRYPT = 0x0E00  # ipsec: send through ESP
     DECRYPT = 0x0D00  # ipsec: came in decrypted
