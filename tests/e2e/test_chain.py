@@ -17,7 +17,7 @@ from weir.prefilter.v1 import prefilter_pb2 as pf_pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pf_grpc
 
 from pybpf import Map, ProgArray, Program, XdpMode, attach_xdp, query_xdp
-from services.common.datapath import NUM_SLOTS, Hook, Slot
+from services.common.datapath import NUM_SLOTS, EndpointInfo, Hook, Slot
 from services.orchestrator.chain import CHAIN_MAPS
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, OUTSIDE_V4, Node
@@ -272,3 +272,24 @@ def test_bad_registrations_are_refused_and_change_nothing(make_node: Callable[..
     after = slots(node)
     assert {k: (s.program_id, s.service) for k, s in after.items()} == \
         {k: (s.program_id, s.service) for k, s in before.items()}
+
+
+def test_a_to_container_drop_names_the_destination_identity(node: Node) -> None:
+    a = node.create_endpoint("a", ipv6=False)
+    b = node.create_endpoint("b", ipv6=False)
+    identity = 4242
+    with Map.from_pin(node.bpffs_root / "globals/endpoints", key_type=ctypes.c_uint32,
+                      value_type=EndpointInfo) as endpoints:
+        info = endpoints[b.host_ifindex]
+        endpoints[b.host_ifindex] = EndpointInfo(info.id, identity, info.flags, 0)
+    with counter_object(node, "c"):
+        state = set_slot(node, common_pb2.HOOK_TO_CONTAINER, common_pb2.SLOT_CUSTOM0,
+                         node.bpffs_root / "test/c/count_to_container")
+        with Map.from_pin(node.bpffs_root / "globals/calls_to_container") as m:
+            ProgArray(m).clear(state.generation * NUM_SLOTS + Slot.CUSTOM0)
+        events = node.orchestrator().WatchEvents(pb.WatchEventsRequest(types=["DROP"]), timeout=20)
+        time.sleep(0.3)
+        assert traffic.ping(a.netns, b.ipv4, count=1, wait=0.5) == 0
+        drop = next(e for e in events if e.dst == b.ipv4)
+        events.cancel()
+    assert (drop.reason, drop.hook, drop.dst_identity) == ("MISSED_TAIL_CALL", common_pb2.HOOK_TO_CONTAINER, identity)
