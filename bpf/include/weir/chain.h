@@ -114,12 +114,12 @@ static __always_inline __u32 chain_word(__u32 hook)
 	return word ? *word : 0;
 }
 
-/* If slot i is filled and at or after start: record it, tail-call it in the
- * word's generation, and return 1 if the call fell through. Spelled out per
- * slot (WEIR_FOR_EACH_SLOT) so that every index is a compile-time constant.
+/* If slot i is pending (filled, after the running one): record it, tail-call it
+ * in the word's generation, and return 1 if the call fell through. Spelled out
+ * per slot (WEIR_FOR_EACH_SLOT) so that every index is a compile-time constant.
  */
-#define WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, i)                          \
-	if ((i) >= (start) && ((word) & (1u << (i)))) {                              \
+#define WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, i)                       \
+	if ((pending) & (1u << (i))) {                                               \
 		set_slot(i);                                                         \
 		if ((word) & WEIR_CHAIN_GENERATION_BIT)                              \
 			bpf_tail_call_static(ctx, calls, WEIR_NUM_SLOTS + (i));      \
@@ -129,15 +129,21 @@ static __always_inline __u32 chain_word(__u32 hook)
 	}
 
 _Static_assert(WEIR_NUM_SLOTS == 8, "WEIR_FOR_EACH_SLOT spells out 8 slots");
-#define WEIR_FOR_EACH_SLOT(ctx, calls, word, start, set_slot)   \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 0)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 1)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 2)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 3)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 4)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 5)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 6)     \
-	WEIR_TRY_SLOT(ctx, calls, word, start, set_slot, 7)
+#define WEIR_FOR_EACH_SLOT(ctx, calls, word, pending, set_slot)   \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 0)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 1)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 2)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 3)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 4)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 5)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 6)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 7)
+
+/* The filled slots of a chain word at or after `start` (start <= NUM_SLOTS). */
+static __always_inline __u32 chain_pending(__u32 word, __u32 start)
+{
+	return word & ((1u << WEIR_NUM_SLOTS) - 1) & ~((1u << (start & 31)) - 1);
+}
 
 /* ---- TC ---- */
 
@@ -147,9 +153,10 @@ _Static_assert(WEIR_NUM_SLOTS == 8, "WEIR_FOR_EACH_SLOT spells out 8 slots");
 static __always_inline int tc_tail_from(struct __sk_buff *skb, void *calls, __u32 start)
 {
 	__u32 word = skb->cb[WEIR_CB_FLAGS];
+	__u32 pending = chain_pending(word, start);
 
 #define TC_SET_SLOT(i) (skb->cb[WEIR_CB_SLOT] = (i))
-	WEIR_FOR_EACH_SLOT(skb, calls, word, start, TC_SET_SLOT)
+	WEIR_FOR_EACH_SLOT(skb, calls, word, pending, TC_SET_SLOT)
 #undef TC_SET_SLOT
 	return 0;
 }
@@ -229,13 +236,14 @@ static __always_inline int weir_xdp_drop(struct xdp_md *ctx, __u8 reason)
 static __always_inline int xdp_tail_from(struct xdp_md *ctx, __u32 start)
 {
 	struct weir_xdp_meta *meta = xdp_meta(ctx);
-	__u32 word;
+	__u32 word, pending;
 
 	if (!meta)
 		return 0;
 	word = meta->flags;
+	pending = chain_pending(word, start);
 #define XDP_SET_SLOT(i) (meta->slot = (i))
-	WEIR_FOR_EACH_SLOT(ctx, &calls_xdp, word, start, XDP_SET_SLOT)
+	WEIR_FOR_EACH_SLOT(ctx, &calls_xdp, word, pending, XDP_SET_SLOT)
 #undef XDP_SET_SLOT
 	return 0;
 }
