@@ -274,6 +274,21 @@ class Chain:
                 self._install(hook)
         return repinned
 
+    def _stale_call_maps(self, program: Program) -> list[str]:
+        """Call maps the program tail-calls through that are not this node's (a re-made map)."""
+        ours = {calls.map.id for calls in self.generations.calls.values()}
+        stale = []
+        for map_id in map_ids(program):
+            if map_id in ours:
+                continue
+            try:
+                with Map.from_id(map_id) as used:
+                    if used.name.startswith("calls_"):
+                        stale.append(f"{used.name} (id {map_id})")
+            except BpfError:
+                continue
+        return stale
+
     # ---- registrations ----
 
     def _registrations(self, hook: Hook | None = None) -> dict[tuple[Hook, Slot], Registration]:
@@ -307,6 +322,9 @@ class Chain:
                 program = self._open(reg)
                 if program is not None:
                     programs[slot] = program
+                    if self._stale_call_maps(program):
+                        log.warning("registered program uses a call map that is no longer the node's; "
+                                    "its service must reload it", slot=reg.key, service=reg.service)
             return self.generations.install(hook, programs)
         finally:
             for program in programs.values():
@@ -332,6 +350,12 @@ class Chain:
                     raise InvalidArgument(
                         f"program {program.name!r} (id {program.id}) has type {program.type.name}; "
                         f"hook {hook.name} takes {expected.name} programs"
+                    )
+                stale = self._stale_call_maps(program)
+                if stale:
+                    raise FailedPrecondition(
+                        f"program {program.name!r} (id {program.id}) tail-calls through {', '.join(stale)}, "
+                        "not this node's call maps (they were made anew): reload the program and register again"
                     )
                 held = current.get((hook, slot))
                 if held is not None and held.service not in (service, OPERATOR) and service != OPERATOR:

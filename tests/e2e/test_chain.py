@@ -16,11 +16,12 @@ from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2 as pf_pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pf_grpc
 
-from pybpf import Map, ProgArray, Program, XdpMode, attach_xdp, query_xdp
+from pybpf import BpfObject, Map, ProgArray, Program, XdpMode, attach_xdp, query_xdp
+from services.common.bpffs import remove_pins
 from services.common.datapath import NUM_SLOTS, EndpointInfo, Hook, Slot
 from services.orchestrator.chain import CHAIN_MAPS
 from tests.harness import netns, traffic
-from tests.harness.node import NET_IFNAME, OUTSIDE_V4, Node
+from tests.harness.node import BPF_BUILD, NET_IFNAME, OUTSIDE_V4, Node
 from tests.harness.objects import counted, counter_object
 
 pytestmark = pytest.mark.root
@@ -293,3 +294,21 @@ def test_a_to_container_drop_names_the_destination_identity(node: Node) -> None:
         drop = next(e for e in events if e.dst == b.ipv4)
         events.cancel()
     assert (drop.reason, drop.hook, drop.dst_identity) == ("MISSED_TAIL_CALL", common_pb2.HOOK_TO_CONTAINER, identity)
+
+
+def test_a_program_loaded_against_another_call_map_is_refused(node: Node) -> None:
+    """A program that would hand packets to a call map the orchestrator does not fill."""
+    elsewhere = node.bpffs_root / "elsewhere"
+    elsewhere.mkdir()
+    try:
+        obj = BpfObject.open(BPF_BUILD / "counter.o", pin_root=elsewhere)  # its own call maps
+        obj.load()
+        with obj:
+            obj.programs["count_from_container"].pin(elsewhere / "prog")
+            with pytest.raises(grpc.RpcError) as err:
+                set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_CUSTOM0, elsewhere / "prog")
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "calls_from_cont" in (err.value.details() or "")
+        assert not slots(node)[("HOOK_FROM_CONTAINER", "SLOT_CUSTOM0")].program_id
+    finally:
+        remove_pins(elsewhere)
