@@ -15,9 +15,10 @@ import os
 import struct
 from pathlib import Path
 
-from pybpf import BpfObject, ProgArray
+from pybpf import BpfObject, ProgArray, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
-from services.common.datapath import Slot
+from services.common.datapath import Hook, Slot
+from services.orchestrator.chain import Generations
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
 
@@ -43,6 +44,8 @@ def measure(repeat: int, runs: int) -> dict[int, float]:
         entry.load()
         objects.append(entry)
         calls = ProgArray(entry.maps["calls_from_container"])
+        generations = Generations({Hook.FROM_CONTAINER: calls}, entry.maps["chain_state"])
+        placed: dict[Slot, Program] = {}
         program = entry.programs["entry_from_container"]
         frame = udp_frame()
         results: dict[int, float] = {}
@@ -51,10 +54,11 @@ def measure(repeat: int, runs: int) -> dict[int, float]:
                 counter = BpfObject.open(BPF_BUILD / "counter.o", pin_root=globals_dir)
                 counter.load()
                 objects.append(counter)
-                calls.set(len(objects) - 2, counter.programs["count_from_container"])
+                placed[Slot(len(objects) - 2)] = counter.programs["count_from_container"]
+            generations.install(Hook.FROM_CONTAINER, placed)
             best = min(program.test_run(frame, repeat=repeat).duration_ns for _ in range(runs))
             results[depth] = float(best)
-            assert depth == 0 or calls.get_id(Slot(depth - 1))
+            assert depth == 0 or generations.program_id(Hook.FROM_CONTAINER, Slot(depth - 1))
         return results
     finally:
         for obj in objects:

@@ -55,6 +55,7 @@ from services.lb import model
 from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey
 from services.lb.maglev import weighted_table
 from services.lb.maps import BPF_F_INNER_MAP, Change, Frontend, LbMaps, backend_value
+from services.orchestrator.chain import local_register
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
 SIZES = (10, 1_000, 10_000, 50_000)
@@ -197,7 +198,7 @@ class Bench:
         globals_dir.mkdir(mode=0o700)
         self.entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=globals_dir)
         self.entry.load()
-        self.maps = LbMaps(BPF_BUILD, globals_dir, root / "lb", cgroup)
+        self.maps = LbMaps(BPF_BUILD, globals_dir, root / "lb", cgroup, register=local_register(self.entry))
         self.maps.load()
         self.program: Program = self.entry.programs["entry_from_container"]
         self.count = 0

@@ -60,6 +60,7 @@ from services.common.datapath import (
     EndpointInfo,
 )
 from services.common.validate import Network
+from services.orchestrator.chain import local_register
 from services.orchestrator.ipcache import Ipcache
 from services.policy.compute import TCP, MapEntry
 from services.policy.defs import PREFIX_FULL
@@ -183,11 +184,13 @@ def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
     ensure_bpffs(root)
     globals_dir = root / "globals"
     entry: BpfObject | None = None
-    maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", capacity=max(sizes))
+    maps: PolicyMaps | None = None
     try:
         globals_dir.mkdir(mode=0o700)
         entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=globals_dir)
         entry.load()
+        maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", capacity=max(sizes),
+                          register=local_register(entry))
         maps.load()
         endpoints = entry.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(ENDPOINT_ID, FIRST_LABEL_IDENTITY, 0, 0))
@@ -200,7 +203,8 @@ def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
                 for size in sizes
             ]
     finally:
-        maps.close()
+        if maps is not None:
+            maps.close()
         if entry is not None:
             entry.close()
         remove_pins(root)

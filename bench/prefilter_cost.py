@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from bench.netbench import BPF_BUILD, bpffs, exit_on_sigterm, filler_list, temp_dir, udp_frame
 from services.common.logs import setup_logging
 from services.common.store import Store
+from services.orchestrator.chain import Chain
+from services.orchestrator.devices import Devices
 from services.prefilter.denylist import Capacity
 from services.prefilter.maps import PrefilterMaps
 from services.prefilter.prefilter import Prefilter
@@ -67,9 +69,14 @@ def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, flo
     capacity = Capacity(hosts=max(sizes), prefixes=64_000)
     results: dict[int, dict[str, float]] = {}
     with bpffs() as root, temp_dir() as state:
-        maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter", capacity)
+        # The orchestrator's chain in this process: it places the program and runs XDP on the device.
+        orch_store = Store(state / "orchestrator.db")
+        chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
+        chain.start()
+        maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter", capacity,
+                             register=chain.registrar("prefilter"))
         store = Store(state / "prefilter.db")
-        prefilter = Prefilter(maps, store)
+        prefilter = Prefilter(maps, store, Devices(chain, orch_store))
         try:
             prefilter.start()
             for size in sizes:
@@ -88,6 +95,8 @@ def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, flo
         finally:
             prefilter.close()
             store.close()
+            chain.close()
+            orch_store.close()
     return results
 
 

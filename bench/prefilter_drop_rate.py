@@ -53,6 +53,8 @@ from services.common import netns
 from services.common.errors import FailedPrecondition
 from services.common.logs import setup_logging
 from services.common.store import Store
+from services.orchestrator.chain import Chain
+from services.orchestrator.devices import Devices
 from services.prefilter.denylist import Capacity
 from services.prefilter.maps import PrefilterMaps
 from services.prefilter.prefilter import Prefilter
@@ -147,10 +149,15 @@ def measure(entries: list[str], rounds: int, warmup: float, seconds: float) -> t
     with veth_pair() as pair, temp_dir() as tmp, bpffs() as root:
         config = tmp / "udp64.trafgen"
         config.write_text(trafgen_config(udp_frame(SOURCE, pair.rx_addr, pair.tx_mac, pair.rx_mac)))
+        # The orchestrator's chain in this process: it places the program and runs XDP on the device.
+        orch_store = Store(tmp / "orchestrator.db")
+        chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
+        chain.start()
         maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter",
-                             Capacity(hosts=len(entries), prefixes=max(1, len(entries) // 50)))
+                             Capacity(hosts=len(entries), prefixes=max(1, len(entries) // 50)),
+                             register=chain.registrar("prefilter"))
         store = Store(tmp / "prefilter.db")
-        prefilter = Prefilter(maps, store)
+        prefilter = Prefilter(maps, store, Devices(chain, orch_store))
         try:
             prefilter.start()
             prefilter.replace((cidr, False) for cidr in entries)
@@ -164,6 +171,8 @@ def measure(entries: list[str], rounds: int, warmup: float, seconds: float) -> t
         finally:
             prefilter.close()
             store.close()
+            chain.close()
+            orch_store.close()
     metrics = ("sent", "dropped", "reached_udp")
     rows = [Row(name, *(statistics.median(getattr(r, m) for r in rs) for m in metrics)) for name, rs in runs.items()]
     return rows, note

@@ -6,9 +6,8 @@
  * `pf_active` names the live one, so a bulk replace fills the other
  * generation and flips one word: no packet sees a half-written list.
  *
- * Attached to a device, the program starts the XDP chain itself (metadata,
- * then the next filled slot of calls_xdp after PREFILTER); placed in the
- * PREFILTER slot behind the orchestrator's entry_xdp it behaves the same.
+ * The program runs in the PREFILTER slot of calls_xdp, behind the
+ * orchestrator's entry_xdp, and hands passed packets to the next filled slot.
  */
 #include "weir/chain.h"
 #include "weir/prefilter_defs.h"
@@ -169,7 +168,6 @@ int prefilter_xdp(struct xdp_md *ctx)
 	__u64 bytes = ctx->data_end - ctx->data;
 	struct weir_prefilter_entry *e = match(ctx);
 	struct weir_if_stats *ifs = if_stats(ctx->ingress_ifindex);
-	struct weir_xdp_meta *meta;
 	struct weir_counter *hits;
 	__u32 id;
 
@@ -190,17 +188,6 @@ int prefilter_xdp(struct xdp_md *ctx)
 		counter_add(&ifs->passed, bytes);
 	}
 
-	/* Continue the chain after our slot; start it if we are the attached program. */
-	meta = xdp_meta(ctx);
-	if (!meta) {
-		if (bpf_xdp_adjust_meta(ctx, -(int)sizeof(struct weir_xdp_meta)) < 0)
-			return weir_xdp_forward(ctx);
-		meta = xdp_meta(ctx);
-		if (!meta)
-			return weir_xdp_forward(ctx);
-		meta->flags = 0;
-	}
-	meta->slot = WEIR_SLOT_PREFILTER;
 	return weir_xdp_next(ctx);
 }
 

@@ -88,7 +88,42 @@ class Cb(IntEnum):
     SLOT = 1  # the Slot currently running; the next program starts after it
     ENDPOINT = 2  # endpoint id of the interface, 0 when none
     SRC_IDENTITY = 3  # security identity of the source, 0 when unknown
-    FLAGS = 4  # verdict flags set by earlier objects
+    FLAGS = 4  # the chain word: the packet's call-map generation and the slots filled in it
+
+
+# The chain word (Cb.FLAGS, XdpMeta.flags, and per hook in the chain_state map): bit i set
+# when slot i is filled in the word's generation, CHAIN_GENERATION_BIT set for generation 1.
+# Each call map holds CHAIN_GENERATIONS generations of NUM_SLOTS slots: generation g's slot s
+# is index g * NUM_SLOTS + s. The entry program copies its hook's word into the packet, so a
+# packet finishes in the generation it started in, whatever the orchestrator flips meanwhile.
+CHAIN_GENERATIONS = 2
+CHAIN_GENERATION_BIT = 1 << 8
+
+
+class TcPriority(IntEnum):
+    """tc filter priorities on one device (lower runs first); the orchestrator attaches by these."""
+
+    ENTRY = 1  # the chain's entry program (from/to-container, from/to-network)
+    L7_REDIRECT = 2  # the L7 proxy redirect, after the chain's verdict
+    XFRM_MARK = 3  # marking packets for ESP, after policy and the redirect
+
+
+class CgroupOrder(IntEnum):
+    """Order of the socket-layer programs on the node's cgroup (attached in this order, multi)."""
+
+    LB_SOCKET = 0  # connect/sendmsg/recvmsg/getpeername translation of service addresses
+    SOCKACCEL = 1  # sock_ops and sk_msg fast path, on the translated addresses
+
+
+XFRM_MARK_MASK = 0x0F00  # the field of skb->mark that the values below use
+
+
+class XfrmMark(IntEnum):
+    """Values of the skb->mark field XFRM_MARK_MASK, one owner each (ip xfrm matches on them)."""
+
+    ENCRYPT = 0x0E00  # ipsec: send through ESP
+    DECRYPT = 0x0D00  # ipsec: came in decrypted
+    L7_PROXY = 0x0A00  # l7: headed to or from the proxy
 
 
 class EventType(IntEnum):
@@ -240,6 +275,8 @@ STRUCTS: list[type[ctypes.Structure]] = [
 CONSTANTS = {
     "NUM_SLOTS": NUM_SLOTS,
     "NUM_HOOKS": len(Hook),
+    "CHAIN_GENERATIONS": CHAIN_GENERATIONS,
+    "CHAIN_GENERATION_BIT": CHAIN_GENERATION_BIT,
     "MAX_ENDPOINTS": MAX_ENDPOINTS,
     "METRICS_MAX": 1024,
     "EVENTS_BYTES": 1 << 20,

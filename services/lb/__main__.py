@@ -12,6 +12,7 @@ import structlog
 from pyroute2 import IPRoute
 from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 
+from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
 from services.common.periodic import Every
@@ -56,7 +57,9 @@ def _tasks(worker: Worker, lb: LoadBalancer) -> list[Every]:
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    maps = LbMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), config.cgroup_root)
+    chain = ChainClient(config.socket_path("orchestrator"), SERVICE)
+    maps = LbMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), config.cgroup_root,
+                  register=chain.register)
     max_frontends = min(args.max_services, MAX_SERVICES)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, lb: LoadBalancer) -> str:

@@ -26,13 +26,13 @@ from pybpf import (
     KeyNotFoundError,
     Map,
     MapOfMaps,
-    ProgArray,
     Program,
     attach_cgroup,
     detach_cgroup,
     query_cgroup,
 )
-from services.common.datapath import Slot
+from services.common.chain_client import Placement, Register
+from services.common.datapath import Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey, LbStats, ServiceFlag
 from services.lb.model import Backend, Service
@@ -44,10 +44,10 @@ OWN_MAPS = [
     "lb_service_stats", "lb_backend_stats", "lb_sock_revnat",
 ]  # fmt: skip
 TC_PROGRAMS = {
-    "lb_from_container": ("calls_from_container", Slot.LB),
-    "lb_from_network": ("calls_from_network", Slot.LB),
-    "lb_to_container": ("calls_to_container", Slot.LB_REPLY),
-    "lb_to_network": ("calls_to_network", Slot.LB_REPLY),
+    "lb_from_container": (Hook.FROM_CONTAINER, Slot.LB),
+    "lb_from_network": (Hook.FROM_NETWORK, Slot.LB),
+    "lb_to_container": (Hook.TO_CONTAINER, Slot.LB_REPLY),
+    "lb_to_network": (Hook.TO_NETWORK, Slot.LB_REPLY),
 }
 SOCK_PROGRAMS = {
     "lb_connect4": AttachType.CGROUP_INET4_CONNECT,
@@ -120,11 +120,20 @@ class LbMaps:
     """Owns the LB object, its slots and cgroup attachments, and its maps."""
 
     def __init__(
-        self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, cgroup: Path, sizes: Mapping[str, int] | None = None
+        self,
+        bpf_dir: Path,
+        globals_dir: Path,
+        pin_dir: Path,
+        cgroup: Path,
+        sizes: Mapping[str, int] | None = None,
+        register: Register | None = None,
     ) -> None:
-        """``sizes`` overrides the max_entries of own maps (small maps for tests and small nodes)."""
+        """``sizes`` overrides the max_entries of own maps (small maps for tests and small nodes);
+        ``register`` hands the pinned tc programs to the orchestrator (none: the caller places them).
+        """
         self._path = bpf_dir / "lb.o"
         self._sizes = dict(sizes or {})
+        self._register = register
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
         self._cgroup = cgroup
@@ -138,7 +147,7 @@ class LbMaps:
         self._stats: dict[str, Map] = {}
 
     def load(self) -> None:
-        """Load, reuse this service's pins, take the slots, (re)attach the socket hooks."""
+        """Load, reuse this service's pins, register for the slots, (re)attach the socket hooks."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS, self._sizes)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
@@ -148,8 +157,8 @@ class LbMaps:
         self._tables = obj.map_of_maps("lb_tables", ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
         self._stats = {name: obj.typed_map(name, ctypes.c_uint32, LbStats) for name in STATS_MAPS}
         self.programs = pin_programs(obj, [*TC_PROGRAMS, *SOCK_PROGRAMS], self._pin_dir)
-        for name, (call_map, slot) in TC_PROGRAMS.items():
-            ProgArray(obj.maps[call_map]).set(slot, self.programs[name])
+        if self._register is not None:
+            self._register([Placement(hook, slot, self._pin_dir / name) for name, (hook, slot) in TC_PROGRAMS.items()])
         self._attach_sockets()
 
     def _attach_sockets(self) -> None:

@@ -1,18 +1,24 @@
-"""Network-facing devices: the entry programs of the from-network and to-network hooks.
+"""Network-facing devices: the entry programs of the from-network, to-network and XDP hooks.
 
 A device the operator names gets `entry_from_network` on tc ingress and
 `entry_to_network` on tc egress, so objects in those call maps (node ports,
 reverse NAT of their replies) see the node's own traffic with the network.
+A device can also get `entry_xdp` (the prefilter asks for it when a user
+attaches the prefilter): the XDP chain runs there, never an object's program.
 Devices are remembered in the state store and re-attached after a restart.
 """
 
 from __future__ import annotations
 
+import builtins
+
 import structlog
 
-from pybpf import TcDirection, attach_tc, detach_tc, query_tc
-from services.common.datapath import Hook
-from services.common.errors import NotFound
+from pybpf import NotSupportedError, TcDirection, XdpMode, attach_tc, detach_tc, detach_xdp, query_tc, query_xdp
+from pybpf import attach_xdp as pybpf_attach_xdp
+from services.common.chain_client import XdpPlacement as XdpState
+from services.common.datapath import Hook, TcPriority
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.store import Store
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
@@ -20,8 +26,9 @@ from services.orchestrator.chain import Chain
 log = structlog.get_logger("weir.devices")
 
 KIND = "device"
+XDP_KIND = "xdp"
 TC_HANDLE = 1
-TC_PRIORITY = 1
+TC_PRIORITY = TcPriority.ENTRY
 HOOKS = ((Hook.FROM_NETWORK, TcDirection.INGRESS), (Hook.TO_NETWORK, TcDirection.EGRESS))
 
 
@@ -62,3 +69,65 @@ class Devices:
                 self._store.delete(KIND, name)
             else:
                 self.attach(name)
+        for name, doc in self._store.items(XDP_KIND):
+            try:
+                self.attach_xdp(name, XdpMode[doc["requested"]])
+            except (NotFound, FailedPrecondition) as exc:
+                log.warning("cannot re-attach the XDP entry; forgetting it", interface=name, error=str(exc))
+                self._store.delete(XDP_KIND, name)
+
+    # ---- XDP ----
+
+    def _is_ours(self, ifname: str, prog_id: int) -> bool:
+        doc = self._store.get(XDP_KIND, ifname)
+        return prog_id == self._chain.programs[Hook.XDP].id or (doc is not None and doc["program_id"] == prog_id)
+
+    def attach_xdp(self, ifname: str, mode: XdpMode = XdpMode.AUTO) -> XdpState:
+        """Attach the XDP entry program; someone else's XDP program is never replaced."""
+        ifindex = netdev.link_index(ifname)
+        if ifindex is None:
+            raise NotFound(f"interface {ifname!r} does not exist on this node")
+        current = query_xdp(ifindex)
+        for attached_mode in (XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD):
+            prog_id = current.get(attached_mode)
+            if prog_id and not self._is_ours(ifname, prog_id):
+                raise FailedPrecondition(
+                    f"interface {ifname} already runs XDP program id {prog_id} ({attached_mode.name.lower()}); "
+                    "detach it first"
+                )
+            if prog_id and mode not in (XdpMode.AUTO, attached_mode):
+                detach_xdp(ifindex, attached_mode)  # switching modes: ours, so safe to move
+        try:
+            attachment = pybpf_attach_xdp(ifindex, self._chain.programs[Hook.XDP], mode, replace=True)
+        except NotSupportedError as exc:
+            raise FailedPrecondition(
+                f"interface {ifname} does not support {mode.name.lower()} XDP: {exc.strerror}"
+            ) from None
+        state = XdpState(ifname, ifindex, attachment.mode, attachment.program_id)
+        self._store.put(XDP_KIND, ifname, {"requested": mode.name, "mode": state.mode.name,
+                                           "program_id": state.program_id})
+        log.info("xdp entry attached", interface=ifname, mode=state.mode.name)
+        return state
+
+    def detach_xdp(self, ifname: str) -> None:
+        if self._store.get(XDP_KIND, ifname) is None:
+            raise NotFound(f"the XDP entry is not attached to {ifname!r}")
+        ifindex = netdev.link_index(ifname)
+        if ifindex is not None:
+            current = query_xdp(ifindex)
+            for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
+                prog_id = current.get(mode)
+                if prog_id and self._is_ours(ifname, prog_id):
+                    detach_xdp(ifindex, mode)
+        self._store.delete(XDP_KIND, ifname)
+        log.info("xdp entry detached", interface=ifname)
+
+    def xdp_attachments(self) -> builtins.list[XdpState]:
+        out = []
+        for name, doc in self._store.items(XDP_KIND):
+            ifindex = netdev.link_index(name)
+            if ifindex is None:
+                continue
+            mode = XdpMode[doc["mode"]]
+            out.append(XdpState(name, ifindex, mode, query_xdp(ifindex).get(mode) or 0))
+        return out

@@ -19,7 +19,7 @@ from typing import Any
 import structlog
 
 from pybpf import TcDirection, attach_tc, detach_tc
-from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook
+from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook, TcPriority
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
@@ -34,7 +34,7 @@ NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 TC_HANDLE = 1
-TC_PRIORITY = 1
+TC_PRIORITY = TcPriority.ENTRY
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 

@@ -29,6 +29,7 @@ class FlowEvent:
     endpoint_id: int
     length: int
     src_identity: int
+    dst_identity: int
     protocol: str
     src: str
     dst: str
@@ -59,6 +60,7 @@ def decode(raw: bytes) -> FlowEvent:
         endpoint_id=ev.endpoint,
         length=ev.len,
         src_identity=ev.src_identity,
+        dst_identity=ev.dst_identity,
         protocol=PROTOCOLS.get(ev.proto, str(ev.proto)),
         src=src,
         dst=dst,

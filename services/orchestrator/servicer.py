@@ -15,6 +15,8 @@ from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
+from pybpf import XdpMode
+from services.common.chain_client import XdpPlacement as XdpState
 from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
@@ -82,7 +84,25 @@ def slot_to_proto(state: SlotState) -> pb.SlotState:
         slot=common_pb2.Slot.Value(f"SLOT_{state.slot.name}"),
         program_id=state.program_id,
         program_name=state.program_name,
+        service=state.service,
+        generation=state.generation,
     )
+
+
+XDP_MODES = {pb.XDP_MODE_UNSPECIFIED: XdpMode.AUTO, pb.XDP_MODE_NATIVE: XdpMode.NATIVE,
+             pb.XDP_MODE_GENERIC: XdpMode.GENERIC}
+
+
+def xdp_mode_from_proto(value: int) -> XdpMode:
+    if value not in XDP_MODES:
+        raise InvalidArgument(f"XDP mode {value} is not one of {', '.join(pb.XdpMode.keys())}")
+    return XDP_MODES[pb.XdpMode.ValueType(value)]
+
+
+def xdp_to_proto(state: XdpState) -> pb.XdpAttachment:
+    mode = pb.XDP_MODE_NATIVE if state.mode is XdpMode.NATIVE else pb.XDP_MODE_GENERIC
+    return pb.XdpAttachment(interface=state.interface, ifindex=state.ifindex, mode=mode,
+                            program_id=state.program_id)
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
@@ -205,23 +225,61 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     # ---- end of node state ----
 
+    # ---- the chain ----
+
+    async def RegisterPrograms(
+        self, request: pb.RegisterProgramsRequest, context: Context
+    ) -> pb.RegisterProgramsResponse:
+        wanted = [(hook_from_proto(p.hook), slot_from_proto(p.slot), p.pin_path, 0) for p in request.programs]
+        states = await self._worker.call(self._chain.register, request.service, wanted)
+        return pb.RegisterProgramsResponse(slots=[slot_to_proto(s) for s in states])
+
     async def SetSlot(self, request: pb.SetSlotRequest, context: Context) -> pb.SlotState:
         hook = hook_from_proto(request.hook)
         slot = slot_from_proto(request.slot)
-        with Chain.open_program(request.pin_path, request.program_id) as program:
-            return slot_to_proto(self._chain.set_slot(hook, slot, program))
+        state = await self._worker.call(self._chain.set_slot, hook, slot, request.pin_path, request.program_id)
+        return slot_to_proto(state)
 
     async def ClearSlot(
         self, request: pb.ClearSlotRequest, context: Context    ) -> pb.SlotState:
         hook = hook_from_proto(request.hook)
-        return slot_to_proto(self._chain.clear_slot(hook, slot_from_proto(request.slot)))
+        slot = slot_from_proto(request.slot)
+        return slot_to_proto(await self._worker.call(self._chain.clear_slot, hook, slot))
+
+    async def GetSlot(self, request: pb.GetSlotRequest, context: Context) -> pb.SlotState:
+        hook = hook_from_proto(request.hook)
+        slot = slot_from_proto(request.slot)
+        return slot_to_proto(await self._worker.call(self._chain.slot, hook, slot))
 
     async def ListSlots(
         self, request: pb.ListSlotsRequest, context: Context    ) -> pb.ListSlotsResponse:
         hooks = [hook_from_proto(request.hook)] if request.hook else list(Hook)
-        return pb.ListSlotsResponse(
-            slots=[slot_to_proto(s) for hook in hooks for s in self._chain.slots(hook)]
-        )
+
+        def slots() -> list[SlotState]:
+            return [s for hook in hooks for s in self._chain.slots(hook)]
+
+        return pb.ListSlotsResponse(slots=[slot_to_proto(s) for s in await self._worker.call(slots)])
+
+    async def SwapChain(self, request: pb.SwapChainRequest, context: Context) -> pb.SwapChainResponse:
+        hooks = [hook_from_proto(request.hook)] if request.hook else list(Hook)
+
+        def swap() -> list[int]:
+            return [self._chain.swap(hook) for hook in hooks]
+
+        generations = await self._worker.call(swap)
+        return pb.SwapChainResponse(hooks=[hook_to_proto(h) for h in hooks], generations=generations)
+
+    async def AttachXdp(self, request: pb.AttachXdpRequest, context: Context) -> pb.XdpAttachment:
+        mode = xdp_mode_from_proto(request.mode)
+        return xdp_to_proto(await self._worker.call(self._devices.attach_xdp, request.interface, mode))
+
+    async def DetachXdp(self, request: pb.DetachXdpRequest, context: Context) -> pb.DetachXdpResponse:
+        await self._worker.call(self._devices.detach_xdp, request.interface)
+        return pb.DetachXdpResponse()
+
+    async def ListXdp(self, request: pb.ListXdpRequest, context: Context) -> pb.ListXdpResponse:
+        states = await self._worker.call(self._devices.xdp_attachments)
+        return pb.ListXdpResponse(attachments=[xdp_to_proto(s) for s in states])
 
     async def AttachDevice(self, request: pb.AttachDeviceRequest, context: Context) -> pb.Device:
         ifindex = await self._worker.call(self._devices.attach, request.interface)
@@ -270,6 +328,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                     endpoint_id=event.endpoint_id,
                     length=event.length,
                     src_identity=event.src_identity,
+                    dst_identity=event.dst_identity,
                     protocol=event.protocol,
                     src=event.src,
                     dst=event.dst,

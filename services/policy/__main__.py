@@ -11,6 +11,7 @@ import grpc.aio
 import structlog
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
+from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
 from services.common.logs import setup_logging
@@ -50,8 +51,10 @@ def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Cal
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
-    maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries)
     orchestrator_socket = config.socket_path("orchestrator")
+    chain = ChainClient(orchestrator_socket, SERVICE)
+    maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries,
+                      register=chain.register)
     node = Orchestrator(orchestrator_socket)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:

@@ -18,14 +18,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pybpf import BpfObject, KeyNotFoundError, Map, MapType, ProgArray, Program
-from services.common.datapath import CtKey, CtValue, Slot
+from pybpf import BpfObject, KeyNotFoundError, Map, MapType, Program
+from services.common.chain_client import Placement, Register
+from services.common.datapath import CtKey, CtValue, Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
 OWN_MAPS = ["policy_maps", "policy_config"]
-PROGRAMS = {"policy_egress": "calls_from_container", "policy_ingress": "calls_to_container"}
+PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
 BPF_F_NO_PREALLOC = 1
 
 
@@ -68,8 +69,12 @@ class Saved:
 class PolicyMaps:
     """Owns the policy object, its programs in the chain and its maps."""
 
-    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int) -> None:
+    def __init__(
+        self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int, register: Register | None = None
+    ) -> None:
+        """`register` hands the pinned programs to the orchestrator (none: the caller places them)."""
         self._path = bpf_dir / "policy.o"
+        self._register = register
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
         self.capacity = capacity
@@ -78,13 +83,13 @@ class PolicyMaps:
         self.maps: dict[str, Map] = {}
 
     def load(self) -> None:
-        """Load the programs (reusing this service's pins) and place them in their slots."""
+        """Load the programs (reusing this service's pins) and register them for their slots."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "conntrack"]}
         self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
-        for name, call_map in PROGRAMS.items():
-            ProgArray(obj.maps[call_map]).set(Slot.POLICY, self.programs[name])
+        if self._register is not None:
+            self._register([Placement(hook, Slot.POLICY, self._pin_dir / name) for name, hook in PROGRAMS.items()])
 
     def close(self) -> None:
         if self._obj is not None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc.aio
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
+from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
 from services.common.service import run_datapath_service
@@ -34,13 +35,15 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     capacity = Capacity(hosts=args.host_entries, prefixes=args.prefix_entries)
-    maps = PrefilterMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity)
+    chain = ChainClient(config.socket_path("orchestrator"), SERVICE)
+    maps = PrefilterMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity,
+                         register=chain.register)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, prefilter: Prefilter) -> str:
         pb_grpc.add_PrefilterServicer_to_server(PrefilterServicer(worker, prefilter), server)
         return SERVICE_NAME
 
-    await run_datapath_service(SERVICE, config, lambda store: Prefilter(maps, store), add_servicer)
+    await run_datapath_service(SERVICE, config, lambda store: Prefilter(maps, store, chain), add_servicer)
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import structlog
 
-from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, ProgArray, Program
-from services.common.datapath import Counter, Slot
+from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, Program
+from services.common.chain_client import Placement, Register
+from services.common.datapath import Counter, Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
 from services.prefilter.defs import (
@@ -118,8 +119,12 @@ def _value(entry: Entry) -> bytes:
 class PrefilterMaps:
     """Owns the prefilter object, its pinned maps and program."""
 
-    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: Capacity) -> None:
+    def __init__(
+        self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: Capacity, register: Register | None = None
+    ) -> None:
+        """`register` hands the pinned program to the orchestrator (none: the caller places it)."""
         self._path = bpf_dir / "prefilter.o"
+        self._register = register
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
         self.capacity = capacity
@@ -132,7 +137,7 @@ class PrefilterMaps:
         self._if_stats: Map
 
     def load(self) -> None:
-        """Load the program; reuse this service's pinned maps if a previous run left them."""
+        """Load the program, reusing this service's pinned maps; register it for its slot."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS,
                                   {"pf_entry_stats": self.capacity.ids})
         self._obj = obj
@@ -142,7 +147,8 @@ class PrefilterMaps:
         self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
         self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
         self.program = pin_programs(obj, [PROGRAM], self._pin_dir)[PROGRAM]
-        ProgArray(obj.maps["calls_xdp"]).set(Slot.PREFILTER, self.program)
+        if self._register is not None:
+            self._register([Placement(Hook.XDP, Slot.PREFILTER, self._pin_dir / PROGRAM)])
 
     def close(self) -> None:
         if self._obj is not None:

@@ -1,4 +1,4 @@
-"""The prefilter: revisioned deny lists, their counters and XDP attachments.
+"""The prefilter: revisioned deny lists, their counters and the devices it filters.
 
 `Prefilter` is the plain class the gRPC layer, the tests and the benchmarks
 call. It validates a change completely (CIDRs, revision, capacity) before it
@@ -9,6 +9,9 @@ undoes the map writes and gives back the counter ids, so the list, the maps and
 the store are as they were. On start it reinstalls the persisted list as
 a fresh generation (so the maps equal the store exactly, with no window) and
 re-attaches to the interfaces it was attached to.
+
+The prefilter's program runs in the PREFILTER slot of the XDP chain; attaching
+to an interface asks the orchestrator to run the XDP chain's entry there.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import structlog
 
-from pybpf import BpfError, NotSupportedError, Program, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
+from pybpf import XdpMode, query_xdp
 from services.common import paging
+from services.common.chain_client import XdpPlacement
 from services.common.change import Change as StoreChange
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
-from services.prefilter.maps import PROGRAM, PrefilterMaps
+from services.prefilter.maps import PrefilterMaps
 
 log = structlog.get_logger("weir.prefilter")
 
@@ -63,6 +68,14 @@ def _doc(entry: Entry) -> dict[str, object]:
     return {"audit": entry.audit, "id": entry.id}
 
 
+class XdpDevices(Protocol):
+    """Who runs the XDP chain on a device: the orchestrator (ChainClient), or in-process."""
+
+    def attach_xdp(self, interface: str, mode: XdpMode) -> XdpPlacement: ...
+
+    def detach_xdp(self, interface: str) -> None: ...
+
+
 def _ifindex(interface: str) -> int:
     try:
         return socket.if_nametoindex(interface)
@@ -80,9 +93,10 @@ def _ifname(ifindex: int) -> str:
 class Prefilter:
     """Deny lists by CIDR, enforced by an XDP program on the interfaces named."""
 
-    def __init__(self, maps: PrefilterMaps, store: Store) -> None:
+    def __init__(self, maps: PrefilterMaps, store: Store, devices: XdpDevices) -> None:
         self._maps = maps
         self._store = store
+        self._devices = devices
         self._list = DenyList(maps.capacity)
 
     # ---- life cycle ----
@@ -98,7 +112,7 @@ class Prefilter:
         for interface, doc in self._store.items(ATTACHMENT):
             try:
                 self._attach(interface, XdpMode[doc["requested"]])
-            except (NotFound, BpfError) as exc:
+            except (NotFound, FailedPrecondition) as exc:
                 log.warning("cannot re-attach; forgetting the attachment", interface=interface, error=str(exc))
                 self._store.delete(ATTACHMENT, interface)
 
@@ -215,70 +229,36 @@ class Prefilter:
 
     def attach(self, interface: str, mode: XdpMode = XdpMode.AUTO) -> AttachmentInfo:
         """Attach to an interface and remember it; if the store fails, the interface is put back."""
-        ifindex = _ifindex(interface)
-        before = query_xdp(ifindex)
+        _ifindex(interface)
+        was = self._store.get(ATTACHMENT, interface)
+
+        def undo() -> None:
+            if was is None:
+                self._devices.detach_xdp(interface)
+            else:
+                self._attach(interface, XdpMode[was["requested"]])
+
         with StoreChange(self._store) as change:
-            info = change.attempt(lambda: self._attach(interface, mode), undo=lambda: self._restore(ifindex, before))
+            info = change.attempt(lambda: self._attach(interface, mode), undo=undo)
             self._store.put(ATTACHMENT, interface, {"requested": mode.name, "mode": info.mode.name})
         log.info("attached", interface=interface, mode=info.mode.name)
         return info
 
-    def _restore(self, ifindex: int, before: XdpStatus) -> None:
-        """Put an interface's XDP programs back as they were (only ours are moved)."""
-        now = query_xdp(ifindex)
-        for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
-            current, wanted = now.get(mode), before.get(mode)
-            if current == wanted:
-                continue
-            if current and self._is_ours(current):
-                detach_xdp(ifindex, mode)
-            if wanted and self._is_ours(wanted):
-                with Program.from_id(wanted) as program:
-                    attach_xdp(ifindex, program, mode, replace=True)
-
     def _attach(self, interface: str, mode: XdpMode) -> AttachmentInfo:
-        ifindex = _ifindex(interface)
-        current = query_xdp(ifindex)
-        for attached_mode in (XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD):
-            prog_id = current.get(attached_mode)
-            if prog_id and not self._is_ours(prog_id):
-                raise FailedPrecondition(
-                    f"interface {interface} already runs XDP program id {prog_id} ({attached_mode.name.lower()}); "
-                    "detach it first"
-                )
-            if prog_id and mode not in (XdpMode.AUTO, attached_mode):
-                detach_xdp(ifindex, attached_mode)  # switching modes: ours, so safe to move
-        try:
-            attachment = attach_xdp(ifindex, self._maps.program, mode, replace=True)
-        except NotSupportedError as exc:
-            raise FailedPrecondition(
-                f"interface {interface} does not support {mode.name.lower()} XDP: {exc.strerror}"
-            ) from None
-        return AttachmentInfo(interface, ifindex, attachment.mode, attachment.program_id)
-
-    @staticmethod
-    def _is_ours(prog_id: int) -> bool:
-        try:
-            with Program.from_id(prog_id) as program:
-                return program.name == PROGRAM[:15]
-        except BpfError:
-            return False
+        _ifindex(interface)
+        placed = self._devices.attach_xdp(interface, mode)
+        return AttachmentInfo(interface, placed.ifindex, placed.mode, placed.program_id)
 
     def detach(self, interface: str) -> None:
-        ifindex = _ifindex(interface)
+        _ifindex(interface)
         if self._store.get(ATTACHMENT, interface) is None:
             raise NotFound(f"the prefilter is not attached to {interface}")
-        before = query_xdp(ifindex)
-
-        def detach_ours() -> None:
-            for mode in (XdpMode.NATIVE, XdpMode.GENERIC):
-                prog_id = before.get(mode)
-                if prog_id and self._is_ours(prog_id):
-                    detach_xdp(ifindex, mode)
-
+        doc = self._store.get(ATTACHMENT, interface) or {}
+        requested = XdpMode[doc.get("requested", XdpMode.AUTO.name)]
         with StoreChange(self._store) as change:
             self._store.delete(ATTACHMENT, interface)
-            change.attempt(detach_ours, undo=lambda: self._restore(ifindex, before))
+            change.attempt(lambda: self._devices.detach_xdp(interface),
+                           undo=lambda: self._attach(interface, requested))  # fmt: skip
         log.info("detached", interface=interface)
 
     def attachments(self) -> list[AttachmentInfo]:

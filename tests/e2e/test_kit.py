@@ -23,8 +23,9 @@ from typing import Any
 import pytest
 from weir.lb.v1 import lb_pb2 as pb
 
-from pybpf import Map
+from pybpf import Map, XdpMode
 from services.common.bpffs import remove_pins
+from services.common.chain_client import XdpPlacement
 from services.common.errors import ResourceExhausted
 from services.common.store import Store
 from services.lb.defs import LbService, LbServiceKey
@@ -64,12 +65,22 @@ def bpffs_root() -> Iterator[Path]:
 # ---- prefilter ----
 
 
+class NoDevices:
+    """These tests change lists only; attaching to a device would need the orchestrator."""
+
+    def attach_xdp(self, interface: str, mode: XdpMode) -> XdpPlacement:
+        raise AssertionError(f"attach_xdp({interface}) is not part of these tests")
+
+    def detach_xdp(self, interface: str) -> None:
+        raise AssertionError(f"detach_xdp({interface}) is not part of these tests")
+
+
 @contextlib.contextmanager
 def prefilter(state: Path, store_class: type[Store] = FlakyStore) -> Iterator[tuple[Prefilter, Store, Path]]:
     with bpffs_root() as root:
         store = store_class(state / "prefilter.db")
         maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter", Capacity(hosts=4, prefixes=4))
-        pf = Prefilter(maps, store)
+        pf = Prefilter(maps, store, NoDevices())
         pf.start()
         try:
             yield pf, store, root / "prefilter"

@@ -20,13 +20,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from pybpf import BpfObject, Map, ProgArray, Program
+from pybpf import BpfObject, Map
 from services.common.bpffs import ensure_bpffs, remove_pins
-from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, Slot, XdpMeta
+from services.common.chain_client import Register
+from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, XdpMeta
 from services.common.validate import parse_cidr
 from services.lb.maglev import weighted_table
 from services.lb.maps import Change, Frontend, LbMaps
 from services.lb.model import Service
+from services.orchestrator.chain import local_register
 from services.orchestrator.ipcache import Ipcache
 from services.policy.maps import PolicyMaps
 from services.prefilter.denylist import Capacity
@@ -44,24 +46,6 @@ ENTRY_PROGRAMS = {
     Hook.FROM_NETWORK: "entry_from_network",
     Hook.TO_NETWORK: "entry_to_network",
     Hook.XDP: "entry_xdp",
-}
-CALL_MAPS = {
-    Hook.FROM_CONTAINER: "calls_from_container",
-    Hook.TO_CONTAINER: "calls_to_container",
-    Hook.FROM_NETWORK: "calls_from_network",
-    Hook.TO_NETWORK: "calls_to_network",
-    Hook.XDP: "calls_xdp",
-}
-# Where the contract puts each object's programs: (hook, slot, program name).
-PLACEMENTS = {
-    "prefilter": [(Hook.XDP, Slot.PREFILTER, "prefilter_xdp")],
-    "policy": [(Hook.FROM_CONTAINER, Slot.POLICY, "policy_egress"), (Hook.TO_CONTAINER, Slot.POLICY, "policy_ingress")],
-    "lb": [
-        (Hook.FROM_CONTAINER, Slot.LB, "lb_from_container"),
-        (Hook.FROM_NETWORK, Slot.LB, "lb_from_network"),
-        (Hook.TO_CONTAINER, Slot.LB_REPLY, "lb_to_container"),
-        (Hook.TO_NETWORK, Slot.LB_REPLY, "lb_to_network"),
-    ],
 }
 VERDICT_NAMES: dict[Hook, dict[int, str]] = {
     Hook.XDP: {XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS"},
@@ -108,6 +92,7 @@ class Datapath:
         self.root = root
         self.globals_dir = root / "globals"
         self.entry: BpfObject | None = None
+        self.register: Register | None = None
         self.prefilter: PrefilterMaps | None = None
         self.policy: PolicyMaps | None = None
         self.lb: LbMaps | None = None
@@ -117,6 +102,7 @@ class Datapath:
         self.globals_dir.mkdir(mode=0o700, exist_ok=True)
         self.entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=self.globals_dir)
         self.entry.load()
+        self.register = local_register(self.entry)
 
     def close(self) -> None:
         for maps in (self.lb, self.policy, self.prefilter):
@@ -139,32 +125,21 @@ class Datapath:
     # ---- objects, loaded through the services' own map classes ----
 
     def load_prefilter(self, capacity: Capacity) -> PrefilterMaps:
-        self.prefilter = PrefilterMaps(BPF_BUILD, self.globals_dir, self.root / "prefilter", capacity)
+        self.prefilter = PrefilterMaps(BPF_BUILD, self.globals_dir, self.root / "prefilter", capacity,
+                                       register=self.register)
         self.prefilter.load()
-        self._place("prefilter", {"prefilter_xdp": self.prefilter.program})
         return self.prefilter
 
     def load_policy(self, capacity: int = 1024) -> PolicyMaps:
-        self.policy = PolicyMaps(BPF_BUILD, self.globals_dir, self.root / "policy", capacity)
+        self.policy = PolicyMaps(BPF_BUILD, self.globals_dir, self.root / "policy", capacity, register=self.register)
         self.policy.load()
-        self._place("policy", self.policy.programs)
         return self.policy
 
     def load_lb(self, cgroup: Path) -> LbMaps:
         """The LB's socket programs attach to `cgroup`, which the caller makes and removes."""
-        self.lb = LbMaps(BPF_BUILD, self.globals_dir, self.root / "lb", cgroup)
+        self.lb = LbMaps(BPF_BUILD, self.globals_dir, self.root / "lb", cgroup, register=self.register)
         self.lb.load()
-        self._place("lb", self.lb.programs)
         return self.lb
-
-    def _place(self, service: str, programs: Mapping[str, Program]) -> None:
-        """Put a service's programs in their slots of the call maps, as the orchestrator does.
-
-        The one place that knows how a call map is written: a chain with call-map
-        generations changes this method, not the tables.
-        """
-        for hook, slot, name in PLACEMENTS[service]:
-            ProgArray(self.shared(CALL_MAPS[hook])).set(slot, programs[name])
 
     # ---- node state ----
 

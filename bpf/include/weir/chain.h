@@ -1,13 +1,19 @@
 /* The chain contract: how entry programs and object programs hand a packet on.
  *
- * An entry program fills the per-packet metadata and tail-calls the first
- * filled slot of its hook's call map. Each object does its work and calls
- * weir_tc_next() / weir_xdp_next(), which tail-calls the next filled slot after
- * its own; an empty slot is skipped because a tail call into it falls through.
- * When no slot is left the packet is forwarded and counted as such.
+ * An entry program copies its hook's chain word (chain_state) into the packet's
+ * metadata: the active generation of the hook's call map and the slots filled
+ * in it. It then tail-calls the first filled slot. Each object does its work
+ * and calls weir_tc_next() / weir_xdp_next(), which tail-calls the next filled
+ * slot after its own, in the generation the packet started in, so a chain swap
+ * never shows a packet half of one chain and half of another. A slot that the
+ * word says is filled but whose tail call falls through (its program removed
+ * under the packet) drops the packet as MISSED_TAIL_CALL: the chain fails
+ * closed, never skipping an object. When no slot is left the packet is forwarded.
  *
  * TC metadata lives in skb->cb[] (see enum weir_cb); XDP metadata lives in
  * data_meta as struct weir_xdp_meta, put there by the XDP entry program.
+ * Every tail call has a constant index (bpf_tail_call_static), so the JIT
+ * patches it into a direct jump.
  */
 #pragma once
 
@@ -56,6 +62,17 @@ static __always_inline void entry_count(__u32 hook, __u64 bytes)
 		counter_add(c, bytes);
 }
 
+/* The identity of the endpoint a to-container packet is for; 0 elsewhere. */
+static __always_inline __u32 dst_identity_of(__u32 hook, __u32 ifindex)
+{
+	struct weir_endpoint_info *ep;
+
+	if (hook != WEIR_HOOK_TO_CONTAINER)
+		return 0;
+	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	return ep ? ep->identity : 0;
+}
+
 /* Emit one event for a packet; best effort (a full ring buffer drops the event,
  * never the verdict).
  */
@@ -78,7 +95,7 @@ static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32
 	ev->endpoint = endpoint;
 	ev->len = f.len;
 	ev->src_identity = src_identity;
-	ev->dst_identity = 0;
+	ev->dst_identity = dst_identity_of(hook, ifindex);
 	ev->family = f.family;
 	ev->proto = f.proto;
 	ev->sport = f.sport;
@@ -89,18 +106,59 @@ static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32
 	bpf_ringbuf_submit(ev, 0);
 }
 
+/* The live chain word of a hook. */
+static __always_inline __u32 chain_word(__u32 hook)
+{
+	__u32 *word = bpf_map_lookup_elem(&chain_state, &hook);
+
+	return word ? *word : 0;
+}
+
+/* If slot i is pending (filled, after the running one): record it, tail-call it
+ * in the word's generation, and return 1 if the call fell through. Spelled out
+ * per slot (WEIR_FOR_EACH_SLOT) so that every index is a compile-time constant.
+ */
+#define WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, i)                       \
+	if ((pending) & (1u << (i))) {                                               \
+		set_slot(i);                                                         \
+		if ((word) & WEIR_CHAIN_GENERATION_BIT)                              \
+			bpf_tail_call_static(ctx, calls, WEIR_NUM_SLOTS + (i));      \
+		else                                                                 \
+			bpf_tail_call_static(ctx, calls, (i));                       \
+		return 1;                                                            \
+	}
+
+_Static_assert(WEIR_NUM_SLOTS == 8, "WEIR_FOR_EACH_SLOT spells out 8 slots");
+#define WEIR_FOR_EACH_SLOT(ctx, calls, word, pending, set_slot)   \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 0)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 1)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 2)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 3)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 4)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 5)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 6)     \
+	WEIR_TRY_SLOT(ctx, calls, word, pending, set_slot, 7)
+
+/* The filled slots of a chain word at or after `start` (start <= NUM_SLOTS). */
+static __always_inline __u32 chain_pending(__u32 word, __u32 start)
+{
+	return word & ((1u << WEIR_NUM_SLOTS) - 1) & ~((1u << (start & 31)) - 1);
+}
+
 /* ---- TC ---- */
 
-/* Tail-call the first filled slot at or after `start`; returns only when none is. */
-static __always_inline void tc_tail_from(struct __sk_buff *skb, void *calls, __u32 start)
+/* Tail-call the first filled slot at or after `start`. Returns 0 when no slot
+ * is left, 1 when a filled slot's tail call fell through.
+ */
+static __always_inline int tc_tail_from(struct __sk_buff *skb, void *calls, __u32 start)
 {
-#pragma unroll
-	for (__u32 i = 0; i < WEIR_NUM_SLOTS; i++) {
-		if (i < start)
-			continue;
-		skb->cb[WEIR_CB_SLOT] = i;
-		bpf_tail_call(skb, calls, i);
-	}
+	__u32 word = skb->cb[WEIR_CB_FLAGS];
+	__u32 pending = chain_pending(word, start);
+
+#define TC_SET_SLOT(i) (skb->cb[WEIR_CB_SLOT] = (i))
+	WEIR_FOR_EACH_SLOT(skb, calls, word, pending, TC_SET_SLOT)
+#undef TC_SET_SLOT
+	return 0;
 }
 
 static __always_inline int weir_tc_forward(struct __sk_buff *skb)
@@ -121,10 +179,13 @@ static __always_inline int weir_tc_drop(struct __sk_buff *skb, __u8 reason)
 	return TC_ACT_SHOT;
 }
 
-/* Hand the packet to the next filled slot after the running one, or forward it. */
+/* Hand the packet to the next filled slot after the running one, or forward it.
+ * `calls` is the hook's call map (the same map in every generation).
+ */
 static __always_inline int weir_tc_next(struct __sk_buff *skb, void *calls)
 {
-	tc_tail_from(skb, calls, skb->cb[WEIR_CB_SLOT] + 1);
+	if (tc_tail_from(skb, calls, skb->cb[WEIR_CB_SLOT] + 1))
+		return weir_tc_drop(skb, WEIR_REASON_MISSED_TAIL_CALL);
 	return weir_tc_forward(skb);
 }
 
@@ -139,8 +200,9 @@ static __always_inline int weir_tc_entry(struct __sk_buff *skb, __u32 hook, void
 	skb->cb[WEIR_CB_SLOT] = 0;
 	skb->cb[WEIR_CB_ENDPOINT] = ep ? ep->id : 0;
 	skb->cb[WEIR_CB_SRC_IDENTITY] = (ep && hook == WEIR_HOOK_FROM_CONTAINER) ? ep->identity : 0;
-	skb->cb[WEIR_CB_FLAGS] = 0;
-	tc_tail_from(skb, calls, 0);
+	skb->cb[WEIR_CB_FLAGS] = chain_word(hook);
+	if (tc_tail_from(skb, calls, 0))
+		return weir_tc_drop(skb, WEIR_REASON_MISSED_TAIL_CALL);
 	return weir_tc_forward(skb);
 }
 
@@ -170,20 +232,20 @@ static __always_inline int weir_xdp_drop(struct xdp_md *ctx, __u8 reason)
 	return XDP_DROP;
 }
 
-static __always_inline void xdp_tail_from(struct xdp_md *ctx, __u32 start)
+/* As tc_tail_from, with the metadata in data_meta (none: nothing to call). */
+static __always_inline int xdp_tail_from(struct xdp_md *ctx, __u32 start)
 {
-#pragma unroll
-	for (__u32 i = 0; i < WEIR_NUM_SLOTS; i++) {
-		struct weir_xdp_meta *meta;
+	struct weir_xdp_meta *meta = xdp_meta(ctx);
+	__u32 word, pending;
 
-		if (i < start)
-			continue;
-		meta = xdp_meta(ctx);
-		if (!meta)
-			return;
-		meta->slot = i;
-		bpf_tail_call(ctx, &calls_xdp, i);
-	}
+	if (!meta)
+		return 0;
+	word = meta->flags;
+	pending = chain_pending(word, start);
+#define XDP_SET_SLOT(i) (meta->slot = (i))
+	WEIR_FOR_EACH_SLOT(ctx, &calls_xdp, word, pending, XDP_SET_SLOT)
+#undef XDP_SET_SLOT
+	return 0;
 }
 
 /* Next filled XDP slot after the running one, or XDP_PASS. Without metadata
@@ -193,8 +255,8 @@ static __always_inline int weir_xdp_next(struct xdp_md *ctx)
 {
 	struct weir_xdp_meta *meta = xdp_meta(ctx);
 
-	if (meta)
-		xdp_tail_from(ctx, meta->slot + 1);
+	if (meta && xdp_tail_from(ctx, meta->slot + 1))
+		return weir_xdp_drop(ctx, WEIR_REASON_MISSED_TAIL_CALL);
 	return weir_xdp_forward(ctx);
 }
 
@@ -209,7 +271,8 @@ static __always_inline int weir_xdp_entry(struct xdp_md *ctx)
 	if (!meta)
 		return weir_xdp_forward(ctx);
 	meta->slot = 0;
-	meta->flags = 0;
-	xdp_tail_from(ctx, 0);
+	meta->flags = chain_word(WEIR_HOOK_XDP);
+	if (xdp_tail_from(ctx, 0))
+		return weir_xdp_drop(ctx, WEIR_REASON_MISSED_TAIL_CALL);
 	return weir_xdp_forward(ctx);
 }

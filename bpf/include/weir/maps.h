@@ -10,21 +10,36 @@
 #include <bpf/bpf_helpers.h>
 #include "defs.h"
 
-#define WEIR_CALL_MAP(name)                            \
-	struct {                                       \
-		__uint(type, BPF_MAP_TYPE_PROG_ARRAY); \
-		__uint(max_entries, WEIR_NUM_SLOTS);   \
-		__type(key, __u32);                    \
-		__type(value, __u32);                  \
-		__uint(pinning, LIBBPF_PIN_BY_NAME);   \
+/* One call map per hook point, written only by the orchestrator. It holds
+ * WEIR_CHAIN_GENERATIONS generations of the chain: generation g's slot s
+ * (enum weir_slot) is index g * WEIR_NUM_SLOTS + s. A chain upgrade fills the
+ * idle generation, then flips the hook's word in chain_state.
+ */
+#define WEIR_CALL_MAP(name)                                                   \
+	struct {                                                              \
+		__uint(type, BPF_MAP_TYPE_PROG_ARRAY);                        \
+		__uint(max_entries, WEIR_NUM_SLOTS * WEIR_CHAIN_GENERATIONS); \
+		__type(key, __u32);                                           \
+		__type(value, __u32);                                         \
+		__uint(pinning, LIBBPF_PIN_BY_NAME);                          \
 	} name SEC(".maps")
 
-/* One call map per hook point; index = enum weir_slot. */
 WEIR_CALL_MAP(calls_from_container);
 WEIR_CALL_MAP(calls_to_container);
 WEIR_CALL_MAP(calls_from_network);
 WEIR_CALL_MAP(calls_to_network);
 WEIR_CALL_MAP(calls_xdp);
+
+/* The live chain word of each hook (index = enum weir_hook): the active
+ * generation and the slots filled in it. One __u32, so a flip is one write.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_NUM_HOOKS);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} chain_state SEC(".maps");
 
 /* Forwarded and dropped packets per (reason, direction), per CPU. */
 struct {
