@@ -64,9 +64,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     netdev.enable_forwarding()
     worker = Worker(SERVICE)
     store = await worker.call(Store.open, config, SERVICE)
-    node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), [])
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
-    await worker.call(chain.start)
+    await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
+    node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), [])
     identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
     conntrack = Conntrack(node_maps.maps["conntrack"])
     endpoints = Endpoints(config.instance, chain, store, identities)
