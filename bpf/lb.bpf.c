@@ -240,8 +240,6 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	skey.proto = f.proto;
 	skey.family = WEIR_FAMILY_INET;
 	svc = bpf_map_lookup_elem(&lb_services, &skey);
-	pkt.tcp_flags = f.tcp_flags;
-	pkt.bytes = skb->len;
 	if (!svc) {
 		/* A new direct connection on the tuple of an old translated one: its
 		 * replies must not be given the old frontend's address.
@@ -253,6 +251,7 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 		return -1;
 	}
 
+	ct_packet_init(&pkt, &f, skb->len);
 	ct_key_from_flow(&key, &f, WEIR_CT_SCOPE_SERVICE);
 	if (ct_lookup(&key, CT_LOOKUP_FORWARD, &pkt, &ct) == CT_ESTABLISHED) {
 		b = usable_backend(ct->backend_id, 1);
@@ -299,8 +298,7 @@ static __always_inline int lb_reply(struct __sk_buff *skb)
 
 	if (parse_v4(skb, &f) < 0)
 		return -1;
-	pkt.tcp_flags = f.tcp_flags;
-	pkt.bytes = skb->len;
+	ct_packet_init(&pkt, &f, skb->len);
 	ct_key_from_flow(&key, &f, WEIR_CT_SCOPE_REV_NAT);
 	if (ct_lookup(&key, CT_LOOKUP_REVERSE, &pkt, &ct) != CT_REPLY)
 		return -1;
@@ -314,7 +312,7 @@ static __always_inline int lb_reply(struct __sk_buff *skb)
 	ct = ct_get(&key, 0);
 	if (ct) {
 		pkt.bytes = 0;
-		ct_touch(ct, f.proto, &pkt, 1, bpf_ktime_get_ns());
+		ct_touch(ct, f.proto, &pkt, 1);
 	}
 	if (nat_v4(skb, &f, 0, vip, rn->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);

@@ -120,8 +120,7 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	if (is_nd(&f))
 		return weir_tc_next(skb, calls);
 
-	pkt.tcp_flags = f.tcp_flags;
-	pkt.bytes = skb->len;
+	ct_packet_init(&pkt, &f, skb->len);
 	ct_key_from_flow(&key, &f, dir);
 	if (ct_lookup(&key, CT_LOOKUP_BIDIR, &pkt, &ct) != CT_NEW)
 		return weir_tc_next(skb, calls);

@@ -35,11 +35,19 @@ struct {
 
 enum ct_result { CT_NEW, CT_ESTABLISHED, CT_REPLY };
 
-/* What one packet brings to an entry. */
+/* What one packet brings to an entry, and when (read once per packet). */
 struct ct_packet {
-	__u8 tcp_flags;
+	__u64 now; /* bpf_ktime_get_ns() */
 	__u64 bytes;
+	__u8 tcp_flags;
 };
+
+static __always_inline void ct_packet_init(struct ct_packet *pkt, const struct flow *f, __u64 bytes)
+{
+	pkt->now = bpf_ktime_get_ns();
+	pkt->bytes = bytes;
+	pkt->tcp_flags = f->tcp_flags;
+}
 
 static __always_inline int tcp_syn_only(__u8 tcp_flags)
 {
@@ -111,8 +119,7 @@ static __always_inline __u64 ct_lifetime(const struct weir_ct_value *ct, __u8 pr
 }
 
 /* Account one packet to an entry and move its TCP state and expiry on. */
-static __always_inline void ct_touch(struct weir_ct_value *ct, __u8 proto, const struct ct_packet *pkt, int reply,
-				     __u64 now)
+static __always_inline void ct_touch(struct weir_ct_value *ct, __u8 proto, const struct ct_packet *pkt, int reply)
 {
 	__u16 flags = ct->flags;
 
@@ -125,7 +132,7 @@ static __always_inline void ct_touch(struct weir_ct_value *ct, __u8 proto, const
 	ct->flags = flags;
 	__sync_fetch_and_add(&ct->packets, 1);
 	__sync_fetch_and_add(&ct->bytes, pkt->bytes);
-	ct->expires = now + ct_lifetime(ct, proto) * NSEC_PER_SEC;
+	ct->expires = pkt->now + ct_lifetime(ct, proto) * NSEC_PER_SEC;
 }
 
 /* The live entry of a key, untouched, or NULL. */
@@ -145,24 +152,23 @@ static __always_inline int ct_lookup(const struct weir_ct_key *key, int lookup, 
 {
 	struct weir_ct_key rev;
 	struct weir_ct_value *ct;
-	__u64 now = bpf_ktime_get_ns();
 
 	if (lookup & CT_LOOKUP_FORWARD) {
-		ct = ct_get(key, now);
+		ct = ct_get(key, pkt->now);
 		if (ct) {
 			if (tcp_syn_only(pkt->tcp_flags) &&
 			    (ct->flags & (WEIR_CT_FLAG_RST | WEIR_CT_FLAG_TX_CLOSING)))
 				return CT_NEW;
-			ct_touch(ct, key->proto, pkt, 0, now);
+			ct_touch(ct, key->proto, pkt, 0);
 			*out = ct;
 			return CT_ESTABLISHED;
 		}
 	}
 	if (lookup & CT_LOOKUP_REVERSE) {
 		ct_reverse(&rev, key);
-		ct = ct_get(&rev, now);
+		ct = ct_get(&rev, pkt->now);
 		if (ct) {
-			ct_touch(ct, key->proto, pkt, 1, now);
+			ct_touch(ct, key->proto, pkt, 1);
 			*out = ct;
 			return CT_REPLY;
 		}
@@ -185,7 +191,7 @@ static __always_inline void ct_create(const struct weir_ct_key *key, const struc
 		ct.flags |= WEIR_CT_FLAG_RST;
 	if (pkt->tcp_flags & WEIR_TCP_FLAG_FIN)
 		ct.flags |= WEIR_CT_FLAG_TX_CLOSING;
-	ct.expires = bpf_ktime_get_ns() + ct_lifetime(&ct, key->proto) * NSEC_PER_SEC;
+	ct.expires = pkt->now + ct_lifetime(&ct, key->proto) * NSEC_PER_SEC;
 	bpf_map_update_elem(&conntrack, key, &ct, BPF_ANY);
 }
 
