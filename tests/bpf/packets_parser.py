@@ -154,9 +154,9 @@ class Datapath:
             (PEER_B4, PEER_B_IDENTITY), (PEER_B6, PEER_B_IDENTITY),
         ):  # fmt: skip
             ip = ipaddress.ip_address(address)
-            key = IpcacheKey(prefixlen=32 + ip.max_prefixlen, family=Family.INET if ip.version == 4 else Family.INET6)
-            ctypes.memmove(key.addr, ip.packed, len(ip.packed))
-            ipcache.update(key, IpcacheValue(identity, 0))
+            where = IpcacheKey(prefixlen=32 + ip.max_prefixlen, family=Family.INET if ip.version == 4 else Family.INET6)
+            ctypes.memmove(where.addr, ip.packed, len(ip.packed))
+            ipcache.update(where, IpcacheValue(identity, 0))
         inner = Map.create(MapType.LPM_TRIE, ctypes.sizeof(PolicyKey), ctypes.sizeof(PolicyEntry), 64,
                            flags=BPF_F_NO_PREALLOC, name="parser_policy", key_type=PolicyKey, value_type=PolicyEntry)
         self._inner.append(inner)

@@ -78,8 +78,8 @@ def syn6(src: str, dport: int, *ext: Packet) -> bytes:
     return bytes(ETH / pkt / TCP(sport=40000, dport=dport, flags="S"))
 
 
-def syn4(src: str, dport: int, **ip: object) -> bytes:
-    return bytes(ETH / IP(src=src, dst=EP4, **ip) / TCP(sport=40000, dport=dport, flags="S"))
+def syn4(src: str, dport: int, options: bytes = b"") -> bytes:
+    return bytes(ETH / IP(src=src, dst=EP4, options=options) / TCP(sport=40000, dport=dport, flags="S"))
 
 
 def dstopts(n: int) -> list[Packet]:
@@ -94,7 +94,8 @@ INGRESS_ROWS = [
     ("v6 SYN to 22 behind hop-by-hop, routing, destination options",
      syn6(PEER_A6, DENIED_TCP, IPv6ExtHdrHopByHop(), IPv6ExtHdrRouting(), IPv6ExtHdrDestOpt()),
      TC_ACT_SHOT, Reason.POLICY_DENY_RULE),
-    ("v6 SYN to 22 behind AH ((hdrlen + 2) * 4 bytes)", syn6(PEER_A6, DENIED_TCP, AH(nh=IpProto.TCP, payloadlen=4, spi=1, icv=b"\0" * 12)),
+    ("v6 SYN to 22 behind AH ((hdrlen + 2) * 4 bytes)",
+     syn6(PEER_A6, DENIED_TCP, AH(nh=IpProto.TCP, payloadlen=4, spi=1, icv=b"\0" * 12)),
      TC_ACT_SHOT, Reason.POLICY_DENY_RULE),
     ("v6 SYN to 22 in an atomic fragment", syn6(PEER_A6, DENIED_TCP, IPv6ExtHdrFragment(id=9, offset=0, m=0)),
      TC_ACT_SHOT, Reason.POLICY_DENY_RULE),
@@ -162,12 +163,12 @@ def test_drop_event_names_the_port_behind_extension_headers(dp: Datapath) -> Non
 
 def frags4(src: str, dport: int, ident: int, dst: str = EP4) -> list[bytes]:
     datagram = IP(src=src, dst=dst, id=ident) / UDP(sport=40000, dport=dport) / Raw(b"x" * BIG)
-    return [bytes(ETH / f) for f in fragment(datagram, fragsize=1480)]
+    return [bytes(ETH / f) for f in fragment(datagram, fragsize=1480)]  # type: ignore[no-untyped-call]
 
 
 def frags6(src: str, dport: int, ident: int, dst: str = EP6) -> list[bytes]:
     datagram = IPv6(src=src, dst=dst) / IPv6ExtHdrFragment(id=ident) / UDP(sport=40000, dport=dport) / Raw(b"x" * BIG)
-    return [bytes(ETH / f) for f in fragment6(datagram, 1500)]
+    return [bytes(ETH / f) for f in fragment6(datagram, 1500)]  # type: ignore[no-untyped-call]
 
 
 FRAGS = {"v4": frags4, "v6": frags6}
@@ -212,7 +213,7 @@ def test_fragmented_flows_between_two_endpoints_keep_their_own_verdicts(dp: Data
 
 def test_fragmented_ping_passes_for_an_allowed_peer(dp: Datapath) -> None:
     datagram = IP(src=PEER_A4, dst=EP4, id=77) / ICMP(type=8, id=3) / Raw(b"p" * BIG)
-    runs = [dp.ingress(bytes(ETH / f)) for f in fragment(datagram, fragsize=1480)]
+    runs = [dp.ingress(bytes(ETH / f)) for f in fragment(datagram, fragsize=1480)]  # type: ignore[no-untyped-call]
     assert [r.retval for r in runs] == [TC_ACT_OK] * len(runs)
 
 
@@ -225,7 +226,7 @@ def test_lb_translates_every_fragment_of_a_datagram_to_a_frontend(dp: Datapath) 
     payload = bytes(range(256)) * 16
     datagram = IP(src=EP4, dst=VIP, id=99) / UDP(sport=40000, dport=VIP_PORT) / Raw(payload)
     out = []
-    for f in fragment(datagram, fragsize=1480):
+    for f in fragment(datagram, fragsize=1480):  # type: ignore[no-untyped-call]
         run = dp.lb_forward(bytes(ETH / f))
         assert run.retval == TC_ACT_OK
         out.append(Ether(run.data)[IP])
@@ -235,7 +236,7 @@ def test_lb_translates_every_fragment_of_a_datagram_to_a_frontend(dp: Datapath) 
         fresh = IP(bytes(pkt))
         del fresh.chksum
         assert IP(bytes(fresh)).chksum == pkt.chksum  # the L3 checksum was fixed
-    whole = defragment(out)
+    whole = defragment(out)  # type: ignore[no-untyped-call]
     assert len(whole) == 1
     udp = whole[0][UDP]
     assert udp.dport == BACKEND_PORT and bytes(udp.payload) == payload
