@@ -245,6 +245,11 @@ class Datapath:
         program = self.lb.programs["lb_from_container"]
         return self._run(program, packet, skb_ctx(Hook.FROM_CONTAINER, Slot.LB, ENDPOINT_ID))
 
+    def lb_reply(self, packet: bytes) -> Run:
+        """Through the LB's to-container program (reverse NAT of replies)."""
+        program = self.lb.programs["lb_to_container"]
+        return self._run(program, packet, skb_ctx(Hook.TO_CONTAINER, Slot.LB_REPLY, ENDPOINT_ID))
+
     def xdp(self, packet: bytes) -> Run:
         """Through the prefilter at XDP."""
         return self._run(self.prefilter.programs["prefilter_xdp"], packet, None)

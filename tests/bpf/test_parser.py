@@ -245,6 +245,20 @@ def test_lb_translates_every_fragment_of_a_datagram_to_a_frontend(dp: Datapath) 
     assert IP(bytes(again))[UDP].chksum == udp.chksum  # the L4 checksum still covers the datagram
 
 
+def test_lb_gives_every_fragment_of_a_reply_the_frontend_as_source(dp: Datapath) -> None:
+    request = IP(src=EP4, dst=VIP) / UDP(sport=40002, dport=VIP_PORT) / Raw(b"q")
+    assert Ether(dp.lb_forward(bytes(ETH / request)).data)[IP].dst == BACKEND
+    reply = IP(src=BACKEND, dst=EP4, id=123) / UDP(sport=BACKEND_PORT, dport=40002) / Raw(b"r" * BIG)
+    out = []
+    for f in fragment(reply, fragsize=1480):  # type: ignore[no-untyped-call]
+        run = dp.lb_reply(bytes(ETH / f))
+        assert run.retval == TC_ACT_OK
+        out.append(Ether(run.data)[IP])
+    assert len(out) >= 3 and {p.src for p in out} == {VIP}
+    whole = defragment(out)  # type: ignore[no-untyped-call]
+    assert len(whole) == 1 and whole[0][UDP].sport == VIP_PORT
+
+
 @pytest.mark.parametrize(("desc", "frame"), [
     ("in a VLAN", ETH / Dot1Q(vlan=5)),
     ("with IP options", ETH),
