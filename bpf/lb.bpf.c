@@ -6,7 +6,9 @@
  * The backend of a connection lives in a conntrack entry of scope SERVICE;
  * an entry of scope REV_NAT, keyed by the translated tuple, carries the
  * reverse-NAT index, so replies get the frontend back as their source in the
- * to-container and to-network chains (slot LB_REPLY, after policy).
+ * to-container and to-network chains (slot LB_REPLY, after policy). A later
+ * fragment takes its datagram's ports (frag.h) and so its connection: only
+ * its address is rewritten, since it carries no L4 header.
  *
  * Per socket: cgroup connect4/sendmsg4 translate the destination once, and
  * recvmsg4/getpeername4 translate it back, so no packet needs NAT at all.

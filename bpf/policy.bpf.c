@@ -9,6 +9,11 @@
  * rules already win over allows there). An endpoint that no rule selects in a
  * direction is not enforced in that direction; one in audit mode records the
  * verdict and lets the packet pass.
+ *
+ * Packets are judged on their real L4 ports: the parser walks VLAN tags, IPv4
+ * options and IPv6 extension headers, and a later fragment takes the ports of
+ * its datagram's first fragment (frag.h), so it shares the datagram's
+ * conntrack entry and verdict.
  */
 #include "weir/chain.h"
 #include "weir/conntrack.h"
