@@ -202,7 +202,11 @@ class XdpMeta(ctypes.Structure):
 
 
 class Event(ctypes.Structure):
-    """A record on the events ring buffer (drops, verdicts, redirects)."""
+    """A record on the events ring buffer (drops, verdicts, redirects); ports in network order.
+
+    The flow is the parser's: the protocol after every IPv6 extension header, and for a later
+    fragment the ports of its datagram are 0 (the emitter does not look fragments up).
+    """
 
     _fields_ = [
         ("type", ctypes.c_uint8),
@@ -259,7 +263,7 @@ class FragPorts(ctypes.Structure):
 
 
 class CtKey(ctypes.Structure):
-    """A connection as first seen at one hook direction (ports in network order).
+    """A connection as its owner keys it: `dir` is a CtScope; ports in network order.
 
     ICMP echo uses the echo id as both ports, so a reply's reversed key matches.
     """
