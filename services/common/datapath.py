@@ -208,6 +208,7 @@ class Event(ctypes.Structure):
     fragment the ports of its datagram are 0 (the emitter does not look fragments up).
     """
 
+    _network_order_ = ("sport", "dport")
     _fields_ = [
         ("type", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
@@ -246,6 +247,7 @@ class IpcacheValue(ctypes.Structure):
 class FragKey(ctypes.Structure):
     """A fragmented datagram: family, protocol, fragment id (network order) and addresses."""
 
+    _network_order_ = ("id",)
     _fields_ = [
         ("family", ctypes.c_uint8),
         ("proto", ctypes.c_uint8),
@@ -259,6 +261,7 @@ class FragKey(ctypes.Structure):
 class FragPorts(ctypes.Structure):
     """The L4 ports of a fragmented datagram, from its first fragment (network order)."""
 
+    _network_order_ = ("sport", "dport")
     _fields_ = [("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16)]
 
 
@@ -268,6 +271,7 @@ class CtKey(ctypes.Structure):
     ICMP echo uses the echo id as both ports, so a reply's reversed key matches.
     """
 
+    _network_order_ = ("sport", "dport")
     _fields_ = [
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
