@@ -6,7 +6,9 @@
  * The backend of a connection lives in a conntrack entry of scope SERVICE;
  * an entry of scope REV_NAT, keyed by the translated tuple, carries the
  * reverse-NAT index, so replies get the frontend back as their source in the
- * to-container and to-network chains (slot LB_REPLY, after policy).
+ * to-container and to-network chains (slot LB_REPLY, after policy). A later
+ * fragment takes its datagram's ports (frag.h) and so its connection: only
+ * its address is rewritten, since it carries no L4 header.
  *
  * Per socket: cgroup connect4/sendmsg4 translate the destination once, and
  * recvmsg4/getpeername4 translate it back, so no packet needs NAT at all.
@@ -20,6 +22,7 @@
 #include <stddef.h>
 #include "weir/chain.h"
 #include "weir/conntrack.h"
+#include "weir/frag.h"
 #include "weir/lb_defs.h"
 
 #define INNER_PLACEHOLDER 1
@@ -162,97 +165,61 @@ static __always_inline __u32 select_backend(struct weir_lb_service *svc, __u32 h
 
 /* ---- per-packet NAT (IPv4) ---- */
 
-struct v4_tuple {
-	__u32 saddr, daddr;
-	__u16 sport, dport;
-	__u8 proto;
-	__u8 tcp_flags;
-	__u16 l4off;
-};
-
-static __always_inline int parse_v4(struct __sk_buff *skb, struct v4_tuple *t)
+/* The IPv4 TCP/UDP flow of a packet, with its datagram's ports when it is a
+ * later fragment; -1 when the LB has nothing to do with it (other families and
+ * protocols, packets the parser refuses, fragments of unknown datagrams: policy
+ * judges those).
+ */
+static __always_inline int parse_v4(struct __sk_buff *skb, struct flow *f)
 {
-	void *data, *data_end;
-	struct cursor c;
-	struct ethhdr *eth;
-	struct iphdr *ip;
-	struct tcphdr *tcp;
-	struct udphdr *udp;
-	int proto;
-
-	bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128);
-	data = (void *)(long)skb->data;
-	data_end = (void *)(long)skb->data_end;
-	cursor_init(&c, data, data_end);
-	if (parse_ethhdr(&c, &eth) != ETH_P_IP)
+	if (parse_skb_tracked(skb, f) != PARSE_IP || f->family != WEIR_FAMILY_INET)
 		return -1;
-	proto = parse_iphdr(&c, &ip);
-	if (proto < 0 || (ip->frag_off & bpf_htons(0x1fff)))
+	if (f->proto != WEIR_IP_PROTO_TCP && f->proto != WEIR_IP_PROTO_UDP)
 		return -1;
-	t->saddr = ip->saddr;
-	t->daddr = ip->daddr;
-	t->proto = proto;
-	t->l4off = c.pos - data;
-	t->tcp_flags = 0;
-	if (proto == IPPROTO_TCP) {
-		if (parse_tcphdr(&c, &tcp) < 0)
-			return -1;
-		t->sport = tcp->source;
-		t->dport = tcp->dest;
-		t->tcp_flags = ((__u8 *)tcp)[13];
-	} else if (proto == IPPROTO_UDP) {
-		if (parse_udphdr(&c, &udp) < 0)
-			return -1;
-		t->sport = udp->source;
-		t->dport = udp->dest;
-	} else {
-		return -1;
-	}
 	return 0;
 }
 
-/* Rewrite the destination (is_dst) or source address and port, with checksums. */
-static __always_inline int nat_v4(struct __sk_buff *skb, const struct v4_tuple *t, int is_dst, __u32 new_addr,
+static __always_inline __u32 flow_v4(const __u8 *addr)
+{
+	__u32 a;
+
+	__builtin_memcpy(&a, addr, 4);
+	return a;
+}
+
+/* Rewrite the destination (is_dst) or source address and port, with checksums.
+ * A later fragment has no L4 header: only its address changes.
+ */
+static __always_inline int nat_v4(struct __sk_buff *skb, const struct flow *f, int is_dst, __u32 new_addr,
 				  __u16 new_port)
 {
-	__u32 old_addr = is_dst ? t->daddr : t->saddr;
-	__u16 old_port = is_dst ? t->dport : t->sport;
-	__u32 addr_off = ETH_HLEN + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+	__u32 old_addr = flow_v4(is_dst ? f->daddr : f->saddr);
+	__u16 old_port = is_dst ? f->dport : f->sport;
+	__u32 addr_off = f->l3off + (is_dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
 	__u32 csum_off, port_off;
 	__u64 l4flags = 0;
 
-	if (t->proto == IPPROTO_TCP) {
-		csum_off = t->l4off + offsetof(struct tcphdr, check);
-		port_off = t->l4off + (is_dst ? offsetof(struct tcphdr, dest) : offsetof(struct tcphdr, source));
-	} else {
-		csum_off = t->l4off + offsetof(struct udphdr, check);
-		port_off = t->l4off + (is_dst ? offsetof(struct udphdr, dest) : offsetof(struct udphdr, source));
-		l4flags = BPF_F_MARK_MANGLED_0;
+	if (f->l4off) {
+		if (f->proto == WEIR_IP_PROTO_TCP) {
+			csum_off = f->l4off + offsetof(struct tcphdr, check);
+			port_off = f->l4off + (is_dst ? offsetof(struct tcphdr, dest) : offsetof(struct tcphdr, source));
+		} else {
+			csum_off = f->l4off + offsetof(struct udphdr, check);
+			port_off = f->l4off + (is_dst ? offsetof(struct udphdr, dest) : offsetof(struct udphdr, source));
+			l4flags = BPF_F_MARK_MANGLED_0;
+		}
+		if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4flags | BPF_F_PSEUDO_HDR | 4) < 0)
+			return -1;
+		if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | 2) < 0)
+			return -1;
+		if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
+			return -1;
 	}
-	if (bpf_l4_csum_replace(skb, csum_off, old_addr, new_addr, l4flags | BPF_F_PSEUDO_HDR | 4) < 0)
-		return -1;
-	if (bpf_l4_csum_replace(skb, csum_off, old_port, new_port, l4flags | 2) < 0)
-		return -1;
-	if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old_addr, new_addr, 4) < 0)
+	if (bpf_l3_csum_replace(skb, f->l3off + offsetof(struct iphdr, check), old_addr, new_addr, 4) < 0)
 		return -1;
 	if (bpf_skb_store_bytes(skb, addr_off, &new_addr, 4, 0) < 0)
 		return -1;
-	if (bpf_skb_store_bytes(skb, port_off, &new_port, 2, 0) < 0)
-		return -1;
 	return 0;
-}
-
-static __always_inline void v4_ct_key(struct weir_ct_key *key, __u32 saddr, __u32 daddr, __u16 sport,
-				      __u16 dport, __u8 proto, __u8 scope)
-{
-	__builtin_memset(key, 0, sizeof(*key));
-	__builtin_memcpy(key->saddr, &saddr, 4);
-	__builtin_memcpy(key->daddr, &daddr, 4);
-	key->sport = sport;
-	key->dport = dport;
-	key->proto = proto;
-	key->family = 2;
-	key->dir = scope;
 }
 
 /* Translate a packet to a frontend; returns a TC verdict or -1 to go on. */
@@ -262,70 +229,61 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	struct weir_lb_service *svc;
 	struct weir_lb_backend *b = 0;
 	struct weir_ct_key key, rkey;
-	struct weir_ct_value *ct, nct = {};
-	struct v4_tuple t;
-	__u64 now = bpf_ktime_get_ns();
+	struct weir_ct_value *ct = 0, init = {};
+	struct ct_packet pkt;
+	struct flow f;
 	__u32 backend_id = 0, baddr;
-	__u8 client[16] = {};
-	int syn, new_conn = 0;
+	int new_conn = 0;
 
-	if (parse_v4(skb, &t) < 0)
+	if (parse_v4(skb, &f) < 0)
 		return -1;
-	__builtin_memcpy(skey.addr, &t.daddr, 4);
-	skey.port = t.dport;
-	skey.proto = t.proto;
-	skey.family = 2;
+	__builtin_memcpy(skey.addr, f.daddr, 4);
+	skey.port = f.dport;
+	skey.proto = f.proto;
+	skey.family = WEIR_FAMILY_INET;
 	svc = bpf_map_lookup_elem(&lb_services, &skey);
-	syn = t.proto == IPPROTO_TCP && (t.tcp_flags & TCP_FLAG_SYN) && !(t.tcp_flags & 0x10);
 	if (!svc) {
 		/* A new direct connection on the tuple of an old translated one: its
 		 * replies must not be given the old frontend's address.
 		 */
-		if (syn) {
-			v4_ct_key(&rkey, t.saddr, t.daddr, t.sport, t.dport, t.proto, WEIR_CT_SCOPE_REV_NAT);
-			bpf_map_delete_elem(&conntrack, &rkey);
+		if (f.proto == WEIR_IP_PROTO_TCP && tcp_syn_only(f.tcp_flags)) {
+			ct_key_from_flow(&rkey, &f, WEIR_CT_SCOPE_REV_NAT);
+			ct_delete(&rkey);
 		}
 		return -1;
 	}
 
-	v4_ct_key(&key, t.saddr, t.daddr, t.sport, t.dport, t.proto, WEIR_CT_SCOPE_SERVICE);
-	ct = bpf_map_lookup_elem(&conntrack, &key);
-	if (ct && ct->expires > now && !syn) {
+	ct_packet_init(&pkt, &f, skb->len);
+	ct_key_from_flow(&key, &f, WEIR_CT_SCOPE_SERVICE);
+	if (ct_lookup(&key, CT_LOOKUP_FORWARD, &pkt, &ct) == CT_ESTABLISHED) {
 		b = usable_backend(ct->backend_id, 1);
-		if (b) {
+		if (b)
 			backend_id = ct->backend_id;
-			ct_touch(ct, t.proto, t.tcp_flags, 0, skb->len, now);
-		}
 	}
 	if (!b) {
-		__builtin_memcpy(client, &t.saddr, 4);
-		backend_id = select_backend(svc, bpf_get_hash_recalc(skb), 2, client);
+		__u8 client[16] = {};
+
+		__builtin_memcpy(client, f.saddr, 4);
+		backend_id = select_backend(svc, bpf_get_hash_recalc(skb), WEIR_FAMILY_INET, client);
 		b = usable_backend(backend_id, 0);
 		if (!b)
 			return weir_tc_drop(skb, WEIR_REASON_NO_SERVICE_BACKEND);
-		nct.backend_id = backend_id;
-		nct.rev_nat_index = svc->rev_nat_index;
-		nct.packets = 1;
-		nct.bytes = skb->len;
-		nct.expires = now + ct_lifetime(&nct, t.proto) * NSEC_PER_SEC;
-		bpf_map_update_elem(&conntrack, &key, &nct, BPF_ANY);
+		init.backend_id = backend_id;
+		init.rev_nat_index = svc->rev_nat_index;
+		ct_create(&key, &init, &pkt);
 		new_conn = 1;
 	}
-	__builtin_memcpy(&baddr, b->addr, 4);
-	v4_ct_key(&rkey, t.saddr, baddr, t.sport, b->port, t.proto, WEIR_CT_SCOPE_REV_NAT);
-	ct = bpf_map_lookup_elem(&conntrack, &rkey);
-	if (ct && ct->expires > now && ct->rev_nat_index == svc->rev_nat_index) {
-		ct_touch(ct, t.proto, t.tcp_flags, 0, skb->len, now);
-	} else {
-		__builtin_memset(&nct, 0, sizeof(nct));
-		nct.backend_id = backend_id;
-		nct.rev_nat_index = svc->rev_nat_index;
-		nct.expires = now + WEIR_CT_LIFETIME_TCP_SYN * NSEC_PER_SEC;
-		bpf_map_update_elem(&conntrack, &rkey, &nct, BPF_ANY);
+	baddr = flow_v4(b->addr);
+	ct_key_init(&rkey, WEIR_FAMILY_INET, f.proto, f.saddr, &baddr, f.sport, b->port, WEIR_CT_SCOPE_REV_NAT);
+	if (ct_lookup(&rkey, CT_LOOKUP_FORWARD, &pkt, &ct) != CT_ESTABLISHED ||
+	    ct->rev_nat_index != svc->rev_nat_index) {
+		init.backend_id = backend_id;
+		init.rev_nat_index = svc->rev_nat_index;
+		ct_create(&rkey, &init, &pkt);
 	}
 	stats_add(&lb_service_stats, svc->service_id, skb->len, new_conn);
 	stats_add(&lb_backend_stats, backend_id, skb->len, new_conn);
-	if (nat_v4(skb, &t, 1, baddr, b->port) < 0)
+	if (nat_v4(skb, &f, 1, baddr, b->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
 	return -1;
 }
@@ -334,29 +292,31 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 static __always_inline int lb_reply(struct __sk_buff *skb)
 {
 	struct weir_ct_key key;
-	struct weir_ct_value *ct;
+	struct weir_ct_value *ct = 0;
 	struct weir_lb_rev_nat *rn;
-	struct v4_tuple t;
+	struct ct_packet pkt;
+	struct flow f;
 	__u32 index, vip;
 
-	if (parse_v4(skb, &t) < 0)
+	if (parse_v4(skb, &f) < 0)
 		return -1;
-	v4_ct_key(&key, t.daddr, t.saddr, t.dport, t.sport, t.proto, WEIR_CT_SCOPE_REV_NAT);
-	ct = bpf_map_lookup_elem(&conntrack, &key);
-	if (!ct || ct->expires <= bpf_ktime_get_ns())
+	ct_packet_init(&pkt, &f, skb->len);
+	ct_key_from_flow(&key, &f, WEIR_CT_SCOPE_REV_NAT);
+	if (ct_lookup(&key, CT_LOOKUP_REVERSE, &pkt, &ct) != CT_REPLY)
 		return -1;
-	ct_touch(ct, t.proto, t.tcp_flags, 1, skb->len, bpf_ktime_get_ns());
 	index = ct->rev_nat_index;
 	rn = bpf_map_lookup_elem(&lb_rev_nat, &index);
 	if (!rn)
 		return -1;
-	__builtin_memcpy(&vip, rn->addr, 4);
+	vip = flow_v4(rn->addr);
 	/* The connection's backend choice lives as long as the connection does. */
-	v4_ct_key(&key, t.daddr, vip, t.dport, rn->port, t.proto, WEIR_CT_SCOPE_SERVICE);
-	ct = bpf_map_lookup_elem(&conntrack, &key);
-	if (ct)
-		ct_touch(ct, t.proto, t.tcp_flags, 1, 0, bpf_ktime_get_ns());
-	if (nat_v4(skb, &t, 0, vip, rn->port) < 0)
+	ct_key_init(&key, WEIR_FAMILY_INET, f.proto, f.daddr, &vip, f.dport, rn->port, WEIR_CT_SCOPE_SERVICE);
+	ct = ct_get(&key, 0);
+	if (ct) {
+		pkt.bytes = 0;
+		ct_touch(ct, f.proto, &pkt, 1);
+	}
+	if (nat_v4(skb, &f, 0, vip, rn->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
 	return -1;
 }
@@ -386,7 +346,7 @@ static __always_inline struct weir_lb_service *sock_service(struct bpf_sock_addr
 	__builtin_memcpy(skey.addr, &addr, 4);
 	skey.port = (__u16)ctx->user_port;
 	skey.proto = proto;
-	skey.family = 2;
+	skey.family = WEIR_FAMILY_INET;
 	return bpf_map_lookup_elem(&lb_services, &skey);
 }
 
@@ -403,7 +363,7 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto)
 	if (!svc)
 		return 1;
 	cookie = bpf_get_socket_cookie(ctx);
-	backend_id = select_backend(svc, (__u32)(cookie ^ (cookie >> 32)) * 2654435761u, 2, client);
+	backend_id = select_backend(svc, (__u32)(cookie ^ (cookie >> 32)) * 2654435761u, WEIR_FAMILY_INET, client);
 	b = usable_backend(backend_id, 0);
 	if (!b)
 		return 0; /* no backend: the connect fails (EPERM) */
@@ -440,13 +400,13 @@ static __always_inline int sock_untranslate(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int lb_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock_translate(ctx, ctx->protocol == IPPROTO_UDP ? IPPROTO_UDP : IPPROTO_TCP);
+	return sock_translate(ctx, ctx->protocol == WEIR_IP_PROTO_UDP ? WEIR_IP_PROTO_UDP : WEIR_IP_PROTO_TCP);
 }
 
 SEC("cgroup/sendmsg4")
 int lb_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock_translate(ctx, IPPROTO_UDP);
+	return sock_translate(ctx, WEIR_IP_PROTO_UDP);
 }
 
 SEC("cgroup/recvmsg4")

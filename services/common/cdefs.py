@@ -5,6 +5,11 @@ once, in Python, and calls `render_header`; the Makefile writes the result
 into bpf/include/weir/. Enums become `enum weir_<name>` with members
 `WEIR_<NAME>_<MEMBER>`, structures become `struct weir_<name>` with a
 `_Static_assert` on their size, constants become `#define WEIR_<NAME>`.
+
+A structure may name fields that hold network-order values in a class
+attribute `_network_order_` (a tuple of field names): Python keeps them as
+plain integers (the bytes as they are on the wire), C declares them `__be16` /
+`__be32`, so the byte order is part of the type on the C side.
 """
 
 from __future__ import annotations
@@ -30,11 +35,16 @@ def snake(name: str) -> str:
     return out.lstrip("_")
 
 
-def _c_field(name: str, ctype: Any) -> str:
+_BE_TYPES: dict[Any, str] = {ctypes.c_uint16: "__be16", ctypes.c_uint32: "__be32"}
+
+
+def _c_field(name: str, ctype: Any, network_order: bool = False) -> str:
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Array):
         return f"\t{_C_TYPES[ctype._type_]} {name}[{ctype._length_}];"
     if isinstance(ctype, type) and issubclass(ctype, ctypes.Structure):
         return f"\tstruct weir_{snake(ctype.__name__)} {name};"
+    if network_order:
+        return f"\t{_BE_TYPES[ctype]} {name};"
     return f"\t{_C_TYPES[ctype]} {name};"
 
 
@@ -60,7 +70,8 @@ def render_header(
     for struct in structs:
         c_name = f"struct weir_{snake(struct.__name__)}"
         lines.append(f"{c_name} {{")
-        lines += [_c_field(field[0], field[1]) for field in struct._fields_]
+        network_order = set(getattr(struct, "_network_order_", ()))
+        lines += [_c_field(field[0], field[1], field[0] in network_order) for field in struct._fields_]
         lines.append("};")
         lines.append(
             f'_Static_assert(sizeof({c_name}) == {ctypes.sizeof(struct)}, "layout of {struct.__name__}");'

@@ -51,10 +51,51 @@ class Direction(IntEnum):
 
 
 class CtScope(IntEnum):
-    """The `dir` field of a conntrack key: policy entries use Direction, these are the LB's."""
+    """The `dir` field of a conntrack key: who owns an entry and how its replies are found.
 
+    Policy entries are directional (INGRESS and EGRESS equal Direction): a reply is the
+    reversed tuple in the other direction. The LB's scopes have no direction: a reply is
+    the reversed tuple in the same scope.
+    """
+
+    INGRESS = 0  # policy, to-container: as Direction.INGRESS
+    EGRESS = 1  # policy, from-container: as Direction.EGRESS
     SERVICE = 2  # client -> frontend: which backend this connection uses
     REV_NAT = 3  # client -> backend (after DNAT): how to turn replies back into the frontend
+
+
+class Family(IntEnum):
+    """Address families as the kernel numbers them (AF_INET, AF_INET6), in every struct with a family."""
+
+    INET = 2
+    INET6 = 10
+
+
+class IpProto(IntEnum):
+    """IP protocol numbers the datapath reads: L4 protocols and the IPv6 extension headers."""
+
+    HOPOPTS = 0  # IPv6 hop-by-hop options
+    ICMP = 1
+    TCP = 6
+    UDP = 17
+    ROUTING = 43  # IPv6 routing header
+    FRAGMENT = 44  # IPv6 fragment header
+    ESP = 50
+    AH = 51  # authentication header: length is (hdrlen + 2) * 4 bytes
+    ICMPV6 = 58
+    NONE = 59  # IPv6: no next header
+    DSTOPTS = 60  # IPv6 destination options
+
+
+class TcpFlag(IntEnum):
+    """Bits of the TCP header's flags byte (offset 13)."""
+
+    FIN = 0x01
+    SYN = 0x02
+    RST = 0x04
+    PSH = 0x08
+    ACK = 0x10
+    URG = 0x20
 
 
 HOOK_DIRECTION = {
@@ -70,15 +111,17 @@ class Reason(IntEnum):
     """Why a packet left the chain: 0 is forwarded, everything else is a drop."""
 
     FORWARDED = 0
-    INVALID_PACKET = 1
+    INVALID_PACKET = 1  # a truncated or malformed L2/L3 header
     PREFILTER_DENIED = 2
     POLICY_DENIED = 3
     POLICY_DENY_RULE = 4
     NO_SERVICE_BACKEND = 5
-    CT_INVALID = 6
-    UNKNOWN_ENDPOINT = 7
+    CT_INVALID = 6  # conntrack cannot track it: a truncated or malformed L4 header
+    UNKNOWN_ENDPOINT = 7  # an endpoint hook's packet on an interface the endpoints map does not know
     MISSED_TAIL_CALL = 8
     POLICY_AUDIT = 9  # would have been dropped by policy; the endpoint is in audit mode, so it passed
+    FRAG_NOT_FOUND = 10  # a non-first fragment whose first fragment was never seen: its ports are unknown
+    EXT_HDR_LIMIT = 11  # more IPv6 extension headers than the parser walks (IPV6_EXT_MAX)
 
 
 class Cb(IntEnum):
@@ -194,8 +237,13 @@ class XdpMeta(ctypes.Structure):
 
 
 class Event(ctypes.Structure):
-    """A record on the events ring buffer (drops, verdicts, redirects)."""
+    """A record on the events ring buffer (drops, verdicts, redirects); ports in network order.
 
+    The flow is the parser's: the protocol after every IPv6 extension header, and for a later
+    fragment the ports of its datagram are 0 (the emitter does not look fragments up).
+    """
+
+    _network_order_ = ("sport", "dport")
     _fields_ = [
         ("type", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
@@ -231,12 +279,34 @@ class IpcacheValue(ctypes.Structure):
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class FragKey(ctypes.Structure):
+    """A fragmented datagram: family, protocol, fragment id (network order) and addresses."""
+
+    _network_order_ = ("id",)
+    _fields_ = [
+        ("family", ctypes.c_uint8),
+        ("proto", ctypes.c_uint8),
+        ("pad", ctypes.c_uint16),
+        ("id", ctypes.c_uint32),  # IPv4: the 16-bit id in the first 2 bytes; IPv6: the 32-bit id
+        ("saddr", ctypes.c_uint8 * 16),
+        ("daddr", ctypes.c_uint8 * 16),
+    ]
+
+
+class FragPorts(ctypes.Structure):
+    """The L4 ports of a fragmented datagram, from its first fragment (network order)."""
+
+    _network_order_ = ("sport", "dport")
+    _fields_ = [("sport", ctypes.c_uint16), ("dport", ctypes.c_uint16)]
+
+
 class CtKey(ctypes.Structure):
-    """A connection as first seen at one hook direction (ports in network order).
+    """A connection as its owner keys it: `dir` is a CtScope; ports in network order.
 
     ICMP echo uses the echo id as both ports, so a reply's reversed key matches.
     """
 
+    _network_order_ = ("sport", "dport")
     _fields_ = [
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
@@ -265,10 +335,11 @@ class CtValue(ctypes.Structure):
 
 
 ENUMS: list[type[IntEnum]] = [
-    Hook, Slot, Direction, CtScope, Reason, Cb, EventType, ReservedIdentity, CtFlag,
+    Hook, Slot, Direction, CtScope, Family, IpProto, TcpFlag, Reason, Cb, EventType, ReservedIdentity, CtFlag,
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
-    MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, CtKey, CtValue,
+    MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,
+    CtValue,
 ]  # fmt: skip
 
 # Map sizes that both sides must agree on.
@@ -282,6 +353,10 @@ CONSTANTS = {
     "EVENTS_BYTES": 1 << 20,
     "IPCACHE_MAX": 512 * 1024,
     "CT_MAX": 256 * 1024,
+    "FRAG_MAX": 8192,  # datagrams in flight whose first fragment was seen (Cilium's default)
+    "VLAN_MAX": 2,  # 802.1Q / 802.1ad tags the parser unwraps
+    "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
+    "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }

@@ -32,6 +32,7 @@ class ServiceFlag(IntEnum):
 
 
 class LbServiceKey(ctypes.Structure):
+    _network_order_ = ("port",)
     _fields_ = [
         ("addr", ctypes.c_uint8 * 16),
         ("port", ctypes.c_uint16),
@@ -53,6 +54,7 @@ class LbService(ctypes.Structure):
 
 
 class LbBackend(ctypes.Structure):
+    _network_order_ = ("port",)
     _fields_ = [
         ("addr", ctypes.c_uint8 * 16),
         ("port", ctypes.c_uint16),
@@ -66,6 +68,7 @@ class LbBackend(ctypes.Structure):
 class LbRevNat(ctypes.Structure):
     """What a reply's source becomes: the frontend address and port."""
 
+    _network_order_ = ("port",)
     _fields_ = [
         ("addr", ctypes.c_uint8 * 16),
         ("port", ctypes.c_uint16),
@@ -94,6 +97,7 @@ class LbStats(ctypes.Structure):
 class SockRevKey(ctypes.Structure):
     """A socket (by cookie) and the backend it talks to (IPv4)."""
 
+    _network_order_ = ("addr", "port")
     _fields_ = [
         ("cookie", ctypes.c_uint64),
         ("addr", ctypes.c_uint32),
@@ -103,6 +107,7 @@ class SockRevKey(ctypes.Structure):
 
 
 class SockRev(ctypes.Structure):
+    _network_order_ = ("addr", "port")
     _fields_ = [("addr", ctypes.c_uint32), ("port", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
 
 

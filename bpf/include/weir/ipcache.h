@@ -17,14 +17,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ipcache SEC(".maps");
 
-/* Identity of an address of `family` (2 or 10); addr is 16 bytes (IPv4 in the first 4). */
+/* Identity of an address of `family` (WEIR_FAMILY_INET or _INET6); addr is 16 bytes (IPv4 in the first 4). */
 static __always_inline __u32 ipcache_identity(__u8 family, const __u8 *addr)
 {
 	struct weir_ipcache_key key = {};
 	struct weir_ipcache_value *val;
 
 	key.family = family;
-	if (family == 2) {
+	if (family == WEIR_FAMILY_INET) {
 		key.prefixlen = 32 + 32;
 		__builtin_memcpy(key.addr, addr, 4);
 	} else {
