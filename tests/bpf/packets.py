@@ -28,9 +28,6 @@ from tests.harness.bpfrun import Datapath, Outcome, describe
 MAC_LOCAL = "02:00:00:00:00:01"
 MAC_PEER = "02:00:00:00:00:02"
 
-EXT_HEADERS_XFAIL = pytest.mark.xfail(strict=True, reason="IPv6 extension headers are walked by the parser rework")
-FRAGMENTS_XFAIL = pytest.mark.xfail(strict=True, reason="fragments are tracked by the parser rework")
-VLAN_XFAIL = pytest.mark.xfail(strict=True, reason="VLAN tags are unwrapped by the parser rework")
 
 Frame = Packet | bytes
 

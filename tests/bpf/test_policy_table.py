@@ -44,7 +44,7 @@ from services.policy import compute
 from services.policy.compute import ANY, MapEntry
 from services.policy.defs import PREFIX_FULL, EndpointPolicyConfig
 from services.policy.maps import config_flags
-from tests.bpf.packets import EXT_HEADERS_XFAIL, FRAGMENTS_XFAIL, Row, cut, eth, params, run_row
+from tests.bpf.packets import Row, cut, eth, params, run_row
 from tests.harness.bpfrun import TC_ACT_OK, TC_ACT_SHOT, Datapath
 
 ENDPOINT_ID, ENDPOINT_IDENTITY = 7, 256
@@ -86,13 +86,6 @@ SETUPS = {
 OUT, INTO = Hook.FROM_CONTAINER, Hook.TO_CONTAINER
 OK, SHOT = TC_ACT_OK, TC_ACT_SHOT
 DENIED, DENY_RULE, AUDIT = Reason.POLICY_DENIED, Reason.POLICY_DENY_RULE, Reason.POLICY_AUDIT
-FAIL_OPEN = pytest.mark.xfail(strict=True, reason=(
-    "BUG (policy.bpf.c enforce): an enforced endpoint passes IP packets whose headers parse_flow cannot "
-    "parse, unjudged (fail-open); they must drop: INVALID_PACKET for a bad IP header, CT_INVALID for a "
-    "truncated L4 header (the parser rework does)"))  # fmt: skip
-UNKNOWN_ENDPOINT_XFAIL = pytest.mark.xfail(strict=True, reason=(
-    "policy drops a packet at an endpoint hook of an interface no endpoint owns (UNKNOWN_ENDPOINT) "
-    "with the parser rework"))  # fmt: skip
 
 
 def out4(dst: str, l4: Packet) -> Packet:
@@ -191,16 +184,14 @@ ROWS = [
         prior=((OUT, out6(WORLD6, ICMPv6EchoRequest(id=0x66))),)),
     # ---- IPv6 extension headers and fragments (the parser rework) ----
     Row("v6 SYN to the denied port behind Destination Options drops on the deny rule", INTO,
-        in6(PEER6, IPv6ExtHdrDestOpt() / syn(22)), SHOT, DENY_RULE, marks=(EXT_HEADERS_XFAIL,)),
+        in6(PEER6, IPv6ExtHdrDestOpt() / syn(22)), SHOT, DENY_RULE),
     Row("v6 SYN to the allowed port behind Hop-by-Hop options passes", OUT,
-        out6(PEER6, IPv6ExtHdrHopByHop() / syn(80)), OK, marks=(EXT_HEADERS_XFAIL,)),
+        out6(PEER6, IPv6ExtHdrHopByHop() / syn(80)), OK),
     Row("v6 first fragment of an allowed UDP datagram passes", OUT,
-        out6(WORLD6, IPv6ExtHdrFragment(id=78, m=1, offset=0) / UDP(sport=5000, dport=53) / bytes(32)), OK,
-        marks=(FRAGMENTS_XFAIL,)),
+        out6(WORLD6, IPv6ExtHdrFragment(id=78, m=1, offset=0) / UDP(sport=5000, dport=53) / bytes(32)), OK,),
     Row("v4 later fragment of an allowed UDP datagram passes", OUT,
         eth() / IP(src=EP4, dst=WORLD4, id=77, frag=5, proto=17) / bytes(24), OK,
-        prior=((OUT, eth() / IP(src=EP4, dst=WORLD4, id=77, flags="MF") / UDP(sport=5000, dport=53) / bytes(32)),),
-        marks=(FRAGMENTS_XFAIL,)),
+        prior=((OUT, eth() / IP(src=EP4, dst=WORLD4, id=77, flags="MF") / UDP(sport=5000, dport=53) / bytes(32)),),),
     Row("v4 later fragment of a denied UDP datagram drops", OUT,
         eth() / IP(src=EP4, dst=WORLD4, id=79, frag=5, proto=17) / bytes(24), SHOT, DENIED,
         prior=((OUT, eth() / IP(src=EP4, dst=WORLD4, id=79, flags="MF") / UDP(sport=5000, dport=54) / bytes(32)),)),
@@ -216,7 +207,7 @@ ROWS = [
     Row("unenforced: v4 TCP to a port no rule allows passes", OUT, out4(PEER4, syn(81)), OK, setup="unenforced"),
     Row("unenforced: v6 TCP from the world passes", INTO, in6(WORLD6, syn(80)), OK, setup="unenforced"),
     Row("no endpoint at the device: v4 TCP drops", OUT, out4(PEER4, syn(81)), SHOT, Reason.UNKNOWN_ENDPOINT,
-        setup="no endpoint", marks=(UNKNOWN_ENDPOINT_XFAIL,)),
+        setup="no endpoint"),
     # ---- not IP ----
     Row("ARP passes an enforced endpoint (egress)", OUT,
         Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=EP4, pdst=PEER4), OK),
@@ -228,23 +219,23 @@ ROWS = [
     Row("v4 header cut short is refused by test_run", OUT, cut(out4(PEER4, syn(81)), 14 + 16), None, None),
     Row("v6 header cut short is refused by test_run", INTO, cut(in6(WORLD6, syn(80)), 14 + 30), None, None),
     Row("v4 ihl below 5 drops as invalid", OUT,
-        eth() / IP(src=EP4, dst=PEER4, ihl=4) / syn(81), SHOT, Reason.INVALID_PACKET, marks=(FAIL_OPEN,)),
+        eth() / IP(src=EP4, dst=PEER4, ihl=4) / syn(81), SHOT, Reason.INVALID_PACKET),
     Row("v4 ihl past the end drops as invalid", OUT,
-        eth() / IP(src=EP4, dst=PEER4, ihl=15) / syn(81), SHOT, Reason.INVALID_PACKET, marks=(FAIL_OPEN,)),
+        eth() / IP(src=EP4, dst=PEER4, ihl=15) / syn(81), SHOT, Reason.INVALID_PACKET),
     Row("v4 TCP cut short drops as invalid", OUT,
-        cut(out4(PEER4, syn(81)), 14 + 20 + 10), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        cut(out4(PEER4, syn(81)), 14 + 20 + 10), SHOT, Reason.CT_INVALID),
     Row("v4 TCP data offset past the end drops as invalid", OUT,
-        out4(PEER4, TCP(dport=81, flags="S", dataofs=15)), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        out4(PEER4, TCP(dport=81, flags="S", dataofs=15)), SHOT, Reason.CT_INVALID),
     Row("v4 TCP data offset below 5 drops as invalid", INTO,
-        in4(WORLD4, TCP(dport=80, flags="S", dataofs=4)), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        in4(WORLD4, TCP(dport=80, flags="S", dataofs=4)), SHOT, Reason.CT_INVALID),
     Row("v4 UDP cut short drops as invalid", OUT,
-        cut(out4(PEER4, UDP(dport=54)), 14 + 20 + 4), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        cut(out4(PEER4, UDP(dport=54)), 14 + 20 + 4), SHOT, Reason.CT_INVALID),
     Row("v4 ICMP cut short drops as invalid", INTO,
-        cut(in4(WORLD4, ICMP(type=8)), 14 + 20 + 4), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        cut(in4(WORLD4, ICMP(type=8)), 14 + 20 + 4), SHOT, Reason.CT_INVALID),
     Row("v6 TCP cut short drops as invalid", INTO,
-        cut(in6(WORLD6, syn(80)), 14 + 40 + 12), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        cut(in6(WORLD6, syn(80)), 14 + 40 + 12), SHOT, Reason.CT_INVALID),
     Row("v6 ICMPv6 cut short drops as invalid", INTO,
-        cut(in6(WORLD6, ICMPv6EchoRequest()), 14 + 40 + 3), SHOT, Reason.CT_INVALID, marks=(FAIL_OPEN,)),
+        cut(in6(WORLD6, ICMPv6EchoRequest()), 14 + 40 + 3), SHOT, Reason.CT_INVALID),
 ]
 
 

@@ -26,7 +26,7 @@ from scapy.packet import Packet
 
 from services.common.datapath import Hook, Reason
 from services.prefilter.denylist import Capacity, Entry
-from tests.bpf.packets import VLAN_XFAIL, Row, cut, eth, params, run_row
+from tests.bpf.packets import Row, cut, eth, params, run_row
 from tests.harness.bpfrun import XDP_DROP, XDP_PASS, Datapath
 
 HOST4, PREFIX4, AUDIT4 = "203.0.113.7", "198.51.0.0/16", "203.0.113.9"
@@ -82,7 +82,7 @@ ROWS = [
     Row("v6 fragment from a listed host drops", X,
         v6(HOST6) / IPv6ExtHdrFragment(offset=10, m=0, id=7) / bytes(24), XDP_DROP, DENIED),
     Row("v4 VLAN-tagged from a listed host drops", X,
-        eth() / Dot1Q(vlan=10) / IP(src=HOST4, dst=NODE4) / UDP(), XDP_DROP, DENIED, marks=(VLAN_XFAIL,)),
+        eth() / Dot1Q(vlan=10) / IP(src=HOST4, dst=NODE4) / UDP(), XDP_DROP, DENIED),
     # not IP
     Row("ARP from a listed host's address passes", X,
         Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=HOST4, pdst=NODE4), XDP_PASS),
