@@ -159,8 +159,9 @@ class Endpoints:
                 self._adopt(endpoint, spec.adopt_interface)
             else:
                 self._make(endpoint)
-            self._attach(endpoint)
+            # The endpoints map first: an entry program on an interface it does not know drops (UNKNOWN_ENDPOINT).
             self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+            self._attach(endpoint)
             self._identities.endpoint_up(endpoint.identity, endpoint.networks())
         except Exception:
             self._identities.endpoint_down(endpoint.networks())
@@ -189,8 +190,8 @@ class Endpoints:
                 endpoint.host_ifindex = netdev.link_index(endpoint.host_ifname) or 0
                 endpoint.identity = self._identities.for_labels(endpoint.labels)
                 self._identities.endpoint_up(endpoint.identity, endpoint.networks())
-                self._attach(endpoint)
                 self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint))
+                self._attach(endpoint)
                 self._store.put(KIND, name, asdict(endpoint))
                 known[netdev.alias(self._instance, name)] = endpoint
                 log.info("endpoint re-adopted", endpoint=name)
