@@ -13,6 +13,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
+from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
 from services.common.server import serve
 from services.common.store import Store
@@ -35,6 +36,7 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 
 
 async def main(config: NodeConfig, bpf_dir: Path) -> None:
+    acquire_or_exit(config, SERVICE)
     ensure_bpffs(config.bpffs_root)
     netdev.enable_forwarding()
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
