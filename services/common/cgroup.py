@@ -12,6 +12,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from pybpf import AttachType, BpfError, query_cgroup
 from services.common.config import NodeConfig
 
 MADE_MARKER = "cgroup.made"
@@ -39,9 +40,24 @@ def made_by_instance(config: NodeConfig) -> bool:
         return False
 
 
+def attached_programs(path: Path) -> list[int]:
+    """Ids of every program attached directly to a cgroup, of any cgroup attach type."""
+    found = []
+    for attach_type in AttachType:
+        if attach_type.name.startswith("CGROUP_"):
+            with contextlib.suppress(BpfError, OSError):
+                found += query_cgroup(path, attach_type)
+    return found
+
+
 def remove_cgroup_if_ours(config: NodeConfig) -> bool:
-    """rmdir the cgroup if we made it and it holds no processes or children; True if removed."""
-    if not made_by_instance(config) or not config.cgroup_root.is_dir():
+    """rmdir the cgroup if we made it and it is empty; True if removed.
+
+    Empty means no processes and no children (the kernel checks those) and no programs
+    attached (the kernel would drop them with the directory: another instance sharing the
+    subtree would lose its hooks).
+    """
+    if not made_by_instance(config) or not config.cgroup_root.is_dir() or attached_programs(config.cgroup_root):
         return False
     try:
         os.rmdir(config.cgroup_root)  # the kernel refuses while processes or children remain

@@ -11,6 +11,7 @@ import grpc.aio
 import structlog
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
+from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
 from services.common.instance_lock import acquire_or_exit
@@ -18,7 +19,6 @@ from services.common.logs import setup_logging
 from services.common.server import serve
 from services.common.store import Store
 from services.common.worker import Worker
-from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
@@ -38,7 +38,7 @@ def _flags(parser: argparse.ArgumentParser) -> None:
 async def main(config: NodeConfig, bpf_dir: Path) -> None:
     acquire_or_exit(config, SERVICE)
     ensure_bpffs(config.bpffs_root)
-    netdev.enable_forwarding()
+    sysctls.enable_forwarding(config)  # records the old values for teardown
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE))
     chain.load()
     worker = Worker(SERVICE)
