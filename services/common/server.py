@@ -233,6 +233,9 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly (see ``ServiceServer.stop``).
 
+    A start that fails (a busy port, a TLS key others can read) logs one error line and
+    exits with status 1 after the clean-up.
+
     ``readiness`` lets background tasks turn the health to NOT_SERVING while they fail.
     """
     loop = asyncio.get_running_loop()
@@ -248,7 +251,11 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig)
     server = ServiceServer(service, config, register, on_stop, readiness)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except WeirError as exc:  # one line that says why, not a traceback
+            log.error("cannot serve", error=str(exc))
+            raise SystemExit(1) from None
         await stop.wait()
         log.info("stopping", signal=received[0] if received else None)
     finally:

@@ -163,3 +163,16 @@ def test_tcp_listen_plans() -> None:
     assert plan_tcp(None) == {}
     assert plan_tcp("[::1]:7000-7003") == {s: f"[::1]:{7000 + i}" for i, s in enumerate(SERVICES)}
     assert plan_tcp("policy=10.0.0.1:9") == {"policy": "10.0.0.1:9"}
+
+
+def test_a_service_refuses_a_key_others_can_read_with_one_line(make_node: Callable[..., Node], pki: Path) -> None:
+    node = make_node()
+    (pki / "server.key").chmod(0o644)
+    argv = node.argv("prefilter", ("--tcp-listen", "127.0.0.1:7300", *_tls(pki)))
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    errors = [json.loads(line) for line in result.stderr.splitlines() if '"cannot serve"' in line]
+    assert len(errors) == 1, result.stderr
+    assert str(pki / "server.key") in errors[0]["error"] and "0644" in errors[0]["error"]
+    assert "Traceback" not in result.stderr
+    assert not node.socket("prefilter").exists()
