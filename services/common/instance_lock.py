@@ -19,6 +19,7 @@ from services.common.config import NodeConfig
 from services.common.errors import FailedPrecondition
 
 LOCK_SUFFIX = ".lock"
+MAX_COMMAND = 400  # characters of the holder's command line quoted in a refusal
 # Held locks stay open until the process exits: the fd is the lock.
 _held: dict[Path, int] = {}
 
@@ -34,7 +35,9 @@ def _command(pid: int) -> str:
         raw = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return ""
-    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    text = " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)
+    text = "".join(c if c.isprintable() else " " for c in text)  # the refusal stays one line
+    return text if len(text) <= MAX_COMMAND else text[: MAX_COMMAND - 3] + "..."
 
 
 def holder(path: Path) -> str:
