@@ -15,12 +15,13 @@ from pathlib import Path
 
 import pytest
 
-from services.orchestrator.suite import SERVICES, plan_tcp
 from tests.common.test_common_server import _make_pki
 from tests.harness import netns
 from tests.harness.node import REPO, Node
 
 pytestmark = pytest.mark.root
+
+SERVICES = ["orchestrator", "prefilter", "policy", "lb"]  # the suite's documented order
 
 SERVICE_NAMES = {
     "orchestrator": "weir.orchestrator.v1.Orchestrator",
@@ -142,27 +143,6 @@ def test_a_second_suite_of_the_same_instance_fails_before_touching_anything(make
         assert first.poll() is None
         assert {s: node.socket(s).stat().st_ino for s in SERVICES} == sockets
         assert all(node.serving(s) for s in SERVICES)
-
-
-@pytest.mark.parametrize(
-    ("value", "message"),
-    [
-        ("127.0.0.1:7000", "one address per service"),
-        ("127.0.0.1:7000-7002", "has 3 ports"),
-        ("dns=127.0.0.1:7000", "does not name a service"),
-        ("lb=127.0.0.1:1,lb=127.0.0.1:2", "lb is given twice"),
-        ("127.0.0.1:7000-99999", "bad port"),
-    ],
-)
-def test_unusable_tcp_listen_values_are_refused(value: str, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        plan_tcp(value)
-
-
-def test_tcp_listen_plans() -> None:
-    assert plan_tcp(None) == {}
-    assert plan_tcp("[::1]:7000-7003") == {s: f"[::1]:{7000 + i}" for i, s in enumerate(SERVICES)}
-    assert plan_tcp("policy=10.0.0.1:9") == {"policy": "10.0.0.1:9"}
 
 
 def test_a_service_refuses_a_key_others_can_read_with_one_line(make_node: Callable[..., Node], pki: Path) -> None:
