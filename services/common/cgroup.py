@@ -16,20 +16,30 @@ from pybpf import AttachType, BpfError, query_cgroup
 from services.common.config import NodeConfig
 
 MADE_MARKER = "cgroup.made"
+ATTACH_TYPES = tuple(t for t in AttachType if t.name.startswith("CGROUP_"))
 
 
 def _marker(config: NodeConfig) -> Path:
     return config.run_dir / MADE_MARKER
 
 
-def ensure_cgroup(config: NodeConfig) -> None:
-    """Create the instance's cgroup directory if missing and remember that we made it."""
+def ensure_cgroup(config: NodeConfig) -> bool:
+    """Create the instance's cgroup directory if missing and remember that we made it.
+
+    Only the parent is expected to exist (the cgroup2 mount or a subtree the operator
+    made); without it nothing is created here, and a service that attaches to the cgroup
+    reports the problem itself. Returns whether the directory exists.
+    """
     path = config.cgroup_root
     if path.is_dir():
-        return
-    path.mkdir(parents=False)
+        return True
+    try:
+        path.mkdir(parents=False)
+    except OSError:
+        return False
     config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     _marker(config).write_text(f"{path}\n")
+    return True
 
 
 def made_by_instance(config: NodeConfig) -> bool:
@@ -43,10 +53,9 @@ def made_by_instance(config: NodeConfig) -> bool:
 def attached_programs(path: Path) -> list[int]:
     """Ids of every program attached directly to a cgroup, of any cgroup attach type."""
     found = []
-    for attach_type in AttachType:
-        if attach_type.name.startswith("CGROUP_"):
-            with contextlib.suppress(BpfError, OSError):
-                found += query_cgroup(path, attach_type)
+    for attach_type in ATTACH_TYPES:
+        with contextlib.suppress(BpfError, OSError):
+            found += query_cgroup(path, attach_type)
     return found
 
 

@@ -30,7 +30,6 @@ from pathlib import Path
 from pyroute2 import IPRoute
 
 from pybpf import (
-    AttachType,
     BpfError,
     Program,
     TcDirection,
@@ -44,17 +43,17 @@ from pybpf import (
 )
 from services.common import netns, sysctls
 from services.common.bpffs import is_bpffs, remove_pins
-from services.common.cgroup import remove_cgroup_if_ours
+from services.common.cgroup import ATTACH_TYPES, remove_cgroup_if_ours
 from services.common.config import NodeConfig
 from services.common.errors import FailedPrecondition
 from services.common.instance_lock import holder, lock_path, release, try_lock
 from services.orchestrator import netdev
+from services.orchestrator.suite import SERVICES
 
 ROLE = "teardown"
 # Every role that takes the instance's lock: while one runs, teardown refuses.
-ROLES = ("suite", "orchestrator", "prefilter", "policy", "lb", "sockaccel")
+ROLES = ("suite", *SERVICES)
 TC_HANDLE = TC_PRIORITY = 1  # where the orchestrator attaches its entry programs
-CGROUP_TYPES = tuple(t for t in AttachType if t.name.startswith("CGROUP_"))
 
 
 @dataclass
@@ -180,7 +179,7 @@ def _cgroup_dirs(root: Path) -> Iterator[Path]:
 
 def _detach_cgroup_programs(config: NodeConfig, own: set[int], report: Report) -> None:
     for directory in _cgroup_dirs(config.cgroup_root):
-        for attach_type in CGROUP_TYPES:
+        for attach_type in ATTACH_TYPES:
             try:
                 attached = query_cgroup(directory, attach_type)
             except (BpfError, OSError):
