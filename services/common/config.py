@@ -31,6 +31,26 @@ ENV = {
 }
 
 
+CGROUP2_CANDIDATES = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
+
+
+def cgroup2_mount(mounts: Path = Path("/proc/self/mounts")) -> Path:
+    """Where the cgroup2 hierarchy is mounted (unified or hybrid layout).
+
+    Read from the mount table; falls back to the hybrid layout's place when nothing says.
+    """
+    try:
+        lines = mounts.read_text().splitlines()
+    except OSError:
+        lines = []
+    rows = (line.split() for line in lines)
+    found = {Path(fields[1]) for fields in rows if len(fields) > 2 and fields[2] == "cgroup2"}
+    for candidate in CGROUP2_CANDIDATES:
+        if candidate in found:
+            return candidate
+    return min(found, default=CGROUP2_CANDIDATES[1], key=lambda p: len(p.parts))
+
+
 def _path(value: Path | str | None) -> Path | None:
     return None if value is None or value == "" else Path(value)
 
@@ -89,7 +109,7 @@ class NodeConfig:
             "bpffs_root": _path(bpffs_root) or Path("/sys/fs/bpf") / instance,
             "run_dir": _path(run_dir) or Path("/run") / instance,
             "state_dir": _path(state_dir) or Path("/var/lib") / instance,
-            "cgroup_root": _path(cgroup_root) or Path("/sys/fs/cgroup/unified"),
+            "cgroup_root": _path(cgroup_root) or cgroup2_mount() / instance,
             "tcp_listen": tcp,
             "tls_cert": _path(tls_cert),
             "tls_key": _path(tls_key),
@@ -140,7 +160,7 @@ class NodeConfig:
             ("bpffs_root", "bpffs directory of this node (default /sys/fs/bpf/<instance>)"),
             ("run_dir", "directory of the unix sockets (default /run/<instance>)"),
             ("state_dir", "directory of the state databases (default /var/lib/<instance>)"),
-            ("cgroup_root", "cgroup2 subtree for socket hooks (default /sys/fs/cgroup/unified)"),
+            ("cgroup_root", "cgroup2 subtree of this node's socket hooks (default <cgroup2 mount>/<instance>)"),
             ("tls_cert", "PEM server certificate for --tcp-listen"),
             ("tls_key", "PEM private key for --tcp-listen"),
             ("tls_client_ca", "PEM CA bundle; when set, TCP clients must present a certificate"),

@@ -74,6 +74,25 @@ def _read(path: Path | None) -> bytes | None:
         raise FailedPrecondition(f"cannot read TLS file {path}: {exc.strerror}") from exc
 
 
+def check_key_file(path: Path) -> None:
+    """Refuse a private key others can read or anyone but its owner can write; warn if group-readable.
+
+    A key readable by every user is no longer a secret; a group-readable one (Debian's
+    ``ssl-cert`` convention) is a choice someone made, so it only gets a warning.
+    """
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot read TLS file {path}: {exc.strerror}") from exc
+    if mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+        raise FailedPrecondition(
+            f"TLS private key {path} has mode {mode:04o}, so other users can read or change it; "
+            f"run 'chmod 600 {path}' (or 640 for a group that needs it)"
+        )
+    if mode & stat.S_IRGRP:
+        log.warning("TLS private key is readable by its group", path=str(path), mode=f"{mode:04o}")
+
+
 def _bind(add_port: Callable[[], int], address: str) -> int:
     """Run a grpc add_*_port call; grpc signals failure by RuntimeError or by port 0."""
     try:
@@ -158,10 +177,19 @@ class ServiceServer:
 
     def _add_tls_port(self, server: grpc.aio.Server, address: str) -> int:
         """Add the TLS TCP listener; a client CA makes client certificates mandatory."""
-        cert, key = _read(self.config.tls_cert), _read(self.config.tls_key)
+        cert = _read(self.config.tls_cert)
+        if self.config.tls_key is not None:
+            check_key_file(self.config.tls_key)
+        key = _read(self.config.tls_key)
         if cert is None or key is None:
             raise FailedPrecondition("a TCP listener requires --tls-cert and --tls-key")
         client_ca = _read(self.config.tls_client_ca)
+        if client_ca is None:
+            log.warning(
+                "TCP listener accepts any client",
+                address=address,
+                hint="set --tls-client-ca so clients must present a certificate",
+            )
         credentials = grpc.ssl_server_credentials(
             [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
         )
@@ -205,6 +233,9 @@ async def serve(
 ) -> None:
     """Serve until SIGTERM or SIGINT, then stop cleanly (see ``ServiceServer.stop``).
 
+    A start that fails (a busy port, a TLS key others can read) logs one error line and
+    exits with status 1 after the clean-up.
+
     ``readiness`` lets background tasks turn the health to NOT_SERVING while they fail.
     """
     loop = asyncio.get_running_loop()
@@ -220,7 +251,11 @@ async def serve(
         loop.add_signal_handler(sig, on_signal, sig)
     server = ServiceServer(service, config, register, on_stop, readiness)
     try:
-        await server.start()
+        try:
+            await server.start()
+        except WeirError as exc:  # one line that says why, not a traceback
+            log.error("cannot serve", error=str(exc))
+            raise SystemExit(1) from None
         await stop.wait()
         log.info("stopping", signal=received[0] if received else None)
     finally:

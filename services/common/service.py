@@ -17,8 +17,10 @@ from typing import Any, Protocol, TypeVar
 import grpc.aio
 
 from services.common.bpffs import ensure_bpffs
+from services.common.cgroup import ensure_cgroup
 from services.common.config import NodeConfig
 from services.common.health import Readiness
+from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
 from services.common.server import serve
 from services.common.store import Store
@@ -51,7 +53,9 @@ async def run_datapath_service(
     ``tasks`` are run as `Periodic` loops; ``background`` is a bare coroutine that gets
     none of their protection (kept for services not yet moved to ``tasks``).
     """
+    acquire_or_exit(config, service)  # before anything: a second copy must touch nothing
     ensure_bpffs(config.bpffs_root)
+    ensure_cgroup(config)
     worker = Worker(service)
     store = await worker.call(Store.open, config, service)
     owner = await worker.call(build, store)

@@ -156,23 +156,31 @@ class LbMaps:
         self._rev_nat = obj.typed_map("lb_rev_nat", ctypes.c_uint32, LbRevNat)
         self._tables = obj.map_of_maps("lb_tables", ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32)
         self._stats = {name: obj.typed_map(name, ctypes.c_uint32, LbStats) for name in STATS_MAPS}
+        previous = self._pinned_ids()
         self.programs = pin_programs(obj, [*TC_PROGRAMS, *SOCK_PROGRAMS], self._pin_dir)
         if self._register is not None:
             self._register([Placement(hook, slot, self._pin_dir / name) for name, (hook, slot) in TC_PROGRAMS.items()])
-        self._attach_sockets()
+        self._attach_sockets(previous)
 
-    def _attach_sockets(self) -> None:
-        """Attach the socket programs to the node's cgroup, replacing our older ones."""
+    def _pinned_ids(self) -> set[int]:
+        """Ids of the socket programs this instance pinned last time (its own, to replace)."""
+        ids = set()
+        for name in SOCK_PROGRAMS:
+            try:
+                with Program.from_pin(self._pin_dir / name) as program:
+                    ids.add(program.id)
+            except (BpfError, OSError):
+                continue
+        return ids
+
+    def _attach_sockets(self, previous: set[int]) -> None:
+        """Attach the socket programs to the node's cgroup, replacing our older ones only.
+
+        Another instance's programs of the same name may share the cgroup: they stay.
+        """
         self._cgroup.mkdir(parents=True, exist_ok=True)
         for name, attach_type in SOCK_PROGRAMS.items():
-            stale = []
-            for prog_id in query_cgroup(self._cgroup, attach_type):
-                try:
-                    with Program.from_id(prog_id) as program:
-                        if program.name == name[:15]:
-                            stale.append(prog_id)
-                except BpfError:
-                    continue
+            stale = [prog_id for prog_id in query_cgroup(self._cgroup, attach_type) if prog_id in previous]
             attach_cgroup(self._cgroup, self.programs[name], attach_type, multi=True)
             for prog_id in stale:
                 with Program.from_id(prog_id) as program:

@@ -11,15 +11,16 @@ import grpc.aio
 import structlog
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
+from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
+from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
 from services.common.objects import load_service_object
 from services.common.server import serve
 from services.common.store import Store
 from services.common.worker import Worker
-from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
@@ -60,8 +61,9 @@ async def _every(worker: Worker, seconds: float, what: str, fn: Callable[[], obj
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     bpf_dir: Path = args.bpf_dir
+    acquire_or_exit(config, SERVICE)
     ensure_bpffs(config.bpffs_root)
-    netdev.enable_forwarding()
+    sysctls.enable_forwarding(config)  # records the old values for teardown
     worker = Worker(SERVICE)
     store = await worker.call(Store.open, config, SERVICE)
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.config import ENV, TLS_REQUIRED, NodeConfig
+from services.common.config import ENV, TLS_REQUIRED, NodeConfig, cgroup2_mount
 
 
 @pytest.fixture(autouse=True)
@@ -24,7 +24,7 @@ def test_defaults_follow_the_instance_name() -> None:
     assert config.bpffs_root == Path("/sys/fs/bpf/node1")
     assert config.run_dir == Path("/run/node1")
     assert config.state_dir == Path("/var/lib/node1")
-    assert config.cgroup_root == Path("/sys/fs/cgroup/unified")
+    assert config.cgroup_root == cgroup2_mount() / "node1"
     assert config.tcp_listen is None
     assert config.log_level == "info"
     assert config.socket_path("lb") == Path("/run/node1/lb.sock")
@@ -133,3 +133,27 @@ def test_config_is_frozen_and_replaceable() -> None:
     moved = dataclasses.replace(config, run_dir=Path("/tmp/x"))
     assert moved.run_dir == Path("/tmp/x")
     assert moved.bpffs_root == Path("/sys/fs/bpf/x")
+
+
+def test_each_instance_gets_its_own_cgroup_subtree() -> None:
+    """Two instances on defaults must not share the attach point of their socket hooks."""
+    one, two = NodeConfig(instance="a"), NodeConfig(instance="b")
+    assert one.cgroup_root != two.cgroup_root
+    assert one.cgroup_root.parent == two.cgroup_root.parent == cgroup2_mount()
+    assert one.cgroup_root.name == "a"
+
+
+def test_cgroup2_mount_is_read_from_the_mount_table(tmp_path: Path) -> None:
+    hybrid = tmp_path / "hybrid"
+    hybrid.write_text(
+        "tmpfs /sys/fs/cgroup tmpfs rw 0 0\n"
+        "cgroup /sys/fs/cgroup/cpu cgroup rw,cpu 0 0\n"
+        "cgroup2 /sys/fs/cgroup/unified cgroup2 rw 0 0\n"
+    )
+    unified = tmp_path / "unified"
+    unified.write_text("cgroup2 /sys/fs/cgroup cgroup2 rw,nsdelegate 0 0\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.write_text("cgroup2 /mnt/cg2 cgroup2 rw 0 0\n")
+    assert cgroup2_mount(hybrid) == Path("/sys/fs/cgroup/unified")
+    assert cgroup2_mount(unified) == Path("/sys/fs/cgroup")
+    assert cgroup2_mount(elsewhere) == Path("/mnt/cg2")

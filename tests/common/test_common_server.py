@@ -443,3 +443,74 @@ def test_sigterm_drains_calls_and_stops_cleanly(tmp_path: Path) -> None:
     events = [json.loads(line)["event"] for line in stderr.splitlines() if line.startswith("{")]
     assert "serving" in events
     assert "stopped" in events
+
+
+def _pki(tmp_path: Path) -> Path:
+    pki = tmp_path / "pki"
+    pki.mkdir()
+    _make_pki(pki)
+    return pki
+
+
+def _start_logged(config: NodeConfig) -> tuple[list[dict[str, Any]], Exception | None]:
+    """Start and stop a server with logs captured; returns the log lines and the start error."""
+    out = io.StringIO()
+    setup_logging("probe", "info", stream=out)
+    error: list[Exception] = []
+
+    async def scenario() -> None:
+        server = ServiceServer("probe", config, register)
+        try:
+            await server.start()
+        except FailedPrecondition as exc:
+            error.append(exc)
+        finally:
+            await server.stop(grace=0)
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        structlog.reset_defaults()
+        logging.getLogger().handlers.clear()
+    return [json.loads(line) for line in out.getvalue().splitlines()], (error[0] if error else None)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o620])
+def test_a_key_others_can_read_or_change_is_refused(tmp_path: Path, mode: int) -> None:
+    pki = _pki(tmp_path)
+    key = pki / "server.key"
+    key.chmod(mode)
+    config = node(tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=key,
+                  tls_client_ca=pki / "ca.pem")
+    _, error = _start_logged(config)
+    assert isinstance(error, FailedPrecondition)
+    assert str(key) in str(error) and f"{mode:04o}" in str(error)
+    assert not (tmp_path / "run" / "probe.sock").exists()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_group_readable_key_and_a_listener_without_client_ca_are_warned_about(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    key = pki / "server.key"
+    key.chmod(0o640)
+    config = node(tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=key)
+    lines, error = _start_logged(config)
+    assert error is None
+    warnings = [line for line in lines if line["level"] == "warning"]
+    assert [w["event"] for w in warnings] == [
+        "TLS private key is readable by its group",
+        "TCP listener accepts any client",
+    ]
+    assert warnings[0]["path"] == str(key) and warnings[0]["mode"] == "0640"
+    assert any(line["event"] == "serving" for line in lines)
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_a_private_key_with_a_client_ca_starts_without_warnings(tmp_path: Path) -> None:
+    pki = _pki(tmp_path)
+    config = node(tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=pki / "server.key",
+                  tls_client_ca=pki / "ca.pem")
+    lines, error = _start_logged(config)
+    assert error is None
+    assert [line for line in lines if line["level"] == "warning"] == []

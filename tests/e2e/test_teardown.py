@@ -1,0 +1,209 @@
+"""`./weir teardown` removes everything one node made and nothing of the instance running beside it."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import pytest
+from weir.lb.v1 import lb_pb2 as lb_pb
+from weir.lb.v1 import lb_pb2_grpc as lb_grpc
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.prefilter.v1 import prefilter_pb2 as pf_pb
+from weir.prefilter.v1 import prefilter_pb2_grpc as pf_grpc
+
+from services.common.bpffs import remove_pins
+from services.common.cgroup import attached_programs
+from services.orchestrator.teardown import pinned_program_ids
+from tests.harness import netns
+from tests.harness.node import NET_IFNAME, REPO, Node
+
+pytestmark = pytest.mark.root
+
+BESIDE_IFNAME = "wnetb"
+
+
+@dataclass
+class Beside(Node):
+    """A second instance running in another node's namespace (its own paths, the same network)."""
+
+    host: str = ""
+
+    @property
+    def ns(self) -> str:
+        return self.host
+
+    def teardown(self) -> None:
+        for name in list(self.services):
+            with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
+                self.kill(name, signal.SIGKILL)
+        for ns in netns.names(f"{self.name}."):
+            netns.remove(ns)
+        if self.bpffs_root.exists():
+            remove_pins(self.bpffs_root)
+        if self.cgroup_root.exists():
+            self.cgroup_root.rmdir()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+@pytest.fixture
+def beside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Node], Beside]]:
+    made: list[Beside] = []
+
+    def make(node: Node) -> Beside:
+        other = Beside(f"{node.name}b", tmp_path_factory.mktemp(f"{node.name}b"), host=node.ns)
+        made.append(other)
+        other.workdir.mkdir(parents=True, exist_ok=True)
+        return other
+
+    yield make
+    for other in made:
+        other.teardown()
+
+
+def _teardown(node: Node, *extra: str) -> subprocess.CompletedProcess[str]:
+    flags = node.argv("x")[node.argv("x").index("--instance"):]
+    argv = [*netns.nsenter_argv(node.ns), sys.executable, "-m", "services.orchestrator.teardown", *flags, *extra]
+    return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+
+
+def _lb(node: Node) -> lb_grpc.LoadBalancerStub:
+    return lb_grpc.LoadBalancerStub(node.channel("lb"))
+
+
+def _populate(node: Node, device: str, vip: str) -> None:
+    """Endpoints, an attached device with the prefilter's XDP on it, a VIP (socket LB)."""
+    node.create_endpoint("a", ipv6=False)
+    backend = node.create_endpoint("b", ipv6=False)
+    node.orchestrator().AttachDevice(orch_pb.AttachDeviceRequest(interface=device), timeout=10)
+    pf_grpc.PrefilterStub(node.channel("prefilter")).Attach(
+        pf_pb.AttachRequest(interface=device, mode=pf_pb.XDP_MODE_GENERIC), timeout=10
+    )
+    service = lb_pb.Service(name="web", address=vip, port=80, protocol="TCP",
+                            backends=[lb_pb.Backend(address=backend.ipv4, port=8080, weight=1)])
+    _lb(node).UpsertService(lb_pb.UpsertServiceRequest(service=service), timeout=10)
+
+
+def _links(node: Node) -> str:
+    return netns.run(node.ns, "ip", "-d", "link", "show").stdout
+
+
+def _aliases(node: Node, instance: str) -> list[str]:
+    return [line for line in _links(node).splitlines() if f"alias weir/{instance}/" in line]
+
+
+def _tc(node: Node, device: str) -> str:
+    return "".join(netns.run(node.ns, "tc", "filter", "show", "dev", device, d).stdout for d in ("ingress", "egress"))
+
+
+def _xdp(node: Node, device: str) -> bool:
+    return "xdp" in netns.run(node.ns, "ip", "link", "show", device).stdout
+
+
+def _snapshot(node: Node, device: str) -> dict[str, object]:
+    """Everything of one instance a teardown of another must leave as it is."""
+    return {
+        "netns": netns.names(f"{node.name}."),
+        "aliases": len(_aliases(node, node.name)),
+        "pins": sorted(str(p) for p in node.bpffs_root.rglob("*")),
+        "cgroup": sorted(attached_programs(node.cgroup_root)),
+        "tc": _tc(node, device),
+        "xdp": _xdp(node, device),
+        "sockets": sorted(p.name for p in node.run_dir.glob("*.sock")),
+    }
+
+
+def test_teardown_removes_everything_the_node_made_and_nothing_of_its_neighbour(
+    make_node: Callable[..., Node], beside: Callable[[Node], Beside]
+) -> None:
+    node = make_node()
+    node.cgroup_root.rmdir()  # the instance makes its own cgroup (the harness made one)
+    for service in ("orchestrator", "prefilter", "lb"):
+        node.start(service)
+    _populate(node, NET_IFNAME, "198.19.0.1")
+    user_ns = f"{node.name}.user"  # a user's namespace that only looks like ours
+    netns.create(user_ns)
+
+    other = beside(node)
+    netns.run(node.ns, "ip", "link", "add", BESIDE_IFNAME, "type", "veth", "peer", "name", "wnetb1")
+    netns.run(node.ns, "ip", "link", "set", BESIDE_IFNAME, "up")
+    for service in ("orchestrator", "prefilter", "lb"):
+        other.start(service)
+    _populate(other, BESIDE_IFNAME, "198.19.0.2")
+    before = _snapshot(other, BESIDE_IFNAME)
+    assert before["aliases"] == 2 and before["tc"] and before["xdp"] and before["cgroup"]
+
+    ours = _snapshot(node, NET_IFNAME)
+    assert ours["aliases"] == 2 and ours["tc"] and ours["xdp"] and ours["cgroup"]
+    for service in ("prefilter", "orchestrator"):
+        node.kill(service, signal.SIGTERM)
+    ours["sockets"] = ["lb.sock"]
+    running = node.services["lb"].process.pid
+    refused = _teardown(node)
+    assert refused.returncode == 1 and f"pid {running}" in refused.stderr, refused.stderr
+    assert _snapshot(node, NET_IFNAME) == ours  # refusing touched nothing
+    node.kill("lb", signal.SIGTERM)
+    result = _teardown(node)
+    assert result.returncode == 0, result.stderr
+
+    assert netns.names(f"{node.name}.") == [user_ns]
+    assert _aliases(node, node.name) == []
+    assert _tc(node, NET_IFNAME) == ""
+    assert not _xdp(node, NET_IFNAME)
+    assert not node.bpffs_root.exists()
+    assert not node.cgroup_root.exists()
+    assert not node.run_dir.exists()
+    assert node.state_dir.exists()  # kept without --purge-state
+
+    assert _snapshot(other, BESIDE_IFNAME) == before
+    assert all(other.serving(s) for s in ("orchestrator", "prefilter", "lb"))
+    assert _teardown(node).returncode == 0  # safe to repeat
+    netns.remove(user_ns)
+
+
+def test_teardown_restores_forwarding_and_purges_state_on_request(make_node: Callable[..., Node]) -> None:
+    node = make_node()
+    forwarding = ("net.ipv4.ip_forward", "net.ipv6.conf.all.forwarding")
+
+    def values() -> list[str]:
+        return [netns.run(node.ns, "sysctl", "-n", key).stdout.strip() for key in forwarding]
+
+    assert values() == ["0", "0"]
+    node.start("orchestrator")
+    assert values() == ["1", "1"]
+    node.kill("orchestrator", signal.SIGKILL)
+    node.start("orchestrator")  # a restart finds forwarding on: the originals stay recorded
+    node.kill("orchestrator", signal.SIGTERM)
+    result = _teardown(node, "--purge-state")
+    assert result.returncode == 0, result.stderr
+    assert values() == ["0", "0"]
+    assert not node.state_dir.exists()
+    assert not node.bpffs_root.exists()
+
+
+def test_a_shared_cgroup_keeps_the_other_instances_hooks(
+    make_node: Callable[..., Node], beside: Callable[[Node], Beside]
+) -> None:
+    node = make_node()
+    node.cgroup_root.rmdir()
+    node.start("orchestrator")
+    node.start("lb")
+    other = beside(node)
+    shared = ("--cgroup-root", str(node.cgroup_root))
+    other.start("orchestrator", *shared)
+    other.start("lb", *shared)
+    theirs = set(attached_programs(node.cgroup_root)) - pinned_program_ids(node.bpffs_root)
+    assert theirs
+    node.kill("lb", signal.SIGTERM)
+    node.kill("orchestrator", signal.SIGTERM)
+    assert _teardown(node).returncode == 0
+    assert node.cgroup_root.is_dir()  # not empty: the neighbour's hooks are still attached
+    assert set(attached_programs(node.cgroup_root)) == theirs
+    other.kill("lb", signal.SIGTERM)
+    other.kill("orchestrator", signal.SIGTERM)
+    assert _teardown(other, *shared).returncode == 0
