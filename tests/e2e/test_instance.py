@@ -88,6 +88,7 @@ def test_instances_sharing_a_cgroup_never_detach_each_others_socket_hooks(make_n
 def test_a_service_makes_its_instance_cgroup_and_records_it(make_node: Callable[..., Node]) -> None:
     node = make_node()
     node.cgroup_root.rmdir()  # the harness makes it; here the instance must
+    node.start("orchestrator")  # the LB registers its programs with it before it serves
     node.start("lb")
     assert node.cgroup_root.is_dir()
     assert _attached(node.cgroup_root) == _own(node)
