@@ -93,6 +93,25 @@ def check_key_file(path: Path) -> None:
         log.warning("TLS private key is readable by its group", path=str(path), mode=f"{mode:04o}")
 
 
+def check_tls_files(config: NodeConfig) -> None:
+    """Exit 1 with one line if a TCP listener's TLS files are missing or the key is not private.
+
+    Run at the very start of a service, before it loads or waits on anything, so a bad key
+    is reported at once rather than after the service has touched the datapath.
+    """
+    if not config.tcp_listen:
+        return
+    try:
+        for path in (config.tls_cert, config.tls_client_ca):
+            _read(path)
+        if config.tls_key is not None:
+            check_key_file(config.tls_key)
+            _read(config.tls_key)
+    except WeirError as exc:
+        log.error("cannot serve", error=str(exc))
+        raise SystemExit(1) from None
+
+
 def _bind(add_port: Callable[[], int], address: str) -> int:
     """Run a grpc add_*_port call; grpc signals failure by RuntimeError or by port 0."""
     try:

@@ -22,7 +22,7 @@ from services.common.config import NodeConfig
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
-from services.common.server import serve
+from services.common.server import check_tls_files, serve
 from services.common.store import Store
 from services.common.worker import Worker
 
@@ -54,6 +54,7 @@ async def run_datapath_service(
     none of their protection (kept for services not yet moved to ``tasks``).
     """
     acquire_or_exit(config, service)  # before anything: a second copy must touch nothing
+    check_tls_files(config)
     ensure_bpffs(config.bpffs_root)
     ensure_cgroup(config)
     worker = Worker(service)

@@ -18,7 +18,7 @@ from services.common.errors import WeirError
 from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
 from services.common.objects import load_service_object
-from services.common.server import serve
+from services.common.server import check_tls_files, serve
 from services.common.store import Store
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain
@@ -62,6 +62,7 @@ async def _every(worker: Worker, seconds: float, what: str, fn: Callable[[], obj
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     bpf_dir: Path = args.bpf_dir
     acquire_or_exit(config, SERVICE)
+    check_tls_files(config)
     ensure_bpffs(config.bpffs_root)
     sysctls.enable_forwarding(config)  # records the old values for teardown
     worker = Worker(SERVICE)
