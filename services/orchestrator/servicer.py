@@ -295,9 +295,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def GetMetrics(
         self, request: pb.GetMetricsRequest, context: Context    ) -> pb.GetMetricsResponse:
+        counts = await self._worker.call(self._chain.entry_counts)
+        reason_counts = await self._worker.call(self._chain.reason_counts)
         entry = [
             pb.HookCounter(hook=hook_to_proto(hook), counter=common_pb2.Counter(packets=p, bytes=b))
-            for hook, (p, b) in self._chain.entry_counts().items()
+            for hook, (p, b) in counts.items()
         ]
         reasons = [
             pb.ReasonCounter(
@@ -306,7 +308,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 direction=direction_to_proto(r.direction),
                 counter=common_pb2.Counter(packets=r.packets, bytes=r.bytes),
             )
-            for r in self._chain.reason_counts()
+            for r in reason_counts
         ]
         return pb.GetMetricsResponse(entry=entry, reasons=reasons)
 
