@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc.aio
@@ -14,10 +14,11 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
-from services.common.errors import WeirError
+from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
 from services.common.objects import load_service_object
+from services.common.periodic import Every, Periodic
 from services.common.server import check_tls_files, serve
 from services.common.store import Store
 from services.common.worker import Worker
@@ -44,21 +45,6 @@ def _flags(parser: argparse.ArgumentParser) -> None:
                         help="how often the node's own addresses are re-read for the ipcache (default 2)")
 
 
-async def _every(worker: Worker, seconds: float, what: str, fn: Callable[[], object]) -> None:
-    """Run fn on the worker every `seconds`; log failures and back off (up to a minute) while they last."""
-    failures = 0
-    while True:
-        await asyncio.sleep(min(seconds * (2**failures), 60.0))
-        try:
-            result = await worker.call(fn)
-            failures = 0
-            if result:
-                log.info(what, result=result)
-        except (WeirError, OSError) as exc:
-            failures += 1
-            log.warning(f"{what} failed", error=str(exc), failures=failures)
-
-
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     bpf_dir: Path = args.bpf_dir
     acquire_or_exit(config, SERVICE)
@@ -69,7 +55,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     store = await worker.call(Store.open, config, SERVICE)
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
     await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
-    node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), [])
+    node_maps = await worker.call(
+        load_service_object, bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), []
+    )
     identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
     conntrack = Conntrack(node_maps.maps["conntrack"])
     endpoints = Endpoints(config.instance, chain, store, identities)
@@ -81,11 +69,19 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
-    background = [
-        asyncio.create_task(_every(worker, args.ct_gc_seconds, "conntrack collected", conntrack.collect)),
-        asyncio.create_task(
-            _every(worker, args.host_seconds, "host addresses changed", lambda: identities.set_hosts(host_addresses()))
-        ),
+    readiness = Readiness()
+
+    async def collect_conntrack() -> None:
+        expired = await worker.call(conntrack.collect)
+        if expired:
+            log.info("conntrack collected", expired=expired)
+
+    async def follow_host_addresses() -> None:
+        await worker.call(lambda: identities.set_hosts(host_addresses()))
+
+    loops = [
+        Periodic(Every("conntrack-gc", args.ct_gc_seconds, collect_conntrack), readiness).start(),
+        Periodic(Every("host-addresses", args.host_seconds, follow_host_addresses), readiness).start(),
     ]
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
@@ -94,16 +90,16 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         return [SERVICE_NAME]
 
     async def on_stop() -> None:
-        for task in background:
-            task.cancel()
+        for loop in loops:
+            await loop.stop()
         events.stop()
         await worker.call(store.close)
         await worker.call(chain.close)
+        await worker.call(node_maps.close)
         worker.shutdown()
-        node_maps.close()
 
     log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))
-    await serve(SERVICE, config, register, on_stop)
+    await serve(SERVICE, config, register, on_stop, readiness)
 
 
 if __name__ == "__main__":
