@@ -28,7 +28,7 @@ from services.common.validate import parse_cidr
 from services.lb.maglev import weighted_table
 from services.lb.maps import Change, Frontend, LbMaps
 from services.lb.model import Service
-from services.orchestrator.chain import local_register
+from services.orchestrator.chain import ENTRY_PROGRAMS, local_register
 from services.orchestrator.ipcache import Ipcache
 from services.policy.maps import PolicyMaps
 from services.prefilter.denylist import Capacity
@@ -40,13 +40,6 @@ XDP_DROP, XDP_PASS = 1, 2
 LOOPBACK_IFINDEX = 1  # the device test_run gives an skb when no context is passed
 BPFFS = Path("/sys/fs/bpf")
 
-ENTRY_PROGRAMS = {
-    Hook.FROM_CONTAINER: "entry_from_container",
-    Hook.TO_CONTAINER: "entry_to_container",
-    Hook.FROM_NETWORK: "entry_from_network",
-    Hook.TO_NETWORK: "entry_to_network",
-    Hook.XDP: "entry_xdp",
-}
 VERDICT_NAMES: dict[Hook, dict[int, str]] = {
     Hook.XDP: {XDP_DROP: "XDP_DROP", XDP_PASS: "XDP_PASS"},
     **{hook: {TC_ACT_OK: "TC_ACT_OK", TC_ACT_SHOT: "TC_ACT_SHOT"} for hook in Hook if hook is not Hook.XDP},
