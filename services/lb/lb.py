@@ -21,12 +21,12 @@ import structlog
 from google.protobuf import json_format
 from weir.lb.v1 import lb_pb2 as pb
 
-from services.common import paging
+from services.common import paging, validate
 from services.common.change import Change
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.lb import model
-from services.lb.defs import MAX_BACKENDS, BackendState
+from services.lb.defs import MAX_BACKENDS, MAX_TABLE, BackendState
 from services.lb.maglev import maglev_table, weighted_table
 from services.lb.maps import Counts, Frontend, LbMaps, ServiceWrite
 from services.lb.model import Backend, Service
@@ -116,6 +116,7 @@ class LoadBalancer:
         self._health_pending: set[str] = set()  # services with probe results not yet applied
         # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
         self._owners: dict[FrontendKey, str] = {}
+        self._frontends_of: dict[str, list[FrontendKey]] = {}  # the inverse of _owners
         self._service_ids = IdPool(MAX_SERVICE_ID)
         self._backend_ids = IdPool(MAX_BACKENDS)
         self._rev_nat_ids = IdPool(MAX_REV_NAT)
@@ -158,6 +159,7 @@ class LoadBalancer:
         self._services[service.name] = service
         self._ids[service.name] = ids
         self._owners.update({f.key_tuple: service.name for f in frontends})
+        self._frontends_of[service.name] = [f.key_tuple for f in frontends]
         self._hold(ids)
 
     def _hold(self, ids: Ids) -> None:
@@ -175,8 +177,9 @@ class LoadBalancer:
         self._services.pop(name, None)
         if ids is None:
             return
-        for key in [k for k, owner in self._owners.items() if owner == name]:
-            del self._owners[key]
+        for key in self._frontends_of.pop(name, []):
+            if self._owners.get(key) == name:
+                del self._owners[key]
         self._release(ids)
 
     def _allocate(self, service: Service, old: Ids | None, frontends: list[Frontend]) -> Ids:
@@ -214,7 +217,8 @@ class LoadBalancer:
     @staticmethod
     def _table(service: Service, ids: Ids) -> list[int]:
         chosen = [(b.key, b.weight) if b.selectable else (b.key, 0) for b in service.backends]
-        slots = maglev_table(chosen, service.table_size, service.seed) if service.maglev else weighted_table(chosen)
+        slots = (maglev_table(chosen, service.table_size, service.seed) if service.maglev
+                 else weighted_table(chosen, limit=MAX_TABLE))  # fmt: skip
         order = [ids.backends[b.key] for b in service.backends]
         return [order[i] for i in slots]
 
@@ -266,7 +270,11 @@ class LoadBalancer:
         return self.upsert_many([msg])[0]
 
     def upsert_many(self, msgs: list[pb.Service]) -> list[Service]:
-        """Create or replace many services in one change: all are checked before any is written."""
+        """Create or replace many services in one change: all are checked before any is written.
+
+        Costs O(services + backends) (plus the table builds): every lookup is in a dict.
+        """
+        model.check_limits(msgs)
         services = [model.from_proto(m) for m in msgs]
         if not services:
             raise InvalidArgument("no services given")
@@ -332,6 +340,7 @@ class LoadBalancer:
         self, name: str, address: str, port: int, weight: int | None, state: BackendState | None
     ) -> Service:
         service = self.get(name)
+        address = str(validate.address(address, "address", versions=(4,)))
         try:
             backend = service.backend(address, port)
         except KeyError:
@@ -345,7 +354,9 @@ class LoadBalancer:
             weight=backend.weight if weight is None else weight,
             state=backend.state if state is None else state,
         )
-        return self._replace([service.with_backend(changed)])[0]
+        updated = service.with_backend(changed)
+        model.check_table(updated)
+        return self._replace([updated])[0]
 
     def _replace(self, services: list[Service]) -> list[Service]:
         """Rewrite existing services (same ids) in one change."""
@@ -361,7 +372,7 @@ class LoadBalancer:
 
     def get(self, name: str) -> Service:
         if name not in self._services:
-            raise NotFound(f"service {name!r} does not exist")
+            raise NotFound(f"service {validate.shown(name)} does not exist")
         return self._services[name]
 
     def service_id(self, name: str) -> int:
@@ -369,7 +380,7 @@ class LoadBalancer:
         return self._ids[name].service
 
     def frontends(self, name: str) -> list[str]:
-        return [f"{a}:{p}" for (a, p, _), owner in self._owners.items() if owner == name]
+        return [f"{a}:{p}" for a, p, _ in self._frontends_of.get(name, [])]
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
         """Services ordered by name; the token says where the next page starts."""

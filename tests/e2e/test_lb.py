@@ -25,7 +25,8 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 
 from pybpf import Map
 from services.common.datapath import CtKey, CtScope, CtValue
-from services.lb.defs import LbService, LbServiceKey
+from services.lb.defs import MAX_BACKENDS, LbService, LbServiceKey
+from services.lb.model import MAX_SERVICES_PER_CALL
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
 
@@ -478,3 +479,42 @@ def test_failing_health_round_turns_the_lb_not_serving_until_it_recovers(
     finally:
         node.kill("lb")
         subprocess.run(["umount", str(state)], check=True)
+
+
+def _backend_ids(node: Node) -> set[int]:
+    with Map.from_pin(node.bpffs_root / "lb" / "lb_backends").typed(ctypes.c_uint32, None) as backends:
+        return {int(k) for k in backends.keys()}
+
+
+def _many_backends(count: int, start: int = 0) -> list[pb.Backend]:
+    return [pb.Backend(address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", port=8080)
+            for i in range(start + 1, start + count + 1)]  # fmt: skip
+
+
+def test_oversized_upsert_is_refused_before_it_takes_ids_and_a_normal_one_still_works(
+    make_node: Callable[..., Node],
+) -> None:
+    s = make_setup(make_node, 1)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    before = _datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())
+    huge = pb.Service(name="huge", address="198.19.0.9", port=80, protocol="TCP",
+                      backends=_many_backends(MAX_BACKENDS + 1))  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=huge), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "limit" in (err.value.details() or "") and len(err.value.details() or "") < 500
+    assert time.monotonic() - started < 5, "the limit is checked before the work"
+    bulk = [pb.Service(name=f"b{i}", address=f"198.18.{i >> 8}.{i & 255}", port=80, protocol="TCP")
+            for i in range(1, MAX_SERVICES_PER_CALL + 2)]  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.UpsertServices(pb.UpsertServicesRequest(services=bulk), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "limit" in (err.value.details() or "")
+    assert (_datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())) == before
+    # The id pools are as before: a normal service gets the lowest free backend ids.
+    held = _backend_ids(s.node)
+    normal = pb.Service(name="normal", address="198.19.0.10", port=80, protocol="TCP", backends=_many_backends(100))
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=normal), timeout=10)
+    assert _backend_ids(s.node) - held == set(range(max(held) + 1, max(held) + 101))
+    assert s.lb.GetService(pb.GetServiceRequest(name="normal")).id == 2
