@@ -17,11 +17,12 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
 from pybpf import BpfError, NotSupportedError, Program, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
-from services.common import paging
+from services.common import paging, validate
 from services.common.change import Change as StoreChange
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
@@ -34,6 +35,7 @@ log = structlog.get_logger("weir.prefilter")
 
 ENTRY = "entry"
 ATTACHMENT = "attachment"
+T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 100_000
 
@@ -109,6 +111,20 @@ class Prefilter:
     def revision(self) -> int:
         return self._store.revision(ENTRY)
 
+    @property
+    def max_entries(self) -> int:
+        """Most entries one request may name: as many as the maps can hold at all."""
+        return self._maps.capacity.ids
+
+    def check_count(self, count: int) -> None:
+        """Refuse a request naming more entries than ``max_entries``, before any is parsed."""
+        validate.at_most(count, self.max_entries, "entries")
+
+    def _listed(self, items: Iterable[T]) -> list[T]:
+        out = items if isinstance(items, list) else list(items)
+        self.check_count(len(out))
+        return out
+
     # ---- entries ----
 
     def _check_revision(self, expected: int) -> None:
@@ -121,7 +137,7 @@ class Prefilter:
 
     def add(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Add (or switch the mode of) entries, all or none."""
-        wanted = parse_entries(items)
+        wanted = parse_entries(self._listed(items))
         if not wanted:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -145,7 +161,7 @@ class Prefilter:
 
     def delete(self, cidrs: Iterable[str], expected_revision: int = 0) -> Change:
         """Delete entries, all or none; an entry not on the list is NOT_FOUND."""
-        networks = list(parse_entries((c, False) for c in cidrs))
+        networks = list(parse_entries((c, False) for c in self._listed(cidrs)))
         if not networks:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -160,7 +176,7 @@ class Prefilter:
 
     def replace(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Make this the whole list, in one atomic switch of generations."""
-        wanted = parse_entries(items)
+        wanted = parse_entries(self._listed(items))
         self._check_revision(expected_revision)
         before = self._list.entries
         new_list, leaving = self._list.plan_replace(wanted)
@@ -193,7 +209,7 @@ class Prefilter:
 
     def counters(self, cidrs: Iterable[str] = ()) -> list[tuple[Entry, Counter]]:
         """Hit counters (summed over CPUs) of the named entries, or of all of them."""
-        names = list(cidrs)
+        names = self._listed(cidrs)
         if names:
             wanted = parse_entries((c, False) for c in names)
             entries = []
@@ -215,7 +231,7 @@ class Prefilter:
 
     def attach(self, interface: str, mode: XdpMode = XdpMode.AUTO) -> AttachmentInfo:
         """Attach to an interface and remember it; if the store fails, the interface is put back."""
-        ifindex = _ifindex(interface)
+        ifindex = _ifindex(validate.interface(interface))
         before = query_xdp(ifindex)
         with StoreChange(self._store) as change:
             info = change.attempt(lambda: self._attach(interface, mode), undo=lambda: self._restore(ifindex, before))
@@ -265,7 +281,7 @@ class Prefilter:
             return False
 
     def detach(self, interface: str) -> None:
-        ifindex = _ifindex(interface)
+        ifindex = _ifindex(validate.interface(interface))
         if self._store.get(ATTACHMENT, interface) is None:
             raise NotFound(f"the prefilter is not attached to {interface}")
         before = query_xdp(ifindex)
