@@ -483,7 +483,7 @@ def test_failing_health_round_turns_the_lb_not_serving_until_it_recovers(
 
 def _backend_ids(node: Node) -> set[int]:
     with Map.from_pin(node.bpffs_root / "lb" / "lb_backends").typed(ctypes.c_uint32, None) as backends:
-        return {int(k) for k in backends.keys()}
+        return {int(k) for k in backends}
 
 
 def _many_backends(count: int, start: int = 0) -> list[pb.Backend]:
@@ -518,3 +518,67 @@ def test_oversized_upsert_is_refused_before_it_takes_ids_and_a_normal_one_still_
     s.lb.UpsertService(pb.UpsertServiceRequest(service=normal), timeout=10)
     assert _backend_ids(s.node) - held == set(range(max(held) + 1, max(held) + 101))
     assert s.lb.GetService(pb.GetServiceRequest(name="normal")).id == 2
+
+
+def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_nothing(
+    make_node: Callable[..., Node],
+) -> None:
+    s = make_setup(make_node, 2)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    before = _datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())
+
+    def upsert(**kw: Any) -> Callable[[], object]:
+        fields = {"address": "198.19.0.9", **kw}
+        return lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "other", **fields)))
+
+    with_backend = service(s, "other", address="198.19.0.9")
+    with_backend.backends[0].address = "169.254.7.7"
+    heavy = pb.Service(name="other", address="198.19.0.9", port=80, protocol="TCP", backends=_many_backends(3))
+    for b in heavy.backends:
+        b.weight = 65535 - int(b.address.rsplit(".", 1)[1])  # 65534, 65533, 65532: no common divisor
+    huge = "w" * 100_000
+    cases: list[tuple[str, Callable[[], object], str]] = [
+        ("scoped VIP", upsert(address="fe80::5%eth0"), "scope"),
+        ("link-local VIP", upsert(address="169.254.1.1"), "link-local"),
+        ("link-local backend", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=with_backend)),
+         "link-local"),
+        ("broadcast VIP", upsert(address="255.255.255.255"), "broadcast"),
+        ("unknown kind", upsert(kind=9), "kind: unknown value 9"),
+        ("unknown algorithm", upsert(algorithm=77), "algorithm: unknown value 77"),
+        ("trailing newline", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "web\n"))),
+         "service name"),
+        ("weights too heavy for a hash table", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=heavy)),
+         "hash table of 196599 slots"),
+        ("unknown state", lambda: s.lb.SetBackend(pb.SetBackendRequest(
+            service="web", address=s.backends[0].ipv4, port=8080, state=12)), "state: unknown value 12"),
+        ("scoped backend in SetBackend", lambda: s.lb.SetBackend(pb.SetBackendRequest(
+            service="web", address="fe80::1%eth0", port=8080, weight=1)), "scope"),
+        ("huge name", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, huge))),
+         "100000 characters"),
+        ("huge protocol", upsert(protocol=huge), "100000 characters"),
+        ("huge address", upsert(address=huge), "100000 characters"),
+    ]  # type: ignore[arg-type]  # fmt: skip
+    for what, call, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {err.value.code()} {details[:300]}"
+        assert text in details and len(details) < 1100, f"{what}: {details[:300]}"
+        assert (_datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())) == before, what
+    for call in (lambda: s.lb.GetService(pb.GetServiceRequest(name=huge)),
+                 lambda: s.lb.DeleteService(pb.DeleteServiceRequest(name=huge))):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details() or "") < 1100
+    lines = (s.node.workdir / "lb.log").read_text().splitlines()
+    assert lines and max(len(line) for line in lines) < 2048, "a log line echoes a request"
+    # The largest hash table there may be: weights 65535, 65535 and 1 need 131071 slots;
+    # SetBackend may not push it over.
+    full = pb.Service(name="full", address="198.19.0.2", port=80, protocol="TCP", backends=_many_backends(3))
+    for b, weight in zip(full.backends, (65535, 65535, 1), strict=True):
+        b.weight = weight
+    created = s.lb.UpsertService(pb.UpsertServiceRequest(service=full), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.SetBackend(pb.SetBackendRequest(service="full", address=full.backends[2].address, port=8080, weight=2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "above the limit" in (err.value.details() or "")
+    assert s.lb.GetService(pb.GetServiceRequest(name="full")) == created

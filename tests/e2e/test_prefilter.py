@@ -377,7 +377,8 @@ def test_scoped_addresses_unknown_modes_bad_names_and_oversize_are_refused_and_c
         ("slash in a name", lambda: s.Detach(pb.DetachRequest(interface="a/b")), "'/'"),
         ("long name", lambda: s.Attach(pb.AttachRequest(interface="x" * 16)), "at most 15"),
         ("too many entries", lambda: s.AddEntries(pb.AddEntriesRequest(
-            entries=entries(*(f"192.0.2.{i}" for i in range(13))))), "13 entries in one request is over the limit of 12"),
+            entries=entries(*(f"192.0.2.{i}" for i in range(13))))),
+         "13 entries in one request is over the limit of 12"),
         ("too many to delete", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(
             cidrs=[f"192.0.2.{i}" for i in range(13)])), "limit of 12"),
         ("too many counters", lambda: s.GetCounters(pb.GetCountersRequest(
