@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 import pytest
+from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2 as pb
 from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -582,3 +583,35 @@ def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_
         s.lb.SetBackend(pb.SetBackendRequest(service="full", address=full.backends[2].address, port=8080, weight=2))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "above the limit" in (err.value.details() or "")
     assert s.lb.GetService(pb.GetServiceRequest(name="full")) == created
+
+
+def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
+    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 15x time."""
+    s = make_setup(make_node, 0)
+    rounds = iter(range(1, 1000))
+
+    def upsert(count: int) -> float:
+        """Time to create `count` services (none or two backends) in one call; they stay (later calls find more)."""
+        n = next(rounds)
+        services = [pb.Service(name=f"r{n}-{i}", address=f"198.18.{i >> 8}.{i & 255}", port=n, protocol="TCP",
+                               backends=_many_backends(2 * (i % 2), 2 * i)) for i in range(count)]  # fmt: skip
+        started = time.perf_counter()
+        s.lb.UpsertServices(pb.UpsertServicesRequest(services=services), timeout=120)
+        return time.perf_counter() - started
+
+    def delete(backends: int) -> float:
+        """Time to delete one service with `backends` backends."""
+        big = pb.Service(name="big", address="198.19.0.1", port=80, protocol="TCP", backends=_many_backends(backends))
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=big), timeout=60)
+        started = time.perf_counter()
+        s.lb.DeleteService(pb.DeleteServiceRequest(name="big"), timeout=60)
+        return time.perf_counter() - started
+
+    upsert(50)  # warm up
+    # The best of a few runs: the machine is shared, a slow run is noise, not growth.
+    upsert_1x, upsert_10x = min(upsert(300) for _ in range(3)), min(upsert(3000) for _ in range(2))
+    delete_1x, delete_10x = min(delete(1000) for _ in range(3)), min(delete(10000) for _ in range(2))
+    assert upsert_10x <= 15 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s for 300, {upsert_10x:.3f}s for 3000"
+    assert delete_10x <= 15 * delete_1x, f"DeleteService: {delete_1x:.3f}s for 1000, {delete_10x:.3f}s for 10000"
+    listed = s.lb.ListServices(pb.ListServicesRequest(page=common_pb2.PageRequest(page_size=10_000)))
+    assert len(listed.services) == 6950

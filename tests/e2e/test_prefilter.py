@@ -399,3 +399,38 @@ def test_scoped_addresses_unknown_modes_bad_names_and_oversize_are_refused_and_c
     s.AddEntries(pb.AddEntriesRequest(entries=entries("169.254.0.0/16", "fe80::/10")))
     assert {"169.254.0.0/16", "fe80::/10", "fe80::5/128"} <= {e.cidr for e in s.ListEntries(
         pb.ListEntriesRequest()).entries}  # fmt: skip
+
+
+def _hosts(count: int, offset: int = 0) -> list[str]:
+    """Distinct IPv4 and IPv6 hosts and prefixes (one in four a /24 or /64)."""
+    out = []
+    for i in range(offset, offset + count):
+        a, b, c = (i >> 16) & 255, (i >> 8) & 255, i & 255
+        out.append([f"10.{a}.{b}.{c}", f"2001:db8:{a:x}:{b:x}::{c:x}", f"100.{a}.{b}.{c}",
+                    f"2001:db8:{a:x}:{b:x}{c:02x}::/64"][i % 4])  # fmt: skip
+    return out
+
+
+def test_add_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
+    """AddEntries and DeleteEntries are O(n) (plus the store's O(n log n) index): 10x entries, <= 15x time."""
+    node = make_node("orchestrator", "prefilter")
+    s = stub(node)
+
+    def timed(count: int, offset: int) -> tuple[float, float]:
+        cidrs = _hosts(count, offset)
+        request = pb.AddEntriesRequest(entries=entries(*cidrs))
+        started = time.perf_counter()
+        s.AddEntries(request, timeout=120)
+        added = time.perf_counter() - started
+        started = time.perf_counter()
+        s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=cidrs), timeout=120)
+        return added, time.perf_counter() - started
+
+    small, large = 2_000, 20_000
+    timed(small, 0)  # warm up: maps, store, code paths
+    # The best of a few runs: the machine is shared, a slow run is noise, not growth.
+    add_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(3)), strict=True))
+    add_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(2)), strict=True))
+    assert add_10x <= 15 * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
+    assert delete_10x <= 15 * delete_1x, f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
+    assert s.ListEntries(pb.ListEntriesRequest()).entries == []
