@@ -551,14 +551,15 @@ def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_
         ("weights too heavy for a hash table", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=heavy)),
          "hash table of 196599 slots"),
         ("unknown state", lambda: s.lb.SetBackend(pb.SetBackendRequest(
-            service="web", address=s.backends[0].ipv4, port=8080, state=12)), "state: unknown value 12"),
+            service="web", address=s.backends[0].ipv4, port=8080, state=12)),  # type: ignore[arg-type]
+         "state: unknown value 12"),
         ("scoped backend in SetBackend", lambda: s.lb.SetBackend(pb.SetBackendRequest(
             service="web", address="fe80::1%eth0", port=8080, weight=1)), "scope"),
         ("huge name", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, huge))),
          "100000 characters"),
         ("huge protocol", upsert(protocol=huge), "100000 characters"),
         ("huge address", upsert(address=huge), "100000 characters"),
-    ]  # type: ignore[arg-type]  # fmt: skip
+    ]  # fmt: skip
     for what, call, text in cases:
         with pytest.raises(grpc.RpcError) as err:
             call()
