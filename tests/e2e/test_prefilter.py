@@ -411,26 +411,37 @@ def _hosts(count: int, offset: int = 0) -> list[str]:
     return out
 
 
-def test_add_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
-    """AddEntries and DeleteEntries are O(n) (plus the store's O(n log n) index): 10x entries, <= 15x time."""
+def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
+    """AddEntries, paging through ListEntries and DeleteEntries are O(n) (plus an O(n log n) sort or index):
+    10x entries, <= 15x time."""
     node = make_node("orchestrator", "prefilter")
     s = stub(node)
 
-    def timed(count: int, offset: int) -> tuple[float, float]:
+    def timed(count: int, offset: int) -> tuple[float, float, float]:
         cidrs = _hosts(count, offset)
         request = pb.AddEntriesRequest(entries=entries(*cidrs))
         started = time.perf_counter()
         s.AddEntries(request, timeout=120)
         added = time.perf_counter() - started
+        started, token, listed = time.perf_counter(), "", 0
+        while True:
+            page = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=200, page_token=token)))
+            listed += len(page.entries)
+            token = page.next_page_token
+            if not token:
+                break
+        paged = time.perf_counter() - started
+        assert listed == count
         started = time.perf_counter()
         s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=cidrs), timeout=120)
-        return added, time.perf_counter() - started
+        return added, paged, time.perf_counter() - started
 
     small, large = 2_000, 20_000
     timed(small, 0)  # warm up: maps, store, code paths
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
-    add_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(3)), strict=True))
-    add_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(2)), strict=True))
+    add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(3)), strict=True))
+    add_10x, list_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(2)), strict=True))
+    assert list_10x <= 15 * list_1x, f"ListEntries pages: {list_1x:.3f}s for {small}, {list_10x:.3f}s for {large}"
     assert add_10x <= 15 * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
     assert delete_10x <= 15 * delete_1x, f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
     assert s.ListEntries(pb.ListEntriesRequest()).entries == []
