@@ -67,17 +67,25 @@ services = st.builds(
 # Mostly valid services (a few names, VIPs and backends that clash and repeat), so calls
 # also get past validation: ids are taken and given back, frontends clash, capacity runs out.
 tame_backends = st.lists(
-    st.builds(lambda a, w, s: pb.Backend(address=a, port=8080, weight=w, state=s),
-              st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]),
-              st.one_of(st.none(), st.sampled_from([0, 1, 3, 65535, -1])), st.sampled_from([0, 1, 2, 3, 4])),
+    st.builds(
+        lambda a, w, s: pb.Backend(address=a, port=8080, weight=w, state=s),
+        st.sampled_from(["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"]),
+        st.one_of(st.none(), st.sampled_from([0, 1, 3, 65535, -1])),
+        st.sampled_from([0, 1, 2, 3, 4]),
+    ),
     max_size=4,
 )
 tame_services = st.builds(
     lambda n, k, a, p, proto, b, alg, size: pb.Service(
-        name=n, kind=k, address=a, port=p, protocol=proto, backends=b, algorithm=alg, maglev_table_size=size),
-    st.sampled_from(["web", "dns", "api", "db", "x" * 63]), st.sampled_from([0, 1, 1, 1, 2, 3]),
-    st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "169.254.0.1"]), st.sampled_from([80, 443, 0]),
-    st.sampled_from(["TCP", "UDP", ""]), tame_backends, st.sampled_from([0, 1, 2, 5]),
+        name=n, kind=k, address=a, port=p, protocol=proto, backends=b, algorithm=alg, maglev_table_size=size
+    ),
+    st.sampled_from(["web", "dns", "api", "db", "x" * 63]),
+    st.sampled_from([0, 1, 1, 1, 2, 3]),
+    st.sampled_from(["198.19.0.1", "198.19.0.2", "198.19.0.3", "169.254.0.1"]),
+    st.sampled_from([80, 443, 0]),
+    st.sampled_from(["TCP", "UDP", ""]),
+    tame_backends,
+    st.sampled_from([0, 1, 2, 5]),
     st.sampled_from([0, 0, 1021, 7, 1000, 3]),
 )
 any_services = st.one_of(services, tame_services)
@@ -130,9 +138,18 @@ def test_fuzzed_requests_never_break_the_lb_and_refusals_change_nothing(make_nod
     node = make_node("orchestrator")
     node.start("lb", "--max-services", "16")
     s = pb_grpc.LoadBalancerStub(node.channel("lb"))
-    s.UpsertService(pb.UpsertServiceRequest(service=pb.Service(
-        name="web", address="198.19.0.1", port=80, protocol="TCP",
-        backends=[pb.Backend(address="10.0.0.1", port=8080), pb.Backend(address="10.0.0.2", port=8080)])), timeout=10)
+    s.UpsertService(
+        pb.UpsertServiceRequest(
+            service=pb.Service(
+                name="web",
+                address="198.19.0.1",
+                port=80,
+                protocol="TCP",
+                backends=[pb.Backend(address="10.0.0.1", port=8080), pb.Backend(address="10.0.0.2", port=8080)],
+            )
+        ),
+        timeout=10,
+    )
     seen: dict[str, set[str]] = {}
 
     @settings(max_examples=800, deadline=None, derandomize=True, database=None,

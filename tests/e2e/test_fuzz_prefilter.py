@@ -111,5 +111,7 @@ def test_fuzzed_requests_never_break_the_prefilter_and_refusals_change_nothing(
     check()
     # The generator reached every RPC, and refusals of the change RPCs were seen.
     assert set(seen) == set(pb.DESCRIPTOR.services_by_name["Prefilter"].methods_by_name), seen
-    assert all({"INVALID_ARGUMENT", "OK"} <= seen[rpc] for rpc in ("AddEntries", "DeleteEntries", "ReplaceEntries",
-                                                                      "Attach", "Detach")), seen
+    assert all(
+        {"INVALID_ARGUMENT", "OK"} <= seen[rpc]
+        for rpc in ("AddEntries", "DeleteEntries", "ReplaceEntries", "Attach", "Detach")
+    ), seen
