@@ -117,6 +117,7 @@ class LoadBalancer:
         # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
         self._owners: dict[FrontendKey, str] = {}
         self._frontends_of: dict[str, list[FrontendKey]] = {}  # the inverse of _owners
+        self._sorted_names: list[str] | None = None  # for paging; None after a change
         self._service_ids = IdPool(MAX_SERVICE_ID)
         self._backend_ids = IdPool(MAX_BACKENDS)
         self._rev_nat_ids = IdPool(MAX_REV_NAT)
@@ -156,6 +157,7 @@ class LoadBalancer:
 
     def _remember(self, service: Service, ids: Ids, frontends: list[Frontend]) -> None:
         self._forget(service.name)
+        self._sorted_names = None
         self._services[service.name] = service
         self._ids[service.name] = ids
         self._owners.update({f.key_tuple: service.name for f in frontends})
@@ -173,6 +175,7 @@ class LoadBalancer:
         self._rev_nat_ids.release(ids.rev_nat.values())
 
     def _forget(self, name: str) -> None:
+        self._sorted_names = None
         ids = self._ids.pop(name, None)
         self._services.pop(name, None)
         if ids is None:
@@ -384,7 +387,9 @@ class LoadBalancer:
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
         """Services ordered by name; the token says where the next page starts."""
-        return paging.page(sorted(self._services), page_size, page_token, self._services.__getitem__,
+        if self._sorted_names is None:  # sorted once per change, not once per page
+            self._sorted_names = sorted(self._services)
+        return paging.page(self._sorted_names, page_size, page_token, self._services.__getitem__,
                            default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
 
     def counters(self, name: str) -> tuple[Counts, list[tuple[Backend, Counts]]]:

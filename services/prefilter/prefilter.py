@@ -17,16 +17,17 @@ import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TypeVar
 
 import structlog
 
 from pybpf import BpfError, NotSupportedError, Program, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
-from services.common import paging, validate
+from services.common import paging
 from services.common.change import Change as StoreChange
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
+from services.common.validate import at_most
+from services.common.validate import interface as valid_interface
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
 from services.prefilter.maps import PROGRAM, PrefilterMaps
@@ -35,7 +36,6 @@ log = structlog.get_logger("weir.prefilter")
 
 ENTRY = "entry"
 ATTACHMENT = "attachment"
-T = TypeVar("T")
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 100_000
 
@@ -66,6 +66,8 @@ def _doc(entry: Entry) -> dict[str, object]:
 
 
 def _ifindex(interface: str) -> int:
+    """The index of a named interface; a name the kernel could not hold is INVALID_ARGUMENT."""
+    valid_interface(interface)
     try:
         return socket.if_nametoindex(interface)
     except OSError:
@@ -86,6 +88,7 @@ class Prefilter:
         self._maps = maps
         self._store = store
         self._list = DenyList(maps.capacity)
+        self._listing: tuple[int, list[str], dict[str, Entry]] | None = None  # revision, sorted CIDRs, entries
 
     # ---- life cycle ----
 
@@ -118,10 +121,15 @@ class Prefilter:
 
     def check_count(self, count: int) -> None:
         """Refuse a request naming more entries than ``max_entries``, before any is parsed."""
-        validate.at_most(count, self.max_entries, "entries")
+        at_most(count, self.max_entries, "entries")
 
-    def _listed(self, items: Iterable[T]) -> list[T]:
+    def _entries(self, items: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
         out = items if isinstance(items, list) else list(items)
+        self.check_count(len(out))
+        return out
+
+    def _cidrs(self, cidrs: Iterable[str]) -> list[str]:
+        out = cidrs if isinstance(cidrs, list) else list(cidrs)
         self.check_count(len(out))
         return out
 
@@ -137,7 +145,7 @@ class Prefilter:
 
     def add(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Add (or switch the mode of) entries, all or none."""
-        wanted = parse_entries(self._listed(items))
+        wanted = parse_entries(self._entries(items))
         if not wanted:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -161,7 +169,7 @@ class Prefilter:
 
     def delete(self, cidrs: Iterable[str], expected_revision: int = 0) -> Change:
         """Delete entries, all or none; an entry not on the list is NOT_FOUND."""
-        networks = list(parse_entries((c, False) for c in self._listed(cidrs)))
+        networks = list(parse_entries((c, False) for c in self._cidrs(cidrs)))
         if not networks:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -176,7 +184,7 @@ class Prefilter:
 
     def replace(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Make this the whole list, in one atomic switch of generations."""
-        wanted = parse_entries(self._listed(items))
+        wanted = parse_entries(self._entries(items))
         self._check_revision(expected_revision)
         before = self._list.entries
         new_list, leaving = self._list.plan_replace(wanted)
@@ -202,14 +210,19 @@ class Prefilter:
 
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Entry], str, int]:
         """Entries ordered by CIDR text; the token is the last CIDR returned."""
-        by_text = {str(n): e for n, e in self._list.entries.items()}
-        entries, token = paging.page(sorted(by_text), page_size, page_token, by_text.__getitem__,
+        revision = self.revision
+        if self._listing is None or self._listing[0] != revision:
+            # Sorted once per revision, not once per page: paging through n entries stays O(n log n).
+            by_text = {str(n): e for n, e in self._list.entries.items()}
+            self._listing = (revision, sorted(by_text), by_text)
+        _, keys, by_text = self._listing
+        entries, token = paging.page(keys, page_size, page_token, by_text.__getitem__,
                                      default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
-        return entries, token, self.revision
+        return entries, token, revision
 
     def counters(self, cidrs: Iterable[str] = ()) -> list[tuple[Entry, Counter]]:
         """Hit counters (summed over CPUs) of the named entries, or of all of them."""
-        names = self._listed(cidrs)
+        names = self._cidrs(cidrs)
         if names:
             wanted = parse_entries((c, False) for c in names)
             entries = []
@@ -231,7 +244,7 @@ class Prefilter:
 
     def attach(self, interface: str, mode: XdpMode = XdpMode.AUTO) -> AttachmentInfo:
         """Attach to an interface and remember it; if the store fails, the interface is put back."""
-        ifindex = _ifindex(validate.interface(interface))
+        ifindex = _ifindex(interface)
         before = query_xdp(ifindex)
         with StoreChange(self._store) as change:
             info = change.attempt(lambda: self._attach(interface, mode), undo=lambda: self._restore(ifindex, before))
@@ -281,7 +294,7 @@ class Prefilter:
             return False
 
     def detach(self, interface: str) -> None:
-        ifindex = _ifindex(validate.interface(interface))
+        ifindex = _ifindex(interface)
         if self._store.get(ATTACHMENT, interface) is None:
             raise NotFound(f"the prefilter is not attached to {interface}")
         before = query_xdp(ifindex)
