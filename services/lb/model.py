@@ -106,6 +106,24 @@ def backend_from_proto(msg: pb.Backend, where: str) -> Backend:
     return Backend(_address(msg.address, where), _port(msg.port, where), weight, state)
 
 
+# Health check bounds: a probe every millisecond per backend would be a busy loop, a
+# timeout of days would hold a probe slot forever, a threshold of billions never flips.
+HEALTH_INTERVAL_MS = (50, 86_400_000)  # 0 turns the check off
+HEALTH_TIMEOUT_MS = (1, 60_000)  # 0 means 1000
+HEALTH_THRESHOLD = (1, 1000)  # 0 means 2
+MAX_AFFINITY_SECONDS = 86_400
+
+
+def _health_limits(hc: pb.HealthCheck, where: str) -> None:
+    """Refuse health check values outside their bounds (0 keeps its documented meaning)."""
+    for field_name, (low, high) in (("interval_ms", HEALTH_INTERVAL_MS), ("timeout_ms", HEALTH_TIMEOUT_MS),
+                                    ("unhealthy_threshold", HEALTH_THRESHOLD),
+                                    ("healthy_threshold", HEALTH_THRESHOLD)):  # fmt: skip
+        value = getattr(hc, field_name)
+        if value and not low <= value <= high:
+            raise InvalidArgument(f"{where}.{field_name}: {value} is out of range (0 or {low}-{high})")
+
+
 def check_limits(msgs: list[pb.Service]) -> None:
     """Refuse a request over the per-call limits; costs O(services), never looks at a backend."""
     validate.at_most(len(msgs), MAX_SERVICES_PER_CALL, "services")
@@ -147,7 +165,11 @@ def from_proto(msg: pb.Service) -> Service:
         raise InvalidArgument(f"{where}: Maglev table size {size} is above the maximum {MAX_TABLE}")
     if maglev and size < len(backends):
         raise InvalidArgument(f"{where}: Maglev table size {size} is smaller than the {len(backends)} backends")
+    if msg.affinity_timeout_seconds > MAX_AFFINITY_SECONDS:
+        raise InvalidArgument(f"{where}: affinity_timeout_seconds {msg.affinity_timeout_seconds} is above the "
+                              f"maximum of {MAX_AFFINITY_SECONDS} (a day, as in Kubernetes)")  # fmt: skip
     hc = msg.health_check
+    _health_limits(hc, f"{where}: health_check")
     health = HealthCheck(
         hc.interval_ms,
         hc.timeout_ms or 1000,

@@ -559,6 +559,13 @@ def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_
          "100000 characters"),
         ("huge protocol", upsert(protocol=huge), "100000 characters"),
         ("huge address", upsert(address=huge), "100000 characters"),
+        ("probe every millisecond", upsert(health_check=pb.HealthCheck(interval_ms=1)),
+         "health_check.interval_ms: 1 is out of range (0 or 50-86400000)"),
+        ("probe timeout of days", upsert(health_check=pb.HealthCheck(interval_ms=1000, timeout_ms=2**32 - 1)),
+         "health_check.timeout_ms"),
+        ("threshold never reached", upsert(health_check=pb.HealthCheck(healthy_threshold=10**9)),
+         "health_check.healthy_threshold"),
+        ("affinity for ever", upsert(affinity_timeout_seconds=2**32 - 1), "affinity_timeout_seconds"),
     ]  # fmt: skip
     for what, call, text in cases:
         with pytest.raises(grpc.RpcError) as err:
