@@ -23,6 +23,7 @@ from weir.lb.v1 import lb_pb2 as pb
 
 from services.common import paging, validate
 from services.common.change import Change
+from services.common.collector import collector_paused
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.lb import model
@@ -272,6 +273,7 @@ class LoadBalancer:
         """Create or replace a service with its backends; all or nothing."""
         return self.upsert_many([msg])[0]
 
+    @collector_paused()
     def upsert_many(self, msgs: list[pb.Service]) -> list[Service]:
         """Create or replace many services in one change: all are checked before any is written.
 
@@ -324,6 +326,7 @@ class LoadBalancer:
         log.info("services upserted", services=len(allocated))
         return [service for service, _ in allocated]
 
+    @collector_paused()
     def delete(self, name: str) -> None:
         """Remove a service, its frontends, table and backends; all or nothing."""
         service = self.get(name)
@@ -385,6 +388,7 @@ class LoadBalancer:
     def frontends(self, name: str) -> list[str]:
         return [f"{a}:{p}" for a, p, _ in self._frontends_of.get(name, [])]
 
+    @collector_paused()
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
         """Services ordered by name; the token says where the next page starts."""
         if self._sorted_names is None:  # sorted once per change, not once per page

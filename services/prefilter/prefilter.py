@@ -23,6 +23,7 @@ import structlog
 from pybpf import BpfError, NotSupportedError, Program, XdpMode, XdpStatus, attach_xdp, detach_xdp, query_xdp
 from services.common import paging
 from services.common.change import Change as StoreChange
+from services.common.collector import collector_paused
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
@@ -143,6 +144,7 @@ class Prefilter:
                 "someone else changed it; re-read the list and retry"
             )
 
+    @collector_paused()
     def add(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Add (or switch the mode of) entries, all or none."""
         wanted = parse_entries(self._entries(items))
@@ -167,6 +169,7 @@ class Prefilter:
         self._list.commit(upserts=[*added, *changed])
         return Change(revision, len(added) + len(changed))
 
+    @collector_paused()
     def delete(self, cidrs: Iterable[str], expected_revision: int = 0) -> Change:
         """Delete entries, all or none; an entry not on the list is NOT_FOUND."""
         networks = list(parse_entries((c, False) for c in self._cidrs(cidrs)))
@@ -182,6 +185,7 @@ class Prefilter:
         self._list.commit(removed=removed)
         return Change(revision, len(removed))
 
+    @collector_paused()
     def replace(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Make this the whole list, in one atomic switch of generations."""
         wanted = parse_entries(self._entries(items))
@@ -208,12 +212,13 @@ class Prefilter:
         self._list.commit_replace(new_list, leaving)
         return Change(revision, changed)
 
+    @collector_paused()
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Entry], str, int]:
         """Entries ordered by CIDR text; the token is the last CIDR returned."""
         revision = self.revision
         if self._listing is None or self._listing[0] != revision:
             # Sorted once per revision, not once per page: paging through n entries stays O(n log n).
-            by_text = {str(n): e for n, e in self._list.entries.items()}
+            by_text = {str(n): e for n, e in self._list.entries.pairs()}
             self._listing = (revision, sorted(by_text), by_text)
         _, keys, by_text = self._listing
         entries, token = paging.page(keys, page_size, page_token, by_text.__getitem__,

@@ -439,8 +439,8 @@ def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> No
     small, large = 2_000, 20_000
     timed(small, 0)  # warm up: maps, store, code paths
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
-    add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(3)), strict=True))
-    add_10x, list_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(2)), strict=True))
+    add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(4)), strict=True))
+    add_10x, list_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(3)), strict=True))
     assert list_10x <= 15 * list_1x, f"ListEntries pages: {list_1x:.3f}s for {small}, {list_10x:.3f}s for {large}"
     assert add_10x <= 15 * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
     assert delete_10x <= 15 * delete_1x, f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
