@@ -436,7 +436,7 @@ def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> No
         s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=cidrs), timeout=120)
         return added, paged, time.perf_counter() - started
 
-    small, large = 2_000, 20_000
+    small, large = 1_500, 15_000
     timed(small, 0)  # warm up: maps, store, code paths
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
     add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(4)), strict=True))
