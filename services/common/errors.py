@@ -24,6 +24,16 @@ import structlog
 log = structlog.get_logger("weir.rpc")
 
 INTERNAL_MESSAGE = "internal error"
+# Longest message a client sees (and the log repeats): a message that quotes a huge
+# request field is cut here, whatever raised it.
+MAX_MESSAGE_CHARS = 1024
+
+
+def bounded(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """``message`` cut to about ``limit`` characters, saying how long it was."""
+    if len(message) <= limit:
+        return message
+    return f"{message[:limit]}... (message cut: {len(message)} characters)"
 
 
 class WeirError(Exception):
@@ -122,16 +132,17 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """Map an exception to the status and message a client sees.
 
     Only errors that describe the request (WeirError, and OSErrors with a known errno) show
-    their text; anything else is INTERNAL with a generic message, so internals never leak.
+    their text, cut to ``MAX_MESSAGE_CHARS``; anything else is INTERNAL with a generic
+    message, so internals never leak.
     """
     if isinstance(exc, WeirError):
-        return exc.code, str(exc) or exc.code.name.lower().replace("_", " ")
+        return exc.code, bounded(str(exc)) or exc.code.name.lower().replace("_", " ")
     code = _pybpf_code(exc)
     if code is None and isinstance(exc, OSError) and exc.errno is not None:
         code = _ERRNO_CODES.get(exc.errno)
     if code is None or code is grpc.StatusCode.INTERNAL:
         return grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE
-    return code, str(exc)
+    return code, bounded(str(exc))
 
 
 _QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")

@@ -2,7 +2,9 @@
 
 Every service logs the same shape (timestamp, level, service, event, bound context) so the
 suite's logs can be merged and filtered by machine. IPsec keys and other secrets must never
-reach a log, so ``redact`` runs on every event, including nested values.
+reach a log, so ``redact`` runs on every event, including nested values. A line is
+bounded: ``bound`` cuts long strings and long lists, so a huge request can never become a
+huge log line (a traceback may be longer, but is cut too).
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from structlog.typing import EventDict, WrappedLogger
 
 REDACTED = "<redacted>"
 LEVELS = ("debug", "info", "warning", "error", "critical")
+MAX_FIELD_CHARS = 512  # one string value
+MAX_FIELD_ITEMS = 16  # one list, tuple or dict
+MAX_TRACEBACK_CHARS = 16384
 
 # Deliberately broad: over-redacting a log field costs a little, leaking a key costs a lot.
 _SECRET_KEY = re.compile(r"key|secret|psk|passw|auth|token|credential", re.IGNORECASE)
@@ -38,6 +43,37 @@ def redact(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> Event
         if k == "event":
             continue
         event_dict[k] = REDACTED if _SECRET_KEY.search(k) else _scrub(event_dict[k])
+    return event_dict
+
+
+def _cut(value: Any, limit: int = MAX_FIELD_CHARS) -> Any:
+    """Strings over ``limit`` and containers over MAX_FIELD_ITEMS cut, saying how much there was.
+
+    Values inside a container get a sixteenth of the budget, so a list of long strings stays short too.
+    """
+    inner = max(32, limit // 16)
+    if isinstance(value, str):
+        return value if len(value) <= limit else f"{value[:limit]}... ({len(value)} characters)"
+    if isinstance(value, Mapping):
+        items = list(value.items())
+        out = {_cut(k, inner) if isinstance(k, str) else k: _cut(v, inner) for k, v in items[:MAX_FIELD_ITEMS]}
+        if len(items) > MAX_FIELD_ITEMS:
+            out["..."] = f"{len(items) - MAX_FIELD_ITEMS} more"
+        return out
+    if isinstance(value, (list, tuple, set, frozenset)):
+        seq = list(value)
+        head = [_cut(v, inner) for v in seq[:MAX_FIELD_ITEMS]]
+        return head if len(seq) <= MAX_FIELD_ITEMS else [*head, f"... {len(seq) - MAX_FIELD_ITEMS} more"]
+    if isinstance(value, (bytes, bytearray)) and len(value) > limit:
+        return f"{bytes(value[:limit])!r}... ({len(value)} bytes)"
+    return value
+
+
+def bound(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: cut long values, so a log line stays a few KB at most."""
+    for k in list(event_dict):
+        limit = MAX_TRACEBACK_CHARS if k in ("exception", "stack") else MAX_FIELD_CHARS
+        event_dict[k] = _cut(event_dict[k], limit)
     return event_dict
 
 
@@ -78,6 +114,7 @@ def setup_logging(service: str, level: str = "info", stream: TextIO | None = Non
         redact,
         structlog.processors.StackInfoRenderer(),
         structlog.processors.format_exc_info,
+        bound,
         _lead_with_essentials,
         structlog.processors.JSONRenderer(default=str),
     ]

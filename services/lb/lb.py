@@ -21,12 +21,13 @@ import structlog
 from google.protobuf import json_format
 from weir.lb.v1 import lb_pb2 as pb
 
-from services.common import paging
+from services.common import paging, validate
 from services.common.change import Change
+from services.common.collector import collector_paused
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.lb import model
-from services.lb.defs import MAX_BACKENDS, BackendState
+from services.lb.defs import MAX_BACKENDS, MAX_TABLE, BackendState
 from services.lb.maglev import maglev_table, weighted_table
 from services.lb.maps import Counts, Frontend, LbMaps, ServiceWrite
 from services.lb.model import Backend, Service
@@ -116,6 +117,8 @@ class LoadBalancer:
         self._health_pending: set[str] = set()  # services with probe results not yet applied
         # Indexes kept in step with _services/_ids, so a change costs the same with 10 or 10k services.
         self._owners: dict[FrontendKey, str] = {}
+        self._frontends_of: dict[str, list[FrontendKey]] = {}  # the inverse of _owners
+        self._sorted_names: list[str] | None = None  # for paging; None after a change
         self._service_ids = IdPool(MAX_SERVICE_ID)
         self._backend_ids = IdPool(MAX_BACKENDS)
         self._rev_nat_ids = IdPool(MAX_REV_NAT)
@@ -155,9 +158,11 @@ class LoadBalancer:
 
     def _remember(self, service: Service, ids: Ids, frontends: list[Frontend]) -> None:
         self._forget(service.name)
+        self._sorted_names = None
         self._services[service.name] = service
         self._ids[service.name] = ids
         self._owners.update({f.key_tuple: service.name for f in frontends})
+        self._frontends_of[service.name] = [f.key_tuple for f in frontends]
         self._hold(ids)
 
     def _hold(self, ids: Ids) -> None:
@@ -171,12 +176,14 @@ class LoadBalancer:
         self._rev_nat_ids.release(ids.rev_nat.values())
 
     def _forget(self, name: str) -> None:
+        self._sorted_names = None
         ids = self._ids.pop(name, None)
         self._services.pop(name, None)
         if ids is None:
             return
-        for key in [k for k, owner in self._owners.items() if owner == name]:
-            del self._owners[key]
+        for key in self._frontends_of.pop(name, []):
+            if self._owners.get(key) == name:
+                del self._owners[key]
         self._release(ids)
 
     def _allocate(self, service: Service, old: Ids | None, frontends: list[Frontend]) -> Ids:
@@ -214,7 +221,8 @@ class LoadBalancer:
     @staticmethod
     def _table(service: Service, ids: Ids) -> list[int]:
         chosen = [(b.key, b.weight) if b.selectable else (b.key, 0) for b in service.backends]
-        slots = maglev_table(chosen, service.table_size, service.seed) if service.maglev else weighted_table(chosen)
+        slots = (maglev_table(chosen, service.table_size, service.seed) if service.maglev
+                 else weighted_table(chosen, limit=MAX_TABLE))  # fmt: skip
         order = [ids.backends[b.key] for b in service.backends]
         return [order[i] for i in slots]
 
@@ -265,8 +273,13 @@ class LoadBalancer:
         """Create or replace a service with its backends; all or nothing."""
         return self.upsert_many([msg])[0]
 
+    @collector_paused()
     def upsert_many(self, msgs: list[pb.Service]) -> list[Service]:
-        """Create or replace many services in one change: all are checked before any is written."""
+        """Create or replace many services in one change: all are checked before any is written.
+
+        Costs O(services + backends) (plus the table builds): every lookup is in a dict.
+        """
+        model.check_limits(msgs)
         services = [model.from_proto(m) for m in msgs]
         if not services:
             raise InvalidArgument("no services given")
@@ -313,6 +326,7 @@ class LoadBalancer:
         log.info("services upserted", services=len(allocated))
         return [service for service, _ in allocated]
 
+    @collector_paused()
     def delete(self, name: str) -> None:
         """Remove a service, its frontends, table and backends; all or nothing."""
         service = self.get(name)
@@ -332,6 +346,7 @@ class LoadBalancer:
         self, name: str, address: str, port: int, weight: int | None, state: BackendState | None
     ) -> Service:
         service = self.get(name)
+        address = str(validate.address(address, "address", versions=(4,)))
         try:
             backend = service.backend(address, port)
         except KeyError:
@@ -345,7 +360,9 @@ class LoadBalancer:
             weight=backend.weight if weight is None else weight,
             state=backend.state if state is None else state,
         )
-        return self._replace([service.with_backend(changed)])[0]
+        updated = service.with_backend(changed)
+        model.check_table(updated)
+        return self._replace([updated])[0]
 
     def _replace(self, services: list[Service]) -> list[Service]:
         """Rewrite existing services (same ids) in one change."""
@@ -361,7 +378,7 @@ class LoadBalancer:
 
     def get(self, name: str) -> Service:
         if name not in self._services:
-            raise NotFound(f"service {name!r} does not exist")
+            raise NotFound(f"service {validate.shown(name)} does not exist")
         return self._services[name]
 
     def service_id(self, name: str) -> int:
@@ -369,11 +386,14 @@ class LoadBalancer:
         return self._ids[name].service
 
     def frontends(self, name: str) -> list[str]:
-        return [f"{a}:{p}" for (a, p, _), owner in self._owners.items() if owner == name]
+        return [f"{a}:{p}" for a, p, _ in self._frontends_of.get(name, [])]
 
+    @collector_paused()
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Service], str]:
         """Services ordered by name; the token says where the next page starts."""
-        return paging.page(sorted(self._services), page_size, page_token, self._services.__getitem__,
+        if self._sorted_names is None:  # sorted once per change, not once per page
+            self._sorted_names = sorted(self._services)
+        return paging.page(self._sorted_names, page_size, page_token, self._services.__getitem__,
                            default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
 
     def counters(self, name: str) -> tuple[Counts, list[tuple[Backend, Counts]]]:

@@ -70,10 +70,23 @@ def _gcd_of(values: Iterable[int]) -> int:
     return out or 1
 
 
-def weighted_table(backends: Sequence[tuple[str, int]]) -> list[int]:
-    """Each backend `weight` times (weights divided by their gcd), for hash % len."""
+def weighted_table_size(weights: Iterable[int]) -> int:
+    """Length of the weighted table for these weights, computed without building it."""
+    live = [w for w in weights if w > 0]
+    g = _gcd_of(live)
+    return sum(w // g for w in live)
+
+
+def weighted_table(backends: Sequence[tuple[str, int]], limit: int | None = None) -> list[int]:
+    """Each backend `weight` times (weights divided by their gcd), for hash % len.
+
+    Over ``limit`` slots is refused before the table is allocated.
+    """
     live = [(i, w) for i, (_, w) in enumerate(backends) if w > 0]
     if not live:
         return []
     g = _gcd_of(w for _, w in live)
+    size = sum(w // g for _, w in live)
+    if limit is not None and size > limit:
+        raise InvalidArgument(f"the weights need a hash table of {size} slots, above the limit of {limit}")
     return [i for i, w in live for _ in range(w // g)]

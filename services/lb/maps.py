@@ -224,8 +224,9 @@ class LbMaps:
                 value.family = 2
                 rev_nat.append((f.rev_nat_index, value))
         self._batch(self._rev_nat, rev_nat)
-        shrinking = [c for c in changes if len(c.table) <= (self._table_size(c.frontends) or 0)]
-        growing = [c for c in changes if c not in shrinking]
+        shrinks = [len(c.table) <= (self._table_size(c.frontends) or 0) for c in changes]
+        shrinking = [c for c, shrink in zip(changes, shrinks, strict=True) if shrink]
+        growing = [c for c, shrink in zip(changes, shrinks, strict=True) if not shrink]
         self._write_frontends(shrinking)
         self._write_tables(changes)
         self._write_frontends(growing)

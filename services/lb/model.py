@@ -12,8 +12,15 @@ from weir.lb.v1 import lb_pb2 as pb
 
 from services.common import validate
 from services.common.errors import InvalidArgument
-from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_TABLE, BackendState
-from services.lb.maglev import is_prime
+from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_BACKENDS, MAX_SERVICES, MAX_TABLE, BackendState
+from services.lb.maglev import is_prime, weighted_table_size
+
+# Request limits, checked before anything is parsed or allocated. One service may hold
+# a quarter of the backend ids, so no single request can take them all; a bulk call
+# may carry as many services as there are frontends and as many backends as there are ids.
+MAX_BACKENDS_PER_SERVICE = MAX_BACKENDS // 4
+MAX_SERVICES_PER_CALL = MAX_SERVICES
+MAX_BACKENDS_PER_CALL = MAX_BACKENDS
 
 PROTOCOLS = {"TCP": 6, "UDP": 17}
 STATES = {
@@ -22,6 +29,8 @@ STATES = {
     pb.BACKEND_STATE_TERMINATING: BackendState.TERMINATING,
     pb.BACKEND_STATE_MAINTENANCE: BackendState.MAINTENANCE,
 }
+KINDS = {pb.KIND_UNSPECIFIED: False, pb.KIND_CLUSTER_IP: False, pb.KIND_NODE_PORT: True}  # -> node port?
+ALGORITHMS = {pb.ALGORITHM_UNSPECIFIED: False, pb.ALGORITHM_HASH: False, pb.ALGORITHM_MAGLEV: True}  # -> Maglev?
 
 
 @dataclass(frozen=True)
@@ -93,17 +102,54 @@ def backend_from_proto(msg: pb.Backend, where: str) -> Backend:
         raise InvalidArgument(f"{where}: weight {weight} is negative")
     if weight > 65535:
         raise InvalidArgument(f"{where}: weight {weight} is above 65535")
-    if msg.state not in STATES:
-        raise InvalidArgument(f"{where}: unknown state {msg.state}")
-    return Backend(_address(msg.address, where), _port(msg.port, where), weight, STATES[msg.state])
+    state = validate.choice(msg.state, STATES, f"{where}: state")
+    return Backend(_address(msg.address, where), _port(msg.port, where), weight, state)
+
+
+# Health check bounds: a probe every millisecond per backend would be a busy loop, a
+# timeout of days would hold a probe slot forever, a threshold of billions never flips.
+HEALTH_INTERVAL_MS = (50, 86_400_000)  # 0 turns the check off
+HEALTH_TIMEOUT_MS = (1, 60_000)  # 0 means 1000
+HEALTH_THRESHOLD = (1, 1000)  # 0 means 2
+MAX_AFFINITY_SECONDS = 86_400
+
+
+def _health_limits(hc: pb.HealthCheck, where: str) -> None:
+    """Refuse health check values outside their bounds (0 keeps its documented meaning)."""
+    for field_name, (low, high) in (("interval_ms", HEALTH_INTERVAL_MS), ("timeout_ms", HEALTH_TIMEOUT_MS),
+                                    ("unhealthy_threshold", HEALTH_THRESHOLD),
+                                    ("healthy_threshold", HEALTH_THRESHOLD)):  # fmt: skip
+        value = getattr(hc, field_name)
+        if value and not low <= value <= high:
+            raise InvalidArgument(f"{where}.{field_name}: {value} is out of range (0 or {low}-{high})")
+
+
+def check_limits(msgs: list[pb.Service]) -> None:
+    """Refuse a request over the per-call limits; costs O(services), never looks at a backend."""
+    validate.at_most(len(msgs), MAX_SERVICES_PER_CALL, "services")
+    validate.at_most(sum(len(m.backends) for m in msgs), MAX_BACKENDS_PER_CALL, "backends")
+
+
+def check_table(service: Service) -> None:
+    """Refuse weights whose hash table would exceed the largest table, before it is built."""
+    if service.maglev:
+        return
+    size = weighted_table_size([b.weight for b in service.backends])
+    if size > MAX_TABLE:
+        raise InvalidArgument(
+            f"service {service.name}: the weights need a hash table of {size} slots, above the limit of "
+            f"{MAX_TABLE}; use smaller weights (they are divided by their greatest common divisor)"
+        )
 
 
 def from_proto(msg: pb.Service) -> Service:
     """Validate a service message; raises InvalidArgument naming the faulty field."""
     validate.name(msg.name, "service")
     where = f"service {msg.name}"
+    validate.at_most(len(msg.backends), MAX_BACKENDS_PER_SERVICE, f"backends for {where}")
     protocol = validate.protocol(msg.protocol, where, allowed=PROTOCOLS)
-    node_port = msg.kind == pb.KIND_NODE_PORT
+    node_port = validate.choice(msg.kind, KINDS, f"{where}: kind")
+    maglev = validate.choice(msg.algorithm, ALGORITHMS, f"{where}: algorithm")
     address = "" if node_port else _address(msg.address, f"{where}: address")
     port = _port(msg.port, f"{where}: frontend")
     backends = tuple(backend_from_proto(b, f"{where}: backends[{i}]") for i, b in enumerate(msg.backends))
@@ -112,7 +158,6 @@ def from_proto(msg: pb.Service) -> Service:
         if b.key in seen:
             raise InvalidArgument(f"{where}: backend {b.key} is listed twice")
         seen.add(b.key)
-    maglev = msg.algorithm == pb.ALGORITHM_MAGLEV
     size = msg.maglev_table_size or DEFAULT_MAGLEV_TABLE
     if maglev and not is_prime(size):
         raise InvalidArgument(f"{where}: Maglev table size {size} is not a prime (try 1021, 4093 or 16381)")
@@ -120,15 +165,21 @@ def from_proto(msg: pb.Service) -> Service:
         raise InvalidArgument(f"{where}: Maglev table size {size} is above the maximum {MAX_TABLE}")
     if maglev and size < len(backends):
         raise InvalidArgument(f"{where}: Maglev table size {size} is smaller than the {len(backends)} backends")
+    if msg.affinity_timeout_seconds > MAX_AFFINITY_SECONDS:
+        raise InvalidArgument(f"{where}: affinity_timeout_seconds {msg.affinity_timeout_seconds} is above the "
+                              f"maximum of {MAX_AFFINITY_SECONDS} (a day, as in Kubernetes)")  # fmt: skip
     hc = msg.health_check
+    _health_limits(hc, f"{where}: health_check")
     health = HealthCheck(
         hc.interval_ms,
         hc.timeout_ms or 1000,
         hc.unhealthy_threshold or 2,
         hc.healthy_threshold or 2,
     )
-    return Service(msg.name, node_port, address, port, protocol, backends, maglev, size, msg.maglev_seed,
-                   msg.affinity_timeout_seconds, health)
+    service = Service(msg.name, node_port, address, port, protocol, backends, maglev, size, msg.maglev_seed,
+                      msg.affinity_timeout_seconds, health)
+    check_table(service)
+    return service
 
 
 def state_to_proto(state: BackendState) -> pb.BackendState.ValueType:

@@ -8,6 +8,7 @@ import grpc.aio
 from weir.lb.v1 import lb_pb2 as pb
 from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 
+from services.common import validate
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.lb import model
@@ -57,9 +58,8 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         return pb.ListServicesResponse(services=[await self._reply(s) for s in services], next_page_token=token)
 
     async def SetBackend(self, request: pb.SetBackendRequest, context: Context) -> pb.Service:
-        if request.state not in model.STATES:
-            raise InvalidArgument(f"unknown backend state {request.state}")
-        state = model.STATES[request.state] if request.state else None
+        chosen = validate.choice(request.state, model.STATES, "state")
+        state = chosen if request.state else None
         weight = request.weight if request.HasField("weight") else None
         service = await self._worker.call(
             self._lb.set_backend, request.service, request.address, request.port, weight, state

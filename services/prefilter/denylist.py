@@ -7,11 +7,12 @@ list and the maps as they were.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
 from services.common.validate import CidrError, Network, is_host, parse_cidr
+from services.prefilter.netdict import NetworkDict
 
 
 @dataclass(frozen=True)
@@ -38,9 +39,9 @@ class Capacity:
         return 2 * (self.hosts + self.prefixes)
 
 
-def parse_entries(items: Iterable[tuple[str, bool]]) -> dict[Network, bool]:
+def parse_entries(items: Iterable[tuple[str, bool]]) -> NetworkDict[bool]:
     """CIDR text and audit flag -> network and audit flag; the first bad CIDR is refused."""
-    out: dict[Network, bool] = {}
+    out: NetworkDict[bool] = NetworkDict()
     for index, (text, audit) in enumerate(items):
         try:
             network = parse_cidr(text)
@@ -57,13 +58,13 @@ class DenyList:
 
     def __init__(self, capacity: Capacity) -> None:
         self.capacity = capacity
-        self.entries: dict[Network, Entry] = {}
+        self.entries: NetworkDict[Entry] = NetworkDict()  # a plain dict is quadratic for IPv6 (see netdict)
         self._free: list[int] = []
         self._next_id = 0
 
     def restore(self, entries: Iterable[Entry]) -> None:
         """Rebuild from persisted entries (ids included)."""
-        self.entries = {e.network: e for e in entries}
+        self.entries = NetworkDict((e.network, e) for e in entries)
         used = {e.id for e in self.entries.values()}
         self._next_id = max(used, default=-1) + 1
         self._free = sorted(set(range(self._next_id)) - used, reverse=True)
@@ -90,7 +91,7 @@ class DenyList:
                     "restart the prefilter with a larger --host-entries/--prefix-entries"
                 )
 
-    def plan_add(self, wanted: dict[Network, bool]) -> tuple[list[Entry], list[Entry]]:
+    def plan_add(self, wanted: Mapping[Network, bool]) -> tuple[list[Entry], list[Entry]]:
         """(new entries, entries whose mode changes) for an add; ids are assigned here."""
         changed = [
             Entry(net, audit, self.entries[net].id)
@@ -111,11 +112,11 @@ class DenyList:
             removed.append(entry)
         return removed
 
-    def plan_replace(self, wanted: dict[Network, bool]) -> tuple[list[Entry], list[Entry]]:
+    def plan_replace(self, wanted: Mapping[Network, bool]) -> tuple[list[Entry], list[Entry]]:
         """(the whole new list, entries that leave it); kept entries keep their ids,
         new ones take the ids of leaving entries first. Undo with `release(new ids)`."""
         self.check_capacity(wanted)
-        leaving = [e for net, e in self.entries.items() if net not in wanted]
+        leaving = [e for net, e in self.entries.pairs() if net not in wanted]
         spare = [e.id for e in leaving]
         new_list = []
         for net, audit in wanted.items():
@@ -136,7 +137,7 @@ class DenyList:
     def commit_replace(self, new_list: list[Entry], leaving: list[Entry]) -> None:
         reused = {e.id for e in new_list}
         self._free.extend(e.id for e in leaving if e.id not in reused)
-        self.entries = {e.network: e for e in new_list}
+        self.entries = NetworkDict((e.network, e) for e in new_list)
 
     def commit(self, upserts: Iterable[Entry] = (), removed: Iterable[Entry] = ()) -> None:
         for entry in removed:

@@ -28,9 +28,12 @@ from pybpf import XdpMode, query_xdp
 from services.common import paging
 from services.common.chain_client import XdpPlacement
 from services.common.change import Change as StoreChange
+from services.common.collector import collector_paused
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
+from services.common.validate import at_most
+from services.common.validate import interface as valid_interface
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
 from services.prefilter.maps import PrefilterMaps
@@ -77,6 +80,8 @@ class XdpDevices(Protocol):
 
 
 def _ifindex(interface: str) -> int:
+    """The index of a named interface; a name the kernel could not hold is INVALID_ARGUMENT."""
+    valid_interface(interface)
     try:
         return socket.if_nametoindex(interface)
     except OSError:
@@ -98,6 +103,7 @@ class Prefilter:
         self._store = store
         self._devices = devices
         self._list = DenyList(maps.capacity)
+        self._listing: tuple[int, list[str], dict[str, Entry]] | None = None  # revision, sorted CIDRs, entries
 
     # ---- life cycle ----
 
@@ -123,6 +129,25 @@ class Prefilter:
     def revision(self) -> int:
         return self._store.revision(ENTRY)
 
+    @property
+    def max_entries(self) -> int:
+        """Most entries one request may name: as many as the maps can hold at all."""
+        return self._maps.capacity.ids
+
+    def check_count(self, count: int) -> None:
+        """Refuse a request naming more entries than ``max_entries``, before any is parsed."""
+        at_most(count, self.max_entries, "entries")
+
+    def _entries(self, items: Iterable[tuple[str, bool]]) -> list[tuple[str, bool]]:
+        out = items if isinstance(items, list) else list(items)
+        self.check_count(len(out))
+        return out
+
+    def _cidrs(self, cidrs: Iterable[str]) -> list[str]:
+        out = cidrs if isinstance(cidrs, list) else list(cidrs)
+        self.check_count(len(out))
+        return out
+
     # ---- entries ----
 
     def _check_revision(self, expected: int) -> None:
@@ -133,9 +158,10 @@ class Prefilter:
                 "someone else changed it; re-read the list and retry"
             )
 
+    @collector_paused()
     def add(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Add (or switch the mode of) entries, all or none."""
-        wanted = parse_entries(items)
+        wanted = parse_entries(self._entries(items))
         if not wanted:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -157,9 +183,10 @@ class Prefilter:
         self._list.commit(upserts=[*added, *changed])
         return Change(revision, len(added) + len(changed))
 
+    @collector_paused()
     def delete(self, cidrs: Iterable[str], expected_revision: int = 0) -> Change:
         """Delete entries, all or none; an entry not on the list is NOT_FOUND."""
-        networks = list(parse_entries((c, False) for c in cidrs))
+        networks = list(parse_entries((c, False) for c in self._cidrs(cidrs)))
         if not networks:
             raise InvalidArgument("no entries given")
         self._check_revision(expected_revision)
@@ -172,9 +199,10 @@ class Prefilter:
         self._list.commit(removed=removed)
         return Change(revision, len(removed))
 
+    @collector_paused()
     def replace(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
         """Make this the whole list, in one atomic switch of generations."""
-        wanted = parse_entries(items)
+        wanted = parse_entries(self._entries(items))
         self._check_revision(expected_revision)
         before = self._list.entries
         new_list, leaving = self._list.plan_replace(wanted)
@@ -198,16 +226,22 @@ class Prefilter:
         self._list.commit_replace(new_list, leaving)
         return Change(revision, changed)
 
+    @collector_paused()
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Entry], str, int]:
         """Entries ordered by CIDR text; the token is the last CIDR returned."""
-        by_text = {str(n): e for n, e in self._list.entries.items()}
-        entries, token = paging.page(sorted(by_text), page_size, page_token, by_text.__getitem__,
+        revision = self.revision
+        if self._listing is None or self._listing[0] != revision:
+            # Sorted once per revision, not once per page: paging through n entries stays O(n log n).
+            by_text = {str(n): e for n, e in self._list.entries.pairs()}
+            self._listing = (revision, sorted(by_text), by_text)
+        _, keys, by_text = self._listing
+        entries, token = paging.page(keys, page_size, page_token, by_text.__getitem__,
                                      default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
-        return entries, token, self.revision
+        return entries, token, revision
 
     def counters(self, cidrs: Iterable[str] = ()) -> list[tuple[Entry, Counter]]:
         """Hit counters (summed over CPUs) of the named entries, or of all of them."""
-        names = list(cidrs)
+        names = self._cidrs(cidrs)
         if names:
             wanted = parse_entries((c, False) for c in names)
             entries = []

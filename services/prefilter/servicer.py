@@ -10,6 +10,7 @@ from weir.prefilter.v1 import prefilter_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
 from pybpf import XdpMode
+from services.common import validate
 from services.common.datapath import Counter
 from services.common.worker import Worker
 from services.prefilter.denylist import Entry
@@ -24,10 +25,11 @@ XDP_MODES = {
     pb.XDP_MODE_GENERIC: XdpMode.GENERIC,
 }
 XDP_MODE_NAMES = {XdpMode.NATIVE: pb.XDP_MODE_NATIVE, XdpMode.GENERIC: pb.XDP_MODE_GENERIC}
+AUDIT = {pb.MODE_UNSPECIFIED: False, pb.MODE_DENY: False, pb.MODE_AUDIT: True}  # mode -> audit?
 
 
 def _items(entries: Any) -> list[tuple[str, bool]]:
-    return [(e.cidr, e.mode == pb.MODE_AUDIT) for e in entries]
+    return [(e.cidr, validate.choice(e.mode, AUDIT, f"entries[{i}].mode")) for i, e in enumerate(entries)]
 
 
 def _mode(entry: Entry) -> pb.Mode.ValueType:
@@ -57,12 +59,15 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
         self._prefilter = prefilter
 
     async def AddEntries(self, request: pb.AddEntriesRequest, context: Context) -> pb.ChangeResponse:
+        self._prefilter.check_count(len(request.entries))
         return _change(await self._worker.call(self._prefilter.add, _items(request.entries), request.expected_revision))
 
     async def DeleteEntries(self, request: pb.DeleteEntriesRequest, context: Context) -> pb.ChangeResponse:
+        self._prefilter.check_count(len(request.cidrs))
         return _change(await self._worker.call(self._prefilter.delete, list(request.cidrs), request.expected_revision))
 
     async def ReplaceEntries(self, request: pb.ReplaceEntriesRequest, context: Context) -> pb.ChangeResponse:
+        self._prefilter.check_count(len(request.entries))
         return _change(
             await self._worker.call(self._prefilter.replace, _items(request.entries), request.expected_revision)
         )
@@ -78,6 +83,7 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
         )
 
     async def GetCounters(self, request: pb.GetCountersRequest, context: Context) -> pb.GetCountersResponse:
+        self._prefilter.check_count(len(request.cidrs))
         entries = await self._worker.call(self._prefilter.counters, list(request.cidrs))
         interfaces = await self._worker.call(self._prefilter.interface_counters)
         return pb.GetCountersResponse(
@@ -95,7 +101,7 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
         )
 
     async def Attach(self, request: pb.AttachRequest, context: Context) -> pb.Attachment:
-        mode = XDP_MODES.get(request.mode, XdpMode.AUTO)
+        mode = validate.choice(request.mode, XDP_MODES, "mode")
         return _attachment(await self._worker.call(self._prefilter.attach, request.interface, mode))
 
     async def Detach(self, request: pb.DetachRequest, context: Context) -> pb.DetachResponse:

@@ -82,3 +82,11 @@ def test_every_weir_error_has_its_own_code() -> None:
 def test_unexpected_errors_never_show_their_text() -> None:
     _, message = status_for(RuntimeError("secret detail"))
     assert "secret" not in message
+
+
+def test_messages_are_bounded() -> None:
+    code, message = status_for(errors.InvalidArgument("bad name " + "x" * 100_000))
+    assert code is grpc.StatusCode.INVALID_ARGUMENT
+    assert message.startswith("bad name xxx") and len(message) < 1100 and "100009 characters" in message
+    code, message = status_for(OSError(errno.ENOENT, "y" * 50_000))
+    assert code is grpc.StatusCode.NOT_FOUND and len(message) < 1100

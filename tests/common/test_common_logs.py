@@ -87,3 +87,16 @@ def test_stdlib_logs_are_json_too(out: io.StringIO) -> None:
 def test_unknown_level_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown log level"):
         setup_logging("x", "loud")
+
+
+def test_long_values_are_cut_so_a_line_stays_small(out: io.StringIO) -> None:
+    huge = "x" * 100_000
+    structlog.get_logger().warning("rpc", error=huge, names=[huge] * 1000)
+    logging.getLogger("grpc").warning("grpc says %s", huge)
+    structlog.get_logger().warning("many", a=huge, b={"c": [huge] * 100}, data=b"y" * 5000, d={huge: 1})
+    raw = out.getvalue().splitlines()
+    assert len(raw) == 3 and all(len(line) < 2048 for line in raw[:2]), [len(line) for line in raw]
+    assert len(raw[2]) < 4096
+    first = lines(out)[0]
+    assert first["error"].endswith("(100000 characters)")
+    assert first["names"][-1] == "... 984 more"

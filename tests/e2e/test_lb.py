@@ -19,13 +19,15 @@ from typing import Any
 
 import grpc
 import pytest
+from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2 as pb
 from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 
 from pybpf import Map
 from services.common.datapath import CtKey, CtScope, CtValue
-from services.lb.defs import LbService, LbServiceKey
+from services.lb.defs import MAX_BACKENDS, LbService, LbServiceKey
+from services.lb.model import MAX_SERVICES_PER_CALL
 from tests.harness import netns, traffic
 from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
 
@@ -478,3 +480,146 @@ def test_failing_health_round_turns_the_lb_not_serving_until_it_recovers(
     finally:
         node.kill("lb")
         subprocess.run(["umount", str(state)], check=True)
+
+
+def _backend_ids(node: Node) -> set[int]:
+    with Map.from_pin(node.bpffs_root / "lb" / "lb_backends").typed(ctypes.c_uint32, None) as backends:
+        return {int(k) for k in backends}
+
+
+def _many_backends(count: int, start: int = 0) -> list[pb.Backend]:
+    return [pb.Backend(address=f"10.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}", port=8080)
+            for i in range(start + 1, start + count + 1)]  # fmt: skip
+
+
+def test_oversized_upsert_is_refused_before_it_takes_ids_and_a_normal_one_still_works(
+    make_node: Callable[..., Node],
+) -> None:
+    s = make_setup(make_node, 1)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    before = _datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())
+    huge = pb.Service(name="huge", address="198.19.0.9", port=80, protocol="TCP",
+                      backends=_many_backends(MAX_BACKENDS + 1))  # fmt: skip
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=huge), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "limit" in (err.value.details() or "") and len(err.value.details() or "") < 500
+    assert time.monotonic() - started < 5, "the limit is checked before the work"
+    bulk = [pb.Service(name=f"b{i}", address=f"198.18.{i >> 8}.{i & 255}", port=80, protocol="TCP")
+            for i in range(1, MAX_SERVICES_PER_CALL + 2)]  # fmt: skip
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.UpsertServices(pb.UpsertServicesRequest(services=bulk), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "limit" in (err.value.details() or "")
+    assert (_datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())) == before
+    # The id pools are as before: a normal service gets the lowest free backend ids.
+    held = _backend_ids(s.node)
+    normal = pb.Service(name="normal", address="198.19.0.10", port=80, protocol="TCP", backends=_many_backends(100))
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=normal), timeout=10)
+    assert _backend_ids(s.node) - held == set(range(max(held) + 1, max(held) + 101))
+    assert s.lb.GetService(pb.GetServiceRequest(name="normal")).id == 2
+
+
+def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_nothing(
+    make_node: Callable[..., Node],
+) -> None:
+    s = make_setup(make_node, 2)
+    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
+    before = _datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())
+
+    def upsert(**kw: Any) -> Callable[[], object]:
+        fields = {"address": "198.19.0.9", **kw}
+        return lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "other", **fields)))
+
+    with_backend = service(s, "other", address="198.19.0.9")
+    with_backend.backends[0].address = "169.254.7.7"
+    heavy = pb.Service(name="other", address="198.19.0.9", port=80, protocol="TCP", backends=_many_backends(3))
+    for b in heavy.backends:
+        b.weight = 65535 - int(b.address.rsplit(".", 1)[1])  # 65534, 65533, 65532: no common divisor
+    huge = "w" * 100_000
+    cases: list[tuple[str, Callable[[], object], str]] = [
+        ("scoped VIP", upsert(address="fe80::5%eth0"), "scope"),
+        ("link-local VIP", upsert(address="169.254.1.1"), "link-local"),
+        ("link-local backend", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=with_backend)),
+         "link-local"),
+        ("broadcast VIP", upsert(address="255.255.255.255"), "broadcast"),
+        ("unknown kind", upsert(kind=9), "kind: unknown value 9"),
+        ("unknown algorithm", upsert(algorithm=77), "algorithm: unknown value 77"),
+        ("trailing newline", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "web\n"))),
+         "service name"),
+        ("weights too heavy for a hash table", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=heavy)),
+         "hash table of 196599 slots"),
+        ("unknown state", lambda: s.lb.SetBackend(pb.SetBackendRequest(
+            service="web", address=s.backends[0].ipv4, port=8080, state=12)),  # type: ignore[arg-type]
+         "state: unknown value 12"),
+        ("scoped backend in SetBackend", lambda: s.lb.SetBackend(pb.SetBackendRequest(
+            service="web", address="fe80::1%eth0", port=8080, weight=1)), "scope"),
+        ("huge name", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, huge))),
+         "100000 characters"),
+        ("huge protocol", upsert(protocol=huge), "100000 characters"),
+        ("huge address", upsert(address=huge), "100000 characters"),
+        ("probe every millisecond", upsert(health_check=pb.HealthCheck(interval_ms=1)),
+         "health_check.interval_ms: 1 is out of range (0 or 50-86400000)"),
+        ("probe timeout of days", upsert(health_check=pb.HealthCheck(interval_ms=1000, timeout_ms=2**32 - 1)),
+         "health_check.timeout_ms"),
+        ("threshold never reached", upsert(health_check=pb.HealthCheck(healthy_threshold=10**9)),
+         "health_check.healthy_threshold"),
+        ("affinity for ever", upsert(affinity_timeout_seconds=2**32 - 1), "affinity_timeout_seconds"),
+    ]  # fmt: skip
+    for what, call, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {err.value.code()} {details[:300]}"
+        assert text in details and len(details) < 1100, f"{what}: {details[:300]}"
+        assert (_datapath_state(s.node), s.lb.ListServices(pb.ListServicesRequest())) == before, what
+    for call in (lambda: s.lb.GetService(pb.GetServiceRequest(name=huge)),
+                 lambda: s.lb.DeleteService(pb.DeleteServiceRequest(name=huge))):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details() or "") < 1100
+    lines = (s.node.workdir / "lb.log").read_text().splitlines()
+    assert lines and max(len(line) for line in lines) < 2048, "a log line echoes a request"
+    # The largest hash table there may be: weights 65535, 65535 and 1 need 131071 slots;
+    # SetBackend may not push it over.
+    full = pb.Service(name="full", address="198.19.0.2", port=80, protocol="TCP", backends=_many_backends(3))
+    for b, weight in zip(full.backends, (65535, 65535, 1), strict=True):
+        b.weight = weight
+    created = s.lb.UpsertService(pb.UpsertServiceRequest(service=full), timeout=10)
+    with pytest.raises(grpc.RpcError) as err:
+        s.lb.SetBackend(pb.SetBackendRequest(service="full", address=full.backends[2].address, port=8080, weight=2))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "above the limit" in (err.value.details() or "")
+    assert s.lb.GetService(pb.GetServiceRequest(name="full")) == created
+
+
+def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
+    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 15x time."""
+    s = make_setup(make_node, 0)
+    rounds = iter(range(1, 1000))
+
+    def upsert(count: int) -> float:
+        """Time to create `count` services (none or two backends) in one call; they stay (later calls find more)."""
+        n = next(rounds)
+        services = [pb.Service(name=f"r{n}-{i}", address=f"198.18.{i >> 8}.{i & 255}", port=n, protocol="TCP",
+                               backends=_many_backends(2 * (i % 2), 2 * i)) for i in range(count)]  # fmt: skip
+        started = time.perf_counter()
+        s.lb.UpsertServices(pb.UpsertServicesRequest(services=services), timeout=120)
+        return time.perf_counter() - started
+
+    def delete(backends: int) -> float:
+        """Time to delete one service with `backends` backends."""
+        big = pb.Service(name="big", address="198.19.0.1", port=80, protocol="TCP", backends=_many_backends(backends))
+        s.lb.UpsertService(pb.UpsertServiceRequest(service=big), timeout=60)
+        started = time.perf_counter()
+        s.lb.DeleteService(pb.DeleteServiceRequest(name="big"), timeout=60)
+        return time.perf_counter() - started
+
+    upsert(50)  # warm up
+    # The best of a few runs: the machine is shared, a slow run is noise, not growth.
+    upsert_1x, upsert_10x = min(upsert(300) for _ in range(3)), min(upsert(3000) for _ in range(2))
+    delete_1x, delete_10x = min(delete(1000) for _ in range(3)), min(delete(10000) for _ in range(2))
+    assert upsert_10x <= 15 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s for 300, {upsert_10x:.3f}s for 3000"
+    assert delete_10x <= 15 * delete_1x, f"DeleteService: {delete_1x:.3f}s for 1000, {delete_10x:.3f}s for 10000"
+    listed = s.lb.ListServices(pb.ListServicesRequest(page=common_pb2.PageRequest(page_size=10_000)))
+    assert len(listed.services) == 6950

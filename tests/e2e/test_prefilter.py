@@ -343,3 +343,105 @@ def test_full_disk_is_resource_exhausted_naming_the_store_and_changes_nothing(
         if "prefilter" in node.services:
             node.kill("prefilter")
         subprocess.run(["umount", str(state)], check=True)
+
+
+def test_scoped_addresses_unknown_modes_bad_names_and_oversize_are_refused_and_change_nothing(
+    make_node: Callable[..., Node],
+) -> None:
+    node = make_node("orchestrator")
+    node.start("prefilter", "--host-entries", "4", "--prefix-entries", "2")  # 12 counter ids: 12 entries a call
+    s = stub(node)
+    s.AddEntries(pb.AddEntriesRequest(entries=entries("fe80::5", "198.51.0.0/16")))
+    pins = node.bpffs_root / "prefilter"
+
+    def state() -> tuple[object, ...]:
+        listed = s.ListEntries(pb.ListEntriesRequest())
+        return dump_pinned(pins), listed.revision, [(e.cidr, e.mode) for e in listed.entries]
+
+    before = state()
+    huge = "1" * 100_000
+    cases: list[tuple[str, Callable[[], object], str]] = [
+        ("scoped add", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("fe80::5%eth0"))), "scope"),
+        ("scoped prefix", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("fe80::%eth0/64"))), "scope"),
+        ("scoped replace", lambda: s.ReplaceEntries(pb.ReplaceEntriesRequest(entries=entries("fe80::5%1"))),
+         "scope"),
+        ("scoped delete", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["fe80::5%eth0"])), "scope"),
+        ("unknown mode", lambda: s.AddEntries(pb.AddEntriesRequest(
+            entries=[pb.Entry(cidr="10.0.0.0/8", mode=99)])), "entries[0].mode: unknown value 99"),  # type: ignore[arg-type]
+        ("unknown mode in replace", lambda: s.ReplaceEntries(pb.ReplaceEntriesRequest(
+            entries=[pb.Entry(cidr="10.0.0.0/8", mode=-3)])), "unknown value -3"),  # type: ignore[arg-type]
+        ("unknown xdp mode", lambda: s.Attach(pb.AttachRequest(interface=NET_IFNAME, mode=7)),  # type: ignore[arg-type]
+         "mode: unknown value 7"),
+        ("trailing newline", lambda: s.Attach(pb.AttachRequest(interface=NET_IFNAME + "\n")), "whitespace"),
+        ("NUL in a name", lambda: s.Attach(pb.AttachRequest(interface="wnet\x000")), "NUL"),
+        ("slash in a name", lambda: s.Detach(pb.DetachRequest(interface="a/b")), "'/'"),
+        ("long name", lambda: s.Attach(pb.AttachRequest(interface="x" * 16)), "at most 15"),
+        ("too many entries", lambda: s.AddEntries(pb.AddEntriesRequest(
+            entries=entries(*(f"192.0.2.{i}" for i in range(13))))),
+         "13 entries in one request is over the limit of 12"),
+        ("too many to delete", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(
+            cidrs=[f"192.0.2.{i}" for i in range(13)])), "limit of 12"),
+        ("too many counters", lambda: s.GetCounters(pb.GetCountersRequest(
+            cidrs=[f"192.0.2.{i}" for i in range(13)])), "limit of 12"),
+        ("huge cidr", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries(huge))), "100000 characters"),
+        ("huge interface", lambda: s.Attach(pb.AttachRequest(interface=huge)), "100000 bytes"),
+    ]  # fmt: skip
+    for what, call, text in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        details = err.value.details() or ""
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, f"{what}: {err.value.code()} {details[:300]}"
+        assert text in details and len(details) < 1100, f"{what}: {details[:300]}"
+        assert state() == before, what
+    lines = (node.workdir / "prefilter.log").read_text().splitlines()
+    assert lines and max(len(line) for line in lines) < 2048, "a log line echoes a request"
+    # Link-local sources may be denied: a rogue host on the link is seen by its link-local address.
+    s.AddEntries(pb.AddEntriesRequest(entries=entries("169.254.0.0/16", "fe80::/10")))
+    assert {"169.254.0.0/16", "fe80::/10", "fe80::5/128"} <= {e.cidr for e in s.ListEntries(
+        pb.ListEntriesRequest()).entries}  # fmt: skip
+
+
+def _hosts(count: int, offset: int = 0) -> list[str]:
+    """Distinct IPv4 and IPv6 hosts and prefixes (one in four a /24 or /64)."""
+    out = []
+    for i in range(offset, offset + count):
+        a, b, c = (i >> 16) & 255, (i >> 8) & 255, i & 255
+        out.append([f"10.{a}.{b}.{c}", f"2001:db8:{a:x}:{b:x}::{c:x}", f"100.{a}.{b}.{c}",
+                    f"2001:db8:{a:x}:{b:x}{c:02x}::/64"][i % 4])  # fmt: skip
+    return out
+
+
+def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
+    """AddEntries, paging through ListEntries and DeleteEntries are O(n) (plus an O(n log n) sort or index):
+    10x entries, <= 15x time."""
+    node = make_node("orchestrator", "prefilter")
+    s = stub(node)
+
+    def timed(count: int, offset: int) -> tuple[float, float, float]:
+        cidrs = _hosts(count, offset)
+        request = pb.AddEntriesRequest(entries=entries(*cidrs))
+        started = time.perf_counter()
+        s.AddEntries(request, timeout=120)
+        added = time.perf_counter() - started
+        started, token, listed = time.perf_counter(), "", 0
+        while True:
+            page = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=200, page_token=token)))
+            listed += len(page.entries)
+            token = page.next_page_token
+            if not token:
+                break
+        paged = time.perf_counter() - started
+        assert listed == count
+        started = time.perf_counter()
+        s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=cidrs), timeout=120)
+        return added, paged, time.perf_counter() - started
+
+    small, large = 1_500, 15_000
+    timed(small, 0)  # warm up: maps, store, code paths
+    # The best of a few runs: the machine is shared, a slow run is noise, not growth.
+    add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(4)), strict=True))
+    add_10x, list_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(3)), strict=True))
+    assert list_10x <= 15 * list_1x, f"ListEntries pages: {list_1x:.3f}s for {small}, {list_10x:.3f}s for {large}"
+    assert add_10x <= 15 * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
+    assert delete_10x <= 15 * delete_1x, f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
+    assert s.ListEntries(pb.ListEntriesRequest()).entries == []
