@@ -19,7 +19,8 @@ from typing import Any
 import structlog
 
 from pybpf import TcDirection, attach_tc, detach_tc
-from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook, TcPriority
+from services.common.change import Change
+from services.common.datapath import MAX_ENDPOINTS, EndpointFlag, EndpointInfo, Hook, Slot, TcPriority
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
@@ -52,6 +53,8 @@ class Endpoint:
     mac: str = ""
     adopted: bool = False
     identity: int = 0
+    # Traffic dropped until the policy service says this endpoint's map is installed.
+    policy_pending: bool = False
 
     def networks(self) -> list[Network]:
         """The endpoint's addresses as host prefixes (its ipcache entries)."""
@@ -107,10 +110,15 @@ class Endpoints:
         self._store = store
         self._identities = identities
         self._listeners: list[Callable[[str, Endpoint], None]] = []
+        self._ready_listeners: list[Callable[[str], None]] = []
 
     def on_change(self, listener: Callable[[str, Endpoint], None]) -> None:
         """Call listener(kind, endpoint) after each endpoint is created ("CREATED") or deleted ("DELETED")."""
         self._listeners.append(listener)
+
+    def on_policy_ready(self, listener: Callable[[str], None]) -> None:
+        """Call listener(name) when an endpoint's traffic is let through (its policy is installed)."""
+        self._ready_listeners.append(listener)
 
     def _changed(self, kind: str, endpoint: Endpoint) -> None:
         for listener in self._listeners:
@@ -153,6 +161,7 @@ class Endpoints:
             labels=spec.labels,
             adopted=bool(spec.adopt_interface),
             identity=self._identities.for_labels(spec.labels),
+            policy_pending=self.policy_in_chain(),
         )
         try:
             if spec.adopt_interface:
@@ -180,6 +189,40 @@ class Endpoints:
         self._store.delete(KIND, name)
         log.info("endpoint deleted", endpoint=name)
         self._changed("DELETED", endpoint)
+
+    def policy_in_chain(self) -> bool:
+        """Whether a policy program is in an endpoint hook's chain (then a new endpoint waits for it)."""
+        policy = 1 << Slot.POLICY
+        return any(self._chain.generations.word(h) & policy for h in (Hook.FROM_CONTAINER, Hook.TO_CONTAINER))
+
+    def policy_ready(self, ready: list[tuple[str, int]], revision: int = 0) -> list[str]:
+        """The policy service installed these endpoints' maps: let their traffic through.
+
+        Names it does not know, or of another id (deleted and made again since), are skipped.
+        """
+        released = []
+        for name, endpoint_id in ready:
+            doc = self._store.get(KIND, name)
+            if doc is None:
+                continue
+            endpoint = Endpoint.from_doc(doc)
+            if endpoint.id != endpoint_id or not endpoint.policy_pending:
+                continue
+            endpoint.policy_pending = False
+            with Change(self._store) as change:
+                self._store.put(KIND, name, asdict(endpoint))
+                change.apply(self._flag_writer(endpoint, False), undo=self._flag_writer(endpoint, True))
+            released.append(name)
+        if released:
+            log.info("endpoint policy installed; traffic let through", endpoints=len(released),
+                     first=released[0], revision=revision)
+            for name in released:
+                for listener in self._ready_listeners:
+                    listener(name)
+        return released
+
+    def _flag_writer(self, endpoint: Endpoint, pending: bool) -> Callable[[], None]:
+        return lambda: self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint, pending))
 
     def reconcile(self) -> None:
         """After a (re)start: re-adopt known endpoints, remove tagged leftovers."""
@@ -297,5 +340,7 @@ class Endpoints:
                     raise AlreadyExists(f"address {mine} already belongs to endpoint {other.name!r}")
 
     @staticmethod
-    def _info(endpoint: Endpoint) -> EndpointInfo:
-        return EndpointInfo(id=endpoint.id, identity=endpoint.identity, flags=0, pad=0)
+    def _info(endpoint: Endpoint, pending: bool | None = None) -> EndpointInfo:
+        waiting = endpoint.policy_pending if pending is None else pending
+        flags = EndpointFlag.POLICY_PENDING if waiting else 0
+        return EndpointInfo(id=endpoint.id, identity=endpoint.identity, flags=flags, pad=0)

@@ -7,6 +7,7 @@ lives in services/common/errors.py and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,11 @@ from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
+
+# How long CreateEndpoint waits for the policy service to install a new endpoint's map.
+DEFAULT_POLICY_WAIT_MS = 5000
+MAX_POLICY_WAIT_MS = 60_000
+MAX_READY_PER_CALL = 65536
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -71,6 +77,7 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
         mac=endpoint.mac,
         adopted=endpoint.adopted,
         identity=endpoint.identity,
+        policy_pending=endpoint.policy_pending,
     )
 
 
@@ -128,13 +135,50 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._conntrack = conntrack
         self._identity_watchers: set[asyncio.Queue[pb.IdentityUpdate]] = set()
         identities.on_change(self.identities_changed)
+        self._policy_waiters: dict[str, set[asyncio.Event]] = {}
+        endpoints.on_policy_ready(self.policy_ready)
 
     async def CreateEndpoint(
         self, request: pb.CreateEndpointRequest, context: Context    ) -> pb.Endpoint:
         spec = EndpointSpec.parse(
             request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
         )
-        return endpoint_to_proto(await self._worker.call(self._endpoints.create, spec))
+        if request.policy_wait_ms > MAX_POLICY_WAIT_MS:
+            raise InvalidArgument(f"policy_wait_ms {request.policy_wait_ms} is above the maximum of "
+                                  f"{MAX_POLICY_WAIT_MS}")  # fmt: skip
+        wait = (request.policy_wait_ms or DEFAULT_POLICY_WAIT_MS) / 1000
+        # Waiting starts before the create: the policy service may answer before create returns here.
+        ready = asyncio.Event()
+        self._policy_waiters.setdefault(spec.name, set()).add(ready)
+        try:
+            endpoint = await self._worker.call(self._endpoints.create, spec)
+            if endpoint.policy_pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), wait)
+                endpoint = await self._worker.call(self._endpoints.get, spec.name)
+        finally:
+            waiters = self._policy_waiters.get(spec.name, set())
+            waiters.discard(ready)
+            if not waiters:
+                self._policy_waiters.pop(spec.name, None)
+        return endpoint_to_proto(endpoint)
+
+    async def EndpointPolicyReady(
+        self, request: pb.EndpointPolicyReadyRequest, context: Context
+    ) -> pb.EndpointPolicyReadyResponse:
+        if len(request.endpoints) > MAX_READY_PER_CALL:
+            raise InvalidArgument(f"{len(request.endpoints)} endpoints in one call; at most {MAX_READY_PER_CALL}")
+        ready = [(r.name, r.id) for r in request.endpoints]
+        released = await self._worker.call(self._endpoints.policy_ready, ready, request.revision)
+        return pb.EndpointPolicyReadyResponse(released=released)
+
+    def policy_ready(self, name: str) -> None:
+        """From the worker thread: wake the CreateEndpoint calls waiting for this endpoint's policy."""
+        self._loop.call_soon_threadsafe(self._wake, name)
+
+    def _wake(self, name: str) -> None:
+        for event in self._policy_waiters.get(name, ()):
+            event.set()
 
     async def GetEndpoint(
         self, request: pb.GetEndpointRequest, context: Context    ) -> pb.Endpoint:
