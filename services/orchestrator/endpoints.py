@@ -21,7 +21,7 @@ import structlog
 from pybpf import TcDirection, attach_tc, detach_tc
 from services.common.change import Change
 from services.common.datapath import MAX_ENDPOINTS, EndpointFlag, EndpointInfo, Hook, Slot, TcPriority
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator import netdev
@@ -31,6 +31,7 @@ from services.orchestrator.identities import Identities
 log = structlog.get_logger("weir.endpoints")
 
 KIND = "endpoint"
+DEVICE_KIND = "device"  # network devices' store documents (services.orchestrator.devices.KIND)
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -96,8 +97,8 @@ class EndpointSpec:
                 raise InvalidArgument(f"label key {key!r} is invalid")
             if not LABEL_VALUE_RE.match(value):
                 raise InvalidArgument(f"label value {value!r} of {key!r} is invalid")
-        if adopt_interface and len(adopt_interface.encode()) > 15:
-            raise InvalidArgument(f"interface name {adopt_interface!r} is longer than 15 bytes")
+        if adopt_interface:
+            netdev.valid_ifname(adopt_interface, "adopt_interface")
         return cls(name, v4, v6, dict(labels), adopt_interface)
 
 
@@ -243,15 +244,21 @@ class Endpoints:
                 self._teardown(endpoint)
                 self._store.delete(KIND, name)
         prefix = netdev.alias(self._instance, "")
+        # Ours are the namespaces at the far end of our tagged veths (found before those go).
+        namespaces = netdev.peered_namespaces(netdev.netns_name(self._instance, ""), netdev.tagged_peers(prefix))
         for tag, ifindex in netdev.tagged_links(prefix).items():
             if tag not in known:
                 log.warning("removing an interface no endpoint owns", alias=tag)
                 netdev.delete_link(ifindex)
         names = {e.netns for e in known.values()}
-        for ns in netdev.list_netns(netdev.netns_name(self._instance, "")):
-            if ns not in names:
+        for ns, ours in namespaces.items():
+            if ns in names:
+                continue
+            if ours:
                 log.warning("removing a namespace no endpoint owns", netns=ns)
                 netdev.remove_netns(ns)
+            else:
+                log.info("leaving a namespace this instance did not make", netns=ns)
         valid = {e.host_ifindex for e in known.values()}
         for ifindex in list(self._chain.endpoints.keys()):
             if ifindex not in valid:
@@ -281,7 +288,16 @@ class Endpoints:
             raise NotFound(f"interface {ifname!r} does not exist in the node's namespace")
         for other in self._all():
             if other.host_ifname == ifname:
-                raise AlreadyExists(f"interface {ifname!r} already belongs to endpoint {other.name!r}")
+                raise FailedPrecondition(f"interface {ifname!r} already belongs to endpoint {other.name!r}")
+        if self._store.get(DEVICE_KIND, ifname) is not None:
+            raise FailedPrecondition(f"interface {ifname!r} is attached as a network device; detach it first")
+        if netdev.is_weir_link(ifindex):
+            raise FailedPrecondition(f"interface {ifname!r} is an endpoint interface Weir made "
+                                     f"({netdev.link_alias(ifindex)}); it cannot be adopted")  # fmt: skip
+        foreign = netdev.foreign_programs(ifindex, {p.id for p in self._chain.programs.values()})
+        if foreign:
+            raise FailedPrecondition(f"interface {ifname!r} already carries programs that are not this node's "
+                                     f"({', '.join(foreign)}); detach them first")  # fmt: skip
         endpoint.host_ifname = ifname
         endpoint.host_ifindex = ifindex
         netdev.add_host_routes(ifindex, endpoint.ipv4, endpoint.ipv6, "")

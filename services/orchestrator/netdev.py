@@ -18,7 +18,11 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from pybpf import TcDirection, XdpMode, query_tc, query_xdp
+from pybpf._rtnl import count_tc_filters
 from services.common import netns
+from services.common.datapath import TcPriority
+from services.common.errors import InvalidArgument
 
 # The endpoint's default gateway: a link-local address that exists nowhere. The
 # endpoint reaches it through a permanent neighbour entry pointing at the host
@@ -27,6 +31,9 @@ GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
 CONTAINER_IFNAME = "eth0"
 NUD_PERMANENT = 0x80
+TC_HANDLE = 1
+TC_PRIORITY = TcPriority.ENTRY  # where the entry programs sit on every interface
+CLSACT_INGRESS, CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{IN,E}GRESS)
 RT_SCOPE_LINK = 253
 
 
@@ -87,6 +94,63 @@ def tagged_links(prefix: str) -> dict[str, int]:
             for link in ipr.get_links()
             if str(link.get("ifalias") or "").startswith(prefix)
         }
+
+
+def link_alias(ifindex: int) -> str:
+    """The ifalias of an interface ("" when it has none or is gone)."""
+    with IPRoute() as ipr:
+        try:
+            links = ipr.get_links(ifindex)
+        except NetlinkError:
+            return ""
+    return str(links[0].get_attr("IFLA_IFALIAS") or "") if links else ""
+
+
+def is_weir_link(ifindex: int) -> bool:
+    """Whether an interface carries a Weir tag (an endpoint veth of any instance)."""
+    return link_alias(ifindex).startswith("weir/")
+
+
+def tagged_peers(prefix: str) -> dict[int, int]:
+    """Tagged veths of this namespace (ifalias starting with prefix): host ifindex -> peer ifindex."""
+    with IPRoute() as ipr:
+        return {
+            int(link["index"]): int(link.get_attr("IFLA_LINK") or 0)
+            for link in ipr.get_links()
+            if str(link.get_attr("IFLA_IFALIAS") or "").startswith(prefix)
+        }
+
+
+def namespace_links(name: str, crossing: bool = False) -> list[tuple[int, int, str]]:
+    """(ifindex, IFLA_LINK, name) of the interfaces inside a namespace, loopback left out.
+
+    With ``crossing``, only links whose other end is in another namespace (a veth peer
+    with a link netnsid): an index pair inside one namespace says nothing about ours.
+    """
+    with netns.entered(name), IPRoute() as ipr:
+        return [
+            (int(link["index"]), int(link.get_attr("IFLA_LINK") or 0), str(link.get_attr("IFLA_IFNAME")))
+            for link in ipr.get_links()
+            if link.get_attr("IFLA_IFNAME") != "lo"
+            and (not crossing or link.get_attr("IFLA_LINK_NETNSID") is not None)
+        ]
+
+
+def peered_namespaces(prefix: str, peers: dict[int, int]) -> dict[str, bool]:
+    """Namespaces named with prefix: name -> whether one of `peers` (our veths) ends inside it.
+
+    A namespace is tagged as ours by the veth we made into it: a user's look-alike namespace
+    or another instance's (whose name may extend ours) holds no peer of this instance's veths.
+    """
+    out = {}
+    for name in list_netns(prefix):
+        try:
+            inside = namespace_links(name, crossing=True)
+        except OSError:
+            out[name] = False
+            continue
+        out[name] = any(peers.get(link) == index and ifname == CONTAINER_IFNAME for index, link, ifname in inside)
+    return out
 
 
 def create_veth(ifname: str, tag: str, ns: str) -> Veth:
@@ -158,6 +222,38 @@ def delete_link(ifindex: int) -> None:
         except NetlinkError as exc:
             if exc.code != 19:  # ENODEV: already gone
                 raise
+
+
+IFNAMSIZ = 16  # the kernel's limit, with the terminating NUL
+
+
+def valid_ifname(text: str, where: str = "interface") -> str:
+    """An interface name as the kernel takes it: 1-15 bytes, no NUL, '/', ':' or whitespace."""
+    raw = text.encode()
+    if not raw or len(raw) >= IFNAMSIZ or text in (".", "..") or any(c in text for c in "\0/:") or (
+        any(c.isspace() for c in text)
+    ):
+        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
+        raise InvalidArgument(
+            f"{where} {shown!r} is not an interface name: 1-15 bytes, without NUL, '/', ':' or spaces"
+        )
+    return text
+
+
+def foreign_programs(ifindex: int, own_ids: set[int]) -> list[str]:
+    """Programs on an interface that are not in own_ids: tc filters (any priority) and XDP."""
+    found = []
+    for direction, parent in ((TcDirection.INGRESS, CLSACT_INGRESS), (TcDirection.EGRESS, CLSACT_EGRESS)):
+        filters = count_tc_filters(ifindex, parent)
+        ours = query_tc(ifindex, direction, TC_HANDLE, TC_PRIORITY) in own_ids
+        if filters > (1 if ours else 0):
+            found.append(f"tc {direction.name.lower()} filter(s)")
+    status = query_xdp(ifindex)
+    for mode in (XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD):
+        prog_id = status.get(mode)
+        if prog_id and prog_id not in own_ids:
+            found.append(f"XDP program id {prog_id} ({mode.name.lower()})")
+    return found
 
 
 def valid_address(text: str, version: int) -> str:

@@ -13,6 +13,7 @@ import pytest
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
+from pybpf import ProgType, TcDirection, attach_tc, query_tc
 from services.common.datapath import Hook
 from tests.harness import netns, traffic
 from tests.harness.node import Node
@@ -176,7 +177,7 @@ def test_restart_removes_what_it_no_longer_knows(node: Node) -> None:
     # A leftover the store does not know: tagged like Weir's own, plus a namespace.
     stray_ns = f"{node.name}.stray"
     netns.create(stray_ns)
-    netns.run(node.ns, "ip", "link", "add", "lxcstray", "type", "veth", "peer", "name", "p0")
+    netns.run(node.ns, "ip", "link", "add", "lxcstray", "type", "veth", "peer", "name", "eth0", "netns", stray_ns)
     netns.run(node.ns, "ip", "link", "set", "lxcstray", "alias", f"weir/{node.name}/stray")
     netns.run(node.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1")  # not ours: stays
     node.start("orchestrator")
@@ -313,3 +314,74 @@ def _venv_path() -> str:
     import sys
 
     return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+
+
+def _refused(call: Callable[[], object], code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value.details()
+    return err.value.details() or ""
+
+
+def test_devices_and_adoption_refuse_interfaces_that_are_not_free(node: Node) -> None:
+    """AttachDevice and adopt_interface take only an interface nobody else uses."""
+    stub = node.orchestrator()
+    a = node.create_endpoint("a")
+    netns.run(node.ns, "ip", "link", "add", "dev0", "type", "veth", "peer", "name", "dev0p")
+    netns.run(node.ns, "ip", "link", "add", "busy0", "type", "veth", "peer", "name", "busy0p")
+    with counter_object(node, "foreign") as obj, netns.entered(node.ns):
+        foreign = attach_tc("busy0", next(p for p in obj.programs.values() if p.type == ProgType.SCHED_CLS),
+                            TcDirection.INGRESS)  # fmt: skip
+    veth_programs = _tc_programs(node, a.host_ifname)
+    assert veth_programs
+
+    assert "endpoint" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface=a.host_ifname)))
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    _refused(lambda: stub.DetachDevice(pb.DetachDeviceRequest(interface=a.host_ifname)), grpc.StatusCode.NOT_FOUND)
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    assert "not this node's" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="busy0")))
+    with netns.entered(node.ns):
+        assert query_tc("busy0", TcDirection.INGRESS) == foreign.program_id
+
+    stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0"), timeout=5)
+    assert "already attached" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0")))
+
+    endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
+    for ifname in (a.host_ifname, "dev0", "busy0"):
+        _refused(lambda i=ifname: stub.CreateEndpoint(pb.CreateEndpointRequest(  # type: ignore[misc]
+            name="adopter", ipv4="198.18.9.9", adopt_interface=i), timeout=10))
+    assert stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5) == endpoints
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    assert [d.interface for d in stub.ListDevices(pb.ListDevicesRequest(), timeout=5).devices] == ["dev0"]
+    assert traffic.ping(a.netns, node.create_endpoint("b").ipv4, count=2) == 2
+
+
+def test_restart_leaves_namespaces_it_did_not_make(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    """Only namespaces at the end of this instance's tagged veths are removed: not a user's
+    look-alike, not another instance's (whose name starts with this one's)."""
+    one = make_node("orchestrator")
+    one.create_endpoint("a")
+    look_alike, empty = f"{one.name}.mine", f"{one.name}.empty"
+    netns.create(look_alike)
+    netns.create(empty)
+    two = Node(f"{one.name}x", tmp_path / "two")  # its endpoints' namespaces: "<one>x.*"
+    try:
+        netns.run(look_alike, "ip", "link", "add", "mine0", "type", "veth", "peer", "name", "mine1")
+        two.setup()
+        two.start("orchestrator")
+        two.create_endpoint("c")
+        theirs = {n for n in netns.names(one.name) if n.startswith(two.name)}
+        assert f"{two.name}.c" in theirs
+        one.kill("orchestrator")
+        one.start("orchestrator")
+        left = set(netns.names(one.name))
+        assert {look_alike, empty} <= left
+        assert theirs <= left
+        assert f"{one.name}.a" in left
+        assert "mine0" in netns.run(look_alike, "ip", "-o", "link", "show").stdout
+        c = two.orchestrator().GetEndpoint(pb.GetEndpointRequest(name="c"), timeout=5)
+        assert traffic.ping(two.outside, c.ipv4, count=2) == 2
+    finally:
+        two.teardown()
+        netns.remove(look_alike)
+        netns.remove(empty)
