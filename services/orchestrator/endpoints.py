@@ -27,6 +27,7 @@ from services.common.validate import Network
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.identities import Identities
+from services.orchestrator.limits import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, summary
 
 log = structlog.get_logger("weir.endpoints")
 
@@ -66,6 +67,16 @@ class Endpoint:
         return cls(**doc)
 
 
+def check_name(name: str) -> str:
+    """An endpoint name, matched whole (a trailing newline is not part of a valid name)."""
+    if not NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"endpoint name {summary(name)} is invalid: use 1-32 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
+
+
 @dataclass(frozen=True)
 class EndpointSpec:
     """A validated CreateEndpoint request."""
@@ -80,23 +91,23 @@ class EndpointSpec:
     def parse(
         cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str
     ) -> EndpointSpec:
-        if not NAME_RE.match(name):
-            raise InvalidArgument(
-                f"endpoint name {name!r} is invalid: use 1-32 lowercase letters, digits or '-', "
-                "starting and ending with a letter or digit"
-            )
+        check_name(name)
         if not ipv4 and not ipv6:
             raise InvalidArgument("an endpoint needs an IPv4 or an IPv6 address")
         try:
             v4 = netdev.valid_address(ipv4, 4) if ipv4 else ""
             v6 = netdev.valid_address(ipv6, 6) if ipv6 else ""
         except ValueError as exc:
-            raise InvalidArgument(f"invalid address: {exc}") from exc
+            raise InvalidArgument(f"invalid address: {exc}") from None
+        if len(labels) > MAX_LABELS:
+            raise InvalidArgument(f"{len(labels)} labels; an endpoint has at most {MAX_LABELS}")
         for key, value in labels.items():
-            if not LABEL_KEY_RE.match(key):
-                raise InvalidArgument(f"label key {key!r} is invalid")
-            if not LABEL_VALUE_RE.match(value):
-                raise InvalidArgument(f"label value {value!r} of {key!r} is invalid")
+            if len(key) > MAX_LABEL_KEY or not LABEL_KEY_RE.fullmatch(key):
+                raise InvalidArgument(f"label key {summary(key)} is invalid: an optional DNS prefix and '/', "
+                                      "then up to 63 letters, digits, '-', '_' or '.'")  # fmt: skip
+            if len(value) > MAX_LABEL_VALUE or not LABEL_VALUE_RE.fullmatch(value):
+                raise InvalidArgument(f"label value {summary(value)} of {summary(key)} is invalid: up to 63 "
+                                      "letters, digits, '-', '_' or '.'")  # fmt: skip
         if adopt_interface:
             netdev.valid_ifname(adopt_interface, "adopt_interface")
         return cls(name, v4, v6, dict(labels), adopt_interface)
@@ -131,7 +142,7 @@ class Endpoints:
     # ---- queries ----
 
     def get(self, name: str) -> Endpoint:
-        doc = self._store.get(KIND, name)
+        doc = self._store.get(KIND, check_name(name))
         if doc is None:
             raise NotFound(f"endpoint {name!r} does not exist")
         return Endpoint.from_doc(doc)
@@ -350,10 +361,16 @@ class Endpoints:
         raise ResourceExhausted(f"this node already has {MAX_ENDPOINTS - 1} endpoints")
 
     def _check_addresses_free(self, spec: EndpointSpec) -> None:
-        for other in self._all():
+        others = self._all()
+        for other in others:
             for mine, theirs in ((spec.ipv4, other.ipv4), (spec.ipv6, other.ipv6)):
                 if mine and mine == theirs:
                     raise AlreadyExists(f"address {mine} already belongs to endpoint {other.name!r}")
+        endpoint_links = {o.host_ifindex for o in others}
+        for address in (spec.ipv4, spec.ipv6):
+            conflict = netdev.node_conflict(address, endpoint_links) if address else ""
+            if conflict:
+                raise FailedPrecondition(f"{conflict}; it cannot be an endpoint's address")
 
     @staticmethod
     def _info(endpoint: Endpoint, pending: bool | None = None) -> EndpointInfo:

@@ -23,6 +23,7 @@ from pybpf._rtnl import count_tc_filters
 from services.common import netns
 from services.common.datapath import TcPriority
 from services.common.errors import InvalidArgument
+from services.orchestrator.limits import summary
 
 # The endpoint's default gateway: a link-local address that exists nowhere. The
 # endpoint reaches it through a permanent neighbour entry pointing at the host
@@ -233,9 +234,8 @@ def valid_ifname(text: str, where: str = "interface") -> str:
     if not raw or len(raw) >= IFNAMSIZ or text in (".", "..") or any(c in text for c in "\0/:") or (
         any(c.isspace() for c in text)
     ):
-        shown = text if len(text) <= 40 else f"{text[:40]}... ({len(text)} characters)"
         raise InvalidArgument(
-            f"{where} {shown!r} is not an interface name: 1-15 bytes, without NUL, '/', ':' or spaces"
+            f"{where} {summary(text)} is not an interface name: 1-15 bytes, without NUL, '/', ':' or spaces"
         )
     return text
 
@@ -257,10 +257,43 @@ def foreign_programs(ifindex: int, own_ids: set[int]) -> list[str]:
 
 
 def valid_address(text: str, version: int) -> str:
-    """Normalise an address of the given family; raises ValueError with a reason."""
+    """Normalise an endpoint address of the given family; raises ValueError with a reason."""
+    if "%" in text:
+        raise ValueError(f"{summary(text)} has a scope (%zone); an endpoint address has none")
     address = ipaddress.ip_address(text)
     if address.version != version:
         raise ValueError(f"{text!r} is not an IPv{version} address")
     if address.is_multicast or address.is_unspecified or address.is_loopback:
-        raise ValueError(f"{text!r} cannot be an endpoint address")
+        raise ValueError(f"{text!r} cannot be an endpoint address (multicast, unspecified or loopback)")
+    if address.is_link_local:
+        raise ValueError(f"{text!r} is link-local; endpoints reach their gateway there, give a routable address")
+    if version == 4 and (address.is_reserved or address == ipaddress.IPv4Address("255.255.255.255")):
+        raise ValueError(f"{text!r} is reserved or the broadcast address")
+    if str(address) in (GATEWAY_V4, GATEWAY_V6):
+        raise ValueError(f"{text!r} is the endpoints' gateway")
     return str(address)
+
+
+def node_conflict(text: str, skip_ifindexes: set[int]) -> str:
+    """Why an address cannot be an endpoint's on this node ("" when it can).
+
+    It must not be one of the node's own addresses, the network or broadcast address of a
+    subnet the node is on, or a neighbour on a link that is not an endpoint's (skip_ifindexes).
+    """
+    address = ipaddress.ip_address(text)
+    with IPRoute() as ipr:
+        for entry in ipr.get_addr():
+            own = entry.get_attr("IFA_ADDRESS") or entry.get_attr("IFA_LOCAL")
+            if not own:
+                continue
+            interface = ipaddress.ip_interface(f"{own}/{entry['prefixlen']}")
+            if interface.ip == address:
+                return f"{address} is one of the node's own addresses"
+            net = interface.network
+            if address.version == 4 and net.prefixlen < 31 and address in (net.network_address, net.broadcast_address):
+                return f"{address} is the network or broadcast address of the node's subnet {net}"
+        for neigh in ipr.get_neighbours():
+            dst = neigh.get_attr("NDA_DST")
+            if dst and int(neigh["ifindex"]) not in skip_ifindexes and ipaddress.ip_address(dst) == address:
+                return f"{address} is a neighbour of the node (on ifindex {neigh['ifindex']})"
+    return ""

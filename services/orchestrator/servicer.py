@@ -27,6 +27,7 @@ from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
+from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
 
 # How long CreateEndpoint waits for the policy service to install a new endpoint's map.
 DEFAULT_POLICY_WAIT_MS = 5000
@@ -48,11 +49,11 @@ def hook_from_proto(value: int) -> Hook:
 
 
 def slot_from_proto(value: int) -> int:
-    """A slot number as the datapath counts them; range errors come from Chain."""
+    """A slot number as the datapath counts them; an unknown enum value is refused."""
     if value == common_pb2.SLOT_UNSPECIFIED:
         raise InvalidArgument(f"slot is required: one of {', '.join(common_pb2.Slot.keys()[1:])}")
     if value not in common_pb2.Slot.values():
-        return value - 1
+        raise InvalidArgument(f"slot {value} is out of range: one of {', '.join(common_pb2.Slot.keys()[1:])}")
     return Slot[common_pb2.Slot.Name(common_pb2.Slot.ValueType(value)).removeprefix("SLOT_")]
 
 
@@ -274,6 +275,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def RegisterPrograms(
         self, request: pb.RegisterProgramsRequest, context: Context
     ) -> pb.RegisterProgramsResponse:
+        if len(request.programs) > MAX_PROGRAMS:
+            raise InvalidArgument(f"{len(request.programs)} programs in one registration; at most {MAX_PROGRAMS}")
         wanted = [(hook_from_proto(p.hook), slot_from_proto(p.slot), p.pin_path, 0) for p in request.programs]
         states = await self._worker.call(self._chain.register, request.service, wanted)
         return pb.RegisterProgramsResponse(slots=[slot_to_proto(s) for s in states])
@@ -356,6 +359,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context    ) -> AsyncIterator[pb.Event]:
+        if len(request.types) > MAX_EVENT_TYPES:
+            raise InvalidArgument(f"{len(request.types)} event types; at most {MAX_EVENT_TYPES}")
         wanted = {t.upper() for t in request.types}
         queue = self._events.subscribe()
         try:
