@@ -34,21 +34,36 @@ EDGE_TEXT = [
     "10.1.2.300", "10.0.0.0/33", "10.0.0.1/8", "::ffff:10.0.0.1", "2001:db8::1%1", "198.18.0.10",
     "/sys/fs/bpf/nothing", "/sys/fs/bpf/a\x00b", "relative/pin", "Bad_Name", "ok-name\n", BASELINE,
 ]  # fmt: skip
-text = st.one_of(st.sampled_from(EDGE_TEXT), st.text(max_size=24))
-enum_value = st.one_of(st.integers(min_value=-3, max_value=12), st.sampled_from([99, 2**31 - 1, -(2**31)]))
+# Values that pass the first checks, so the edge values next to them reach the deeper ones.
+PLAUSIBLE = ["198.18.7.7", "2001:db8:e::77", "fuzz-ep", "wnet0", "/sys/fs/bpf", "policy", "10.9.0.0/16"]
+text = st.one_of(st.sampled_from(EDGE_TEXT), st.sampled_from(PLAUSIBLE), st.text(max_size=24))
+
+
+def field(good: list[str], bad: list[str]) -> st.SearchStrategy[str]:
+    """A field's value: mostly good, else one of its edge values (or any text)."""
+    return st.one_of(st.sampled_from(good), st.sampled_from(good), st.sampled_from(bad), text)
+
+
+name_field = field(["fuzz-ep", "fuzz-b"], ["x\n", "ok-name\n", "a\x00b", "x" * 300, "Bad_Name", "a/b"])
+v4_field = field(["198.18.7.7", ""], ["169.254.9.9", "169.254.1.1", "255.255.255.255", "240.0.0.1", "224.0.0.1",
+                                       NODE_NET_V4, "192.0.2.0", "192.0.2.255", "0.0.0.0"])  # fmt: skip
+v6_field = field(["2001:db8:e::77", ""], ["fe80::5%eth0", "2001:db8::1%1", "fe80::5", "fe80::1", "ff02::1",
+                                           NODE_NET_V6, "::"])  # fmt: skip
+ifname_field = field(["", "wnet0"], ["a\x00b", "lo:1", "x" * 300, "x\n", "a/b"])
+enum_value = st.one_of(st.integers(min_value=1, max_value=8), st.sampled_from([-(2**31), -1, 0, 9, 99, 2**31 - 1]))
 big_id = st.one_of(st.just(0), st.integers(min_value=2**31 - 1000, max_value=2**32 - 1))
 
 
 def requests(draw: st.DrawFn) -> tuple[str, Any]:
     """One (method name, request) with edge values."""
-    method = draw(st.sampled_from(sorted(BUILDERS)))
+    method = draw(st.sampled_from([*sorted(BUILDERS), *["CreateEndpoint", "AttachDevice"] * 4]))
     return method, BUILDERS[method](draw)
 
 
 BUILDERS: dict[str, Callable[[st.DrawFn], Any]] = {
     "CreateEndpoint": lambda d: pb.CreateEndpointRequest(
-        name=d(text), ipv4=d(text), ipv6=d(text), adopt_interface=d(st.sampled_from(["", *EDGE_TEXT[:12]])),
-        labels=d(st.dictionaries(text, text, max_size=3)), policy_wait_ms=d(st.sampled_from([0, 1, 60_001]))),
+        name=d(name_field), ipv4=d(v4_field), ipv6=d(v6_field), adopt_interface=d(ifname_field),
+        labels=d(st.dictionaries(text, text, max_size=2)), policy_wait_ms=d(st.sampled_from([0, 1, 60_001]))),
     "GetEndpoint": lambda d: pb.GetEndpointRequest(name=d(text)),
     "DeleteEndpoint": lambda d: pb.DeleteEndpointRequest(name=d(text)),
     "ListEndpoints": lambda d: pb.ListEndpointsRequest(page=common_pb2.PageRequest(
@@ -68,11 +83,33 @@ BUILDERS: dict[str, Callable[[st.DrawFn], Any]] = {
     "GetSlot": lambda d: pb.GetSlotRequest(hook=d(enum_value), slot=d(enum_value)),
     "ListSlots": lambda d: pb.ListSlotsRequest(hook=d(enum_value)),
     "SwapChain": lambda d: pb.SwapChainRequest(hook=d(enum_value)),
-    "AttachXdp": lambda d: pb.AttachXdpRequest(interface=d(text), mode=d(enum_value)),
+    "AttachXdp": lambda d: pb.AttachXdpRequest(interface=d(ifname_field), mode=d(enum_value)),
     "DetachXdp": lambda d: pb.DetachXdpRequest(interface=d(text)),
-    "AttachDevice": lambda d: pb.AttachDeviceRequest(interface=d(text)),
+    "AttachDevice": lambda d: pb.AttachDeviceRequest(interface=d(ifname_field)),
     "DetachDevice": lambda d: pb.DetachDeviceRequest(interface=d(text)),
 }  # fmt: skip
+
+
+# Values no name, address or interface field may take: a request carrying one must be refused.
+NEVER_VALID = {
+    "x\n", "ok-name\n", "a\x00b", "a/b", "lo:1", "x" * 300, "fe80::5%eth0", "2001:db8::1%1", "fe80::5", "fe80::1",
+    "169.254.1.1", "169.254.9.9", "255.255.255.255", "240.0.0.1", "224.0.0.1", "ff02::1", NODE_NET_V4, NODE_NET_V6,
+    "192.0.2.0", "192.0.2.255",
+}  # fmt: skip
+
+
+def must_refuse(method: str, request: Any) -> bool:
+    """Whether the request carries a value that makes it invalid whatever the rest says."""
+    if method == "CreateEndpoint":
+        fields = [request.name, request.ipv4, request.ipv6, request.adopt_interface, *request.labels.keys(),
+                  *request.labels.values()]  # fmt: skip
+    elif method in ("AttachDevice", "AttachXdp"):
+        fields = [request.interface]
+    elif method == "RegisterPrograms":
+        fields = [request.service]
+    else:
+        return False
+    return any(f in NEVER_VALID for f in fields)
 
 
 def state(stub: pb_grpc.OrchestratorStub) -> tuple[Any, ...]:
@@ -121,6 +158,7 @@ def test_bad_requests_are_refused_cleanly_and_change_nothing(node: Node) -> None
         calls["ok"] += 1
         undo(stub, method, request)
         baseline[0] = state(stub)
+        assert not must_refuse(method, request), f"{method}({request!r}) was taken"
 
     check()
     assert calls["refused"] > 200, calls

@@ -16,7 +16,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from pybpf import ProgType, TcDirection, attach_tc, query_tc
 from services.common.datapath import Hook
 from tests.harness import netns, traffic
-from tests.harness.node import Node
+from tests.harness.node import NODE_NET_V4, NODE_NET_V6, OUTSIDE_V4, Node
 from tests.harness.objects import counted, counter_object
 
 pytestmark = pytest.mark.root
@@ -385,3 +385,75 @@ def test_restart_leaves_namespaces_it_did_not_make(make_node: Callable[..., Node
         two.teardown()
         netns.remove(look_alike)
         netns.remove(empty)
+
+
+def test_edge_values_are_refused_with_invalid_argument_and_change_nothing(node: Node) -> None:
+    """Scoped, link-local and node addresses, names with a trailing newline or NUL, unknown enums."""
+    node.create_endpoint("taken", ipv6=False)
+    stub = node.orchestrator()
+    before = _state(node)
+    namespaces = netns.names(node.name)
+
+    def create(name: str = "fresh", ipv4: str = "198.18.9.1", ipv6: str = "", **kw: object) -> Callable[[], object]:
+        return lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name=name, ipv4=ipv4, ipv6=ipv6, **kw),
+                                           timeout=10)  # fmt: skip
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    precondition = grpc.StatusCode.FAILED_PRECONDITION
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
+        ("trailing newline", create(name="x\n"), invalid),
+        ("NUL in name", create(name="a\x00b"), invalid),
+        ("scoped IPv6", create(ipv4="", ipv6="fe80::5%eth0"), invalid),
+        ("scoped routable IPv6", create(ipv4="", ipv6="2001:db8:e::5%1"), invalid),
+        ("link-local IPv4", create(ipv4="169.254.7.7"), invalid),
+        ("link-local IPv6", create(ipv4="", ipv6="fe80::5"), invalid),
+        ("the gateway", create(ipv4="169.254.1.1"), invalid),
+        ("broadcast", create(ipv4="255.255.255.255"), invalid),
+        ("reserved", create(ipv4="240.0.0.1"), invalid),
+        ("the node's own address", create(ipv4=NODE_NET_V4), precondition),
+        ("the node's own IPv6 address", create(ipv4="", ipv6=NODE_NET_V6), precondition),
+        ("a neighbour", create(ipv4=OUTSIDE_V4), precondition),
+        ("subnet broadcast", create(ipv4="192.0.2.255"), precondition),
+        ("subnet network", create(ipv4="192.0.2.0"), precondition),
+        ("label key with newline", create(labels={"app\n": "x"}), invalid),
+        ("label value with newline", create(labels={"app": "x\n"}), invalid),
+        ("too many labels", create(labels={f"k{i}": "v" for i in range(65)}), invalid),
+        ("adopt NUL", create(adopt_interface="a\x00b"), invalid),
+        ("adopt slash", create(adopt_interface="a/b"), invalid),
+        ("adopt newline", create(adopt_interface="wnet0\n"), invalid),
+        ("get with newline", lambda: stub.GetEndpoint(pb.GetEndpointRequest(name="taken\n"), timeout=5), invalid),
+        ("delete with newline", lambda: stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="taken\n"), timeout=5),
+         invalid),
+        ("device NUL", lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="wnet0\x00"), timeout=5), invalid),
+        ("device too long", lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="w" * 16), timeout=5),
+         invalid),
+        ("xdp NUL", lambda: stub.AttachXdp(pb.AttachXdpRequest(interface="a\x00"), timeout=5), invalid),
+        ("slot 99", lambda: stub.GetSlot(pb.GetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER,
+                                                          slot=common_pb2.Slot.ValueType(99)), timeout=5), invalid),
+        ("hook 99", lambda: stub.ListSlots(pb.ListSlotsRequest(hook=common_pb2.Hook.ValueType(99)), timeout=5),
+         invalid),
+        ("NUL in pin path", lambda: stub.SetSlot(pb.SetSlotRequest(
+            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/sys/fs/bpf/a\x00b"), timeout=5),
+         invalid),
+        ("too many programs", lambda: stub.RegisterPrograms(pb.RegisterProgramsRequest(service="svc", programs=[
+            pb.ProgramRegistration(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/x")
+            for _ in range(41)]), timeout=5), invalid),
+        ("service with newline", lambda: stub.RegisterPrograms(pb.RegisterProgramsRequest(service="svc\n", programs=[
+            pb.ProgramRegistration(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/x")]),
+            timeout=5), invalid),
+        ("scoped CIDR", lambda: stub.AllocateCIDRIdentities(pb.AllocateCIDRIdentitiesRequest(
+            owner="t", cidrs=["fe80::5%eth0/128"]), timeout=5), invalid),
+        ("owner with newline", lambda: stub.AllocateCIDRIdentities(pb.AllocateCIDRIdentitiesRequest(
+            owner="t\n", cidrs=["10.0.0.0/8"]), timeout=5), invalid),
+    ]  # fmt: skip
+    wrong = []
+    for what, call, code in cases:
+        try:
+            call()
+            wrong.append(f"{what}: accepted")
+        except grpc.RpcError as err:
+            if err.code() != code:
+                wrong.append(f"{what}: {err.code().name} {err.details()}")
+    assert not wrong, wrong
+    assert _state(node) == before
+    assert netns.names(node.name) == namespaces
