@@ -32,6 +32,7 @@ GATEWAY_V4 = "169.254.1.1"
 GATEWAY_V6 = "fe80::1"
 CONTAINER_IFNAME = "eth0"
 NUD_PERMANENT = 0x80
+NUD_NOT_THERE = 0x01 | 0x20 | 0x40  # INCOMPLETE, FAILED, NOARP: nobody answered there
 TC_HANDLE = 1
 TC_PRIORITY = TcPriority.ENTRY  # where the entry programs sit on every interface
 CLSACT_INGRESS, CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{IN,E}GRESS)
@@ -278,7 +279,8 @@ def node_conflict(text: str, skip_ifindexes: set[int]) -> str:
     """Why an address cannot be an endpoint's on this node ("" when it can).
 
     It must not be one of the node's own addresses, the network or broadcast address of a
-    subnet the node is on, or a neighbour on a link that is not an endpoint's (skip_ifindexes).
+    subnet the node is on, or a neighbour that answered on a link that is not an endpoint's
+    (skip_ifindexes, or any Weir-tagged veth: those entries are Weir's own).
     """
     address = ipaddress.ip_address(text)
     with IPRoute() as ipr:
@@ -292,8 +294,13 @@ def node_conflict(text: str, skip_ifindexes: set[int]) -> str:
             net = interface.network
             if address.version == 4 and net.prefixlen < 31 and address in (net.network_address, net.broadcast_address):
                 return f"{address} is the network or broadcast address of the node's subnet {net}"
+        weir_links = {int(link["index"]) for link in ipr.get_links()
+                      if str(link.get_attr("IFLA_IFALIAS") or "").startswith("weir/")}  # fmt: skip
         for neigh in ipr.get_neighbours():
             dst = neigh.get_attr("NDA_DST")
-            if dst and int(neigh["ifindex"]) not in skip_ifindexes and ipaddress.ip_address(dst) == address:
-                return f"{address} is a neighbour of the node (on ifindex {neigh['ifindex']})"
+            ifindex = int(neigh["ifindex"])
+            if not dst or ifindex in skip_ifindexes or ifindex in weir_links or neigh["state"] & NUD_NOT_THERE:
+                continue
+            if ipaddress.ip_address(dst) == address:
+                return f"{address} is a neighbour of the node (on ifindex {ifindex})"
     return ""

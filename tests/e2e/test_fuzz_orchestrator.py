@@ -60,7 +60,7 @@ def requests(draw: st.DrawFn) -> tuple[str, Any]:
     return method, BUILDERS[method](draw)
 
 
-BUILDERS: dict[str, Callable[[st.DrawFn], Any]] = {
+BUILDERS: dict[str, Callable[[Any], Any]] = {
     "CreateEndpoint": lambda d: pb.CreateEndpointRequest(
         name=d(name_field), ipv4=d(v4_field), ipv6=d(v6_field), adopt_interface=d(ifname_field),
         labels=d(st.dictionaries(text, text, max_size=2)), policy_wait_ms=d(st.sampled_from([0, 1, 60_001]))),

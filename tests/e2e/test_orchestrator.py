@@ -7,6 +7,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -394,7 +395,7 @@ def test_edge_values_are_refused_with_invalid_argument_and_change_nothing(node: 
     before = _state(node)
     namespaces = netns.names(node.name)
 
-    def create(name: str = "fresh", ipv4: str = "198.18.9.1", ipv6: str = "", **kw: object) -> Callable[[], object]:
+    def create(name: str = "fresh", ipv4: str = "198.18.9.1", ipv6: str = "", **kw: Any) -> Callable[[], object]:
         return lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name=name, ipv4=ipv4, ipv6=ipv6, **kw),
                                            timeout=10)  # fmt: skip
 
