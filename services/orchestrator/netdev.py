@@ -10,6 +10,8 @@ leftovers from everything else.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import ipaddress
 import os
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from pybpf import TcDirection, XdpMode, query_tc, query_xdp
+from pybpf import TcDirection, XdpMode, _libbpf, query_tc, query_xdp
 from pybpf._rtnl import count_tc_filters
 from services.common import netns
 from services.common.datapath import TcPriority
@@ -35,6 +37,7 @@ NUD_PERMANENT = 0x80
 NUD_NOT_THERE = 0x01 | 0x20 | 0x40  # INCOMPLETE, FAILED, NOARP: nobody answered there
 TC_HANDLE = 1
 TC_PRIORITY = TcPriority.ENTRY  # where the entry programs sit on every interface
+BPF_TCX_INGRESS, BPF_TCX_EGRESS = 46, 47  # enum bpf_attach_type
 CLSACT_INGRESS, CLSACT_EGRESS = 0xFFFFFFF2, 0xFFFFFFF3  # TC_H_MAKE(TC_H_CLSACT, TC_H_MIN_{IN,E}GRESS)
 RT_SCOPE_LINK = 253
 
@@ -241,14 +244,30 @@ def valid_ifname(text: str, where: str = "interface") -> str:
     return text
 
 
+def _tcx_programs(ifindex: int, attach_type: int) -> list[int]:
+    """Program ids on an interface's tcx hook (kernels without tcx answer with none)."""
+    ids = (ctypes.c_uint32 * 64)()
+    count = ctypes.c_uint32(64)
+    flags = ctypes.c_uint32(0)
+    ret = _libbpf.bpf_prog_query(ifindex, attach_type, 0, ctypes.byref(flags), ids, ctypes.byref(count))
+    if ret == -errno.ENOSPC:
+        return [0]  # more than 64: certainly someone else's
+    if ret < 0:
+        return []
+    return list(ids[: count.value])
+
+
 def foreign_programs(ifindex: int, own_ids: set[int]) -> list[str]:
-    """Programs on an interface that are not in own_ids: tc filters (any priority) and XDP."""
+    """Programs on an interface that are not in own_ids: tc filters (any priority), tcx and XDP."""
     found = []
     for direction, parent in ((TcDirection.INGRESS, CLSACT_INGRESS), (TcDirection.EGRESS, CLSACT_EGRESS)):
         filters = count_tc_filters(ifindex, parent)
         ours = query_tc(ifindex, direction, TC_HANDLE, TC_PRIORITY) in own_ids
         if filters > (1 if ours else 0):
             found.append(f"tc {direction.name.lower()} filter(s)")
+    for direction, attach_type in ((TcDirection.INGRESS, BPF_TCX_INGRESS), (TcDirection.EGRESS, BPF_TCX_EGRESS)):
+        if any(prog_id not in own_ids for prog_id in _tcx_programs(ifindex, attach_type)):
+            found.append(f"tcx {direction.name.lower()} program(s)")
     status = query_xdp(ifindex)
     for mode in (XdpMode.NATIVE, XdpMode.GENERIC, XdpMode.OFFLOAD):
         prog_id = status.get(mode)

@@ -14,7 +14,7 @@ import pytest
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
-from pybpf import ProgType, TcDirection, attach_tc, query_tc
+from pybpf import ProgType, TcDirection, XdpMode, attach_tc, attach_xdp, query_tc, query_xdp
 from services.common.datapath import Hook
 from tests.harness import netns, traffic
 from tests.harness.node import NODE_NET_V4, NODE_NET_V6, OUTSIDE_V4, Node
@@ -330,9 +330,13 @@ def test_devices_and_adoption_refuse_interfaces_that_are_not_free(node: Node) ->
     a = node.create_endpoint("a")
     netns.run(node.ns, "ip", "link", "add", "dev0", "type", "veth", "peer", "name", "dev0p")
     netns.run(node.ns, "ip", "link", "add", "busy0", "type", "veth", "peer", "name", "busy0p")
+    netns.run(node.ns, "ip", "link", "add", "xdpbusy0", "type", "veth", "peer", "name", "xdpbusy0p")
     with counter_object(node, "foreign") as obj, netns.entered(node.ns):
         foreign = attach_tc("busy0", next(p for p in obj.programs.values() if p.type == ProgType.SCHED_CLS),
                             TcDirection.INGRESS)  # fmt: skip
+        xdp = next(p for p in obj.programs.values() if p.type == ProgType.XDP)
+        attach_xdp("xdpbusy0", xdp, XdpMode.GENERIC)
+        foreign_xdp = xdp.id
     veth_programs = _tc_programs(node, a.host_ifname)
     assert veth_programs
 
@@ -344,11 +348,14 @@ def test_devices_and_adoption_refuse_interfaces_that_are_not_free(node: Node) ->
     with netns.entered(node.ns):
         assert query_tc("busy0", TcDirection.INGRESS) == foreign.program_id
 
+    assert "XDP" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="xdpbusy0")))
+    with netns.entered(node.ns):
+        assert query_xdp("xdpbusy0").generic == foreign_xdp
     stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0"), timeout=5)
     assert "already attached" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0")))
 
     endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
-    for ifname in (a.host_ifname, "dev0", "busy0"):
+    for ifname in (a.host_ifname, "dev0", "busy0", "xdpbusy0"):
         _refused(lambda i=ifname: stub.CreateEndpoint(pb.CreateEndpointRequest(  # type: ignore[misc]
             name="adopter", ipv4="198.18.9.9", adopt_interface=i), timeout=10))
     assert stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5) == endpoints
