@@ -458,11 +458,11 @@ class Chain:
             try:
                 return Program.from_pin(pin_path)
             except FileNotFoundError as exc:
-                raise NotFound(f"no program is pinned at {pin_path}") from exc
+                raise NotFound(f"no program is pinned at {summary(pin_path)}") from exc
             except OSError as exc:
                 if exc.errno == 2:
-                    raise NotFound(f"no program is pinned at {pin_path}") from exc
-                raise InvalidArgument(f"{pin_path} is not a pinned program: {exc.strerror}") from exc
+                    raise NotFound(f"no program is pinned at {summary(pin_path)}") from exc
+                raise InvalidArgument(f"{summary(pin_path)} is not a pinned program: {exc.strerror}") from exc
         if program_id:
             try:
                 return Program.from_id(program_id)
