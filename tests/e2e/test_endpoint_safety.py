@@ -150,3 +150,32 @@ def test_policy_ready_from_a_stranger_changes_nothing(make_node: Callable[..., N
     ])  # fmt: skip
     assert list(node.orchestrator().EndpointPolicyReady(bogus, timeout=5).released) == []
     assert node.orchestrator().ListEndpoints(orch_pb.ListEndpointsRequest(), timeout=5) == before
+
+
+def test_pending_endpoint_stays_closed_without_policy_across_a_restart(make_node: Callable[..., Node]) -> None:
+    """With the policy service down, a new endpoint returns pending and stays dropped, also after
+    an orchestrator restart, until the policy service is back and has installed its map."""
+    node = make_node("orchestrator", "policy")
+    peer = node.create_endpoint("peer", {"app": "peer"}, ipv6=False)
+    node.kill("policy")
+    stub = node.orchestrator()
+    request = orch_pb.CreateEndpointRequest(name="late", ipv4="198.18.3.3", labels={"app": "web"}, policy_wait_ms=300)
+    started = time.monotonic()
+    late = stub.CreateEndpoint(request, timeout=10)
+    assert late.policy_pending and time.monotonic() - started < 3
+    assert traffic.ping(peer.netns, late.ipv4, count=2, wait=0.5) == 0
+    drops = pending_drops(node)
+    assert drops > 0
+
+    node.kill("orchestrator")
+    node.start("orchestrator")
+    assert node.orchestrator().GetEndpoint(orch_pb.GetEndpointRequest(name="late"), timeout=5).policy_pending
+    assert traffic.ping(peer.netns, late.ipv4, count=2, wait=0.5) == 0
+    assert pending_drops(node) > drops
+
+    node.start("policy")
+    deadline = time.monotonic() + 10
+    while node.orchestrator().GetEndpoint(orch_pb.GetEndpointRequest(name="late"), timeout=5).policy_pending:
+        assert time.monotonic() < deadline, "the policy service never said the endpoint's policy is installed"
+        time.sleep(0.1)
+    assert traffic.ping(peer.netns, late.ipv4, count=2) == 2
