@@ -313,6 +313,8 @@ def node_conflict(text: str, skip_ifindexes: set[int]) -> str:
             net = interface.network
             if address.version == 4 and net.prefixlen < 31 and address in (net.network_address, net.broadcast_address):
                 return f"{address} is the network or broadcast address of the node's subnet {net}"
+            if address.version == 6 and net.prefixlen < 127 and address == net.network_address:
+                return f"{address} is the subnet-router anycast address of the node's subnet {net}"
         weir_links = {int(link["index"]) for link in ipr.get_links()
                       if str(link.get_attr("IFLA_IFALIAS") or "").startswith("weir/")}  # fmt: skip
         for neigh in ipr.get_neighbours():

@@ -423,6 +423,7 @@ def test_edge_values_are_refused_with_invalid_argument_and_change_nothing(node: 
         ("a neighbour", create(ipv4=OUTSIDE_V4), precondition),
         ("subnet broadcast", create(ipv4="192.0.2.255"), precondition),
         ("subnet network", create(ipv4="192.0.2.0"), precondition),
+        ("subnet-router anycast", create(ipv4="", ipv6="2001:db8:ff::"), precondition),
         ("label key with newline", create(labels={"app\n": "x"}), invalid),
         ("label value with newline", create(labels={"app": "x\n"}), invalid),
         ("too many labels", create(labels={f"k{i}": "v" for i in range(65)}), invalid),
