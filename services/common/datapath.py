@@ -122,6 +122,7 @@ class Reason(IntEnum):
     POLICY_AUDIT = 9  # would have been dropped by policy; the endpoint is in audit mode, so it passed
     FRAG_NOT_FOUND = 10  # a non-first fragment whose first fragment was never seen: its ports are unknown
     EXT_HDR_LIMIT = 11  # more IPv6 extension headers than the parser walks (IPV6_EXT_MAX)
+    POLICY_PENDING = 12  # a new endpoint whose policy is not in its maps yet (EndpointFlag.POLICY_PENDING)
 
 
 class Cb(IntEnum):
@@ -217,6 +218,16 @@ class Counter(ctypes.Structure):
     """A packets/bytes pair; per-CPU in every map that holds it."""
 
     _fields_ = [("packets", ctypes.c_uint64), ("bytes", ctypes.c_uint64)]
+
+
+class EndpointFlag(IntEnum):
+    """Bits of EndpointInfo.flags."""
+
+    # Set by the orchestrator when it makes an endpoint while a policy program is in the chain,
+    # cleared once the policy service says the endpoint's map is installed. Meanwhile the entry
+    # programs drop the endpoint's traffic (Reason.POLICY_PENDING) whenever the hook's chain has
+    # a policy slot, so no flow is admitted (and kept by conntrack) before its policy applies.
+    POLICY_PENDING = 1
 
 
 class EndpointInfo(ctypes.Structure):
@@ -336,6 +347,7 @@ class CtValue(ctypes.Structure):
 
 ENUMS: list[type[IntEnum]] = [
     Hook, Slot, Direction, CtScope, Family, IpProto, TcpFlag, Reason, Cb, EventType, ReservedIdentity, CtFlag,
+    EndpointFlag,
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,

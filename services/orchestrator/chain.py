@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ from services.common.datapath import (
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.objects import load_service_object, pin_programs
 from services.common.store import Store
+from services.orchestrator.limits import MAX_PATH, MAX_PROGRAMS, summary
 
 log = structlog.get_logger("weir.chain")
 
@@ -67,6 +69,7 @@ STATE_MAP = "chain_state"
 CHAIN_MAPS = [*CALL_MAPS.values(), STATE_MAP]
 KIND = "slot"
 OPERATOR = "operator"  # registrations made with SetSlot by a person or tool
+SERVICE_RE = re.compile(r"[a-z0-9][-a-z0-9_.]{0,62}")
 # Time for packets that read the old chain word before a flip to leave the
 # chain before its generation is rewritten; a chain runs in microseconds.
 GRACE_SECONDS = 0.02
@@ -339,6 +342,13 @@ class Chain:
         assert self._store is not None, "the chain has no store"
         if not service:
             raise InvalidArgument("service is required: the name the registration is kept under")
+        if not SERVICE_RE.fullmatch(service):
+            raise InvalidArgument(f"service {summary(service)} is invalid: up to 63 lowercase letters, digits, "
+                                  "'-', '_' or '.'")  # fmt: skip
+        wanted = list(wanted)
+        if len(wanted) > MAX_PROGRAMS:
+            raise InvalidArgument(f"{len(wanted)} programs in one registration; at most {MAX_PROGRAMS} "
+                                  "(one per slot of each hook)")  # fmt: skip
         self.ensure_pins()
         current = self._registrations()
         regs: list[Registration] = []
@@ -441,16 +451,18 @@ class Chain:
     def open_program(pin_path: str = "", program_id: int = 0) -> Program:
         """Find a program by pin path or id; NotFound with the path or id otherwise."""
         if pin_path:
+            if "\0" in pin_path or len(pin_path) > MAX_PATH:
+                raise InvalidArgument(f"pin path {summary(pin_path)} is not a path (a NUL, or over {MAX_PATH} bytes)")
             if not os.path.isabs(pin_path):
-                raise InvalidArgument(f"pin path {pin_path!r} must be absolute")
+                raise InvalidArgument(f"pin path {summary(pin_path)} must be absolute")
             try:
                 return Program.from_pin(pin_path)
             except FileNotFoundError as exc:
-                raise NotFound(f"no program is pinned at {pin_path}") from exc
+                raise NotFound(f"no program is pinned at {summary(pin_path)}") from exc
             except OSError as exc:
                 if exc.errno == 2:
-                    raise NotFound(f"no program is pinned at {pin_path}") from exc
-                raise InvalidArgument(f"{pin_path} is not a pinned program: {exc.strerror}") from exc
+                    raise NotFound(f"no program is pinned at {summary(pin_path)}") from exc
+                raise InvalidArgument(f"{summary(pin_path)} is not a pinned program: {exc.strerror}") from exc
         if program_id:
             try:
                 return Program.from_id(program_id)

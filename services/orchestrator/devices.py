@@ -26,6 +26,7 @@ from services.orchestrator.chain import Chain
 log = structlog.get_logger("weir.devices")
 
 KIND = "device"
+ENDPOINT_KIND = "endpoint"  # the endpoints' store documents (services.orchestrator.endpoints.KIND)
 XDP_KIND = "xdp"
 TC_HANDLE = 1
 TC_PRIORITY = TcPriority.ENTRY
@@ -37,18 +38,42 @@ class Devices:
         self._chain = chain
         self._store = store
 
+    def own_program_ids(self) -> set[int]:
+        """Ids of the entry programs (and XDP programs this node placed): what may sit on a device."""
+        ids = {p.id for p in self._chain.programs.values()}
+        return ids | {int(doc["program_id"]) for _, doc in self._store.items(XDP_KIND)}
+
     def attach(self, ifname: str) -> int:
+        """Attach the network entry programs to a device nobody else uses (refused otherwise)."""
+        netdev.valid_ifname(ifname)
         ifindex = netdev.link_index(ifname)
         if ifindex is None:
             raise NotFound(f"interface {ifname!r} does not exist in the node's namespace")
-        for hook, direction in HOOKS:
-            attach_tc(ifindex, self._chain.programs[hook], direction, handle=TC_HANDLE, priority=TC_PRIORITY,
-                      replace=True)
+        if self._store.get(KIND, ifname) is not None:
+            raise FailedPrecondition(f"device {ifname} is already attached")
+        for _, doc in self._store.items(ENDPOINT_KIND):
+            if doc.get("host_ifname") == ifname:
+                raise FailedPrecondition(f"interface {ifname} is the interface of endpoint {doc.get('name')!r}; "
+                                         "an endpoint's interface cannot be a network device")  # fmt: skip
+        if netdev.is_weir_link(ifindex):
+            raise FailedPrecondition(f"interface {ifname} is an endpoint interface Weir made "
+                                     f"({netdev.link_alias(ifindex)}); it cannot be a network device")  # fmt: skip
+        foreign = netdev.foreign_programs(ifindex, self.own_program_ids())
+        if foreign:
+            raise FailedPrecondition(f"interface {ifname} already carries programs that are not this node's "
+                                     f"({', '.join(foreign)}); detach them first")  # fmt: skip
+        self._attach_entries(ifindex)
         self._store.put(KIND, ifname, {"ifindex": ifindex})
         log.info("device attached", interface=ifname)
         return ifindex
 
+    def _attach_entries(self, ifindex: int) -> None:
+        for hook, direction in HOOKS:
+            attach_tc(ifindex, self._chain.programs[hook], direction, handle=TC_HANDLE, priority=TC_PRIORITY,
+                      replace=True)
+
     def detach(self, ifname: str) -> None:
+        netdev.valid_ifname(ifname)
         if self._store.get(KIND, ifname) is None:
             raise NotFound(f"device {ifname!r} is not attached")
         ifindex = netdev.link_index(ifname)
@@ -68,7 +93,9 @@ class Devices:
                 log.warning("device vanished; forgetting it", interface=name)
                 self._store.delete(KIND, name)
             else:
-                self.attach(name)
+                ifindex = netdev.link_index(name) or 0
+                self._attach_entries(ifindex)
+                self._store.put(KIND, name, {"ifindex": ifindex})
         for name, doc in self._store.items(XDP_KIND):
             try:
                 self.attach_xdp(name, XdpMode[doc["requested"]])
@@ -84,6 +111,7 @@ class Devices:
 
     def attach_xdp(self, ifname: str, mode: XdpMode = XdpMode.AUTO) -> XdpState:
         """Attach the XDP entry program; someone else's XDP program is never replaced."""
+        netdev.valid_ifname(ifname)
         ifindex = netdev.link_index(ifname)
         if ifindex is None:
             raise NotFound(f"interface {ifname!r} does not exist on this node")
@@ -110,6 +138,7 @@ class Devices:
         return state
 
     def detach_xdp(self, ifname: str) -> None:
+        netdev.valid_ifname(ifname)
         if self._store.get(XDP_KIND, ifname) is None:
             raise NotFound(f"the XDP entry is not attached to {ifname!r}")
         ifindex = netdev.link_index(ifname)

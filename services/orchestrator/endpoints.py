@@ -19,17 +19,20 @@ from typing import Any
 import structlog
 
 from pybpf import TcDirection, attach_tc, detach_tc
-from services.common.datapath import MAX_ENDPOINTS, EndpointInfo, Hook, TcPriority
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
+from services.common.change import Change
+from services.common.datapath import MAX_ENDPOINTS, EndpointFlag, EndpointInfo, Hook, Slot, TcPriority
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.identities import Identities
+from services.orchestrator.limits import MAX_LABEL_KEY, MAX_LABEL_VALUE, MAX_LABELS, summary
 
 log = structlog.get_logger("weir.endpoints")
 
 KIND = "endpoint"
+DEVICE_KIND = "device"  # network devices' store documents (services.orchestrator.devices.KIND)
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
@@ -52,6 +55,8 @@ class Endpoint:
     mac: str = ""
     adopted: bool = False
     identity: int = 0
+    # Traffic dropped until the policy service says this endpoint's map is installed.
+    policy_pending: bool = False
 
     def networks(self) -> list[Network]:
         """The endpoint's addresses as host prefixes (its ipcache entries)."""
@@ -60,6 +65,16 @@ class Endpoint:
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Endpoint:
         return cls(**doc)
+
+
+def check_name(name: str) -> str:
+    """An endpoint name, matched whole (a trailing newline is not part of a valid name)."""
+    if not NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"endpoint name {summary(name)} is invalid: use 1-32 lowercase letters, digits or '-', "
+            "starting and ending with a letter or digit"
+        )
+    return name
 
 
 @dataclass(frozen=True)
@@ -76,25 +91,25 @@ class EndpointSpec:
     def parse(
         cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str
     ) -> EndpointSpec:
-        if not NAME_RE.match(name):
-            raise InvalidArgument(
-                f"endpoint name {name!r} is invalid: use 1-32 lowercase letters, digits or '-', "
-                "starting and ending with a letter or digit"
-            )
+        check_name(name)
         if not ipv4 and not ipv6:
             raise InvalidArgument("an endpoint needs an IPv4 or an IPv6 address")
         try:
             v4 = netdev.valid_address(ipv4, 4) if ipv4 else ""
             v6 = netdev.valid_address(ipv6, 6) if ipv6 else ""
         except ValueError as exc:
-            raise InvalidArgument(f"invalid address: {exc}") from exc
+            raise InvalidArgument(f"invalid address: {exc}") from None
+        if len(labels) > MAX_LABELS:
+            raise InvalidArgument(f"{len(labels)} labels; an endpoint has at most {MAX_LABELS}")
         for key, value in labels.items():
-            if not LABEL_KEY_RE.match(key):
-                raise InvalidArgument(f"label key {key!r} is invalid")
-            if not LABEL_VALUE_RE.match(value):
-                raise InvalidArgument(f"label value {value!r} of {key!r} is invalid")
-        if adopt_interface and len(adopt_interface.encode()) > 15:
-            raise InvalidArgument(f"interface name {adopt_interface!r} is longer than 15 bytes")
+            if len(key) > MAX_LABEL_KEY or not LABEL_KEY_RE.fullmatch(key):
+                raise InvalidArgument(f"label key {summary(key)} is invalid: an optional DNS prefix and '/', "
+                                      "then up to 63 letters, digits, '-', '_' or '.'")  # fmt: skip
+            if len(value) > MAX_LABEL_VALUE or not LABEL_VALUE_RE.fullmatch(value):
+                raise InvalidArgument(f"label value {summary(value)} of {summary(key)} is invalid: up to 63 "
+                                      "letters, digits, '-', '_' or '.'")  # fmt: skip
+        if adopt_interface:
+            netdev.valid_ifname(adopt_interface, "adopt_interface")
         return cls(name, v4, v6, dict(labels), adopt_interface)
 
 
@@ -107,10 +122,15 @@ class Endpoints:
         self._store = store
         self._identities = identities
         self._listeners: list[Callable[[str, Endpoint], None]] = []
+        self._ready_listeners: list[Callable[[str], None]] = []
 
     def on_change(self, listener: Callable[[str, Endpoint], None]) -> None:
         """Call listener(kind, endpoint) after each endpoint is created ("CREATED") or deleted ("DELETED")."""
         self._listeners.append(listener)
+
+    def on_policy_ready(self, listener: Callable[[str], None]) -> None:
+        """Call listener(name) when an endpoint's traffic is let through (its policy is installed)."""
+        self._ready_listeners.append(listener)
 
     def _changed(self, kind: str, endpoint: Endpoint) -> None:
         for listener in self._listeners:
@@ -122,7 +142,7 @@ class Endpoints:
     # ---- queries ----
 
     def get(self, name: str) -> Endpoint:
-        doc = self._store.get(KIND, name)
+        doc = self._store.get(KIND, check_name(name))
         if doc is None:
             raise NotFound(f"endpoint {name!r} does not exist")
         return Endpoint.from_doc(doc)
@@ -153,6 +173,7 @@ class Endpoints:
             labels=spec.labels,
             adopted=bool(spec.adopt_interface),
             identity=self._identities.for_labels(spec.labels),
+            policy_pending=self.policy_in_chain(),
         )
         try:
             if spec.adopt_interface:
@@ -181,6 +202,40 @@ class Endpoints:
         log.info("endpoint deleted", endpoint=name)
         self._changed("DELETED", endpoint)
 
+    def policy_in_chain(self) -> bool:
+        """Whether a policy program is in an endpoint hook's chain (then a new endpoint waits for it)."""
+        policy = 1 << Slot.POLICY
+        return any(self._chain.generations.word(h) & policy for h in (Hook.FROM_CONTAINER, Hook.TO_CONTAINER))
+
+    def policy_ready(self, ready: list[tuple[str, int]], revision: int = 0) -> list[str]:
+        """The policy service installed these endpoints' maps: let their traffic through.
+
+        Names it does not know, or of another id (deleted and made again since), are skipped.
+        """
+        released = []
+        for name, endpoint_id in ready:
+            doc = self._store.get(KIND, name)
+            if doc is None:
+                continue
+            endpoint = Endpoint.from_doc(doc)
+            if endpoint.id != endpoint_id or not endpoint.policy_pending:
+                continue
+            endpoint.policy_pending = False
+            with Change(self._store) as change:
+                self._store.put(KIND, name, asdict(endpoint))
+                change.apply(self._flag_writer(endpoint, False), undo=self._flag_writer(endpoint, True))
+            released.append(name)
+        if released:
+            log.info("endpoint policy installed; traffic let through", endpoints=len(released),
+                     first=released[0], revision=revision)
+            for name in released:
+                for listener in self._ready_listeners:
+                    listener(name)
+        return released
+
+    def _flag_writer(self, endpoint: Endpoint, pending: bool) -> Callable[[], None]:
+        return lambda: self._chain.endpoints.update(endpoint.host_ifindex, self._info(endpoint, pending))
+
     def reconcile(self) -> None:
         """After a (re)start: re-adopt known endpoints, remove tagged leftovers."""
         known = {}
@@ -200,15 +255,21 @@ class Endpoints:
                 self._teardown(endpoint)
                 self._store.delete(KIND, name)
         prefix = netdev.alias(self._instance, "")
+        # Ours are the namespaces at the far end of our tagged veths (found before those go).
+        namespaces = netdev.peered_namespaces(netdev.netns_name(self._instance, ""), netdev.tagged_peers(prefix))
         for tag, ifindex in netdev.tagged_links(prefix).items():
             if tag not in known:
                 log.warning("removing an interface no endpoint owns", alias=tag)
                 netdev.delete_link(ifindex)
         names = {e.netns for e in known.values()}
-        for ns in netdev.list_netns(netdev.netns_name(self._instance, "")):
-            if ns not in names:
+        for ns, ours in namespaces.items():
+            if ns in names:
+                continue
+            if ours:
                 log.warning("removing a namespace no endpoint owns", netns=ns)
                 netdev.remove_netns(ns)
+            else:
+                log.info("leaving a namespace this instance did not make", netns=ns)
         valid = {e.host_ifindex for e in known.values()}
         for ifindex in list(self._chain.endpoints.keys()):
             if ifindex not in valid:
@@ -238,7 +299,16 @@ class Endpoints:
             raise NotFound(f"interface {ifname!r} does not exist in the node's namespace")
         for other in self._all():
             if other.host_ifname == ifname:
-                raise AlreadyExists(f"interface {ifname!r} already belongs to endpoint {other.name!r}")
+                raise FailedPrecondition(f"interface {ifname!r} already belongs to endpoint {other.name!r}")
+        if self._store.get(DEVICE_KIND, ifname) is not None:
+            raise FailedPrecondition(f"interface {ifname!r} is attached as a network device; detach it first")
+        if netdev.is_weir_link(ifindex):
+            raise FailedPrecondition(f"interface {ifname!r} is an endpoint interface Weir made "
+                                     f"({netdev.link_alias(ifindex)}); it cannot be adopted")  # fmt: skip
+        foreign = netdev.foreign_programs(ifindex, {p.id for p in self._chain.programs.values()})
+        if foreign:
+            raise FailedPrecondition(f"interface {ifname!r} already carries programs that are not this node's "
+                                     f"({', '.join(foreign)}); detach them first")  # fmt: skip
         endpoint.host_ifname = ifname
         endpoint.host_ifindex = ifindex
         netdev.add_host_routes(ifindex, endpoint.ipv4, endpoint.ipv6, "")
@@ -291,11 +361,19 @@ class Endpoints:
         raise ResourceExhausted(f"this node already has {MAX_ENDPOINTS - 1} endpoints")
 
     def _check_addresses_free(self, spec: EndpointSpec) -> None:
-        for other in self._all():
+        others = self._all()
+        for other in others:
             for mine, theirs in ((spec.ipv4, other.ipv4), (spec.ipv6, other.ipv6)):
                 if mine and mine == theirs:
                     raise AlreadyExists(f"address {mine} already belongs to endpoint {other.name!r}")
+        endpoint_links = {o.host_ifindex for o in others}
+        for address in (spec.ipv4, spec.ipv6):
+            conflict = netdev.node_conflict(address, endpoint_links) if address else ""
+            if conflict:
+                raise FailedPrecondition(f"{conflict}; it cannot be an endpoint's address")
 
     @staticmethod
-    def _info(endpoint: Endpoint) -> EndpointInfo:
-        return EndpointInfo(id=endpoint.id, identity=endpoint.identity, flags=0, pad=0)
+    def _info(endpoint: Endpoint, pending: bool | None = None) -> EndpointInfo:
+        waiting = endpoint.policy_pending if pending is None else pending
+        flags = EndpointFlag.POLICY_PENDING if waiting else 0
+        return EndpointInfo(id=endpoint.id, identity=endpoint.identity, flags=flags, pad=0)

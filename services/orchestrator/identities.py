@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +28,7 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
+from services.orchestrator.limits import summary
 
 KIND = "identity"
 CIDR_PREFIX = "cidr:"
@@ -69,15 +70,19 @@ class _State:
     published: dict[Network, int]
 
 
-def parse_cidrs(texts: Iterable[str]) -> list[Network]:
+def parse_cidrs(texts: Sequence[str]) -> list[Network]:
+    """CIDRs of a request, counted before any is parsed; a scoped IPv6 address is refused."""
+    if len(texts) > MAX_CIDRS_PER_CALL:
+        raise InvalidArgument(f"{len(texts)} CIDRs in one call; at most {MAX_CIDRS_PER_CALL}")
     out = []
     for text in texts:
+        if "%" in text:
+            raise InvalidArgument(f"CIDR {summary(text)} has a scope (%zone); a CIDR has none")
         try:
             out.append(ipaddress.ip_network(text))
-        except ValueError as exc:
-            raise InvalidArgument(f"CIDR {text!r} is invalid: {exc}") from None
-    if len(out) > MAX_CIDRS_PER_CALL:
-        raise InvalidArgument(f"{len(out)} CIDRs in one call; at most {MAX_CIDRS_PER_CALL}")
+        except ValueError:
+            raise InvalidArgument(f"CIDR {summary(text)} is invalid: write an address or address/length "
+                                  "without host bits") from None  # fmt: skip
     return out
 
 
@@ -227,8 +232,8 @@ class Identities:
 
     @staticmethod
     def _check_owner(owner: str) -> None:
-        if not OWNER_RE.match(owner):
-            raise InvalidArgument(f"owner {owner!r} is invalid: use lowercase letters, digits, '-' and '.'")
+        if not OWNER_RE.fullmatch(owner):
+            raise InvalidArgument(f"owner {summary(owner)} is invalid: use lowercase letters, digits, '-' and '.'")
 
     def _doc(self, network: Network, key: str) -> dict[str, Any]:
         return {"id": self._by_key[key], "owners": sorted(self._owners[key]), "published": network in self._published}

@@ -7,6 +7,7 @@ lives in services/common/errors.py and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,6 +27,12 @@ from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
 from services.orchestrator.events import EventHub
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
+from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
+
+# How long CreateEndpoint waits for the policy service to install a new endpoint's map.
+DEFAULT_POLICY_WAIT_MS = 5000
+MAX_POLICY_WAIT_MS = 60_000
+MAX_READY_PER_CALL = 65536
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -42,11 +49,11 @@ def hook_from_proto(value: int) -> Hook:
 
 
 def slot_from_proto(value: int) -> int:
-    """A slot number as the datapath counts them; range errors come from Chain."""
+    """A slot number as the datapath counts them; an unknown enum value is refused."""
     if value == common_pb2.SLOT_UNSPECIFIED:
         raise InvalidArgument(f"slot is required: one of {', '.join(common_pb2.Slot.keys()[1:])}")
     if value not in common_pb2.Slot.values():
-        return value - 1
+        raise InvalidArgument(f"slot {value} is out of range: one of {', '.join(common_pb2.Slot.keys()[1:])}")
     return Slot[common_pb2.Slot.Name(common_pb2.Slot.ValueType(value)).removeprefix("SLOT_")]
 
 
@@ -71,6 +78,7 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
         mac=endpoint.mac,
         adopted=endpoint.adopted,
         identity=endpoint.identity,
+        policy_pending=endpoint.policy_pending,
     )
 
 
@@ -128,13 +136,50 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._conntrack = conntrack
         self._identity_watchers: set[asyncio.Queue[pb.IdentityUpdate]] = set()
         identities.on_change(self.identities_changed)
+        self._policy_waiters: dict[str, set[asyncio.Event]] = {}
+        endpoints.on_policy_ready(self.policy_ready)
 
     async def CreateEndpoint(
         self, request: pb.CreateEndpointRequest, context: Context    ) -> pb.Endpoint:
         spec = EndpointSpec.parse(
             request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
         )
-        return endpoint_to_proto(await self._worker.call(self._endpoints.create, spec))
+        if request.policy_wait_ms > MAX_POLICY_WAIT_MS:
+            raise InvalidArgument(f"policy_wait_ms {request.policy_wait_ms} is above the maximum of "
+                                  f"{MAX_POLICY_WAIT_MS}")  # fmt: skip
+        wait = (request.policy_wait_ms or DEFAULT_POLICY_WAIT_MS) / 1000
+        # Waiting starts before the create: the policy service may answer before create returns here.
+        ready = asyncio.Event()
+        self._policy_waiters.setdefault(spec.name, set()).add(ready)
+        try:
+            endpoint = await self._worker.call(self._endpoints.create, spec)
+            if endpoint.policy_pending:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(ready.wait(), wait)
+                endpoint = await self._worker.call(self._endpoints.get, spec.name)
+        finally:
+            waiters = self._policy_waiters.get(spec.name, set())
+            waiters.discard(ready)
+            if not waiters:
+                self._policy_waiters.pop(spec.name, None)
+        return endpoint_to_proto(endpoint)
+
+    async def EndpointPolicyReady(
+        self, request: pb.EndpointPolicyReadyRequest, context: Context
+    ) -> pb.EndpointPolicyReadyResponse:
+        if len(request.endpoints) > MAX_READY_PER_CALL:
+            raise InvalidArgument(f"{len(request.endpoints)} endpoints in one call; at most {MAX_READY_PER_CALL}")
+        ready = [(r.name, r.id) for r in request.endpoints]
+        released = await self._worker.call(self._endpoints.policy_ready, ready, request.revision)
+        return pb.EndpointPolicyReadyResponse(released=released)
+
+    def policy_ready(self, name: str) -> None:
+        """From the worker thread: wake the CreateEndpoint calls waiting for this endpoint's policy."""
+        self._loop.call_soon_threadsafe(self._wake, name)
+
+    def _wake(self, name: str) -> None:
+        for event in self._policy_waiters.get(name, ()):
+            event.set()
 
     async def GetEndpoint(
         self, request: pb.GetEndpointRequest, context: Context    ) -> pb.Endpoint:
@@ -230,6 +275,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def RegisterPrograms(
         self, request: pb.RegisterProgramsRequest, context: Context
     ) -> pb.RegisterProgramsResponse:
+        if len(request.programs) > MAX_PROGRAMS:
+            raise InvalidArgument(f"{len(request.programs)} programs in one registration; at most {MAX_PROGRAMS}")
         wanted = [(hook_from_proto(p.hook), slot_from_proto(p.slot), p.pin_path, 0) for p in request.programs]
         states = await self._worker.call(self._chain.register, request.service, wanted)
         return pb.RegisterProgramsResponse(slots=[slot_to_proto(s) for s in states])
@@ -314,6 +361,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def WatchEvents(
         self, request: pb.WatchEventsRequest, context: Context    ) -> AsyncIterator[pb.Event]:
+        if len(request.types) > MAX_EVENT_TYPES:
+            raise InvalidArgument(f"{len(request.types)} event types; at most {MAX_EVENT_TYPES}")
         wanted = {t.upper() for t in request.types}
         queue = self._events.subscribe()
         try:

@@ -103,26 +103,6 @@ def _detach_interface_programs(own: set[int], report: Report) -> None:
                 report.note(f"xdp {mode.name.lower()} program on {ifname}")
 
 
-def _peers(prefix: str) -> dict[int, int]:
-    """Our tagged veths in this namespace: host ifindex -> the peer's ifindex (in its namespace)."""
-    with IPRoute() as ipr:
-        return {
-            int(link["index"]): int(link.get_attr("IFLA_LINK") or 0)
-            for link in ipr.get_links()
-            if str(link.get_attr("IFLA_IFALIAS") or "").startswith(prefix)
-        }
-
-
-def _namespace_links(name: str) -> list[tuple[int, int, str]]:
-    """(ifindex, IFLA_LINK, name) of the interfaces inside a namespace, loopback left out."""
-    with netns.entered(name), IPRoute() as ipr:
-        return [
-            (int(link["index"]), int(link.get_attr("IFLA_LINK") or 0), str(link.get_attr("IFLA_IFNAME")))
-            for link in ipr.get_links()
-            if link.get_attr("IFLA_IFNAME") != "lo"
-        ]
-
-
 def _recorded_namespaces(config: NodeConfig) -> set[str]:
     """Endpoint namespaces the orchestrator's store remembers (read-only; absent is fine)."""
     db = config.state_db("orchestrator")
@@ -144,20 +124,19 @@ def _own_namespaces(config: NodeConfig, peers: dict[int, int]) -> list[str]:
     """This instance's endpoint namespaces: the far end of one of our veths, or recorded and empty."""
     recorded = _recorded_namespaces(config)
     own = []
-    for name in netns.names(netdev.netns_name(config.instance, "")):
-        try:
-            inside = _namespace_links(name)
-        except OSError:
-            continue
-        peered = any(peers.get(link) == index for index, link, _ in inside)
-        if peered or (name in recorded and not inside):
+    for name, peered in netdev.peered_namespaces(netdev.netns_name(config.instance, ""), peers).items():
+        if peered:
             own.append(name)
+            continue
+        with contextlib.suppress(OSError):
+            if name in recorded and not netdev.namespace_links(name):
+                own.append(name)
     return own
 
 
 def _remove_endpoints(config: NodeConfig, report: Report) -> None:
     prefix = netdev.alias(config.instance, "")
-    peers = _peers(prefix)
+    peers = netdev.tagged_peers(prefix)
     namespaces = _own_namespaces(config, peers)
     for ifindex in peers:
         with contextlib.suppress(OSError):

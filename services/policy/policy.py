@@ -72,6 +72,8 @@ class NodeState(Protocol):
 
     def release(self, networks: Iterable[Network]) -> None: ...
 
+    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None: ...
+
 
 @dataclass(frozen=True)
 class TraceResult:
@@ -139,7 +141,10 @@ class Policy:
         for name in deleted:
             self._endpoints.pop(name, None)
         self._endpoints.update({e.name: e for e in upserted})
-        return self._recompute()
+        changed = self._recompute()
+        self._node.policy_ready([(p.endpoint.name, p.endpoint.id) for p in self._computed.values()],
+                                self.revision, resend=snapshot)  # fmt: skip
+        return changed
 
     def on_identities(self, snapshot: bool, upserted: list[IdentityView], deleted: list[int]) -> list[str]:
         """An identity stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""

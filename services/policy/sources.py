@@ -76,6 +76,7 @@ class Orchestrator:
         self._socket = socket_path
         self._channel = grpc.insecure_channel(f"unix://{socket_path}")
         self._stub = orch_grpc.OrchestratorStub(self._channel)
+        self._told: set[tuple[str, int]] = set()
 
     def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]:
         """Every endpoint and identity now."""
@@ -120,6 +121,31 @@ class Orchestrator:
             )
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
+
+    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
+        """Tell the orchestrator these endpoints' maps are installed (it lets their traffic through).
+
+        Only endpoints not told before are sent (all of them with ``resend``, after a snapshot:
+        the orchestrator may have restarted). Best effort: a failure is logged and the endpoints
+        are sent again with the next call; until then their traffic stays dropped (fail closed).
+        """
+        now = set(installed)
+        new = now if resend else now - self._told
+        if not new:
+            self._told = now
+            return
+        request = orch_pb.EndpointPolicyReadyRequest(
+            endpoints=[orch_pb.EndpointPolicyReadyRequest.Ready(name=n, id=i) for n, i in sorted(new)],
+            revision=revision,
+        )
+        try:
+            self._stub.EndpointPolicyReady(request, timeout=TIMEOUT)
+        except grpc.RpcError as exc:
+            log.warning("cannot tell the orchestrator that endpoint policy is installed; will retry",
+                        endpoints=len(new), code=exc.code().name)  # fmt: skip
+            self._told = now - new
+            return
+        self._told = now
 
     def close(self) -> None:
         self._channel.close()

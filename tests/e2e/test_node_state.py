@@ -270,6 +270,9 @@ class LocalNode:
     def release(self, networks: Iterable[Network]) -> None:
         self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
 
+    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
+        """No endpoint waits for its policy here (there is no orchestrator)."""
+
 
 def _view(info: IdentityInfo) -> IdentityView:
     return IdentityView(info.id, ",".join(info.labels), tuple(ipaddress.ip_network(p) for p in info.prefixes),

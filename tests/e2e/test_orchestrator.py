@@ -7,15 +7,17 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
+from pybpf import ProgType, TcDirection, XdpMode, attach_tc, attach_xdp, query_tc, query_xdp
 from services.common.datapath import Hook
 from tests.harness import netns, traffic
-from tests.harness.node import Node
+from tests.harness.node import NODE_NET_V4, NODE_NET_V6, OUTSIDE_V4, Node
 from tests.harness.objects import counted, counter_object
 
 pytestmark = pytest.mark.root
@@ -176,7 +178,7 @@ def test_restart_removes_what_it_no_longer_knows(node: Node) -> None:
     # A leftover the store does not know: tagged like Weir's own, plus a namespace.
     stray_ns = f"{node.name}.stray"
     netns.create(stray_ns)
-    netns.run(node.ns, "ip", "link", "add", "lxcstray", "type", "veth", "peer", "name", "p0")
+    netns.run(node.ns, "ip", "link", "add", "lxcstray", "type", "veth", "peer", "name", "eth0", "netns", stray_ns)
     netns.run(node.ns, "ip", "link", "set", "lxcstray", "alias", f"weir/{node.name}/stray")
     netns.run(node.ns, "ip", "link", "add", "other0", "type", "veth", "peer", "name", "other1")  # not ours: stays
     node.start("orchestrator")
@@ -313,3 +315,154 @@ def _venv_path() -> str:
     import sys
 
     return f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+
+
+def _refused(call: Callable[[], object], code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> str:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    assert err.value.code() == code, err.value.details()
+    return err.value.details() or ""
+
+
+def test_devices_and_adoption_refuse_interfaces_that_are_not_free(node: Node) -> None:
+    """AttachDevice and adopt_interface take only an interface nobody else uses."""
+    stub = node.orchestrator()
+    a = node.create_endpoint("a")
+    netns.run(node.ns, "ip", "link", "add", "dev0", "type", "veth", "peer", "name", "dev0p")
+    netns.run(node.ns, "ip", "link", "add", "busy0", "type", "veth", "peer", "name", "busy0p")
+    netns.run(node.ns, "ip", "link", "add", "xdpbusy0", "type", "veth", "peer", "name", "xdpbusy0p")
+    with counter_object(node, "foreign") as obj, netns.entered(node.ns):
+        foreign = attach_tc("busy0", next(p for p in obj.programs.values() if p.type == ProgType.SCHED_CLS),
+                            TcDirection.INGRESS)  # fmt: skip
+        xdp = next(p for p in obj.programs.values() if p.type == ProgType.XDP)
+        attach_xdp("xdpbusy0", xdp, XdpMode.GENERIC)
+        foreign_xdp = xdp.id
+    veth_programs = _tc_programs(node, a.host_ifname)
+    assert veth_programs
+
+    assert "endpoint" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface=a.host_ifname)))
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    _refused(lambda: stub.DetachDevice(pb.DetachDeviceRequest(interface=a.host_ifname)), grpc.StatusCode.NOT_FOUND)
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    assert "not this node's" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="busy0")))
+    with netns.entered(node.ns):
+        assert query_tc("busy0", TcDirection.INGRESS) == foreign.program_id
+
+    assert "XDP" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="xdpbusy0")))
+    with netns.entered(node.ns):
+        assert query_xdp("xdpbusy0").generic == foreign_xdp
+    stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0"), timeout=5)
+    assert "already attached" in _refused(lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="dev0")))
+
+    endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
+    for ifname in (a.host_ifname, "dev0", "busy0", "xdpbusy0"):
+        _refused(lambda i=ifname: stub.CreateEndpoint(pb.CreateEndpointRequest(  # type: ignore[misc]
+            name="adopter", ipv4="198.18.9.9", adopt_interface=i), timeout=10))
+    assert stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5) == endpoints
+    assert _tc_programs(node, a.host_ifname) == veth_programs
+    assert [d.interface for d in stub.ListDevices(pb.ListDevicesRequest(), timeout=5).devices] == ["dev0"]
+    assert traffic.ping(a.netns, node.create_endpoint("b").ipv4, count=2) == 2
+
+
+def test_restart_leaves_namespaces_it_did_not_make(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    """Only namespaces at the end of this instance's tagged veths are removed: not a user's
+    look-alike, not another instance's (whose name starts with this one's)."""
+    one = make_node("orchestrator")
+    one.create_endpoint("a")
+    look_alike, empty = f"{one.name}.mine", f"{one.name}.empty"
+    netns.create(look_alike)
+    netns.create(empty)
+    two = Node(f"{one.name}x", tmp_path / "two")  # its endpoints' namespaces: "<one>x.*"
+    try:
+        netns.run(look_alike, "ip", "link", "add", "mine0", "type", "veth", "peer", "name", "mine1")
+        two.setup()
+        two.start("orchestrator")
+        two.create_endpoint("c")
+        theirs = {n for n in netns.names(one.name) if n.startswith(two.name)}
+        assert f"{two.name}.c" in theirs
+        one.kill("orchestrator")
+        one.start("orchestrator")
+        left = set(netns.names(one.name))
+        assert {look_alike, empty} <= left
+        assert theirs <= left
+        assert f"{one.name}.a" in left
+        assert "mine0" in netns.run(look_alike, "ip", "-o", "link", "show").stdout
+        c = two.orchestrator().GetEndpoint(pb.GetEndpointRequest(name="c"), timeout=5)
+        assert traffic.ping(two.outside, c.ipv4, count=2) == 2
+    finally:
+        two.teardown()
+        netns.remove(look_alike)
+        netns.remove(empty)
+
+
+def test_edge_values_are_refused_with_invalid_argument_and_change_nothing(node: Node) -> None:
+    """Scoped, link-local and node addresses, names with a trailing newline or NUL, unknown enums."""
+    node.create_endpoint("taken", ipv6=False)
+    stub = node.orchestrator()
+    before = _state(node)
+    namespaces = netns.names(node.name)
+
+    def create(name: str = "fresh", ipv4: str = "198.18.9.1", ipv6: str = "", **kw: Any) -> Callable[[], object]:
+        return lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name=name, ipv4=ipv4, ipv6=ipv6, **kw),
+                                           timeout=10)  # fmt: skip
+
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+    precondition = grpc.StatusCode.FAILED_PRECONDITION
+    cases: list[tuple[str, Callable[[], object], grpc.StatusCode]] = [
+        ("trailing newline", create(name="x\n"), invalid),
+        ("NUL in name", create(name="a\x00b"), invalid),
+        ("scoped IPv6", create(ipv4="", ipv6="fe80::5%eth0"), invalid),
+        ("scoped routable IPv6", create(ipv4="", ipv6="2001:db8:e::5%1"), invalid),
+        ("link-local IPv4", create(ipv4="169.254.7.7"), invalid),
+        ("link-local IPv6", create(ipv4="", ipv6="fe80::5"), invalid),
+        ("the gateway", create(ipv4="169.254.1.1"), invalid),
+        ("broadcast", create(ipv4="255.255.255.255"), invalid),
+        ("reserved", create(ipv4="240.0.0.1"), invalid),
+        ("the node's own address", create(ipv4=NODE_NET_V4), precondition),
+        ("the node's own IPv6 address", create(ipv4="", ipv6=NODE_NET_V6), precondition),
+        ("a neighbour", create(ipv4=OUTSIDE_V4), precondition),
+        ("subnet broadcast", create(ipv4="192.0.2.255"), precondition),
+        ("subnet network", create(ipv4="192.0.2.0"), precondition),
+        ("subnet-router anycast", create(ipv4="", ipv6="2001:db8:ff::"), precondition),
+        ("label key with newline", create(labels={"app\n": "x"}), invalid),
+        ("label value with newline", create(labels={"app": "x\n"}), invalid),
+        ("too many labels", create(labels={f"k{i}": "v" for i in range(65)}), invalid),
+        ("adopt NUL", create(adopt_interface="a\x00b"), invalid),
+        ("adopt slash", create(adopt_interface="a/b"), invalid),
+        ("adopt newline", create(adopt_interface="wnet0\n"), invalid),
+        ("get with newline", lambda: stub.GetEndpoint(pb.GetEndpointRequest(name="taken\n"), timeout=5), invalid),
+        ("delete with newline", lambda: stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="taken\n"), timeout=5),
+         invalid),
+        ("device NUL", lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="wnet0\x00"), timeout=5), invalid),
+        ("device too long", lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface="w" * 16), timeout=5),
+         invalid),
+        ("xdp NUL", lambda: stub.AttachXdp(pb.AttachXdpRequest(interface="a\x00"), timeout=5), invalid),
+        ("slot 99", lambda: stub.GetSlot(pb.GetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER,
+                                                          slot=common_pb2.Slot.ValueType(99)), timeout=5), invalid),
+        ("hook 99", lambda: stub.ListSlots(pb.ListSlotsRequest(hook=common_pb2.Hook.ValueType(99)), timeout=5),
+         invalid),
+        ("NUL in pin path", lambda: stub.SetSlot(pb.SetSlotRequest(
+            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/sys/fs/bpf/a\x00b"), timeout=5),
+         invalid),
+        ("too many programs", lambda: stub.RegisterPrograms(pb.RegisterProgramsRequest(service="svc", programs=[
+            pb.ProgramRegistration(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/x")
+            for _ in range(41)]), timeout=5), invalid),
+        ("service with newline", lambda: stub.RegisterPrograms(pb.RegisterProgramsRequest(service="svc\n", programs=[
+            pb.ProgramRegistration(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/x")]),
+            timeout=5), invalid),
+        ("scoped CIDR", lambda: stub.AllocateCIDRIdentities(pb.AllocateCIDRIdentitiesRequest(
+            owner="t", cidrs=["fe80::5%eth0/128"]), timeout=5), invalid),
+        ("owner with newline", lambda: stub.AllocateCIDRIdentities(pb.AllocateCIDRIdentitiesRequest(
+            owner="t\n", cidrs=["10.0.0.0/8"]), timeout=5), invalid),
+    ]  # fmt: skip
+    wrong = []
+    for what, call, code in cases:
+        try:
+            call()
+            wrong.append(f"{what}: accepted")
+        except grpc.RpcError as err:
+            if err.code() != code:
+                wrong.append(f"{what}: {err.code().name} {err.details()}")
+    assert not wrong, wrong
+    assert _state(node) == before
+    assert netns.names(node.name) == namespaces

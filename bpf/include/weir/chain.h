@@ -201,6 +201,13 @@ static __always_inline int weir_tc_entry(struct __sk_buff *skb, __u32 hook, void
 	skb->cb[WEIR_CB_ENDPOINT] = ep ? ep->id : 0;
 	skb->cb[WEIR_CB_SRC_IDENTITY] = (ep && hook == WEIR_HOOK_FROM_CONTAINER) ? ep->identity : 0;
 	skb->cb[WEIR_CB_FLAGS] = chain_word(hook);
+	/* A new endpoint waits for its policy: while its map is not installed, its
+	 * traffic is dropped whenever this hook's chain has a policy slot, so
+	 * nothing passes (or enters conntrack) before the policy applies.
+	 */
+	if (ep && (ep->flags & WEIR_ENDPOINT_FLAG_POLICY_PENDING) &&
+	    (skb->cb[WEIR_CB_FLAGS] & (1u << WEIR_SLOT_POLICY)))
+		return weir_tc_drop(skb, WEIR_REASON_POLICY_PENDING);
 	if (tc_tail_from(skb, calls, 0))
 		return weir_tc_drop(skb, WEIR_REASON_MISSED_TAIL_CALL);
 	return weir_tc_forward(skb);
