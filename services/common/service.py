@@ -1,7 +1,9 @@
 """The life of a datapath service process, the same for every object.
 
-Mount check, one worker thread, the state store, the plain class that owns the
-maps (built and started on the worker, since it uses the store), its periodic
+Mount check, one worker thread, the state store (opened by `services.common.state`,
+which holds the service when the store is unusable while its datapath exists), the
+plain class that owns the maps (built and started on the worker, since it uses the
+store; adopted from the pinned maps when told), its periodic
 tasks (which turn the health to NOT_SERVING while they keep failing), the gRPC
 server, and on SIGTERM the reverse order. Each service's `__main__` only says how
 to build its class, its servicer and its periodic tasks.
@@ -15,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, Protocol, TypeVar
 
 import grpc.aio
+import structlog
 
 from services.common.bpffs import ensure_bpffs
 from services.common.cgroup import ensure_cgroup
@@ -23,14 +26,30 @@ from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
 from services.common.server import check_tls_files, serve
-from services.common.store import Store
+from services.common.state import Held, Mode, datapath_exists, discard_fresh, open_state, refuse_calls, remedy
+from services.common.store import Store, StoreError
 from services.common.worker import Worker
+
+log = structlog.get_logger("weir.service")
+
+# What a stored document that no longer parses raises inside an owner's start.
+DOCUMENT_ERRORS = (StoreError, LookupError, TypeError, ValueError)
+
+
+class CannotAdoptError(Exception):
+    """The service cannot rebuild its state from the datapath; the message says why."""
 
 
 class Owner(Protocol):
-    """What a service's plain class offers its process: start (load, reconcile) and close."""
+    """What a service's plain class offers its process: start (load, reconcile), adopt and close.
+
+    ``adopt`` is `start` for a fresh store: it first fills the store from the pinned maps
+    (what it can), so the reconcile keeps the datapath; it raises `CannotAdoptError` if it cannot.
+    """
 
     def start(self) -> None: ...
+
+    def adopt(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -47,6 +66,8 @@ async def run_datapath_service(
     add_servicer: Callable[[grpc.aio.Server, Worker, T], str],
     background: Background[T] | None = None,
     tasks: Tasks[T] | None = None,
+    can_adopt: bool = True,
+    adopt_note: str = "",
 ) -> None:
     """Start `build(store)` on the worker, serve it until SIGTERM, then stop it cleanly.
 
@@ -58,9 +79,28 @@ async def run_datapath_service(
     ensure_bpffs(config.bpffs_root)
     ensure_cgroup(config)
     worker = Worker(service)
-    store = await worker.call(Store.open, config, service)
+    datapath = datapath_exists([config.service_pin_dir(service)])
+    opened = await worker.call(open_state, config, service, datapath, can_adopt, adopt_note)
+    if opened.store is None:
+        assert opened.held is not None
+        await serve_held(service, config, worker, opened.held, add_servicer)
+        return
+    store = opened.store
     owner = await worker.call(build, store)
-    await worker.call(owner.start)
+    try:
+        await worker.call(owner.adopt if opened.mode is Mode.ADOPT else owner.start)
+    except CannotAdoptError as exc:
+        held = Held(store.path, f"was unusable and {exc}", remedy(service, False))
+        log.error(held.message)
+        # discard: else the next plain start would take the empty file for the state
+        await _hold(service, config, worker, held, add_servicer, store, owner, discard=True)
+        return
+    except DOCUMENT_ERRORS as exc:
+        held = Held(store.path, f"cannot be read back ({type(exc).__name__}: {exc})",
+                    remedy(service, can_adopt, adopt_note))  # fmt: skip
+        log.error(held.message)
+        await _hold(service, config, worker, held, add_servicer, store, owner)
+        return
     task = asyncio.create_task(background(worker, owner)) if background else None
     readiness = Readiness()
     loops = [Periodic(every, readiness).start() for every in (tasks(worker, owner) if tasks else ())]
@@ -77,6 +117,44 @@ async def run_datapath_service(
                 await task
         await worker.call(store.close)
         await worker.call(owner.close)
+        worker.shutdown()
+
+    await serve(service, config, register, on_stop, readiness)
+
+
+async def _hold(
+    service: str,
+    config: NodeConfig,
+    worker: Worker,
+    held: Held,
+    add_servicer: Callable[[grpc.aio.Server, Worker, T], str],
+    store: Store,
+    owner: T,
+    discard: bool = False,
+) -> None:
+    await worker.call(store.close)
+    await worker.call(owner.close)
+    if discard:
+        discard_fresh(store.path)
+    await serve_held(service, config, worker, held, add_servicer)
+
+
+async def serve_held(
+    service: str,
+    config: NodeConfig,
+    worker: Worker,
+    held: Held,
+    add_servicer: Callable[[grpc.aio.Server, Worker, Any], str],
+) -> None:
+    """Serve NOT_SERVING and refuse every call, touching nothing, until SIGTERM."""
+    readiness = Readiness()
+    await readiness.set("state", False)
+
+    def register(server: grpc.aio.Server) -> Sequence[str]:
+        refuse_calls(server, held)  # first, so it answers before the (never reached) servicer
+        return [add_servicer(server, worker, None)]
+
+    async def on_stop() -> None:
         worker.shutdown()
 
     await serve(service, config, register, on_stop, readiness)
