@@ -144,15 +144,20 @@ async def serve_held(
     config: NodeConfig,
     worker: Worker,
     held: Held,
-    add_servicer: Callable[[grpc.aio.Server, Worker, Any], str],
+    add_servicer: Callable[[grpc.aio.Server, Worker, Any], str] | None = None,
+    names: Sequence[str] = (),
 ) -> None:
-    """Serve NOT_SERVING and refuse every call, touching nothing, until SIGTERM."""
+    """Serve NOT_SERVING and refuse every call, touching nothing, until SIGTERM.
+
+    ``add_servicer`` (called with no owner; never reached) or ``names`` give the service
+    names for health and reflection.
+    """
     readiness = Readiness()
     await readiness.set("state", False)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         refuse_calls(server, held)  # first, so it answers before the (never reached) servicer
-        return [add_servicer(server, worker, None)]
+        return [add_servicer(server, worker, None)] if add_servicer is not None else list(names)
 
     async def on_stop() -> None:
         worker.shutdown()

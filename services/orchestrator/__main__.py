@@ -11,6 +11,7 @@ import grpc.aio
 import structlog
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
+from pybpf import BpfObject
 from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
@@ -19,8 +20,10 @@ from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
 from services.common.objects import load_service_object
 from services.common.server import check_tls_files, serve
-from services.common.store import Store
+from services.common.service import DOCUMENT_ERRORS, serve_held
+from services.common.state import Held, datapath_exists, open_state, remedy
 from services.common.worker import Worker
+from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
@@ -33,6 +36,7 @@ from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 SERVICE = "orchestrator"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 log = structlog.get_logger("weir.orchestrator")
+NO_ADOPT = "the chain's registrations and the endpoints' labels are not in the datapath"
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -64,20 +68,41 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     acquire_or_exit(config, SERVICE)
     check_tls_files(config)
     ensure_bpffs(config.bpffs_root)
-    sysctls.enable_forwarding(config)  # records the old values for teardown
     worker = Worker(SERVICE)
-    store = await worker.call(Store.open, config, SERVICE)
+    datapath = datapath_exists(
+        [config.service_pin_dir(SERVICE), config.globals_pin_dir],
+        extra=bool(netdev.tagged_links(netdev.alias(config.instance, ""))),
+    )
+    opened = await worker.call(open_state, config, SERVICE, datapath, False, NO_ADOPT)
+    if opened.store is None:
+        assert opened.held is not None
+        await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
+        return
+    store = opened.store
+    sysctls.enable_forwarding(config)  # records the old values for teardown
     chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
-    await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
-    node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), [])
-    identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
-    conntrack = Conntrack(node_maps.maps["conntrack"])
-    endpoints = Endpoints(config.instance, chain, store, identities)
-    await worker.call(endpoints.reconcile)
-    await worker.call(lambda: identities.set_hosts(host_addresses()))
-    await worker.call(identities.sync_ipcache)
-    devices = Devices(chain, store)
-    await worker.call(devices.reconcile)
+    node_maps: BpfObject | None = None
+    try:
+        await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
+        node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir,
+                                        config.service_pin_dir(SERVICE), [])  # fmt: skip
+        identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
+        conntrack = Conntrack(node_maps.maps["conntrack"])
+        endpoints = Endpoints(config.instance, chain, store, identities)
+        await worker.call(endpoints.reconcile)
+        await worker.call(lambda: identities.set_hosts(host_addresses()))
+        await worker.call(identities.sync_ipcache)
+        devices = Devices(chain, store)
+        await worker.call(devices.reconcile)
+    except DOCUMENT_ERRORS as exc:
+        held = Held(store.path, f"cannot be read back ({type(exc).__name__}: {exc})", remedy(SERVICE, False, NO_ADOPT))
+        log.error(held.message)
+        await worker.call(store.close)
+        await worker.call(chain.close)
+        if node_maps is not None:
+            node_maps.close()
+        await serve_held(SERVICE, config, worker, held, names=[SERVICE_NAME])
+        return
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
