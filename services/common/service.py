@@ -3,10 +3,10 @@
 Mount check, one worker thread, the state store (opened by `services.common.state`,
 which holds the service when the store is unusable while its datapath exists), the
 plain class that owns the maps (built and started on the worker, since it uses the
-store; adopted from the pinned maps when told), its periodic
-tasks (which turn the health to NOT_SERVING while they keep failing), the gRPC
-server, and on SIGTERM the reverse order. Each service's `__main__` only says how
-to build its class, its servicer and its periodic tasks.
+store; adopted from the pinned maps when told), a check that puts back a removed pin
+of its maps, its periodic tasks (which turn the health to NOT_SERVING while they keep
+failing), the gRPC server, and on SIGTERM the reverse order. Each service's
+`__main__` only says how to build its class, its servicer and its periodic tasks.
 """
 
 from __future__ import annotations
@@ -25,12 +25,14 @@ from services.common.config import NodeConfig
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
+from services.common.pins import PinGuard
 from services.common.server import check_tls_files, serve
 from services.common.state import Held, Mode, datapath_exists, discard_fresh, open_state, refuse_calls, remedy
 from services.common.store import Store, StoreError
 from services.common.worker import Worker
 
 log = structlog.get_logger("weir.service")
+PIN_CHECK_SECONDS = 2.0  # how soon a pin removed under a running service is put back
 
 # What a stored document that no longer parses raises inside an owner's start.
 DOCUMENT_ERRORS = (StoreError, LookupError, TypeError, ValueError)
@@ -103,7 +105,14 @@ async def run_datapath_service(
         return
     task = asyncio.create_task(background(worker, owner)) if background else None
     readiness = Readiness()
-    loops = [Periodic(every, readiness).start() for every in (tasks(worker, owner) if tasks else ())]
+    pin_dir = config.service_pin_dir(service)
+    guard = await worker.call(lambda: PinGuard(pin_dir, sorted(p.name for p in pin_dir.iterdir())))
+
+    async def check_pins() -> None:
+        await worker.call(guard.check)
+
+    every = [Every("pins", PIN_CHECK_SECONDS, check_pins), *(tasks(worker, owner) if tasks else ())]
+    loops = [Periodic(e, readiness).start() for e in every]
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         return [add_servicer(server, worker, owner)]
