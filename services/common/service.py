@@ -27,7 +27,17 @@ from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
 from services.common.pins import PinGuard
 from services.common.server import check_tls_files, serve
-from services.common.state import Held, Mode, datapath_exists, discard_fresh, open_state, refuse_calls, remedy
+from services.common.state import (
+    Held,
+    Mode,
+    Refusing,
+    datapath_exists,
+    decide,
+    discard_fresh,
+    open_state,
+    refuse_calls,
+    remedy,
+)
 from services.common.store import Store, StoreError
 from services.common.worker import Worker
 
@@ -87,22 +97,29 @@ async def run_datapath_service(
         assert opened.held is not None
         await serve_held(service, config, worker, opened.held, add_servicer)
         return
-    store = opened.store
-    owner = await worker.call(build, store)
-    try:
-        await worker.call(owner.adopt if opened.mode is Mode.ADOPT else owner.start)
-    except CannotAdoptError as exc:
-        held = Held(store.path, f"was unusable and {exc}", remedy(service, False))
-        log.error(held.message)
-        # discard: else the next plain start would take the empty file for the state
-        await _hold(service, config, worker, held, add_servicer, store, owner, discard=True)
-        return
-    except DOCUMENT_ERRORS as exc:
-        held = Held(store.path, f"cannot be read back ({type(exc).__name__}: {exc})",
-                    remedy(service, can_adopt, adopt_note))  # fmt: skip
-        log.error(held.message)
-        await _hold(service, config, worker, held, add_servicer, store, owner)
-        return
+    while True:
+        store = opened.store
+        owner = await worker.call(build, store)
+        try:
+            await worker.call(owner.adopt if opened.mode is Mode.ADOPT else owner.start)
+            break
+        except CannotAdoptError as exc:
+            held = Held(store.path, f"was unusable and {exc}", remedy(service, False))
+            log.error(held.message)
+            # discard: else the next plain start would take the empty file for the state
+            await _hold(service, config, worker, held, add_servicer, store, owner, discard=True)
+            return
+        except DOCUMENT_ERRORS as exc:
+            if opened.mode is not Mode.NORMAL:
+                raise  # a fresh store that does not read back: a bug, not the operator's file
+            problem = exc.problem if isinstance(exc, StoreError) else f"cannot be read back ({exc!r})"
+            await worker.call(store.close)
+            await worker.call(owner.close)
+            opened = await worker.call(decide, config, service, problem, True, can_adopt, adopt_note)
+            if opened.store is None:
+                assert opened.held is not None
+                await serve_held(service, config, worker, opened.held, add_servicer)
+                return
     task = asyncio.create_task(background(worker, owner)) if background else None
     readiness = Readiness()
     pin_dir = config.service_pin_dir(service)
@@ -158,15 +175,17 @@ async def serve_held(
 ) -> None:
     """Serve NOT_SERVING and refuse every call, touching nothing, until SIGTERM.
 
-    ``add_servicer`` (called with no owner; never reached) or ``names`` give the service
-    names for health and reflection.
+    The service's servicer runs over a `Refusing` owner (``add_servicer``), or, given only
+    ``names``, a generic handler answers every call.
     """
     readiness = Readiness()
     await readiness.set("state", False)
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        refuse_calls(server, held)  # first, so it answers before the (never reached) servicer
-        return [add_servicer(server, worker, None)] if add_servicer is not None else list(names)
+        if add_servicer is not None:  # its servicer over an owner that refuses every use
+            return [add_servicer(server, worker, Refusing(held))]
+        refuse_calls(server, held)
+        return list(names)
 
     async def on_stop() -> None:
         worker.shutdown()

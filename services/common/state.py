@@ -23,12 +23,14 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 import structlog
 
 from services.common.config import NodeConfig
+from services.common.errors import FailedPrecondition
 from services.common.store import Store, StoreError
 
 log = structlog.get_logger("weir.state")
@@ -121,6 +123,15 @@ def open_state(
         return Opened(Store(path), Mode.NORMAL)  # a first start
     else:
         problem = "is missing"
+    return decide(config, service, problem, datapath, can_adopt, adopt_note)
+
+
+def decide(
+    config: NodeConfig, service: str, problem: str, datapath: bool = True, can_adopt: bool = True,
+    adopt_note: str = "",
+) -> Opened:
+    """The store of ``service`` has ``problem``: start fresh (as told, or with nothing to lose) or hold."""
+    path = config.state_db(service)
     if not datapath:
         moved = _move_aside(path)
         log.warning("unusable state database moved aside; nothing to lose, starting empty",
@@ -154,6 +165,16 @@ class _Refuse(grpc.GenericRpcHandler):
             raise AssertionError("unreachable")  # abort raises
 
         return grpc.unary_unary_rpc_method_handler(refuse)
+
+
+class Refusing:
+    """Stands in for a held service's plain class: any use raises FAILED_PRECONDITION."""
+
+    def __init__(self, held: Held) -> None:
+        self._held = held
+
+    def __getattr__(self, name: str) -> Any:
+        raise FailedPrecondition(self._held.message)
 
 
 def refuse_calls(server: grpc.aio.Server, held: Held) -> None:

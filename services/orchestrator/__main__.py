@@ -69,10 +69,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     check_tls_files(config)
     ensure_bpffs(config.bpffs_root)
     worker = Worker(SERVICE)
-    datapath = datapath_exists(
-        [config.service_pin_dir(SERVICE), config.globals_pin_dir],
-        extra=bool(netdev.tagged_links(netdev.alias(config.instance, ""))),
-    )
+    tagged = await worker.call(netdev.tagged_links, netdev.alias(config.instance, ""))
+    datapath = datapath_exists([config.service_pin_dir(SERVICE), config.globals_pin_dir], extra=bool(tagged))
     opened = await worker.call(open_state, config, SERVICE, datapath, False, NO_ADOPT)
     if opened.store is None:
         assert opened.held is not None
