@@ -21,7 +21,8 @@ from services.common.logs import setup_logging
 from services.common.objects import load_service_object
 from services.common.server import check_tls_files, serve
 from services.common.service import DOCUMENT_ERRORS, serve_held
-from services.common.state import Held, datapath_exists, open_state, remedy
+from services.common.state import Mode, datapath_exists, decide, open_state
+from services.common.store import StoreError
 from services.common.worker import Worker
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
@@ -76,31 +77,37 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         assert opened.held is not None
         await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
         return
-    store = opened.store
     sysctls.enable_forwarding(config)  # records the old values for teardown
-    chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
-    node_maps: BpfObject | None = None
-    try:
-        await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
-        node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir,
-                                        config.service_pin_dir(SERVICE), [])  # fmt: skip
-        identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
-        conntrack = Conntrack(node_maps.maps["conntrack"])
-        endpoints = Endpoints(config.instance, chain, store, identities)
-        await worker.call(endpoints.reconcile)
-        await worker.call(lambda: identities.set_hosts(host_addresses()))
-        await worker.call(identities.sync_ipcache)
-        devices = Devices(chain, store)
-        await worker.call(devices.reconcile)
-    except DOCUMENT_ERRORS as exc:
-        held = Held(store.path, f"cannot be read back ({type(exc).__name__}: {exc})", remedy(SERVICE, False, NO_ADOPT))
-        log.error(held.message)
-        await worker.call(store.close)
-        await worker.call(chain.close)
-        if node_maps is not None:
-            node_maps.close()
-        await serve_held(SERVICE, config, worker, held, names=[SERVICE_NAME])
-        return
+    while True:
+        store = opened.store
+        chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
+        node_maps: BpfObject | None = None
+        try:
+            await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
+            node_maps = load_service_object(bpf_dir / "node.o", config.globals_pin_dir,
+                                            config.service_pin_dir(SERVICE), [])  # fmt: skip
+            identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
+            conntrack = Conntrack(node_maps.maps["conntrack"])
+            endpoints = Endpoints(config.instance, chain, store, identities)
+            await worker.call(endpoints.reconcile)
+            await worker.call(identities.set_hosts, await worker.call(host_addresses))
+            await worker.call(identities.sync_ipcache)
+            devices = Devices(chain, store)
+            await worker.call(devices.reconcile)
+            break
+        except DOCUMENT_ERRORS as exc:
+            if opened.mode is not Mode.NORMAL:
+                raise  # a fresh store that does not read back: a bug, not the operator's file
+            problem = exc.problem if isinstance(exc, StoreError) else f"cannot be read back ({exc!r})"
+            await worker.call(store.close)
+            await worker.call(chain.close)
+            if node_maps is not None:
+                node_maps.close()
+            opened = await worker.call(decide, config, SERVICE, problem, True, False, NO_ADOPT)
+            if opened.store is None:
+                assert opened.held is not None
+                await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
+                return
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 
