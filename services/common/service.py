@@ -37,6 +37,7 @@ from services.common.state import (
     open_state,
     refuse_calls,
     remedy,
+    settle,
 )
 from services.common.store import Store, StoreError
 from services.common.worker import Worker
@@ -102,6 +103,7 @@ async def run_datapath_service(
         owner = await worker.call(build, store)
         try:
             await worker.call(owner.adopt if opened.mode is Mode.ADOPT else owner.start)
+            await worker.call(settle, store)
             break
         except CannotAdoptError as exc:
             held = Held(store.path, f"was unusable and {exc}", remedy(service, False))

@@ -35,6 +35,7 @@ from services.common.store import Store, StoreError
 
 log = structlog.get_logger("weir.state")
 
+META, PENDING = "_meta", "pending"
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
 _OPEN_CALLS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
@@ -116,9 +117,14 @@ def open_state(
     problem = ""
     if existed:
         try:
-            return Opened(Store(path), Mode.NORMAL)
+            store = Store(path)
         except StoreError as exc:
             problem = exc.problem
+        else:
+            if store.get(META, PENDING) is None:
+                return Opened(store, Mode.NORMAL)
+            store.close()
+            problem = "was left half-built by an --adopt-datapath or --reset that did not finish"
     elif not datapath:
         return Opened(Store(path), Mode.NORMAL)  # a first start
     else:
@@ -142,10 +148,17 @@ def decide(
         moved = _move_aside(path)
         log.warning("state database unusable; starting from a fresh one as told", path=str(path),
                     problem=problem, mode=mode.value, moved_to=str(moved) if moved else None)  # fmt: skip
-        return Opened(Store(path), mode)
+        store = Store(path)
+        store.put(META, PENDING, {"mode": mode.value})  # until `settle`: a crash meanwhile is not a state
+        return Opened(store, mode)
     held = Held(path, problem, remedy(service, can_adopt, adopt_note))
     log.error(held.message)
     return Opened(None, Mode.NORMAL, held)
+
+
+def settle(store: Store) -> None:
+    """The owner started from a fresh store: from now on it is the state."""
+    store.delete(META, PENDING)
 
 
 class _Refuse(grpc.GenericRpcHandler):

@@ -21,7 +21,7 @@ from services.common.logs import setup_logging
 from services.common.objects import load_service_object
 from services.common.server import check_tls_files, serve
 from services.common.service import DOCUMENT_ERRORS, serve_held
-from services.common.state import Mode, datapath_exists, decide, open_state
+from services.common.state import Mode, datapath_exists, decide, open_state, settle
 from services.common.store import StoreError
 from services.common.worker import Worker
 from services.orchestrator import netdev
@@ -94,6 +94,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             await worker.call(identities.sync_ipcache)
             devices = Devices(chain, store)
             await worker.call(devices.reconcile)
+            await worker.call(settle, store)
             break
         except DOCUMENT_ERRORS as exc:
             if opened.mode is not Mode.NORMAL:
