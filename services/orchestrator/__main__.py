@@ -71,7 +71,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     ensure_bpffs(config.bpffs_root)
     worker = Worker(SERVICE)
     tagged = await worker.call(netdev.tagged_links, netdev.alias(config.instance, ""))
-    datapath = datapath_exists([config.service_pin_dir(SERVICE), config.globals_pin_dir], extra=bool(tagged))
+    # Its own pins (entry programs) or its tagged links; not the globals, which a service
+    # started before the orchestrator creates when it loads.
+    datapath = datapath_exists([config.service_pin_dir(SERVICE)], extra=bool(tagged))
     opened = await worker.call(open_state, config, SERVICE, datapath, False, NO_ADOPT)
     if opened.store is None:
         assert opened.held is not None
