@@ -22,6 +22,7 @@ import structlog
 from services.common.bpffs import ensure_bpffs
 from services.common.cgroup import ensure_cgroup
 from services.common.config import NodeConfig
+from services.common.errors import WeirError
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.periodic import Every, Periodic
@@ -111,6 +112,12 @@ async def run_datapath_service(
             # discard: else the next plain start would take the empty file for the state
             await _hold(service, config, worker, held, add_servicer, store, owner, discard=True)
             return
+        except WeirError as exc:  # e.g. a held orchestrator refusing the registration: one line, no traceback
+            log.error("cannot start", error=str(exc), state=str(store.path))
+            await worker.call(store.close)
+            await worker.call(owner.close)
+            worker.shutdown()
+            raise SystemExit(1) from None
         except DOCUMENT_ERRORS as exc:
             if opened.mode is not Mode.NORMAL:
                 raise  # a fresh store that does not read back: a bug, not the operator's file

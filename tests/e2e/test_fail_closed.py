@@ -323,6 +323,11 @@ def test_orchestrator_without_its_db_keeps_endpoints(make_node: Callable[..., No
                                                timeout=5), path)  # fmt: skip
     assert_refused(lambda: orch.DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="web"), timeout=5), path)
     assert_one_error_line(node, "orchestrator", path)
+    # A service started meanwhile cannot register its programs: one line, exit 1, no traceback.
+    started = subprocess.run(node.argv("prefilter"), capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert started.returncode == 1, started.stdout + started.stderr
+    assert "Traceback" not in started.stdout + started.stderr
+    assert str(path) in started.stdout + started.stderr
 
     restart(node, "orchestrator", "--reset")
     assert netns.names(f"{node.name}.") == []  # the operator chose to start empty
