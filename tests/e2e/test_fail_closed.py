@@ -144,6 +144,29 @@ def test_prefilter_without_its_db_keeps_dropping_then_adopts_the_live_list(make_
     stub.AddEntries(pf_pb.AddEntriesRequest(entries=[pf_pb.Entry(cidr="192.0.2.99/32")]), timeout=5)
 
 
+def test_removed_prefilter_pins_are_found_again(make_node: Callable[..., Node]) -> None:
+    node = make_node("orchestrator", "prefilter")
+    ep = node.create_endpoint("web")
+    stub = pf_grpc.PrefilterStub(node.channel("prefilter"))
+    stub.Attach(pf_pb.AttachRequest(interface=NET_IFNAME), timeout=10)
+    stub.AddEntries(pf_pb.AddEntriesRequest(entries=[pf_pb.Entry(cidr=f"{DENIED}/32")]), timeout=10)
+    pins = node.bpffs_root / "prefilter"
+    ids = {}
+    for name in ("pf_v4_host", "pf_active", "pf_entry_stats"):
+        with Map.from_pin(pins / name) as m:
+            ids[name] = m.id
+    node.kill("prefilter")
+    for name in ids:
+        (pins / name).unlink()
+    node.start("prefilter")
+    for name, map_id in ids.items():
+        with Map.from_pin(pins / name) as m:
+            assert m.id == map_id, name
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED, wait=0.5) == 0
+    stub.DeleteEntries(pf_pb.DeleteEntriesRequest(cidrs=[f"{DENIED}/32"]), timeout=10)
+    assert traffic.ping(node.outside, ep.ipv4, count=2, source=DENIED, wait=0.5) == 2
+
+
 @pytest.mark.parametrize("damage", ["garbage", "other-version", "bad-document"])
 def test_a_damaged_db_holds_the_service_with_one_line_naming_it(
     make_node: Callable[..., Node], damage: str
