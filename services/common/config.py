@@ -78,6 +78,8 @@ class NodeConfig:
     tls_key: Path | None
     tls_client_ca: Path | None
     log_level: str
+    adopt_datapath: bool
+    reset_state: bool
 
     def __init__(
         self,
@@ -91,6 +93,8 @@ class NodeConfig:
         tls_key: Path | str | None = None,
         tls_client_ca: Path | str | None = None,
         log_level: str = "info",
+        adopt_datapath: bool = False,
+        reset_state: bool = False,
     ) -> None:
         """Fill derived defaults and validate; raises ValueError on an unusable combination."""
         if not instance or "/" in instance or instance in (".", ".."):
@@ -104,6 +108,8 @@ class NodeConfig:
                 raise ValueError(TLS_REQUIRED)
         if bool(tls_cert) != bool(tls_key):
             raise ValueError("--tls-cert and --tls-key go together")
+        if adopt_datapath and reset_state:
+            raise ValueError("--adopt-datapath and --reset exclude each other")
         values = {
             "instance": instance,
             "bpffs_root": _path(bpffs_root) or Path("/sys/fs/bpf") / instance,
@@ -115,6 +121,8 @@ class NodeConfig:
             "tls_key": _path(tls_key),
             "tls_client_ca": _path(tls_client_ca),
             "log_level": log_level.lower(),
+            "adopt_datapath": adopt_datapath,
+            "reset_state": reset_state,
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
@@ -181,11 +189,29 @@ class NodeConfig:
             default=env(ENV["log_level"], "info"),
             help="log level (env WEIR_LOG_LEVEL)",
         )
+        lost = node.add_mutually_exclusive_group()
+        lost.add_argument(
+            "--adopt-datapath",
+            action="store_true",
+            help="the state database is missing, unreadable or from another version while this service's "
+            "pins exist: rebuild the state from the pinned maps where the service can (see DESIGN.md)",
+        )
+        lost.add_argument(
+            "--reset",
+            dest="reset_state",
+            action="store_true",
+            help="the state database is missing, unreadable or from another version while this service's "
+            "pins exist: start empty and make the datapath match (removes what it holds)",
+        )
         if extra is not None:
             extra(parser)
         args = parser.parse_args(argv)
         try:
-            config = cls(**{name: getattr(args, name) for name in ENV})
+            config = cls(
+                **{name: getattr(args, name) for name in ENV},
+                adopt_datapath=args.adopt_datapath,
+                reset_state=args.reset_state,
+            )
         except ValueError as exc:
             parser.error(str(exc))
         return config, args

@@ -3,6 +3,10 @@
 A restarted service reads back what it was told and reconciles its pinned maps with it, so
 this must be durable (WAL, synchronous=FULL) and private (0700 directory, 0600 file).
 
+The file carries its schema version (SQLite's ``user_version``): a file from another
+version, or one SQLite cannot read, raises `StoreError` naming the file, so a service
+can refuse to start from it instead of treating it as empty (see `services.common.state`).
+
 Not thread-safe by design: services call it from the asyncio loop thread only, and the
 sqlite3 connection refuses use from any other thread. Calls are short local disk writes.
 """
@@ -20,6 +24,7 @@ from typing import Any, Self
 
 from services.common.config import NodeConfig
 
+SCHEMA_VERSION = 1  # bump when the tables or the meaning of stored documents change
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS docs (
     kind TEXT NOT NULL,
@@ -45,22 +50,49 @@ def _create_private_dirs(path: Path) -> None:
         os.chmod(directory, 0o700)
 
 
+class StoreError(Exception):
+    """The state database cannot be used as it is; the message names the file and the problem."""
+
+    def __init__(self, path: Path, problem: str) -> None:
+        super().__init__(f"state database {path} {problem}")
+        self.path = path
+        self.problem = problem
+
+
 class Store:
     """Documents (JSON objects) by (kind, key), plus a revision counter per kind."""
 
     def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the database at ``path``."""
+        """Open (creating if needed) the database at ``path``; StoreError if it is unusable."""
         self.path = path
         _create_private_dirs(path.parent)
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-        os.chmod(path, 0o600)
-        # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
-        self._db = sqlite3.connect(path, isolation_level=None)
+        try:
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            os.chmod(path, 0o600)
+            # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
+            self._db = sqlite3.connect(path, isolation_level=None)
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(path, f"cannot be opened ({exc})") from None
+        try:
+            self._setup()
+        except sqlite3.DatabaseError as exc:
+            self._db.close()
+            raise StoreError(path, f"is not a readable SQLite database ({exc})") from None
+        except StoreError:
+            self._db.close()
+            raise
+        self._depth = 0
+
+    def _setup(self) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("PRAGMA busy_timeout=5000")
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version not in (0, SCHEMA_VERSION):
+            raise StoreError(self.path, f"has schema version {version}, this build reads version {SCHEMA_VERSION}")
         self._db.executescript(_SCHEMA)
-        self._depth = 0
+        if version == 0:  # a new file, or one written before the version was recorded (same tables)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     @classmethod
     def open(cls, config: NodeConfig, service: str) -> Store:
@@ -156,7 +188,7 @@ class Store:
     def get(self, kind: str, key: str) -> dict[str, Any] | None:
         """The document, or None if absent."""
         row = self._db.execute("SELECT doc FROM docs WHERE kind = ? AND key = ?", (kind, key)).fetchone()
-        return None if row is None else _load(row[0])
+        return None if row is None else self._load(kind, key, row[0])
 
     def delete(self, kind: str, key: str) -> bool:
         """Remove a document; True if it existed (so callers can stay idempotent)."""
@@ -166,7 +198,7 @@ class Store:
     def items(self, kind: str) -> list[tuple[str, dict[str, Any]]]:
         """All documents of a kind, ordered by key."""
         rows = self._db.execute("SELECT key, doc FROM docs WHERE kind = ? ORDER BY key", (kind,)).fetchall()
-        return [(key, _load(text)) for key, text in rows]
+        return [(key, self._load(kind, key, text)) for key, text in rows]
 
     def keys(self, kind: str) -> list[str]:
         """All keys of a kind, ordered."""
@@ -187,9 +219,11 @@ class Store:
         ).fetchone()
         return int(row[0])
 
-
-def _load(text: str) -> dict[str, Any]:
-    doc = json.loads(text)
-    if not isinstance(doc, dict):
-        raise TypeError("corrupt state store: a document is not a JSON object")
-    return doc
+    def _load(self, kind: str, key: str, text: str) -> dict[str, Any]:
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if not isinstance(doc, dict):
+            raise StoreError(self.path, f"holds a {kind} document {key!r} that is not a JSON object")
+        return doc

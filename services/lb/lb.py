@@ -24,10 +24,10 @@ from weir.lb.v1 import lb_pb2 as pb
 from services.common import paging, validate
 from services.common.change import Change
 from services.common.collector import collector_paused
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted
-from services.common.store import Store
+from services.common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, WeirError
+from services.common.store import Store, StoreError
 from services.lb import model
-from services.lb.defs import MAX_BACKENDS, MAX_TABLE, BackendState
+from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_BACKENDS, MAX_TABLE, BackendState, LbService, ServiceFlag
 from services.lb.maglev import maglev_table, weighted_table
 from services.lb.maps import Counts, Frontend, LbMaps, ServiceWrite
 from services.lb.model import Backend, Service
@@ -128,9 +128,60 @@ class LoadBalancer:
     def start(self) -> None:
         """Load, then rewrite every persisted service and remove what none of them owns."""
         self._maps.load()
+        self._reconcile()
+
+    def adopt(self) -> None:
+        """Start from a fresh store filled with the services the maps hold (see `_adopted`)."""
+        self._maps.load()
+        adopted = self._adopted()
+        with self._store.transaction():
+            for service, ids in adopted:
+                self._store.put(KIND, service.name, self._doc(service, ids))
+        log.warning("adopted services from the live maps", services=[s.name for s, _ in adopted])
+        self._reconcile()
+
+    def _adopted(self) -> list[tuple[Service, Ids]]:
+        """Services rebuilt from the maps, named ``adopted-<service id>``.
+
+        Kept: frontends (cluster IP or node port), protocol, affinity timeout, every backend
+        with a slot in the table (address, port, weight, state) and all ids, so established
+        flows keep their backend. Not in the maps, so back to defaults: the name, health
+        checks, the Maglev seed (Maglev is recognised by its interleaved table, a weighted hash
+        table holds each backend in one run), and backends that had no slot (draining,
+        unhealthy or weight 0).
+        """
+        backends = self._maps.backends()
+        grouped: dict[int, list[tuple[Frontend, LbService]]] = {}
+        for frontend, value in self._maps.frontends():
+            grouped.setdefault(int(value.service_id), []).append((frontend, value))
+        out = []
+        for service_id, frontends in sorted(grouped.items()):
+            table = self._maps.table(service_id)
+            first, value = frontends[0]
+            chosen = sorted({b for b in table if b in backends})
+            node_port = bool(int(value.flags) & ServiceFlag.NODE_PORT)
+            protocol = next((n for n, p in model.PROTOCOLS.items() if p == first.proto), "TCP")
+            size = len(table)
+            runs = sum(1 for i, b in enumerate(table) if i == 0 or table[i - 1] != b)
+            maglev = runs > len(set(table))
+            service = Service(
+                name=f"adopted-{service_id}", node_port=node_port, address="" if node_port else first.address,
+                port=first.port, protocol=protocol, backends=tuple(backends[i] for i in chosen),
+                maglev=maglev, table_size=size if maglev else DEFAULT_MAGLEV_TABLE,
+                affinity_timeout=int(value.affinity_timeout),
+            )  # fmt: skip
+            rev_nat = {f.address: f.rev_nat_index for f, _ in frontends}
+            ids = Ids(service_id, {backends[i].key: i for i in chosen}, rev_nat)
+            out.append((service, ids))
+        return out
+
+    def _reconcile(self) -> None:
         addresses = self._node_addresses()
-        for _name, doc in self._store.items(KIND):
-            service = model.from_proto(json_format.ParseDict(doc["spec"], pb.Service()))
+        for name, doc in self._store.items(KIND):
+            try:
+                service = model.from_proto(json_format.ParseDict(doc["spec"], pb.Service()))
+            except (json_format.ParseError, WeirError, KeyError, TypeError) as exc:
+                raise StoreError(self._store.path, f"holds service {name!r} that does not parse ({exc})") from None
             unhealthy = set(doc.get("unhealthy", []))
             service = replace(service, backends=tuple(
                 replace(b, healthy=b.key not in unhealthy) for b in service.backends))  # fmt: skip

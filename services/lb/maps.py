@@ -34,7 +34,7 @@ from pybpf import (
 from services.common.chain_client import Placement, Register
 from services.common.datapath import Hook, Slot
 from services.common.objects import load_service_object, pin_programs
-from services.lb.defs import LbBackend, LbRevNat, LbService, LbServiceKey, LbStats, ServiceFlag
+from services.lb.defs import BackendState, LbBackend, LbRevNat, LbService, LbServiceKey, LbStats, ServiceFlag
 from services.lb.model import Backend, Service
 
 log = structlog.get_logger("weir.lb.maps")
@@ -76,6 +76,10 @@ class Frontend:
         key.proto = self.proto
         key.family = 2
         return key
+
+
+def _as_int(raw: object) -> int:
+    return int.from_bytes(raw, "little") if isinstance(raw, (bytes, bytearray)) else int(raw)  # type: ignore[call-overload]
 
 
 def _net_port(port: int) -> int:
@@ -310,6 +314,32 @@ class LbMaps:
 
     def backend_ids(self) -> set[int]:
         return {int(k) for k in self._backends}
+
+    def frontends(self) -> list[tuple[Frontend, LbService]]:
+        """Every frontend with what the datapath does for it (read back to adopt a lost store)."""
+        out = []
+        for key, value in self._services.items():
+            port = int.from_bytes(int(key.port).to_bytes(2, "little"), "big")
+            address = str(ipaddress.ip_address(bytes(key.addr)[:4]))
+            out.append((Frontend(address, port, int(key.proto), int(value.rev_nat_index)), value))
+        return out
+
+    def backends(self) -> dict[int, Backend]:
+        """Every backend by id, as the datapath has it."""
+        out = {}
+        for key, value in self._backends.items():
+            port = int.from_bytes(int(value.port).to_bytes(2, "little"), "big")
+            address = str(ipaddress.ip_address(bytes(value.addr)[:4]))
+            out[int(key)] = Backend(address, port, int(value.weight), BackendState(int(value.state)))
+        return out
+
+    def table(self, service_id: int) -> list[int]:
+        """A service's selection table (backend ids by slot); empty when it has none."""
+        inner = self._tables.get(service_id)
+        if inner is None:
+            return []
+        with inner:
+            return [_as_int(v) for _, v in sorted(inner.items(), key=lambda kv: _as_int(kv[0]))]
 
     def service_ids(self) -> set[int]:
         return {int(k) for k in self._tables}

@@ -11,6 +11,7 @@ import grpc.aio
 import structlog
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 
+from pybpf import BpfObject
 from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
@@ -20,8 +21,11 @@ from services.common.logs import setup_logging
 from services.common.objects import load_service_object
 from services.common.periodic import Every, Periodic
 from services.common.server import check_tls_files, serve
-from services.common.store import Store
+from services.common.service import DOCUMENT_ERRORS, serve_held
+from services.common.state import Mode, datapath_exists, decide, open_state, settle
+from services.common.store import StoreError
 from services.common.worker import Worker
+from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
@@ -34,6 +38,7 @@ from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 SERVICE = "orchestrator"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 log = structlog.get_logger("weir.orchestrator")
+NO_ADOPT = "the chain's registrations and the endpoints' labels are not in the datapath"
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -50,22 +55,49 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     acquire_or_exit(config, SERVICE)
     check_tls_files(config)
     ensure_bpffs(config.bpffs_root)
-    sysctls.enable_forwarding(config)  # records the old values for teardown
     worker = Worker(SERVICE)
-    store = await worker.call(Store.open, config, SERVICE)
-    chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
-    await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
-    node_maps = await worker.call(
-        load_service_object, bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), []
-    )
-    identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
-    conntrack = Conntrack(node_maps.maps["conntrack"])
-    endpoints = Endpoints(config.instance, chain, store, identities)
-    await worker.call(endpoints.reconcile)
-    await worker.call(lambda: identities.set_hosts(host_addresses()))
-    await worker.call(identities.sync_ipcache)
-    devices = Devices(chain, store)
-    await worker.call(devices.reconcile)
+    tagged = await worker.call(netdev.tagged_links, netdev.alias(config.instance, ""))
+    # Its own pins (entry programs) or its tagged links; not the globals, which a service
+    # started before the orchestrator creates when it loads.
+    datapath = datapath_exists([config.service_pin_dir(SERVICE)], extra=bool(tagged))
+    opened = await worker.call(open_state, config, SERVICE, datapath, False, NO_ADOPT)
+    if opened.store is None:
+        assert opened.held is not None
+        await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
+        return
+    sysctls.enable_forwarding(config)  # records the old values for teardown
+    while True:
+        store = opened.store
+        chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
+        node_maps: BpfObject | None = None
+        try:
+            await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
+            node_maps = await worker.call(
+                load_service_object, bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), []
+            )
+            identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
+            conntrack = Conntrack(node_maps.maps["conntrack"])
+            endpoints = Endpoints(config.instance, chain, store, identities)
+            await worker.call(endpoints.reconcile)
+            await worker.call(identities.set_hosts, await worker.call(host_addresses))
+            await worker.call(identities.sync_ipcache)
+            devices = Devices(chain, store)
+            await worker.call(devices.reconcile)
+            await worker.call(settle, store)
+            break
+        except DOCUMENT_ERRORS as exc:
+            if opened.mode is not Mode.NORMAL:
+                raise  # a fresh store that does not read back: a bug, not the operator's file
+            problem = exc.problem if isinstance(exc, StoreError) else f"cannot be read back ({exc!r})"
+            await worker.call(store.close)
+            await worker.call(chain.close)
+            if node_maps is not None:
+                await worker.call(node_maps.close)
+            opened = await worker.call(decide, config, SERVICE, problem, True, False, NO_ADOPT)
+            if opened.store is None:
+                assert opened.held is not None
+                await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
+                return
     events = EventHub(chain.events)
     events.start(asyncio.get_running_loop())
 

@@ -28,8 +28,7 @@ from pathlib import Path
 
 import structlog
 
-from pybpf import BpfError, BpfObject, Map, ProgArray, Program, ProgType, _libbpf
-from pybpf.errors import check
+from pybpf import BpfError, BpfObject, Map, ProgArray, Program, ProgType
 from services.common.chain_client import Placement, Register
 from services.common.change import Change
 from services.common.datapath import (
@@ -46,6 +45,7 @@ from services.common.datapath import (
 )
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
 from services.common.objects import load_service_object, pin_programs
+from services.common.pins import map_ids, recover_pins
 from services.common.store import Store
 from services.orchestrator.limits import MAX_PATH, MAX_PROGRAMS, summary
 
@@ -73,7 +73,6 @@ SERVICE_RE = re.compile(r"[a-z0-9][-a-z0-9_.]{0,62}")
 # Time for packets that read the old chain word before a flip to leave the
 # chain before its generation is rewritten; a chain runs in microseconds.
 GRACE_SECONDS = 0.02
-MAX_MAP_IDS = 64
 
 
 def hook_program_type(hook: Hook) -> ProgType:
@@ -126,18 +125,6 @@ class Registration:
     def from_doc(cls, key: str, doc: dict[str, object]) -> Registration:
         hook, slot = key.split("/")
         return cls(Hook[hook], Slot[slot], str(doc["service"]), str(doc["pin_path"]), int(str(doc["program_id"])))
-
-
-def map_ids(program: Program) -> list[int]:
-    """Ids of the maps a program uses (bpf_prog_info.map_ids)."""
-    ids = (ctypes.c_uint32 * MAX_MAP_IDS)()
-    info = _libbpf.bpf_prog_info()
-    info.nr_map_ids = MAX_MAP_IDS
-    info.map_ids = ctypes.addressof(ids)
-    size = ctypes.c_uint32(ctypes.sizeof(info))
-    check(_libbpf.bpf_obj_get_info_by_fd(program.fd, ctypes.byref(info), ctypes.byref(size)),
-          f"map ids of program {program.name}")
-    return list(ids[: min(info.nr_map_ids, MAX_MAP_IDS)])
 
 
 class Generations:
@@ -238,30 +225,14 @@ class Chain:
     # ---- pins ----
 
     def _recover_pins(self) -> None:
-        missing = [name for name in CHAIN_MAPS if not (self._globals_dir / name).exists()]
-        if not missing or not self._pin_dir.exists():
+        if not self._pin_dir.exists():
             return
-        for pin in sorted(self._pin_dir.glob("entry_*")):
-            try:
-                with Program.from_pin(pin) as program:
-                    ids = map_ids(program)
-            except BpfError:
-                continue
-            for map_id in ids:
-                try:
-                    found = Map.from_id(map_id)
-                except BpfError:
-                    continue
-                with found:
-                    name = next((n for n in missing if n[:15] == found.name), None)
-                    if name is not None:
-                        self._globals_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                        found.pin(self._globals_dir / name)
-                        missing.remove(name)
-                        log.warning("chain map pin was removed; re-pinned the live map", map=name)
+        missing = [name for name in CHAIN_MAPS if not (self._globals_dir / name).exists()]
+        found = recover_pins(self._globals_dir, missing, sorted(self._pin_dir.glob("entry_*")))
         for name in missing:
-            log.warning("chain map pin was removed and no live map was found; a fresh one is made "
-                        "(objects loaded against the old one must be reloaded)", map=name)
+            if name not in found:
+                log.warning("chain map pin was removed and no live map was found; a fresh one is made "
+                            "(objects loaded against the old one must be reloaded)", map=name)
 
     def ensure_pins(self) -> list[str]:
         """Re-pin any chain map whose pin was removed (the maps themselves live on)."""

@@ -19,7 +19,7 @@ from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.policy.defs import DEFAULT_POLICY_ENTRIES
 from services.policy.maps import PolicyMaps
-from services.policy.policy import Policy
+from services.policy.policy import NO_ADOPT, Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
 from services.policy.sources import Orchestrator, follow_endpoints, follow_identities
 
@@ -69,7 +69,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         )
 
     try:
-        await run_datapath_service(SERVICE, config, lambda store: Policy(maps, store, node), add_servicer, background)
+        await run_datapath_service(SERVICE, config, lambda store: Policy(maps, store, node), add_servicer, background,
+                                   can_adopt=False, adopt_note=NO_ADOPT)
     finally:
         node.close()
 

@@ -27,12 +27,14 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
+from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.change import Change, store_error
 from services.common.datapath import Direction
 from services.common.errors import InvalidArgument, NotFound, Unavailable, WeirError
-from services.common.store import Store
+from services.common.service import CannotAdoptError
+from services.common.store import Store, StoreError
 from services.common.validate import Network
 from services.policy import rules as rules_mod
 from services.policy.compute import (
@@ -54,6 +56,7 @@ from services.policy.sources import OWNER, IdentityView
 log = structlog.get_logger("weir.policy")
 
 START_WAIT_SECONDS = 30.0
+NO_ADOPT = "policy rules cannot be rebuilt from the policy maps"
 RULE = "rule"
 AUDIT = "audit"
 OLD_IDENTITIES = "identity"  # identities this service allocated before the orchestrator owned them
@@ -108,7 +111,7 @@ class Policy:
         pinned maps keep enforcing meanwhile.
         """
         self._maps.load()
-        self._rules = {name: rules_mod.from_stored(doc) for name, doc in self._store.items(RULE)}
+        self._rules = self._stored_rules()
         deadline = time.monotonic() + wait_for_node
         while True:
             try:
@@ -128,6 +131,19 @@ class Policy:
             with self._store.transaction():
                 self._store.clear(OLD_IDENTITIES)
         self._recompute(force=True)
+
+    def adopt(self) -> None:
+        """Rules are not in the maps (only what they compiled to), so there is nothing to adopt."""
+        raise CannotAdoptError(NO_ADOPT)
+
+    def _stored_rules(self) -> dict[str, Rule]:
+        rules = {}
+        for name, doc in self._store.items(RULE):
+            try:
+                rules[name] = rules_mod.from_stored(doc)
+            except (json_format.Error, WeirError, LookupError, TypeError, ValueError) as exc:
+                raise StoreError(self._store.path, f"holds rule {name!r} that does not parse ({exc})") from None
+        return rules
 
     def close(self) -> None:
         self._maps.close()

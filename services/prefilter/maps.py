@@ -270,6 +270,10 @@ class PrefilterMaps:
 
     # ---- reading back ----
 
+    def live(self) -> dict[Network, tuple[int, bool]]:
+        """The live generation's list as network -> (counter id, audit), as the datapath has it."""
+        return _read(self._outers, self.active)
+
     def reset_counters(self, ids: Iterable[int]) -> None:
         """Zero the counters of ids given to new entries (one batch syscall)."""
         keys = list(ids)

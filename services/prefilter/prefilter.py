@@ -110,6 +110,23 @@ class Prefilter:
     def start(self) -> None:
         """Load, reinstall the persisted list, re-attach; the datapath never runs unfiltered."""
         self._maps.load()
+        self._reconcile()
+
+    def adopt(self) -> None:
+        """Start from a fresh store filled with the live generation's list (ids and modes kept).
+
+        Attachments cannot be read back from the maps: the XDP chain stays where the
+        orchestrator runs it, and `Attach` records it again.
+        """
+        self._maps.load()
+        live = self._maps.live()
+        with self._store.transaction():
+            self._store.put_many(ENTRY, ((str(n), {"audit": audit, "id": i}) for n, (i, audit) in live.items()))
+            self._store.bump_revision(ENTRY)
+        log.warning("adopted the deny list from the live maps", entries=len(live))
+        self._reconcile()
+
+    def _reconcile(self) -> None:
         self._list.restore(
             Entry(ipaddress.ip_network(key), bool(doc["audit"]), int(doc["id"]))
             for key, doc in self._store.items(ENTRY)
