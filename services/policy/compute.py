@@ -213,12 +213,14 @@ class PolicyComputer:
             if not enforced[direction]:
                 continue
             grants = self._grants(selecting, direction)
-            specific = sorted({i for g in grants if g.identities is not None for i in g.identities})
-            for identity in [ANY, *specific]:
-                relevant = [
-                    g for g in grants
-                    if g.identities is None or (identity != ANY and identity in g.identities)
-                ]  # fmt: skip
+            every = [g for g in grants if g.identities is None]
+            by_identity: dict[int, list[Grant]] = {}
+            for g in grants:
+                for i in g.identities or ():
+                    by_identity.setdefault(i, []).append(g)
+            entries.extend(self._table(direction, ANY, every))
+            for identity in sorted(by_identity):
+                relevant = by_identity[identity] if not every else [*every, *by_identity[identity]]
                 entries.extend(self._table(direction, identity, relevant))
         if len(entries) > self.capacity:
             raise ResourceExhausted(
