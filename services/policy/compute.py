@@ -237,6 +237,9 @@ class PolicyComputer:
 def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bool, tuple[str, ...]]]:
     """Port intervals with their verdict (deny wins) and rules, by one sweep over the grants.
 
+    Neighbouring intervals are joined only when the same rules decide them, so an entry
+    (and Trace, and the hit counters) credits exactly the rules that cover its ports.
+
     With `skip_allows`, allowed intervals are left out: an any-protocol allow
     entry already covers them.
     """
@@ -263,9 +266,8 @@ def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bo
             verdict, names = False, tuple(allows)
         else:
             continue
-        if out and out[-1][1] == start - 1 and out[-1][2] == verdict:
-            first, _, _, old = out[-1]
-            out[-1] = (first, end - 1, verdict, tuple(sorted(set(old) | set(names))))
+        if out and out[-1][1] == start - 1 and out[-1][2:] == (verdict, names):
+            out[-1] = (out[-1][0], end - 1, verdict, names)
         else:
             out.append((start, end - 1, verdict, names))
     return out
