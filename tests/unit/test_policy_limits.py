@@ -116,3 +116,168 @@ def small_rule(name: str) -> pb.Rule:
     return pb.Rule(name=name, endpoint_selector=pb.EndpointSelector(match_labels={"app": "backend"}),
                    ingress=[pb.PeerRule(endpoints=[pb.EndpointSelector(match_labels={"app": "frontend"})],
                                         ports=[pb.PortRule(port=8080, protocol="TCP")])])  # fmt: skip
+
+
+def alias_bomb() -> str:
+    """About 34 KB of YAML whose anchors expand to a million CIDRs (10 levels of ten aliases, 10 CIDRs at the bottom)."""
+    lines = ["a0: &a0 [" + ", ".join(f"10.0.0.{i}/32" for i in range(10)) + "]"]
+    for level in range(1, 6):
+        lines.append(f"a{level}: &a{level} [" + ", ".join(f"*a{level - 1}" for _ in range(10)) + "]")
+    lines += ["metadata: {name: bomb}", "spec:", "  endpointSelector: {matchLabels: {app: frontend}}",
+              "  egress:", "  - toCIDR: *a5"]  # fmt: skip
+    return "\n".join(lines) + "\n" + "# padding\n" * 3000
+
+
+def nested(depth: int) -> str:
+    return "metadata: {name: deep}\nspec: " + "[" * depth + "]" * depth + "\n"
+
+
+BAD_DOCUMENTS = {
+    "spec is a list": "metadata: {name: x}\nspec: [1, 2]\n",
+    "spec is a string": "metadata: {name: x}\nspec: hello\n",
+    "spec is a number": '{"metadata": {"name": "x"}, "spec": 5}',
+    "metadata is a list": "metadata: [x]\nspec: {}\n",
+    "name is a mapping": "metadata: {name: {a: b}}\nspec: {}\n",
+    "ingress is a mapping": "metadata: {name: x}\nspec: {ingress: {a: b}}\n",
+    "peer is a string": "metadata: {name: x}\nspec: {ingress: [hello]}\n",
+    "toPorts entry is a string": "metadata: {name: x}\nspec: {ingress: [{toPorts: [p]}]}\n",
+    "port is a mapping": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: {a: 1}}]}]}]}\n",
+    "port is a float": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: 1.5}]}]}]}\n",
+    "port is huge": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: 99999999999999999999}]}]}]}\n",
+    "named port": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: http}]}]}]}\n",
+    "protocol 99": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: 1, protocol: '99'}]}]}]}\n",
+    "protocol is a number": "metadata: {name: x}\nspec: {ingress: [{toPorts: [{ports: [{port: 1, protocol: 6}]}]}]}\n",
+    "matchLabels is a list": "metadata: {name: x}\nspec: {endpointSelector: {matchLabels: [a]}}\n",
+    "label value is a mapping": "metadata: {name: x}\nspec: {endpointSelector: {matchLabels: {a: {b: c}}}}\n",
+    "CIDR is a number": "metadata: {name: x}\nspec: {egress: [{toCIDR: [10]}]}\n",
+    "CIDRSet entry is a string": "metadata: {name: x}\nspec: {egress: [{toCIDRSet: [10.0.0.0/8]}]}\n",
+    "scoped IPv6 CIDR": "metadata: {name: x}\nspec: {egress: [{toCIDR: ['fe80::5%eth0/128']}]}\n",
+    "scoped IPv6 address": "metadata: {name: x}\nspec: {egress: [{toCIDR: ['fe80::5%eth0']}]}\n",
+    "name with a trailing newline": '{"metadata": {"name": "x\\n"}, "spec": {}}',
+    "name with NUL": '{"metadata": {"name": "x\\u0000"}, "spec": {}}',
+    "NUL in the document": "metadata: {name: x}\x00\nspec: {}\n",
+    "label key with a newline": '{"metadata": {"name": "x"}, "spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}',
+    "items is a string": "kind: List\nitems: abc\n",
+    "10k-deep nesting": nested(10_000),
+    "recursive alias": "metadata: {name: x}\nspec: &s {ingress: [*s]}\n",
+    "alias bomb": alias_bomb(),
+    "too large": "# " + "x" * (limits.MAX_DOCUMENT_CHARS + 1) + "\n",
+}
+
+
+@pytest.mark.parametrize("what", sorted(BAD_DOCUMENTS))
+def test_a_bad_document_is_refused_and_changes_nothing(local: Local, what: str) -> None:
+    local.policy.import_rules([small_rule("keep")])
+    before = local.state()
+    start = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        local.policy.import_rules([], BAD_DOCUMENTS[what])
+    assert time.monotonic() - start < 3, f"{what}: refused only after {time.monotonic() - start:.1f} s"
+    assert len(str(err.value)) < 1000, f"{what}: the error echoes the input"
+    assert local.state() == before, what
+
+
+def test_the_alias_bomb_is_small_and_a_plain_document_of_many_cidrs_loads(local: Local) -> None:
+    assert len(alias_bomb()) < 40_000
+    cidrs = "".join(f"    - 10.1.{i // 256}.{i % 256}/32\n" for i in range(5000))
+    doc = "metadata: {name: many}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  egress:\n  - toCIDR:\n" + cidrs
+    local.policy.import_rules([], doc)
+    assert len(local.policy.get_rule("many").egress[0].cidrs) == 5000
+
+
+def _with(rule: pb.Rule, **fields: Any) -> pb.Rule:
+    out = pb.Rule()
+    out.CopyFrom(rule)
+    for name, value in fields.items():
+        setattr(out, name, value) if not isinstance(value, list) else getattr(out, name).extend(value)
+    return out
+
+
+def _peer(**kw: Any) -> pb.PeerRule:
+    return pb.PeerRule(**kw)
+
+
+BAD_MESSAGES: dict[str, Callable[[], list[pb.Rule]]] = {
+    "name with a trailing newline": lambda: [_with(small_rule("x"), name="x\n")],
+    "name of 100k characters": lambda: [_with(small_rule("x"), name="a" * 100_000)],
+    "NUL in the description": lambda: [_with(small_rule("x"), description="a\x00b")],
+    "description too long": lambda: [_with(small_rule("x"), description="d" * (limits.MAX_DESCRIPTION_CHARS + 1))],
+    "label value with a newline": lambda: [pb.Rule(name="x", endpoint_selector=pb.EndpointSelector(
+        match_labels={"app": "web\n"}))],
+    "expression value with NUL": lambda: [pb.Rule(name="x", endpoint_selector=pb.EndpointSelector(
+        match_expressions=[pb.LabelRequirement(key="app", operator="In", values=["a\x00"])]))],
+    "entity with a newline": lambda: [_with(small_rule("x"), egress=[_peer(entities=["world\n"])])],
+    "scoped IPv6 CIDR": lambda: [_with(small_rule("x"), egress=[_peer(cidrs=[pb.CidrRule(cidr="fe80::5%eth0/128")])])],
+    "scoped IPv6 except": lambda: [_with(small_rule("x"), egress=[_peer(cidrs=[pb.CidrRule(
+        cidr="fe80::/64", **{"except": ["fe80::5%eth0/128"]})])])],
+    "protocol 99": lambda: [_with(small_rule("x"), egress=[_peer(ports=[pb.PortRule(port=1, protocol="99")])])],
+    "too many rules": lambda: [small_rule(f"r{i}") for i in range(limits.MAX_RULES_PER_REQUEST + 1)],
+    "too many CIDRs in a rule": lambda: [cidr_rule("x", limits.MAX_CIDRS_PER_RULE + 1)],
+    "too many CIDRs in a request": lambda: [
+        cidr_rule(f"x{i}", limits.MAX_CIDRS_PER_RULE, base=f"10.{i}.0.0")
+        for i in range(limits.MAX_CIDRS_PER_REQUEST // limits.MAX_CIDRS_PER_RULE + 1)
+    ],
+    "too many ports in a rule": lambda: [_with(small_rule("x"), egress=[_peer(ports=[
+        pb.PortRule(port=p, protocol="TCP") for p in range(1, limits.MAX_PORTS_PER_RULE + 2)])])],
+    "too many labels in a selector": lambda: [pb.Rule(name="x", endpoint_selector=pb.EndpointSelector(
+        match_labels={f"k{i}": "v" for i in range(limits.MAX_LABELS_PER_SELECTOR + 1)}))],
+    "too many peers": lambda: [_with(small_rule("x"), egress=[_peer(entities=["world"])
+                                                              for _ in range(limits.MAX_PEERS_PER_SECTION + 1)])],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("what", sorted(BAD_MESSAGES))
+def test_a_bad_or_oversized_rule_is_refused_before_anything_is_allocated(local: Local, what: str) -> None:
+    local.policy.import_rules([small_rule("keep")])
+    before = local.state()
+    request = BAD_MESSAGES[what]()
+    start = time.monotonic()
+    with pytest.raises(InvalidArgument) as err:
+        local.policy.import_rules(request)
+    assert time.monotonic() - start < 3, f"{what}: refused only after {time.monotonic() - start:.1f} s"
+    assert len(str(err.value)) < 1000, f"{what}: the error echoes the input"
+    assert local.state() == before, what
+
+
+def test_delete_and_trace_refuse_bad_input(local: Local) -> None:
+    local.policy.import_rules([small_rule("keep")])
+    before = local.state()
+    with pytest.raises(WeirError):
+        local.policy.delete_rules(["keep\n"])
+    with pytest.raises(InvalidArgument):
+        local.policy.delete_rules(["keep"] * (limits.MAX_RULES_PER_REQUEST + 1))
+    for source, destination in (("fe80::5%eth0", "fe80::6"), ("198.18.0.1\x00", "198.18.0.2"),
+                                ("198.18.0.1\n", "198.18.0.2")):  # fmt: skip
+        with pytest.raises(InvalidArgument):
+            local.policy.trace(source, destination, 80, "TCP")
+    for protocol in ("99", "TCP\n", "tcp\x00"):
+        with pytest.raises(InvalidArgument):
+            local.policy.trace("198.18.0.1", "198.18.0.2", 80, protocol)
+    assert local.state() == before
+
+
+def _seconds(call: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def test_no_quadratic_paths_one_rule_with_many_cidrs_and_deleting_many_rules(local: Local) -> None:
+    """Import of one rule with N CIDRs and delete of N rules are O(N log N): 10x the size, at most 15x the time."""
+    policy = local.policy
+
+    def import_cidrs(n: int, tag: str) -> float:
+        took = _seconds(lambda: policy.import_rules([cidr_rule(tag, n, base="10.64.0.0")]))
+        policy.delete_rules([tag])
+        return took
+
+    def delete_rules(n: int, tag: str) -> float:
+        names = [f"{tag}-{i:06d}" for i in range(n)]
+        policy.import_rules([small_rule(name) for name in names])
+        return _seconds(lambda: policy.delete_rules(names))
+
+    for measure, small in ((import_cidrs, 500), (delete_rules, 1000)):
+        measure(small, "warm")
+        base = min(measure(small, f"s{i}") for i in range(3))
+        big = measure(small * 10, "big")
+        assert big <= 15 * base, f"{measure.__name__}: {small} took {base:.3f} s, {small * 10} took {big:.3f} s"
