@@ -76,17 +76,17 @@ class _BoundedLoader(yaml.SafeLoader):
             )
 
     def compose_node(self, parent: Any, index: Any) -> Any:
-        event = self.peek_event()
+        event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, AliasEvent):
-            anchor = str(event.anchor)
-            if anchor in self._open:
-                raise InvalidArgument(f"document: alias *{shown(anchor)} refers to a node that contains it")
+            alias = str(event.anchor)
+            if alias in self._open:
+                raise InvalidArgument(f"document: alias *{shown(alias)} refers to a node that contains it")
             self._aliases += 1
             if self._aliases > MAX_DOCUMENT_ALIASES:
                 raise InvalidArgument(f"document uses more than {MAX_DOCUMENT_ALIASES} aliases")
-            self._charge(self._sizes.get(anchor, 1))
+            self._charge(self._sizes.get(alias, 1))
             return super().compose_node(parent, index)
-        anchor = event.anchor if isinstance(event, NodeEvent) else None
+        anchor: str | None = event.anchor if isinstance(event, NodeEvent) else None
         if isinstance(event, CollectionStartEvent):
             self._depth += 1
             if self._depth > MAX_DOCUMENT_DEPTH:
@@ -115,7 +115,7 @@ def load_documents(text: str) -> list[Any]:
     loader = _BoundedLoader(text)
     try:
         out = []
-        while loader.check_data():
+        while loader.check_data():  # type: ignore[no-untyped-call]
             out.append(loader.get_data())
         return out
     except yaml.YAMLError as exc:

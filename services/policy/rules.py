@@ -13,7 +13,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
 from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
@@ -310,9 +309,10 @@ def _number(value: Any, where: str) -> int:
         if not _DIGITS.fullmatch(value):
             raise InvalidArgument(f"{where}: {shown(value)} is not a port number (named ports are not supported)")
         value = int(value)
-    if not 0 <= value <= 65535:
-        raise InvalidArgument(f"{where}: {shown(value)} is out of range (0-65535)")
-    return value
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise InvalidArgument(f"{where}: {shown(number)} is out of range (0-65535)")
+    return number
 
 
 def _kind(value: Any) -> str:
@@ -343,9 +343,13 @@ def _cnp_peer(doc: Any, prefix: str, where: str) -> dict[str, Any]:
     doc = _mapping(doc, where)
     out: dict[str, Any] = {}
     key = f"{prefix}Endpoints"
-    out["endpoints"] = [_cnp_selector(s, f"{where}.{key}[{i}]") for i, s in enumerate(_items(doc.get(key), key))]
+    out["endpoints"] = [
+        _cnp_selector(s, f"{where}.{key}[{i}]") for i, s in enumerate(_items(doc.get(key), f"{where}.{key}"))
+    ]
     key = f"{prefix}CIDR"
-    cidrs = [{"cidr": _text(c, f"{where}.{key}[{i}]")} for i, c in enumerate(_items(doc.get(key), f"{where}.{key}"))]
+    cidrs: list[dict[str, Any]] = [
+        {"cidr": _text(c, f"{where}.{key}[{i}]")} for i, c in enumerate(_items(doc.get(key), f"{where}.{key}"))
+    ]
     key = f"{prefix}CIDRSet"
     for i, c in enumerate(_items(doc.get(key), f"{where}.{key}")):
         place = f"{where}.{key}[{i}]"

@@ -165,7 +165,8 @@ def test_an_entry_credits_only_the_rules_covering_its_ports(deny: bool) -> None:
     section = "ingress_deny" if deny else "ingress"
     rules = [
         pb.Rule(name=f"p{port}", endpoint_selector=sel(app="db"),
-                **{section: [pb.PeerRule(endpoints=[sel(app="web")], ports=[pb.PortRule(port=port, protocol="TCP")])]})
+                **{section: [pb.PeerRule(endpoints=[sel(app="web")],  # type: ignore[arg-type]
+                                         ports=[pb.PortRule(port=port, protocol="TCP")])]})
         for port in (1000, 1001)
     ]  # fmt: skip
     rules.append(pb.Rule(name="range", endpoint_selector=sel(app="db"), ingress=[

@@ -154,7 +154,8 @@ BAD_DOCUMENTS = {
     "name with a trailing newline": '{"metadata": {"name": "x\\n"}, "spec": {}}',
     "name with NUL": '{"metadata": {"name": "x\\u0000"}, "spec": {}}',
     "NUL in the document": "metadata: {name: x}\x00\nspec: {}\n",
-    "label key with a newline": '{"metadata": {"name": "x"}, "spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}',
+    "label key with a newline": ('{"metadata": {"name": "x"}, '
+                                 '"spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}'),
     "items is a string": "kind: List\nitems: abc\n",
     "10k-deep nesting": nested(10_000),
     "recursive alias": "metadata: {name: x}\nspec: &s {ingress: [*s]}\n",
@@ -178,7 +179,8 @@ def test_a_bad_document_is_refused_and_changes_nothing(local: Local, what: str) 
 def test_the_alias_bomb_is_small_and_a_plain_document_of_many_cidrs_loads(local: Local) -> None:
     assert len(alias_bomb()) < 40_000 and alias_bomb().count("*c") == 1000
     cidrs = "".join(f"    - 10.1.{i // 256}.{i % 256}/32\n" for i in range(5000))
-    doc = "metadata: {name: many}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  egress:\n  - toCIDR:\n" + cidrs
+    head = "metadata: {name: many}\nspec:\n  endpointSelector: {matchLabels: {app: db}}\n  egress:\n  - toCIDR:\n"
+    doc = head + cidrs
     local.policy.import_rules([], doc)
     assert len(local.policy.get_rule("many").egress[0].cidrs) == 5000
 
