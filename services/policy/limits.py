@@ -43,6 +43,11 @@ def shown(value: object) -> str:
     return f"{text[:MAX_TEXT_SHOWN]}... ({len(text)} characters)"
 
 
+def brief(text: str, limit: int = 500) -> str:
+    """Free text (an error from another service) cut for a log line."""
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 def summary(names: list[str], first: int = 5) -> str:
     """Names for a log line: the first few and how many there are."""
     if len(names) <= first:
@@ -119,12 +124,8 @@ def load_documents(text: str) -> list[Any]:
             out.append(loader.get_data())
         return out
     except yaml.YAMLError as exc:
-        raise InvalidArgument(f"document is not valid YAML or JSON: {_cut(str(exc))}") from None
+        raise InvalidArgument(f"document is not valid YAML or JSON: {brief(str(exc), 300)}") from None
     except RecursionError:
         raise InvalidArgument(f"document nests deeper than {MAX_DOCUMENT_DEPTH} levels") from None
     finally:
         loader.dispose()
-
-
-def _cut(text: str, limit: int = 300) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}..."

@@ -18,6 +18,7 @@ keep their identities, which is correct for whichever address they still cover.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ipaddress
 import re
@@ -48,7 +49,7 @@ from services.policy.compute import (
     PolicyComputer,
     lpm_identity,
 )
-from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, shown, summary
+from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
 from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import Rule
 from services.policy.sources import OWNER, IdentityView
@@ -99,6 +100,8 @@ class Policy:
         self._computed: dict[int, EndpointPolicy] = {}
         self._installed: dict[int, Signature] = {}
         self._seen: object = None
+        self._names: list[str] = []
+        self._names_of: dict[str, Rule] | None = None
 
     # ---- life cycle ----
 
@@ -290,8 +293,8 @@ class Policy:
                 self._computed = final
                 self._seen = self._inputs(self._cidr_ids())
             except WeirError as exc:
-                log.warning("CIDR identities kept until the next change", cidrs=sorted(map(str, removed)),
-                            error=str(exc))
+                log.warning("CIDR identities kept until the next change", cidrs=summary(sorted(map(str, removed))),
+                            error=brief(str(exc)))
         return revision, sorted(changed)
 
     def _release_quietly(self, networks: set[Network]) -> None:
@@ -299,7 +302,7 @@ class Policy:
             self._node.release(networks)
         except WeirError as exc:
             log.warning("reserved CIDR identities not released; the next change releases them",
-                        cidrs=sorted(map(str, networks)), error=str(exc))
+                        cidrs=summary(sorted(map(str, networks))), error=brief(str(exc)))
 
     def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
         """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
@@ -374,8 +377,18 @@ class Policy:
         if page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
-        rest = [self._rules[n] for n in sorted(self._rules) if n > page_token]
-        return rest[:size], (rest[size - 1].name if len(rest) > size else ""), self.revision
+        names = self._sorted_names()
+        first = bisect.bisect_right(names, page_token)
+        page = [self._rules[n] for n in names[first:first + size]]
+        more = first + size < len(names)
+        return page, (page[-1].name if more else ""), self.revision
+
+    def _sorted_names(self) -> list[str]:
+        """The rule names in order, sorted once per rule set (a page is then O(log n + page))."""
+        if self._names_of is not self._rules:
+            self._names = sorted(self._rules)
+            self._names_of = self._rules
+        return self._names
 
     def get_rule(self, name: str) -> Rule:
         if name not in self._rules:

@@ -263,7 +263,8 @@ def _seconds(call: Callable[[], object]) -> float:
 
 
 def test_no_quadratic_paths_one_rule_with_many_cidrs_and_deleting_many_rules(local: Local) -> None:
-    """Import of one rule with N CIDRs and delete of N rules are O(N log N): 10x the size, at most 15x the time."""
+    """Import of one rule with N CIDRs, delete of N rules and paging through N rules are O(N log N):
+    10x the size, at most 15x the time."""
     policy = local.policy
 
     def import_cidrs(n: int, tag: str) -> float:
@@ -276,7 +277,25 @@ def test_no_quadratic_paths_one_rule_with_many_cidrs_and_deleting_many_rules(loc
         policy.import_rules([small_rule(name) for name in names])
         return _seconds(lambda: policy.delete_rules(names))
 
-    for measure, small in ((import_cidrs, 500), (delete_rules, 1000)):
+    def list_pages(n: int, tag: str) -> float:
+        names = [f"{tag}-{i:06d}" for i in range(n)]
+        policy.import_rules([small_rule(name) for name in names])
+
+        def page_through() -> None:
+            token, listed = "", 0
+            while True:
+                page, token, _ = policy.list_rules(50, token)
+                listed += len(page)
+                if not token:
+                    break
+            assert listed == n + 1  # and "keep"
+
+        took = _seconds(page_through)
+        policy.delete_rules(names)
+        return took
+
+    policy.import_rules([small_rule("keep")])
+    for measure, small in ((import_cidrs, 500), (delete_rules, 1000), (list_pages, 1000)):
         measure(small, "warm")
         base = min(measure(small, f"s{i}") for i in range(3))
         big = measure(small * 10, "big")
