@@ -8,6 +8,7 @@ INTERNAL or UNKNOWN), and a refused call must leave ListRules and ListIdentities
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -123,6 +124,18 @@ def test_generated_bad_requests_get_clean_statuses_and_change_nothing(make_node:
             seen[code.name] = seen.get(code.name, 0) + 1
             return
         seen["OK"] = seen.get("OK", 0) + 1
+        settle()
+
+    def settle(timeout: float = 3.0) -> None:
+        """After an accepted change, wait for the orchestrator's identity stream to catch up with it."""
+        deadline = time.monotonic() + timeout
+        last = state()
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            now = state()
+            if now == last:
+                return
+            last = now
 
     one()
     assert seen.get("INVALID_ARGUMENT", 0) > 50, seen
