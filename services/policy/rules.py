@@ -134,7 +134,6 @@ def _label_value(value: str, key: str, where: str) -> str:
 
 
 def _selector(msg: pb.EndpointSelector, where: str) -> Selector:
-    at_most(len(msg.match_labels) + len(msg.match_expressions), MAX_LABELS_PER_SELECTOR, f"{where}: labels")
     for key, value in msg.match_labels.items():
         _label_value(value, _label_key(key, where), where)
     requirements = []
@@ -145,7 +144,6 @@ def _selector(msg: pb.EndpointSelector, where: str) -> Selector:
                 f"{place}: operator {shown(expr.operator)} is not one of {', '.join(sorted(OPERATORS))}"
             )
         _label_key(expr.key, place)
-        at_most(len(expr.values), MAX_VALUES_PER_EXPRESSION, f"{place}: values")
         for value in expr.values:
             _label_value(value, expr.key, place)
         if expr.operator in ("In", "NotIn") and not expr.values:
@@ -187,10 +185,8 @@ def _port(msg: pb.PortRule, where: str) -> PortRule:
 
 
 def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
-    at_most(len(msg.endpoints), MAX_SELECTORS_PER_PEER, f"{where}: endpoint selectors")
     cidrs = []
     for i, c in enumerate(msg.cidrs):
-        at_most(len(getattr(c, "except")), MAX_EXCEPTS_PER_CIDR, f"{where}.cidrs[{i}]: excepts")
         network = _cidr(c.cidr, f"{where}.cidrs[{i}]")
         excepts = tuple(_cidr(e, f"{where}.cidrs[{i}].except") for e in getattr(c, "except"))
         for e in excepts:
@@ -235,15 +231,32 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
     at_most(sum(len(p.ports) for s in sections for p in s), MAX_PORTS_PER_RULE, f"{where}: ports")
     at_most(cidr_count(msg), MAX_CIDRS_PER_RULE, f"{where}: CIDRs (excepts included)")
     at_most(len(msg.description), MAX_DESCRIPTION_CHARS, f"{where}: description characters")
+    selectors = [("endpoint_selector", msg.endpoint_selector)]
+    for name, section in zip(("ingress", "egress", "ingress_deny", "egress_deny"), sections, strict=True):
+        for i, peer in enumerate(section):
+            at_most(len(peer.endpoints), MAX_SELECTORS_PER_PEER, f"{where}: {name}[{i}]: endpoint selectors")
+            selectors += [(f"{name}[{i}].endpoints[{j}]", s) for j, s in enumerate(peer.endpoints)]
+            for j, c in enumerate(peer.cidrs):
+                at_most(len(getattr(c, "except")), MAX_EXCEPTS_PER_CIDR, f"{where}: {name}[{i}].cidrs[{j}]: excepts")
+    for place, selector in selectors:
+        at_most(len(selector.match_labels) + len(selector.match_expressions), MAX_LABELS_PER_SELECTOR,
+                f"{where}: {place}: labels")  # fmt: skip
+        for expr in selector.match_expressions:
+            at_most(len(expr.values), MAX_VALUES_PER_EXPRESSION, f"{where}: {place}: values of {expr.key[:64]}")
     if "\x00" in msg.description:
         raise InvalidArgument(f"{where}: description contains a NUL character")
 
 
-def from_proto(msg: pb.Rule) -> Rule:
-    """Validate one rule message; raises InvalidArgument naming the faulty field."""
+def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
+    """Validate one rule message; raises InvalidArgument naming the faulty field.
+
+    `sized` applies the request limits too; a stored rule (accepted when the limits
+    may have been wider) is loaded without them.
+    """
     check_name(msg.name)
     where = f"rule {msg.name}"
-    _check_sizes(msg, where)
+    if sized:
+        _check_sizes(msg, where)
 
     def section(peers: Iterable[pb.PeerRule], name: str) -> tuple[PeerRule, ...]:
         return tuple(_peer(p, f"{where}: {name}[{i}]") for i, p in enumerate(peers))
@@ -261,7 +274,7 @@ def from_proto(msg: pb.Rule) -> Rule:
 
 
 def from_stored(doc: dict[str, Any]) -> Rule:
-    return from_proto(json_format.ParseDict(doc, pb.Rule()))
+    return from_proto(json_format.ParseDict(doc, pb.Rule()), sized=False)
 
 
 def to_proto(rule: Rule) -> pb.Rule:

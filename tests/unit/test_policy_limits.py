@@ -314,3 +314,16 @@ def _timed(measure: Callable[[int, str], float], n: int, tag: str) -> float:
         return measure(n, tag)
     finally:
         gc.enable()
+
+
+def test_a_stored_rule_over_a_request_limit_still_loads_at_start() -> None:
+    """Limits refuse requests; a rule stored when limits were wider must not stop a restart."""
+    from google.protobuf import json_format
+
+    from services.policy.rules import from_proto, from_stored
+
+    rule = _with(small_rule("wide"), description="d" * (limits.MAX_DESCRIPTION_CHARS + 1))
+    with pytest.raises(InvalidArgument):
+        from_proto(rule)
+    loaded = from_stored(json_format.MessageToDict(rule, preserving_proto_field_name=True))
+    assert loaded.name == "wide" and len(loaded.description) == limits.MAX_DESCRIPTION_CHARS + 1
