@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.bpffs import remove_pins
@@ -30,6 +31,7 @@ from services.policy import limits
 from services.policy.compute import EndpointView
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
+from services.policy.rules import from_proto, from_stored
 from services.policy.sources import OWNER, IdentityView
 from tests.harness.node import BPF_BUILD, pid_prefix
 
@@ -318,10 +320,6 @@ def _timed(measure: Callable[[int, str], float], n: int, tag: str) -> float:
 
 def test_a_stored_rule_over_a_request_limit_still_loads_at_start() -> None:
     """Limits refuse requests; a rule stored when limits were wider must not stop a restart."""
-    from google.protobuf import json_format
-
-    from services.policy.rules import from_proto, from_stored
-
     rule = _with(small_rule("wide"), description="d" * (limits.MAX_DESCRIPTION_CHARS + 1))
     with pytest.raises(InvalidArgument):
         from_proto(rule)
