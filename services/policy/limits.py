@@ -117,8 +117,9 @@ def load_documents(text: str) -> list[Any]:
     at_most(len(text), MAX_DOCUMENT_CHARS, "document characters")
     if "\x00" in text:
         raise InvalidArgument("document contains a NUL character")
-    loader = _BoundedLoader(text)
+    loader: _BoundedLoader | None = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here
         out = []
         while loader.check_data():  # type: ignore[no-untyped-call]
             out.append(loader.get_data())
@@ -128,4 +129,5 @@ def load_documents(text: str) -> list[Any]:
     except RecursionError:
         raise InvalidArgument(f"document nests deeper than {MAX_DOCUMENT_DEPTH} levels") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()

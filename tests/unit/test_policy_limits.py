@@ -157,6 +157,7 @@ BAD_DOCUMENTS = {
     "name with a trailing newline": '{"metadata": {"name": "x\\n"}, "spec": {}}',
     "name with NUL": '{"metadata": {"name": "x\\u0000"}, "spec": {}}',
     "NUL in the document": "metadata: {name: x}\x00\nspec: {}\n",
+    "control character in the document": "\x0emetadata: {name: x}\nspec: {}\n",
     "label key with a newline": ('{"metadata": {"name": "x"}, '
                                  '"spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}'),
     "items is a string": "kind: List\nitems: abc\n",
