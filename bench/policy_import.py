@@ -10,7 +10,8 @@ before the clock starts; validation, identities, persisting, computing every
 endpoint's policy and writing the maps are all inside, since the call returns
 once the affected endpoints' maps are rewritten (the reply names them, and
 each endpoint's map is checked to hold R/10 entries). Between sizes the
-rules are deleted again, so each import starts from an empty policy.
+rules are deleted again (one DeleteRules call, timed too), so each import
+starts from an empty policy.
 
 Beside it, `iptables-restore` of the same R rules as FORWARD rules
 (`-s <endpoint> -d <cidr> -p tcp --dport 443 -j ACCEPT`) inside a namespace
@@ -159,9 +160,12 @@ def main() -> None:
                 for i in range(args.endpoints)
             }
             loaded: list[str] = []
+            deleted: list[tuple[int, float]] = []
             for count in sizes:
                 if loaded:
+                    start = time.perf_counter()
                     node.delete_rules(loaded)
+                    deleted.append((len(loaded), time.perf_counter() - start))
                 ipt = iptables_restore(ipt_ns, count, args.endpoints)
                 took, loaded = weir_import(node, count, endpoints)
                 results.append((count, took, ipt))
@@ -174,6 +178,8 @@ def main() -> None:
     print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
     for count, imported, ipt in results:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.0f}{imported * 1000 / count:>14.2f}")
+    for count, took in deleted:
+        print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
     print(f"policy service CPU while idle with {sizes[-1]} rules: "
           f"{idle:.2f} cores over {args.idle_seconds:g} s")
     print("policy service exit on SIGTERM after that: " + (

@@ -226,7 +226,8 @@ class Identities:
             self._store.put_many(KIND, docs)
             self._store.delete_many(KIND, gone)
             self._refresh(unpublished, touched, notify=False)
-        self._notify([i for i in touched if i not in freed], freed)
+        gone_ids = set(freed)
+        self._notify([i for i in touched if i not in gone_ids], freed)
 
     # ---- helpers ----
 

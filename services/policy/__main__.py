@@ -18,6 +18,7 @@ from services.common.logs import setup_logging
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.policy.defs import DEFAULT_POLICY_ENTRIES
+from services.policy.limits import brief, summary
 from services.policy.maps import PolicyMaps
 from services.policy.policy import NO_ADOPT, Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
@@ -42,10 +43,10 @@ def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Cal
         try:
             changed = await worker.call(apply, *message)
         except (WeirError, OSError) as exc:
-            log.warning(f"{what}: recompute failed", error=str(exc))
+            log.warning(f"{what}: recompute failed", error=brief(str(exc)))
             return
         if changed:
-            log.info(f"{what}: endpoints recomputed", endpoints=changed)
+            log.info(f"{what}: endpoints recomputed", endpoints=summary(changed), count=len(changed))
 
     return on_change
 

@@ -213,12 +213,14 @@ class PolicyComputer:
             if not enforced[direction]:
                 continue
             grants = self._grants(selecting, direction)
-            specific = sorted({i for g in grants if g.identities is not None for i in g.identities})
-            for identity in [ANY, *specific]:
-                relevant = [
-                    g for g in grants
-                    if g.identities is None or (identity != ANY and identity in g.identities)
-                ]  # fmt: skip
+            every = [g for g in grants if g.identities is None]
+            by_identity: dict[int, list[Grant]] = {}
+            for g in grants:
+                for i in g.identities or ():
+                    by_identity.setdefault(i, []).append(g)
+            entries.extend(self._table(direction, ANY, every))
+            for identity in sorted(by_identity):
+                relevant = by_identity[identity] if not every else [*every, *by_identity[identity]]
                 entries.extend(self._table(direction, identity, relevant))
         if len(entries) > self.capacity:
             raise ResourceExhausted(
@@ -234,6 +236,9 @@ class PolicyComputer:
 
 def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bool, tuple[str, ...]]]:
     """Port intervals with their verdict (deny wins) and rules, by one sweep over the grants.
+
+    Neighbouring intervals are joined only when the same rules decide them, so an entry
+    (and Trace, and the hit counters) credits exactly the rules that cover its ports.
 
     With `skip_allows`, allowed intervals are left out: an any-protocol allow
     entry already covers them.
@@ -261,9 +266,8 @@ def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bo
             verdict, names = False, tuple(allows)
         else:
             continue
-        if out and out[-1][1] == start - 1 and out[-1][2] == verdict:
-            first, _, _, old = out[-1]
-            out[-1] = (first, end - 1, verdict, tuple(sorted(set(old) | set(names))))
+        if out and out[-1][1] == start - 1 and out[-1][2:] == (verdict, names):
+            out[-1] = (out[-1][0], end - 1, verdict, names)
         else:
             out.append((start, end - 1, verdict, names))
     return out

@@ -3,7 +3,9 @@
 `PolicyMaps` turns computed policy into map contents. An endpoint's policy
 map is rebuilt whole and swapped into `policy_maps` with one update, so a
 packet sees the old policy or the new one, never a mix; `save` keeps the map an
-endpoint has now, so a failed change can swap it back with `restore`. The
+endpoint has now, so a failed change can swap it back with `restore`. A rebuilt map
+starts with the hit counters of the map it replaces, key by key, so a restart or an
+unrelated change never zeroes them. The
 policy maps and enforcement flags are this service's own (pinned under
 policy/); the ipcache and conntrack are the node's (the orchestrator writes the
 ipcache and collects conntrack), read here.
@@ -124,12 +126,28 @@ class PolicyMaps:
             key_type=PolicyKey,
             value_type=PolicyEntry,
         )
-        with inner:
+        previous = self._current(endpoint_id)
+        with inner, contextlib.ExitStack() as stack:
+            counted = {}
+            if previous is not None:
+                stack.enter_context(previous)
+                counted = {bytes(k): (int(v.packets), int(v.bytes)) for k, v in previous.items()}
+            keys = []
             for entry in entries:
-                value = PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0)
-                inner.update(policy_key(entry), value)
+                key = policy_key(entry)
+                packets, nbytes = counted.get(bytes(key), (0, 0))
+                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, packets=packets,
+                                              bytes=nbytes))  # fmt: skip
+                keys.append(key)
             self._outer().update(endpoint_id, inner.fd)
+            if previous is not None:
+                _carry_late_hits(previous, inner, keys, counted)
         config.update(endpoint_id, EndpointPolicyConfig(flags))
+
+    def _current(self, endpoint_id: int) -> Map | None:
+        """The endpoint's policy map now in place, opened (the caller closes it), or None."""
+        map_id = self._outer().lookup(endpoint_id)
+        return Map.from_id(map_id, key_type=PolicyKey, value_type=PolicyEntry) if map_id else None
 
     def save(self, endpoint_id: int) -> Saved:
         """Hold on to what the endpoint has now (the caller closes it)."""
@@ -192,6 +210,20 @@ class PolicyMaps:
             if limit and len(out) >= limit:
                 break
         return out
+
+
+def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: dict[bytes, tuple[int, int]]) -> None:
+    """Add what the replaced map counted between the copy and the swap (a packet in flight may be lost)."""
+    for key in keys:
+        before = counted.get(bytes(key))
+        now = previous.lookup(key) if before is not None else None
+        if now is None or before is None or (int(now.packets), int(now.bytes)) == before:
+            continue
+        value = inner.lookup(key)
+        if value is not None:
+            value.packets += int(now.packets) - before[0]
+            value.bytes += int(now.bytes) - before[1]
+            inner.update(key, value)
 
 
 def config_flags(ingress: bool, egress: bool, audit: bool) -> int:

@@ -18,8 +18,10 @@ keep their identities, which is correct for whichever address they still cover.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import ipaddress
+import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -49,6 +51,7 @@ from services.policy.compute import (
     PolicyComputer,
     lpm_identity,
 )
+from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
 from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import Rule
 from services.policy.sources import OWNER, IdentityView
@@ -61,6 +64,7 @@ RULE = "rule"
 AUDIT = "audit"
 OLD_IDENTITIES = "identity"  # identities this service allocated before the orchestrator owned them
 DEFAULT_PAGE_SIZE = 500
+ADDRESS_TEXT_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 MAX_PAGE_SIZE = 10_000
 
 Signature = tuple[frozenset[tuple[MapEntry, bool]], int]
@@ -101,6 +105,8 @@ class Policy:
         self._computed: dict[int, EndpointPolicy] = {}
         self._installed: dict[int, Signature] = {}
         self._seen: object = None
+        self._names: list[str] = []
+        self._names_of: dict[str, Rule] | None = None
 
     # ---- life cycle ----
 
@@ -308,8 +314,8 @@ class Policy:
                 self._computed = final
                 self._seen = self._inputs(self._cidr_ids())
             except WeirError as exc:
-                log.warning("CIDR identities kept until the next change", cidrs=sorted(map(str, removed)),
-                            error=str(exc))
+                log.warning("CIDR identities kept until the next change", cidrs=summary(sorted(map(str, removed))),
+                            error=brief(str(exc)))
         return revision, sorted(changed)
 
     def _release_quietly(self, networks: set[Network]) -> None:
@@ -317,7 +323,7 @@ class Policy:
             self._node.release(networks)
         except WeirError as exc:
             log.warning("reserved CIDR identities not released; the next change releases them",
-                        cidrs=sorted(map(str, networks)), error=str(exc))
+                        cidrs=summary(sorted(map(str, networks))), error=brief(str(exc)))
 
     def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
         """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
@@ -327,8 +333,8 @@ class Policy:
         computed_for = {view(p.endpoint) for p in self._computed.values()}
         if not changed_rules or computed_for != {view(ep) for ep in self._endpoints.values()}:
             return None  # the endpoints changed too: every peer set may have
-        selectors = [r.selector for r in changed_rules]
-        selectors += [self._rules[r.name].selector for r in changed_rules if r.name in self._rules]
+        selectors = {r.selector for r in changed_rules}
+        selectors |= {self._rules[r.name].selector for r in changed_rules if r.name in self._rules}
         return [ep for ep in self._endpoints.values() if any(sel.matches(ep.labels) for sel in selectors)]
 
     # ---- rules ----
@@ -338,12 +344,19 @@ class Policy:
         return self._store.revision(RULE)
 
     def import_rules(self, messages: Iterable[pb.Rule], document: str = "") -> tuple[int, list[str]]:
-        """Add or replace rules by name, all or none; returns (revision, endpoints rewritten)."""
+        """Add or replace rules by name, all or none; returns (revision, endpoints rewritten).
+
+        The request's sizes are checked first (services.policy.limits), then every rule,
+        before any identity is reserved or anything written.
+        """
         incoming = list(messages)
+        at_most(len(incoming), MAX_RULES_PER_REQUEST, "rules")
         if document:
             incoming += rules_mod.from_document(document)
         if not incoming:
             raise InvalidArgument("no rules given: pass rules or a document")
+        at_most(len(incoming), MAX_RULES_PER_REQUEST, "rules")
+        at_most(sum(rules_mod.cidr_count(m) for m in incoming), MAX_CIDRS_PER_REQUEST, "CIDRs (excepts included)")
         parsed: dict[str, Rule] = {}
         for message in incoming:
             rule = rules_mod.from_proto(message)
@@ -356,36 +369,51 @@ class Policy:
             return self._store.bump_revision(RULE)
 
         revision, changed = self._change_rules({**self._rules, **parsed}, list(parsed.values()), write)
-        log.info("rules imported", rules=sorted(parsed), endpoints=changed, revision=revision)
+        log.info("rules imported", rules=summary(sorted(parsed)), count=len(parsed), endpoints=summary(changed),
+                 revision=revision)  # fmt: skip
         return revision, changed
 
     def delete_rules(self, names: Iterable[str]) -> tuple[int, list[str]]:
         wanted = list(names)
         if not wanted:
             raise InvalidArgument("no rule names given")
+        at_most(len(wanted), MAX_RULES_PER_REQUEST, "rule names")
         for name in wanted:
             if name not in self._rules:
-                raise NotFound(f"rule {name!r} does not exist")
-        remaining = {n: r for n, r in self._rules.items() if n not in wanted}
+                raise NotFound(f"rule {shown(name)} does not exist")
+        wanted = list(dict.fromkeys(wanted))
+        gone = set(wanted)
+        remaining = {n: r for n, r in self._rules.items() if n not in gone}
 
         def write() -> int:
             self._store.delete_many(RULE, wanted)
             return self._store.bump_revision(RULE)
 
         revision, changed = self._change_rules(remaining, [self._rules[n] for n in wanted], write)
-        log.info("rules deleted", rules=sorted(wanted), endpoints=changed, revision=revision)
+        log.info("rules deleted", rules=summary(sorted(wanted)), count=len(wanted), endpoints=summary(changed),
+                 revision=revision)  # fmt: skip
         return revision, changed
 
     def list_rules(self, page_size: int = 0, page_token: str = "") -> tuple[list[Rule], str, int]:
         if page_size > MAX_PAGE_SIZE:
             raise InvalidArgument(f"page_size {page_size} is above the maximum of {MAX_PAGE_SIZE}")
         size = page_size or DEFAULT_PAGE_SIZE
-        rest = [self._rules[n] for n in sorted(self._rules) if n > page_token]
-        return rest[:size], (rest[size - 1].name if len(rest) > size else ""), self.revision
+        names = self._sorted_names()
+        first = bisect.bisect_right(names, page_token)
+        page = [self._rules[n] for n in names[first:first + size]]
+        more = first + size < len(names)
+        return page, (page[-1].name if more else ""), self.revision
+
+    def _sorted_names(self) -> list[str]:
+        """The rule names in order, sorted once per rule set (a page is then O(log n + page))."""
+        if self._names_of is not self._rules:
+            self._names = sorted(self._rules)
+            self._names_of = self._rules
+        return self._names
 
     def get_rule(self, name: str) -> Rule:
         if name not in self._rules:
-            raise NotFound(f"rule {name!r} does not exist")
+            raise NotFound(f"rule {shown(name)} does not exist")
         return self._rules[name]
 
     # ---- endpoints ----
@@ -394,7 +422,7 @@ class Policy:
         ep = self._endpoints.get(name)
         if ep is None or ep.id not in self._computed:
             raise NotFound(
-                f"endpoint {name!r} is not known to the policy service; it follows the orchestrator's "
+                f"endpoint {shown(name)} is not known to the policy service; it follows the orchestrator's "
                 "endpoints, so a just-created endpoint appears within moments"
             )
         return ep
@@ -436,16 +464,20 @@ class Policy:
 
     def trace(self, source: str, destination: str, port: int, protocol: str) -> TraceResult:
         """The verdict the datapath gives a new flow, and the rules that decided it."""
+        for field_name, text in (("source", source), ("destination", destination)):
+            if not ADDRESS_TEXT_RE.fullmatch(text):
+                raise InvalidArgument(f"trace: {field_name} {shown(text)} is not an IPv4 or IPv6 address "
+                                      "(a scope such as %eth0 is not accepted)")  # fmt: skip
         try:
             src, dst = ipaddress.ip_address(source), ipaddress.ip_address(destination)
-        except ValueError as exc:
-            raise InvalidArgument(f"trace: {exc}") from None
+        except ValueError:
+            raise InvalidArgument(f"trace: {shown(source)} or {shown(destination)} is not an IP address") from None
         if src.version != dst.version:
             raise InvalidArgument("trace: source and destination must be of one family")
         proto_name = (protocol or "TCP").upper()
         protos = {"TCP": TCP, "UDP": UDP, "ICMP": ICMP if src.version == 4 else ICMPV6}
         if proto_name not in protos:
-            raise InvalidArgument(f"trace: protocol {protocol!r} is not one of TCP, UDP, ICMP")
+            raise InvalidArgument(f"trace: protocol {shown(protocol)} is not one of TCP, UDP, ICMP")
         if port > (255 if proto_name == "ICMP" else 65535):
             raise InvalidArgument(f"trace: port {port} is out of range")
         proto = protos[proto_name]

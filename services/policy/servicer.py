@@ -10,7 +10,7 @@ from weir.common.v1 import common_pb2
 from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
-from services.common.datapath import CtFlag, Direction
+from services.common.datapath import CtFlag, CtScope, Direction
 from services.common.worker import Worker
 from services.policy import rules as rules_mod
 from services.policy.maps import ConntrackEntry
@@ -20,12 +20,17 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Policy"].full_name
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
+POLICY_SCOPES = {int(CtScope.INGRESS), int(CtScope.EGRESS)}
+CT_SCOPES = {int(s) for s in CtScope}
+
+
 def _direction(d: Direction) -> common_pb2.Direction.ValueType:
     return common_pb2.Direction.Value(f"DIRECTION_{d.name}")
 
 
 def _conntrack(entry: ConntrackEntry) -> pb.ConntrackEntry:
     k, v = entry.key, entry.value
+    scope = int(k.dir)
     size = 4 if k.family == 2 else 16
     ports = k.proto in (6, 17)
     return pb.ConntrackEntry(
@@ -34,7 +39,9 @@ def _conntrack(entry: ConntrackEntry) -> pb.ConntrackEntry:
         destination=str(ipaddress.ip_address(bytes(k.daddr)[:size])),
         source_port=int.from_bytes(int(k.sport).to_bytes(2, "little"), "big") if ports else 0,
         destination_port=int.from_bytes(int(k.dport).to_bytes(2, "little"), "big") if ports else 0,
-        direction=_direction(Direction(int(k.dir))),
+        direction=_direction(Direction(scope)) if scope in POLICY_SCOPES else common_pb2.DIRECTION_UNSPECIFIED,
+        scope=CtScope(scope).name if scope in CT_SCOPES else str(scope),
+        backend_id=int(v.backend_id),
         source_identity=int(v.src_identity),
         packets=int(v.packets),
         bytes=int(v.bytes),

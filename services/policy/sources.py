@@ -12,6 +12,7 @@ Unavailable instead of answering "nothing".
 from __future__ import annotations
 
 import asyncio
+import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -52,9 +53,15 @@ class IdentityView:
 
     @property
     def cidr(self) -> Network | None:
-        if self.text.startswith(CIDR_LABEL):
-            return ipaddress.ip_network(self.text.removeprefix(CIDR_LABEL))
-        return None
+        return _cidr_of(self.text)
+
+
+@functools.lru_cache(maxsize=1 << 18)
+def _cidr_of(text: str) -> Network | None:
+    """The CIDR of a "cidr:..." identity, parsed once (every recompute asks for each identity's)."""
+    if text.startswith(CIDR_LABEL):
+        return ipaddress.ip_network(text.removeprefix(CIDR_LABEL))
+    return None
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:

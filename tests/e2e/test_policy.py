@@ -425,3 +425,85 @@ def test_policy_started_before_the_orchestrator_waits_for_it(make_node: Callable
     known(s, be)
     s.ImportRules(pb.ImportRulesRequest(rules=three_tier()), timeout=10)
     assert s.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=be.name)).ingress_enforced
+
+
+def _hits(stub: pb_grpc.PolicyStub, endpoint: str, rule: str) -> int:
+    """Packets counted on the entries that credit `rule`, as GetEndpointPolicy reads them from the map."""
+    policy = stub.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=endpoint), timeout=10)
+    return sum(e.hits.packets for e in policy.entries if rule in e.rules)
+
+
+def test_trace_and_hits_credit_the_covering_rule_and_hits_survive_changes_and_restarts(cluster: Cluster) -> None:
+    c = cluster
+    fe, be = c.frontend, c.backend
+    rules = [pb.Rule(name=f"p{port}", endpoint_selector=sel(app="backend"),
+                     ingress=[pb.PeerRule(endpoints=[sel(app="frontend")], ports=[tcp(port)])])
+             for port in (8080, 8081)]  # fmt: skip
+    c.policy.ImportRules(pb.ImportRulesRequest(rules=rules), timeout=10)
+    trace = c.policy.Trace(pb.TraceRequest(source=fe.ipv4, destination=be.ipv4, port=8080, protocol="TCP"))
+    assert trace.allowed and list(trace.deciding_rules) == ["p8080"], trace
+    for _ in range(3):
+        assert tcp_ok(fe.netns, be.ipv4, 8080)
+    counted = _hits(c.policy, "backend", "p8080")
+    assert counted >= 3 and _hits(c.policy, "backend", "p8081") == 0
+    # An unrelated rule that rebuilds the backend's map, then a restart of the service.
+    c.policy.ImportRules(pb.ImportRulesRequest(rules=[pb.Rule(name="other", endpoint_selector=sel(app="backend"),
+        ingress=[pb.PeerRule(endpoints=[sel(app="db")], ports=[udp(9999)])])]), timeout=10)  # fmt: skip
+    assert _hits(c.policy, "backend", "p8080") == counted, "an unrelated import zeroed the hit counters"
+    c.node.kill("policy")
+    c.node.start("policy")
+    known(c.policy, be)
+    assert _hits(c.policy, "backend", "p8080") == counted, "a restart zeroed the hit counters"
+    assert tcp_ok(fe.netns, be.ipv4, 8080)
+    assert _hits(c.policy, "backend", "p8080") > counted
+
+
+def test_conntrack_lists_lb_and_policy_entries_with_their_scope(make_node: Callable[..., Node]) -> None:
+    from weir.lb.v1 import lb_pb2, lb_pb2_grpc
+
+    node = make_node("orchestrator", "policy")
+    node.start("lb")
+    client = node.create_endpoint("client", {"app": "client"}, ipv6=False)
+    backend = node.create_endpoint("backend", {"app": "backend"}, ipv6=False)
+    s = pb_grpc.PolicyStub(node.channel("policy"))
+    known(s, client, backend)
+    s.ImportRules(pb.ImportRulesRequest(rules=[pb.Rule(name="be-in", endpoint_selector=sel(app="backend"),
+        ingress=[pb.PeerRule(endpoints=[sel(app="client")], ports=[tcp(8080)])])]), timeout=10)  # fmt: skip
+    vip = "198.19.0.1"
+    lb_pb2_grpc.LoadBalancerStub(node.channel("lb")).UpsertService(lb_pb2.UpsertServiceRequest(service=lb_pb2.Service(
+        name="web", address=vip, port=80, protocol="TCP",
+        backends=[lb_pb2.Backend(address=backend.ipv4, port=8080, weight=1)])), timeout=10)  # fmt: skip
+    with traffic.server(backend.netns, backend.ipv4, 8080, reply=b"b:"):
+        assert traffic.tcp_exchange(client.netns, vip, 80, b"x") == b"b:x"
+    listed = s.ListConntrack(pb.ListConntrackRequest(), timeout=10).entries
+    scopes = {e.scope for e in listed}
+    assert {"SERVICE", "INGRESS"} <= scopes, listed
+    service = [e for e in listed if e.scope == "SERVICE"]
+    assert all(e.direction == common_pb2.DIRECTION_UNSPECIFIED and e.destination == vip for e in service), service
+    assert any(e.scope == "INGRESS" and e.destination == backend.ipv4 and e.destination_port == 8080 for e in listed)
+
+
+def test_a_huge_rule_name_is_refused_and_no_log_line_echoes_it(cluster: Cluster) -> None:
+    c = cluster
+    huge = "a" * 100_000
+    requests = [
+        pb.ImportRulesRequest(rules=[pb.Rule(name=huge, endpoint_selector=sel(app="db"))]),
+        pb.ImportRulesRequest(document=f"metadata: {{name: {huge}}}\nspec: {{}}\n"),
+        pb.ImportRulesRequest(rules=[pb.Rule(name="x", endpoint_selector=sel(app=huge))]),
+    ]
+    for request in requests:
+        with pytest.raises(grpc.RpcError) as err:
+            c.policy.ImportRules(request, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert len(err.value.details() or "") < 1000
+    for call in (lambda: c.policy.DeleteRules(pb.DeleteRulesRequest(names=[huge]), timeout=10),
+                 lambda: c.policy.GetRule(pb.GetRuleRequest(name=huge), timeout=10)):  # fmt: skip
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND and len(err.value.details() or "") < 1000
+    names = [f"r{i:05d}" for i in range(3000)]
+    c.policy.ImportRules(pb.ImportRulesRequest(rules=[pb.Rule(name=n, endpoint_selector=sel(app="db")) for n in names]),
+                         timeout=30)  # fmt: skip
+    c.policy.DeleteRules(pb.DeleteRulesRequest(names=names), timeout=30)
+    lines = (c.node.workdir / "policy.log").read_text().splitlines()
+    assert lines and max(len(line) for line in lines) <= 2048, max(lines, key=len)[:300]

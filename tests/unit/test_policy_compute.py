@@ -158,3 +158,22 @@ spec:
     assert rule.name == "db-policy" and rule.selector.matches({"app": "db"})
     assert rule.ingress[0].ports[0].first == 5432 and rule.ingress[1].cidrs[0].excepts
     assert rule.egress_deny[0].entities == ("world",)
+
+
+@pytest.mark.parametrize("deny", [False, True])
+def test_an_entry_credits_only_the_rules_covering_its_ports(deny: bool) -> None:
+    section = "ingress_deny" if deny else "ingress"
+    rules = [
+        pb.Rule(name=f"p{port}", endpoint_selector=sel(app="db"),
+                **{section: [pb.PeerRule(endpoints=[sel(app="web")],  # type: ignore[arg-type]
+                                         ports=[pb.PortRule(port=port, protocol="TCP")])]})
+        for port in (1000, 1001)
+    ]  # fmt: skip
+    rules.append(pb.Rule(name="range", endpoint_selector=sel(app="db"), ingress=[
+        pb.PeerRule(endpoints=[sel(app="client")], ports=[pb.PortRule(port=2000, end_port=2003, protocol="TCP")])]))
+    db = computer(*rules).all()[DB.id]
+    for port in (1000, 1001):
+        entry = db.lookup(Direction.INGRESS, WEB.identity, TCP, port)
+        assert entry is not None and entry.deny is deny and entry.rules == (f"p{port}",), entry
+    assert db.lookup(Direction.INGRESS, CLIENT.identity, TCP, 2002).rules == ("range",)  # type: ignore[union-attr]
+    assert sum(1 for e in db.entries if e.identity == CLIENT.identity) == 1  # one rule's range stays one prefix
