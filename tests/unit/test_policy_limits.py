@@ -60,6 +60,9 @@ class LocalNode:
     def release(self, networks: Iterable[Network]) -> None:
         self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
 
+    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
+        """No endpoint waits for its policy here (there is no orchestrator)."""
+
 
 @dataclass
 class Local:
