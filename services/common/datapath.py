@@ -175,7 +175,7 @@ class EventType(IntEnum):
 
     DROP = 1
     VERDICT = 2
-    REDIRECT = 3
+    # A redirect type joins when an object redirects (the L7 proxy); none does yet.
 
 
 class ReservedIdentity(IntEnum):
