@@ -216,7 +216,9 @@ def test_a_policy_change_while_the_orchestrator_restarts(make_node: Callable[...
     node.start("orchestrator")
     assert eventually(lambda: _imports(s, cidr_rule), timeout=10)
     with traffic.server(servers[db.ipv4], db.ipv4, 5432):
-        assert traffic.tcp_connects(node.outside, db.ipv4, 5432, timeout=0.8, source="203.0.113.7")
+        # the CIDR's identity reaches the ipcache and db's map through the restarted streams
+        assert eventually(lambda: traffic.tcp_connects(node.outside, db.ipv4, 5432, timeout=0.8,
+                                                       source="203.0.113.7"))
         assert traffic.tcp_connects(be.netns, db.ipv4, 5432, timeout=0.8)
         assert not traffic.tcp_connects(fe.netns, db.ipv4, 5432, timeout=0.8)
     late = node.create_endpoint("backend2", {"app": "backend"})  # followed after the restart
