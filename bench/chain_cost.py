@@ -27,9 +27,10 @@ def udp_frame() -> bytes:
     """Ethernet + IPv4 + UDP, 64 bytes in all (checksums are not checked by test_run)."""
     payload = bytes(64 - 14 - 20 - 8)
     udp = struct.pack("!HHHH", 40000, 9000, 8 + len(payload), 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-                     bytes([198, 18, 0, 10]), bytes([198, 18, 0, 11]))
-    eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0, bytes([198, 18, 0, 10]), bytes([198, 18, 0, 11])
+    )
+    eth = bytes.fromhex("020000000002020000000001") + struct.pack("!H", 0x0800)
     return eth + ip + udp
 
 

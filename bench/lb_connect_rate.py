@@ -145,9 +145,15 @@ def kube_proxy_rules(services: Sequence[tuple[str, str, Sequence[tuple[str, int]
     `services` are (name, VIP, backends); each serves TCP port 80. The
     KUBE-SERVICES rules keep the order given.
     """
-    chains = [":PREROUTING ACCEPT [0:0]", ":INPUT ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]",
-              ":POSTROUTING ACCEPT [0:0]", ":KUBE-SERVICES - [0:0]", ":KUBE-POSTROUTING - [0:0]",
-              ":KUBE-MARK-MASQ - [0:0]"]
+    chains = [
+        ":PREROUTING ACCEPT [0:0]",
+        ":INPUT ACCEPT [0:0]",
+        ":OUTPUT ACCEPT [0:0]",
+        ":POSTROUTING ACCEPT [0:0]",
+        ":KUBE-SERVICES - [0:0]",
+        ":KUBE-POSTROUTING - [0:0]",
+        ":KUBE-MARK-MASQ - [0:0]",
+    ]
     rules = [
         '-A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
         '-A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES',
@@ -163,8 +169,10 @@ def kube_proxy_rules(services: Sequence[tuple[str, str, Sequence[tuple[str, int]
         port_name = f"default/{name}:http"
         svc = _chain("SVC", f"{port_name}tcp")
         chains.append(f":{svc} - [0:0]")
-        service_rules.append(f'-A KUBE-SERVICES -d {address}/32 -p tcp -m comment --comment "{port_name} cluster IP" '
-                             f"-m tcp --dport {PORT} -j {svc}")
+        service_rules.append(
+            f'-A KUBE-SERVICES -d {address}/32 -p tcp -m comment --comment "{port_name} cluster IP" '
+            f"-m tcp --dport {PORT} -j {svc}"
+        )
         for k, (backend, port) in enumerate(backends):
             sep = _chain("SEP", f"{port_name}tcp{backend}:{port}")
             chains.append(f":{sep} - [0:0]")
@@ -172,16 +180,23 @@ def kube_proxy_rules(services: Sequence[tuple[str, str, Sequence[tuple[str, int]
             pick = f"-m statistic --mode random --probability {1 / left:.10f} " if left > 1 else ""
             rules.append(f'-A {svc} -m comment --comment "{port_name} -> {backend}:{port}" {pick}-j {sep}')
             rules.append(f'-A {sep} -s {backend}/32 -m comment --comment "{port_name}" -j KUBE-MARK-MASQ')
-            rules.append(f'-A {sep} -p tcp -m comment --comment "{port_name}" -m tcp '
-                         f"-j DNAT --to-destination {backend}:{port}")
+            rules.append(
+                f'-A {sep} -p tcp -m comment --comment "{port_name}" -m tcp -j DNAT --to-destination {backend}:{port}'
+            )
     return "\n".join(["*nat", *chains, *rules, *service_rules, "COMMIT", ""])
 
 
 def iptables_restore(ns: str, text: str, *extra: str) -> float:
     """Load rules with iptables-restore inside `ns`; returns the seconds it took."""
     start = time.perf_counter()
-    result = subprocess.run(["ip", "netns", "exec", ns, "iptables-restore", *extra], input=text, text=True,
-                            capture_output=True, timeout=600, check=False)
+    result = subprocess.run(
+        ["ip", "netns", "exec", ns, "iptables-restore", *extra],
+        input=text,
+        text=True,
+        capture_output=True,
+        timeout=600,
+        check=False,
+    )
     elapsed = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"iptables-restore in {ns} failed: {result.stderr.strip()[:500]}")
@@ -203,8 +218,12 @@ class Processes:
     running: list[subprocess.Popen[str]] = field(default_factory=list)
 
     def server(self, ns: str, port: int, answer: str) -> None:
-        process = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, str(port), answer],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-c", SERVER, str(port), answer],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.running.append(process)
         assert process.stdout is not None
         if process.stdout.readline().strip() != "ready":
@@ -239,8 +258,9 @@ class Rate:
 
 def connect_rate(ns: str, host: str, port: int, seconds: float) -> Rate:
     """Run the client loop in `ns` against host:port for `seconds`."""
-    out = run(sys.executable, "-c", CLIENT, host, str(port), str(seconds), str(CONNECT_TIMEOUT), ns=ns,
-              timeout=seconds + 60).stdout
+    out = run(
+        sys.executable, "-c", CLIENT, host, str(port), str(seconds), str(CONNECT_TIMEOUT), ns=ns, timeout=seconds + 60
+    ).stdout
     data = json.loads(out)
     rate = Rate(int(data["connections"]), int(data["errors"]), float(data["seconds"]), dict(data["answers"]))
     if rate.connections == 0:
@@ -272,8 +292,7 @@ class Side:
     seconds: float  # to program the services
 
 
-def weir_setup(node: Node, processes: Processes, count: int, measured: list[int], backends: int,
-               fillers: str) -> Side:
+def weir_setup(node: Node, processes: Processes, count: int, measured: list[int], backends: int, fillers: str) -> Side:
     """The Weir node: a client, backends behind the measured services, one more server, N services."""
     node.setup()
     node.start("orchestrator")
@@ -352,21 +371,28 @@ def measure(count: int, backends: int, seconds: float, rounds: int, fillers: str
                 processes.server(ns, BACKEND_PORT, ns.rsplit("-", 1)[1])
             addresses = [f"10.2.{k}.2" for k in range(backends)]
             real = {i: [(a, BACKEND_PORT) for a in addresses] for i in (middle, last)}
-            rules = kube_proxy_rules([(f"svc-{s.index}", s.address, s.backends)
-                                      for s in service_list(count, real, backends)])
+            rules = kube_proxy_rules(
+                [(f"svc-{s.index}", s.address, s.backends) for s in service_list(count, real, backends)]
+            )
             plain = Side(client, addresses, "10.3.0.2", iptables_restore(router, rules))
             weir = weir_setup(node, processes, count, [middle, last], backends, fillers)
             for side in (plain, weir):
                 client_sysctls(side.client_ns)
-            print(f"{count} services with {backends} backends each; programmed: Weir {weir.seconds:.1f} s "
-                  f"({'2 through gRPC, the rest into the maps' if fillers == 'maps' else 'all through gRPC'}), "
-                  f"iptables-restore {plain.seconds:.1f} s")
+            print(
+                f"{count} services with {backends} backends each; programmed: Weir {weir.seconds:.1f} s "
+                f"({'2 through gRPC, the rest into the maps' if fillers == 'maps' else 'all through gRPC'}), "
+                f"iptables-restore {plain.seconds:.1f} s"
+            )
             targets = []
             for label, index in ((f"VIP #{middle + 1} (middle)", middle), (f"VIP #{last + 1} (last)", last)):
-                targets += [Target("Weir", label, weir.client_ns, vip(index), PORT),
-                            Target("iptables", label, plain.client_ns, vip(index), PORT)]
-            targets += [Target("Weir", "no VIP (other server)", weir.client_ns, weir.direct, BACKEND_PORT),
-                        Target("iptables", "no VIP (other server)", plain.client_ns, plain.direct, BACKEND_PORT)]
+                targets += [
+                    Target("Weir", label, weir.client_ns, vip(index), PORT),
+                    Target("iptables", label, plain.client_ns, vip(index), PORT),
+                ]
+            targets += [
+                Target("Weir", "no VIP (other server)", weir.client_ns, weir.direct, BACKEND_PORT),
+                Target("iptables", "no VIP (other server)", plain.client_ns, plain.direct, BACKEND_PORT),
+            ]
             try:
                 results = run_rounds(targets, seconds, rounds)
             finally:
@@ -392,16 +418,20 @@ def run_rounds(targets: list[Target], seconds: float, rounds: int) -> dict[Targe
 
 
 def report(targets: list[Target], results: dict[Target, list[Rate]], seconds: float, rounds: int) -> None:
-    print(f"connections per second, {rounds} rounds of {seconds:g} s each (median, min..max); "
-          "connect + 1 byte each way + close")
+    print(
+        f"connections per second, {rounds} rounds of {seconds:g} s each (median, min..max); "
+        "connect + 1 byte each way + close"
+    )
     print(f"{'set-up':<10}{'target':<26}{'conn/s':>9}{'range':>18}{'errors':>8}")
     medians: dict[tuple[str, str], float] = {}
     for t in targets:
         rates = [r.per_second for r in results[t]]
         medians[t.setup, t.label] = statistics.median(rates)
         errors = sum(r.errors for r in results[t])
-        print(f"{t.setup:<10}{t.label:<26}{medians[t.setup, t.label]:>9.0f}"
-              f"{f'{min(rates):.0f}..{max(rates):.0f}':>18}{errors:>8}")
+        print(
+            f"{t.setup:<10}{t.label:<26}{medians[t.setup, t.label]:>9.0f}"
+            f"{f'{min(rates):.0f}..{max(rates):.0f}':>18}{errors:>8}"
+        )
     print("\nratio Weir / iptables (conn/s)")
     for label in dict.fromkeys(t.label for t in targets):
         print(f"  {label:<26}{medians['Weir', label] / medians['iptables', label]:>6.2f}")
@@ -413,8 +443,9 @@ def main() -> None:
     parser.add_argument("--backends", type=int, default=BACKENDS, help="backends per service (and servers)")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement")
     parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets (the median is shown)")
-    parser.add_argument("--fillers", choices=("maps", "grpc"), default="grpc",
-                        help="how Weir gets the services that are not measured")
+    parser.add_argument(
+        "--fillers", choices=("maps", "grpc"), default="grpc", help="how Weir gets the services that are not measured"
+    )
     args = parser.parse_args()
     if not 4 <= args.services <= 50_000:
         parser.error("--services must be 4..50000")

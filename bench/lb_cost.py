@@ -90,9 +90,20 @@ def tcp_frame(src: str, dst: str, sport: int, dport: int, flags: int) -> bytes:
     """Ethernet + IPv4 + TCP, 64 bytes (test_run checks no checksums)."""
     payload = bytes(64 - 14 - 20 - 20)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 1, 5 << 4, flags, 65535, 0, 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, TCP, 0,
-                     ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed)
-    eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        0,
+        0x4000,
+        64,
+        TCP,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    eth = bytes.fromhex("020000000002020000000001") + struct.pack("!H", 0x0800)
     return eth + ip + tcp
 
 
@@ -160,9 +171,16 @@ def write_services(pin_dir: Path, specs: list[Spec]) -> None:
                 sizes = []
                 for spec in chunk:
                     slots = weighted_table([(f"{a}:{p}", 1) for a, p in spec.backends])
-                    inner = Map.create(MapType.ARRAY, 4, 4, len(slots), flags=BPF_F_INNER_MAP,
-                                       name=f"lb_table_{spec.service_id}",
-                                       key_type=ctypes.c_uint32, value_type=ctypes.c_uint32)
+                    inner = Map.create(
+                        MapType.ARRAY,
+                        4,
+                        4,
+                        len(slots),
+                        flags=BPF_F_INNER_MAP,
+                        name=f"lb_table_{spec.service_id}",
+                        key_type=ctypes.c_uint32,
+                        value_type=ctypes.c_uint32,
+                    )
                     inners.append(inner)
                     inner.update_batch(list(range(len(slots))), [spec.backend_id(s) for s in slots])
                     sizes.append(len(slots))
@@ -172,8 +190,16 @@ def write_services(pin_dir: Path, specs: list[Spec]) -> None:
                     inner.close()
             services.update_batch(
                 [Frontend(spec.address, PORT, TCP, spec.rev_nat).key() for spec in chunk],
-                [LbService(service_id=spec.service_id, table_size=size, flags=0, affinity_timeout=0,
-                           rev_nat_index=spec.rev_nat) for spec, size in zip(chunk, sizes, strict=True)],
+                [
+                    LbService(
+                        service_id=spec.service_id,
+                        table_size=size,
+                        flags=0,
+                        affinity_timeout=0,
+                        rev_nat_index=spec.rev_nat,
+                    )
+                    for spec, size in zip(chunk, sizes, strict=True)
+                ],
             )
 
 
@@ -215,13 +241,15 @@ class Bench:
             backends = [pb.Backend(address=vip(other), port=PORT)] + [
                 pb.Backend(address=a, port=BACKEND_PORT) for a in filler_backends(index, self.backends - 1)
             ]
-            service = model.from_proto(pb.Service(name=f"pp{index}", address=vip(index), port=PORT,
-                                                  protocol="TCP", backends=backends))
+            service = model.from_proto(
+                pb.Service(name=f"pp{index}", address=vip(index), port=PORT, protocol="TCP", backends=backends)
+            )
             ids = {b.key: index * 64 + k + 1 for k, b in enumerate(service.backends)}
             order = list(ids.values())
             table = [order[i] for i in weighted_table([(b.key, b.weight) for b in service.backends])]
-            self.maps.write([Change(index + 1, service, [Frontend(vip(index), PORT, TCP, index + 1)], [], ids, [],
-                                    table)])
+            self.maps.write(
+                [Change(index + 1, service, [Frontend(vip(index), PORT, TCP, index + 1)], [], ids, [], table)]
+            )
         for sport in PING_PONG_SPORTS:
             result = self.program.test_run(tcp_frame(CLIENT, vip(0), sport, PORT, TCP_ACK), repeat=2)
             if destination(result.data) == (vip(0), PORT):  # A chose B and B chose A: both flows pinned
@@ -314,14 +342,19 @@ def main() -> None:
     print(f"ns per packet through entry_from_container -> lb_from_container ({args.backends} backends per service)")
     print(f"{'services':>9}" + "".join(f"{h:>17}" for h in heads))
     for c in costs:
-        print(f"{c.services:>9}" + "".join(f"{v:>17.1f}" for v in (c.est_loop, c.miss_loop, c.est_single,
-                                                                    c.new_single)))
+        print(
+            f"{c.services:>9}" + "".join(f"{v:>17.1f}" for v in (c.est_loop, c.miss_loop, c.est_single, c.new_single))
+        )
     base = costs[0]
     print(f"\nratio to N = {base.services}")
     print(f"{'services':>9}" + "".join(f"{h:>17}" for h in heads))
     for c in costs:
-        ratios = (c.est_loop / base.est_loop, c.miss_loop / base.miss_loop, c.est_single / base.est_single,
-                  c.new_single / base.new_single)
+        ratios = (
+            c.est_loop / base.est_loop,
+            c.miss_loop / base.miss_loop,
+            c.est_single / base.est_single,
+            c.new_single / base.new_single,
+        )
         print(f"{c.services:>9}" + "".join(f"{r:>17.2f}" for r in ratios))
 
 

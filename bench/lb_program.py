@@ -142,14 +142,18 @@ def measure(count: int, backends: int, batch: int, singles: int, changes: int) -
         shutil.rmtree(workdir, ignore_errors=True)
     ipt, syncs = time_iptables(prefix, specs[:count], changes)
     print(f"programming {count} services with {backends} backends each")
-    print(f"Weir, UpsertServices over gRPC, {batch} per call: {done.bulk_seconds:.2f} s "
-          f"({count / done.bulk_seconds:.0f} services/s)")
+    print(
+        f"Weir, UpsertServices over gRPC, {batch} per call: {done.bulk_seconds:.2f} s "
+        f"({count / done.bulk_seconds:.0f} services/s)"
+    )
     print(f"iptables-restore of the kube-proxy rules (one transaction): {ipt:.2f} s")
     print(f"ratio Weir / iptables: {done.bulk_seconds / ipt:.2f}")
     p50, p99, top = percentiles(done.single_latencies)
-    print(f"\none more service with {count} in place: Weir UpsertService p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-          f"max {top:.1f} ms ({singles} calls); kube-proxy partial sync (iptables-restore --noflush) "
-          f"median of {len(syncs)} {statistics.median(syncs) * 1e3:.1f} ms")
+    print(
+        f"\none more service with {count} in place: Weir UpsertService p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
+        f"max {top:.1f} ms ({singles} calls); kube-proxy partial sync (iptables-restore --noflush) "
+        f"median of {len(syncs)} {statistics.median(syncs) * 1e3:.1f} ms"
+    )
 
 
 def main() -> None:

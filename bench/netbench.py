@@ -71,8 +71,18 @@ def udp_frame(src: str, dst: str, src_mac: str = "02:00:00:00:00:01", dst_mac: s
     (the receiving stack drops bad ones; UDP checksum 0 means none)."""
     payload = bytes(FRAME_SIZE - 14 - 20 - 8)
     udp = struct.pack("!HHHH", 40000, 9000, 8 + len(payload), 0) + payload
-    fields = [0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-              ipaddress.IPv4Address(src).packed, ipaddress.IPv4Address(dst).packed]
+    fields = [
+        0x45,
+        0,
+        20 + len(udp),
+        0,
+        0x4000,
+        64,
+        17,
+        0,
+        ipaddress.IPv4Address(src).packed,
+        ipaddress.IPv4Address(dst).packed,
+    ]
     ip = struct.pack("!BBHHHBBH4s4s", *fields)
     fields[7] = _checksum(ip)
     ip = struct.pack("!BBHHHBBH4s4s", *fields)
@@ -125,8 +135,9 @@ def link_stats(ns: str, dev: str) -> dict[str, int]:
 def udp_snmp(ns: str) -> dict[str, int]:
     """The namespace's UDP MIB (`Udp:` of /proc/net/snmp): NoPorts counts datagrams
     that reached UDP with no socket to take them."""
-    lines = [line.split() for line in run("cat", "/proc/net/snmp", ns=ns).stdout.splitlines()
-             if line.startswith("Udp:")]
+    lines = [
+        line.split() for line in run("cat", "/proc/net/snmp", ns=ns).stdout.splitlines() if line.startswith("Udp:")
+    ]
     return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
 
 
@@ -161,8 +172,9 @@ def veth_pair() -> Iterator[VethPair]:
         run("ip", "-n", rx_ns, "addr", "add", "198.18.0.2/24", "dev", rx_dev)
         run("ip", "-n", tx_ns, "link", "set", tx_dev, "up")
         run("ip", "-n", rx_ns, "link", "set", rx_dev, "up")
-        yield VethPair(tx_ns, tx_dev, _mac(tx_ns, tx_dev), "198.18.0.1",
-                       rx_ns, rx_dev, _mac(rx_ns, rx_dev), "198.18.0.2")
+        yield VethPair(
+            tx_ns, tx_dev, _mac(tx_ns, tx_dev), "198.18.0.1", rx_ns, rx_dev, _mac(rx_ns, rx_dev), "198.18.0.2"
+        )
     finally:
         netns.remove(tx_ns)
         netns.remove(rx_ns)
@@ -204,8 +216,11 @@ def bpffs() -> Iterator[Path]:
 
 def trafgen_config(frame: bytes) -> str:
     """A trafgen packet config that sends exactly `frame`."""
-    return "{\n  " + ",\n  ".join(", ".join(f"0x{b:02x}" for b in frame[i : i + 16])
-                                   for i in range(0, len(frame), 16)) + "\n}\n"
+    return (
+        "{\n  "
+        + ",\n  ".join(", ".join(f"0x{b:02x}" for b in frame[i : i + 16]) for i in range(0, len(frame), 16))
+        + "\n}\n"
+    )
 
 
 @contextlib.contextmanager
@@ -215,14 +230,30 @@ def trafgen(ns: str, dev: str, config: Path) -> Iterator[subprocess.Popen[bytes]
     --no-sock-mem and --notouch-irq keep it from changing the machine's socket
     memory sysctls and IRQ affinities.
     """
-    argv = ["ip", "netns", "exec", ns, "trafgen", "--in", str(config), "--out", dev,
-            "--cpus", "1", "--no-sock-mem", "--notouch-irq"]
+    argv = [
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "trafgen",
+        "--in",
+        str(config),
+        "--out",
+        dev,
+        "--cpus",
+        "1",
+        "--no-sock-mem",
+        "--notouch-irq",
+    ]
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         yield process
         if process.poll() is not None:
-            raise RuntimeError(f"trafgen exited early ({process.returncode}): {process.stderr.read().decode()}"
-                               if process.stderr else "trafgen exited early")
+            raise RuntimeError(
+                f"trafgen exited early ({process.returncode}): {process.stderr.read().decode()}"
+                if process.stderr
+                else "trafgen exited early"
+            )
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGINT)

@@ -112,9 +112,20 @@ def tcp_frame(dst: str, sport: int, dport: int, flags: int = TCP_SYN) -> bytes:
     """Ethernet + IPv4 + TCP from the endpoint, 64 bytes (test_run checks no checksums)."""
     payload = bytes(64 - 14 - 20 - 20)
     tcp = struct.pack("!HHIIBBHHH", sport, dport, 1, 0, 5 << 4, flags, 65535, 0, 0) + payload
-    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), 0, 0x4000, 64, 6, 0,
-                     ipaddress.IPv4Address(ENDPOINT_ADDR).packed, ipaddress.IPv4Address(dst).packed)
-    eth = bytes.fromhex("020000000002" "020000000001") + struct.pack("!H", 0x0800)
+    ip = struct.pack(
+        "!BBHHHBBH4s4s",
+        0x45,
+        0,
+        20 + len(tcp),
+        0,
+        0x4000,
+        64,
+        6,
+        0,
+        ipaddress.IPv4Address(ENDPOINT_ADDR).packed,
+        ipaddress.IPv4Address(dst).packed,
+    )
+    eth = bytes.fromhex("020000000002020000000001") + struct.pack("!H", 0x0800)
     return eth + ip + tcp
 
 
@@ -189,8 +200,7 @@ def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
         globals_dir.mkdir(mode=0o700)
         entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=globals_dir)
         entry.load()
-        maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", capacity=max(sizes),
-                          register=local_register(entry))
+        maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", capacity=max(sizes), register=local_register(entry))
         maps.load()
         endpoints = entry.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(ENDPOINT_ID, FIRST_LABEL_IDENTITY, 0, 0))
@@ -216,23 +226,30 @@ def report(costs: list[Cost]) -> None:
         base, top = rows[0], rows[-1]
         print(f"\n{layout}: ns per packet; ratios to N={base.entries}")
         print(f"{'':>8} | {'new flow':^22} | {'established':^22} | {'ratio to N=' + str(base.entries):^26}")
-        print(f"{'entries':>8} | {'mean':>7}{'median':>7}{'loop':>8} | {'mean':>7}{'median':>7}{'loop':>8} | "
-              f"{'new med':>8}{'new loop':>9}{'est loop':>9}")
+        print(
+            f"{'entries':>8} | {'mean':>7}{'median':>7}{'loop':>8} | {'mean':>7}{'median':>7}{'loop':>8} | "
+            f"{'new med':>8}{'new loop':>9}{'est loop':>9}"
+        )
         for c in rows:
-            print(f"{c.entries:>8} | {c.new_mean:>7.0f}{c.new_median:>7.0f}{c.new_loop:>8.0f} | "
-                  f"{c.est_mean:>7.0f}{c.est_median:>7.0f}{c.est_loop:>8.0f} | "
-                  f"{c.new_median / base.new_median:>8.2f}{c.new_loop / base.new_loop:>9.2f}"
-                  f"{c.est_loop / base.est_loop:>9.2f}")
-        print(f"{layout}: from N={base.entries} to N={top.entries} a new flow costs "
-              f"{top.new_median / base.new_median:.2f}x (single, median) / {top.new_loop / base.new_loop:.2f}x "
-              f"(loop), an established one {top.est_loop / base.est_loop:.2f}x (loop); "
-              f"new vs established at N={top.entries}: {top.new_loop / top.est_loop:.2f}x (loop)")
+            print(
+                f"{c.entries:>8} | {c.new_mean:>7.0f}{c.new_median:>7.0f}{c.new_loop:>8.0f} | "
+                f"{c.est_mean:>7.0f}{c.est_median:>7.0f}{c.est_loop:>8.0f} | "
+                f"{c.new_median / base.new_median:>8.2f}{c.new_loop / base.new_loop:>9.2f}"
+                f"{c.est_loop / base.est_loop:>9.2f}"
+            )
+        print(
+            f"{layout}: from N={base.entries} to N={top.entries} a new flow costs "
+            f"{top.new_median / base.new_median:.2f}x (single, median) / {top.new_loop / base.new_loop:.2f}x "
+            f"(loop), an established one {top.est_loop / base.est_loop:.2f}x (loop); "
+            f"new vs established at N={top.entries}: {top.new_loop / top.est_loop:.2f}x (loop)"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
-                        help="policy map sizes, comma-separated (default %(default)s)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="policy map sizes, comma-separated (default %(default)s)"
+    )
     parser.add_argument("--runs", type=int, default=5000, help="single runs per path and size (default 5000)")
     parser.add_argument("--repeat", type=int, default=200_000, help="repetitions per loop (default 200000)")
     parser.add_argument("--loops", type=int, default=5, help="loops per path and size; the best is kept (default 5)")
@@ -240,8 +257,10 @@ def main() -> None:
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     exit_on_sigterm()
     costs = measure(sizes, args.runs, args.repeat, args.loops)
-    print("from-container chain (entry_from_container + policy_egress), 64-byte IPv4 TCP, "
-          "N CIDR identities x 1 allow entry (TCP/80) in the endpoint's map")
+    print(
+        "from-container chain (entry_from_container + policy_egress), 64-byte IPv4 TCP, "
+        "N CIDR identities x 1 allow entry (TCP/80) in the endpoint's map"
+    )
     print(f"single: {args.runs} one-repetition runs; loop: best of {args.loops} x {args.repeat} repetitions")
     report(costs)
 

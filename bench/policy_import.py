@@ -73,8 +73,10 @@ def rules(count: int, endpoints: int, tag: str) -> list[pb.Rule]:
 def iptables_rules(count: int, endpoints: int) -> str:
     """The same rules as an iptables-restore file for the FORWARD chain."""
     lines = ["*filter", ":INPUT ACCEPT [0:0]", ":FORWARD ACCEPT [0:0]", ":OUTPUT ACCEPT [0:0]"]
-    lines += [f"-A FORWARD -s {endpoint_address(i % endpoints)}/32 -d {cidr(i)} -p tcp -m tcp --dport {PORT} "
-              "-j ACCEPT" for i in range(count)]
+    lines += [
+        f"-A FORWARD -s {endpoint_address(i % endpoints)}/32 -d {cidr(i)} -p tcp -m tcp --dport {PORT} -j ACCEPT"
+        for i in range(count)
+    ]
     return "\n".join([*lines, "COMMIT", ""])
 
 
@@ -138,13 +140,22 @@ def idle_cpu(node: WeirNode, seconds: float) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
-                        help="rule counts, comma-separated (default %(default)s)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="rule counts, comma-separated (default %(default)s)"
+    )
     parser.add_argument("--endpoints", type=int, default=ENDPOINTS, help="endpoints (default %(default)s)")
-    parser.add_argument("--idle-seconds", type=float, default=IDLE_SECONDS,
-                        help="seconds to watch the idle service's CPU after the last import (default %(default)s)")
-    parser.add_argument("--stop-grace", type=float, default=STOP_GRACE,
-                        help="seconds the service gets to exit on SIGTERM before SIGKILL (default %(default)s)")
+    parser.add_argument(
+        "--idle-seconds",
+        type=float,
+        default=IDLE_SECONDS,
+        help="seconds to watch the idle service's CPU after the last import (default %(default)s)",
+    )
+    parser.add_argument(
+        "--stop-grace",
+        type=float,
+        default=STOP_GRACE,
+        help="seconds the service gets to exit on SIGTERM before SIGKILL (default %(default)s)",
+    )
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     if not 1 <= args.endpoints <= 200:
@@ -173,17 +184,20 @@ def main() -> None:
             stopped = stop(node.processes["policy"], grace=args.stop_grace)
     finally:
         netns.remove(ipt_ns)
-    print(f"{args.endpoints} endpoints; rule i selects app=ep<i mod {args.endpoints}> and allows egress to its own "
-          f"/32 on TCP/{PORT}; seconds from the client's side")
+    print(
+        f"{args.endpoints} endpoints; rule i selects app=ep<i mod {args.endpoints}> and allows egress to its own "
+        f"/32 on TCP/{PORT}; seconds from the client's side"
+    )
     print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
     for count, imported, ipt in results:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.0f}{imported * 1000 / count:>14.2f}")
     for count, took in deleted:
         print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
-    print(f"policy service CPU while idle with {sizes[-1]} rules: "
-          f"{idle:.2f} cores over {args.idle_seconds:g} s")
-    print("policy service exit on SIGTERM after that: " + (
-        f"{stopped:.2f} s" if stopped is not None else f"not within {args.stop_grace:g} s (killed)"))
+    print(f"policy service CPU while idle with {sizes[-1]} rules: {idle:.2f} cores over {args.idle_seconds:g} s")
+    print(
+        "policy service exit on SIGTERM after that: "
+        + (f"{stopped:.2f} s" if stopped is not None else f"not within {args.stop_grace:g} s (killed)")
+    )
 
 
 if __name__ == "__main__":

@@ -97,8 +97,9 @@ def nsenter(ns: str) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{ns}", "--"]
 
 
-def run(*argv: str, ns: str | None = None, stdin: str | None = None,
-        timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run(
+    *argv: str, ns: str | None = None, stdin: str | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     """Run a command (inside `ns` if given); a failure raises with its stderr."""
     full = ["ip", "netns", "exec", ns, *argv] if ns else list(argv)
     result = subprocess.run(full, input=stdin, capture_output=True, text=True, timeout=timeout, check=False)
@@ -152,8 +153,7 @@ class WeirNode:
     def channel(self, service: str) -> grpc.Channel:
         return grpc.insecure_channel(
             f"unix://{self.socket_path(service)}",
-            options=[("grpc.max_send_message_length", MAX_MESSAGE),
-                     ("grpc.max_receive_message_length", MAX_MESSAGE)],
+            options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)],
         )
 
     def start(self, service: str, *extra: str) -> None:
@@ -285,8 +285,10 @@ def iptables_rules(client: str, server: str, count: int, stateful: bool) -> str:
     if count:
         if stateful:
             lines.append("-A FORWARD -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT")
-        lines += [f"-A FORWARD -s {client}/32 -d {server}/32 -p tcp -m tcp --dport {filler_port(i)} -j ACCEPT"
-                  for i in range(count - 1)]
+        lines += [
+            f"-A FORWARD -s {client}/32 -d {server}/32 -p tcp -m tcp --dport {filler_port(i)} -j ACCEPT"
+            for i in range(count - 1)
+        ]
         lines.append(f"-A FORWARD -s {client}/32 -d {server}/32 -p tcp -m tcp --dport {PORT} -j ACCEPT")
         if not stateful:
             lines.append(f"-A FORWARD -s {server}/32 -d {client}/32 -p tcp -m tcp --sport {PORT} -j ACCEPT")
@@ -394,16 +396,27 @@ def iperf(client_ns: str, server_ns: str, address: str, seconds: float) -> float
     """One-stream TCP throughput from client to server, Gbit/s."""
     argv = [*nsenter(server_ns), "iperf3", "-s", "-1", "-B", address, "-p", str(PORT)]
     with server(server_ns, argv, PORT):
-        out = run(*nsenter(client_ns), "iperf3", "-c", address, "-p", str(PORT), "-t", str(seconds),
-                  "-J", "--connect-timeout", "3000", timeout=seconds + 30).stdout
+        out = run(
+            *nsenter(client_ns),
+            "iperf3",
+            "-c",
+            address,
+            "-p",
+            str(PORT),
+            "-t",
+            str(seconds),
+            "-J",
+            "--connect-timeout",
+            "3000",
+            timeout=seconds + 30,
+        ).stdout
     return float(json.loads(out)["end"]["sum_received"]["bits_per_second"]) / 1e9
 
 
 def connection_rate(client_ns: str, server_ns: str, address: str, seconds: float) -> float:
     """New connections per second, one after another, from client to server."""
     with server(server_ns, python_in(server_ns, "serve_connections", address, PORT), PORT):
-        out = run(*python_in(client_ns, "open_connections", address, PORT, seconds),
-                  timeout=seconds + 60).stdout
+        out = run(*python_in(client_ns, "open_connections", address, PORT, seconds), timeout=seconds + 60).stdout
     result = json.loads(out)
     if result["connections"] == 0:
         raise RuntimeError(f"no connection from {client_ns} to {address}:{PORT} succeeded")
@@ -462,20 +475,22 @@ def benchmark(sizes: list[int], seconds: float) -> tuple[list[Result], dict[int,
             imports[count] = took
             policy = node.endpoint_policy("client")
             if "client" not in reply.endpoints or len(policy.entries) != count or not policy.egress_enforced:
-                raise RuntimeError(f"weir: {len(policy.entries)} map entries for {count} rules; "
-                                   f"rewritten: {list(reply.endpoints)}")
+                raise RuntimeError(
+                    f"weir: {len(policy.entries)} map entries for {count} rules; rewritten: {list(reply.endpoints)}"
+                )
             results.append(measure("weir", count, weir, seconds))
             for stateful in (True, False):
                 rules = iptables_rules(plain.client_addr, plain.server_addr, count, stateful)
                 run("iptables-restore", ns=plain.router, stdin=rules)
-                results.append(measure("iptables stateful" if stateful else "iptables stateless", count, ipt,
-                                       seconds))
+                results.append(measure("iptables stateful" if stateful else "iptables stateless", count, ipt, seconds))
     return results, imports
 
 
 def report(results: list[Result], imports: dict[int, float], seconds: float) -> None:
-    print(f"TCP through a router namespace: iperf3 one stream for {seconds:g} s; new connections: one client "
-          f"opening and resetting connections back to back for {seconds:g} s")
+    print(
+        f"TCP through a router namespace: iperf3 one stream for {seconds:g} s; new connections: one client "
+        f"opening and resetting connections back to back for {seconds:g} s"
+    )
     print(f"{'rules':>8}  {'set-up':<19}{'Gbit/s':>8}{'conn/s':>9}   {'Weir/this: Gbit/s':>17}{'conn/s':>8}")
     weir = {r.rules: r for r in results if r.setup == "weir"}
     for r in results:
@@ -484,14 +499,17 @@ def report(results: list[Result], imports: dict[int, float], seconds: float) -> 
         label = "no rules" if r.rules == BASELINE else str(r.rules)
         setup = r.setup if r.rules != BASELINE else ("weir (not enforced)" if r.setup == "weir" else "plain routing")
         print(f"{label:>8}  {setup:<19}{r.gbps:>8.2f}{r.conns:>9.0f}   {ratios}")
-    print("weir rules imported (ImportRules, client side): " +
-          ", ".join(f"{n} rules {s:.2f} s" for n, s in imports.items()))
+    print(
+        "weir rules imported (ImportRules, client side): "
+        + ", ".join(f"{n} rules {s:.2f} s" for n, s in imports.items())
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", default=",".join(map(str, SIZES)),
-                        help="rule counts, comma-separated (default %(default)s)")
+    parser.add_argument(
+        "--sizes", default=",".join(map(str, SIZES)), help="rule counts, comma-separated (default %(default)s)"
+    )
     parser.add_argument("--seconds", type=float, default=3.0, help="seconds of each measurement (default 3)")
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")})

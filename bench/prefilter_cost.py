@@ -73,8 +73,9 @@ def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, flo
         orch_store = Store(state / "orchestrator.db")
         chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
         chain.start()
-        maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter", capacity,
-                             register=chain.registrar("prefilter"))
+        maps = PrefilterMaps(
+            BPF_BUILD, root / "globals", root / "prefilter", capacity, register=chain.registrar("prefilter")
+        )
         store = Store(state / "prefilter.db")
         prefilter = Prefilter(maps, store, Devices(chain, orch_store))
         try:

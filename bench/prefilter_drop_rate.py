@@ -121,21 +121,35 @@ def xdp_setups(prefilter: Prefilter, pair: VethPair) -> tuple[list[Setup], str]:
         with netns.entered(pair.rx_ns):
             prefilter.detach(pair.rx_dev)
 
-    setups = [Setup(f"XDP prefilter ({m.name.lower()})", functools.partial(enable, m), disable, dropped)
-              for m in modes]
+    setups = [Setup(f"XDP prefilter ({m.name.lower()})", functools.partial(enable, m), disable, dropped) for m in modes]
     return setups, note
 
 
 def iptables_setup(pair: VethPair, entries: list[str], tmp: Path) -> Setup:
     """iptables raw DROP on a hash:net ipset of the same entries, inside the receiver's namespace."""
     restore = tmp / "deny.ipset"
-    restore.write_text(f"create {IPSET} hash:net family inet maxelem {max(65536, 2 * len(entries))}\n"
-                       + "".join(f"add {IPSET} {cidr}\n" for cidr in entries))
+    restore.write_text(
+        f"create {IPSET} hash:net family inet maxelem {max(65536, 2 * len(entries))}\n"
+        + "".join(f"add {IPSET} {cidr}\n" for cidr in entries)
+    )
     run("ipset", "restore", "-file", str(restore), ns=pair.rx_ns)
 
     def rule(action: str) -> None:
-        run("iptables", "-t", "raw", action, "PREROUTING", "-m", "set", "--match-set", IPSET, "src", "-j", "DROP",
-            ns=pair.rx_ns)
+        run(
+            "iptables",
+            "-t",
+            "raw",
+            action,
+            "PREROUTING",
+            "-m",
+            "set",
+            "--match-set",
+            IPSET,
+            "src",
+            "-j",
+            "DROP",
+            ns=pair.rx_ns,
+        )
 
     def packets() -> int:
         listing = run("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n", ns=pair.rx_ns).stdout
@@ -153,17 +167,24 @@ def measure(entries: list[str], rounds: int, warmup: float, seconds: float) -> t
         orch_store = Store(tmp / "orchestrator.db")
         chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
         chain.start()
-        maps = PrefilterMaps(BPF_BUILD, root / "globals", root / "prefilter",
-                             Capacity(hosts=len(entries), prefixes=max(1, len(entries) // 50)),
-                             register=chain.registrar("prefilter"))
+        maps = PrefilterMaps(
+            BPF_BUILD,
+            root / "globals",
+            root / "prefilter",
+            Capacity(hosts=len(entries), prefixes=max(1, len(entries) // 50)),
+            register=chain.registrar("prefilter"),
+        )
         store = Store(tmp / "prefilter.db")
         prefilter = Prefilter(maps, store, Devices(chain, orch_store))
         try:
             prefilter.start()
             prefilter.replace((cidr, False) for cidr in entries)
             xdp, note = xdp_setups(prefilter, pair)
-            setups = [Setup("no filter", lambda: None, lambda: None, lambda: 0), *xdp,
-                      iptables_setup(pair, entries, tmp)]
+            setups = [
+                Setup("no filter", lambda: None, lambda: None, lambda: 0),
+                *xdp,
+                iptables_setup(pair, entries, tmp),
+            ]
             runs: dict[str, list[Row]] = {s.name: [] for s in setups}
             for _ in range(rounds):
                 for setup in setups:
@@ -189,8 +210,10 @@ def main() -> None:
     setup_logging("bench", "warning")  # the prefilter logs each attach and detach at info
     entries = [f"{SOURCE}/32", *filler_list(args.entries - 1)]
     rows, note = measure(entries, args.rounds, args.warmup, args.seconds)
-    print(f"\n64-byte UDP from {SOURCE}, trafgen on one CPU, deny list of {len(entries):,} entries holding "
-          f"the source;\nmedian of {args.rounds} rounds of {args.seconds:g} s per setup")
+    print(
+        f"\n64-byte UDP from {SOURCE}, trafgen on one CPU, deny list of {len(entries):,} entries holding "
+        f"the source;\nmedian of {args.rounds} rounds of {args.seconds:g} s per setup"
+    )
     if note:
         print(f"note: {note}")
     print(f"\n{'setup':<26}{'sent/s':>13}{'dropped/s':>13}{'reached UDP/s':>15}")
@@ -199,10 +222,15 @@ def main() -> None:
     ipt = rows[-1].dropped
     print()
     for row in rows[1:-1]:
-        print(f"{row.setup} / iptables raw + ipset, drops/s: {row.dropped / ipt:.2f}" if ipt else
-              f"{row.setup}: iptables dropped nothing, no ratio")
-    print(f"XDP mode used for the prefilter: {rows[1].setup.removeprefix('XDP prefilter (').rstrip(')')}"
-          + ("; generic is shown beside it for comparison" if len(rows) == 4 else ""))
+        print(
+            f"{row.setup} / iptables raw + ipset, drops/s: {row.dropped / ipt:.2f}"
+            if ipt
+            else f"{row.setup}: iptables dropped nothing, no ratio"
+        )
+    print(
+        f"XDP mode used for the prefilter: {rows[1].setup.removeprefix('XDP prefilter (').rstrip(')')}"
+        + ("; generic is shown beside it for comparison" if len(rows) == 4 else "")
+    )
 
 
 if __name__ == "__main__":

@@ -94,16 +94,20 @@ def grpc_times(stub: pb_grpc.PrefilterStub, cidrs: list[str], batch: int) -> tup
     print(f"  request: {replace.ByteSize() / 1e6:.1f} MB", flush=True)
     replaced = timed(f"ReplaceEntries, {len(entries):,} entries", stub.ReplaceEntries, replace)
     timed("ReplaceEntries, no entries (empties the list)", stub.ReplaceEntries, pb.ReplaceEntriesRequest())
-    added = sum(timed(f"AddEntries {n + 1}/{len(adds)}, {len(a.entries):,} entries", stub.AddEntries, a)
-                for n, a in enumerate(adds))
+    added = sum(
+        timed(f"AddEntries {n + 1}/{len(adds)}, {len(a.entries):,} entries", stub.AddEntries, a)
+        for n, a in enumerate(adds)
+    )
     return replaced, added
 
 
 def ipset_time(ns: str, cidrs: list[str], work: Path) -> float:
     """Seconds `ipset restore` takes to create a hash:net set and add every entry, inside `ns`."""
     restore = work / "deny.ipset"
-    restore.write_text(f"create {IPSET} hash:net family inet hashsize {1 << 20} maxelem {2 * len(cidrs)}\n"
-                       + "".join(f"add {IPSET} {cidr}\n" for cidr in cidrs))
+    restore.write_text(
+        f"create {IPSET} hash:net family inet hashsize {1 << 20} maxelem {2 * len(cidrs)}\n"
+        + "".join(f"add {IPSET} {cidr}\n" for cidr in cidrs)
+    )
     started = time.perf_counter()
     run("ipset", "restore", "-file", str(restore), ns=ns, timeout=CALL_TIMEOUT)
     seconds = time.perf_counter() - started

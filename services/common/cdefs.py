@@ -73,8 +73,6 @@ def render_header(
         network_order = set(getattr(struct, "_network_order_", ()))
         lines += [_c_field(field[0], field[1], field[0] in network_order) for field in struct._fields_]
         lines.append("};")
-        lines.append(
-            f'_Static_assert(sizeof({c_name}) == {ctypes.sizeof(struct)}, "layout of {struct.__name__}");'
-        )
+        lines.append(f'_Static_assert(sizeof({c_name}) == {ctypes.sizeof(struct)}, "layout of {struct.__name__}");')
         lines.append("")
     return "\n".join(lines)

@@ -31,8 +31,11 @@ TIMEOUT = 10.0
 RETRY_SECONDS = 0.5
 LOG_EVERY_SECONDS = 5.0
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-XDP_MODES = {XdpMode.AUTO: pb.XDP_MODE_UNSPECIFIED, XdpMode.NATIVE: pb.XDP_MODE_NATIVE,
-             XdpMode.GENERIC: pb.XDP_MODE_GENERIC}
+XDP_MODES = {
+    XdpMode.AUTO: pb.XDP_MODE_UNSPECIFIED,
+    XdpMode.NATIVE: pb.XDP_MODE_NATIVE,
+    XdpMode.GENERIC: pb.XDP_MODE_GENERIC,
+}
 
 
 @dataclass(frozen=True)
@@ -80,11 +83,17 @@ class ChainClient:
 
     def register(self, placements: Iterable[Placement]) -> None:
         """Register the programs, waiting for the orchestrator as long as it takes."""
-        request = pb.RegisterProgramsRequest(service=self._service, programs=[
-            pb.ProgramRegistration(hook=common_pb2.Hook.Value(f"HOOK_{p.hook.name}"),
-                                   slot=common_pb2.Slot.Value(f"SLOT_{p.slot.name}"), pin_path=str(p.pin_path))
-            for p in placements
-        ])
+        request = pb.RegisterProgramsRequest(
+            service=self._service,
+            programs=[
+                pb.ProgramRegistration(
+                    hook=common_pb2.Hook.Value(f"HOOK_{p.hook.name}"),
+                    slot=common_pb2.Slot.Value(f"SLOT_{p.slot.name}"),
+                    pin_path=str(p.pin_path),
+                )
+                for p in placements
+            ],
+        )
         last_log = 0.0
         while True:
             try:
@@ -105,7 +114,8 @@ class ChainClient:
         try:
             with grpc.insecure_channel(f"unix://{self._socket}") as channel:
                 reply = self._stub(channel).AttachXdp(
-                    pb.AttachXdpRequest(interface=interface, mode=XDP_MODES[mode]), timeout=TIMEOUT)
+                    pb.AttachXdpRequest(interface=interface, mode=XDP_MODES[mode]), timeout=TIMEOUT
+                )
         except grpc.RpcError as exc:
             raise _error(exc, f"attaching XDP to {interface}") from None
         attached = XdpMode.NATIVE if reply.mode == pb.XDP_MODE_NATIVE else XdpMode.GENERIC

@@ -373,6 +373,7 @@ CONSTANTS = {
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 
+
 def c_header() -> str:
     """The C header `bpf/include/weir/defs.h`."""
     return render_header("services/common/datapath.py", CONSTANTS, ENUMS, STRUCTS)

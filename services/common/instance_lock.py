@@ -83,9 +83,7 @@ def acquire(config: NodeConfig, role: str) -> None:
     """Hold the role's lock for the life of the process, or refuse naming the holder."""
     if try_lock(config, role) is None:
         path = lock_path(config, role)
-        raise FailedPrecondition(
-            f"instance {config.instance!r} already runs {role}: {path} is held by {holder(path)}"
-        )
+        raise FailedPrecondition(f"instance {config.instance!r} already runs {role}: {path} is held by {holder(path)}")
 
 
 def release(config: NodeConfig, role: str) -> None:

@@ -133,7 +133,11 @@ def open_state(
 
 
 def decide(
-    config: NodeConfig, service: str, problem: str, datapath: bool = True, can_adopt: bool = True,
+    config: NodeConfig,
+    service: str,
+    problem: str,
+    datapath: bool = True,
+    can_adopt: bool = True,
     adopt_note: str = "",
 ) -> Opened:
     """The store of ``service`` has ``problem``: start fresh (as told, or with nothing to lose) or hold."""

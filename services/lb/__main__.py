@@ -31,11 +31,15 @@ HEALTH_ROUND_SECONDS = 0.1  # how often finished probes are applied and due ones
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
-                        help="directory of the built BPF objects (default bpf/build)")
-    parser.add_argument("--max-services", type=int, default=MAX_SERVICES,
-                        help=f"frontends the maps hold (a node port counts once per node address; "
-                             f"at most {MAX_SERVICES})")
+    parser.add_argument(
+        "--bpf-dir", type=Path, default=DEFAULT_BPF_DIR, help="directory of the built BPF objects (default bpf/build)"
+    )
+    parser.add_argument(
+        "--max-services",
+        type=int,
+        default=MAX_SERVICES,
+        help=f"frontends the maps hold (a node port counts once per node address; at most {MAX_SERVICES})",
+    )
 
 
 def node_addresses() -> list[str]:
@@ -58,8 +62,13 @@ def _tasks(worker: Worker, lb: LoadBalancer) -> list[Every]:
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     chain = ChainClient(config.socket_path("orchestrator"), SERVICE)
-    maps = LbMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), config.cgroup_root,
-                  register=chain.register)
+    maps = LbMaps(
+        args.bpf_dir,
+        config.globals_pin_dir,
+        config.service_pin_dir(SERVICE),
+        config.cgroup_root,
+        register=chain.register,
+    )
     max_frontends = min(args.max_services, MAX_SERVICES)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, lb: LoadBalancer) -> str:
@@ -67,7 +76,10 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         return SERVICE_NAME
 
     await run_datapath_service(
-        SERVICE, config, lambda store: LoadBalancer(maps, store, node_addresses, max_frontends), add_servicer,
+        SERVICE,
+        config,
+        lambda store: LoadBalancer(maps, store, node_addresses, max_frontends),
+        add_servicer,
         tasks=_tasks,
     )
 

@@ -289,8 +289,9 @@ class LoadBalancer:
             current = {f.key_tuple for f in frontends}
             stale_frontends = [f for f in self._frontends(old, old_ids, addresses) if f.key_tuple not in current]
             stale_backends = [i for k, i in old_ids.backends.items() if k not in ids.backends]
-        return ServiceWrite(ids.service, service, frontends, stale_frontends, ids.backends, stale_backends,
-                            self._table(service, ids))
+        return ServiceWrite(
+            ids.service, service, frontends, stale_frontends, ids.backends, stale_backends, self._table(service, ids)
+        )
 
     @staticmethod
     def _doc(service: Service, ids: Ids) -> dict[str, object]:

@@ -176,8 +176,19 @@ def from_proto(msg: pb.Service) -> Service:
         hc.unhealthy_threshold or 2,
         hc.healthy_threshold or 2,
     )
-    service = Service(msg.name, node_port, address, port, protocol, backends, maglev, size, msg.maglev_seed,
-                      msg.affinity_timeout_seconds, health)
+    service = Service(
+        msg.name,
+        node_port,
+        address,
+        port,
+        protocol,
+        backends,
+        maglev,
+        size,
+        msg.maglev_seed,
+        msg.affinity_timeout_seconds,
+        health,
+    )
     check_table(service)
     return service
 
@@ -194,8 +205,9 @@ def to_proto(service: Service) -> pb.Service:
         port=service.port,
         protocol=service.protocol,
         backends=[
-            pb.Backend(address=b.address, port=b.port, weight=b.weight, state=state_to_proto(b.state),
-                       healthy=b.healthy)
+            pb.Backend(
+                address=b.address, port=b.port, weight=b.weight, state=state_to_proto(b.state), healthy=b.healthy
+            )
             for b in service.backends
         ],
         algorithm=pb.ALGORITHM_MAGLEV if service.maglev else pb.ALGORITHM_HASH,

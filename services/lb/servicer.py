@@ -40,9 +40,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
             raise InvalidArgument("service is required")
         return await self._reply(await self._worker.call(self._lb.upsert, request.service))
 
-    async def UpsertServices(
-        self, request: pb.UpsertServicesRequest, context: Context
-    ) -> pb.UpsertServicesResponse:
+    async def UpsertServices(self, request: pb.UpsertServicesRequest, context: Context) -> pb.UpsertServicesResponse:
         services = await self._worker.call(self._lb.upsert_many, list(request.services))
         return pb.UpsertServicesResponse(services=[await self._reply(s) for s in services])
 

@@ -42,12 +42,21 @@ NO_ADOPT = "the chain's registrations and the endpoints' labels are not in the d
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
-                        help="directory of the built BPF objects (default bpf/build)")
-    parser.add_argument("--ct-gc-seconds", type=float, default=10.0,
-                        help="how often expired conntrack entries are collected (default 10)")
-    parser.add_argument("--host-seconds", type=float, default=2.0,
-                        help="how often the node's own addresses are re-read for the ipcache (default 2)")
+    parser.add_argument(
+        "--bpf-dir", type=Path, default=DEFAULT_BPF_DIR, help="directory of the built BPF objects (default bpf/build)"
+    )
+    parser.add_argument(
+        "--ct-gc-seconds",
+        type=float,
+        default=10.0,
+        help="how often expired conntrack entries are collected (default 10)",
+    )
+    parser.add_argument(
+        "--host-seconds",
+        type=float,
+        default=2.0,
+        help="how often the node's own addresses are re-read for the ipcache (default 2)",
+    )
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:

@@ -231,8 +231,11 @@ class Chain:
         found = recover_pins(self._globals_dir, missing, sorted(self._pin_dir.glob("entry_*")))
         for name in missing:
             if name not in found:
-                log.warning("chain map pin was removed and no live map was found; a fresh one is made "
-                            "(objects loaded against the old one must be reloaded)", map=name)
+                log.warning(
+                    "chain map pin was removed and no live map was found; a fresh one is made "
+                    "(objects loaded against the old one must be reloaded)",
+                    map=name,
+                )
 
     def ensure_pins(self) -> list[str]:
         """Re-pin any chain map whose pin was removed (the maps themselves live on)."""
@@ -280,8 +283,13 @@ class Chain:
             except BpfError:
                 pass
         live = self.generations.program_id(reg.hook, reg.slot)
-        log.warning("registered program is gone; keeping the live one", slot=reg.key, service=reg.service,
-                    pin=reg.pin_path, live_id=live)
+        log.warning(
+            "registered program is gone; keeping the live one",
+            slot=reg.key,
+            service=reg.service,
+            pin=reg.pin_path,
+            live_id=live,
+        )
         if live:
             try:
                 return Program.from_id(live)
@@ -297,8 +305,12 @@ class Chain:
                 if program is not None:
                     programs[slot] = program
                     if self._stale_call_maps(program):
-                        log.warning("registered program uses a call map that is no longer the node's; "
-                                    "its service must reload it", slot=reg.key, service=reg.service)
+                        log.warning(
+                            "registered program uses a call map that is no longer the node's; "
+                            "its service must reload it",
+                            slot=reg.key,
+                            service=reg.service,
+                        )
             return self.generations.install(hook, programs)
         finally:
             for program in programs.values():

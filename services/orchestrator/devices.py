@@ -69,8 +69,9 @@ class Devices:
 
     def _attach_entries(self, ifindex: int) -> None:
         for hook, direction in HOOKS:
-            attach_tc(ifindex, self._chain.programs[hook], direction, handle=TC_HANDLE, priority=TC_PRIORITY,
-                      replace=True)
+            attach_tc(
+                ifindex, self._chain.programs[hook], direction, handle=TC_HANDLE, priority=TC_PRIORITY, replace=True
+            )
 
     def detach(self, ifname: str) -> None:
         netdev.valid_ifname(ifname)
@@ -132,8 +133,9 @@ class Devices:
                 f"interface {ifname} does not support {mode.name.lower()} XDP: {exc.strerror}"
             ) from None
         state = XdpState(ifname, ifindex, attachment.mode, attachment.program_id)
-        self._store.put(XDP_KIND, ifname, {"requested": mode.name, "mode": state.mode.name,
-                                           "program_id": state.program_id})
+        self._store.put(
+            XDP_KIND, ifname, {"requested": mode.name, "mode": state.mode.name, "program_id": state.program_id}
+        )
         log.info("xdp entry attached", interface=ifname, mode=state.mode.name)
         return state
 

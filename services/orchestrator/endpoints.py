@@ -88,9 +88,7 @@ class EndpointSpec:
     adopt_interface: str
 
     @classmethod
-    def parse(
-        cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str
-    ) -> EndpointSpec:
+    def parse(cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str) -> EndpointSpec:
         check_name(name)
         if not ipv4 and not ipv6:
             raise InvalidArgument("an endpoint needs an IPv4 or an IPv6 address")
@@ -189,8 +187,13 @@ class Endpoints:
             self._teardown(endpoint)
             raise
         self._store.put(KIND, endpoint.name, asdict(endpoint))
-        log.info("endpoint created", endpoint=endpoint.name, id=endpoint.id, ifname=endpoint.host_ifname,
-                 identity=endpoint.identity)
+        log.info(
+            "endpoint created",
+            endpoint=endpoint.name,
+            id=endpoint.id,
+            ifname=endpoint.host_ifname,
+            identity=endpoint.identity,
+        )
         self._changed("CREATED", endpoint)
         return endpoint
 
@@ -226,8 +229,12 @@ class Endpoints:
                 change.apply(self._flag_writer(endpoint, False), undo=self._flag_writer(endpoint, True))
             released.append(name)
         if released:
-            log.info("endpoint policy installed; traffic let through", endpoints=len(released),
-                     first=released[0], revision=revision)
+            log.info(
+                "endpoint policy installed; traffic let through",
+                endpoints=len(released),
+                first=released[0],
+                revision=revision,
+            )
             for name in released:
                 for listener in self._ready_listeners:
                     listener(name)
@@ -285,9 +292,7 @@ class Endpoints:
                 f"namespace {endpoint.netns} or interface {endpoint.host_ifname} already exists "
                 "but belongs to no endpoint; delete it or restart the orchestrator to clean up"
             )
-        veth = netdev.create_veth(
-            endpoint.host_ifname, netdev.alias(self._instance, endpoint.name), endpoint.netns
-        )
+        veth = netdev.create_veth(endpoint.host_ifname, netdev.alias(self._instance, endpoint.name), endpoint.netns)
         endpoint.host_ifindex = veth.host_ifindex
         endpoint.mac = veth.peer_mac
         netdev.configure_container(endpoint.netns, veth.host_mac, endpoint.ipv4, endpoint.ipv6)

@@ -136,8 +136,7 @@ def namespace_links(name: str, crossing: bool = False) -> list[tuple[int, int, s
         return [
             (int(link["index"]), int(link.get_attr("IFLA_LINK") or 0), str(link.get_attr("IFLA_IFNAME")))
             for link in ipr.get_links()
-            if link.get_attr("IFLA_IFNAME") != "lo"
-            and (not crossing or link.get_attr("IFLA_LINK_NETNSID") is not None)
+            if link.get_attr("IFLA_IFNAME") != "lo" and (not crossing or link.get_attr("IFLA_LINK_NETNSID") is not None)
         ]
 
 
@@ -235,8 +234,12 @@ IFNAMSIZ = 16  # the kernel's limit, with the terminating NUL
 def valid_ifname(text: str, where: str = "interface") -> str:
     """An interface name as the kernel takes it: 1-15 bytes, no NUL, '/', ':' or whitespace."""
     raw = text.encode()
-    if not raw or len(raw) >= IFNAMSIZ or text in (".", "..") or any(c in text for c in "\0/:") or (
-        any(c.isspace() for c in text)
+    if (
+        not raw
+        or len(raw) >= IFNAMSIZ
+        or text in (".", "..")
+        or any(c in text for c in "\0/:")
+        or (any(c.isspace() for c in text))
     ):
         raise InvalidArgument(
             f"{where} {summary(text)} is not an interface name: 1-15 bytes, without NUL, '/', ':' or spaces"

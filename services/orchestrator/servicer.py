@@ -97,8 +97,11 @@ def slot_to_proto(state: SlotState) -> pb.SlotState:
     )
 
 
-XDP_MODES = {pb.XDP_MODE_UNSPECIFIED: XdpMode.AUTO, pb.XDP_MODE_NATIVE: XdpMode.NATIVE,
-             pb.XDP_MODE_GENERIC: XdpMode.GENERIC}
+XDP_MODES = {
+    pb.XDP_MODE_UNSPECIFIED: XdpMode.AUTO,
+    pb.XDP_MODE_NATIVE: XdpMode.NATIVE,
+    pb.XDP_MODE_GENERIC: XdpMode.GENERIC,
+}
 
 
 def xdp_mode_from_proto(value: int) -> XdpMode:
@@ -109,8 +112,7 @@ def xdp_mode_from_proto(value: int) -> XdpMode:
 
 def xdp_to_proto(state: XdpState) -> pb.XdpAttachment:
     mode = pb.XDP_MODE_NATIVE if state.mode is XdpMode.NATIVE else pb.XDP_MODE_GENERIC
-    return pb.XdpAttachment(interface=state.interface, ifindex=state.ifindex, mode=mode,
-                            program_id=state.program_id)
+    return pb.XdpAttachment(interface=state.interface, ifindex=state.ifindex, mode=mode, program_id=state.program_id)
 
 
 class OrchestratorServicer(pb_grpc.OrchestratorServicer):
@@ -139,8 +141,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self._policy_waiters: dict[str, set[asyncio.Event]] = {}
         endpoints.on_policy_ready(self.policy_ready)
 
-    async def CreateEndpoint(
-        self, request: pb.CreateEndpointRequest, context: Context    ) -> pb.Endpoint:
+    async def CreateEndpoint(self, request: pb.CreateEndpointRequest, context: Context) -> pb.Endpoint:
         spec = EndpointSpec.parse(
             request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
         )
@@ -181,21 +182,16 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         for event in self._policy_waiters.get(name, ()):
             event.set()
 
-    async def GetEndpoint(
-        self, request: pb.GetEndpointRequest, context: Context    ) -> pb.Endpoint:
+    async def GetEndpoint(self, request: pb.GetEndpointRequest, context: Context) -> pb.Endpoint:
         return endpoint_to_proto(await self._worker.call(self._endpoints.get, request.name))
 
-    async def ListEndpoints(
-        self, request: pb.ListEndpointsRequest, context: Context    ) -> pb.ListEndpointsResponse:
+    async def ListEndpoints(self, request: pb.ListEndpointsRequest, context: Context) -> pb.ListEndpointsResponse:
         page, token = await self._worker.call(
             self._endpoints.list_page, request.page.page_size, request.page.page_token
         )
-        return pb.ListEndpointsResponse(
-            endpoints=[endpoint_to_proto(e) for e in page], next_page_token=token
-        )
+        return pb.ListEndpointsResponse(endpoints=[endpoint_to_proto(e) for e in page], next_page_token=token)
 
-    async def DeleteEndpoint(
-        self, request: pb.DeleteEndpointRequest, context: Context    ) -> pb.DeleteEndpointResponse:
+    async def DeleteEndpoint(self, request: pb.DeleteEndpointRequest, context: Context) -> pb.DeleteEndpointResponse:
         await self._worker.call(self._endpoints.delete, request.name)
         return pb.DeleteEndpointResponse()
 
@@ -222,9 +218,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     # ---- node state: identities, ipcache, conntrack ----
 
-    async def ListIdentities(
-        self, request: pb.ListIdentitiesRequest, context: Context
-    ) -> pb.ListIdentitiesResponse:
+    async def ListIdentities(self, request: pb.ListIdentitiesRequest, context: Context) -> pb.ListIdentitiesResponse:
         infos = await self._worker.call(self._identities.all)
         return pb.ListIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
 
@@ -251,9 +245,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         self, request: pb.AllocateCIDRIdentitiesRequest, context: Context
     ) -> pb.AllocateCIDRIdentitiesResponse:
         networks = parse_cidrs(request.cidrs)
-        infos = await self._worker.call(
-            self._identities.allocate_cidrs, request.owner, networks, request.reserve_only
-        )
+        infos = await self._worker.call(self._identities.allocate_cidrs, request.owner, networks, request.reserve_only)
         return pb.AllocateCIDRIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
 
     async def ReleaseCIDRIdentities(
@@ -287,8 +279,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         state = await self._worker.call(self._chain.set_slot, hook, slot, request.pin_path, request.program_id)
         return slot_to_proto(state)
 
-    async def ClearSlot(
-        self, request: pb.ClearSlotRequest, context: Context    ) -> pb.SlotState:
+    async def ClearSlot(self, request: pb.ClearSlotRequest, context: Context) -> pb.SlotState:
         hook = hook_from_proto(request.hook)
         slot = slot_from_proto(request.slot)
         return slot_to_proto(await self._worker.call(self._chain.clear_slot, hook, slot))
@@ -298,8 +289,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         slot = slot_from_proto(request.slot)
         return slot_to_proto(await self._worker.call(self._chain.slot, hook, slot))
 
-    async def ListSlots(
-        self, request: pb.ListSlotsRequest, context: Context    ) -> pb.ListSlotsResponse:
+    async def ListSlots(self, request: pb.ListSlotsRequest, context: Context) -> pb.ListSlotsResponse:
         hooks = [hook_from_proto(request.hook)] if request.hook else list(Hook)
 
         def slots() -> list[SlotState]:
@@ -340,8 +330,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         devices = await self._worker.call(self._devices.list)
         return pb.ListDevicesResponse(devices=[pb.Device(interface=n, ifindex=i) for n, i in devices])
 
-    async def GetMetrics(
-        self, request: pb.GetMetricsRequest, context: Context    ) -> pb.GetMetricsResponse:
+    async def GetMetrics(self, request: pb.GetMetricsRequest, context: Context) -> pb.GetMetricsResponse:
         counts = await self._worker.call(self._chain.entry_counts)
         reason_counts = await self._worker.call(self._chain.reason_counts)
         entry = [
@@ -359,8 +348,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         ]
         return pb.GetMetricsResponse(entry=entry, reasons=reasons)
 
-    async def WatchEvents(
-        self, request: pb.WatchEventsRequest, context: Context    ) -> AsyncIterator[pb.Event]:
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Context) -> AsyncIterator[pb.Event]:
         if len(request.types) > MAX_EVENT_TYPES:
             raise InvalidArgument(f"{len(request.types)} event types; at most {MAX_EVENT_TYPES}")
         wanted = {t.upper() for t in request.types}

@@ -218,8 +218,11 @@ def teardown(config: NodeConfig, purge_state: bool = False) -> Report:
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--purge-state", action="store_true",
-                        help="also delete the state directory (desired state: endpoints, rules, services)")
+    parser.add_argument(
+        "--purge-state",
+        action="store_true",
+        help="also delete the state directory (desired state: endpoints, rules, services)",
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -30,10 +30,15 @@ log = structlog.get_logger("weir.policy")
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
-                        help="directory of the built BPF objects (default bpf/build)")
-    parser.add_argument("--policy-entries", type=int, default=DEFAULT_POLICY_ENTRIES,
-                        help=f"policy map entries per endpoint (default {DEFAULT_POLICY_ENTRIES})")
+    parser.add_argument(
+        "--bpf-dir", type=Path, default=DEFAULT_BPF_DIR, help="directory of the built BPF objects (default bpf/build)"
+    )
+    parser.add_argument(
+        "--policy-entries",
+        type=int,
+        default=DEFAULT_POLICY_ENTRIES,
+        help=f"policy map entries per endpoint (default {DEFAULT_POLICY_ENTRIES})",
+    )
 
 
 def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Callable[..., Awaitable[None]]:
@@ -54,8 +59,13 @@ def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Cal
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     orchestrator_socket = config.socket_path("orchestrator")
     chain = ChainClient(orchestrator_socket, SERVICE)
-    maps = PolicyMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), args.policy_entries,
-                      register=chain.register)
+    maps = PolicyMaps(
+        args.bpf_dir,
+        config.globals_pin_dir,
+        config.service_pin_dir(SERVICE),
+        args.policy_entries,
+        register=chain.register,
+    )
     node = Orchestrator(orchestrator_socket)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:
@@ -70,8 +80,15 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         )
 
     try:
-        await run_datapath_service(SERVICE, config, lambda store: Policy(maps, store, node), add_servicer, background,
-                                   can_adopt=False, adopt_note=NO_ADOPT)
+        await run_datapath_service(
+            SERVICE,
+            config,
+            lambda store: Policy(maps, store, node),
+            add_servicer,
+            background,
+            can_adopt=False,
+            adopt_note=NO_ADOPT,
+        )
     finally:
         node.close()
 

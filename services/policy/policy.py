@@ -314,19 +314,26 @@ class Policy:
                 self._computed = final
                 self._seen = self._inputs(self._cidr_ids())
             except WeirError as exc:
-                log.warning("CIDR identities kept until the next change", cidrs=summary(sorted(map(str, removed))),
-                            error=brief(str(exc)))
+                log.warning(
+                    "CIDR identities kept until the next change",
+                    cidrs=summary(sorted(map(str, removed))),
+                    error=brief(str(exc)),
+                )
         return revision, sorted(changed)
 
     def _release_quietly(self, networks: set[Network]) -> None:
         try:
             self._node.release(networks)
         except WeirError as exc:
-            log.warning("reserved CIDR identities not released; the next change releases them",
-                        cidrs=summary(sorted(map(str, networks))), error=brief(str(exc)))
+            log.warning(
+                "reserved CIDR identities not released; the next change releases them",
+                cidrs=summary(sorted(map(str, networks))),
+                error=brief(str(exc)),
+            )
 
     def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
         """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
+
         def view(ep: EndpointView) -> tuple[object, ...]:
             return (ep.id, ep.name, ep.identity, ep.ipv4, ep.ipv6, tuple(sorted(ep.labels.items())))
 
@@ -400,7 +407,7 @@ class Policy:
         size = page_size or DEFAULT_PAGE_SIZE
         names = self._sorted_names()
         first = bisect.bisect_right(names, page_token)
-        page = [self._rules[n] for n in names[first:first + size]]
+        page = [self._rules[n] for n in names[first : first + size]]
         more = first + size < len(names)
         return page, (page[-1].name if more else ""), self.revision
 
@@ -456,9 +463,7 @@ class Policy:
 
     def identities(self) -> list[tuple[int, str, list[str]]]:
         """The node's identities as last streamed: (id, labels text, ipcache prefixes)."""
-        return [
-            (i, view.text, sorted(str(p) for p in view.prefixes)) for i, view in sorted(self._identities.items())
-        ]
+        return [(i, view.text, sorted(str(p) for p in view.prefixes)) for i, view in sorted(self._identities.items())]
 
     # ---- trace ----
 
@@ -520,4 +525,3 @@ class Policy:
 
 def protocol_name(proto: int) -> str:
     return PROTOCOL_NAMES.get(proto, str(proto))
-

@@ -68,8 +68,9 @@ class PolicyServicer(pb_grpc.PolicyServicer):
         rules, token, revision = await self._worker.call(
             self._policy.list_rules, request.page.page_size, request.page.page_token
         )
-        return pb.ListRulesResponse(rules=[rules_mod.to_proto(r) for r in rules], next_page_token=token,
-                                    revision=revision)
+        return pb.ListRulesResponse(
+            rules=[rules_mod.to_proto(r) for r in rules], next_page_token=token, revision=revision
+        )
 
     async def GetRule(self, request: pb.GetRuleRequest, context: Context) -> pb.Rule:
         return rules_mod.to_proto(await self._worker.call(self._policy.get_rule, request.name))
@@ -77,8 +78,9 @@ class PolicyServicer(pb_grpc.PolicyServicer):
     async def ListIdentities(self, request: pb.ListIdentitiesRequest, context: Context) -> pb.ListIdentitiesResponse:
         identities = await self._worker.call(self._policy.identities)
         return pb.ListIdentitiesResponse(
-            identities=[pb.Identity(id=i, labels=text.split(",") if text else [], prefixes=p)
-                        for i, text, p in identities]
+            identities=[
+                pb.Identity(id=i, labels=text.split(",") if text else [], prefixes=p) for i, text, p in identities
+            ]
         )
 
     async def _endpoint_policy(self, name: str) -> pb.EndpointPolicy:

@@ -25,19 +25,29 @@ DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bpf-dir", type=Path, default=DEFAULT_BPF_DIR,
-                        help="directory of the built BPF objects (default bpf/build)")
-    parser.add_argument("--host-entries", type=int, default=DEFAULT_HOST_ENTRIES,
-                        help=f"exact hosts (/32, /128) per family (default {DEFAULT_HOST_ENTRIES})")
-    parser.add_argument("--prefix-entries", type=int, default=DEFAULT_PREFIX_ENTRIES,
-                        help=f"shorter prefixes per family (default {DEFAULT_PREFIX_ENTRIES})")
+    parser.add_argument(
+        "--bpf-dir", type=Path, default=DEFAULT_BPF_DIR, help="directory of the built BPF objects (default bpf/build)"
+    )
+    parser.add_argument(
+        "--host-entries",
+        type=int,
+        default=DEFAULT_HOST_ENTRIES,
+        help=f"exact hosts (/32, /128) per family (default {DEFAULT_HOST_ENTRIES})",
+    )
+    parser.add_argument(
+        "--prefix-entries",
+        type=int,
+        default=DEFAULT_PREFIX_ENTRIES,
+        help=f"shorter prefixes per family (default {DEFAULT_PREFIX_ENTRIES})",
+    )
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     capacity = Capacity(hosts=args.host_entries, prefixes=args.prefix_entries)
     chain = ChainClient(config.socket_path("orchestrator"), SERVICE)
-    maps = PrefilterMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity,
-                         register=chain.register)
+    maps = PrefilterMaps(
+        args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), capacity, register=chain.register
+    )
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, prefilter: Prefilter) -> str:
         pb_grpc.add_PrefilterServicer_to_server(PrefilterServicer(worker, prefilter), server)

@@ -138,8 +138,9 @@ class PrefilterMaps:
 
     def load(self) -> None:
         """Load the program, reusing this service's pinned maps; register it for its slot."""
-        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS,
-                                  {"pf_entry_stats": self.capacity.ids})
+        obj = load_service_object(
+            self._path, self._globals_dir, self._pin_dir, OWN_MAPS, {"pf_entry_stats": self.capacity.ids}
+        )
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
         self._active = obj.typed_map("pf_active", ctypes.c_uint32, ctypes.c_uint32)
@@ -197,8 +198,9 @@ class PrefilterMaps:
         fresh: dict[Kind, Map] = {}
         try:
             for kind in KINDS:
-                fresh[kind] = self._outers[kind].new_inner(self._items(kind, groups.get(kind, [])),
-                                                           self._capacity(kind))
+                fresh[kind] = self._outers[kind].new_inner(
+                    self._items(kind, groups.get(kind, [])), self._capacity(kind)
+                )
             for kind, inner in fresh.items():
                 self._outers[kind].swap(generation, inner)
         finally:

@@ -108,8 +108,6 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
         await self._worker.call(self._prefilter.detach, request.interface)
         return pb.DetachResponse()
 
-    async def ListAttachments(
-        self, request: pb.ListAttachmentsRequest, context: Context
-    ) -> pb.ListAttachmentsResponse:
+    async def ListAttachments(self, request: pb.ListAttachmentsRequest, context: Context) -> pb.ListAttachmentsResponse:
         attachments = await self._worker.call(self._prefilter.attachments)
         return pb.ListAttachmentsResponse(attachments=[_attachment(a) for a in attachments])

@@ -157,8 +157,16 @@ class Datapath:
             where = IpcacheKey(prefixlen=32 + ip.max_prefixlen, family=Family.INET if ip.version == 4 else Family.INET6)
             ctypes.memmove(where.addr, ip.packed, len(ip.packed))
             ipcache.update(where, IpcacheValue(identity, 0))
-        inner = Map.create(MapType.LPM_TRIE, ctypes.sizeof(PolicyKey), ctypes.sizeof(PolicyEntry), 64,
-                           flags=BPF_F_NO_PREALLOC, name="parser_policy", key_type=PolicyKey, value_type=PolicyEntry)
+        inner = Map.create(
+            MapType.LPM_TRIE,
+            ctypes.sizeof(PolicyKey),
+            ctypes.sizeof(PolicyEntry),
+            64,
+            flags=BPF_F_NO_PREALLOC,
+            name="parser_policy",
+            key_type=PolicyKey,
+            value_type=PolicyEntry,
+        )
         self._inner.append(inner)
         for identity, proto, port, deny in (
             (PEER_A_IDENTITY, 0, 0, False),  # everything...
@@ -166,8 +174,9 @@ class Datapath:
             (PEER_B_IDENTITY, IpProto.UDP, ALLOWED_UDP, False),
             (PEER_B_IDENTITY, IpProto.TCP, ALLOWED_TCP, False),
         ):
-            key = PolicyKey(prefixlen=PREFIX_IDENTITY if proto == 0 else PREFIX_FULL, dir=Direction.INGRESS,
-                            proto=proto)
+            key = PolicyKey(
+                prefixlen=PREFIX_IDENTITY if proto == 0 else PREFIX_FULL, dir=Direction.INGRESS, proto=proto
+            )
             ctypes.memmove(key.identity, identity.to_bytes(4, "big"), 4)
             ctypes.memmove(key.port, port.to_bytes(2, "big"), 2)
             inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if deny else 0))
@@ -185,8 +194,16 @@ class Datapath:
         backend = LbBackend(port=_net16(BACKEND_PORT), family=Family.INET, state=BackendState.ACTIVE, weight=1)
         ctypes.memmove(backend.addr, _addr16(BACKEND), 16)
         self.lb.maps["lb_backends"].typed(ctypes.c_uint32, LbBackend).update(BACKEND_ID, backend)
-        table = Map.create(MapType.ARRAY, 4, 4, 1, flags=BPF_F_INNER_MAP, name="parser_table",
-                           key_type=ctypes.c_uint32, value_type=ctypes.c_uint32)
+        table = Map.create(
+            MapType.ARRAY,
+            4,
+            4,
+            1,
+            flags=BPF_F_INNER_MAP,
+            name="parser_table",
+            key_type=ctypes.c_uint32,
+            value_type=ctypes.c_uint32,
+        )
         self._inner.append(table)
         table.update(0, BACKEND_ID)
         self.lb.maps["lb_tables"].typed(ctypes.c_uint32, ctypes.c_uint32).update(SERVICE_ID, table.fd)
@@ -195,8 +212,15 @@ class Datapath:
         self.lb.maps["lb_rev_nat"].typed(ctypes.c_uint32, LbRevNat).update(SERVICE_ID, rev)
 
     def _fill_prefilter(self) -> None:
-        hosts = Map.create(MapType.HASH, ctypes.sizeof(V4Addr), ctypes.sizeof(PrefilterEntry), 16,
-                           name="parser_pf_v4", key_type=V4Addr, value_type=PrefilterEntry)
+        hosts = Map.create(
+            MapType.HASH,
+            ctypes.sizeof(V4Addr),
+            ctypes.sizeof(PrefilterEntry),
+            16,
+            name="parser_pf_v4",
+            key_type=V4Addr,
+            value_type=PrefilterEntry,
+        )
         self._inner.append(hosts)
         key = V4Addr()
         ctypes.memmove(key.addr, ipaddress.ip_address(DENIED_SOURCE).packed, 4)

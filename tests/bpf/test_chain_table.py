@@ -53,18 +53,46 @@ def reply(backend: tuple[str, int]) -> Packet:
 
 
 ROWS = [
-    Row("SYN to a frontend whose backend policy allows goes to the backend", OUT, to(VIP), TC_ACT_OK,
-        output=dnat(to(VIP), WEB)),
-    Row("SYN to a frontend whose backend policy denies drops, already translated", OUT, to(VIP_OTHER),
-        TC_ACT_SHOT, Reason.POLICY_DENIED, output=dnat(to(VIP_OTHER), OTHER)),
-    Row("SYN straight to the allowed backend passes untouched", OUT,
-        eth() / IP(src=CLIENT, dst=WEB[0]) / TCP(sport=SPORT, dport=WEB[1], flags="S"), TC_ACT_OK),
-    Row("the backend's reply passes on conntrack and gets the frontend as its source", INTO, reply(WEB),
-        TC_ACT_OK, output=snat(reply(WEB), (VIP, 80)), prior=((OUT, to(VIP)),)),
-    Row("the backend's reply without a connection drops untouched", INTO, reply(WEB), TC_ACT_SHOT,
-        Reason.POLICY_DENIED),
-    Row("a reply from the denied backend drops: its SYN made no connection", INTO, reply(OTHER), TC_ACT_SHOT,
-        Reason.POLICY_DENIED, prior=((OUT, to(VIP_OTHER)),)),
+    Row(
+        "SYN to a frontend whose backend policy allows goes to the backend",
+        OUT,
+        to(VIP),
+        TC_ACT_OK,
+        output=dnat(to(VIP), WEB),
+    ),
+    Row(
+        "SYN to a frontend whose backend policy denies drops, already translated",
+        OUT,
+        to(VIP_OTHER),
+        TC_ACT_SHOT,
+        Reason.POLICY_DENIED,
+        output=dnat(to(VIP_OTHER), OTHER),
+    ),
+    Row(
+        "SYN straight to the allowed backend passes untouched",
+        OUT,
+        eth() / IP(src=CLIENT, dst=WEB[0]) / TCP(sport=SPORT, dport=WEB[1], flags="S"),
+        TC_ACT_OK,
+    ),
+    Row(
+        "the backend's reply passes on conntrack and gets the frontend as its source",
+        INTO,
+        reply(WEB),
+        TC_ACT_OK,
+        output=snat(reply(WEB), (VIP, 80)),
+        prior=((OUT, to(VIP)),),
+    ),
+    Row(
+        "the backend's reply without a connection drops untouched", INTO, reply(WEB), TC_ACT_SHOT, Reason.POLICY_DENIED
+    ),
+    Row(
+        "a reply from the denied backend drops: its SYN made no connection",
+        INTO,
+        reply(OTHER),
+        TC_ACT_SHOT,
+        Reason.POLICY_DENIED,
+        prior=((OUT, to(VIP_OTHER)),),
+    ),
 ]
 
 

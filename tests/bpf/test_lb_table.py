@@ -83,64 +83,147 @@ LATER_FRAGMENT = eth() / IP(src=CLIENT, dst=VIP, id=91, frag=5, proto=17) / byte
 ROWS = [
     # ---- DNAT ----
     Row("TCP SYN to a frontend goes to its backend", E, WEB_SYN, OK, output=dnat(WEB_SYN, WEB)),
-    Row("TCP ACK of a translated connection keeps its backend", E, to(VIP, TCP(sport=SPORT, dport=80, flags="A")),
-        OK, output=dnat(to(VIP, TCP(sport=SPORT, dport=80, flags="A")), WEB), prior=((E, WEB_SYN),)),
+    Row(
+        "TCP ACK of a translated connection keeps its backend",
+        E,
+        to(VIP, TCP(sport=SPORT, dport=80, flags="A")),
+        OK,
+        output=dnat(to(VIP, TCP(sport=SPORT, dport=80, flags="A")), WEB),
+        prior=((E, WEB_SYN),),
+    ),
     Row("UDP to a frontend goes to its backend", E, DNS_QUERY, OK, output=dnat(DNS_QUERY, DNS)),
-    Row("UDP without a checksum keeps none", E, to(VIP, UDP(sport=SPORT, dport=53, chksum=0) / b"q"), OK,
-        output=dnat(to(VIP, UDP(sport=SPORT, dport=53, chksum=0) / b"q"), DNS)),
+    Row(
+        "UDP without a checksum keeps none",
+        E,
+        to(VIP, UDP(sport=SPORT, dport=53, chksum=0) / b"q"),
+        OK,
+        output=dnat(to(VIP, UDP(sport=SPORT, dport=53, chksum=0) / b"q"), DNS),
+    ),
     Row("TCP SYN from the network to a frontend goes to its backend", N, WEB_SYN, OK, output=dnat(WEB_SYN, WEB)),
-    Row("TCP SYN with IPv4 options goes to the backend, the port behind the options rewritten", E,
-        OPTIONS_SYN, OK, output=dnat(OPTIONS_SYN, WEB)),
-    Row("TCP SYN with payload goes to the backend", E, to(VIP, syn() / (b"x" * 100)), OK,
-        output=dnat(to(VIP, syn() / (b"x" * 100)), WEB)),
-    Row("TCP SYN to a two-backend frontend goes to one of them", E, to(VIP_PAIR, syn()), OK,
-        output=(dnat(to(VIP_PAIR, syn()), PAIR_A), dnat(to(VIP_PAIR, syn()), PAIR_B))),
-    Row("TCP SYN to a frontend without backends drops", E, to(VIP_EMPTY, syn()), SHOT,
-        Reason.NO_SERVICE_BACKEND),
-    Row("TCP SYN to a frontend whose backend is in maintenance drops", E, to(VIP_MAINT, syn()), SHOT,
-        Reason.NO_SERVICE_BACKEND),
+    Row(
+        "TCP SYN with IPv4 options goes to the backend, the port behind the options rewritten",
+        E,
+        OPTIONS_SYN,
+        OK,
+        output=dnat(OPTIONS_SYN, WEB),
+    ),
+    Row(
+        "TCP SYN with payload goes to the backend",
+        E,
+        to(VIP, syn() / (b"x" * 100)),
+        OK,
+        output=dnat(to(VIP, syn() / (b"x" * 100)), WEB),
+    ),
+    Row(
+        "TCP SYN to a two-backend frontend goes to one of them",
+        E,
+        to(VIP_PAIR, syn()),
+        OK,
+        output=(dnat(to(VIP_PAIR, syn()), PAIR_A), dnat(to(VIP_PAIR, syn()), PAIR_B)),
+    ),
+    Row("TCP SYN to a frontend without backends drops", E, to(VIP_EMPTY, syn()), SHOT, Reason.NO_SERVICE_BACKEND),
+    Row(
+        "TCP SYN to a frontend whose backend is in maintenance drops",
+        E,
+        to(VIP_MAINT, syn()),
+        SHOT,
+        Reason.NO_SERVICE_BACKEND,
+    ),
     Row("TCP to a port the frontend address does not serve passes untouched", E, to(VIP, syn(81)), OK),
     Row("UDP to the port of a TCP frontend passes untouched", E, to(VIP, UDP(sport=SPORT, dport=80)), OK),
     Row("TCP to the port of a UDP frontend passes untouched", E, to(VIP, syn(53)), OK),
     Row("ICMP echo to a frontend address passes untouched", E, to(VIP, ICMP(type=8)), OK),
     Row("TCP to an address that is no frontend passes untouched", E, to("10.0.1.1", syn(8080)), OK),
     Row("v6 TCP passes untouched", E, eth() / IPv6(src="fd00::10", dst="fd00::96") / syn(), OK),
-    Row("ARP for a frontend address passes", E,
-        Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=CLIENT, pdst=VIP), OK),
+    Row(
+        "ARP for a frontend address passes",
+        E,
+        Ether(src="02:00:00:00:00:01", dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=CLIENT, pdst=VIP),
+        OK,
+    ),
     # ---- reverse NAT ----
-    Row("TCP reply from the backend gets the frontend as its source", TC, WEB_REPLY, OK,
-        output=snat(WEB_REPLY, (VIP, 80)), prior=((E, WEB_SYN),)),
-    Row("UDP reply from the backend gets the frontend as its source", TC, DNS_ANSWER, OK,
-        output=snat(DNS_ANSWER, (VIP, 53)), prior=((E, DNS_QUERY),)),
-    Row("TCP reply to the network gets the frontend as its source", TN, WEB_REPLY, OK,
-        output=snat(WEB_REPLY, (VIP, 80)), prior=((N, WEB_SYN),)),
-    Row("TCP reply with IPv4 options gets the frontend as its source", TC,
-        eth() / IP(src=WEB[0], dst=CLIENT, options=b"\x01" * 8) / TCP(sport=WEB[1], dport=SPORT, flags="SA"), OK,
-        output=snat(eth() / IP(src=WEB[0], dst=CLIENT, options=b"\x01" * 8)
-                    / TCP(sport=WEB[1], dport=SPORT, flags="SA"), (VIP, 80)),
-        prior=((E, WEB_SYN),)),
+    Row(
+        "TCP reply from the backend gets the frontend as its source",
+        TC,
+        WEB_REPLY,
+        OK,
+        output=snat(WEB_REPLY, (VIP, 80)),
+        prior=((E, WEB_SYN),),
+    ),
+    Row(
+        "UDP reply from the backend gets the frontend as its source",
+        TC,
+        DNS_ANSWER,
+        OK,
+        output=snat(DNS_ANSWER, (VIP, 53)),
+        prior=((E, DNS_QUERY),),
+    ),
+    Row(
+        "TCP reply to the network gets the frontend as its source",
+        TN,
+        WEB_REPLY,
+        OK,
+        output=snat(WEB_REPLY, (VIP, 80)),
+        prior=((N, WEB_SYN),),
+    ),
+    Row(
+        "TCP reply with IPv4 options gets the frontend as its source",
+        TC,
+        eth() / IP(src=WEB[0], dst=CLIENT, options=b"\x01" * 8) / TCP(sport=WEB[1], dport=SPORT, flags="SA"),
+        OK,
+        output=snat(
+            eth() / IP(src=WEB[0], dst=CLIENT, options=b"\x01" * 8) / TCP(sport=WEB[1], dport=SPORT, flags="SA"),
+            (VIP, 80),
+        ),
+        prior=((E, WEB_SYN),),
+    ),
     Row("TCP from the backend without a translated connection passes untouched", TC, WEB_REPLY, OK),
-    Row("TCP reply to another client port passes untouched", TC,
-        from_backend(WEB, TCP(sport=WEB[1], dport=SPORT + 1, flags="SA")), OK, prior=((E, WEB_SYN),)),
-    Row("a direct SYN on the tuple of a translated connection ends its reverse NAT", TC, WEB_REPLY, OK,
-        prior=((E, WEB_SYN), (E, to(WEB[0], syn(WEB[1]))))),
+    Row(
+        "TCP reply to another client port passes untouched",
+        TC,
+        from_backend(WEB, TCP(sport=WEB[1], dport=SPORT + 1, flags="SA")),
+        OK,
+        prior=((E, WEB_SYN),),
+    ),
+    Row(
+        "a direct SYN on the tuple of a translated connection ends its reverse NAT",
+        TC,
+        WEB_REPLY,
+        OK,
+        prior=((E, WEB_SYN), (E, to(WEB[0], syn(WEB[1])))),
+    ),
     # ---- fragments ----
-    Row("UDP first fragment to a frontend goes to its backend", E, FIRST_FRAGMENT, OK,
-        output=dnat(FIRST_FRAGMENT, DNS)),
-    Row("UDP later fragment to a frontend goes to the first fragment's backend", E, LATER_FRAGMENT, OK,
-        output=rebuilt(LATER_FRAGMENT, IP={"dst": DNS[0]}), prior=((E, FIRST_FRAGMENT),),),
+    Row(
+        "UDP first fragment to a frontend goes to its backend", E, FIRST_FRAGMENT, OK, output=dnat(FIRST_FRAGMENT, DNS)
+    ),
+    Row(
+        "UDP later fragment to a frontend goes to the first fragment's backend",
+        E,
+        LATER_FRAGMENT,
+        OK,
+        output=rebuilt(LATER_FRAGMENT, IP={"dst": DNS[0]}),
+        prior=((E, FIRST_FRAGMENT),),
+    ),
     # ---- malformed and truncated ----
     Row("Ethernet header cut short is refused by test_run", E, cut(WEB_SYN, 12), None, None),
     Row("v4 header cut short is refused by test_run", E, cut(WEB_SYN, 14 + 19), None, None),
-    Row("v4 ihl below 5 to a frontend passes untranslated", E,
-        eth() / IP(src=CLIENT, dst=VIP, ihl=4) / syn(), OK),
-    Row("v4 ihl past the end to a frontend passes untranslated", E,
-        eth() / IP(src=CLIENT, dst=VIP, ihl=15) / syn(), OK),
+    Row("v4 ihl below 5 to a frontend passes untranslated", E, eth() / IP(src=CLIENT, dst=VIP, ihl=4) / syn(), OK),
+    Row(
+        "v4 ihl past the end to a frontend passes untranslated", E, eth() / IP(src=CLIENT, dst=VIP, ihl=15) / syn(), OK
+    ),
     Row("TCP cut short to a frontend passes untranslated", E, cut(WEB_SYN, 14 + 20 + 12), OK),
-    Row("TCP data offset past the end to a frontend passes untranslated", E,
-        to(VIP, TCP(sport=SPORT, dport=80, flags="S", dataofs=15)), OK),
-    Row("TCP data offset below 5 to a frontend passes untranslated", E,
-        to(VIP, TCP(sport=SPORT, dport=80, flags="S", dataofs=4)), OK),
+    Row(
+        "TCP data offset past the end to a frontend passes untranslated",
+        E,
+        to(VIP, TCP(sport=SPORT, dport=80, flags="S", dataofs=15)),
+        OK,
+    ),
+    Row(
+        "TCP data offset below 5 to a frontend passes untranslated",
+        E,
+        to(VIP, TCP(sport=SPORT, dport=80, flags="S", dataofs=4)),
+        OK,
+    ),
     Row("UDP cut short to a frontend passes untranslated", E, cut(DNS_QUERY, 14 + 20 + 6), OK),
     Row("TCP reply cut short passes untranslated", TC, cut(WEB_REPLY, 14 + 20 + 10), OK, prior=((E, WEB_SYN),)),
 ]
@@ -205,8 +288,9 @@ def test_session_affinity_keeps_a_client_on_one_backend(dp: Datapath) -> None:
     chosen = set()
     for sport in range(SPORT, SPORT + 8):
         frame = to(VIP_STICKY, syn(80, sport))
-        outcome = run_row(dp, Row(f"SYN from port {sport}", E, frame, OK,
-                                  output=(dnat(frame, STICKY_A), dnat(frame, STICKY_B))))
+        outcome = run_row(
+            dp, Row(f"SYN from port {sport}", E, frame, OK, output=(dnat(frame, STICKY_A), dnat(frame, STICKY_B)))
+        )
         assert outcome is not None
         chosen.add(Ether(outcome.data)[IP].dst)
     assert len(chosen) == 1, f"one client's connections went to {sorted(chosen)}"

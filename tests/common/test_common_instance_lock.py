@@ -29,8 +29,13 @@ _HOLDER = textwrap.dedent(
 
 def test_a_second_holder_is_refused_with_the_first_ones_pid_and_command(tmp_path: Path) -> None:
     config = NodeConfig(instance="t", run_dir=tmp_path / "run")
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(config.run_dir), "marker-zq"], cwd=REPO,
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(config.run_dir), "marker-zq"],
+        cwd=REPO,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         with pytest.raises(FailedPrecondition) as refused:

@@ -481,8 +481,9 @@ def test_a_key_others_can_read_or_change_is_refused(tmp_path: Path, mode: int) -
     pki = _pki(tmp_path)
     key = pki / "server.key"
     key.chmod(mode)
-    config = node(tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=key,
-                  tls_client_ca=pki / "ca.pem")
+    config = node(
+        tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=key, tls_client_ca=pki / "ca.pem"
+    )
     _, error = _start_logged(config)
     assert isinstance(error, FailedPrecondition)
     assert str(key) in str(error) and f"{mode:04o}" in str(error)
@@ -509,8 +510,13 @@ def test_a_group_readable_key_and_a_listener_without_client_ca_are_warned_about(
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
 def test_a_private_key_with_a_client_ca_starts_without_warnings(tmp_path: Path) -> None:
     pki = _pki(tmp_path)
-    config = node(tmp_path, tcp_listen="127.0.0.1:0", tls_cert=pki / "server.pem", tls_key=pki / "server.key",
-                  tls_client_ca=pki / "ca.pem")
+    config = node(
+        tmp_path,
+        tcp_listen="127.0.0.1:0",
+        tls_cert=pki / "server.pem",
+        tls_key=pki / "server.key",
+        tls_client_ca=pki / "ca.pem",
+    )
     lines, error = _start_logged(config)
     assert error is None
     assert [line for line in lines if line["level"] == "warning"] == []

@@ -75,8 +75,10 @@ def test_services_register_and_never_write_call_maps(make_node: Callable[..., No
     before = call_map_snapshot(node)
     # The services start while the orchestrator is down: they load and pin their
     # programs, then wait to register. The call maps must not move meanwhile.
-    starters = [threading.Thread(target=node.start, args=(s,), kwargs={"timeout": 60}, daemon=True)
-                for s in ("prefilter", "policy", "lb")]
+    starters = [
+        threading.Thread(target=node.start, args=(s,), kwargs={"timeout": 60}, daemon=True)
+        for s in ("prefilter", "policy", "lb")
+    ]
     for t in starters:
         t.start()
     time.sleep(4)
@@ -94,7 +96,8 @@ def test_services_register_and_never_write_call_maps(make_node: Callable[..., No
     registered = {k for k, s in placed.items() if s.program_id}
     assert registered == set(EXPECTED), registered ^ set(EXPECTED)
     single = node.orchestrator().GetSlot(
-        pb.GetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_POLICY), timeout=5)
+        pb.GetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_POLICY), timeout=5
+    )
     assert single == placed[("HOOK_FROM_CONTAINER", "SLOT_POLICY")]
     # Each program sits in the live generation, at generation * NUM_SLOTS + slot.
     with Map.from_pin(node.bpffs_root / CALLS_FROM_CONTAINER) as m:
@@ -150,14 +153,22 @@ def test_someone_elses_xdp_program_is_never_replaced(make_node: Callable[..., No
 def test_chain_swap_under_traffic_loses_nothing_and_misses_no_tail_call(node: Node) -> None:
     a = node.create_endpoint("a", ipv6=False)
     b = node.create_endpoint("b", ipv6=False)
-    with counter_object(node, "one") as one, counter_object(node, "two") as two, \
-            counter_object(node, "three") as three:
-        set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB,
-                 node.bpffs_root / "test/one/count_from_container")
-        set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_CUSTOM1,
-                 node.bpffs_root / "test/two/count_from_container")
-        set_slot(node, common_pb2.HOOK_TO_CONTAINER, common_pb2.SLOT_POLICY,
-                 node.bpffs_root / "test/three/count_to_container")
+    with counter_object(node, "one") as one, counter_object(node, "two") as two, counter_object(node, "three") as three:
+        set_slot(
+            node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, node.bpffs_root / "test/one/count_from_container"
+        )
+        set_slot(
+            node,
+            common_pb2.HOOK_FROM_CONTAINER,
+            common_pb2.SLOT_CUSTOM1,
+            node.bpffs_root / "test/two/count_from_container",
+        )
+        set_slot(
+            node,
+            common_pb2.HOOK_TO_CONTAINER,
+            common_pb2.SLOT_POLICY,
+            node.bpffs_root / "test/three/count_to_container",
+        )
         missed = reason_packets(node, "MISSED_TAIL_CALL")
         stream = traffic.CountedStream(a.netns, b.netns, b.ipv4, 9100, rate=2000).start()
         time.sleep(0.3)
@@ -169,8 +180,10 @@ def test_chain_swap_under_traffic_loses_nothing_and_misses_no_tail_call(node: No
         time.sleep(0.3)
         result = stream.finish()
         missed_after = reason_packets(node, "MISSED_TAIL_CALL")
-        print(f"chain swap under traffic: sent {result.sent}, lost {len(result.missing)}, "
-              f"missed tail calls {missed_after - missed}, swaps {len(generations)} x {len(Hook)} hooks")
+        print(
+            f"chain swap under traffic: sent {result.sent}, lost {len(result.missing)}, "
+            f"missed tail calls {missed_after - missed}, swaps {len(generations)} x {len(Hook)} hooks"
+        )
         assert result.sent > 500
         assert result.missing == [], f"{len(result.missing)} of {result.sent} datagrams lost"
         assert missed_after - missed == 0
@@ -184,8 +197,12 @@ def test_a_program_removed_under_the_chain_counts_missed_tail_calls(node: Node) 
     a = node.create_endpoint("a", ipv6=False)
     b = node.create_endpoint("b", ipv6=False)
     with counter_object(node, "c") as obj:
-        state = set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_CUSTOM0,
-                         node.bpffs_root / "test/c/count_from_container")
+        state = set_slot(
+            node,
+            common_pb2.HOOK_FROM_CONTAINER,
+            common_pb2.SLOT_CUSTOM0,
+            node.bpffs_root / "test/c/count_from_container",
+        )
         assert traffic.ping(a.netns, b.ipv4, count=2) == 2
         missed = reason_packets(node, "MISSED_TAIL_CALL")
         # Someone empties the slot behind the orchestrator's back.
@@ -208,8 +225,12 @@ def test_a_removed_call_map_pin_comes_back_on_use_and_after_restart(node: Node) 
     with Map.from_pin(pin) as m:
         map_id = m.id
     with counter_object(node, "c") as obj:
-        set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_CUSTOM0,
-                 node.bpffs_root / "test/c/count_from_container")
+        set_slot(
+            node,
+            common_pb2.HOOK_FROM_CONTAINER,
+            common_pb2.SLOT_CUSTOM0,
+            node.bpffs_root / "test/c/count_from_container",
+        )
         pin.unlink()
         listed = slots(node)  # on use
         assert pin.exists()
@@ -239,31 +260,57 @@ def test_bad_registrations_are_refused_and_change_nothing(make_node: Callable[..
     policy_pin = str(node.bpffs_root / "policy" / "policy_egress")
     xdp_pin = str(node.bpffs_root / "orchestrator" / "entry_xdp")
 
-    def register(service: str, hook: common_pb2.Hook.ValueType, slot: common_pb2.Slot.ValueType,
-                 pin: str) -> object:
-        return stub.RegisterPrograms(pb.RegisterProgramsRequest(service=service, programs=[
-            pb.ProgramRegistration(hook=hook, slot=slot, pin_path=pin)]), timeout=5)
+    def register(service: str, hook: common_pb2.Hook.ValueType, slot: common_pb2.Slot.ValueType, pin: str) -> object:
+        return stub.RegisterPrograms(
+            pb.RegisterProgramsRequest(
+                service=service, programs=[pb.ProgramRegistration(hook=hook, slot=slot, pin_path=pin)]
+            ),
+            timeout=5,
+        )
 
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
-        ("slot held by another service", lambda: register(
-            "lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_POLICY, policy_pin),
-         grpc.StatusCode.FAILED_PRECONDITION, "policy"),
-        ("wrong program type", lambda: register(
-            "lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, xdp_pin),
-         grpc.StatusCode.INVALID_ARGUMENT, "XDP"),
-        ("tc program in the XDP hook", lambda: register(
-            "lb", common_pb2.HOOK_XDP, common_pb2.SLOT_LB, policy_pin),
-         grpc.StatusCode.INVALID_ARGUMENT, "SCHED_CLS"),
-        ("no service", lambda: register("", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, policy_pin),
-         grpc.StatusCode.INVALID_ARGUMENT, "service"),
-        ("missing pin", lambda: register(
-            "lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, "/sys/fs/bpf/nothing-here"),
-         grpc.StatusCode.NOT_FOUND, "nothing-here"),
-        ("slot unspecified", lambda: register(
-            "lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_UNSPECIFIED, policy_pin),
-         grpc.StatusCode.INVALID_ARGUMENT, "slot"),
-        ("unknown interface", lambda: stub.AttachXdp(pb.AttachXdpRequest(interface="nope0"), timeout=5),
-         grpc.StatusCode.NOT_FOUND, "nope0"),
+        (
+            "slot held by another service",
+            lambda: register("lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_POLICY, policy_pin),
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "policy",
+        ),
+        (
+            "wrong program type",
+            lambda: register("lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, xdp_pin),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "XDP",
+        ),
+        (
+            "tc program in the XDP hook",
+            lambda: register("lb", common_pb2.HOOK_XDP, common_pb2.SLOT_LB, policy_pin),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "SCHED_CLS",
+        ),
+        (
+            "no service",
+            lambda: register("", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, policy_pin),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "service",
+        ),
+        (
+            "missing pin",
+            lambda: register("lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_LB, "/sys/fs/bpf/nothing-here"),
+            grpc.StatusCode.NOT_FOUND,
+            "nothing-here",
+        ),
+        (
+            "slot unspecified",
+            lambda: register("lb", common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_UNSPECIFIED, policy_pin),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "slot",
+        ),
+        (
+            "unknown interface",
+            lambda: stub.AttachXdp(pb.AttachXdpRequest(interface="nope0"), timeout=5),
+            grpc.StatusCode.NOT_FOUND,
+            "nope0",
+        ),
     ]
     for what, call, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -271,21 +318,24 @@ def test_bad_registrations_are_refused_and_change_nothing(make_node: Callable[..
         assert err.value.code() == code, f"{what}: {err.value.code()} {err.value.details()}"
         assert text in (err.value.details() or ""), f"{what}: {err.value.details()}"
     after = slots(node)
-    assert {k: (s.program_id, s.service) for k, s in after.items()} == \
-        {k: (s.program_id, s.service) for k, s in before.items()}
+    assert {k: (s.program_id, s.service) for k, s in after.items()} == {
+        k: (s.program_id, s.service) for k, s in before.items()
+    }
 
 
 def test_a_to_container_drop_names_the_destination_identity(node: Node) -> None:
     a = node.create_endpoint("a", ipv6=False)
     b = node.create_endpoint("b", ipv6=False)
     identity = 4242
-    with Map.from_pin(node.bpffs_root / "globals/endpoints", key_type=ctypes.c_uint32,
-                      value_type=EndpointInfo) as endpoints:
+    with Map.from_pin(
+        node.bpffs_root / "globals/endpoints", key_type=ctypes.c_uint32, value_type=EndpointInfo
+    ) as endpoints:
         info = endpoints[b.host_ifindex]
         endpoints[b.host_ifindex] = EndpointInfo(info.id, identity, info.flags, 0)
     with counter_object(node, "c"):
-        state = set_slot(node, common_pb2.HOOK_TO_CONTAINER, common_pb2.SLOT_CUSTOM0,
-                         node.bpffs_root / "test/c/count_to_container")
+        state = set_slot(
+            node, common_pb2.HOOK_TO_CONTAINER, common_pb2.SLOT_CUSTOM0, node.bpffs_root / "test/c/count_to_container"
+        )
         with Map.from_pin(node.bpffs_root / "globals/calls_to_container") as m:
             ProgArray(m).clear(state.generation * NUM_SLOTS + Slot.CUSTOM0)
         events = node.orchestrator().WatchEvents(pb.WatchEventsRequest(types=["DROP"]), timeout=20)

@@ -168,9 +168,7 @@ def test_removed_prefilter_pins_are_found_again(make_node: Callable[..., Node]) 
 
 
 @pytest.mark.parametrize("damage", ["garbage", "other-version", "bad-document"])
-def test_a_damaged_db_holds_the_service_with_one_line_naming_it(
-    make_node: Callable[..., Node], damage: str
-) -> None:
+def test_a_damaged_db_holds_the_service_with_one_line_naming_it(make_node: Callable[..., Node], damage: str) -> None:
     node = make_node("orchestrator", "prefilter")
     stub = pf_grpc.PrefilterStub(node.channel("prefilter"))
     stub.AddEntries(pf_pb.AddEntriesRequest(entries=[pf_pb.Entry(cidr=f"{DENIED}/32")]), timeout=10)

@@ -140,8 +140,13 @@ def test_bad_requests_are_refused_cleanly_and_change_nothing(node: Node) -> None
     baseline = [state(stub)]
     calls = {"refused": 0, "ok": 0}
 
-    @settings(max_examples=400, deadline=None, derandomize=True, database=None,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=400,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
     @given(st.composite(requests)())
     def check(case: tuple[str, Any]) -> None:
         method, request = case
@@ -175,8 +180,10 @@ def test_log_lines_are_bounded(node: Node) -> None:
         lambda: stub.GetEndpoint(pb.GetEndpointRequest(name=huge), timeout=10),
         lambda: stub.AttachDevice(pb.AttachDeviceRequest(interface=huge), timeout=10),
         lambda: stub.AllocateCIDRIdentities(pb.AllocateCIDRIdentitiesRequest(owner=huge, cidrs=[huge]), timeout=10),
-        lambda: stub.SetSlot(pb.SetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB,
-                                               pin_path="/" + huge), timeout=10),
+        lambda: stub.SetSlot(
+            pb.SetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/" + huge),
+            timeout=10,
+        ),
         lambda: stub.RegisterPrograms(pb.RegisterProgramsRequest(service=huge), timeout=10),
     ):
         with pytest.raises(grpc.RpcError) as err:

@@ -78,18 +78,26 @@ def calls(stub: pb_grpc.PolicyStub) -> st.SearchStrategy[tuple[str, Callable[[],
 
     return st.one_of(
         call("ImportRules", stub.ImportRules, st.builds(pb.ImportRulesRequest, rules=st.lists(rules(), max_size=2))),
-        call("ImportRules(document)", stub.ImportRules, st.builds(
-            pb.ImportRulesRequest, document=st.one_of(st.sampled_from(DOCUMENTS), texts))),
+        call(
+            "ImportRules(document)",
+            stub.ImportRules,
+            st.builds(pb.ImportRulesRequest, document=st.one_of(st.sampled_from(DOCUMENTS), texts)),
+        ),
         call("DeleteRules", stub.DeleteRules, st.builds(pb.DeleteRulesRequest, names=st.lists(texts, max_size=3))),
-        call("ListRules", stub.ListRules, st.builds(pb.ListRulesRequest, page=st.builds(
-            common_pb2.PageRequest, page_size=numbers, page_token=texts))),
+        call(
+            "ListRules",
+            stub.ListRules,
+            st.builds(pb.ListRulesRequest, page=st.builds(common_pb2.PageRequest, page_size=numbers, page_token=texts)),
+        ),
         call("GetRule", stub.GetRule, st.builds(pb.GetRuleRequest, name=texts)),
         call("ListIdentities", stub.ListIdentities, st.just(pb.ListIdentitiesRequest())),
         call("GetEndpointPolicy", stub.GetEndpointPolicy, st.builds(pb.GetEndpointPolicyRequest, endpoint=texts)),
-        call("SetAuditMode", stub.SetAuditMode, st.builds(pb.SetAuditModeRequest, endpoint=texts,
-                                                          audit=st.booleans())),
-        call("Trace", stub.Trace, st.builds(pb.TraceRequest, source=texts, destination=texts, port=numbers,
-                                            protocol=texts)),
+        call("SetAuditMode", stub.SetAuditMode, st.builds(pb.SetAuditModeRequest, endpoint=texts, audit=st.booleans())),
+        call(
+            "Trace",
+            stub.Trace,
+            st.builds(pb.TraceRequest, source=texts, destination=texts, port=numbers, protocol=texts),
+        ),
         call("ListConntrack", stub.ListConntrack, st.builds(pb.ListConntrackRequest, limit=numbers)),
     )
 
@@ -121,8 +129,10 @@ def test_generated_bad_requests_get_clean_statuses_and_change_nothing(make_node:
             assert code not in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN), (name, code, exc.details())
             assert code != grpc.StatusCode.DEADLINE_EXCEEDED, f"{name} took longer than its deadline"
             after = state()
-            assert after == before, f"{name} was refused ({code.name}: {exc.details()}) but changed the rules " \
+            assert after == before, (
+                f"{name} was refused ({code.name}: {exc.details()}) but changed the rules "
                 f"or identities:\n{before}\n---\n{after}"
+            )
             seen[code.name] = seen.get(code.name, 0) + 1
             return
         seen["OK"] = seen.get("OK", 0) + 1

@@ -239,8 +239,9 @@ def test_lb_store_failure_leaves_maps_store_and_ids_as_they_were(tmp_path: Path)
         s.lb.upsert(svc("np", "", ["198.18.0.12"], kind=pb.KIND_NODE_PORT))
         before = lb_state(s)
         s.store.failing = True
-        changed_web = svc("web", "198.19.0.1", ["198.18.0.11", "198.18.0.13", "198.18.0.14"],
-                          algorithm=pb.ALGORITHM_MAGLEV)
+        changed_web = svc(
+            "web", "198.19.0.1", ["198.18.0.11", "198.18.0.13", "198.18.0.14"], algorithm=pb.ALGORITHM_MAGLEV
+        )
         calls: list[tuple[str, Callable[[], object]]] = [
             ("upsert many", lambda: s.lb.upsert_many([changed_web, svc("new", "198.19.0.2", ["198.18.0.20"])])),
             ("move frontend", lambda: s.lb.upsert(svc("web", "198.19.0.3", ["198.18.0.10"]))),

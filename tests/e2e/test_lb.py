@@ -144,8 +144,15 @@ def run_in_node_cgroup(node: Node, script: str) -> str:
     """Run Python in the node's namespace as a process of the node's cgroup (the host)."""
     cgroup = node.cgroup_root / "clients"
     cgroup.mkdir(exist_ok=True)
-    argv = ["sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
-            *netns.nsenter_argv(node.ns), sys.executable, "-c", textwrap.dedent(script)]
+    argv = [
+        "sh",
+        "-c",
+        f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
+        *netns.nsenter_argv(node.ns),
+        sys.executable,
+        "-c",
+        textwrap.dedent(script),
+    ]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     return result.stdout
@@ -157,7 +164,9 @@ def test_socket_lb_from_a_host_process(make_node: Callable[..., Node]) -> None:
     s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "dns", protocol="UDP")), timeout=10)
     before = s.lb.GetCounters(pb.GetCountersRequest(service="web")).service
     with servers(s):
-        out = run_in_node_cgroup(s.node, f"""
+        out = run_in_node_cgroup(
+            s.node,
+            f"""
             import json, socket
             seen = []
             for _ in range(60):
@@ -173,7 +182,8 @@ def test_socket_lb_from_a_host_process(make_node: Callable[..., Node]) -> None:
                 udp.append((data.split(b":")[0].decode(), list(peer)))
                 u.close()
             print(json.dumps({{"tcp": seen, "udp": udp}}))
-        """)
+        """,
+        )
     result = json.loads(out)
     assert {tuple(peer) for _, peer in result["tcp"]} == {(VIP, 80)}  # getpeername4 gives the VIP
     assert {tuple(peer) for _, peer in result["udp"]} == {(VIP, 80)}  # recvmsg4 gives the VIP
@@ -200,15 +210,19 @@ def test_terminating_backend_keeps_its_connection_and_gets_no_new_ones(make_node
         held.sendall(b"a")
         owner = held.recv(100).split(b":")[0].decode()
         owner_ip = next(b.ipv4 for b in s.backends if b.name == owner)
-        s.lb.SetBackend(pb.SetBackendRequest(service="web", address=owner_ip, port=8080,
-                                             state=pb.BACKEND_STATE_TERMINATING), timeout=10)
+        s.lb.SetBackend(
+            pb.SetBackendRequest(service="web", address=owner_ip, port=8080, state=pb.BACKEND_STATE_TERMINATING),
+            timeout=10,
+        )
         new = collections.Counter(tcp_backend(s, s.client.netns) for _ in range(60))
         held.sendall(b"still")
         assert held.recv(100) == b"still"
         held.close()
         assert owner not in new and sum(new.values()) == 60
-        s.lb.SetBackend(pb.SetBackendRequest(service="web", address=owner_ip, port=8080,
-                                             state=pb.BACKEND_STATE_MAINTENANCE), timeout=10)
+        s.lb.SetBackend(
+            pb.SetBackendRequest(service="web", address=owner_ip, port=8080, state=pb.BACKEND_STATE_MAINTENANCE),
+            timeout=10,
+        )
         assert owner not in {tcp_backend(s, s.client.netns) for _ in range(20)}
 
 
@@ -221,8 +235,12 @@ def _flush_service_conntrack(node: Node) -> None:
 
 def test_maglev_removing_one_of_ten_moves_few_flows(make_node: Callable[..., Node]) -> None:
     s = make_setup(make_node, 10)
-    maglev: dict[str, Any] = {"protocol": "UDP", "algorithm": pb.ALGORITHM_MAGLEV, "maglev_table_size": 1021,
-                                 "maglev_seed": 7}
+    maglev: dict[str, Any] = {
+        "protocol": "UDP",
+        "algorithm": pb.ALGORITHM_MAGLEV,
+        "maglev_table_size": 1021,
+        "maglev_seed": 7,
+    }
     s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, **maglev)), timeout=10)
     flows = range(30000, 30400)
     with servers(s):
@@ -244,8 +262,9 @@ def _datapath_state(node: Node) -> dict[str, object]:
     pins = node.bpffs_root / "lb"
     out: dict[str, object] = {}
     with Map.from_pin(pins / "lb_services", key_type=LbServiceKey, value_type=LbService) as services:
-        out["frontends"] = sorted((bytes(k.addr)[:4].hex(), int(k.port), int(v.service_id), int(v.table_size))
-                                  for k, v in services.items())
+        out["frontends"] = sorted(
+            (bytes(k.addr)[:4].hex(), int(k.port), int(v.service_id), int(v.table_size)) for k, v in services.items()
+        )
     with Map.from_pin(pins / "lb_tables", key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as tables:
         for service_id, map_id in tables.items():
             with Map.from_id(map_id, key_type=ctypes.c_uint32, value_type=ctypes.c_uint32) as inner:
@@ -270,8 +289,12 @@ def _damage_maps(node: Node) -> None:
 def test_sigkill_keeps_vips_working_and_restart_restores_the_maps(make_node: Callable[..., Node]) -> None:
     s = make_setup(make_node, 3)
     s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
-    s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s, "m", address="198.19.0.2", weights=[1, 1, 2],
-                                                               algorithm=pb.ALGORITHM_MAGLEV)), timeout=10)
+    s.lb.UpsertService(
+        pb.UpsertServiceRequest(
+            service=service(s, "m", address="198.19.0.2", weights=[1, 1, 2], algorithm=pb.ALGORITHM_MAGLEV)
+        ),
+        timeout=10,
+    )
     state = _datapath_state(s.node)
     with servers(s):
         with netns.entered(s.client.netns):
@@ -335,18 +358,32 @@ def test_bad_input_is_refused_and_changes_nothing(make_node: Callable[..., Node]
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
         ("invalid VIP", upsert(address="198.19.0.300"), grpc.StatusCode.INVALID_ARGUMENT, "not an IP address"),
         ("port 0", upsert(address="198.19.0.9", port=0), grpc.StatusCode.INVALID_ARGUMENT, "port 0 is out of range"),
-        ("port above 65535", upsert(address="198.19.0.9", port=70000), grpc.StatusCode.INVALID_ARGUMENT,
-         "port 70000"),
+        ("port above 65535", upsert(address="198.19.0.9", port=70000), grpc.StatusCode.INVALID_ARGUMENT, "port 70000"),
         ("duplicate frontend", upsert(), grpc.StatusCode.ALREADY_EXISTS, f"{VIP}:80/TCP already belongs"),
-        ("negative weight", lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=negative)),
-         grpc.StatusCode.INVALID_ARGUMENT, "weight -1 is negative"),
-        ("table not prime", upsert(address="198.19.0.9", algorithm=pb.ALGORITHM_MAGLEV, maglev_table_size=1000),
-         grpc.StatusCode.INVALID_ARGUMENT, "1000 is not a prime"),
-        ("unknown service", lambda: s.lb.GetService(pb.GetServiceRequest(name="ghost")),
-         grpc.StatusCode.NOT_FOUND, "ghost"),
-        ("unknown backend", lambda: s.lb.SetBackend(pb.SetBackendRequest(service="web", address="198.18.9.9",
-                                                                          port=8080, weight=2)),
-         grpc.StatusCode.NOT_FOUND, "198.18.9.9:8080"),
+        (
+            "negative weight",
+            lambda: s.lb.UpsertService(pb.UpsertServiceRequest(service=negative)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "weight -1 is negative",
+        ),
+        (
+            "table not prime",
+            upsert(address="198.19.0.9", algorithm=pb.ALGORITHM_MAGLEV, maglev_table_size=1000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "1000 is not a prime",
+        ),
+        (
+            "unknown service",
+            lambda: s.lb.GetService(pb.GetServiceRequest(name="ghost")),
+            grpc.StatusCode.NOT_FOUND,
+            "ghost",
+        ),
+        (
+            "unknown backend",
+            lambda: s.lb.SetBackend(pb.SetBackendRequest(service="web", address="198.18.9.9", port=8080, weight=2)),
+            grpc.StatusCode.NOT_FOUND,
+            "198.18.9.9:8080",
+        ),
         ("bad protocol", upsert(address="198.19.0.9", protocol="SCTP"), grpc.StatusCode.INVALID_ARGUMENT, "SCTP"),
     ]
     for what, call, code, text in cases:
@@ -372,8 +409,17 @@ def test_grpcurl_creates_and_lists_a_service(make_node: Callable[..., Node]) -> 
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    body = json.dumps({"service": {"name": "api", "address": "198.19.0.5", "port": 443, "protocol": "TCP",
-                                   "backends": [{"address": s.backends[0].ipv4, "port": 8080}]}})
+    body = json.dumps(
+        {
+            "service": {
+                "name": "api",
+                "address": "198.19.0.5",
+                "port": 443,
+                "protocol": "TCP",
+                "backends": [{"address": s.backends[0].ipv4, "port": 8080}],
+            }
+        }
+    )
     assert '"198.19.0.5:443"' in grpcurl(body, "UpsertService")
     listed = grpcurl("{}", "ListServices")
     assert '"name": "api"' in listed and s.backends[0].ipv4 in listed

@@ -92,8 +92,12 @@ def test_the_endpoints_map_carries_the_orchestrators_identity_for_the_labels(mak
     # the datapath sees that identity: a drop leaving db carries it as the source identity
     s = pb_grpc.PolicyStub(node.channel("policy"))
     known(s, web1, db)
-    s.ImportRules(pb.ImportRulesRequest(rules=[pb.Rule(
-        name="db-out", endpoint_selector=sel(app="db"), egress=[pb.PeerRule(ports=[tcp(5432)])])]), timeout=10)
+    s.ImportRules(
+        pb.ImportRulesRequest(
+            rules=[pb.Rule(name="db-out", endpoint_selector=sel(app="db"), egress=[pb.PeerRule(ports=[tcp(5432)])])]
+        ),
+        timeout=10,
+    )
     events = node.orchestrator().WatchEvents(orch_pb.WatchEventsRequest(types=["DROP"]), timeout=20)
     time.sleep(0.3)
     with traffic.server(web1.netns, web1.ipv4, 8080):
@@ -194,8 +198,11 @@ def test_a_policy_change_while_the_orchestrator_restarts(make_node: Callable[...
     servers = {be.ipv4: be.netns, db.ipv4: db.netns}
     node.kill("orchestrator")
     # label rules need nothing from the orchestrator: the change is taken and enforced at once
-    widened = pb.Rule(name="backend-in", endpoint_selector=sel(app="backend"),
-                      ingress=[pb.PeerRule(endpoints=[sel(app="frontend")], ports=[tcp(9090)])])
+    widened = pb.Rule(
+        name="backend-in",
+        endpoint_selector=sel(app="backend"),
+        ingress=[pb.PeerRule(endpoints=[sel(app="frontend")], ports=[tcp(9090)])],
+    )
     reply = s.ImportRules(pb.ImportRulesRequest(rules=[widened]), timeout=10)
     assert list(reply.endpoints) == ["backend"]
     with traffic.server(servers[be.ipv4], be.ipv4, 9090):
@@ -204,8 +211,11 @@ def test_a_policy_change_while_the_orchestrator_restarts(make_node: Callable[...
         assert not traffic.tcp_connects(fe.netns, be.ipv4, 8080, timeout=0.8)
     # a rule naming a new CIDR needs its identity: refused with a reason, nothing changed
     before = (s.ListRules(pb.ListRulesRequest()), s.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="db")))
-    cidr_rule = pb.Rule(name="db-from-net", endpoint_selector=sel(app="db"),
-                        ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="203.0.113.0/24")], ports=[tcp(5432)])])
+    cidr_rule = pb.Rule(
+        name="db-from-net",
+        endpoint_selector=sel(app="db"),
+        ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="203.0.113.0/24")], ports=[tcp(5432)])],
+    )
     with pytest.raises(grpc.RpcError) as err:
         s.ImportRules(pb.ImportRulesRequest(rules=[cidr_rule]), timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "orchestrator" in (err.value.details() or "")
@@ -217,8 +227,7 @@ def test_a_policy_change_while_the_orchestrator_restarts(make_node: Callable[...
     assert eventually(lambda: _imports(s, cidr_rule), timeout=10)
     with traffic.server(servers[db.ipv4], db.ipv4, 5432):
         # the CIDR's identity reaches the ipcache and db's map through the restarted streams
-        assert eventually(lambda: traffic.tcp_connects(node.outside, db.ipv4, 5432, timeout=0.8,
-                                                       source="203.0.113.7"))
+        assert eventually(lambda: traffic.tcp_connects(node.outside, db.ipv4, 5432, timeout=0.8, source="203.0.113.7"))
         assert traffic.tcp_connects(be.netns, db.ipv4, 5432, timeout=0.8)
         assert not traffic.tcp_connects(fe.netns, db.ipv4, 5432, timeout=0.8)
     late = node.create_endpoint("backend2", {"app": "backend"})  # followed after the restart
@@ -277,8 +286,9 @@ class LocalNode:
 
 
 def _view(info: IdentityInfo) -> IdentityView:
-    return IdentityView(info.id, ",".join(info.labels), tuple(ipaddress.ip_network(p) for p in info.prefixes),
-                        frozenset(info.owners))
+    return IdentityView(
+        info.id, ",".join(info.labels), tuple(ipaddress.ip_network(p) for p in info.prefixes), frozenset(info.owners)
+    )
 
 
 class FlakyMaps(PolicyMaps):

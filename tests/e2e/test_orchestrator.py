@@ -23,9 +23,7 @@ from tests.harness.objects import counted, counter_object
 pytestmark = pytest.mark.root
 
 
-def set_slot(
-    node: Node, hook: common_pb2.Hook.ValueType, slot: common_pb2.Slot.ValueType, pin: Path
-) -> pb.SlotState:
+def set_slot(node: Node, hook: common_pb2.Hook.ValueType, slot: common_pb2.Slot.ValueType, pin: Path) -> pb.SlotState:
     return node.orchestrator().SetSlot(pb.SetSlotRequest(hook=hook, slot=slot, pin_path=str(pin)), timeout=5)
 
 
@@ -41,8 +39,12 @@ def test_two_endpoints_talk_through_the_chain(node: Node) -> None:
     before = entry_packets(node, common_pb2.HOOK_FROM_CONTAINER)
 
     with counter_object(node, "c1") as obj:
-        state = set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_POLICY,
-                         node.bpffs_root / "test/c1/count_from_container")
+        state = set_slot(
+            node,
+            common_pb2.HOOK_FROM_CONTAINER,
+            common_pb2.SLOT_POLICY,
+            node.bpffs_root / "test/c1/count_from_container",
+        )
         assert state.program_id > 0 and state.program_name.startswith("count_from_")
         assert traffic.ping(a.netns, b.ipv4, count=5) == 5
         assert traffic.ping(a.netns, b.ipv6, count=3) == 3
@@ -93,8 +95,12 @@ def test_datapath_survives_sigkill_and_restart_readopts(node: Node) -> None:
     a = node.create_endpoint("a")
     b = node.create_endpoint("b")
     with counter_object(node, "c") as obj:
-        set_slot(node, common_pb2.HOOK_FROM_CONTAINER, common_pb2.SLOT_POLICY,
-                 node.bpffs_root / "test/c/count_from_container")
+        set_slot(
+            node,
+            common_pb2.HOOK_FROM_CONTAINER,
+            common_pb2.SLOT_POLICY,
+            node.bpffs_root / "test/c/count_from_container",
+        )
         stream = traffic.CountedStream(a.netns, b.netns, b.ipv4, 9001, rate=1000).start()
         time.sleep(0.2)
         node.kill("orchestrator")
@@ -141,8 +147,7 @@ def test_delete_leaves_nothing_behind(node: Node) -> None:
     node.orchestrator().DeleteEndpoint(pb.DeleteEndpointRequest(name="keep"), timeout=10)
     assert not netns.names(f"{node.name}.")
     pins = sorted(p.name for p in (node.bpffs_root / "orchestrator").iterdir())
-    assert pins == sorted(f"entry_{h}" for h in
-                          ("from_container", "to_container", "from_network", "to_network", "xdp"))
+    assert pins == sorted(f"entry_{h}" for h in ("from_container", "to_container", "from_network", "to_network", "xdp"))
 
 
 def test_adopted_interface_is_left_in_place(node: Node) -> None:
@@ -209,16 +214,16 @@ def test_list_pages(node: Node) -> None:
     stub = node.orchestrator()
     first = stub.ListEndpoints(pb.ListEndpointsRequest(page=common_pb2.PageRequest(page_size=2)))
     assert [e.name for e in first.endpoints] == ["e1", "e2"] and first.next_page_token
-    rest = stub.ListEndpoints(pb.ListEndpointsRequest(
-        page=common_pb2.PageRequest(page_size=2, page_token=first.next_page_token)))
+    rest = stub.ListEndpoints(
+        pb.ListEndpointsRequest(page=common_pb2.PageRequest(page_size=2, page_token=first.next_page_token))
+    )
     assert [e.name for e in rest.endpoints] == ["e3"] and not rest.next_page_token
 
 
 def _state(node: Node) -> tuple[list[str], str, list[str]]:
     endpoints = [e.name for e in node.orchestrator().ListEndpoints(pb.ListEndpointsRequest()).endpoints]
     links = netns.run(node.ns, "ip", "-o", "link", "show").stdout
-    slots = [f"{s.hook}/{s.slot}/{s.program_id}" for s in
-             node.orchestrator().ListSlots(pb.ListSlotsRequest()).slots]
+    slots = [f"{s.hook}/{s.slot}/{s.program_id}" for s in node.orchestrator().ListSlots(pb.ListSlotsRequest()).slots]
     return endpoints, str(links.count("lxc")), slots
 
 
@@ -228,41 +233,102 @@ def test_bad_input_is_refused_and_changes_nothing(node: Node) -> None:
     before = _state(node)
     stub = node.orchestrator()
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
-        ("bad IPv4", lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="x", ipv4="10.1.2.300")),
-         grpc.StatusCode.INVALID_ARGUMENT, "10.1.2.300"),
-        ("IPv6 in ipv4", lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="x", ipv4="2001:db8::1")),
-         grpc.StatusCode.INVALID_ARGUMENT, "not an IPv4"),
-        ("bad name", lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="Bad_Name", ipv4="198.18.9.1")),
-         grpc.StatusCode.INVALID_ARGUMENT, "Bad_Name"),
-        ("duplicate name", lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="taken", ipv4="198.18.9.2")),
-         grpc.StatusCode.ALREADY_EXISTS, "taken"),
-        ("duplicate address", lambda: stub.CreateEndpoint(
-            pb.CreateEndpointRequest(name="y", ipv4="198.18.0.10")),
-         grpc.StatusCode.ALREADY_EXISTS, "198.18.0.10"),
-        ("unknown endpoint", lambda: stub.GetEndpoint(pb.GetEndpointRequest(name="ghost")),
-         grpc.StatusCode.NOT_FOUND, "ghost"),
-        ("delete unknown", lambda: stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="ghost")),
-         grpc.StatusCode.NOT_FOUND, "ghost"),
-        ("adopt missing interface", lambda: stub.CreateEndpoint(
-            pb.CreateEndpointRequest(name="z", ipv4="198.18.9.3", adopt_interface="nope0")),
-         grpc.StatusCode.NOT_FOUND, "nope0"),
-        ("slot out of range", lambda: stub.SetSlot(pb.SetSlotRequest(
-            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.Slot.ValueType(42), pin_path=str(xdp_pin))),
-         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        ("hook unspecified", lambda: stub.SetSlot(pb.SetSlotRequest(slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))),
-         grpc.StatusCode.INVALID_ARGUMENT, "hook"),
-        ("wrong program type", lambda: stub.SetSlot(pb.SetSlotRequest(
-            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))),
-         grpc.StatusCode.INVALID_ARGUMENT, "XDP"),
-        ("missing pin", lambda: stub.SetSlot(pb.SetSlotRequest(
-            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/sys/fs/bpf/nothing-here")),
-         grpc.StatusCode.NOT_FOUND, "nothing-here"),
-        ("unknown program id", lambda: stub.SetSlot(pb.SetSlotRequest(
-            hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, program_id=0x7FFFFFF0)),
-         grpc.StatusCode.NOT_FOUND, str(0x7FFFFFF0)),
-        ("page too big", lambda: stub.ListEndpoints(pb.ListEndpointsRequest(
-            page=common_pb2.PageRequest(page_size=100000))),
-         grpc.StatusCode.INVALID_ARGUMENT, "page_size"),
+        (
+            "bad IPv4",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="x", ipv4="10.1.2.300")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "10.1.2.300",
+        ),
+        (
+            "IPv6 in ipv4",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="x", ipv4="2001:db8::1")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not an IPv4",
+        ),
+        (
+            "bad name",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="Bad_Name", ipv4="198.18.9.1")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "Bad_Name",
+        ),
+        (
+            "duplicate name",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="taken", ipv4="198.18.9.2")),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "taken",
+        ),
+        (
+            "duplicate address",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="y", ipv4="198.18.0.10")),
+            grpc.StatusCode.ALREADY_EXISTS,
+            "198.18.0.10",
+        ),
+        (
+            "unknown endpoint",
+            lambda: stub.GetEndpoint(pb.GetEndpointRequest(name="ghost")),
+            grpc.StatusCode.NOT_FOUND,
+            "ghost",
+        ),
+        (
+            "delete unknown",
+            lambda: stub.DeleteEndpoint(pb.DeleteEndpointRequest(name="ghost")),
+            grpc.StatusCode.NOT_FOUND,
+            "ghost",
+        ),
+        (
+            "adopt missing interface",
+            lambda: stub.CreateEndpoint(pb.CreateEndpointRequest(name="z", ipv4="198.18.9.3", adopt_interface="nope0")),
+            grpc.StatusCode.NOT_FOUND,
+            "nope0",
+        ),
+        (
+            "slot out of range",
+            lambda: stub.SetSlot(
+                pb.SetSlotRequest(
+                    hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.Slot.ValueType(42), pin_path=str(xdp_pin)
+                )
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "out of range",
+        ),
+        (
+            "hook unspecified",
+            lambda: stub.SetSlot(pb.SetSlotRequest(slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "hook",
+        ),
+        (
+            "wrong program type",
+            lambda: stub.SetSlot(
+                pb.SetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path=str(xdp_pin))
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "XDP",
+        ),
+        (
+            "missing pin",
+            lambda: stub.SetSlot(
+                pb.SetSlotRequest(
+                    hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, pin_path="/sys/fs/bpf/nothing-here"
+                )
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "nothing-here",
+        ),
+        (
+            "unknown program id",
+            lambda: stub.SetSlot(
+                pb.SetSlotRequest(hook=common_pb2.HOOK_FROM_CONTAINER, slot=common_pb2.SLOT_LB, program_id=0x7FFFFFF0)
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            str(0x7FFFFFF0),
+        ),
+        (
+            "page too big",
+            lambda: stub.ListEndpoints(pb.ListEndpointsRequest(page=common_pb2.PageRequest(page_size=100000))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "page_size",
+        ),
     ]
     for what, call, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -284,8 +350,7 @@ def _bpftool_json(*args: str) -> list[dict[str, int]]:
     import json
 
     result = subprocess.run(["bpftool", "-j", *args], check=True, capture_output=True, text=True)
-    return [{"key": int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")}
-            for e in json.loads(result.stdout)]
+    return [{"key": int.from_bytes(bytes(int(b, 16) for b in e["key"]), "little")} for e in json.loads(result.stdout)]
 
 
 def test_grpcurl_walkthrough(node: Node) -> None:
@@ -293,8 +358,13 @@ def test_grpcurl_walkthrough(node: Node) -> None:
     sock = str(node.socket("orchestrator"))
 
     def grpcurl(*args: str) -> str:
-        result = subprocess.run(["grpcurl", "-plaintext", "-unix", *args], capture_output=True, text=True,
-                                timeout=30, env={**os.environ, "PATH": _venv_path()})
+        result = subprocess.run(
+            ["grpcurl", "-plaintext", "-unix", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PATH": _venv_path()},
+        )
         assert result.returncode == 0, result.stderr
         return result.stdout
 
@@ -356,8 +426,14 @@ def test_devices_and_adoption_refuse_interfaces_that_are_not_free(node: Node) ->
 
     endpoints = stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5)
     for ifname in (a.host_ifname, "dev0", "busy0", "xdpbusy0"):
-        _refused(lambda i=ifname: stub.CreateEndpoint(pb.CreateEndpointRequest(  # type: ignore[misc]
-            name="adopter", ipv4="198.18.9.9", adopt_interface=i), timeout=10))
+        _refused(
+            lambda i=ifname: stub.CreateEndpoint(
+                pb.CreateEndpointRequest(  # type: ignore[misc]
+                    name="adopter", ipv4="198.18.9.9", adopt_interface=i
+                ),
+                timeout=10,
+            )
+        )
     assert stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=5) == endpoints
     assert _tc_programs(node, a.host_ifname) == veth_programs
     assert [d.interface for d in stub.ListDevices(pb.ListDevicesRequest(), timeout=5).devices] == ["dev0"]

@@ -57,8 +57,12 @@ def pair(make_node: Callable[..., Node]) -> Pair:
 
 
 def server_rule(ingress: list[pb.PeerRule], ingress_deny: list[pb.PeerRule] | None = None) -> pb.Rule:
-    return pb.Rule(name="server-in", endpoint_selector=pb.EndpointSelector(match_labels={"app": "server"}),
-                   ingress=ingress, ingress_deny=ingress_deny or [])
+    return pb.Rule(
+        name="server-in",
+        endpoint_selector=pb.EndpointSelector(match_labels={"app": "server"}),
+        ingress=ingress,
+        ingress_deny=ingress_deny or [],
+    )
 
 
 def tcp_with_dstopts(ns: str, address: str, port: int) -> bool:

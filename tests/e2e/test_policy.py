@@ -174,8 +174,14 @@ def test_cidr_with_except_from_outside_and_entity_host(cluster: Cluster) -> None
 def test_deny_overrides_allow_and_audit_mode_passes(cluster: Cluster) -> None:
     c = cluster
     fe, be = c.frontend, c.backend
-    rules = [*three_tier(), pb.Rule(name="no-8080-from-anyone", endpoint_selector=sel(app="backend"),
-                                    ingress_deny=[pb.PeerRule(entities=["all"], ports=[tcp(8080)])])]
+    rules = [
+        *three_tier(),
+        pb.Rule(
+            name="no-8080-from-anyone",
+            endpoint_selector=sel(app="backend"),
+            ingress_deny=[pb.PeerRule(entities=["all"], ports=[tcp(8080)])],
+        ),
+    ]
     c.policy.ImportRules(pb.ImportRulesRequest(rules=rules), timeout=10)
     before = c.reasons()
     assert not tcp_ok(fe.netns, be.ipv4, 8080)
@@ -297,21 +303,52 @@ def test_bad_input_is_refused_and_policy_unchanged(make_node: Callable[..., Node
 
     many_ports = [tcp(p) for p in range(2000, 2400, 2)]
     cases: list[tuple[str, pb.ImportRulesRequest, grpc.StatusCode, str]] = [
-        ("malformed selector", pb.ImportRulesRequest(rules=[pb.Rule(name="bad", endpoint_selector=pb.EndpointSelector(
-            match_expressions=[pb.LabelRequirement(key="app", operator="In")]))]),
-         grpc.StatusCode.INVALID_ARGUMENT, "needs at least one value"),
-        ("port above 65535", rule(ingress=[pb.PeerRule(ports=[tcp(65536)])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "port 65536 is above 65535"),
-        ("endPort below port", rule(ingress=[pb.PeerRule(ports=[tcp(8080, 8000)])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "end_port 8000 is below port 8080"),
-        ("unknown protocol", rule(ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="QUIC")])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "protocol 'QUIC'"),
-        ("bad CIDR", rule(ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="10.0.0.1/8")])]),
-         grpc.StatusCode.INVALID_ARGUMENT, "host bits set"),
-        ("overflow", rule(ingress=[pb.PeerRule(ports=many_ports)]),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 64"),
-        ("bad document", pb.ImportRulesRequest(document="{not yaml: ["),
-         grpc.StatusCode.INVALID_ARGUMENT, "not valid YAML"),
+        (
+            "malformed selector",
+            pb.ImportRulesRequest(
+                rules=[
+                    pb.Rule(
+                        name="bad",
+                        endpoint_selector=pb.EndpointSelector(
+                            match_expressions=[pb.LabelRequirement(key="app", operator="In")]
+                        ),
+                    )
+                ]
+            ),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "needs at least one value",
+        ),
+        (
+            "port above 65535",
+            rule(ingress=[pb.PeerRule(ports=[tcp(65536)])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "port 65536 is above 65535",
+        ),
+        (
+            "endPort below port",
+            rule(ingress=[pb.PeerRule(ports=[tcp(8080, 8000)])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "end_port 8000 is below port 8080",
+        ),
+        (
+            "unknown protocol",
+            rule(ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="QUIC")])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "protocol 'QUIC'",
+        ),
+        (
+            "bad CIDR",
+            rule(ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="10.0.0.1/8")])]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "host bits set",
+        ),
+        ("overflow", rule(ingress=[pb.PeerRule(ports=many_ports)]), grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 64"),
+        (
+            "bad document",
+            pb.ImportRulesRequest(document="{not yaml: ["),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not valid YAML",
+        ),
     ]
     for what, request, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -337,9 +374,11 @@ def test_grpcurl_imports_json_and_reads_the_policy_map(cluster: Cluster) -> None
         assert result.returncode == 0, result.stderr
         return result.stdout
 
-    body = ('{"rules": [{"name": "db-in", "endpoint_selector": {"match_labels": {"app": "db"}}, '
-            '"ingress": [{"endpoints": [{"match_labels": {"app": "backend"}}], '
-            '"ports": [{"port": 5432, "protocol": "TCP"}]}]}]}')
+    body = (
+        '{"rules": [{"name": "db-in", "endpoint_selector": {"match_labels": {"app": "db"}}, '
+        '"ingress": [{"endpoints": [{"match_labels": {"app": "backend"}}], '
+        '"ports": [{"port": 5432, "protocol": "TCP"}]}]}]}'
+    )
     imported = grpcurl(body, "ImportRules")
     assert '"db"' in imported
     time.sleep(0.1)
@@ -365,7 +404,12 @@ def test_drops_stream_as_events_and_conntrack_is_listed_and_collected(make_node:
     drop = next(e for e in events if e.protocol == "TCP")
     events.cancel()
     assert (drop.reason, drop.protocol, drop.src, drop.dst, drop.dst_port) == (
-        "POLICY_DENIED", "TCP", fe.ipv4, be.ipv4, 9999)
+        "POLICY_DENIED",
+        "TCP",
+        fe.ipv4,
+        be.ipv4,
+        9999,
+    )
     assert drop.hook == common_pb2.HOOK_TO_CONTAINER
 
     assert tcp_ok(fe.netns, be.ipv4, 8080)

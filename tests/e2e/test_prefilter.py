@@ -234,28 +234,65 @@ def test_bad_input_is_refused_and_changes_nothing(make_node: Callable[..., Node]
     before = (dump_pinned(pins), s.ListEntries(pb.ListEntriesRequest()).revision)
     hosts = [f"192.0.2.{i}" for i in range(10, 14)]
     cases: list[tuple[str, Callable[[], object], grpc.StatusCode, str]] = [
-        ("malformed", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/8", "10.1.2/24"))),
-         grpc.StatusCode.INVALID_ARGUMENT, "not an IPv4 or IPv6 address"),
-        ("prefix too long", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/33"))),
-         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        ("v6 prefix too long", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("2001:db8::/129"))),
-         grpc.StatusCode.INVALID_ARGUMENT, "out of range"),
-        ("host bits", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.1.2.3/16"))),
-         grpc.StatusCode.INVALID_ARGUMENT, "host bits set"),
-        ("stale revision", lambda: s.AddEntries(pb.AddEntriesRequest(
-            entries=entries("10.0.0.0/8"), expected_revision=first.revision - 1 or 99)),
-         grpc.StatusCode.ABORTED, "revision"),
-        ("too many hosts", lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries(*hosts))),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 4"),
-        ("too many in a replace", lambda: s.ReplaceEntries(pb.ReplaceEntriesRequest(
-            entries=entries("10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"))),
-         grpc.StatusCode.RESOURCE_EXHAUSTED, "holds 2"),
-        ("delete unknown", lambda: s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["203.0.113.7", "10.9.0.0/16"])),
-         grpc.StatusCode.NOT_FOUND, "10.9.0.0/16"),
-        ("unknown interface", lambda: s.Attach(pb.AttachRequest(interface="nope0")),
-         grpc.StatusCode.NOT_FOUND, "nope0"),
-        ("detach unknown", lambda: s.Detach(pb.DetachRequest(interface="nope0")),
-         grpc.StatusCode.NOT_FOUND, "nope0"),
+        (
+            "malformed",
+            lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/8", "10.1.2/24"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "not an IPv4 or IPv6 address",
+        ),
+        (
+            "prefix too long",
+            lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.0.0.0/33"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "out of range",
+        ),
+        (
+            "v6 prefix too long",
+            lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("2001:db8::/129"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "out of range",
+        ),
+        (
+            "host bits",
+            lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries("10.1.2.3/16"))),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "host bits set",
+        ),
+        (
+            "stale revision",
+            lambda: s.AddEntries(
+                pb.AddEntriesRequest(entries=entries("10.0.0.0/8"), expected_revision=first.revision - 1 or 99)
+            ),
+            grpc.StatusCode.ABORTED,
+            "revision",
+        ),
+        (
+            "too many hosts",
+            lambda: s.AddEntries(pb.AddEntriesRequest(entries=entries(*hosts))),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "holds 4",
+        ),
+        (
+            "too many in a replace",
+            lambda: s.ReplaceEntries(
+                pb.ReplaceEntriesRequest(entries=entries("10.0.0.0/8", "10.1.0.0/16", "10.2.0.0/16"))
+            ),
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            "holds 2",
+        ),
+        (
+            "delete unknown",
+            lambda: s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=["203.0.113.7", "10.9.0.0/16"])),
+            grpc.StatusCode.NOT_FOUND,
+            "10.9.0.0/16",
+        ),
+        (
+            "unknown interface",
+            lambda: s.Attach(pb.AttachRequest(interface="nope0")),
+            grpc.StatusCode.NOT_FOUND,
+            "nope0",
+        ),
+        ("detach unknown", lambda: s.Detach(pb.DetachRequest(interface="nope0")), grpc.StatusCode.NOT_FOUND, "nope0"),
     ]
     for what, call, code, text in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -289,9 +326,14 @@ def test_grpcurl_adds_an_entry_and_reads_its_counters(pnode: tuple[Node, orch_pb
 def test_passed_packets_continue_to_the_next_xdp_slot(pnode: tuple[Node, orch_pb.Endpoint]) -> None:
     node, ep = pnode
     with counter_object(node, "xdpnext") as obj:
-        node.orchestrator().SetSlot(orch_pb.SetSlotRequest(
-            hook=common_pb2.HOOK_XDP, slot=common_pb2.SLOT_CUSTOM0,
-            pin_path=str(node.bpffs_root / "test/xdpnext/count_xdp")), timeout=5)
+        node.orchestrator().SetSlot(
+            orch_pb.SetSlotRequest(
+                hook=common_pb2.HOOK_XDP,
+                slot=common_pb2.SLOT_CUSTOM0,
+                pin_path=str(node.bpffs_root / "test/xdpnext/count_xdp"),
+            ),
+            timeout=5,
+        )
         stub(node).AddEntries(pb.AddEntriesRequest(entries=entries(f"{DENIED_HOST_V4}/32")))
         before = counted(obj, Hook.XDP)
         assert traffic.ping(node.outside, ep.ipv4, count=5, source=DENIED_HOST_V4, wait=0.5) == 0

@@ -20,8 +20,13 @@ SERVICES = ["orchestrator", "prefilter", "policy", "lb"]
 
 def test_suite_starts_every_service_and_stops_cleanly(make_node: Callable[..., Node]) -> None:
     node = make_node()
-    argv = [*netns.nsenter_argv(node.ns), sys.executable, "-m", "services.orchestrator.suite",
-            *node.argv("x")[node.argv("x").index("--instance"):]]
+    argv = [
+        *netns.nsenter_argv(node.ns),
+        sys.executable,
+        "-m",
+        "services.orchestrator.suite",
+        *node.argv("x")[node.argv("x").index("--instance") :],
+    ]
     suite = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 60

@@ -58,7 +58,7 @@ _CLIENT = textwrap.dedent(
 
 
 def _suite_argv(node: Node, *extra: str) -> list[str]:
-    common = node.argv("x")[node.argv("x").index("--instance"):]
+    common = node.argv("x")[node.argv("x").index("--instance") :]
     return [*netns.nsenter_argv(node.ns), sys.executable, "-m", "services.orchestrator.suite", *common, *extra]
 
 
@@ -83,8 +83,15 @@ def running_suite(node: Node, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def _who_answers(node: Node, pki: Path, targets: list[str]) -> dict[str, list[str]]:
-    argv = [*netns.nsenter_argv(node.ns), sys.executable, "-c", _CLIENT, str(pki), json.dumps(targets),
-            json.dumps(list(SERVICE_NAMES.values()))]
+    argv = [
+        *netns.nsenter_argv(node.ns),
+        sys.executable,
+        "-c",
+        _CLIENT,
+        str(pki),
+        json.dumps(targets),
+        json.dumps(list(SERVICE_NAMES.values())),
+    ]
     result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     answers: dict[str, list[str]] = json.loads(result.stdout)
@@ -92,8 +99,14 @@ def _who_answers(node: Node, pki: Path, targets: list[str]) -> dict[str, list[st
 
 
 def _tls(pki: Path) -> tuple[str, ...]:
-    return ("--tls-cert", str(pki / "server.pem"), "--tls-key", str(pki / "server.key"),
-            "--tls-client-ca", str(pki / "ca.pem"))
+    return (
+        "--tls-cert",
+        str(pki / "server.pem"),
+        "--tls-key",
+        str(pki / "server.key"),
+        "--tls-client-ca",
+        str(pki / "ca.pem"),
+    )
 
 
 @pytest.fixture
@@ -106,9 +119,7 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
-def test_a_port_range_gives_each_service_its_tls_listener_in_order(
-    make_node: Callable[..., Node], pki: Path
-) -> None:
+def test_a_port_range_gives_each_service_its_tls_listener_in_order(make_node: Callable[..., Node], pki: Path) -> None:
     node = make_node()
     with running_suite(node, "--tcp-listen", "127.0.0.1:7100-7105", *_tls(pki)):
         targets = [f"127.0.0.1:{7100 + i}" for i in range(len(SERVICES))]
@@ -116,14 +127,11 @@ def test_a_port_range_gives_each_service_its_tls_listener_in_order(
         assert answers == {t: [SERVICE_NAMES[s]] for t, s in zip(targets, SERVICES, strict=True)}
 
 
-def test_addresses_by_name_give_only_the_named_services_a_listener(
-    make_node: Callable[..., Node], pki: Path
-) -> None:
+def test_addresses_by_name_give_only_the_named_services_a_listener(make_node: Callable[..., Node], pki: Path) -> None:
     node = make_node()
     with running_suite(node, "--tcp-listen", "lb=127.0.0.1:7201,orchestrator=127.0.0.1:7200", *_tls(pki)):
         answers = _who_answers(node, pki, ["127.0.0.1:7200", "127.0.0.1:7201"])
-        assert answers == {"127.0.0.1:7200": [SERVICE_NAMES["orchestrator"]],
-                           "127.0.0.1:7201": [SERVICE_NAMES["lb"]]}
+        assert answers == {"127.0.0.1:7200": [SERVICE_NAMES["orchestrator"]], "127.0.0.1:7201": [SERVICE_NAMES["lb"]]}
         listening = netns.run(node.ns, "ss", "-Htln").stdout
         assert sorted(line.split()[3].rpartition(":")[2] for line in listening.splitlines()) == ["7200", "7201"]
 

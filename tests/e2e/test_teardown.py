@@ -67,7 +67,7 @@ def beside(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[Node]
 
 
 def _teardown(node: Node, *extra: str) -> subprocess.CompletedProcess[str]:
-    flags = node.argv("x")[node.argv("x").index("--instance"):]
+    flags = node.argv("x")[node.argv("x").index("--instance") :]
     argv = [*netns.nsenter_argv(node.ns), sys.executable, "-m", "services.orchestrator.teardown", *flags, *extra]
     return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
 
@@ -84,8 +84,13 @@ def _populate(node: Node, device: str, vip: str) -> None:
     pf_grpc.PrefilterStub(node.channel("prefilter")).Attach(
         pf_pb.AttachRequest(interface=device, mode=pf_pb.XDP_MODE_GENERIC), timeout=10
     )
-    service = lb_pb.Service(name="web", address=vip, port=80, protocol="TCP",
-                            backends=[lb_pb.Backend(address=backend.ipv4, port=8080, weight=1)])
+    service = lb_pb.Service(
+        name="web",
+        address=vip,
+        port=80,
+        protocol="TCP",
+        backends=[lb_pb.Backend(address=backend.ipv4, port=8080, weight=1)],
+    )
     _lb(node).UpsertService(lb_pb.UpsertServiceRequest(service=service), timeout=10)
 
 

@@ -118,8 +118,9 @@ class Datapath:
     # ---- objects, loaded through the services' own map classes ----
 
     def load_prefilter(self, capacity: Capacity) -> PrefilterMaps:
-        self.prefilter = PrefilterMaps(BPF_BUILD, self.globals_dir, self.root / "prefilter", capacity,
-                                       register=self.register)
+        self.prefilter = PrefilterMaps(
+            BPF_BUILD, self.globals_dir, self.root / "prefilter", capacity, register=self.register
+        )
         self.prefilter.load()
         return self.prefilter
 
@@ -145,9 +146,7 @@ class Datapath:
         """The identities of these CIDRs (and no others) in the node's ipcache."""
         ipcache = self.globals_dir / "ipcache"  # pinned by the first object that uses it
         with Map.from_pin(ipcache) as pinned:
-            Ipcache(pinned).reconcile(
-                {parse_cidr(cidr): identity for cidr, identity in wanted.items()}
-            )
+            Ipcache(pinned).reconcile({parse_cidr(cidr): identity for cidr, identity in wanted.items()})
 
     def clear_endpoint(self) -> None:
         self.shared("endpoints").typed(ctypes.c_uint32, EndpointInfo).clear()

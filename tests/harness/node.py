@@ -95,8 +95,9 @@ class Node:
         self.cgroup_root.mkdir(exist_ok=True)
         netns.create(self.ns)
         netns.create(self.outside)
-        netns.run(self.ns, "ip", "link", "add", NET_IFNAME, "type", "veth", "peer", "name", "eth0",
-                  "netns", self.outside)
+        netns.run(
+            self.ns, "ip", "link", "add", NET_IFNAME, "type", "veth", "peer", "name", "eth0", "netns", self.outside
+        )
         for ns, dev, v4, v6 in (
             (self.ns, NET_IFNAME, NODE_NET_V4, NODE_NET_V6),
             (self.outside, "eth0", OUTSIDE_V4, OUTSIDE_V6),
@@ -109,10 +110,26 @@ class Node:
         for network, addresses in OUTSIDE_EXTRA.items():
             is_v6 = ":" in network
             for address in addresses:
-                netns.run(self.outside, "ip", "addr", "add", f"{address}/{128 if is_v6 else 32}", "dev", "eth0",
-                          *(["nodad"] if is_v6 else []))
-            netns.run(self.ns, "ip", "-6" if is_v6 else "-4", "route", "add", network, "via",
-                      OUTSIDE_V6 if is_v6 else OUTSIDE_V4)
+                netns.run(
+                    self.outside,
+                    "ip",
+                    "addr",
+                    "add",
+                    f"{address}/{128 if is_v6 else 32}",
+                    "dev",
+                    "eth0",
+                    *(["nodad"] if is_v6 else []),
+                )
+            netns.run(
+                self.ns,
+                "ip",
+                "-6" if is_v6 else "-4",
+                "route",
+                "add",
+                network,
+                "via",
+                OUTSIDE_V6 if is_v6 else OUTSIDE_V4,
+            )
         # Resolve the neighbours once (the first IPv6 exchange waits up to a second
         # for neighbour discovery), so tests measure the datapath, not ND.
         for source in (OUTSIDE_V4, OUTSIDE_V6, *(a for addrs in OUTSIDE_EXTRA.values() for a in addrs)):
@@ -204,9 +221,7 @@ class Node:
     def orchestrator(self) -> orch_grpc.OrchestratorStub:
         return orch_grpc.OrchestratorStub(self.channel("orchestrator"))
 
-    def create_endpoint(
-        self, name: str, labels: dict[str, str] | None = None, ipv6: bool = True
-    ) -> orch_pb.Endpoint:
+    def create_endpoint(self, name: str, labels: dict[str, str] | None = None, ipv6: bool = True) -> orch_pb.Endpoint:
         """Create an endpoint over gRPC with the next free test addresses."""
         self.endpoint_count += 1
         n = self.endpoint_count + 9

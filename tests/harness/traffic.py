@@ -25,17 +25,25 @@ def _family(address: str) -> socket.AddressFamily:
     return socket.AF_INET6 if ipaddress.ip_address(address).version == 6 else socket.AF_INET
 
 
-def ping(
-    ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0, source: str = ""
-) -> int:
+def ping(ns: str, address: str, count: int = 3, interval: float = 0.05, wait: float = 1.0, source: str = "") -> int:
     """Echo replies received by `count` pings from ns to address (from `source` if given).
 
     A ping that could not run (no such namespace, source address not configured)
     raises: it must not pass for "every echo was dropped".
     """
     result = netns.run(
-        ns, "ping", "-c", str(count), "-i", str(interval), "-W", str(wait), "-q",
-        *(["-I", source] if source else []), address, check=False,
+        ns,
+        "ping",
+        "-c",
+        str(count),
+        "-i",
+        str(interval),
+        "-W",
+        str(wait),
+        "-q",
+        *(["-I", source] if source else []),
+        address,
+        check=False,
     )
     for line in result.stdout.splitlines():
         if "received" in line:
@@ -114,9 +122,7 @@ def server(ns: str, address: str, port: int, proto: str = "tcp", reply: bytes = 
         srv.stop()
 
 
-def tcp_exchange(
-    ns: str, address: str, port: int, payload: bytes, timeout: float = TIMEOUT, source: str = ""
-) -> bytes:
+def tcp_exchange(ns: str, address: str, port: int, payload: bytes, timeout: float = TIMEOUT, source: str = "") -> bytes:
     """Connect from ns (from `source` if given), send payload, return the answer (raises on failure)."""
     with netns.entered(ns):
         sock = socket.socket(_family(address), socket.SOCK_STREAM)
@@ -137,7 +143,12 @@ def tcp_exchange(
 # Anything else (no such namespace, a source address that is not configured, no
 # route) is a broken test set-up and raises, so it cannot pass for "denied".
 _NOT_THROUGH = {
-    errno.ECONNREFUSED, errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTUNREACH, errno.ETIMEDOUT, errno.EPIPE,
+    errno.ECONNREFUSED,
+    errno.ECONNRESET,
+    errno.ECONNABORTED,
+    errno.EHOSTUNREACH,
+    errno.ETIMEDOUT,
+    errno.EPIPE,
 }
 
 
@@ -185,9 +196,7 @@ class CountedStream:
     Run `start()`, do something to the datapath, then `finish()`.
     """
 
-    def __init__(
-        self, src_ns: str, dst_ns: str, dst: str, port: int, rate: int = 2000, source: str = ""
-    ) -> None:
+    def __init__(self, src_ns: str, dst_ns: str, dst: str, port: int, rate: int = 2000, source: str = "") -> None:
         self._dst = dst
         self._port = port
         self._interval = 1.0 / rate

@@ -64,8 +64,9 @@ def test_xdp_program_sees_traffic(maps_obj: pybpf.BpfObject, veth: VethPair, mod
     """
     counters = maps_obj.maps["percpu_array"].typed(c_uint32, Pair)
     drop_flag = maps_obj.maps["array_map"].typed(c_uint32, c_uint32)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver, attach_xdp(
-        "veth1", maps_obj.programs["xdp_verdict"], mode
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as receiver,
+        attach_xdp("veth1", maps_obj.programs["xdp_verdict"], mode),
     ):
         receiver.bind((veth.addr, 9))
         receiver.settimeout(2)

@@ -51,8 +51,11 @@ def test_every_port_of_a_range_is_covered_exactly() -> None:
 
 
 def test_unselected_endpoint_is_not_enforced_and_selected_one_denies_by_default() -> None:
-    rule = pb.Rule(name="db-in", endpoint_selector=sel(app="db"),
-                   ingress=[pb.PeerRule(endpoints=[sel(app="web")], ports=[pb.PortRule(port=5432, protocol="TCP")])])
+    rule = pb.Rule(
+        name="db-in",
+        endpoint_selector=sel(app="db"),
+        ingress=[pb.PeerRule(endpoints=[sel(app="web")], ports=[pb.PortRule(port=5432, protocol="TCP")])],
+    )
     policies = computer(rule).all()
     assert not policies[WEB.id].ingress_enforced and not policies[WEB.id].egress_enforced
     db = policies[DB.id]
@@ -63,21 +66,30 @@ def test_unselected_endpoint_is_not_enforced_and_selected_one_denies_by_default(
 
 
 def test_deny_wins_over_a_more_specific_allow() -> None:
-    allow = pb.Rule(name="allow-web", endpoint_selector=sel(app="db"),
-                    ingress=[pb.PeerRule(endpoints=[sel(app="web")], ports=[pb.PortRule(port=5432, protocol="TCP")])])
-    deny = pb.Rule(name="deny-range", endpoint_selector=sel(tier="data"),
-                   ingress_deny=[pb.PeerRule(entities=["all"], ports=[pb.PortRule(port=5000, end_port=6000,
-                                                                                   protocol="TCP")])])
+    allow = pb.Rule(
+        name="allow-web",
+        endpoint_selector=sel(app="db"),
+        ingress=[pb.PeerRule(endpoints=[sel(app="web")], ports=[pb.PortRule(port=5432, protocol="TCP")])],
+    )
+    deny = pb.Rule(
+        name="deny-range",
+        endpoint_selector=sel(tier="data"),
+        ingress_deny=[pb.PeerRule(entities=["all"], ports=[pb.PortRule(port=5000, end_port=6000, protocol="TCP")])],
+    )
     db = computer(allow, deny).endpoint(DB)
     hit = db.lookup(Direction.INGRESS, WEB.identity, TCP, 5432)
     assert hit is not None and hit.deny and hit.rules == ("deny-range",)
 
 
 def test_any_protocol_allow_does_not_hide_a_port_deny() -> None:
-    allow = pb.Rule(name="allow-all-web", endpoint_selector=sel(app="db"),
-                    ingress=[pb.PeerRule(endpoints=[sel(app="web")])])
-    deny = pb.Rule(name="deny-53", endpoint_selector=sel(app="db"),
-                   ingress_deny=[pb.PeerRule(ports=[pb.PortRule(port=53, protocol="UDP")])])
+    allow = pb.Rule(
+        name="allow-all-web", endpoint_selector=sel(app="db"), ingress=[pb.PeerRule(endpoints=[sel(app="web")])]
+    )
+    deny = pb.Rule(
+        name="deny-53",
+        endpoint_selector=sel(app="db"),
+        ingress_deny=[pb.PeerRule(ports=[pb.PortRule(port=53, protocol="UDP")])],
+    )
     db = computer(allow, deny).endpoint(DB)
     assert db.lookup(Direction.INGRESS, WEB.identity, UDP, 53).deny  # type: ignore[union-attr]
     assert not db.lookup(Direction.INGRESS, WEB.identity, UDP, 54).deny  # type: ignore[union-attr]
@@ -87,9 +99,13 @@ def test_any_protocol_allow_does_not_hide_a_port_deny() -> None:
 
 
 def test_cidr_except_and_world() -> None:
-    rule = pb.Rule(name="from-net", endpoint_selector=sel(app="web"), ingress=[
-        pb.PeerRule(cidrs=[pb.CidrRule(cidr="203.0.113.0/24", **{"except": ["203.0.113.8/32"]})]),
-    ])
+    rule = pb.Rule(
+        name="from-net",
+        endpoint_selector=sel(app="web"),
+        ingress=[
+            pb.PeerRule(cidrs=[pb.CidrRule(cidr="203.0.113.0/24", **{"except": ["203.0.113.8/32"]})]),
+        ],
+    )
     c = computer(rule)
     # the ipcache as the orchestrator writes it: CIDR identities, the host, endpoints
     ipcache = {**c.cidr_identities, ipaddress.ip_network("192.0.2.1/32"): ReservedIdentity.HOST}
@@ -104,10 +120,16 @@ def test_cidr_except_and_world() -> None:
 
 
 def test_selectors_with_expressions() -> None:
-    rule = pb.Rule(name="exp", endpoint_selector=pb.EndpointSelector(match_expressions=[
-        pb.LabelRequirement(key="app", operator="In", values=["web", "db"]),
-        pb.LabelRequirement(key="tier", operator="DoesNotExist"),
-    ]), egress=[pb.PeerRule(entities=["world"])])
+    rule = pb.Rule(
+        name="exp",
+        endpoint_selector=pb.EndpointSelector(
+            match_expressions=[
+                pb.LabelRequirement(key="app", operator="In", values=["web", "db"]),
+                pb.LabelRequirement(key="tier", operator="DoesNotExist"),
+            ]
+        ),
+        egress=[pb.PeerRule(entities=["world"])],
+    )
     policies = computer(rule).all()
     assert [p.endpoint.name for p in policies.values() if p.egress_enforced] == ["web"]
 
@@ -123,13 +145,24 @@ def test_overflowing_an_endpoint_map_is_refused() -> None:
     ("rule", "message"),
     [
         (pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=70000)])]), "port 70000 is above 65535"),
-        (pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=90, end_port=80)])]),
-         "end_port 80 is below port 90"),
-        (pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="SCTP")])]),
-         "protocol 'SCTP' is not one of"),
+        (
+            pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=90, end_port=80)])]),
+            "end_port 80 is below port 90",
+        ),
+        (
+            pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="SCTP")])]),
+            "protocol 'SCTP' is not one of",
+        ),
         (pb.Rule(name="x", ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="10.0.0.0/33")])]), "out of range"),
-        (pb.Rule(name="x", endpoint_selector=pb.EndpointSelector(match_expressions=[
-            pb.LabelRequirement(key="app", operator="Matches", values=["a"])])), "operator 'Matches'"),
+        (
+            pb.Rule(
+                name="x",
+                endpoint_selector=pb.EndpointSelector(
+                    match_expressions=[pb.LabelRequirement(key="app", operator="Matches", values=["a"])]
+                ),
+            ),
+            "operator 'Matches'",
+        ),
         (pb.Rule(name="x", endpoint_selector=sel(**{"bad key!": "v"})), "not a valid label key"),
         (pb.Rule(name="Bad_Name"), "rule name 'Bad_Name' is invalid"),
         (pb.Rule(name="x", ingress=[pb.PeerRule(entities=["cluster"])]), "entity 'cluster'"),
@@ -169,8 +202,17 @@ def test_an_entry_credits_only_the_rules_covering_its_ports(deny: bool) -> None:
                                          ports=[pb.PortRule(port=port, protocol="TCP")])]})
         for port in (1000, 1001)
     ]  # fmt: skip
-    rules.append(pb.Rule(name="range", endpoint_selector=sel(app="db"), ingress=[
-        pb.PeerRule(endpoints=[sel(app="client")], ports=[pb.PortRule(port=2000, end_port=2003, protocol="TCP")])]))
+    rules.append(
+        pb.Rule(
+            name="range",
+            endpoint_selector=sel(app="db"),
+            ingress=[
+                pb.PeerRule(
+                    endpoints=[sel(app="client")], ports=[pb.PortRule(port=2000, end_port=2003, protocol="TCP")]
+                )
+            ],
+        )
+    )
     db = computer(*rules).all()[DB.id]
     for port in (1000, 1001):
         entry = db.lookup(Direction.INGRESS, WEB.identity, TCP, port)

@@ -114,8 +114,11 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
 def cidr_rule(name: str, count: int, base: str = "10.0.0.0", app: str = "frontend") -> pb.Rule:
     start = int(ipaddress.IPv4Address(base))
     cidrs = [pb.CidrRule(cidr=f"{ipaddress.IPv4Address(start + i)}/32") for i in range(count)]
-    return pb.Rule(name=name, endpoint_selector=pb.EndpointSelector(match_labels={"app": app}),
-                   egress=[pb.PeerRule(cidrs=cidrs, ports=[pb.PortRule(port=443, protocol="TCP")])])
+    return pb.Rule(
+        name=name,
+        endpoint_selector=pb.EndpointSelector(match_labels={"app": app}),
+        egress=[pb.PeerRule(cidrs=cidrs, ports=[pb.PortRule(port=443, protocol="TCP")])],
+    )
 
 
 def small_rule(name: str) -> pb.Rule:
@@ -128,8 +131,10 @@ def alias_bomb() -> str:
     """About 34 KB of YAML whose anchors expand to a million CIDRs: 1000 peers, each an alias of 1000 CIDRs."""
     cidrs = ", ".join(f"10.0.{i // 256}.{i % 256}/32" for i in range(1000))
     peers = "".join("  - {toCIDR: *c}\n" for _ in range(1000))
-    return (f"cidrs: &c [{cidrs}]\nmetadata: {{name: bomb}}\nspec:\n  endpointSelector: {{matchLabels: {{app: x}}}}\n"
-            f"  egress:\n{peers}")
+    return (
+        f"cidrs: &c [{cidrs}]\nmetadata: {{name: bomb}}\nspec:\n  endpointSelector: {{matchLabels: {{app: x}}}}\n"
+        f"  egress:\n{peers}"
+    )
 
 
 def nested(depth: int) -> str:
@@ -161,8 +166,9 @@ BAD_DOCUMENTS = {
     "name with NUL": '{"metadata": {"name": "x\\u0000"}, "spec": {}}',
     "NUL in the document": "metadata: {name: x}\x00\nspec: {}\n",
     "control character in the document": "\x0emetadata: {name: x}\nspec: {}\n",
-    "label key with a newline": ('{"metadata": {"name": "x"}, '
-                                 '"spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}'),
+    "label key with a newline": (
+        '{"metadata": {"name": "x"}, "spec": {"endpointSelector": {"matchLabels": {"a\\n": "b"}}}}'
+    ),
     "items is a string": "kind: List\nitems: abc\n",
     "10k-deep nesting": nested(10_000),
     "recursive alias": "metadata: {name: x}\nspec: &s {ingress: [*s]}\n",
