@@ -32,15 +32,15 @@ from services.common.datapath import CtKey, CtValue, EndpointInfo, IpcacheKey, I
 from services.common.errors import ResourceExhausted
 from services.common.objects import load_service_object
 from services.common.store import Store
-from services.common.validate import Network
-from services.orchestrator.identities import Identities, IdentityInfo
+from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, ipcache_network
 from services.policy.compute import EndpointView, MapEntry
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
-from services.policy.sources import OWNER, IdentityView
+from services.policy.sources import OWNER
 from tests.e2e.test_policy import known, sel, tcp, three_tier
 from tests.harness import traffic
+from tests.harness.local_node import LocalNode
 from tests.harness.node import BPF_BUILD, Node, pid_prefix
 
 pytestmark = pytest.mark.root
@@ -261,34 +261,6 @@ def test_conntrack_is_collected_by_the_orchestrator(make_node: Callable[..., Nod
 # ---- the change protocol with injected failures (real maps and stores, in-process) ----
 
 _counter = itertools.count()
-
-
-@dataclass
-class LocalNode:
-    """The orchestrator's own identity classes, called in-process instead of over gRPC."""
-
-    identities: Identities
-    endpoints: list[EndpointView]
-
-    def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]:
-        return list(self.endpoints), [_view(i) for i in self.identities.all()]
-
-    def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
-        wanted = sorted(set(networks), key=str)
-        infos = self.identities.allocate_cidrs(OWNER, wanted, reserve_only)
-        return {n: i.id for n, i in zip(wanted, infos, strict=True)}
-
-    def release(self, networks: Iterable[Network]) -> None:
-        self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
-
-    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
-        """No endpoint waits for its policy here (there is no orchestrator)."""
-
-
-def _view(info: IdentityInfo) -> IdentityView:
-    return IdentityView(
-        info.id, ",".join(info.labels), tuple(ipaddress.ip_network(p) for p in info.prefixes), frozenset(info.owners)
-    )
 
 
 class FlakyMaps(PolicyMaps):

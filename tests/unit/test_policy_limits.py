@@ -11,7 +11,7 @@ import gc
 import ipaddress
 import itertools
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,6 @@ from services.common.bpffs import remove_pins
 from services.common.errors import InvalidArgument, WeirError
 from services.common.objects import load_service_object
 from services.common.store import Store
-from services.common.validate import Network
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache
 from services.policy import limits
@@ -32,36 +31,12 @@ from services.policy.compute import EndpointView
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
 from services.policy.rules import from_proto, from_stored
-from services.policy.sources import OWNER, IdentityView
+from tests.harness.local_node import LocalNode
 from tests.harness.node import BPF_BUILD, pid_prefix
 
 pytestmark = pytest.mark.root
 
 _counter = itertools.count()
-
-
-@dataclass
-class LocalNode:
-    """The orchestrator's identity classes, called in-process instead of over gRPC."""
-
-    identities: Identities
-    endpoints: list[EndpointView]
-
-    def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]:
-        views = [IdentityView(i.id, ",".join(i.labels), tuple(ipaddress.ip_network(p) for p in i.prefixes),
-                              frozenset(i.owners)) for i in self.identities.all()]  # fmt: skip
-        return list(self.endpoints), views
-
-    def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
-        wanted = sorted(set(networks), key=str)
-        infos = self.identities.allocate_cidrs(OWNER, wanted, reserve_only)
-        return {n: i.id for n, i in zip(wanted, infos, strict=True)}
-
-    def release(self, networks: Iterable[Network]) -> None:
-        self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
-
-    def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
-        """No endpoint waits for its policy here (there is no orchestrator)."""
 
 
 @dataclass
