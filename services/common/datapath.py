@@ -85,6 +85,7 @@ class IpProto(IntEnum):
     ICMPV6 = 58
     NONE = 59  # IPv6: no next header
     DSTOPTS = 60  # IPv6 destination options
+    SCTP = 132  # ports in the first 4 bytes, as TCP and UDP
 
 
 class TcpFlag(IntEnum):
@@ -184,6 +185,7 @@ class ReservedIdentity(IntEnum):
     UNKNOWN = 0  # in policy keys: any identity
     HOST = 1
     WORLD = 2
+    REMOTE_NODE = 6  # another node of the cluster (Cilium's number)
 
 
 FIRST_LABEL_IDENTITY = 256

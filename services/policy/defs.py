@@ -31,6 +31,10 @@ class ConfigFlag(IntEnum):
     INGRESS_ENFORCED = 1
     EGRESS_ENFORCED = 2
     AUDIT = 4
+    # Enforced, but no selecting rule asks for default deny (enableDefaultDeny false):
+    # a packet no entry matches passes; deny entries still drop.
+    INGRESS_DEFAULT_ALLOW = 8
+    EGRESS_DEFAULT_ALLOW = 16
 
 
 class PolicyKey(ctypes.Structure):

@@ -80,9 +80,10 @@ class CidrRule:
 
 @dataclass(frozen=True)
 class PortRule:
-    protocol: str  # TCP, UDP, ICMP, ANY
+    protocol: str  # TCP, UDP, SCTP, ICMP (IPv4), ICMPV6, ANY (TCP, UDP and SCTP)
     first: int  # 0 with last 65535 (or 255 for ICMP types): every port
     last: int
+    name: str = ""  # a named port, resolved per endpoint (first and last are then 0)
 
 
 @dataclass(frozen=True)
@@ -107,7 +108,15 @@ class Rule:
     ingress_deny: tuple[PeerRule, ...] = ()
     egress_deny: tuple[PeerRule, ...] = ()
     description: str = ""
+    namespace: str = ""  # "": cluster-wide; else the rule's selectors already carry the namespace
+    default_deny_ingress: bool = True  # Cilium's enableDefaultDeny (unset is true)
+    default_deny_egress: bool = True
     source: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        """The rule's unique name on the node: namespace/name, or the name of a cluster-wide rule."""
+        return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
     def cidrs(self) -> Iterable[Network]:
         """Every CIDR the rule names, excepts included: each gets an identity."""
