@@ -72,6 +72,12 @@ class FailedPrecondition(WeirError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class Unimplemented(WeirError):
+    """A valid request for something this node does not do (yet); the message names it."""
+
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 class ResourceExhausted(WeirError):
     """A map, table or quota is full."""
 

@@ -226,9 +226,14 @@ def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: 
             inner.update(key, value)
 
 
-def config_flags(ingress: bool, egress: bool, audit: bool) -> int:
+def config_flags(
+    ingress: bool, egress: bool, audit: bool, ingress_default_allow: bool = False, egress_default_allow: bool = False
+) -> int:
+    """An endpoint's config word; a default-allow flag counts only in an enforced direction."""
     return (
         (ConfigFlag.INGRESS_ENFORCED if ingress else 0)
         | (ConfigFlag.EGRESS_ENFORCED if egress else 0)
         | (ConfigFlag.AUDIT if audit else 0)
+        | (ConfigFlag.INGRESS_DEFAULT_ALLOW if ingress and ingress_default_allow else 0)
+        | (ConfigFlag.EGRESS_DEFAULT_ALLOW if egress and egress_default_allow else 0)
     )

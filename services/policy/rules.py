@@ -111,7 +111,12 @@ class Rule:
     namespace: str = ""  # "": cluster-wide; else the rule's selectors already carry the namespace
     default_deny_ingress: bool = True  # Cilium's enableDefaultDeny (unset is true)
     default_deny_egress: bool = True
+    specs: tuple[Rule, ...] = ()  # further specs of the same policy (CNP `specs:`), same name and namespace
     source: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    def parts(self) -> tuple[Rule, ...]:
+        """This spec and its further specs, each a rule of its own for computing maps."""
+        return (self, *self.specs)
 
     @property
     def key(self) -> str:
