@@ -32,6 +32,10 @@ MAX_SELECTORS_PER_PEER = 256
 MAX_LABELS_PER_SELECTOR = 64  # match_labels and match_expressions together
 MAX_VALUES_PER_EXPRESSION = 256
 MAX_DESCRIPTION_CHARS = 4_096
+MAX_SPECS_PER_RULE = 1_000  # specs of one policy (a CiliumNetworkPolicy's `specs:`)
+# Cilium's own bounds (pkg/policy/api/rule_validation.go): ports of one toPorts entry, types of one icmps entry.
+MAX_PORTS_PER_PORT_RULE = 40
+MAX_ICMP_FIELDS = 40
 MAX_TEXT_SHOWN = 64  # characters of a refused value quoted back in an error or a log line
 
 

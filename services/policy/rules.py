@@ -1,22 +1,24 @@
 """The rule model: CiliumNetworkPolicy-shaped L3/L4 rules, validated.
 
 Rules arrive as protobuf messages or as YAML/JSON documents of
-CiliumNetworkPolicy-style objects; both become the same frozen dataclasses,
-and every problem is reported with its place ("rule web: ingress[0].ports[1]:
-...") and refused before anything changes.
+CiliumNetworkPolicy-style objects (services.policy.cnp turns those into
+messages); both become the same frozen dataclasses, and every problem is
+reported with its place ("rule web: ingress[0].ports[1]: ...") and refused
+before anything changes.
 """
 
 from __future__ import annotations
 
+import functools
 import re
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
-from services.common.errors import InvalidArgument
+from services.common.errors import InvalidArgument, Unimplemented
 from services.common.validate import CidrError, Network, parse_cidr
 from services.policy.limits import (
     MAX_CIDRS_PER_RULE,
@@ -25,22 +27,62 @@ from services.policy.limits import (
     MAX_LABELS_PER_SELECTOR,
     MAX_PEERS_PER_SECTION,
     MAX_PORTS_PER_RULE,
-    MAX_RULES_PER_REQUEST,
     MAX_SELECTORS_PER_PEER,
+    MAX_SPECS_PER_RULE,
     MAX_VALUES_PER_EXPRESSION,
     at_most,
-    load_documents,
     shown,
 )
 
-PROTOCOLS = {"TCP": 6, "UDP": 17, "ICMP": 1, "ANY": 0}
-ENTITIES = {"host", "world", "all"}
+PROTOCOLS = {"TCP": 6, "UDP": 17, "SCTP": 132, "ICMP": 1, "ICMPV6": 58, "ANY": 0}
+ICMP_PROTOCOLS = frozenset({"ICMP", "ICMPV6"})
+ENTITIES = frozenset({"host", "world", "all", "cluster", "remote-node"})
+# Entities Cilium knows (pkg/policy/api/entity.go) for which this node has no identity.
+UNIMPLEMENTED_ENTITIES = frozenset(
+    {"world-ipv4", "world-ipv6", "init", "ingress", "unmanaged", "health", "none", "kube-apiserver"}
+)
 OPERATORS = {"In", "NotIn", "Exists", "DoesNotExist"}
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,61}[a-z0-9])?$")
+DNS_LABEL_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace (RFC 1123 label)
 LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+# An IANA service name (RFC 6335 5.1), as Cilium's iana.IsSvcName, lowercase as Cilium stores it.
+SERVICE_NAME_RE = re.compile(r"([a-z0-9]-?)*[a-z](-?[a-z0-9])*")
+MAX_SERVICE_NAME_CHARS = 15
 # What a CIDR may be made of (checked before parsing): no scope (%eth0), spaces or control characters.
 CIDR_TEXT_RE = re.compile(r"[0-9A-Fa-f.:/]{1,64}")
+
+# Label sources a selector key may name ("k8s:app"); a key without one is "any" (Cilium's
+# labels.ParseSelectLabel). An endpoint's label key without one is "k8s": endpoints model pods.
+LABEL_SOURCES = frozenset({"any", "k8s", "reserved", "container", "cni", "unspec"})
+# Sources Cilium gives identities this node labels otherwise (CIDRs have their own rules here).
+UNIMPLEMENTED_SOURCES = frozenset({"cidr", "cidrgroup", "fqdn", "node", "gen", "directory"})
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"
+NAMESPACE_KEY = f"k8s:{NAMESPACE_LABEL}"
+NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels"  # labels of the pod's namespace
+SECTIONS = ("ingress", "egress", "ingress_deny", "egress_deny")
+
+
+@functools.lru_cache(maxsize=65536)
+def split_key(key: str, default: str = "any") -> tuple[str, str]:
+    """(source, name) of a label key: "k8s:app" -> ("k8s", "app"); no source -> `default`."""
+    source, colon, name = key.partition(":")
+    return (source, name) if colon else (default, key)
+
+
+def _labels_by_name(labels: dict[str, str]) -> dict[str, list[tuple[str, str]]]:
+    """An endpoint's labels as name -> [(source, value)]; a key without a source is a k8s label."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    for key, value in labels.items():
+        source, name = split_key(key, "k8s")
+        out.setdefault(name, []).append((source, value))
+    return out
+
+
+def _values(by_name: dict[str, list[tuple[str, str]]], key: str) -> list[str]:
+    """Values of the labels a selector key names: "any:" (or no source) takes every source."""
+    source, name = split_key(key)
+    return [v for s, v in by_name.get(name, ()) if source == "any" or s == source]
 
 
 @dataclass(frozen=True)
@@ -50,25 +92,29 @@ class Requirement:
     values: frozenset[str]
 
     def matches(self, labels: dict[str, str]) -> bool:
+        return self._matches(_labels_by_name(labels))
+
+    def _matches(self, by_name: dict[str, list[tuple[str, str]]]) -> bool:
+        found = _values(by_name, self.key)
         if self.operator == "Exists":
-            return self.key in labels
+            return bool(found)
         if self.operator == "DoesNotExist":
-            return self.key not in labels
-        if self.operator == "In":
-            return labels.get(self.key) in self.values
-        return labels.get(self.key) not in self.values  # NotIn (absent keys match, as in Kubernetes)
+            return not found
+        hit = any(v in self.values for v in found)
+        return hit if self.operator == "In" else not hit  # NotIn: absent keys match, as in Kubernetes
 
 
 @dataclass(frozen=True)
 class Selector:
-    """matchLabels and matchExpressions; empty selects everything."""
+    """matchLabels and matchExpressions; empty selects everything. Keys may carry a label source."""
 
     match_labels: tuple[tuple[str, str], ...] = ()
     match_expressions: tuple[Requirement, ...] = ()
 
     def matches(self, labels: dict[str, str]) -> bool:
-        return all(labels.get(k) == v for k, v in self.match_labels) and all(
-            r.matches(labels) for r in self.match_expressions
+        by_name = _labels_by_name(labels)
+        return all(v in _values(by_name, k) for k, v in self.match_labels) and all(
+            r._matches(by_name) for r in self.match_expressions
         )
 
 
@@ -124,19 +170,76 @@ class Rule:
         return f"{self.namespace}/{self.name}" if self.namespace else self.name
 
     def cidrs(self) -> Iterable[Network]:
-        """Every CIDR the rule names, excepts included: each gets an identity."""
-        for section in (self.ingress, self.egress, self.ingress_deny, self.egress_deny):
-            for peer in section:
-                for c in peer.cidrs:
-                    yield c.network
-                    yield from c.excepts
+        """Every CIDR the rule (all its specs) names, excepts included: each gets an identity."""
+        for part in self.parts():
+            for section in (part.ingress, part.egress, part.ingress_deny, part.egress_deny):
+                for peer in section:
+                    for c in peer.cidrs:
+                        yield c.network
+                        yield from c.excepts
+
+
+# ---- namespaces, as Cilium's k8s/apis/cilium.io/utils (ParseToCiliumRule) ----
+
+
+def peer_scope(keys: Sequence[str], namespace: str, selects_init: bool = False) -> str:
+    """What a peer endpoint selector with these keys gets added, as Cilium's getEndpointSelector.
+
+    "namespace": the requirement k8s:io.kubernetes.pod.namespace=<namespace> (a namespaced
+    policy's peers default to its namespace); "exists": that label must exist (a cluster-wide
+    policy's peers are pods, never reserved identities, unless its subject is reserved:init);
+    "": nothing, because the selector names reserved labels, already constrains the namespace,
+    or (namespaced) selects by namespace labels.
+    """
+    parsed = [split_key(k) for k in keys]
+    if any(source == "reserved" for source, _ in parsed):
+        return ""
+    if any(name == NAMESPACE_LABEL and source in ("k8s", "any") for source, name in parsed):
+        return ""
+    if not namespace:
+        return "" if selects_init else "exists"
+    if any(name.startswith(NAMESPACE_LABELS_PREFIX) and source in ("k8s", "any") for source, name in parsed):
+        return ""
+    return "namespace"
+
+
+def selector_keys(msg: pb.EndpointSelector) -> list[str]:
+    return [*msg.match_labels, *(e.key for e in msg.match_expressions)]
+
+
+def _confine(msg: pb.Rule, namespace: str, where: str) -> None:
+    """Confine one spec of a namespaced rule to its namespace (idempotent: a stored rule already is)."""
+    for key, value in msg.endpoint_selector.match_labels.items():
+        source, name = split_key(key)
+        if name == NAMESPACE_LABEL and source in ("k8s", "any") and value != namespace:
+            raise InvalidArgument(
+                f"{where}: endpoint_selector: {shown(key)} is {shown(value)}, but the rule is in namespace "
+                f"{namespace!r}: a namespaced rule selects only endpoints of its own namespace"
+            )
+    msg.endpoint_selector.match_labels[NAMESPACE_KEY] = namespace
+    for name in SECTIONS:
+        for peer in getattr(msg, name):
+            for selector in peer.endpoints:
+                if peer_scope(selector_keys(selector), namespace) == "namespace":
+                    selector.match_labels[NAMESPACE_KEY] = namespace
 
 
 # ---- from protobuf ----
 
 
 def _label_key(key: str, where: str) -> str:
-    if not LABEL_KEY_RE.fullmatch(key):
+    source, name = split_key(key)
+    if source in UNIMPLEMENTED_SOURCES:
+        raise Unimplemented(
+            f"{where}: label key {shown(key)}: selecting {source}: labels is not supported by this node "
+            "(CIDRs are selected with CIDR rules)"
+        )
+    if source not in LABEL_SOURCES:
+        raise InvalidArgument(
+            f"{where}: label key {shown(key)} has an unknown source {shown(source)}: use one of "
+            f"{', '.join(sorted(LABEL_SOURCES))} (or none, which is any)"
+        )
+    if not LABEL_KEY_RE.fullmatch(name):
         raise InvalidArgument(f"{where}: label key {shown(key)} is not a valid label key")
     return key
 
@@ -179,12 +282,29 @@ def _cidr(text: str, where: str) -> Network:
         raise InvalidArgument(f"{where}: {exc}") from None
 
 
+def check_service_name(name: str, where: str) -> str:
+    """A named port: an IANA service name (at most 15 of a-z, 0-9 and single inner '-', one letter at least)."""
+    if len(name) > MAX_SERVICE_NAME_CHARS or not SERVICE_NAME_RE.fullmatch(name):
+        raise InvalidArgument(
+            f"{where}: {shown(name)} is not a port name: at most {MAX_SERVICE_NAME_CHARS} lowercase letters, "
+            "digits and single inner '-', with at least one letter (IANA service name syntax)"
+        )
+    return name
+
+
 def _port(msg: pb.PortRule, where: str) -> PortRule:
     protocol = (msg.protocol or "ANY").upper()
     if protocol not in PROTOCOLS:
-        raise InvalidArgument(f"{where}: protocol {shown(msg.protocol)} is not one of TCP, UDP, ICMP, ANY")
-    top = 255 if protocol == "ICMP" else 65535
-    what = "ICMP type" if protocol == "ICMP" else "port"
+        raise InvalidArgument(f"{where}: protocol {shown(msg.protocol)} is not one of {', '.join(PROTOCOLS)}")
+    if msg.name:
+        check_service_name(msg.name, f"{where}.name")
+        if protocol in ICMP_PROTOCOLS:
+            raise InvalidArgument(f"{where}: a named port cannot be {protocol} (ICMP has types, not ports)")
+        if msg.port or msg.end_port:
+            raise InvalidArgument(f"{where}: a named port ({msg.name!r}) takes no port or end_port")
+        return PortRule(protocol, 0, 0, msg.name)
+    top = 255 if protocol in ICMP_PROTOCOLS else 65535
+    what = "ICMP type" if protocol in ICMP_PROTOCOLS else "port"
     if msg.port > top:
         raise InvalidArgument(f"{where}: {what} {msg.port} is above {top}")
     if msg.end_port > top:
@@ -198,6 +318,17 @@ def _port(msg: pb.PortRule, where: str) -> PortRule:
     return PortRule(protocol, msg.port, msg.end_port or msg.port)
 
 
+def check_entity(entity: str, where: str) -> str:
+    if entity in UNIMPLEMENTED_ENTITIES:
+        raise Unimplemented(
+            f"{where}: entity {shown(entity)} is not supported by this node (it has no such identity); "
+            f"supported: {', '.join(sorted(ENTITIES))}"
+        )
+    if entity not in ENTITIES:
+        raise InvalidArgument(f"{where}: entity {shown(entity)} is not one of {', '.join(sorted(ENTITIES))}")
+    return entity
+
+
 def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
     cidrs = []
     for i, c in enumerate(msg.cidrs):
@@ -208,8 +339,7 @@ def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
                 raise InvalidArgument(f"{where}.cidrs[{i}]: except {e} is not inside {network}")
         cidrs.append(CidrRule(network, excepts))
     for entity in msg.entities:
-        if entity not in ENTITIES:
-            raise InvalidArgument(f"{where}: entity {shown(entity)} is not one of {', '.join(sorted(ENTITIES))}")
+        check_entity(entity, where)
     return PeerRule(
         endpoints=tuple(_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
         cidrs=tuple(cidrs),
@@ -219,10 +349,11 @@ def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
 
 
 def cidr_count(msg: pb.Rule) -> int:
-    """The CIDRs (excepts included) a rule message names, counted without parsing them."""
+    """The CIDRs (excepts included) a rule message names, its specs' too, counted without parsing them."""
     return sum(
         1 + len(getattr(c, "except"))
-        for section in (msg.ingress, msg.egress, msg.ingress_deny, msg.egress_deny)
+        for part in (msg, *msg.specs)
+        for section in (part.ingress, part.egress, part.ingress_deny, part.egress_deny)
         for peer in section
         for c in peer.cidrs
     )
@@ -237,16 +368,26 @@ def check_name(name: str) -> str:
     return name
 
 
+def check_namespace(namespace: str, where: str) -> str:
+    """A namespace: a DNS label (lowercase letters, digits and inner '-', at most 63), as Kubernetes'."""
+    if not DNS_LABEL_RE.fullmatch(namespace):
+        raise InvalidArgument(
+            f"{where}: namespace {shown(namespace)} is invalid: use lowercase letters, digits and inner '-', "
+            "at most 63"
+        )
+    return namespace
+
+
 def _check_sizes(msg: pb.Rule, where: str) -> None:
-    """The limits of one rule, from the message's counts alone (before anything is built)."""
+    """The limits of one spec, from the message's counts alone (before anything is built)."""
     sections = (msg.ingress, msg.egress, msg.ingress_deny, msg.egress_deny)
-    for name, section in zip(("ingress", "egress", "ingress_deny", "egress_deny"), sections, strict=True):
+    for name, section in zip(SECTIONS, sections, strict=True):
         at_most(len(section), MAX_PEERS_PER_SECTION, f"{where}: {name} peers")
     at_most(sum(len(p.ports) for s in sections for p in s), MAX_PORTS_PER_RULE, f"{where}: ports")
     at_most(cidr_count(msg), MAX_CIDRS_PER_RULE, f"{where}: CIDRs (excepts included)")
     at_most(len(msg.description), MAX_DESCRIPTION_CHARS, f"{where}: description characters")
     selectors = [("endpoint_selector", msg.endpoint_selector)]
-    for name, section in zip(("ingress", "egress", "ingress_deny", "egress_deny"), sections, strict=True):
+    for name, section in zip(SECTIONS, sections, strict=True):
         for i, peer in enumerate(section):
             at_most(len(peer.endpoints), MAX_SELECTORS_PER_PEER, f"{where}: {name}[{i}]: endpoint selectors")
             selectors += [(f"{name}[{i}].endpoints[{j}]", s) for j, s in enumerate(peer.endpoints)]
@@ -261,30 +402,59 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
         raise InvalidArgument(f"{where}: description contains a NUL character")
 
 
-def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
-    """Validate one rule message; raises InvalidArgument naming the faulty field.
+def _spec(msg: pb.Rule, name: str, namespace: str, where: str) -> Rule:
+    """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
 
-    `sized` applies the request limits too; a stored rule (accepted when the limits
-    may have been wider) is loaded without them.
-    """
-    check_name(msg.name)
-    where = f"rule {msg.name}"
-    if sized:
-        _check_sizes(msg, where)
+    def section(peers: Iterable[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
+        return tuple(_peer(p, f"{where}: {field_name}[{i}]") for i, p in enumerate(peers))
 
-    def section(peers: Iterable[pb.PeerRule], name: str) -> tuple[PeerRule, ...]:
-        return tuple(_peer(p, f"{where}: {name}[{i}]") for i, p in enumerate(peers))
-
+    deny = msg.enable_default_deny
     return Rule(
-        name=msg.name,
+        name=name,
         selector=_selector(msg.endpoint_selector, f"{where}: endpoint_selector"),
         ingress=section(msg.ingress, "ingress"),
         egress=section(msg.egress, "egress"),
         ingress_deny=section(msg.ingress_deny, "ingress_deny"),
         egress_deny=section(msg.egress_deny, "egress_deny"),
         description=msg.description,
-        source=json_format.MessageToDict(msg, preserving_proto_field_name=True),
+        namespace=namespace,
+        default_deny_ingress=deny.ingress if deny.HasField("ingress") else True,
+        default_deny_egress=deny.egress if deny.HasField("egress") else True,
     )
+
+
+def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
+    """Validate one rule message; raises InvalidArgument (or Unimplemented) naming the faulty field.
+
+    `sized` applies the request limits too; a stored rule (accepted when the limits
+    may have been wider) is loaded without them. A namespaced rule's selectors are
+    confined to its namespace here, as Cilium does for a CiliumNetworkPolicy; the
+    rule's `source` is the message as enforced.
+    """
+    check_name(msg.name)
+    where = f"rule {msg.name}"
+    if msg.namespace:
+        check_namespace(msg.namespace, where)
+    if sized:
+        at_most(len(msg.specs), MAX_SPECS_PER_RULE, f"{where}: specs")
+        _check_sizes(msg, where)
+        for i, spec in enumerate(msg.specs):
+            _check_sizes(spec, f"{where}: specs[{i}]")
+    for i, spec in enumerate(msg.specs):
+        if spec.name or spec.namespace or spec.specs:
+            raise InvalidArgument(
+                f"{where}: specs[{i}]: a further spec takes its name and namespace from the rule and has no "
+                "specs of its own; leave name, namespace and specs empty"
+            )
+    enforced = pb.Rule()
+    enforced.CopyFrom(msg)
+    if msg.namespace:
+        _confine(enforced, msg.namespace, where)
+        for i, spec in enumerate(enforced.specs):
+            _confine(spec, msg.namespace, f"{where}: specs[{i}]")
+    specs = tuple(_spec(s, msg.name, msg.namespace, f"{where}: specs[{i}]") for i, s in enumerate(enforced.specs))
+    top = _spec(enforced, msg.name, msg.namespace, where)
+    return replace(top, specs=specs, source=json_format.MessageToDict(enforced, preserving_proto_field_name=True))
 
 
 def from_stored(doc: dict[str, Any]) -> Rule:
@@ -295,161 +465,8 @@ def to_proto(rule: Rule) -> pb.Rule:
     return json_format.ParseDict(rule.source, pb.Rule())
 
 
-# ---- from CiliumNetworkPolicy-style documents ----
-
-_SECTIONS = {
-    "ingress": ("ingress", "from"),
-    "egress": ("egress", "to"),
-    "ingressDeny": ("ingress_deny", "from"),
-    "egressDeny": ("egress_deny", "to"),
-}
-_DIGITS = re.compile(r"[0-9]{1,5}")
-
-
-def _mapping(value: Any, where: str, optional: bool = True) -> dict[str, Any]:
-    if value is None and optional:
-        return {}
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{where} must be a mapping, not {_kind(value)}")
-    return value
-
-
-def _items(value: Any, where: str) -> list[Any]:
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise InvalidArgument(f"{where} must be a list, not {_kind(value)}")
-    return value
-
-
-def _text(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{where} must be a string, not {_kind(value)}")
-    return value
-
-
-def _number(value: Any, where: str) -> int:
-    """A port or ICMP type: an integer, or a string of digits (as Kubernetes writes ports)."""
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
-        raise InvalidArgument(f"{where} must be a number, not {_kind(value)}")
-    if isinstance(value, str):
-        if not _DIGITS.fullmatch(value):
-            raise InvalidArgument(f"{where}: {shown(value)} is not a port number (named ports are not supported)")
-        value = int(value)
-    number = int(value)
-    if not 0 <= number <= 65535:
-        raise InvalidArgument(f"{where}: {shown(number)} is out of range (0-65535)")
-    return number
-
-
-def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean", int: "a number",
-            float: "a number", type(None): "empty"}.get(type(value), type(value).__name__)  # fmt: skip
-
-
-def _cnp_selector(doc: Any, where: str) -> dict[str, Any]:
-    doc = _mapping(doc, where)
-    labels = _mapping(doc.get("matchLabels"), f"{where}.matchLabels")
-    expressions = []
-    for i, expr in enumerate(_items(doc.get("matchExpressions"), f"{where}.matchExpressions")):
-        place = f"{where}.matchExpressions[{i}]"
-        expr = _mapping(expr, place, optional=False)
-        expressions.append({
-            "key": _text(expr.get("key", ""), f"{place}.key"),
-            "operator": _text(expr.get("operator", ""), f"{place}.operator"),
-            "values": [_text(v, f"{place}.values[{j}]") for j, v in enumerate(_items(expr.get("values"), place))],
-        })  # fmt: skip
-    return {
-        "match_labels": {_text(k, f"{where}.matchLabels key"): _text(v, f"{where}.matchLabels[{shown(k)}]")
-                         for k, v in labels.items()},
-        "match_expressions": expressions,
-    }  # fmt: skip
-
-
-def _cnp_peer(doc: Any, prefix: str, where: str) -> dict[str, Any]:
-    doc = _mapping(doc, where)
-    out: dict[str, Any] = {}
-    key = f"{prefix}Endpoints"
-    out["endpoints"] = [
-        _cnp_selector(s, f"{where}.{key}[{i}]") for i, s in enumerate(_items(doc.get(key), f"{where}.{key}"))
-    ]
-    key = f"{prefix}CIDR"
-    cidrs: list[dict[str, Any]] = [
-        {"cidr": _text(c, f"{where}.{key}[{i}]")} for i, c in enumerate(_items(doc.get(key), f"{where}.{key}"))
-    ]
-    key = f"{prefix}CIDRSet"
-    for i, c in enumerate(_items(doc.get(key), f"{where}.{key}")):
-        place = f"{where}.{key}[{i}]"
-        c = _mapping(c, place, optional=False)
-        excepts = [_text(e, f"{place}.except[{j}]") for j, e in enumerate(_items(c.get("except"), place))]
-        cidrs.append({"cidr": _text(c.get("cidr", ""), f"{place}.cidr"), "except": excepts})
-    out["cidrs"] = cidrs
-    key = f"{prefix}Entities"
-    out["entities"] = [_text(e, f"{where}.{key}[{i}]") for i, e in enumerate(_items(doc.get(key), f"{where}.{key}"))]
-    ports = []
-    for i, port_rule in enumerate(_items(doc.get("toPorts"), f"{where}.toPorts")):
-        place = f"{where}.toPorts[{i}]"
-        for j, p in enumerate(_items(_mapping(port_rule, place, optional=False).get("ports"), f"{place}.ports")):
-            at = f"{place}.ports[{j}]"
-            p = _mapping(p, at, optional=False)
-            ports.append({"port": _number(p.get("port", 0), f"{at}.port"),
-                          "end_port": _number(p.get("endPort", 0), f"{at}.endPort"),
-                          "protocol": _text(p.get("protocol", "ANY"), f"{at}.protocol")})  # fmt: skip
-    for i, icmp_rule in enumerate(_items(doc.get("icmps"), f"{where}.icmps")):
-        place = f"{where}.icmps[{i}]"
-        for j, f in enumerate(_items(_mapping(icmp_rule, place, optional=False).get("fields"), f"{place}.fields")):
-            at = f"{place}.fields[{j}]"
-            ports.append({"port": _number(_mapping(f, at, optional=False).get("type", 0), f"{at}.type"),
-                          "protocol": "ICMP"})  # fmt: skip
-    out["ports"] = ports
-    return out
-
-
-def _cnp_rule(obj: dict[str, Any], index: int) -> dict[str, Any]:
-    where = f"document object {index}"
-    spec = obj.get("spec", obj)
-    metadata = _mapping(obj.get("metadata"), f"{where}: metadata")
-    name = metadata.get("name") or obj.get("name")
-    if not name:
-        raise InvalidArgument(f"{where}: metadata.name is required")
-    name = _text(name, f"{where}: metadata.name")
-    if not isinstance(spec, dict):
-        raise InvalidArgument(f"{where}: spec must be a mapping, not {_kind(spec)}")
-    out: dict[str, Any] = {
-        "name": name,
-        "endpoint_selector": _cnp_selector(spec.get("endpointSelector"), f"{where}: spec.endpointSelector"),
-        "description": _text(spec.get("description", ""), f"{where}: spec.description"),
-    }
-    for key, (field_name, prefix) in _SECTIONS.items():
-        peers = _items(spec.get(key), f"{where}: spec.{key}")
-        at_most(len(peers), MAX_PEERS_PER_SECTION, f"{where}: spec.{key} peers")
-        out[field_name] = [_cnp_peer(p, prefix, f"{where}: spec.{key}[{i}]") for i, p in enumerate(peers)]
-    return out
-
-
 def from_document(text: str) -> list[pb.Rule]:
-    """Parse YAML or JSON with one or more CiliumNetworkPolicy-style objects.
+    """Rule messages from a YAML or JSON document of CiliumNetworkPolicy objects (services.policy.cnp)."""
+    from services.policy import cnp  # imported here: cnp builds on this module
 
-    Every value is checked for its type on the way (a `spec` that is a list, a port that
-    is a mapping), and the document is loaded within the limits of services.policy.limits.
-    """
-    objects: list[Any] = []
-    for item in load_documents(text):
-        if item is None:
-            continue
-        if isinstance(item, list):
-            objects.extend(item)
-        elif isinstance(item, dict) and item.get("kind") == "List":
-            objects.extend(_items(item.get("items"), "document: items"))
-        else:
-            objects.append(item)
-        at_most(len(objects), MAX_RULES_PER_REQUEST, "document rules")
-    rules = []
-    for i, obj in enumerate(objects):
-        if not isinstance(obj, dict):
-            raise InvalidArgument(f"document object {i}: expected a mapping, got {_kind(obj)}")
-        try:
-            rules.append(json_format.ParseDict(_cnp_rule(obj, i), pb.Rule()))
-        except (json_format.ParseError, ValueError, TypeError) as exc:
-            raise InvalidArgument(f"document object {i}: {shown(str(exc))}") from None
-    return rules
+    return cnp.from_document(text)
