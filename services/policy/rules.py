@@ -227,8 +227,14 @@ def _confine(msg: pb.Rule, namespace: str, where: str) -> None:
 # ---- from protobuf ----
 
 
-def _label_key(key: str, where: str) -> str:
+def check_label_key(key: str, where: str) -> str:
+    """A selector key: an optional known source ("k8s:", "reserved:", ...) and a Kubernetes label key."""
     source, name = split_key(key)
+    if source == "any" and ":" not in key and key.startswith("reserved."):
+        raise InvalidArgument(
+            f"{where}: label key {shown(key)} is ambiguous (Cilium may read it as a reserved label): "
+            f"write reserved:{key.removeprefix('reserved.')} for a reserved label"
+        )
     if source in UNIMPLEMENTED_SOURCES:
         raise Unimplemented(
             f"{where}: label key {shown(key)}: selecting {source}: labels is not supported by this node "
@@ -244,15 +250,15 @@ def _label_key(key: str, where: str) -> str:
     return key
 
 
-def _label_value(value: str, key: str, where: str) -> str:
+def check_label_value(value: str, key: str, where: str) -> str:
     if not LABEL_VALUE_RE.fullmatch(value):
         raise InvalidArgument(f"{where}: label value {shown(value)} of {shown(key)} is not a valid label value")
     return value
 
 
-def _selector(msg: pb.EndpointSelector, where: str) -> Selector:
+def parse_selector(msg: pb.EndpointSelector, where: str) -> Selector:
     for key, value in msg.match_labels.items():
-        _label_value(value, _label_key(key, where), where)
+        check_label_value(value, check_label_key(key, where), where)
     requirements = []
     for i, expr in enumerate(msg.match_expressions):
         place = f"{where}.match_expressions[{i}]"
@@ -260,9 +266,9 @@ def _selector(msg: pb.EndpointSelector, where: str) -> Selector:
             raise InvalidArgument(
                 f"{place}: operator {shown(expr.operator)} is not one of {', '.join(sorted(OPERATORS))}"
             )
-        _label_key(expr.key, place)
+        check_label_key(expr.key, place)
         for value in expr.values:
-            _label_value(value, expr.key, place)
+            check_label_value(value, expr.key, place)
         if expr.operator in ("In", "NotIn") and not expr.values:
             raise InvalidArgument(f"{place}: operator {expr.operator} needs at least one value")
         if expr.operator in ("Exists", "DoesNotExist") and expr.values:
@@ -271,7 +277,7 @@ def _selector(msg: pb.EndpointSelector, where: str) -> Selector:
     return Selector(tuple(sorted(msg.match_labels.items())), tuple(requirements))
 
 
-def _cidr(text: str, where: str) -> Network:
+def check_cidr(text: str, where: str) -> Network:
     if not CIDR_TEXT_RE.fullmatch(text):
         raise InvalidArgument(
             f"{where}: {shown(text)} is not a CIDR (an IPv4 or IPv6 prefix; a scope such as %eth0 is not accepted)"
@@ -280,6 +286,12 @@ def _cidr(text: str, where: str) -> Network:
         return parse_cidr(text)
     except CidrError as exc:
         raise InvalidArgument(f"{where}: {exc}") from None
+
+
+def check_excepts(network: Network, excepts: Iterable[Network], where: str) -> None:
+    for e in excepts:
+        if e.version != network.version or not e.subnet_of(network):  # type: ignore[arg-type]
+            raise InvalidArgument(f"{where}: except {e} is not inside {network}")
 
 
 def check_service_name(name: str, where: str) -> str:
@@ -332,16 +344,14 @@ def check_entity(entity: str, where: str) -> str:
 def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
     cidrs = []
     for i, c in enumerate(msg.cidrs):
-        network = _cidr(c.cidr, f"{where}.cidrs[{i}]")
-        excepts = tuple(_cidr(e, f"{where}.cidrs[{i}].except") for e in getattr(c, "except"))
-        for e in excepts:
-            if e.version != network.version or not e.subnet_of(network):  # type: ignore[arg-type]
-                raise InvalidArgument(f"{where}.cidrs[{i}]: except {e} is not inside {network}")
+        network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
+        excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in getattr(c, "except"))
+        check_excepts(network, excepts, f"{where}.cidrs[{i}]")
         cidrs.append(CidrRule(network, excepts))
     for entity in msg.entities:
         check_entity(entity, where)
     return PeerRule(
-        endpoints=tuple(_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
+        endpoints=tuple(parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
         cidrs=tuple(cidrs),
         entities=tuple(msg.entities),
         ports=tuple(_port(p, f"{where}.ports[{i}]") for i, p in enumerate(msg.ports)),
@@ -372,8 +382,7 @@ def check_namespace(namespace: str, where: str) -> str:
     """A namespace: a DNS label (lowercase letters, digits and inner '-', at most 63), as Kubernetes'."""
     if not DNS_LABEL_RE.fullmatch(namespace):
         raise InvalidArgument(
-            f"{where}: namespace {shown(namespace)} is invalid: use lowercase letters, digits and inner '-', "
-            "at most 63"
+            f"{where}: namespace {shown(namespace)} is invalid: use lowercase letters, digits and inner '-', at most 63"
         )
     return namespace
 
@@ -411,7 +420,7 @@ def _spec(msg: pb.Rule, name: str, namespace: str, where: str) -> Rule:
     deny = msg.enable_default_deny
     return Rule(
         name=name,
-        selector=_selector(msg.endpoint_selector, f"{where}: endpoint_selector"),
+        selector=parse_selector(msg.endpoint_selector, f"{where}: endpoint_selector"),
         ingress=section(msg.ingress, "ingress"),
         egress=section(msg.egress, "egress"),
         ingress_deny=section(msg.ingress_deny, "ingress_deny"),
