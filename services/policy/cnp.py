@@ -220,6 +220,14 @@ def _number(value: Any, top: int, where: str) -> int:
     return number
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _label_key(key: Any, where: str) -> str:
     key = _text(key, f"{where} key")
     if key.startswith("$"):  # Cilium's short form of a reserved label: $host is reserved:host
@@ -402,7 +410,10 @@ def _rule(doc: Any, scope: Scope, where: str) -> pb.Rule:
     out.endpoint_selector.CopyFrom(_selector(doc["endpointSelector"], _at(where, "endpointSelector")))
     selects_init = ("reserved", "init") in map(rules.split_key, rules.selector_keys(out.endpoint_selector))
     if doc.get("description") is not None:
-        out.description = _text(doc["description"], _at(where, "description"))
+        description = _text(doc["description"], _at(where, "description"))
+        if not description.isascii() and not _encodable(description):
+            raise InvalidArgument(f"{_at(where, 'description')} is not valid Unicode text (a lone surrogate)")
+        out.description = description
     for i, label in enumerate(_items(doc.get("labels"), _at(where, "labels"))):
         if not isinstance(label, str):
             _fields(label, RULE_LABEL, f"{_at(where, 'labels')}[{i}]")

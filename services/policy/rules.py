@@ -9,7 +9,6 @@ before anything changes.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,7 +62,6 @@ NAMESPACE_LABELS_PREFIX = "io.cilium.k8s.namespace.labels"  # labels of the pod'
 SECTIONS = ("ingress", "egress", "ingress_deny", "egress_deny")
 
 
-@functools.lru_cache(maxsize=65536)
 def split_key(key: str, default: str = "any") -> tuple[str, str]:
     """(source, name) of a label key: "k8s:app" -> ("k8s", "app"); no source -> `default`."""
     source, colon, name = key.partition(":")
