@@ -442,7 +442,7 @@ def _rule(doc: Any, scope: Scope, where: str) -> pb.Rule:
 
 def _scope(obj: dict[str, Any], kind: str, metadata: dict[str, Any], where: str) -> Scope:
     namespace = metadata.get("namespace")
-    if namespace is not None:
+    if namespace is not None and namespace != "":  # "" is no namespace, as in Kubernetes
         namespace = rules.check_namespace(_text(namespace, f"{where}: metadata.namespace"), f"{where}: metadata")
     if kind == CCNP:
         if namespace:
