@@ -359,7 +359,10 @@ UNIMP, INVAL = Unimplemented, InvalidArgument
 PORTS = [{"ports": [{"port": "80", "protocol": "TCP"}]}]
 SEL = {"matchLabels": {"app": "x"}}
 REFUSED: dict[str, tuple[str, type[WeirError], str]] = {
-    # known to Cilium, not implemented by this node (UNIMPLEMENTED, the field named)
+    # known to Cilium, not implemented by this node (UNIMPLEMENTED, the field named). The fields are those of
+    # pkg/policy/api rule.go (nodeSelector: LANGUAGE#host-policies), egress.go (toFQDNs: LANGUAGE#dns-based,
+    # toServices: LANGUAGE#services-based, toGroups), ingress.go, l4.go (rules: LANGUAGE#layer-7-examples,
+    # serverNames, listener, TLS), cidr.go (cidrGroupRef), entity.go; extended protocols: rule_validation.go
     "host policy": (
         doc({"nodeSelector": {}, "ingress": [{}]}, kind="CiliumClusterwideNetworkPolicy", namespace=None),
         UNIMP,
@@ -410,7 +413,9 @@ REFUSED: dict[str, tuple[str, type[WeirError], str]] = {
         f"entity {e}": (doc(egress({"toEntities": ["world", e]})), UNIMP, f"toEntities[1]: entity '{e}'")
         for e in ("init", "health", "unmanaged", "kube-apiserver", "ingress", "world-ipv4", "world-ipv6", "none")
     },
-    # not Cilium's, or not valid (INVALID_ARGUMENT, the field named)
+    # not Cilium's, or not valid (INVALID_ARGUMENT, the field named): the CRD schema (unknown fields, enums),
+    # rule_validation.go (a spec needs a section; one L3 kind per rule; icmps without toPorts; at most 40
+    # ports or ICMP fields; port required), icmp.go (type names per family), iana.IsSvcName (port names)
     "unknown top field": (doc(ingress({}), extra_field=1), INVAL, "unknown field 'extra_field'"),
     "flat rule": (json.dumps({"metadata": {"name": "p"}, **ingress({})}), INVAL, "unknown field 'endpointSelector'"),
     "unknown spec field": (doc({**ingress({}), "egres": []}), INVAL, "spec: unknown field 'egres'"),
