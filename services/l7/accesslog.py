@@ -92,7 +92,7 @@ class Count:
     denied: int = 0
 
 
-class AccessLog(als_pb2_grpc.AccessLogServiceServicer):
+class AccessLog(als_pb2_grpc.AccessLogServiceServicer):  # type: ignore[misc]
     """The ALS servicer, the recent events and the per-rule counters."""
 
     def __init__(self, keep: int = DEFAULT_KEEP) -> None:

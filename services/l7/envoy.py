@@ -42,8 +42,15 @@ ADMIN_TIMEOUT = 1.0
 STOP_TIMEOUT = 5.0
 
 
+MAX_DOWNSTREAM_CONNECTIONS = 50_000
+
+
 def bootstrap(node_id: str, admin_socket: Path, control_socket: Path) -> dict[str, Any]:
-    """Envoy's static configuration (JSON is YAML, which Envoy reads)."""
+    """Envoy's static configuration (JSON is YAML, which Envoy reads).
+
+    The overload manager caps open downstream connections, so a flood of connections to
+    a proxy port runs into a limit rather than into the node's memory.
+    """
     config_source = {"ads": {}, "resource_api_version": "V3"}
     return {
         "node": {"id": node_id, "cluster": "weir-l7"},
@@ -57,6 +64,18 @@ def bootstrap(node_id: str, admin_socket: Path, control_socket: Path) -> dict[st
             },
             "cds_config": config_source,
             "lds_config": config_source,
+        },
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
         },
         "static_resources": {
             "clusters": [

@@ -175,7 +175,8 @@ def check_listener(listener: Listener, where: str) -> None:
         parse_upstream(listener.upstream, f"{where}.upstream")
     elif not original:
         raise InvalidArgument(
-            f"{where}.upstream: give address:port, or set use_original_dst/transparent to forward to the original destination"
+            f"{where}.upstream: give address:port, or set use_original_dst or transparent "
+            "to forward to the original destination"
         )
     validate.at_most(len(listener.rules), MAX_RULES, f"{where}.rules")
     seen: set[str] = set()
@@ -197,7 +198,9 @@ def check_listener(listener: Listener, where: str) -> None:
         for j, header in enumerate(rule.headers):
             hat = f"{at}.headers[{j}]"
             if not TOKEN_RE.fullmatch(header.name):
-                raise InvalidArgument(f"{hat}.name: {validate.shown(header.name)} is not an HTTP header name (RFC 7230 token)")
+                raise InvalidArgument(
+                    f"{hat}.name: {validate.shown(header.name)} is not an HTTP header name (RFC 7230 token)"
+                )
             if header.exact is not None:
                 if len(header.exact) > MAX_HEADER_VALUE_CHARS:
                     raise InvalidArgument(f"{hat}.exact: longer than {MAX_HEADER_VALUE_CHARS} characters")
@@ -215,10 +218,14 @@ def check_endpoint(endpoint: str, listeners: list[Listener]) -> None:
         check_listener(listener, f"listeners[{i}]")
         key = (listener.direction, listener.port)
         if key in keys:
-            raise InvalidArgument(f"listeners[{i}]: {listener.direction} port {listener.port} is also listeners[{keys[key]}]")
+            raise InvalidArgument(
+                f"listeners[{i}]: {listener.direction} port {listener.port} is also listeners[{keys[key]}]"
+            )
         keys[key] = i
         if listener.proxy_port in ports:
-            raise InvalidArgument(f"listeners[{i}].proxy_port: {listener.proxy_port} is also listeners[{ports[listener.proxy_port]}]'s")
+            raise InvalidArgument(
+                f"listeners[{i}].proxy_port: {listener.proxy_port} is also listeners[{ports[listener.proxy_port]}]'s"
+            )
         ports[listener.proxy_port] = i
 
 
@@ -228,7 +235,9 @@ def check_node(endpoint: str, listeners: list[Listener], others: list[Listener])
     for i, listener in enumerate(listeners):
         other = taken.get((_family(listener.bind_address), listener.proxy_port))
         if other is not None:
-            raise AlreadyExists(f"listeners[{i}].proxy_port: {listener.proxy_port} already serves listener {other.name}")
+            raise AlreadyExists(
+                f"listeners[{i}].proxy_port: {listener.proxy_port} already serves listener {other.name}"
+            )
 
 
 def _family(address: str) -> int:

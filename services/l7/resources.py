@@ -62,7 +62,9 @@ def _regex(header: str, pattern: str) -> route_components_pb2.HeaderMatcher:
 
 def rule_permission(rule: HttpRule) -> rbac_config.Permission:
     """The RBAC permission of one rule: all of its matchers (none: any request)."""
-    matchers = [_regex(h, v) for h, v in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)) if v]
+    matchers = [
+        _regex(h, v) for h, v in ((":method", rule.method), (":path", rule.path), (":authority", rule.host)) if v
+    ]
     for header in rule.headers:
         if header.exact is None:
             matchers.append(route_components_pb2.HeaderMatcher(name=header.name.lower(), present_match=True))
@@ -139,7 +141,9 @@ def access_log(listener: Listener) -> als_pb2.HttpGrpcAccessLogConfig:
             transport_api_version=config_source_pb2.V3,
             buffer_flush_interval=ACCESS_LOG_FLUSH,
             custom_tags=[
-                custom_tag_pb2.CustomTag(tag=LISTENER_TAG, literal=custom_tag_pb2.CustomTag.Literal(value=listener.name))
+                custom_tag_pb2.CustomTag(
+                    tag=LISTENER_TAG, literal=custom_tag_pb2.CustomTag.Literal(value=listener.name)
+                )
             ],
         )
     )
@@ -160,7 +164,9 @@ def listener(item: Listener) -> listener_pb2.Listener:
             hcm.HttpFilter(name=RBAC_FILTER, typed_config=_any(rbac_filter.RBAC(rules=rbac_rules(())))),
             hcm.HttpFilter(name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())),
         ],
-        access_log=[accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(access_log(item)))],
+        access_log=[
+            accesslog_pb2.AccessLog(name="envoy.access_loggers.http_grpc", typed_config=_any(access_log(item)))
+        ],
     )
     result = listener_pb2.Listener(
         name=item.name,

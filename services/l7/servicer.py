@@ -54,7 +54,7 @@ def listener_from(endpoint: str, x: pb.Listener, where: str) -> Listener:
 
 def listener_pb(x: Listener) -> pb.Listener:
     return pb.Listener(
-        direction=DIRECTION_NUMBERS[x.direction],  # type: ignore[arg-type]
+        direction=DIRECTION_NUMBERS[x.direction],
         port=x.port,
         protocol=x.protocol,
         proxy_port=x.proxy_port,
@@ -92,7 +92,7 @@ def event_pb(e: L7Event, listeners: dict[str, Listener]) -> pb.L7Event:
     return pb.L7Event(
         time_unix_ms=e.time_unix_ms,
         endpoint=endpoint,
-        direction=DIRECTION_NUMBERS.get(direction, common_pb2.DIRECTION_UNSPECIFIED),  # type: ignore[arg-type]
+        direction=DIRECTION_NUMBERS.get(direction, common_pb2.DIRECTION_UNSPECIFIED),
         port=port,
         method=e.method,
         path=e.path,
@@ -168,7 +168,7 @@ class L7Servicer(pb_grpc.L7Servicer):
             counters.append(
                 pb.RuleCounter(
                     endpoint=found.endpoint,
-                    direction=DIRECTION_NUMBERS[found.direction],  # type: ignore[arg-type]
+                    direction=DIRECTION_NUMBERS[found.direction],
                     port=found.port,
                     rule=rule,
                     allowed=count.allowed,

@@ -75,7 +75,7 @@ class XdsStatus:
     node: str
 
 
-class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
+class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc]
     """The ADS servicer and the generation it serves; `publish` is safe from any thread."""
 
     def __init__(self, initial: Resources) -> None:

@@ -78,7 +78,7 @@ def start_upstream() -> Upstream:
 
         do_GET = do_POST = do_PUT = do_DELETE = _answer  # noqa: N815
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -126,7 +126,8 @@ class Service:
 
         try:
             with grpc.insecure_channel(f"unix://{self.socket}") as channel:
-                reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                check = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+                reply = check(health_pb2.HealthCheckRequest(), timeout=1)
             return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
         except grpc.RpcError:
             return False
@@ -171,7 +172,9 @@ def _envoy_pid(service: Service) -> int:
         return 0
 
 
-def rule(name: str, method: str = "", path: str = "", host: str = "", headers: tuple[pb.HeaderMatch, ...] = ()) -> pb.HttpRule:
+def rule(
+    name: str, method: str = "", path: str = "", host: str = "", headers: tuple[pb.HeaderMatch, ...] = ()
+) -> pb.HttpRule:
     return pb.HttpRule(name=name, method=method, path=path, host=host, headers=list(headers))
 
 
@@ -300,7 +303,9 @@ def test_a_regex_envoy_would_refuse_is_invalid_argument_and_changes_nothing(
 ) -> None:
     stub = svc.stub()
     before = stub.GetState(pb.GetStateRequest(), timeout=5)
-    broken = [*WEB_RULES, rule("bad", **{field: bad})]
+    bad_rule = pb.HttpRule(name="bad")
+    setattr(bad_rule, field, bad)
+    broken = [*WEB_RULES, bad_rule]
     with pytest.raises(grpc.RpcError) as err:
         stub.SetListeners(pb.SetListenersRequest(endpoint="web", listeners=[listener(web, svc.upstream, broken)]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -428,7 +433,8 @@ listeners = st.builds(
     st.one_of(st.sampled_from([0, 80, 65535, 65536]), st.integers(0, 2**32 - 1)),
     st.one_of(st.sampled_from([0, 1, 65536]), st.integers(0, 2**32 - 1)),
     st.sampled_from(["", "TCP", "tcp", "UDP", "SCTP", "x"]),
-    st.one_of(st.sampled_from(["", "127.0.0.1:9", "[::1]:9", "127.0.0.1", "host:80", "127.0.0.1:0", "1.2.3.4:99999"]), TEXT),
+    st.one_of(st.sampled_from(["", "127.0.0.1:9", "[::1]:9", "127.0.0.1", "host:80", "127.0.0.1:0", "1.2.3.4:99999"]),
+              TEXT),
     st.sampled_from(["", "127.0.0.1", "::1", "not-an-ip", "fe80::1%lo", "::ffff:127.0.0.1"]),
     st.lists(rules, max_size=3), st.booleans(), st.booleans(),
 )  # fmt: skip
