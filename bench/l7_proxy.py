@@ -96,7 +96,7 @@ def static_rbac_config(port: int, upstream: int) -> dict[str, object]:
     def regex(header: str, value: str) -> dict[str, object]:
         return {"header": {"name": header, "string_match": {"safe_regex": {"regex": value}}}}
 
-    rbac = {
+    rbac: dict[str, object] = {
         "name": "envoy.filters.http.rbac",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
@@ -117,7 +117,7 @@ def static_rbac_config(port: int, upstream: int) -> dict[str, object]:
             },
         },
     }
-    route = {"match": {"prefix": "/"}, "route": {"cluster": "up"}}
+    route: dict[str, object] = {"match": {"prefix": "/"}, "route": {"cluster": "up"}}
     cluster = {
         "name": "up",
         "type": "STATIC",
