@@ -13,12 +13,9 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import grpc.aio
 import structlog
-from envoy.service.accesslog.v3 import als_pb2_grpc
-from envoy.service.discovery.v3 import ads_pb2_grpc
 from weir.l7.v1 import l7_pb2_grpc as pb_grpc
 
 from services.common.config import NodeConfig
@@ -26,7 +23,7 @@ from services.common.errors import FailedPrecondition
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
-from services.common.server import GRPC_OPTIONS, check_tls_files, serve
+from services.common.server import check_tls_files, serve
 from services.common.service import serve_held
 from services.common.state import open_state
 from services.common.worker import Worker
@@ -35,7 +32,7 @@ from services.l7.envoy import Sidecar
 from services.l7.proxy import L7Proxy
 from services.l7.resources import build
 from services.l7.servicer import SERVICE_NAME, L7Servicer
-from services.l7.xds import Ads
+from services.l7.xds import Ads, serve_control
 
 SERVICE = "l7"
 log = structlog.get_logger("weir.l7")
@@ -56,21 +53,6 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--drain-seconds", type=float, default=1.0, help="how long open connections may finish on stop (default 1)"
     )
-
-
-async def _control_server(path: Path, ads: Ads, access: AccessLog) -> grpc.aio.Server:
-    """The server Envoy talks to: ADS and the access log service, on a 0600 unix socket."""
-    path.unlink(missing_ok=True)
-    server = grpc.aio.server(options=GRPC_OPTIONS)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
-    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access, server)
-    old = os.umask(0o177)
-    try:
-        server.add_insecure_port(f"unix:{path.absolute()}")
-        await server.start()
-    finally:
-        os.umask(old)
-    return server
 
 
 async def _watch_ready(sidecar: Sidecar, readiness: Readiness) -> None:
@@ -110,7 +92,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     await worker.call(proxy.start)
     config.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     control_socket = sidecar.control_socket
-    control = await _control_server(control_socket, ads, access)
+    control = await serve_control(control_socket, ads, access)
     await sidecar.start()
     readiness = Readiness()
     await readiness.set("envoy", False)

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import structlog
+from envoy.service.accesslog.v3 import als_pb2_grpc
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
+from services.common.server import GRPC_OPTIONS
+from services.l7.accesslog import AccessLog
 from services.l7.resources import LISTENER, ROUTE, TYPES, Resources
 
 log = structlog.get_logger("weir.l7.xds")
@@ -235,3 +240,18 @@ def _acked_version(stream: _Stream, current: Resources) -> int:
     if LISTENER not in stream.acked:
         return 0
     return min(versions)
+
+
+async def serve_control(path: Path, ads: Ads, access: AccessLog) -> grpc.aio.Server:
+    """The server Envoy talks to: ADS and the access log service, on a 0600 unix socket."""
+    path.unlink(missing_ok=True)
+    server = grpc.aio.server(options=GRPC_OPTIONS)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(ads, server)
+    als_pb2_grpc.add_AccessLogServiceServicer_to_server(access, server)
+    old = os.umask(0o177)
+    try:
+        server.add_insecure_port(f"unix:{path.absolute()}")
+        await server.start()
+    finally:
+        os.umask(old)
+    return server
