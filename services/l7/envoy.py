@@ -227,14 +227,17 @@ class Sidecar:
                 "--drain-time-s", str(max(1, int(self.drain_seconds))),
             ]  # fmt: skip
             started = time.monotonic()
-            self._process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
-            log.info("envoy.started", pid=self._process.pid, restarts=self.restarts)
-            returncode = await self._process.wait()
+            try:
+                self._process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+            except OSError as exc:  # the binary went away or cannot run: keep trying, say why
+                self.last_exit = f"could not start {binary}: {exc.strerror or exc}"
+            else:
+                log.info("envoy.started", pid=self._process.pid, restarts=self.restarts)
+                self.last_exit = _describe(await self._process.wait())
             self.ready = False
             if self._stopping:
                 break
             self.restarts += 1
-            self.last_exit = _describe(returncode)
             failures = 1 if time.monotonic() - started >= STABLE_SECONDS else failures + 1
             delay = min(BACKOFF_FIRST * 2 ** (failures - 1), BACKOFF_MAX)
             log.warning("envoy.exited", how=self.last_exit, restart_in=round(delay, 2), restarts=self.restarts)

@@ -156,6 +156,8 @@ def parse_upstream(text: str, where: str) -> tuple[str, int]:
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
     addr = validate.address(host, where)
+    if addr.is_unspecified or addr.is_multicast:
+        raise InvalidArgument(f"{where}: {addr} cannot be an upstream (unspecified or multicast)")
     return str(addr), validate.port(int(port), where)
 
 

@@ -28,6 +28,7 @@ from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.access_loggers.grpc.v3 import als_pb2
 from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm
 from envoy.type.matcher.v3 import regex_pb2, string_pb2
 from envoy.type.tracing.v3 import custom_tag_pb2
@@ -184,7 +185,14 @@ def listener(item: Listener) -> listener_pb2.Listener:
     if item.transparent:
         result.transparent.CopyFrom(wrappers_pb2.BoolValue(value=True))
     if item.use_original_dst:
-        result.use_original_dst.CopyFrom(wrappers_pb2.BoolValue(value=True))
+        # The connection was redirected (iptables REDIRECT, or a datapath that rewrites the
+        # destination): this filter restores the local address from SO_ORIGINAL_DST, which
+        # the ORIGINAL_DST cluster then connects to.
+        result.listener_filters.append(
+            listener_components_pb2.ListenerFilter(
+                name="envoy.filters.listener.original_dst", typed_config=_any(original_dst_pb2.OriginalDst())
+            )
+        )
     return result
 
 

@@ -53,13 +53,15 @@ class Upstream:
 
     @property
     def address(self) -> str:
-        return f"127.0.0.1:{self.server.server_address[1]}"
+        host, port = self.server.server_address[:2]
+        return f"{host!s}:{port}"
 
     def got(self, method: str, path: str) -> bool:
         return any(m == method and p == path for m, p, _ in self.seen)
 
 
-def start_upstream() -> Upstream:
+def start_upstream(address: str = "127.0.0.1", port: int = 0) -> Upstream:
+    """Serve in a thread; the listening socket is made here (so inside a namespace entered around the call)."""
     upstream: Upstream
 
     class Handler(BaseHTTPRequestHandler):
@@ -81,7 +83,7 @@ def start_upstream() -> Upstream:
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = ThreadingHTTPServer((address, port), Handler)
     server.daemon_threads = True
     upstream = Upstream(server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -95,6 +97,7 @@ class Service:
     workdir: Path
     upstream: Upstream
     process: subprocess.Popen[bytes] | None = None
+    wrap: tuple[str, ...] = ()  # e.g. nsenter into a namespace
 
     @property
     def socket(self) -> Path:
@@ -106,7 +109,7 @@ class Service:
 
     def start(self) -> None:
         argv = [
-            sys.executable, "-m", "services.l7", "--instance", f"l7t{os.getpid()}",
+            *self.wrap, sys.executable, "-m", "services.l7", "--instance", f"l7t{os.getpid()}",
             "--run-dir", str(self.workdir / "run"), "--state-dir", str(self.workdir / "state"),
             "--bpffs-root", str(self.workdir / "bpffs"), "--cgroup-root", str(self.workdir / "cgroup"),
         ]  # fmt: skip
