@@ -23,6 +23,7 @@ DIRECTIONS = ("ingress", "egress")
 MAX_LISTENERS_PER_ENDPOINT = 64
 MAX_RULES = 256
 MAX_HEADERS = 32
+MAX_SOURCES = 1024
 MAX_REGEX_CHARS = 1024
 MAX_HEADER_VALUE_CHARS = 4096
 # Envoy refuses a google_re2 regex whose program is larger than this (runtime key
@@ -77,6 +78,7 @@ class HttpRule:
     path: str = ""
     host: str = ""
     headers: tuple[HeaderMatch, ...] = ()
+    sources: tuple[str, ...] = ()  # CIDRs the connection must come from; empty: any
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -85,6 +87,7 @@ class HttpRule:
             "path": self.path,
             "host": self.host,
             "headers": [h.to_doc() for h in self.headers],
+            "sources": list(self.sources),
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class HttpRule:
             path=doc.get("path", ""),
             host=doc.get("host", ""),
             headers=tuple(HeaderMatch.from_doc(h) for h in doc.get("headers", [])),
+            sources=tuple(doc.get("sources", [])),
         )
 
 
@@ -208,6 +212,9 @@ def check_listener(listener: Listener, where: str) -> None:
                     raise InvalidArgument(f"{hat}.exact: longer than {MAX_HEADER_VALUE_CHARS} characters")
                 if any(c in header.exact for c in "\r\n\x00"):
                     raise InvalidArgument(f"{hat}.exact: a header value cannot hold CR, LF or NUL")
+        validate.at_most(len(rule.sources), MAX_SOURCES, f"{at}.sources")
+        for j, source in enumerate(rule.sources):
+            validate.cidr(source, f"{at}.sources[{j}]")
 
 
 def check_endpoint(endpoint: str, listeners: list[Listener]) -> None:

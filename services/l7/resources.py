@@ -16,6 +16,7 @@ access log carries back to us (see ``accesslog``).
 
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -82,14 +83,25 @@ def rule_permission(rule: HttpRule) -> rbac_config.Permission:
     )
 
 
+def rule_principal(rule: HttpRule) -> rbac_config.Principal:
+    """Who a rule applies to: connections from its source CIDRs (none: anyone)."""
+    if not rule.sources:
+        return rbac_config.Principal(any=True)
+    ids = []
+    for source in rule.sources:
+        network = ipaddress.ip_network(source)
+        cidr = address_pb2.CidrRange(address_prefix=str(network.network_address))
+        cidr.prefix_len.value = network.prefixlen
+        ids.append(rbac_config.Principal(direct_remote_ip=cidr))
+    return rbac_config.Principal(or_ids=rbac_config.Principal.Set(ids=ids))
+
+
 def rbac_rules(rules: tuple[HttpRule, ...]) -> rbac_config.RBAC:
     """ALLOW with one policy per rule; with no rule nothing is allowed."""
     return rbac_config.RBAC(
         action=rbac_config.RBAC.ALLOW,
         policies={
-            rule.name: rbac_config.Policy(
-                permissions=[rule_permission(rule)], principals=[rbac_config.Principal(any=True)]
-            )
+            rule.name: rbac_config.Policy(permissions=[rule_permission(rule)], principals=[rule_principal(rule)])
             for rule in rules
         },
     )

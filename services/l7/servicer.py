@@ -33,7 +33,8 @@ def _header(h: pb.HeaderMatch) -> HeaderMatch:
 
 def _rule(r: pb.HttpRule, where: str) -> HttpRule:
     validate.at_most(len(r.headers), model.MAX_HEADERS, f"headers in {where}")
-    return HttpRule(r.name, r.method, r.path, r.host, tuple(_header(h) for h in r.headers))
+    validate.at_most(len(r.sources), model.MAX_SOURCES, f"sources in {where}")
+    return HttpRule(r.name, r.method, r.path, r.host, tuple(_header(h) for h in r.headers), tuple(r.sources))
 
 
 def listener_from(endpoint: str, x: pb.Listener, where: str) -> Listener:
@@ -70,6 +71,7 @@ def listener_pb(x: Listener) -> pb.Listener:
                     else pb.HeaderMatch(name=h.name, present=True)
                     for h in r.headers
                 ],
+                sources=r.sources,
             )
             for r in x.rules
         ],

@@ -194,9 +194,11 @@ WEB_RULES = [
 
 
 def request(
-    port: int, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 5
+    port: int, method: str, path: str, headers: dict[str, str] | None = None, timeout: float = 5, source: str = ""
 ) -> tuple[int, dict[str, str], str]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", port, timeout=timeout, source_address=(source, 0) if source else None
+    )
     try:
         conn.request(method, path, headers=headers or {})
         reply = conn.getresponse()
@@ -264,6 +266,18 @@ def test_host_rule_allows_and_denies(svc: Service, web: int) -> None:
     assert request(web, "DELETE", "/x", {"Host": "api.example.com:8080"})[0] == 200
     assert request(web, "DELETE", "/x", {"Host": "evil.example.com"})[0] == 403
     assert request(web, "DELETE", "/x", {"Host": "api.example.com.evil"})[0] == 403
+
+
+def test_a_rule_with_sources_applies_only_to_connections_from_them(svc: Service) -> None:
+    port = free_port()
+    rules = [pb.HttpRule(name="from-two", method="GET", sources=["127.0.0.2/32", "2001:db8::/32"])]
+    set_web(svc, port, rules, endpoint="sources")
+    try:
+        assert request(port, "GET", "/x", source="127.0.0.2")[0] == 200
+        assert request(port, "GET", "/x", source="127.0.0.1")[0] == 403
+        assert request(port, "POST", "/x", source="127.0.0.2")[0] == 403
+    finally:
+        svc.stub().SetListeners(pb.SetListenersRequest(endpoint="sources"), timeout=10)
 
 
 def test_rule_change_applies_to_the_next_request_on_an_open_connection(svc: Service) -> None:

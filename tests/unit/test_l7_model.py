@@ -36,6 +36,8 @@ def web(*rules: HttpRule, proxy_port: int = 15001, port: int = 80, endpoint: str
         (HttpRule("r", headers=(HeaderMatch("bad header"),)), "rules[0].headers[0].name"),
         (HttpRule("r", headers=(HeaderMatch(":path"),)), "rules[0].headers[0].name"),
         (HttpRule("r", headers=(HeaderMatch("x-a", "a\r\nb"),)), "rules[0].headers[0].exact"),
+        (HttpRule("r", sources=("10.1.2.3/16",)), "rules[0].sources[0]"),
+        (HttpRule("r", sources=("10.0.0.0/8", "nope")), "rules[0].sources[1]"),
     ],
 )
 def test_bad_rules_are_refused_naming_the_field(rule: HttpRule, where: str) -> None:
@@ -77,6 +79,11 @@ def test_a_rule_is_an_and_of_full_match_header_matchers() -> None:
     assert matchers[1].string_match.safe_regex.regex == "/p"
     assert matchers[3].present_match and matchers[4].string_match.exact == "v"
     assert resources.rule_permission(HttpRule("any")).any
+    assert resources.rule_principal(HttpRule("any")).any
+    ids = resources.rule_principal(HttpRule("r", sources=("10.0.0.0/8", "2001:db8::1/128"))).or_ids.ids
+    assert [(p.direct_remote_ip.address_prefix, p.direct_remote_ip.prefix_len.value) for p in ids] == [
+        ("10.0.0.0", 8), ("2001:db8::1", 128),
+    ]  # fmt: skip
 
 
 def test_rules_live_in_the_route_and_the_listener_denies_by_default() -> None:
