@@ -40,6 +40,8 @@ BACKOFF_MAX = 10.0
 STABLE_SECONDS = 10.0  # a process that lived this long resets the back-off
 ADMIN_TIMEOUT = 1.0
 STOP_TIMEOUT = 5.0
+ADOPTED_POLL_SECONDS = 0.2
+RECONNECT = {"retry_back_off": {"base_interval": "0.1s", "max_interval": "1s"}}
 
 
 MAX_DOWNSTREAM_CONNECTIONS = 50_000
@@ -59,7 +61,8 @@ def bootstrap(node_id: str, admin_socket: Path, control_socket: Path) -> dict[st
             "ads_config": {
                 "api_type": "GRPC",
                 "transport_api_version": "V3",
-                "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROL_CLUSTER}}],
+                # Reconnect fast when the service restarts (the default backs off to 30 s).
+                "grpc_services": [{"envoy_grpc": {"cluster_name": CONTROL_CLUSTER, "retry_policy": RECONNECT}}],
                 "set_node_on_first_message_only": True,
             },
             "cds_config": config_source,
@@ -172,15 +175,19 @@ class Sidecar:
         self.concurrency = concurrency
         self.log_level = log_level
         self.drain_seconds = drain_seconds
+        self.pid_path = directory / "envoy.pid"
         self.restarts = 0
         self.last_exit = ""
         self.ready = False
         self._process: asyncio.subprocess.Process | None = None
+        self._adopted = 0  # the pid of an Envoy a previous run of ours left running
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
 
     @property
     def pid(self) -> int:
+        if self._adopted:
+            return self._adopted
         process = self._process
         return process.pid if process is not None and process.returncode is None else 0
 
@@ -201,11 +208,35 @@ class Sidecar:
         write_private(self.bootstrap_path, text)
 
     async def start(self) -> None:
-        """Write the bootstrap and, when managed, start Envoy and keep it running."""
+        """Write the bootstrap and, when managed, keep an Envoy running from it.
+
+        An Envoy that a previous run of this service started and left running (the
+        service was killed) is adopted rather than replaced: it kept enforcing the last
+        rules meanwhile, holds the proxy ports, and reconnects to us for the rest.
+        """
         self.write_bootstrap()
         if self.managed:
             binary = self.binary()
+            self._adopted = self._previous()
+            if self._adopted:
+                log.info("envoy.adopted", pid=self._adopted)
             self._task = asyncio.create_task(self._supervise(binary), name="envoy")
+
+    def _previous(self) -> int:
+        """The pid in our pid file, if that process is an Envoy running our bootstrap."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            return 0
+        return pid if os.fsencode(self.bootstrap_path) in argv else 0
+
+    def _alive(self, pid: int) -> bool:
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return os.fsencode(self.bootstrap_path) in argv  # a reused pid is not our Envoy
 
     async def check(self) -> bool:
         """Ask the admin endpoint whether Envoy is ready (LIVE); remember the answer."""
@@ -217,23 +248,33 @@ class Sidecar:
             self.ready = status == 200 and "LIVE" in body  # 503 while initializing or draining
         return self.ready
 
+    async def _wait_adopted(self) -> str:
+        while self._alive(self._adopted):
+            await asyncio.sleep(ADOPTED_POLL_SECONDS)
+        self._adopted = 0
+        return "the adopted Envoy exited"
+
     async def _supervise(self, binary: str) -> None:
         failures = 0
         while not self._stopping:
-            self.admin_socket.unlink(missing_ok=True)
-            argv = [
-                binary, "-c", str(self.bootstrap_path), "--disable-hot-restart",
-                "--concurrency", str(self.concurrency), "--log-level", self.log_level,
-                "--drain-time-s", str(max(1, int(self.drain_seconds))),
-            ]  # fmt: skip
             started = time.monotonic()
-            try:
-                self._process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
-            except OSError as exc:  # the binary went away or cannot run: keep trying, say why
-                self.last_exit = f"could not start {binary}: {exc.strerror or exc}"
+            if self._adopted:
+                self.last_exit = await self._wait_adopted()
             else:
-                log.info("envoy.started", pid=self._process.pid, restarts=self.restarts)
-                self.last_exit = _describe(await self._process.wait())
+                self.admin_socket.unlink(missing_ok=True)
+                argv = [
+                    binary, "-c", str(self.bootstrap_path), "--disable-hot-restart",
+                    "--concurrency", str(self.concurrency), "--log-level", self.log_level,
+                    "--drain-time-s", str(max(1, int(self.drain_seconds))),
+                ]  # fmt: skip
+                try:
+                    self._process = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.DEVNULL)
+                except OSError as exc:  # the binary went away or cannot run: keep trying, say why
+                    self.last_exit = f"could not start {binary}: {exc.strerror or exc}"
+                else:
+                    write_private(self.pid_path, f"{self._process.pid}\n")
+                    log.info("envoy.started", pid=self._process.pid, restarts=self.restarts)
+                    self.last_exit = _describe(await self._process.wait())
             self.ready = False
             if self._stopping:
                 break
@@ -246,22 +287,31 @@ class Sidecar:
     async def stop(self) -> None:
         """Drain the listeners (new connections refused, open ones finish), then end Envoy."""
         self._stopping = True
-        process = self._process
-        if self.managed and process is not None and process.returncode is None:
+        pid = self.pid
+        if self.managed and pid:
             with contextlib.suppress(OSError):
                 await admin_request(self.admin_socket, "POST", "/drain_listeners?graceful")
                 await asyncio.sleep(self.drain_seconds)
-            with contextlib.suppress(ProcessLookupError):
-                process.terminate()
-            try:
-                await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    process.kill()
-                await process.wait()
+            await self._end(pid)
+            self.pid_path.unlink(missing_ok=True)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self.ready = False
         log.info("envoy.stopped")
+
+    async def _end(self, pid: int) -> None:
+        """SIGTERM, then SIGKILL if it lingers; only while the pid is still our Envoy."""
+        for sig, wait in ((signal.SIGTERM, STOP_TIMEOUT), (signal.SIGKILL, STOP_TIMEOUT)):
+            if not self._alive(pid):
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            deadline = time.monotonic() + wait
+            while self._alive(pid) and time.monotonic() < deadline:
+                if self._process is not None and self._process.pid == pid:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._process.wait(), 0.1)  # reaps our child
+                else:
+                    await asyncio.sleep(0.05)

@@ -168,6 +168,14 @@ def svc(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
         upstream.server.shutdown()
 
 
+def running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie left for an init that does not reap does not count)."""
+    try:
+        return bool(Path(f"/proc/{pid}/cmdline").read_bytes())
+    except OSError:
+        return False
+
+
 def _envoy_pid(service: Service) -> int:
     try:
         return int(service.stub().GetState(pb.GetStateRequest(), timeout=5).envoy.pid)
@@ -412,11 +420,29 @@ def test_envoy_killed_is_restarted_and_fails_closed_meanwhile(svc: Service, web:
     assert after.acked_version == after.config_version
 
 
+def test_a_killed_service_leaves_envoy_enforcing_and_its_restart_adopts_it(svc: Service, web: int) -> None:
+    before = svc.stub().GetState(pb.GetStateRequest(), timeout=5)
+    assert svc.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert running(before.envoy.pid)
+    assert request(web, "GET", "/public")[0] == 200 and request(web, "POST", "/admin")[0] == 403
+    svc.start()
+    deadline = time.monotonic() + 10
+    while True:
+        after = svc.stub().GetState(pb.GetStateRequest(), timeout=5)
+        if after.envoy.connected and after.acked_version == before.config_version:
+            break
+        assert time.monotonic() < deadline, f"the adopted Envoy did not reconnect: {after}"
+        time.sleep(0.05)
+    assert after.envoy.pid == before.envoy.pid and after.envoy.restarts == 0, "Envoy was replaced, not adopted"
+    set_web(svc, web, [*WEB_RULES, rule("admin", method="POST", path="/admin")])
+    assert request(web, "POST", "/admin")[0] == 200, "the adopted Envoy does not take new rules"
+    set_web(svc, web, WEB_RULES)
+
+
 def test_a_restarted_service_serves_the_same_config_and_drains_envoy(svc: Service, web: int) -> None:
     before = svc.stub().GetState(pb.GetStateRequest(), timeout=5)
     assert svc.stop() == 0
-    with pytest.raises(ProcessLookupError):
-        os.kill(before.envoy.pid, 0)  # drained and ended with the service
+    assert not running(before.envoy.pid), "Envoy outlived a clean stop of its service"
     svc.start()
     after = svc.stub().GetState(pb.GetStateRequest(), timeout=5)
     assert (after.endpoints, after.config_version) == (before.endpoints, before.config_version)
