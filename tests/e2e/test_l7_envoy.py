@@ -107,14 +107,16 @@ class Service:
     def log(self) -> Path:
         return self.workdir / "l7.log"
 
-    def start(self) -> None:
-        argv = [
+    def argv(self) -> list[str]:
+        return [
             *self.wrap, sys.executable, "-m", "services.l7", "--instance", f"l7t{os.getpid()}",
             "--run-dir", str(self.workdir / "run"), "--state-dir", str(self.workdir / "state"),
             "--bpffs-root", str(self.workdir / "bpffs"), "--cgroup-root", str(self.workdir / "cgroup"),
         ]  # fmt: skip
+
+    def start(self) -> None:
         with open(self.log, "ab") as out:
-            self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+            self.process = subprocess.Popen(self.argv(), stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
