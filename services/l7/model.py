@@ -258,10 +258,6 @@ def same(a: list[Listener], b: list[Listener]) -> bool:
     return sorted(a, key=lambda x: x.name) == sorted(b, key=lambda x: x.name)
 
 
-def listeners_field(items: list[Listener]) -> list[dict[str, Any]]:
-    return [x.to_doc() for x in items]
-
-
 @dataclass
 class Desired:
     """Every endpoint's listeners, as the store holds them."""

@@ -184,8 +184,10 @@ class Ads(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: ignore[misc
             stream.node = request.node.id
             log.info("xds.stream_opened", node=stream.node)
         sent = stream.sent.get(type_url)
-        if request.response_nonce and (sent is None or request.response_nonce != sent.nonce):
-            return ()  # answers a response that a newer one has replaced
+        # A nonce other than the last one sent answers a response a newer one replaced: ignored.
+        # (With nothing sent yet on this stream, e.g. after our restart, it is a first request.)
+        if request.response_nonce and sent is not None and request.response_nonce != sent.nonce:
+            return ()
         if request.HasField("error_detail") and sent is not None:
             nack = Nack(
                 sent.version,
