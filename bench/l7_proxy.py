@@ -5,7 +5,8 @@ wrk drives, over loopback, in turn:
 
 - direct: straight to the upstream (what an L4-only policy costs: nothing in user space);
 - weir: through the Envoy the l7 service runs and configures over xDS, with our rules;
-- static: through an Envoy configured by hand (static listener, the same RBAC policies).
+- static: through an Envoy configured by hand (static listener, the same RBAC policies),
+  without and with the gRPC access log ours sends (to the l7 service, as ours does).
 
 Then it measures how long a rule change takes to govern requests: from the start of
 SetListeners to the first request that gets the new answer, polling on one keep-alive
@@ -57,13 +58,16 @@ def envoy_binary() -> str:
     return found
 
 
-def _hcm(route: dict[str, object], filters: list[dict[str, object]]) -> dict[str, object]:
+def _hcm(
+    route: dict[str, object], filters: list[dict[str, object]], access_log: list[dict[str, object]] | None = None
+) -> dict[str, object]:
     return {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3."
             "HttpConnectionManager",
             "stat_prefix": "bench",
+            "access_log": access_log or [],
             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [route]}]},
             "http_filters": [
                 *filters,
@@ -90,8 +94,11 @@ def upstream_config(port: int) -> dict[str, object]:
     return {"static_resources": {"listeners": [_listener(port, _hcm(route, []))]}}
 
 
-def static_rbac_config(port: int, upstream: int) -> dict[str, object]:
-    """The hand-written equivalent of our rules: RBAC in the listener, one cluster."""
+def static_rbac_config(port: int, upstream: int, als_socket: Path | None = None) -> dict[str, object]:
+    """The hand-written equivalent of our rules: RBAC in the listener, one cluster.
+
+    With ``als_socket``, it also sends its access log over gRPC there, as ours does.
+    """
 
     def regex(header: str, value: str) -> dict[str, object]:
         return {"header": {"name": header, "string_match": {"safe_regex": {"regex": value}}}}
@@ -118,7 +125,7 @@ def static_rbac_config(port: int, upstream: int) -> dict[str, object]:
         },
     }
     route: dict[str, object] = {"match": {"prefix": "/"}, "route": {"cluster": "up"}}
-    cluster = {
+    cluster: dict[str, object] = {
         "name": "up",
         "type": "STATIC",
         "connect_timeout": "1s",
@@ -133,7 +140,42 @@ def static_rbac_config(port: int, upstream: int) -> dict[str, object]:
             ],
         },
     }
-    return {"static_resources": {"listeners": [_listener(port, _hcm(route, [rbac]))], "clusters": [cluster]}}
+    clusters: list[dict[str, object]] = [cluster]
+    access_log: list[dict[str, object]] = []
+    if als_socket is not None:
+        clusters.append(
+            {
+                "name": "als",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    }
+                },
+                "load_assignment": {
+                    "cluster_name": "als",
+                    "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"pipe": {"path": str(als_socket)}}}}]}],
+                },
+            }
+        )
+        access_log.append(
+            {
+                "name": "envoy.access_loggers.http_grpc",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.HttpGrpcAccessLogConfig",
+                    "common_config": {
+                        "log_name": "bench",
+                        "grpc_service": {"envoy_grpc": {"cluster_name": "als"}},
+                        "transport_api_version": "V3",
+                        "buffer_flush_interval": "0.05s",
+                    },
+                },
+            }
+        )
+    listener = _listener(port, _hcm(route, [rbac], access_log))
+    return {"static_resources": {"listeners": [listener], "clusters": clusters}}
 
 
 @contextlib.contextmanager
@@ -271,14 +313,17 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix=f"weir-bench-{os.getpid()}-") as tmp:
         workdir = Path(tmp)
-        up, static, proxy = free_port(), free_port(), free_port()
+        up, static, logged, proxy = free_port(), free_port(), free_port(), free_port()
+        als = workdir / "run" / "l7-xds.sock"  # the l7 service's access log service
         with (
             envoy(upstream_config(up), workdir, "upstream"),
             envoy(static_rbac_config(static, up), workdir, "static"),
             l7_service(workdir) as stub,
+            envoy(static_rbac_config(logged, up, als), workdir, "static-als"),
         ):
             wait_http(up)
             wait_http(static)
+            wait_http(logged)
             deadline = time.monotonic() + 30
             while not set_rules(stub, proxy, up, RULES).applied:
                 if time.monotonic() > deadline:
@@ -288,6 +333,7 @@ def main(argv: list[str] | None = None) -> None:
                 "direct (L4 only)": wrk(up, args.seconds, args.connections),
                 "weir (xDS, per-route RBAC)": wrk(proxy, args.seconds, args.connections),
                 "static Envoy (hand-written RBAC)": wrk(static, args.seconds, args.connections),
+                "static Envoy + gRPC access log": wrk(logged, args.seconds, args.connections),
             }
             governs, acked = change_latency(stub, proxy, up, args.rounds)
         base = results["direct (L4 only)"].rps
@@ -299,7 +345,9 @@ def main(argv: list[str] | None = None) -> None:
             results["weir (xDS, per-route RBAC)"].rps,
             results["static Envoy (hand-written RBAC)"].rps,
         )
-        print(f"weir / static Envoy: {weir_rps / static_rps:.2f}")
+        logged_rps = results["static Envoy + gRPC access log"].rps
+        print(f"weir / static Envoy: {weir_rps / static_rps:.2f}; weir / static with the same access log: "
+              f"{weir_rps / logged_rps:.2f}")  # fmt: skip
         print(
             f"rule change -> first governed request over {args.rounds} rounds: "
             f"median {statistics.median(governs):.1f} ms, max {max(governs):.1f} ms; "
