@@ -17,7 +17,7 @@ import pytest
 from weir.l7.v1 import l7_pb2 as pb
 
 from services.l7.envoy import Sidecar
-from tests.e2e.test_l7_envoy import WEB_RULES, Service, free_port, listener, request, start_upstream
+from tests.harness.l7 import WEB_RULES, Service, free_port, listener, request, start_upstream
 from tests.harness.node import REPO
 
 

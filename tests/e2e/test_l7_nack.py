@@ -18,7 +18,7 @@ from services.l7.model import HttpRule, Listener
 from services.l7.proxy import L7Proxy
 from services.l7.resources import ROUTE, build, route
 from services.l7.xds import Ads, serve_control
-from tests.e2e.test_l7_envoy import free_port, request, start_upstream
+from tests.harness.l7 import free_port, request, start_upstream
 
 
 def test_an_injected_bad_route_is_nacked_and_the_old_rules_stay_in_force(tmp_path: Path) -> None:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 from weir.l7.v1 import l7_pb2 as pb
 
-from tests.e2e.test_l7_envoy import INGRESS, Service, Upstream, rule, start_upstream
 from tests.harness import netns
+from tests.harness.l7 import INGRESS, Service, Upstream, rule, start_upstream
 from tests.harness.node import pid_prefix
 
 pytestmark = pytest.mark.root
