@@ -46,7 +46,7 @@ RESERVED_LABELS: dict[int, dict[str, str]] = {
 CIDR_LABELS = {"reserved:world": ""}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class NamedPort:
     """A container port an endpoint declares by name (a pod's `ports[].name`)."""
 
