@@ -88,6 +88,10 @@ def icmp() -> pb.PortRule:
     return pb.PortRule(protocol="ICMP")
 
 
+def icmpv6() -> pb.PortRule:
+    return pb.PortRule(protocol="ICMPV6")
+
+
 def tcp_ok(ns: str, dst: str, port: int, source: str = "") -> bool:
     with traffic.server(_server_ns[dst], dst, port):
         return traffic.tcp_connects(ns, dst, port, timeout=0.8, source=source)
@@ -113,7 +117,7 @@ def _servers(request: pytest.FixtureRequest) -> None:
 def three_tier() -> list[pb.Rule]:
     return [
         pb.Rule(name="backend-in", endpoint_selector=sel(app="backend"), ingress=[
-            pb.PeerRule(endpoints=[sel(app="frontend")], ports=[tcp(8080), udp(5353), icmp()]),
+            pb.PeerRule(endpoints=[sel(app="frontend")], ports=[tcp(8080), udp(5353), icmp(), icmpv6()]),
         ]),
         pb.Rule(name="db-in", endpoint_selector=sel(app="db"), ingress=[
             pb.PeerRule(endpoints=[sel(app="backend")], ports=[tcp(5432), tcp(7000, 7010)]),
@@ -127,7 +131,7 @@ def test_three_tiers_allowed_flows_pass_others_fail_with_reasons(cluster: Cluste
     assert set(reply.endpoints) == {"backend", "db"}
     before = c.reasons()
     fe, be, db = c.frontend, c.backend, c.db
-    # allowed: frontend -> backend on TCP 8080, UDP 5353, ICMP; v4 and v6
+    # allowed: frontend -> backend on TCP 8080, UDP 5353, ICMP and ICMPv6 (each its own protocol); v4 and v6
     assert tcp_ok(fe.netns, be.ipv4, 8080) and tcp_ok(fe.netns, be.ipv6, 8080)
     assert udp_ok(fe.netns, be.ipv4, 5353)
     assert traffic.ping(fe.netns, be.ipv4, count=3) == 3 and traffic.ping(fe.netns, be.ipv6, count=2) == 2
