@@ -22,7 +22,6 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
-from services.common.errors import WeirError
 from services.policy import rules as rules_mod
 from tests.harness import traffic
 from tests.harness.node import NODE_NET_V4, OUTSIDE_V4, Node, pid_prefix
@@ -392,13 +391,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Env]:
 
 
 def _parser_has_namespaces() -> bool:
-    """Whether the rule parser confines namespaced policies (cnplang's branch); probed, not assumed."""
-    doc = "kind: CiliumNetworkPolicy\nmetadata: {name: probe, namespace: prod}\nspec: {endpointSelector: {}}\n"
-    try:
-        [msg] = rules_mod.from_document(doc)
-        return rules_mod.from_proto(msg).key == "prod/probe"
-    except WeirError:  # refused: the parser is not there yet
-        return False
+    """Whether the rule parser knows namespaces (cnplang's branch): a skip until it is merged, never after."""
+    return hasattr(rules_mod, "check_namespace")
 
 
 NEEDS_PARSER = "needs cnplang's CiliumNetworkPolicy parser (namespaces, named ports, icmps families, CCNP)"
@@ -459,7 +453,7 @@ def test_trace_names_rule_section_and_connection_path(env: Env) -> None:
         )
         assert related.allowed and related.path == "related"
         unrelated = env.policy.Trace(
-            pb.TraceRequest(source=client.ipv4, destination=web.ipv4, port=22, protocol="TCP", connection="related")
+            pb.TraceRequest(source=web.ipv4, destination=client.ipv4, port=22, protocol="TCP", connection="related")
         )
         assert unrelated.path == "policy" and "no related path" in unrelated.steps[0]
         with pytest.raises(grpc.RpcError) as refused:
