@@ -166,8 +166,8 @@ def test_overflowing_an_endpoint_map_is_refused() -> None:
             "end_port 80 is below port 90",
         ),
         (
-            pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="SCTP")])]),
-            "protocol 'SCTP' is not one of",
+            pb.Rule(name="x", ingress=[pb.PeerRule(ports=[pb.PortRule(port=1, protocol="GRE")])]),
+            "protocol 'GRE' is not one of",
         ),
         (pb.Rule(name="x", ingress=[pb.PeerRule(cidrs=[pb.CidrRule(cidr="10.0.0.0/33")])]), "out of range"),
         (
@@ -181,7 +181,7 @@ def test_overflowing_an_endpoint_map_is_refused() -> None:
         ),
         (pb.Rule(name="x", endpoint_selector=sel(**{"bad key!": "v"})), "not a valid label key"),
         (pb.Rule(name="Bad_Name"), "rule name 'Bad_Name' is invalid"),
-        (pb.Rule(name="x", ingress=[pb.PeerRule(entities=["cluster"])]), "entity 'cluster'"),
+        (pb.Rule(name="x", ingress=[pb.PeerRule(entities=["galaxy"])]), "entity 'galaxy'"),
     ],
 )
 def test_bad_rules_say_where(rule: pb.Rule, message: str) -> None:
