@@ -252,8 +252,13 @@ class PolicyComputer:
     def _named(
         self, ep: EndpointView, direction: Direction, ids: frozenset[int] | None, port: PortRule, deny: bool, rule: str
     ) -> Iterator[Grant]:
-        """A named port resolved as Cilium does: ingress against the selected endpoint's own ports,
-        egress per destination identity (each peer its own number); a name nobody defines allows nothing."""
+        """A named port resolved per endpoint; a name nobody defines allows nothing.
+
+        Ingress: the selected endpoint's own ports (as Cilium's Endpoint.GetNamedPort). Egress:
+        per destination identity, the ports its endpoints give the name, so each peer gets its
+        own number (Kubernetes NetworkPolicy's meaning). Cilium instead looks the name up
+        node-wide (pkg/types/namedport.go) and allows nothing when two numbers conflict.
+        """
         protocols = rule_protocols(port.protocol)
         if direction is Direction.INGRESS:
             for proto, number in sorted(ep.ports_named(port.name, protocols)):

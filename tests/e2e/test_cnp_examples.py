@@ -492,3 +492,31 @@ def test_endpoint_carries_namespace_and_named_ports(env: Env) -> None:
     assert [(p.name, p.port, p.protocol) for p in got.named_ports] == [("http", 8080, "TCP")]
     # the namespace is part of the identity: the same app label in another namespace is another identity
     assert env.endpoints["web"].identity != env.endpoints["dev-web"].identity
+
+
+def test_rules_are_keyed_by_namespace_and_name(env: Env) -> None:
+    """Two policies of one name in two namespaces are two rules; a bare name must not pick one at random."""
+    if not _parser_has_namespaces():
+        pytest.skip(NEEDS_PARSER)
+    [case] = [c for c in CASES if c.id == "same-name-in-two-namespaces"]
+    env.policy.ImportRules(pb.ImportRulesRequest(document=textwrap.dedent(case.document)), timeout=10)
+    try:
+        got = env.policy.GetRule(pb.GetRuleRequest(name="dev/web-policy"), timeout=10)
+        assert (got.namespace, got.name) == ("dev", "web-policy")
+        with pytest.raises(grpc.RpcError) as get_bare:
+            env.policy.GetRule(pb.GetRuleRequest(name="web-policy"), timeout=10)
+        with pytest.raises(grpc.RpcError) as delete_bare:
+            env.policy.DeleteRules(pb.DeleteRulesRequest(names=["web-policy"]), timeout=10)
+        for refused in (get_bare, delete_bare):
+            assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "dev/web-policy, prod/web-policy" in (refused.value.details() or "")
+        env.policy.DeleteRules(pb.DeleteRulesRequest(names=["dev/web-policy"]), timeout=10)
+        assert env.passes(tcp("dev-client", "dev-web", 80))  # dev's web is no longer selected
+        assert not env.passes(tcp("client", "web", 9000))  # prod's rule is untouched
+        # with one left, the bare name means it
+        assert env.policy.GetRule(pb.GetRuleRequest(name="web-policy"), timeout=10).namespace == "prod"
+        with pytest.raises(grpc.RpcError) as missing:
+            env.policy.GetRule(pb.GetRuleRequest(name="dev/web-policy"), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    finally:
+        env.clear_rules()
