@@ -36,10 +36,26 @@ DEVICE_KIND = "device"  # network devices' store documents (services.orchestrato
 NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]{0,30}[a-z0-9])?$")
 LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$")
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
+NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace (DNS label)
+NAMESPACE_LABEL = "io.kubernetes.pod.namespace"  # the label a namespaced policy selects by, as in Cilium
+# A port name: an IANA service name (RFC 6335 5.1), as Kubernetes checks a container port's name.
+PORT_NAME_RE = re.compile(r"([a-z0-9]-?)*[a-z](-?[a-z0-9])*")
+MAX_PORT_NAME = 15
+MAX_NAMED_PORTS = 64
+PORT_PROTOCOLS = ("TCP", "UDP", "SCTP")
 TC_HANDLE = 1
 TC_PRIORITY = TcPriority.ENTRY
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class NamedPort:
+    """A container port declared by name; policy port rules may name it instead of a number."""
+
+    name: str
+    port: int
+    protocol: str = "TCP"
 
 
 @dataclass
@@ -57,6 +73,8 @@ class Endpoint:
     identity: int = 0
     # Traffic dropped until the policy service says this endpoint's map is installed.
     policy_pending: bool = False
+    namespace: str = ""  # also its label io.kubernetes.pod.namespace
+    named_ports: list[NamedPort] = field(default_factory=list)
 
     def networks(self) -> list[Network]:
         """The endpoint's addresses as host prefixes (its ipcache entries)."""
@@ -64,7 +82,9 @@ class Endpoint:
 
     @classmethod
     def from_doc(cls, doc: dict[str, Any]) -> Endpoint:
-        return cls(**doc)
+        fields = dict(doc)
+        fields["named_ports"] = [NamedPort(**p) for p in doc.get("named_ports", ())]
+        return cls(**fields)
 
 
 def check_name(name: str) -> str:
@@ -86,9 +106,20 @@ class EndpointSpec:
     ipv6: str
     labels: dict[str, str]
     adopt_interface: str
+    namespace: str = ""
+    named_ports: tuple[NamedPort, ...] = ()
 
     @classmethod
-    def parse(cls, name: str, ipv4: str, ipv6: str, labels: dict[str, str], adopt_interface: str) -> EndpointSpec:
+    def parse(
+        cls,
+        name: str,
+        ipv4: str,
+        ipv6: str,
+        labels: dict[str, str],
+        adopt_interface: str,
+        namespace: str = "",
+        named_ports: tuple[NamedPort, ...] = (),
+    ) -> EndpointSpec:
         check_name(name)
         if not ipv4 and not ipv6:
             raise InvalidArgument("an endpoint needs an IPv4 or an IPv6 address")
@@ -108,7 +139,45 @@ class EndpointSpec:
                                       "letters, digits, '-', '_' or '.'")  # fmt: skip
         if adopt_interface:
             netdev.valid_ifname(adopt_interface, "adopt_interface")
-        return cls(name, v4, v6, dict(labels), adopt_interface)
+        labels = dict(labels)
+        if namespace:
+            if not NAMESPACE_RE.fullmatch(namespace):
+                raise InvalidArgument(f"namespace {summary(namespace)} is invalid: a DNS label of 1-63 lowercase "
+                                      "letters, digits or '-', starting and ending with a letter or digit")  # fmt: skip
+            if labels.get(NAMESPACE_LABEL, namespace) != namespace:
+                raise InvalidArgument(f"labels: {NAMESPACE_LABEL} is {summary(labels[NAMESPACE_LABEL])} but namespace "
+                                      f"is {namespace!r}; set only namespace (the label follows it)")  # fmt: skip
+            labels[NAMESPACE_LABEL] = namespace
+        elif NAMESPACE_LABEL in labels:
+            raise InvalidArgument(f"labels: {NAMESPACE_LABEL} comes from the namespace field; set namespace "
+                                  f"{summary(labels[NAMESPACE_LABEL])} instead")  # fmt: skip
+        if len(labels) > MAX_LABELS:
+            raise InvalidArgument(f"{len(labels)} labels with the namespace's; an endpoint has at most {MAX_LABELS}")
+        return cls(name, v4, v6, labels, adopt_interface, namespace, check_named_ports(named_ports))
+
+
+def check_named_ports(ports: tuple[NamedPort, ...]) -> tuple[NamedPort, ...]:
+    """Named container ports as Kubernetes checks a pod's: IANA names, unique, port 1-65535, TCP/UDP/SCTP."""
+    if len(ports) > MAX_NAMED_PORTS:
+        raise InvalidArgument(f"named_ports: {len(ports)} given; an endpoint has at most {MAX_NAMED_PORTS}")
+    seen: set[str] = set()
+    out = []
+    for i, p in enumerate(ports):
+        where = f"named_ports[{i}]"
+        if len(p.name) > MAX_PORT_NAME or not PORT_NAME_RE.fullmatch(p.name):
+            raise InvalidArgument(f"{where}.name {summary(p.name)} is not a port name: at most {MAX_PORT_NAME} "
+                                  "lowercase letters, digits and single inner '-', with a letter")  # fmt: skip
+        if p.name in seen:
+            raise InvalidArgument(f"{where}.name {p.name!r} is given twice; port names are unique per endpoint")
+        seen.add(p.name)
+        if not 1 <= p.port <= 65535:
+            raise InvalidArgument(f"{where}.port {p.port} of {p.name!r} is out of range (1-65535)")
+        protocol = (p.protocol or "TCP").upper()
+        if protocol not in PORT_PROTOCOLS:
+            raise InvalidArgument(f"{where}.protocol {summary(p.protocol)} of {p.name!r} is not one of "
+                                  f"{', '.join(PORT_PROTOCOLS)}")  # fmt: skip
+        out.append(NamedPort(p.name, p.port, protocol))
+    return tuple(out)
 
 
 class Endpoints:
@@ -170,6 +239,8 @@ class Endpoints:
             ipv6=spec.ipv6,
             labels=spec.labels,
             adopted=bool(spec.adopt_interface),
+            namespace=spec.namespace,
+            named_ports=list(spec.named_ports),
             identity=self._identities.for_labels(spec.labels),
             policy_pending=self.policy_in_chain(),
         )

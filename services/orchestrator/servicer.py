@@ -24,7 +24,7 @@ from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
-from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec
+from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
 from services.orchestrator.events import EventHub
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
@@ -78,6 +78,8 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
         mac=endpoint.mac,
         adopted=endpoint.adopted,
         identity=endpoint.identity,
+        namespace=endpoint.namespace,
+        named_ports=[pb.NamedPort(name=p.name, port=p.port, protocol=p.protocol) for p in endpoint.named_ports],
         policy_pending=endpoint.policy_pending,
     )
 
@@ -143,7 +145,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
 
     async def CreateEndpoint(self, request: pb.CreateEndpointRequest, context: Context) -> pb.Endpoint:
         spec = EndpointSpec.parse(
-            request.name, request.ipv4, request.ipv6, dict(request.labels), request.adopt_interface
+            request.name,
+            request.ipv4,
+            request.ipv6,
+            dict(request.labels),
+            request.adopt_interface,
+            request.namespace,
+            tuple(NamedPort(p.name, p.port, p.protocol) for p in request.named_ports),
         )
         if request.policy_wait_ms > MAX_POLICY_WAIT_MS:
             raise InvalidArgument(f"policy_wait_ms {request.policy_wait_ms} is above the maximum of "

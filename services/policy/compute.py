@@ -26,11 +26,33 @@ from services.common.datapath import Direction, ReservedIdentity
 from services.common.errors import ResourceExhausted
 from services.common.validate import Network
 from services.policy.defs import PREFIX_IDENTITY, PREFIX_PROTO
-from services.policy.rules import PeerRule, Rule
+from services.policy.rules import PeerRule, PortRule, Rule, Selector
 
 ANY = 0
-TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
-PROTOCOL_NAMES = {0: "ANY", TCP: "TCP", UDP: "UDP", ICMP: "ICMP", ICMPV6: "ICMPv6"}
+TCP, UDP, ICMP, ICMPV6, SCTP = 6, 17, 1, 58, 132
+PROTOCOL_NAMES = {0: "ANY", TCP: "TCP", UDP: "UDP", SCTP: "SCTP", ICMP: "ICMP", ICMPV6: "ICMPV6"}
+PROTOCOL_NUMBERS = {name: number for number, name in PROTOCOL_NAMES.items() if number}
+# Cilium's ANY in a port rule: the protocols with ports (pkg/policy/api/l4.go), never ICMP.
+PORT_PROTOCOLS = (TCP, UDP, SCTP)
+
+# Labels of the reserved identities, as Cilium gives them (source "reserved"), so a
+# selector naming `reserved:host` selects the host. CIDR identities carry reserved:world
+# too (as Cilium's CIDR identities do), so it selects what the `world` entity does.
+RESERVED_LABELS: dict[int, dict[str, str]] = {
+    ReservedIdentity.HOST: {"reserved:host": ""},
+    ReservedIdentity.WORLD: {"reserved:world": ""},
+    ReservedIdentity.REMOTE_NODE: {"reserved:remote-node": ""},
+}
+CIDR_LABELS = {"reserved:world": ""}
+
+
+@dataclass(frozen=True, order=True)
+class NamedPort:
+    """A container port an endpoint declares by name (a pod's `ports[].name`)."""
+
+    name: str
+    port: int
+    protocol: str  # TCP, UDP or SCTP
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,17 @@ class EndpointView:
     ipv6: str
     labels: dict[str, str] = field(hash=False, compare=False)
     identity: int = 0
+    namespace: str = ""  # also in `labels` (io.kubernetes.pod.namespace), where selectors see it
+    named_ports: tuple[NamedPort, ...] = ()
+
+    def ports_named(self, name: str, protocols: Iterable[int]) -> set[tuple[int, int]]:
+        """(protocol, port) of this endpoint's named port `name`, for these protocols."""
+        wanted = set(protocols)
+        return {
+            (PROTOCOL_NUMBERS[p.protocol], p.port)
+            for p in self.named_ports
+            if p.name == name and PROTOCOL_NUMBERS.get(p.protocol) in wanted
+        }
 
     def addresses(self) -> list[Network]:
         return [ipaddress.ip_network(a) for a in (self.ipv4, self.ipv6) if a]
@@ -77,9 +110,15 @@ class EndpointPolicy:
     ingress_enforced: bool
     egress_enforced: bool
     entries: tuple[MapEntry, ...]
+    # Enforced, but no selecting rule asks for default deny: what no entry matches passes.
+    ingress_default_allow: bool = False
+    egress_default_allow: bool = False
 
     def enforced(self, direction: Direction) -> bool:
         return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced
+
+    def default_allow(self, direction: Direction) -> bool:
+        return self.ingress_default_allow if direction is Direction.INGRESS else self.egress_default_allow
 
     def lookup(self, direction: Direction, identity: int, proto: int, port: int) -> MapEntry | None:
         """What the datapath finds: longest match for the identity, else for any identity."""
@@ -102,7 +141,7 @@ class Grant:
     first: int
     last: int
     deny: bool
-    rule: str
+    rule: str  # the rule's key (namespace/name)
 
 
 def port_prefixes(first: int, last: int, bits: int = 16) -> Iterator[tuple[int, int]]:
@@ -115,29 +154,39 @@ def port_prefixes(first: int, last: int, bits: int = 16) -> Iterator[tuple[int, 
         first += size
 
 
+def rule_protocols(protocol: str) -> tuple[int, ...]:
+    """The IP protocols of a port rule's protocol: ANY is TCP, UDP and SCTP (as Cilium's)."""
+    return PORT_PROTOCOLS if protocol == "ANY" else (PROTOCOL_NUMBERS[protocol],)
+
+
 def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int]]:
+    """(protocol, first, last) of a peer's numbered ports; a peer with no ports: every protocol.
+
+    Only a peer rule with no ports at all is an L3 allow (ICMP included); `ANY` port 0
+    covers every port of TCP, UDP and SCTP, and ICMP only through an ICMP rule.
+    """
     if not peer.ports:
         yield ANY, 0, 65535
         return
     for p in peer.ports:
-        if p.protocol == "ANY":
-            if (p.first, p.last) == (0, 65535):
-                yield ANY, 0, 65535
-            else:
-                yield TCP, p.first, p.last
-                yield UDP, p.first, p.last
-        elif p.protocol == "ICMP":
-            yield ICMP, p.first, p.last
-            yield ICMPV6, p.first, p.last
-        else:
-            yield (TCP if p.protocol == "TCP" else UDP), p.first, p.last
+        if not p.name:
+            for proto in rule_protocols(p.protocol):
+                yield proto, p.first, p.last
+
+
+def _names_reserved(selector: Selector) -> bool:
+    """Whether a selector names a reserved label: only such a selector selects reserved identities."""
+    keys = [k for k, _ in selector.match_labels] + [r.key for r in selector.match_expressions]
+    return any(k.partition(":")[0] == "reserved" for k in keys if ":" in k)
 
 
 class PolicyComputer:
     """Rules + endpoints + CIDR identities -> policy map contents.
 
     `cidr_identities` are the node's CIDR identities (all of them: "world" and a
-    rule's CIDR select every CIDR identity inside it, whoever asked for it).
+    rule's CIDR select every CIDR identity inside it, whoever asked for it). Every
+    spec of a rule (`Rule.parts()`) counts as a rule of its own, credited to the
+    rule's key.
     """
 
     def __init__(
@@ -147,23 +196,39 @@ class PolicyComputer:
         cidr_identities: dict[Network, int],
         capacity: int,
     ) -> None:
-        self.rules = sorted(rules, key=lambda r: r.name)
+        self.rules = sorted(rules, key=lambda r: r.key)
         self.endpoints = sorted(endpoints, key=lambda e: e.name)
         self.cidr_identities = cidr_identities
         self.capacity = capacity
         self._cidrs = _CidrIndex(cidr_identities)
         self._by_selector: dict[object, set[int]] = {}
+        self._by_port_name: dict[tuple[str, tuple[int, ...]], dict[int, set[tuple[int, int]]]] = {}
+
+    def _selected(self, selector: Selector) -> set[int]:
+        """The identities a selector selects: endpoints' and, when it names one, reserved ones."""
+        if selector not in self._by_selector:
+            ids = {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
+            if _names_reserved(selector):
+                ids |= {i for i, labels in RESERVED_LABELS.items() if selector.matches(labels)}
+                if selector.matches(CIDR_LABELS):
+                    ids |= set(self.cidr_identities.values())
+            self._by_selector[selector] = ids
+        return self._by_selector[selector]
 
     def _peer_identities(self, peer: PeerRule) -> frozenset[int] | None:
         if peer.any_peer or "all" in peer.entities:
             return None
         ids: set[int] = set()
         for selector in peer.endpoints:
-            if selector not in self._by_selector:
-                self._by_selector[selector] = {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
-            ids |= self._by_selector[selector]
+            ids |= self._selected(selector)
         if "host" in peer.entities:
             ids.add(ReservedIdentity.HOST)
+        if "remote-node" in peer.entities:
+            ids.add(ReservedIdentity.REMOTE_NODE)
+        if "cluster" in peer.entities:
+            # Cilium's cluster entity: the cluster's endpoints, the host and the other nodes.
+            ids |= {ep.identity for ep in self.endpoints}
+            ids |= {ReservedIdentity.HOST, ReservedIdentity.REMOTE_NODE}
         if "world" in peer.entities:
             ids.add(ReservedIdentity.WORLD)
             ids |= set(self.cidr_identities.values())
@@ -172,9 +237,41 @@ class PolicyComputer:
             ids |= self._cidrs.within(c.network) - excluded
         return frozenset(ids)
 
-    def _grants(self, rules: list[Rule], direction: Direction) -> list[Grant]:
+    def _named_by_identity(self, name: str, protocols: tuple[int, ...]) -> dict[int, set[tuple[int, int]]]:
+        """identity -> (protocol, port) of `name` on the endpoints of that identity that define it."""
+        key = (name, protocols)
+        if key not in self._by_port_name:
+            found: dict[int, set[tuple[int, int]]] = {}
+            for ep in self.endpoints:
+                ports = ep.ports_named(name, protocols)
+                if ports:
+                    found.setdefault(ep.identity, set()).update(ports)
+            self._by_port_name[key] = found
+        return self._by_port_name[key]
+
+    def _named(
+        self, ep: EndpointView, direction: Direction, ids: frozenset[int] | None, port: PortRule, deny: bool, rule: str
+    ) -> Iterator[Grant]:
+        """A named port resolved per endpoint; a name nobody defines allows nothing.
+
+        Ingress: the selected endpoint's own ports (as Cilium's Endpoint.GetNamedPort). Egress:
+        per destination identity, the ports its endpoints give the name, so each peer gets its
+        own number (Kubernetes NetworkPolicy's meaning). Cilium instead looks the name up
+        node-wide (pkg/types/namedport.go) and allows nothing when two numbers conflict.
+        """
+        protocols = rule_protocols(port.protocol)
+        if direction is Direction.INGRESS:
+            for proto, number in sorted(ep.ports_named(port.name, protocols)):
+                yield Grant(ids, proto, number, number, deny, rule)
+            return
+        for identity, ports in sorted(self._named_by_identity(port.name, protocols).items()):
+            if ids is None or identity in ids:
+                for proto, number in sorted(ports):
+                    yield Grant(frozenset({identity}), proto, number, number, deny, rule)
+
+    def _grants(self, ep: EndpointView, parts: list[Rule], direction: Direction) -> list[Grant]:
         grants = []
-        for rule in rules:
+        for rule in parts:
             allow, deny = (
                 (rule.ingress, rule.ingress_deny) if direction is Direction.INGRESS else (rule.egress, rule.egress_deny)
             )
@@ -184,7 +281,10 @@ class PolicyComputer:
                     if ids is not None and not ids:
                         continue
                     for proto, first, last in _protocols(peer):
-                        grants.append(Grant(ids, proto, first, last, is_deny, rule.name))
+                        grants.append(Grant(ids, proto, first, last, is_deny, rule.key))
+                    for port in peer.ports:
+                        if port.name:
+                            grants.extend(self._named(ep, direction, ids, port, is_deny, rule.key))
         return grants
 
     @staticmethod
@@ -203,16 +303,22 @@ class PolicyComputer:
                     yield MapEntry(direction, identity, proto, port, plen, deny, names)
 
     def endpoint(self, ep: EndpointView) -> EndpointPolicy:
-        selecting = [r for r in self.rules if r.selector.matches(ep.labels)]
-        enforced = {
-            Direction.INGRESS: any(r.ingress or r.ingress_deny for r in selecting),
-            Direction.EGRESS: any(r.egress or r.egress_deny for r in selecting),
+        selecting = [part for rule in self.rules for part in rule.parts() if part.selector.matches(ep.labels)]
+        # A direction is enforced when a selecting spec has a section for it; it denies by
+        # default unless every such spec says enableDefaultDeny: false for it (Cilium's rule).
+        with_section = {
+            Direction.INGRESS: [r for r in selecting if r.ingress or r.ingress_deny],
+            Direction.EGRESS: [r for r in selecting if r.egress or r.egress_deny],
+        }
+        default_allow = {
+            Direction.INGRESS: not any(r.default_deny_ingress for r in with_section[Direction.INGRESS]),
+            Direction.EGRESS: not any(r.default_deny_egress for r in with_section[Direction.EGRESS]),
         }
         entries: list[MapEntry] = []
         for direction in Direction:
-            if not enforced[direction]:
+            if not with_section[direction]:
                 continue
-            grants = self._grants(selecting, direction)
+            grants = self._grants(ep, with_section[direction], direction)
             every = [g for g in grants if g.identities is None]
             by_identity: dict[int, list[Grant]] = {}
             for g in grants:
@@ -228,7 +334,15 @@ class PolicyComputer:
                 f"{self.capacity} (restart the policy service with a larger --policy-entries, or use "
                 "fewer port ranges and peers)"
             )
-        return EndpointPolicy(ep, enforced[Direction.INGRESS], enforced[Direction.EGRESS], tuple(entries))
+        ingress, egress = bool(with_section[Direction.INGRESS]), bool(with_section[Direction.EGRESS])
+        return EndpointPolicy(
+            ep,
+            ingress,
+            egress,
+            tuple(entries),
+            ingress_default_allow=ingress and default_allow[Direction.INGRESS],
+            egress_default_allow=egress and default_allow[Direction.EGRESS],
+        )
 
     def all(self) -> dict[int, EndpointPolicy]:
         return {ep.id: self.endpoint(ep) for ep in self.endpoints}

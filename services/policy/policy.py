@@ -25,7 +25,7 @@ import re
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import structlog
@@ -43,8 +43,7 @@ from services.policy.compute import (
     ICMP,
     ICMPV6,
     PROTOCOL_NAMES,
-    TCP,
-    UDP,
+    PROTOCOL_NUMBERS,
     EndpointPolicy,
     EndpointView,
     MapEntry,
@@ -66,6 +65,8 @@ OLD_IDENTITIES = "identity"  # identities this service allocated before the orch
 DEFAULT_PAGE_SIZE = 500
 ADDRESS_TEXT_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 MAX_PAGE_SIZE = 10_000
+CONNECTIONS = ("new", "established", "reply", "related")
+ICMP_UNREACHABLE = {ICMP: 3, ICMPV6: 1}  # the ICMP type of a destination-unreachable error
 
 Signature = tuple[frozenset[tuple[MapEntry, bool]], int]
 
@@ -90,6 +91,8 @@ class TraceResult:
     destination_identity: int
     steps: list[str]
     rules: list[str]
+    # "policy" (looked up), "reply" or "related" (passed on a connection's conntrack entry).
+    path: str = "policy"
 
 
 class Policy:
@@ -146,7 +149,8 @@ class Policy:
         rules = {}
         for name, doc in self._store.items(RULE):
             try:
-                rules[name] = rules_mod.from_stored(doc)
+                rule = rules_mod.from_stored(doc)
+                rules[rule.key] = rule
             except (json_format.Error, WeirError, LookupError, TypeError, ValueError) as exc:
                 raise StoreError(self._store.path, f"holds rule {name!r} that does not parse ({exc})") from None
         return rules
@@ -229,8 +233,7 @@ class Policy:
     def _inputs(self, cidrs: dict[Network, int]) -> object:
         """What the maps were computed from, besides the rules (a stream message that changes
         none of it, such as a new prefix of a known identity, recomputes nothing)."""
-        endpoints = sorted((e.name, e.id, e.ipv4, e.ipv6, e.identity, tuple(sorted(e.labels.items())))
-                           for e in self._endpoints.values())  # fmt: skip
+        endpoints = sorted(_endpoint_inputs(e) for e in self._endpoints.values())
         return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
@@ -255,7 +258,13 @@ class Policy:
         before = dict(self._installed)
         change.on_failure(lambda: self._reset_installed(before))
         for ep_id, policy in policies.items():
-            flags = config_flags(policy.ingress_enforced, policy.egress_enforced, self._audit(policy.endpoint.name))
+            flags = config_flags(
+                policy.ingress_enforced,
+                policy.egress_enforced,
+                self._audit(policy.endpoint.name),
+                ingress_default_allow=policy.ingress_default_allow,
+                egress_default_allow=policy.egress_default_allow,
+            )
             signature = (frozenset((e, e.deny) for e in policy.entries), flags)
             if not force and self._installed.get(ep_id) == signature:
                 continue
@@ -334,14 +343,11 @@ class Policy:
     def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
         """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
 
-        def view(ep: EndpointView) -> tuple[object, ...]:
-            return (ep.id, ep.name, ep.identity, ep.ipv4, ep.ipv6, tuple(sorted(ep.labels.items())))
-
-        computed_for = {view(p.endpoint) for p in self._computed.values()}
-        if not changed_rules or computed_for != {view(ep) for ep in self._endpoints.values()}:
+        computed_for = {_endpoint_inputs(p.endpoint) for p in self._computed.values()}
+        if not changed_rules or computed_for != {_endpoint_inputs(ep) for ep in self._endpoints.values()}:
             return None  # the endpoints changed too: every peer set may have
-        selectors = {r.selector for r in changed_rules}
-        selectors |= {self._rules[r.name].selector for r in changed_rules if r.name in self._rules}
+        versions = [*changed_rules, *(self._rules[r.key] for r in changed_rules if r.key in self._rules)]
+        selectors = {part.selector for rule in versions for part in rule.parts()}
         return [ep for ep in self._endpoints.values() if any(sel.matches(ep.labels) for sel in selectors)]
 
     # ---- rules ----
@@ -351,7 +357,7 @@ class Policy:
         return self._store.revision(RULE)
 
     def import_rules(self, messages: Iterable[pb.Rule], document: str = "") -> tuple[int, list[str]]:
-        """Add or replace rules by name, all or none; returns (revision, endpoints rewritten).
+        """Add or replace rules by key (namespace/name), all or none; returns (revision, endpoints rewritten).
 
         The request's sizes are checked first (services.policy.limits), then every rule,
         before any identity is reserved or anything written.
@@ -367,12 +373,12 @@ class Policy:
         parsed: dict[str, Rule] = {}
         for message in incoming:
             rule = rules_mod.from_proto(message)
-            if rule.name in parsed:
-                raise InvalidArgument(f"rule {rule.name} is given twice")
-            parsed[rule.name] = rule
+            if rule.key in parsed:
+                raise InvalidArgument(f"rule {rule.key} is given twice")
+            parsed[rule.key] = rule
 
         def write() -> int:
-            self._store.put_many(RULE, ((r.name, r.source) for r in parsed.values()))
+            self._store.put_many(RULE, ((key, r.source) for key, r in parsed.items()))
             return self._store.bump_revision(RULE)
 
         revision, changed = self._change_rules({**self._rules, **parsed}, list(parsed.values()), write)
@@ -385,10 +391,7 @@ class Policy:
         if not wanted:
             raise InvalidArgument("no rule names given")
         at_most(len(wanted), MAX_RULES_PER_REQUEST, "rule names")
-        for name in wanted:
-            if name not in self._rules:
-                raise NotFound(f"rule {shown(name)} does not exist")
-        wanted = list(dict.fromkeys(wanted))
+        wanted = list(dict.fromkeys(self._key(name) for name in wanted))
         gone = set(wanted)
         remaining = {n: r for n, r in self._rules.items() if n not in gone}
 
@@ -409,7 +412,7 @@ class Policy:
         first = bisect.bisect_right(names, page_token)
         page = [self._rules[n] for n in names[first : first + size]]
         more = first + size < len(names)
-        return page, (page[-1].name if more else ""), self.revision
+        return page, (page[-1].key if more else ""), self.revision
 
     def _sorted_names(self) -> list[str]:
         """The rule names in order, sorted once per rule set (a page is then O(log n + page))."""
@@ -419,9 +422,23 @@ class Policy:
         return self._names
 
     def get_rule(self, name: str) -> Rule:
-        if name not in self._rules:
-            raise NotFound(f"rule {shown(name)} does not exist")
-        return self._rules[name]
+        return self._rules[self._key(name)]
+
+    def _key(self, name: str) -> str:
+        """The key a request's rule name means: `namespace/name`, or `name` (a cluster-wide rule,
+        else the one namespaced rule of that name)."""
+        if name in self._rules:
+            return name
+        if "/" not in name:
+            matches = sorted(k for k, r in self._rules.items() if r.name == name)
+            if len(matches) == 1:
+                return matches[0]
+            if matches:
+                raise InvalidArgument(
+                    f"rule name {shown(name)} is in several namespaces ({', '.join(matches)}): "
+                    "give it as namespace/name"
+                )
+        raise NotFound(f"rule {shown(name)} does not exist")
 
     # ---- endpoints ----
 
@@ -467,8 +484,18 @@ class Policy:
 
     # ---- trace ----
 
-    def trace(self, source: str, destination: str, port: int, protocol: str) -> TraceResult:
-        """The verdict the datapath gives a new flow, and the rules that decided it."""
+    def trace(self, source: str, destination: str, port: int, protocol: str, connection: str = "") -> TraceResult:
+        """The verdict the datapath gives a packet, and the rules (and their sections) that decided it.
+
+        `connection` places the packet in its connection: a new or established packet (in the
+        connection's original direction) is looked up in policy; a reply, or a related ICMP
+        error, passes on the conntrack entry of the connection it answers (source and
+        destination swapped, `port` its destination port) when that connection is allowed,
+        and is looked up as a new packet of its own when it is not (no entry exists then).
+        """
+        kind = connection or "new"
+        if kind not in CONNECTIONS:
+            raise InvalidArgument(f"trace: connection {shown(connection)} is not one of {', '.join(CONNECTIONS)}")
         for field_name, text in (("source", source), ("destination", destination)):
             if not ADDRESS_TEXT_RE.fullmatch(text):
                 raise InvalidArgument(f"trace: {field_name} {shown(text)} is not an IPv4 or IPv6 address "
@@ -480,12 +507,41 @@ class Policy:
         if src.version != dst.version:
             raise InvalidArgument("trace: source and destination must be of one family")
         proto_name = (protocol or "TCP").upper()
-        protos = {"TCP": TCP, "UDP": UDP, "ICMP": ICMP if src.version == 4 else ICMPV6}
-        if proto_name not in protos:
-            raise InvalidArgument(f"trace: protocol {shown(protocol)} is not one of TCP, UDP, ICMP")
-        if port > (255 if proto_name == "ICMP" else 65535):
+        if proto_name not in PROTOCOL_NUMBERS:
+            raise InvalidArgument(f"trace: protocol {shown(protocol)} is not one of {', '.join(PROTOCOL_NUMBERS)}")
+        proto = PROTOCOL_NUMBERS[proto_name]
+        icmp = ICMP if src.version == 4 else ICMPV6
+        if proto in (ICMP, ICMPV6) and proto != icmp:
+            raise InvalidArgument(f"trace: {proto_name} is not IPv{src.version}'s; use {PROTOCOL_NAMES[icmp]} "
+                                  f"for IPv{src.version} addresses")  # fmt: skip
+        if port > (255 if proto == icmp else 65535):
             raise InvalidArgument(f"trace: port {port} is out of range")
-        proto = protos[proto_name]
+        if kind in ("new", "established"):
+            result = self._lookup(source, destination, proto, port)
+            return replace(result, steps=[f"{kind} packet in the original direction: policy is looked up",
+                                          *result.steps])  # fmt: skip
+        flow = f"{destination} -> {source} {proto_name}/{port}"
+        original = self._lookup(destination, source, proto, port)
+        if original.allowed:
+            what = "reply" if kind == "reply" else "related ICMP error"
+            steps = [f"{what} of the connection {flow}, which policy allows:",
+                     *(f"  {step}" for step in original.steps),
+                     f"passes as {kind} on the connection's conntrack entry (no policy lookup)"]  # fmt: skip
+            return TraceResult(True, "ALLOWED", original.destination_identity, original.source_identity, steps,
+                               original.rules, kind)  # fmt: skip
+        # No allowed connection, so no conntrack entry: the packet is new in its own direction.
+        if kind == "reply":
+            result = self._lookup(source, destination, proto, port)
+            alone = f"a new {proto_name} packet to port {port}"
+        else:
+            result = self._lookup(source, destination, icmp, ICMP_UNREACHABLE[icmp])
+            alone = f"a new {PROTOCOL_NAMES[icmp]} packet (destination unreachable)"
+        steps = [f"no {kind} path: policy denies the connection {flow}, so it has no conntrack entry; "
+                 f"looked up as {alone}", *result.steps]  # fmt: skip
+        return replace(result, steps=steps)
+
+    def _lookup(self, source: str, destination: str, proto: int, port: int) -> TraceResult:
+        """A packet looked up in policy: egress of the source endpoint, ingress of the destination's."""
         ipcache = self._ipcache()
         src_id, dst_id = lpm_identity(ipcache, source), lpm_identity(ipcache, destination)
         steps: list[str] = []
@@ -496,16 +552,21 @@ class Policy:
             if ep is None or ep.id not in self._computed:
                 continue
             policy = self._computed[ep.id]
-            where = f"{direction.name.lower()} of {ep.name}"
+            way = direction.name.lower()
+            where = f"{way} of {ep.name}"
             if not policy.enforced(direction):
-                steps.append(f"{where}: allowed (no rule selects {ep.name} for {direction.name.lower()})")
+                steps.append(f"{where}: allowed (no rule selects {ep.name} for {way})")
                 continue
             entry = policy.lookup(direction, peer, proto, port)
             if entry is not None and not entry.deny:
-                steps.append(f"{where}: allowed by {', '.join(entry.rules)}")
+                steps.append(f"{where}: allowed by {_credited(entry.rules, way)}")
                 deciding += entry.rules
                 continue
-            reason = f"denied by {', '.join(entry.rules)}" if entry else "denied: no rule allows it"
+            if entry is None and policy.default_allow(direction):
+                steps.append(f"{where}: allowed: no rule matches, and every rule selecting {ep.name} for {way} "
+                             "sets enableDefaultDeny false (default allow)")  # fmt: skip
+                continue
+            reason = f"denied by {_credited(entry.rules, way + 'Deny')}" if entry else "denied: no rule allows it"
             if self._audit(ep.name):
                 steps.append(f"{where}: {reason} (audit mode: passes)")
             else:
@@ -514,13 +575,23 @@ class Policy:
             if entry:
                 deciding += entry.rules
         verdict = "ALLOWED" if allowed else "DENIED"
-        return TraceResult(allowed, verdict, src_id, dst_id, steps, deciding)
+        return TraceResult(allowed, verdict, src_id, dst_id, steps, list(dict.fromkeys(deciding)), "policy")
 
     # ---- conntrack ----
 
     def conntrack(self, limit: int = 0) -> list[ConntrackEntry]:
         """The node's conntrack entries (the orchestrator collects expired ones)."""
         return self._maps.conntrack(limit)
+
+
+def _credited(rules: Iterable[str], section: str) -> str:
+    """Rules and the section that decided, as a policy's author wrote them: "prod/web (ingress)"."""
+    return ", ".join(f"{rule} ({section})" for rule in rules)
+
+
+def _endpoint_inputs(ep: EndpointView) -> tuple[object, ...]:
+    """What of an endpoint the maps are computed from (its named ports too: they resolve rules)."""
+    return (ep.name, ep.id, ep.ipv4, ep.ipv6, ep.identity, tuple(sorted(ep.labels.items())), ep.named_ports)
 
 
 def protocol_name(proto: int) -> str:

@@ -116,7 +116,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
 
     async def Trace(self, request: pb.TraceRequest, context: Context) -> pb.TraceResponse:
         result = await self._worker.call(
-            self._policy.trace, request.source, request.destination, request.port, request.protocol
+            self._policy.trace, request.source, request.destination, request.port, request.protocol, request.connection
         )
         return pb.TraceResponse(
             allowed=result.allowed,
@@ -125,6 +125,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
             destination_identity=result.destination_identity,
             steps=result.steps,
             deciding_rules=result.rules,
+            path=result.path,
         )
 
     async def ListConntrack(self, request: pb.ListConntrackRequest, context: Context) -> pb.ListConntrackResponse:

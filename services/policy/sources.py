@@ -27,7 +27,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from services.common.errors import Unavailable
 from services.common.validate import Network
-from services.policy.compute import EndpointView
+from services.policy.compute import EndpointView, NamedPort
 
 log = structlog.get_logger("weir.policy")
 
@@ -39,7 +39,8 @@ RECONNECT_SECONDS = 0.5
 
 
 def endpoint_view(msg: orch_pb.Endpoint) -> EndpointView:
-    return EndpointView(msg.name, msg.id, msg.ipv4, msg.ipv6, dict(msg.labels), msg.identity)
+    named = tuple(sorted(NamedPort(p.name, p.port, p.protocol or "TCP") for p in msg.named_ports))
+    return EndpointView(msg.name, msg.id, msg.ipv4, msg.ipv6, dict(msg.labels), msg.identity, msg.namespace, named)
 
 
 @dataclass(frozen=True)

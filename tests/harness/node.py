@@ -221,8 +221,15 @@ class Node:
     def orchestrator(self) -> orch_grpc.OrchestratorStub:
         return orch_grpc.OrchestratorStub(self.channel("orchestrator"))
 
-    def create_endpoint(self, name: str, labels: dict[str, str] | None = None, ipv6: bool = True) -> orch_pb.Endpoint:
-        """Create an endpoint over gRPC with the next free test addresses."""
+    def create_endpoint(
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        ipv6: bool = True,
+        namespace: str = "",
+        named_ports: dict[str, tuple[int, str]] | None = None,
+    ) -> orch_pb.Endpoint:
+        """Create an endpoint over gRPC with the next free test addresses (named_ports: name -> (port, protocol))."""
         self.endpoint_count += 1
         n = self.endpoint_count + 9
         request = orch_pb.CreateEndpointRequest(
@@ -230,6 +237,10 @@ class Node:
             ipv4=f"198.18.0.{n}",
             ipv6=f"2001:db8:e::{n:x}" if ipv6 else "",
             labels=labels or {},
+            namespace=namespace,
+            named_ports=[
+                orch_pb.NamedPort(name=k, port=port, protocol=proto) for k, (port, proto) in (named_ports or {}).items()
+            ],
         )
         with self.channel("orchestrator") as channel:
             return orch_grpc.OrchestratorStub(channel).CreateEndpoint(request, timeout=15)
