@@ -38,6 +38,7 @@ LABEL_KEY_RE = re.compile(r"^([a-z0-9.-]{1,253}/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,6
 LABEL_VALUE_RE = re.compile(r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$")
 NAMESPACE_RE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # a Kubernetes namespace (DNS label)
 NAMESPACE_LABEL = "io.kubernetes.pod.namespace"  # the label a namespaced policy selects by, as in Cilium
+DEFAULT_NAMESPACE = "default"  # an endpoint created without one is in it, as a pod kubectl creates
 # A port name: an IANA service name (RFC 6335 5.1), as Kubernetes checks a container port's name.
 PORT_NAME_RE = re.compile(r"([a-z0-9]-?)*[a-z](-?[a-z0-9])*")
 MAX_PORT_NAME = 15
@@ -140,17 +141,14 @@ class EndpointSpec:
         if adopt_interface:
             netdev.valid_ifname(adopt_interface, "adopt_interface")
         labels = dict(labels)
-        if namespace:
-            if not NAMESPACE_RE.fullmatch(namespace):
-                raise InvalidArgument(f"namespace {summary(namespace)} is invalid: a DNS label of 1-63 lowercase "
-                                      "letters, digits or '-', starting and ending with a letter or digit")  # fmt: skip
-            if labels.get(NAMESPACE_LABEL, namespace) != namespace:
-                raise InvalidArgument(f"labels: {NAMESPACE_LABEL} is {summary(labels[NAMESPACE_LABEL])} but namespace "
-                                      f"is {namespace!r}; set only namespace (the label follows it)")  # fmt: skip
-            labels[NAMESPACE_LABEL] = namespace
-        elif NAMESPACE_LABEL in labels:
-            raise InvalidArgument(f"labels: {NAMESPACE_LABEL} comes from the namespace field; set namespace "
-                                  f"{summary(labels[NAMESPACE_LABEL])} instead")  # fmt: skip
+        namespace = namespace or labels.get(NAMESPACE_LABEL, DEFAULT_NAMESPACE)
+        if not NAMESPACE_RE.fullmatch(namespace):
+            raise InvalidArgument(f"namespace {summary(namespace)} is invalid: a DNS label of 1-63 lowercase "
+                                  "letters, digits or '-', starting and ending with a letter or digit")  # fmt: skip
+        if labels.get(NAMESPACE_LABEL, namespace) != namespace:
+            raise InvalidArgument(f"labels: {NAMESPACE_LABEL} is {summary(labels[NAMESPACE_LABEL])} but namespace "
+                                  f"is {namespace!r}; set only namespace (the label follows it)")  # fmt: skip
+        labels[NAMESPACE_LABEL] = namespace
         if len(labels) > MAX_LABELS:
             raise InvalidArgument(f"{len(labels)} labels with the namespace's; an endpoint has at most {MAX_LABELS}")
         return cls(name, v4, v6, labels, adopt_interface, namespace, check_named_ports(named_ports))

@@ -72,14 +72,19 @@ def eventually(check: Callable[[], bool], timeout: float = 5.0) -> bool:
     return True
 
 
+# An endpoint created without a namespace is in "default" (as a pod), which is part of its labels.
+WEB = "app=web,io.kubernetes.pod.namespace=default"
+DB = "app=db,io.kubernetes.pod.namespace=default,tier=data"
+
+
 def test_the_endpoints_map_carries_the_orchestrators_identity_for_the_labels(make_node: Callable[..., Node]) -> None:
     node = make_node("orchestrator", "policy")
     web1 = node.create_endpoint("web1", {"app": "web"})
     web2 = node.create_endpoint("web2", {"app": "web"})
     db = node.create_endpoint("db", {"app": "db", "tier": "data"})
     ids = identities(node)
-    assert web1.identity == web2.identity == ids["app=web"][0] >= 256
-    assert db.identity == ids["app=db,tier=data"][0] not in (0, web1.identity)
+    assert web1.identity == web2.identity == ids[WEB][0] >= 256
+    assert db.identity == ids[DB][0] not in (0, web1.identity)
     assert ids["reserved:host"][0] == 1 and ids["reserved:world"][0] == 2
     in_map = endpoints_map(node)
     assert {in_map[ep.host_ifindex] for ep in (web1, web2)} == {web1.identity}
@@ -87,7 +92,7 @@ def test_the_endpoints_map_carries_the_orchestrators_identity_for_the_labels(mak
     # the ipcache (written by the orchestrator alone) maps each address to the same number
     cache = ipcache_map(node)
     assert cache[f"{db.ipv4}/32"] == cache[f"{db.ipv6}/128"] == db.identity
-    assert set(ids["app=web"][1]) == {f"{web1.ipv4}/32", f"{web1.ipv6}/128", f"{web2.ipv4}/32", f"{web2.ipv6}/128"}
+    assert set(ids[WEB][1]) == {f"{web1.ipv4}/32", f"{web1.ipv6}/128", f"{web2.ipv4}/32", f"{web2.ipv6}/128"}
     assert cache["192.0.2.1/32"] == 1  # the node's own address: host
     # the datapath sees that identity: a drop leaving db carries it as the source identity
     s = pb_grpc.PolicyStub(node.channel("policy"))
@@ -107,7 +112,7 @@ def test_the_endpoints_map_carries_the_orchestrators_identity_for_the_labels(mak
     assert (drop.src, drop.src_identity) == (db.ipv4, db.identity)
     # policy's view (from the stream) is the orchestrator's
     listed = {",".join(i.labels): i.id for i in s.ListIdentities(pb.ListIdentitiesRequest()).identities}
-    assert listed["app=web"] == web1.identity and listed["app=db,tier=data"] == db.identity
+    assert listed[WEB] == web1.identity and listed[DB] == db.identity
     # a deleted endpoint's addresses leave the ipcache; its labels keep their number
     node.orchestrator().DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="web2"), timeout=15)
     cache = ipcache_map(node)
