@@ -8,6 +8,7 @@ the table's choices, so a script sees every field the service sent.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 FORMATS = ("table", "json")
+PIPE_WIDTH = 200
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -60,7 +62,9 @@ class Column:
 
 
 def console(stderr: bool = False) -> Console:
-    return Console(stderr=stderr, soft_wrap=False, highlight=False)
+    """A console; piped output gets room for wide tables instead of 80 columns."""
+    stream = sys.stderr if stderr else sys.stdout
+    return Console(stderr=stderr, highlight=False, width=None if stream.isatty() else PIPE_WIDTH)
 
 
 def cell(value: Any) -> str:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import click
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pb
 
-from services.cli.client import current, page, paged
+from services.cli.client import Node, current, page, paged
 from services.cli.output import Column, emit, output_option, pick, table, to_dict, wants_json
 
 RULE_COLUMNS = [
@@ -68,6 +70,16 @@ def delete(names: tuple[str, ...]) -> None:
     emit(row, table(None, [Column("REVISION", pick("revision")), Column("ENDPOINTS", pick("endpoints"))], [row]))
 
 
+def _address(node: Node, text: str) -> str:
+    """An address as given, or the address of the endpoint so named (IPv4 first)."""
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        ep = node.call("orchestrator", "GetEndpoint", orch_pb.GetEndpointRequest(name=text))
+        return str(ep.ipv4 or ep.ipv6)
+    return text
+
+
 @policy.command()
 @click.option("--src", "source", required=True, help="source endpoint name or address")
 @click.option("--dst", "destination", required=True, help="destination endpoint name or address")
@@ -77,10 +89,15 @@ def delete(names: tuple[str, ...]) -> None:
 @output_option
 def trace(source: str, destination: str, port: int, protocol: str, connection: str) -> None:
     """The verdict for a flow and the rules that decided it."""
+    node = current()
     request = pb.TraceRequest(
-        source=source, destination=destination, port=port, protocol=protocol, connection=connection
+        source=_address(node, source),
+        destination=_address(node, destination),
+        port=port,
+        protocol=protocol,
+        connection=connection,
     )
-    row = to_dict(current().call("policy", "Trace", request))
+    row = to_dict(node.call("policy", "Trace", request))
     if not wants_json():
         click.echo(f"verdict: {row['verdict']} (allowed: {'yes' if row['allowed'] else 'no'}, path: {row['path']})")
         for step in row.get("steps", []):

@@ -93,8 +93,8 @@ def status() -> None:
             table(
                 "chain slots (filled)",
                 [
-                    Column("HOOK", pick("hook")),
-                    Column("SLOT", pick("slot")),
+                    Column("HOOK", lambda r: str(r["hook"]).removeprefix("HOOK_")),
+                    Column("SLOT", lambda r: str(r["slot"]).removeprefix("SLOT_")),
                     Column("PROGRAM", pick("program_name")),
                     Column("ID", pick("program_id"), "right"),
                     Column("SERVICE", pick("service")),
