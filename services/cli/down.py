@@ -18,7 +18,6 @@ from services.cli.client import CliFailure, current
 from services.common.config import NodeConfig
 from services.common.errors import FailedPrecondition
 from services.common.instance_lock import release, try_lock
-from services.orchestrator.teardown import teardown
 
 STOP_TIMEOUT = 30.0
 
@@ -34,13 +33,12 @@ def _suite_running(config: NodeConfig) -> int | None:
     return int(text) if text.isdigit() else None
 
 
-def _stop(pid: int) -> None:
+def _stop(config: NodeConfig, pid: int) -> None:
+    """SIGTERM the suite and wait for its lock to be free (the kernel frees it when the suite exits)."""
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + STOP_TIMEOUT
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if _suite_running(config) is None:
             return
         time.sleep(0.2)
     raise CliFailure(f"the suite (pid {pid}) did not stop within {STOP_TIMEOUT:g}s")
@@ -63,10 +61,12 @@ def down(purge_state: bool, bpffs_root: str | None, state_dir: str | None, cgrou
         state_dir=state_dir or os.environ.get("WEIR_STATE_DIR"),
         cgroup_root=cgroup_root or os.environ.get("WEIR_CGROUP_ROOT"),
     )
+    from services.orchestrator.teardown import teardown  # pyroute2 and pybpf: only this command needs them
+
     pid = _suite_running(config)
     if pid is not None:
         click.echo(f"stopping the suite (pid {pid})", err=True)
-        _stop(pid)
+        _stop(config, pid)
     try:
         report = teardown(config, purge_state=purge_state)
     except FailedPrecondition as exc:

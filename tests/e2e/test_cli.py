@@ -226,7 +226,7 @@ def test_policy_import_list_get_trace_delete(cli: Cli, tmp_path: Path) -> None:
     deleted = cli.json("policy", "delete", "cli-doc")
     assert int(deleted["revision"]) > int(imported["revision"])
     assert_refused(cli.run("policy", "get", "cli-doc"), 1, "policy: NOT_FOUND:")
-    path.write_text("kind: CiliumNetworkPolicy\nspec: {endpointSelector: {}, bogus: 1}\n")
+    path.write_text("kind: CiliumNetworkPolicy\nmetadata: {name: x}\nspec: {endpointSelector: {}, bogus: 1}\n")
     assert_refused(cli.run("policy", "import", "-f", str(path)), 1, "policy: INVALID_ARGUMENT:", "bogus")
 
 
@@ -314,7 +314,7 @@ def test_a_bad_cidr_is_exit_1_with_the_services_message_and_changes_nothing(cli:
     chunked = cli.run("prefilter", "add", "-f", str(path), "--chunk", "20")
     assert_refused(chunked, 1, "INVALID_ARGUMENT", "not-a-cidr", "entries 21-31; the first 20 are in place")
     after = _entries(cli)
-    assert [e.cidr for e in after.entries] == [e.cidr for e in before.entries] + [f"10.9.{i}.0/24" for i in range(20)]
+    assert {e.cidr for e in after.entries} == {e.cidr for e in before.entries} | {f"10.9.{i}.0/24" for i in range(20)}
     with cli.channel("prefilter") as ch:
         prefilter_pb2_grpc.PrefilterStub(ch).ReplaceEntries(prefilter_pb2.ReplaceEntriesRequest(), timeout=30)
 
