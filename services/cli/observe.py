@@ -136,6 +136,8 @@ def observe(
         pass
     finally:
         stream.cancel()
+    if not shown and not follow and not as_json:
+        click.echo(f"no matching events in {duration:g}s (the orchestrator keeps no history; --follow waits)", err=True)
 
 
 @click.command()
