@@ -10,6 +10,7 @@ message on stderr; usage errors are click's exit 2.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -105,6 +106,12 @@ class Node:
                 f"{service} is not running on node {self.instance!r}: {path} does not exist "
                 "(start the node with ./weir up, or give --instance/--run-dir)"
             )
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:  # refused at once, not after a timeout
+            probe.settimeout(CONNECT_TIMEOUT)
+            try:
+                probe.connect(str(path))
+            except OSError as exc:
+                raise Unreachable(f"{service} does not answer on {path}: {exc.strerror or exc}") from None
         channel = grpc.insecure_channel(f"unix://{path}")
         try:
             grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT)
