@@ -3,11 +3,11 @@
 Starts every service of the node as its own process (orchestrator first, since
 it creates the shared maps), passes the common flags on, and supervises them: a
 service that exits is started again after a back-off that doubles from
-``BACKOFF_FIRST`` up to ``BACKOFF_MAX`` seconds and starts over once the service
-has run ``HEALTHY_RESET`` seconds, while the other services keep serving (and the
-datapath keeps forwarding: pins and attachments outlive the processes). The
-suite stops only on SIGINT or SIGTERM; it then stops every child with SIGTERM,
-the orchestrator last, and exits 0.
+``BACKOFF_FIRST`` up to ``BACKOFF_MAX`` seconds, and starts over once the
+service has run ``HEALTHY_RESET`` seconds and answers SERVING. The other
+services keep serving meanwhile, and the datapath keeps forwarding (pins and
+attachments outlive the processes). The suite stops only on SIGINT or SIGTERM;
+it then stops every child with SIGTERM, the orchestrator last, and exits 0.
 
 The suite holds the instance's ``suite`` lock, so a second suite with the same
 instance name stops before it starts anything. ``--tcp-listen`` gives each
@@ -27,7 +27,11 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ENV, NodeConfig
 from services.common.instance_lock import acquire_or_exit
@@ -51,7 +55,9 @@ SUITE: tuple[Member, ...] = (
 SERVICES = [member.name for member in SUITE]
 BACKOFF_FIRST = 1.0
 BACKOFF_MAX = 30.0
-HEALTHY_RESET = 60.0  # seconds a service must run before its back-off starts over
+HEALTHY_RESET = 60.0  # seconds a service must run, and then answer SERVING, before its back-off starts over
+HEALTH_CHECK_EVERY = 5.0
+HEALTH_TIMEOUT = 1.0
 STOP_TIMEOUT = 15.0
 POLL = 0.2
 ROLE = "suite"
@@ -118,6 +124,18 @@ def backoff(failures: int) -> float:
     return float(min(BACKOFF_FIRST * 2.0 ** max(failures - 1, 0), BACKOFF_MAX))
 
 
+def serving(socket: Path) -> bool:
+    """Whether the service on ``socket`` answers its health check with SERVING."""
+    try:
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT
+            )
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
 def _say(message: str) -> None:
     print(f"weir-{ROLE}: {message}", file=sys.stderr, flush=True)
 
@@ -125,10 +143,12 @@ def _say(message: str) -> None:
 class Child:
     """One supervised service: its process, when it started, how often it has failed in a row."""
 
-    def __init__(self, member: Member, argv: list[str], env: dict[str, str]) -> None:
+    def __init__(self, member: Member, argv: list[str], env: dict[str, str], socket: Path) -> None:
         self.member = member
         self.argv = argv
         self.env = env
+        self.socket = socket
+        self.next_health_check = 0.0
         self.process: subprocess.Popen[bytes] | None = None
         self.started = 0.0
         self.failures = 0
@@ -149,8 +169,10 @@ class Child:
         assert self.process is not None
         code = self.process.poll()
         if code is None:
-            if self.failures and now - self.started >= HEALTHY_RESET:
-                self.failures = 0
+            if self.failures and now - self.started >= HEALTHY_RESET and now >= self.next_health_check:
+                self.next_health_check = now + HEALTH_CHECK_EVERY
+                if serving(self.socket):
+                    self.failures = 0
             return
         self.failures += 1
         delay = backoff(self.failures)
@@ -189,7 +211,8 @@ def main(argv: list[str]) -> int:
         if stopping:
             break
         tcp = ["--tcp-listen", plan[member.name]] if member.name in plan else []
-        child = Child(member, [sys.executable, "-m", f"services.{member.name}", *rest, *tcp], env)
+        argv = [sys.executable, "-m", f"services.{member.name}", *rest, *tcp]
+        child = Child(member, argv, env, config.socket_path(member.name))
         child.start()
         children.append(child)
         time.sleep(member.start_grace)

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from services.orchestrator.suite import BACKOFF_MAX, SERVICES, SUITE, backoff
+from services.orchestrator import suite as supervisor
+from services.orchestrator.suite import BACKOFF_MAX, SERVICES, SUITE, Member, backoff
 from tests.harness.node import REPO, Node, pid_prefix
 from tests.harness.suite import SUITE_SERVICES, running_suite, stop_suite
 
@@ -86,6 +88,35 @@ def test_backoff_doubles_up_to_its_cap() -> None:
     assert [backoff(n) for n in range(1, 8)] == [1, 2, 4, 8, 16, 30, 30]
     assert backoff(100) == BACKOFF_MAX
     assert SERVICES == [m.name for m in SUITE] == SUITE_SERVICES
+
+
+def test_a_child_restarts_after_its_backoff_and_resets_only_once_up_and_serving(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    child = supervisor.Child(Member("probe"), [sys.executable, "-c", "raise SystemExit(3)"], dict(os.environ),
+                        tmp_path / "probe.sock")  # fmt: skip
+    child.start()
+    assert child.process is not None and child.process.wait(timeout=30) == 3
+    now = time.monotonic()
+    child.tend(now)
+    assert (child.failures, child.restart_at) == (1, now + 1)
+    first = child.process
+    child.tend(now + 0.5)
+    assert child.process is first  # still waiting out its back-off
+    child.argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    child.tend(now + 1)
+    assert child.process is not first and child.restart_at is None
+    try:
+        child.started -= supervisor.HEALTHY_RESET  # it has run long enough...
+        child.tend(time.monotonic())
+        assert child.failures == 1  # ...but nothing answers SERVING on its socket
+        monkeypatch.setattr(supervisor, "serving", lambda socket: socket == tmp_path / "probe.sock")
+        child.next_health_check = 0
+        child.tend(time.monotonic())
+        assert child.failures == 0
+    finally:
+        child.terminate()
+        child.wait()
 
 
 @pytest.mark.root
