@@ -170,7 +170,7 @@ class _Call:
         self.method = method
         self.request_id = request_id
         self.started = time.monotonic()
-        self.quiet = method.startswith(_QUIET_PREFIXES)
+        self.quiet = method.startswith(_QUIET_PREFIXES) or method.rpartition("/")[2].startswith(("Get", "List"))
 
     def bind(self) -> None:
         """Bind rpc/request_id for every log line of this call.

@@ -1,10 +1,13 @@
 """Run the whole suite on this host: `./weir up [--instance NAME ...]`.
 
 Starts every service of the node as its own process (orchestrator first, since
-it creates the shared maps), passes the common flags on, and stops them all
-with SIGTERM when it gets SIGINT or SIGTERM itself. If a service dies, the
-suite stops the rest and exits non-zero: a supervisor (systemd, compose)
-decides about restarts, and the datapath keeps forwarding meanwhile.
+it creates the shared maps), passes the common flags on, and supervises them: a
+service that exits is started again after a back-off that doubles from
+``BACKOFF_FIRST`` up to ``BACKOFF_MAX`` seconds, and starts over once the
+service has run ``HEALTHY_RESET`` seconds and answers SERVING. The other
+services keep serving meanwhile, and the datapath keeps forwarding (pins and
+attachments outlive the processes). The suite stops only on SIGINT or SIGTERM;
+it then stops every child with SIGTERM, the orchestrator last, and exits 0.
 
 The suite holds the instance's ``suite`` lock, so a second suite with the same
 instance name stops before it starts anything. ``--tcp-listen`` gives each
@@ -23,13 +26,40 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from types import FrameType
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ENV, NodeConfig
 from services.common.instance_lock import acquire_or_exit
 
-SERVICES = ["orchestrator", "prefilter", "policy", "lb"]
-START_GRACE = 0.5
+
+@dataclass(frozen=True)
+class Member:
+    """One service of the suite: started as ``python -m services.<name>`` with the node's flags."""
+
+    name: str
+    start_grace: float = 0.5  # seconds before the next member starts (the orchestrator makes the shared maps)
+
+
+# The suite's services in start order (stopped in reverse); a new service is one more row.
+SUITE: tuple[Member, ...] = (
+    Member("orchestrator"),
+    Member("prefilter"),
+    Member("policy"),
+    Member("lb"),
+)
+SERVICES = [member.name for member in SUITE]
+BACKOFF_FIRST = 1.0
+BACKOFF_MAX = 30.0
+HEALTHY_RESET = 60.0  # seconds a service must run, and then answer SERVING, before its back-off starts over
+HEALTH_CHECK_EVERY = 5.0
+HEALTH_TIMEOUT = 1.0
+STOP_TIMEOUT = 15.0
+POLL = 0.2
 ROLE = "suite"
 TCP_FORMS = (
     f"give one address per service (orchestrator=HOST:PORT,lb=HOST:PORT) or one range HOST:FIRST-LAST "
@@ -89,11 +119,85 @@ def _parse(argv: list[str]) -> tuple[NodeConfig, dict[str, str], list[str]]:
     return config, plan, rest
 
 
+def backoff(failures: int) -> float:
+    """Seconds before restarting a service that has exited ``failures`` times in a row (1, 2, 4 ... 30)."""
+    return float(min(BACKOFF_FIRST * 2.0 ** max(failures - 1, 0), BACKOFF_MAX))
+
+
+def serving(socket: Path) -> bool:
+    """Whether the service on ``socket`` answers its health check with SERVING."""
+    try:
+        with grpc.insecure_channel(f"unix://{socket}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(  # type: ignore[attr-defined]
+                health_pb2.HealthCheckRequest(), timeout=HEALTH_TIMEOUT
+            )
+    except grpc.RpcError:
+        return False
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _say(message: str) -> None:
+    print(f"weir-{ROLE}: {message}", file=sys.stderr, flush=True)
+
+
+class Child:
+    """One supervised service: its process, when it started, how often it has failed in a row."""
+
+    def __init__(self, member: Member, argv: list[str], env: dict[str, str], socket: Path) -> None:
+        self.member = member
+        self.argv = argv
+        self.env = env
+        self.socket = socket
+        self.next_health_check = 0.0
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at: float | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, env=self.env)
+        self.started = time.monotonic()
+        self.restart_at = None
+
+    def tend(self, now: float) -> None:
+        """Restart a service that exited once its back-off has passed; note one that exited."""
+        if self.restart_at is not None:
+            if now >= self.restart_at:
+                _say(f"restarting {self.member.name} (restart {self.failures})")
+                self.start()
+            return
+        assert self.process is not None
+        code = self.process.poll()
+        if code is None:
+            if self.failures and now - self.started >= HEALTHY_RESET and now >= self.next_health_check:
+                self.next_health_check = now + HEALTH_CHECK_EVERY
+                if serving(self.socket):
+                    self.failures = 0
+            return
+        self.failures += 1
+        delay = backoff(self.failures)
+        _say(f"{self.member.name} exited with {code}; restarting in {delay:g}s")
+        self.restart_at = now + delay
+
+    def terminate(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+
+    def wait(self) -> None:
+        if self.process is None:
+            return
+        try:
+            self.process.wait(timeout=STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            _say(f"{self.member.name} did not stop within {STOP_TIMEOUT:g}s; killing it")
+            self.process.kill()
+            self.process.wait()
+
+
 def main(argv: list[str]) -> int:
     config, plan, rest = _parse(argv)
     acquire_or_exit(config, ROLE)
     env = {k: v for k, v in os.environ.items() if k != ENV["tcp_listen"]}
-    processes: dict[str, subprocess.Popen[bytes]] = {}
     stopping = False
 
     def stop(signum: int, _frame: FrameType | None) -> None:
@@ -102,23 +206,25 @@ def main(argv: list[str]) -> int:
 
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
-    for service in SERVICES:
-        tcp = ["--tcp-listen", plan[service]] if service in plan else []
-        processes[service] = subprocess.Popen([sys.executable, "-m", f"services.{service}", *rest, *tcp], env=env)
-        time.sleep(START_GRACE)
-    code = 0
+    children = []
+    for member in SUITE:
+        if stopping:
+            break
+        tcp = ["--tcp-listen", plan[member.name]] if member.name in plan else []
+        argv = [sys.executable, "-m", f"services.{member.name}", *rest, *tcp]
+        child = Child(member, argv, env, config.socket_path(member.name))
+        child.start()
+        children.append(child)
+        time.sleep(member.start_grace)
     while not stopping:
-        for service, process in processes.items():
-            if process.poll() is not None:
-                print(f"weir: {service} exited with {process.returncode}", file=sys.stderr)
-                stopping, code = True, 1
-        time.sleep(0.2)
-    for process in processes.values():
-        if process.poll() is None:
-            process.terminate()
-    for process in processes.values():
-        process.wait(timeout=15)
-    return code
+        now = time.monotonic()
+        for child in children:
+            child.tend(now)
+        time.sleep(POLL)
+    for child in reversed(children):  # the orchestrator last: the others talk to it while stopping
+        child.terminate()
+        child.wait()
+    return 0
 
 
 if __name__ == "__main__":
