@@ -167,13 +167,16 @@ async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
     """on_change(snapshot, upserted, deleted names) for every endpoint change, forever.
 
     The first call after each (re)connection carries the whole set (snapshot=True).
+    An outage is logged once at info, its retries at debug.
     """
+    down = False
     while True:
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
                 stub = orch_grpc.OrchestratorStub(channel)
                 pending: list[EndpointView] = []
                 async for change in stub.WatchEndpoints(orch_pb.WatchEndpointsRequest(snapshot=True)):
+                    down = False
                     if change.kind == "EXISTS":
                         pending.append(endpoint_view(change.endpoint))
                     elif change.kind == "SYNCED":
@@ -183,18 +186,22 @@ async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
                     else:
                         await on_change(False, [endpoint_view(change.endpoint)], [])
         except grpc.RpcError as exc:
-            log.info("endpoint stream interrupted; reconnecting", code=exc.code().name)
+            (log.debug if down else log.info)("endpoint stream interrupted; reconnecting", code=exc.code().name)
+            down = True
         await asyncio.sleep(RECONNECT_SECONDS)
 
 
 async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
-    """on_change(snapshot, upserted, deleted ids) for every identity change, forever."""
+    """on_change(snapshot, upserted, deleted ids) for every identity change, forever (outages logged once)."""
+    down = False
     while True:
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
                 stub = orch_grpc.OrchestratorStub(channel)
                 async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest()):
+                    down = False
                     await on_change(update.snapshot, [identity_view(i) for i in update.upserted], list(update.deleted))
         except grpc.RpcError as exc:
-            log.info("identity stream interrupted; reconnecting", code=exc.code().name)
+            (log.debug if down else log.info)("identity stream interrupted; reconnecting", code=exc.code().name)
+            down = True
         await asyncio.sleep(RECONNECT_SECONDS)
