@@ -10,9 +10,9 @@ The suite holds the instance's ``suite`` lock, so a second suite with the same
 instance name stops before it starts anything. ``--tcp-listen`` gives each
 service its own TLS listener, either by name
 (``orchestrator=127.0.0.1:7000,lb=127.0.0.1:7003``; services not named listen
-on their unix socket only) or as one port range (``127.0.0.1:7000-7003``),
+on their unix socket only) or as one port range (``127.0.0.1:7000-7004``),
 whose ports go to the services in the order of ``SERVICES``: orchestrator,
-prefilter, policy, lb.
+prefilter, policy, lb, sockaccel.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from types import FrameType
 from services.common.config import ENV, NodeConfig
 from services.common.instance_lock import acquire_or_exit
 
-SERVICES = ["orchestrator", "prefilter", "policy", "lb"]
+SERVICES = ["orchestrator", "prefilter", "policy", "lb", "sockaccel"]
 START_GRACE = 0.5
 ROLE = "suite"
 TCP_FORMS = (
