@@ -13,7 +13,6 @@ import json
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2 as lb_pb
 from weir.lb.v1 import lb_pb2_grpc as lb_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -258,7 +258,9 @@ def run_echo(
     stdout, stderr = proc.communicate(timeout=240)
     assert proc.returncode == 0, stderr
     clients = json.loads(stdout)
-    wait_for(lambda: out.exists() and len(out.read_text().splitlines()) >= conns, "the server recorded every connection")
+    wait_for(
+        lambda: out.exists() and len(out.read_text().splitlines()) >= conns, "the server recorded every connection"
+    )
     servers = [json.loads(line) for line in out.read_text().splitlines()]
     return EchoResult(clients, servers)
 
@@ -450,7 +452,9 @@ def test_policy_change_moves_an_accelerated_connection_to_the_chain(
     after = s.status().counters
     assert after.fallbacks["policy"] - before.fallbacks["policy"] == 4  # both ends of both connections
     assert after.messages_redirected == before.messages_redirected  # nothing redirected after the change
-    assert s.entry_bytes() - int(marks["chain"]) >= 2 * 2 * 200_000  # the second half went through the chain
+    chain_mark = marks["chain"]
+    assert isinstance(chain_mark, int)
+    assert s.entry_bytes() - chain_mark >= 2 * 2 * 200_000  # the second half went through the chain
 
 
 # ---- socket LB ----
@@ -537,19 +541,25 @@ def test_bad_input_gets_its_status_and_changes_nothing(make_node: Callable[..., 
     s = make_setup(make_node, tmp_path)
     s.mode(True)
     before = s.status()
-    cases = [
-        (lambda: s.accel.SetMode(pb.SetModeRequest(mode=pb.MODE_UNSPECIFIED), timeout=5), grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: s.accel.SetMode(pb.SetModeRequest(mode=pb.MODE_INHERIT), timeout=5), grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: s.accel.SetMode(pb.SetModeRequest(mode=42), timeout=5), grpc.StatusCode.INVALID_ARGUMENT),  # type: ignore[arg-type]
-        (lambda: s.accel.SetEndpointMode(pb.SetEndpointModeRequest(endpoint="nobody", mode=pb.MODE_OFF), timeout=5),
-         grpc.StatusCode.NOT_FOUND),
-        (lambda: s.accel.SetEndpointMode(pb.SetEndpointModeRequest(endpoint="Bad Name\n", mode=pb.MODE_OFF), timeout=5),
-         grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: s.accel.SetEndpointMode(pb.SetEndpointModeRequest(endpoint="server", mode=pb.MODE_UNSPECIFIED),
-                                         timeout=5), grpc.StatusCode.INVALID_ARGUMENT),
-        (lambda: s.accel.ListConnections(pb.ListConnectionsRequest(page={"page_size": 10**6}), timeout=5),
-         grpc.StatusCode.INVALID_ARGUMENT),
-    ]  # fmt: skip
+    invalid, missing = grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND
+
+    def endpoint(name: str, mode: int) -> Callable[[], object]:
+        request = pb.SetEndpointModeRequest(endpoint=name, mode=mode)  # type: ignore[arg-type]
+        return lambda: s.accel.SetEndpointMode(request, timeout=5)
+
+    def node_mode(mode: int) -> Callable[[], object]:
+        return lambda: s.accel.SetMode(pb.SetModeRequest(mode=mode), timeout=5)  # type: ignore[arg-type]
+
+    page = common_pb2.PageRequest(page_size=10**6)
+    cases: list[tuple[Callable[[], object], grpc.StatusCode]] = [
+        (node_mode(pb.MODE_UNSPECIFIED), invalid),
+        (node_mode(pb.MODE_INHERIT), invalid),
+        (node_mode(42), invalid),
+        (endpoint("nobody", pb.MODE_OFF), missing),
+        (endpoint("Bad Name\n", pb.MODE_OFF), invalid),
+        (endpoint("server", pb.MODE_UNSPECIFIED), invalid),
+        (lambda: s.accel.ListConnections(pb.ListConnectionsRequest(page=page), timeout=5), invalid),
+    ]
     for call, code in cases:
         with pytest.raises(grpc.RpcError) as refused:
             call()
