@@ -19,8 +19,20 @@
  * redirect that finds no peer passes the message on instead of dropping it.
  */
 #include <linux/bpf.h>
+#include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
 #include "weir/sockaccel.h"
+
+/* The two kernel fields the flow control reads, relocated by libbpf (CO-RE). */
+struct sock___weir {
+	void *sk_user_data;
+} __attribute__((preserve_access_index));
+
+struct sk_psock___weir {
+	__u32 msg_tot_len;
+} __attribute__((preserve_access_index));
+
+#define SK_USER_DATA_PTRMASK (~7UL) /* sk_user_data keeps flags in its low bits */
 
 /* Accelerated sockets by their own view of the connection (value: the cookie). */
 struct {
@@ -175,6 +187,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 role
 		return;
 	}
 	conn.cookie = bpf_get_socket_cookie(skops);
+	conn.sk = (__u64)(unsigned long)skops->sk;
 	conn.started_ns = bpf_ktime_get_ns();
 	if (bpf_map_update_elem(&sockaccel_conns, &key, &conn, BPF_ANY)) {
 		stat_add(WEIR_STAT_REFUSED_FULL, 1);
@@ -242,6 +255,30 @@ static __always_inline __u32 fallback_reason(const struct weir_sock_key *key, co
 	return 0;
 }
 
+/* Bytes redirected to the socket at `peer` that it has not read yet (its psock's
+ * ingress queue), read through the address its record keeps; 0 when unknown. A
+ * stale address can only make the answer wrong, never touch memory: it is read
+ * with bpf_probe_read_kernel, and the answer only decides redirect or TCP.
+ */
+static __always_inline __u64 peer_queued(struct weir_sock_key *peer)
+{
+	struct weir_conn *pc = bpf_map_lookup_elem(&sockaccel_conns, peer);
+	struct sock___weir *s;
+	struct sk_psock___weir *psock = NULL;
+	unsigned long data = 0;
+	__u32 len = 0;
+
+	if (!pc || !pc->sk || !bpf_core_field_exists(psock->msg_tot_len))
+		return 0;
+	s = (void *)pc->sk;
+	if (bpf_probe_read_kernel(&data, sizeof(data), __builtin_preserve_access_index(&s->sk_user_data)))
+		return 0;
+	psock = (void *)(data & SK_USER_DATA_PTRMASK);
+	if (psock)
+		bpf_probe_read_kernel(&len, sizeof(len), __builtin_preserve_access_index(&psock->msg_tot_len));
+	return len;
+}
+
 static __always_inline void fall_back(const struct weir_sock_key *key, struct weir_conn *c, __u32 reason)
 {
 	c->state = WEIR_CONN_STATE_FALLBACK;
@@ -281,6 +318,11 @@ int sockaccel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	peer_key(&key, &peer);
+	if (peer_queued(&peer) >= WEIR_SOCKACCEL_MAX_QUEUED) {
+		fall_back(&key, c, WEIR_STAT_FALLBACK_RECEIVER_FULL);
+		stat_add(WEIR_STAT_PASSED, 1);
+		return SK_PASS;
+	}
 	/* SK_DROP here means no peer: pass the message on rather than lose it. */
 	if (bpf_msg_redirect_hash(msg, &sockaccel_socks, &peer, BPF_F_INGRESS) != SK_PASS) {
 		fall_back(&key, c, c->msgs ? WEIR_STAT_FALLBACK_PEER_GONE : WEIR_STAT_FALLBACK_NOT_READY);

@@ -13,6 +13,10 @@ from services.common.cdefs import render_header
 
 MAX_CONNECTIONS = 65536  # sockets in the fast path at once (two per connection)
 MAX_ADDRESSES = 4096  # endpoint addresses of this node (both families)
+# A redirect has no flow control of its own (the sender never waits for the receiver), so a
+# socket whose peer has this many redirected bytes unread goes to TCP, whose window then
+# holds the sender back (as tcp_rmem's default maximum would).
+MAX_QUEUED = 4 << 20
 
 
 class NodeFlag(IntEnum):
@@ -59,6 +63,7 @@ class Stat(IntEnum):
     FALLBACK_PEER_GONE = 11  # the peer socket left the sockhash (closed)
     FALLBACK_NOT_READY = 12  # the first message went out before the peer was in the sockhash
     PASSED = 13  # messages that went the normal path (after a fallback)
+    FALLBACK_RECEIVER_FULL = 14  # the peer left MAX_QUEUED bytes unread: TCP's window takes over
 
 
 NUM_STATS = len(Stat)
@@ -67,6 +72,7 @@ FALLBACK_STATS = {
     "policy": Stat.FALLBACK_POLICY,
     "peer_gone": Stat.FALLBACK_PEER_GONE,
     "peer_not_ready": Stat.FALLBACK_NOT_READY,
+    "receiver_full": Stat.FALLBACK_RECEIVER_FULL,
 }
 REFUSED_STATS = {
     "policy": Stat.REFUSED_POLICY,
@@ -115,6 +121,7 @@ class Conn(ctypes.Structure):
         ("client_identity", ctypes.c_uint32),
         ("server_identity", ctypes.c_uint32),
         ("cookie", ctypes.c_uint64),
+        ("sk", ctypes.c_uint64),  # the socket's kernel address, for the peer's flow control (not shown)
         ("started_ns", ctypes.c_uint64),
         ("msgs", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
@@ -129,6 +136,7 @@ CONSTANTS = {
     "SOCKACCEL_MAX_CONNECTIONS": MAX_CONNECTIONS,
     "SOCKACCEL_MAX_ADDRESSES": MAX_ADDRESSES,
     "SOCKACCEL_NUM_STATS": NUM_STATS,
+    "SOCKACCEL_MAX_QUEUED": MAX_QUEUED,
 }
 
 

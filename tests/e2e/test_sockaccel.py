@@ -34,6 +34,7 @@ from weir.sockaccel.v1 import sockaccel_pb2_grpc as pb_grpc
 
 from pybpf import AttachType, Map, Program, detach_cgroup
 from services.common.datapath import Counter, Hook
+from services.sockaccel.defs import MAX_QUEUED
 from tests.harness import netns
 from tests.harness.node import Node
 
@@ -138,13 +139,13 @@ else:
 """
 
 
-def worker_argv(node: Node, ns: str, *args: str) -> list[str]:
+def worker_argv(node: Node, ns: str, *args: str, script: str = WORKER) -> list[str]:
     """A worker in an endpoint's namespace and in the node's cgroup, as the endpoint's processes are."""
     cgroup = node.cgroup_root / "workloads"
     cgroup.mkdir(exist_ok=True)
     return [
         "sh", "-c", f'echo $$ > {cgroup}/cgroup.procs && exec "$0" "$@"',
-        *netns.nsenter_argv(ns), sys.executable, "-c", WORKER, *args,
+        *netns.nsenter_argv(ns), sys.executable, "-c", script, *args,
     ]  # fmt: skip
 
 
@@ -567,3 +568,59 @@ def test_bad_input_gets_its_status_and_changes_nothing(make_node: Callable[..., 
         assert refused.value.details()
     after = s.status()
     assert (after.mode, after.revision, list(after.endpoints)) == (before.mode, before.revision, [])
+
+
+# ---- flow control ----
+
+SLOW_RECEIVER = r"""
+import hashlib, json, random, socket, sys, threading, time
+addr, side = sys.argv[1], sys.argv[2]
+if side == "server":
+    ls = socket.socket(); ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); ls.bind((addr, 9000)); ls.listen(5)
+    print("ready", flush=True)
+    c, _ = ls.accept()
+    time.sleep(3)  # reads nothing for 3 s
+    h, n = hashlib.sha256(), 0
+    while data := c.recv(1 << 20):
+        h.update(data); n += len(data)
+    print(json.dumps({"recv": n, "sha": h.hexdigest()}), flush=True)
+else:
+    s = socket.create_connection((addr, 9000)); sent, h = [0], hashlib.sha256()
+    def go():
+        rnd = random.Random(7)
+        for _ in range(1024):
+            buf = rnd.randbytes(65536)
+            s.sendall(buf); h.update(buf); sent[0] += len(buf)
+        s.close()
+    t = threading.Thread(target=go); t.start(); time.sleep(2)
+    queued = sent[0]; t.join(60)
+    print(json.dumps({"sent_while_unread": queued, "sent": sent[0], "sha": h.hexdigest()}), flush=True)
+"""
+
+
+def test_a_receiver_that_does_not_read_holds_the_sender_back(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    """A redirect has no window: without a limit a sender could queue any amount at a peer that
+    does not read (Cilium's sockmap had this, issue 6431). At MAX_QUEUED unread bytes the socket
+    goes to TCP, whose window then holds the sender."""
+    s = make_setup(make_node, tmp_path)
+    allow_client_to_server(s)
+    s.mode(True)
+
+    def slow(ns: str, side: str) -> list[str]:
+        return worker_argv(s.node, ns, s.server.ipv4, side, script=SLOW_RECEIVER)
+
+    server = subprocess.Popen(slow(s.server.netns, "server"), stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+        client = subprocess.run(slow(s.client.netns, "client"), capture_output=True, text=True, timeout=120)
+        assert client.returncode == 0, client.stderr
+        received = json.loads(server.communicate(timeout=60)[0])
+    finally:
+        server.kill()
+        server.wait(timeout=10)
+    sent = json.loads(client.stdout)
+    assert sent["sent"] == received["recv"] == 64 << 20 and sent["sha"] == received["sha"]
+    assert sent["sent_while_unread"] < 3 * MAX_QUEUED  # not the 64 MiB it could push with no limit
+    counters = s.status().counters
+    assert counters.fallbacks["receiver_full"] == 1
+    assert MAX_QUEUED <= counters.bytes_redirected < MAX_QUEUED + (1 << 20)
