@@ -58,10 +58,10 @@ struct {
 	__type(value, struct weir_addr_info);
 } sockaccel_addrs SEC(".maps");
 
-/* The node's word (enum weir_node_flag). */
+/* The node's settings by enum weir_config_index: its word (enum weir_node_flag), the queue limit. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } sockaccel_config SEC(".maps");
@@ -82,11 +82,23 @@ static __always_inline void stat_add(__u32 idx, __u64 n)
 		*v += n;
 }
 
-static __always_inline __u32 node_flags(void)
+static __always_inline __u32 config_word(__u32 idx)
 {
-	__u32 zero = 0, *word = bpf_map_lookup_elem(&sockaccel_config, &zero);
+	__u32 *word = bpf_map_lookup_elem(&sockaccel_config, &idx);
 
 	return word ? *word : 0;
+}
+
+static __always_inline __u32 node_flags(void)
+{
+	return config_word(WEIR_CONFIG_INDEX_NODE);
+}
+
+static __always_inline __u32 queue_limit(void)
+{
+	__u32 limit = config_word(WEIR_CONFIG_INDEX_QUEUE_LIMIT);
+
+	return limit ? limit : WEIR_SOCKACCEL_DEFAULT_MAX_QUEUED;
 }
 
 static __always_inline struct weir_addr_info *addr_info(__u8 family, const __u8 *addr)
@@ -318,7 +330,7 @@ int sockaccel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	peer_key(&key, &peer);
-	if (peer_queued(&peer) >= WEIR_SOCKACCEL_MAX_QUEUED) {
+	if (peer_queued(&peer) >= queue_limit()) {
 		fall_back(&key, c, WEIR_STAT_FALLBACK_RECEIVER_FULL);
 		stat_add(WEIR_STAT_PASSED, 1);
 		return SK_PASS;

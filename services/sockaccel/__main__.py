@@ -16,6 +16,7 @@ from services.common.logs import setup_logging
 from services.common.periodic import Every
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
+from services.sockaccel.defs import DEFAULT_MAX_QUEUED
 from services.sockaccel.endpoints import follow_endpoints
 from services.sockaccel.maps import SockaccelMaps, kernel_support
 from services.sockaccel.servicer import SERVICE_NAME, SockAccelServicer
@@ -23,6 +24,7 @@ from services.sockaccel.sockaccel import EndpointView, SockAccel
 
 SERVICE = "sockaccel"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
+MIN_QUEUED, MAX_QUEUED = 64 << 10, 1 << 30
 REBIND_SECONDS = 1.0  # how soon the policy service's maps are picked up once pinned
 
 
@@ -30,6 +32,20 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--bpf-dir", type=Path, default=DEFAULT_BPF_DIR, help="directory of the built BPF objects (default bpf/build)"
     )
+    parser.add_argument(
+        "--max-queued",
+        type=_queue_limit,
+        default=DEFAULT_MAX_QUEUED,
+        help="unread redirected bytes at which a socket moves to TCP, whose window then holds the sender "
+        f"(default {DEFAULT_MAX_QUEUED}, 64 KiB to 1 GiB)",
+    )
+
+
+def _queue_limit(text: str) -> int:
+    value = int(text)
+    if not MIN_QUEUED <= value <= MAX_QUEUED:
+        raise argparse.ArgumentTypeError(f"--max-queued {value} is not between {MIN_QUEUED} and {MAX_QUEUED}")
+    return value
 
 
 def host_addresses() -> list[str]:
@@ -55,6 +71,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         config.service_pin_dir(SERVICE),
         config.service_pin_dir("policy"),
         config.cgroup_root,
+        args.max_queued,
     )
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, accel: SockAccel) -> str:

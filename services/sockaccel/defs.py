@@ -15,8 +15,8 @@ MAX_CONNECTIONS = 65536  # sockets in the fast path at once (two per connection)
 MAX_ADDRESSES = 4096  # endpoint addresses of this node (both families)
 # A redirect has no flow control of its own (the sender never waits for the receiver), so a
 # socket whose peer has this many redirected bytes unread goes to TCP, whose window then
-# holds the sender back (as tcp_rmem's default maximum would).
-MAX_QUEUED = 4 << 20
+# holds the sender back. The service sets it (--max-queued) in the config map's QUEUE_LIMIT.
+DEFAULT_MAX_QUEUED = 16 << 20
 
 
 class NodeFlag(IntEnum):
@@ -24,6 +24,13 @@ class NodeFlag(IntEnum):
 
     ENABLED = 1  # new connections may be accelerated, accelerated ones keep going
     POLICY_BOUND = 2  # the policy service's maps are the ones this object reads
+
+
+class ConfigIndex(IntEnum):
+    """Slots of the `sockaccel_config` array."""
+
+    NODE = 0  # the node's word (NodeFlag)
+    QUEUE_LIMIT = 1  # unread redirected bytes at which a socket goes to TCP
 
 
 class AddrFlag(IntEnum):
@@ -136,7 +143,7 @@ CONSTANTS = {
     "SOCKACCEL_MAX_CONNECTIONS": MAX_CONNECTIONS,
     "SOCKACCEL_MAX_ADDRESSES": MAX_ADDRESSES,
     "SOCKACCEL_NUM_STATS": NUM_STATS,
-    "SOCKACCEL_MAX_QUEUED": MAX_QUEUED,
+    "SOCKACCEL_DEFAULT_MAX_QUEUED": DEFAULT_MAX_QUEUED,
 }
 
 
@@ -144,7 +151,7 @@ def c_header() -> str:
     return render_header(
         "services/sockaccel/defs.py",
         CONSTANTS,
-        [NodeFlag, AddrFlag, ConnState, Role, Stat],
+        [NodeFlag, ConfigIndex, AddrFlag, ConnState, Role, Stat],
         [SockKey, AddrKey, AddrInfo, Conn, StatValue],
     )
 

@@ -36,7 +36,7 @@ from pybpf import (
 )
 from services.common.objects import pin_programs
 from services.common.pins import recover_service_pins
-from services.sockaccel.defs import AddrInfo, AddrKey, Conn, NodeFlag, SockKey, Stat
+from services.sockaccel.defs import DEFAULT_MAX_QUEUED, AddrInfo, AddrKey, ConfigIndex, Conn, NodeFlag, SockKey, Stat
 
 log = structlog.get_logger("weir.sockaccel.maps")
 
@@ -94,7 +94,17 @@ class Socket:
 class SockaccelMaps:
     """Owns the sockaccel object, its attachments and its maps."""
 
-    def __init__(self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, policy_pin_dir: Path, cgroup: Path) -> None:
+    def __init__(
+        self,
+        bpf_dir: Path,
+        globals_dir: Path,
+        pin_dir: Path,
+        policy_pin_dir: Path,
+        cgroup: Path,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        """``max_queued``: unread redirected bytes at which a socket goes to TCP (flow control)."""
+        self.max_queued = max_queued
         self._path = bpf_dir / "sockaccel.o"
         self._globals_dir = globals_dir
         self._pin_dir = pin_dir
@@ -150,8 +160,9 @@ class SockaccelMaps:
         self._config = obj.typed_map("sockaccel_config", ctypes.c_uint32, ctypes.c_uint32)
         self._stats = obj.typed_map("sockaccel_stats", ctypes.c_uint32, ctypes.c_uint64)
         self.policy_bound = bound
-        word = self._config.lookup(0) or 0
-        self._config.update(0, (word & ~NodeFlag.POLICY_BOUND) | (NodeFlag.POLICY_BOUND if bound else 0))
+        word = self._word()
+        self._config.update(ConfigIndex.NODE, (word & ~NodeFlag.POLICY_BOUND) | (NodeFlag.POLICY_BOUND if bound else 0))
+        self._config.update(ConfigIndex.QUEUE_LIMIT, self.max_queued)
         self._attach(previous)
         if old is not None:
             old.close()
@@ -198,12 +209,15 @@ class SockaccelMaps:
 
     # ---- writing ----
 
+    def _word(self) -> int:
+        return int(self._config.lookup(ConfigIndex.NODE) or 0)
+
     def set_enabled(self, enabled: bool) -> None:
-        word = self._config.lookup(0) or 0
-        self._config.update(0, (word | NodeFlag.ENABLED) if enabled else (word & ~NodeFlag.ENABLED))
+        word = self._word()
+        self._config.update(ConfigIndex.NODE, (word | NodeFlag.ENABLED) if enabled else (word & ~NodeFlag.ENABLED))
 
     def enabled(self) -> bool:
-        return bool((self._config.lookup(0) or 0) & NodeFlag.ENABLED)
+        return bool(self._word() & NodeFlag.ENABLED)
 
     def replace_addresses(self, wanted: dict[str, AddrInfo]) -> None:
         """Make the address table hold exactly ``wanted`` (address -> info); new before stale."""
