@@ -32,6 +32,13 @@ struct sk_psock___weir {
 	__u32 msg_tot_len;
 } __attribute__((preserve_access_index));
 
+struct tcp_sock___weir {
+	__u32 copied_seq;
+	__u32 write_seq;
+	__u32 rcv_nxt;
+	__u32 snd_una;
+} __attribute__((preserve_access_index));
+
 #define SK_USER_DATA_PTRMASK (~7UL) /* sk_user_data keeps flags in its low bits */
 
 /* Accelerated sockets by their own view of the connection (value: the cookie). */
@@ -225,7 +232,7 @@ static __always_inline void on_close(struct bpf_sock_ops *skops)
 	conn = bpf_map_lookup_elem(&sockaccel_conns, &key);
 	if (!conn)
 		return;
-	if (conn->state == WEIR_CONN_STATE_REDIRECT) {
+	if (conn->state != WEIR_CONN_STATE_FALLBACK) {
 		stat_add(WEIR_STAT_ACCEL_ENDED, 1);
 		accel_event(WEIR_EVENT_TYPE_ACCEL_END, &key, conn);
 	}
@@ -291,6 +298,37 @@ static __always_inline __u64 peer_queued(struct weir_sock_key *peer)
 	return len;
 }
 
+static __always_inline __u32 read_u32(const void *addr)
+{
+	__u32 v = 0;
+
+	bpf_probe_read_kernel(&v, sizeof(v), addr);
+	return v;
+}
+
+/* May a paused socket redirect again without the receiver reading new bytes before old ones?
+ * Only when TCP holds none of this direction's bytes: everything this socket wrote is acked
+ * (so it reached the peer), the peer's application has read all TCP brought it, and the peer
+ * has drained below half the limit. Nothing new can enter TCP meanwhile: only this socket
+ * writes this direction, and it is inside its own sendmsg.
+ */
+static __always_inline int may_resume(const struct weir_conn *c, struct weir_sock_key *peer)
+{
+	struct weir_conn *pc = bpf_map_lookup_elem(&sockaccel_conns, peer);
+	struct tcp_sock___weir *self = (void *)c->sk, *other;
+
+	if (!pc || !c->sk || !pc->sk)
+		return 0;
+	other = (void *)pc->sk;
+	if (read_u32(__builtin_preserve_access_index(&self->write_seq)) !=
+	    read_u32(__builtin_preserve_access_index(&self->snd_una)))
+		return 0;
+	if (read_u32(__builtin_preserve_access_index(&other->rcv_nxt)) !=
+	    read_u32(__builtin_preserve_access_index(&other->copied_seq)))
+		return 0;
+	return peer_queued(peer) < queue_limit() / 2;
+}
+
 static __always_inline void fall_back(const struct weir_sock_key *key, struct weir_conn *c, __u32 reason)
 {
 	c->state = WEIR_CONN_STATE_FALLBACK;
@@ -319,7 +357,7 @@ int sockaccel_msg(struct sk_msg_md *msg)
 	c = bpf_map_lookup_elem(&sockaccel_conns, &key);
 	if (!c)
 		return SK_PASS;
-	if (c->state != WEIR_CONN_STATE_REDIRECT) {
+	if (c->state == WEIR_CONN_STATE_FALLBACK) {
 		stat_add(WEIR_STAT_PASSED, 1);
 		return SK_PASS;
 	}
@@ -330,8 +368,19 @@ int sockaccel_msg(struct sk_msg_md *msg)
 		return SK_PASS;
 	}
 	peer_key(&key, &peer);
-	if (peer_queued(&peer) >= queue_limit()) {
-		fall_back(&key, c, WEIR_STAT_FALLBACK_RECEIVER_FULL);
+	if (c->state == WEIR_CONN_STATE_PAUSED) {
+		if (!may_resume(c, &peer)) {
+			stat_add(WEIR_STAT_PASSED, 1);
+			return SK_PASS;
+		}
+		c->state = WEIR_CONN_STATE_REDIRECT;
+		c->reason = 0;
+		stat_add(WEIR_STAT_RESUMED, 1);
+	} else if (peer_queued(&peer) >= queue_limit()) {
+		/* No window on a redirect: hand this direction to TCP until the peer catches up. */
+		c->state = WEIR_CONN_STATE_PAUSED;
+		c->reason = WEIR_STAT_FALLBACK_RECEIVER_FULL;
+		stat_add(WEIR_STAT_FALLBACK_RECEIVER_FULL, 1);
 		stat_add(WEIR_STAT_PASSED, 1);
 		return SK_PASS;
 	}

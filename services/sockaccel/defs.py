@@ -46,6 +46,7 @@ class ConnState(IntEnum):
 
     REDIRECT = 1  # hand each message to the peer socket
     FALLBACK = 2  # normal path, for good: never redirected again (keeps byte order)
+    PAUSED = 3  # normal path while the peer catches up; redirects again once TCP holds nothing unread
 
 
 class Role(IntEnum):
@@ -70,7 +71,8 @@ class Stat(IntEnum):
     FALLBACK_PEER_GONE = 11  # the peer socket left the sockhash (closed)
     FALLBACK_NOT_READY = 12  # the first message went out before the peer was in the sockhash
     PASSED = 13  # messages that went the normal path (after a fallback)
-    FALLBACK_RECEIVER_FULL = 14  # the peer left MAX_QUEUED bytes unread: TCP's window takes over
+    FALLBACK_RECEIVER_FULL = 14  # the peer left --max-queued bytes unread: paused, TCP's window takes over
+    RESUMED = 15  # paused sockets that went back to redirecting
 
 
 NUM_STATS = len(Stat)

@@ -33,6 +33,7 @@ def _counters(c: Counters) -> pb.Counters:
         messages_passed=c.messages_passed,
         fallbacks=c.fallbacks,
         refused=c.refused,
+        resumed=c.resumed,
     )
 
 

@@ -62,6 +62,7 @@ class Counters:
     messages_passed: int
     fallbacks: dict[str, int]
     refused: dict[str, int]
+    resumed: int
 
 
 @dataclass(frozen=True)
@@ -209,9 +210,9 @@ class SockAccel:
 
     def counters(self) -> Counters:
         if self._unsupported or not self._maps.loaded:
-            return Counters(0, 0, 0, 0, 0, {}, {})
+            return Counters(0, 0, 0, 0, 0, {}, {}, 0)
         s = self._maps.stats()
-        current = sum(1 for sock in self._maps.sockets() if sock.conn.state == ConnState.REDIRECT)
+        current = sum(1 for sock in self._maps.sockets() if sock.conn.state != ConnState.FALLBACK)
         return Counters(
             accelerated_current=current,
             accelerated_total=s[Stat.ACCEL_STARTED],
@@ -220,6 +221,7 @@ class SockAccel:
             messages_passed=s[Stat.PASSED],
             fallbacks={name: s[stat] for name, stat in FALLBACK_STATS.items()},
             refused={name: s[stat] for name, stat in REFUSED_STATS.items()},
+            resumed=s[Stat.RESUMED],
         )
 
     def status(self) -> Status:

@@ -604,7 +604,8 @@ else:
 def test_a_receiver_that_does_not_read_holds_the_sender_back(make_node: Callable[..., Node], tmp_path: Path) -> None:
     """A redirect has no window: without a limit a sender could queue any amount at a peer that
     does not read (Cilium's sockmap had this, issue 6431). At --max-queued unread bytes the socket
-    goes to TCP, whose window then holds the sender."""
+    pauses on TCP, whose window then holds the sender, and redirects again once TCP holds none of
+    its bytes unread; every byte arrives once and in order."""
     s = make_setup(make_node, tmp_path, sockaccel_args=("--max-queued", str(LIMIT)))
     allow_client_to_server(s)
     s.mode(True)
@@ -625,5 +626,6 @@ def test_a_receiver_that_does_not_read_holds_the_sender_back(make_node: Callable
     assert sent["sent"] == received["recv"] == 64 << 20 and sent["sha"] == received["sha"]
     assert sent["sent_while_unread"] < 3 * LIMIT  # not the 64 MiB it could push with no limit
     counters = s.status().counters
-    assert counters.fallbacks["receiver_full"] == 1
-    assert LIMIT <= counters.bytes_redirected < LIMIT + (1 << 20)
+    assert counters.fallbacks["receiver_full"] >= 1  # paused at the limit...
+    assert counters.resumed >= 1  # ...and redirecting again once the receiver caught up
+    assert counters.bytes_redirected >= LIMIT
