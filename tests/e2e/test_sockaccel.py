@@ -629,3 +629,51 @@ def test_a_receiver_that_does_not_read_holds_the_sender_back(make_node: Callable
     assert counters.fallbacks["receiver_full"] >= 1  # paused at the limit...
     assert counters.resumed >= 1  # ...and redirecting again once the receiver caught up
     assert counters.bytes_redirected >= LIMIT
+
+
+# ---- other ends: a host process; policy bound late ----
+
+
+def test_a_host_process_and_an_endpoint_are_accelerated(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    s = make_setup(make_node, tmp_path)
+    s.policy.ImportRules(
+        pol_pb.ImportRulesRequest(rules=[pol_pb.Rule(
+            name="server-from-host",
+            endpoint_selector=pol_pb.EndpointSelector(match_labels={"app": "server"}),
+            ingress=[pol_pb.PeerRule(entities=["host"])],
+        )]),
+        timeout=15,
+    )  # fmt: skip
+    s.mode(True)
+    host = Setup(s.node, orch_pb.Endpoint(name="host", netns=s.node.ns), s.server, s.tmp)
+    with echo_server(s) as out:
+        result = run_echo(host, out, address=s.server.ipv4, conns=2, sizes=[10, 100_000])
+    assert_every_byte(result, [10, 100_000])
+    counters = s.status().counters
+    assert counters.accelerated_total == 4 and counters.bytes_redirected == 2 * result.total
+    listed = s.accel.ListConnections(pb.ListConnectionsRequest(), timeout=10).connections
+    assert all(c.client_endpoint == 0 for c in listed)  # the host has no endpoint id
+
+
+def test_without_the_policy_service_nothing_is_accelerated_until_it_comes(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    node = make_node("orchestrator")
+    node.start("sockaccel")
+    client = node.create_endpoint("client", {"app": "client"})
+    server = node.create_endpoint("server", {"app": "server"})
+    s = Setup(node, client, server, tmp_path)
+    s.mode(True)
+    assert not s.status().policy_bound
+    with echo_server(s) as out:
+        result = run_echo(s, out, conns=1, sizes=[10, 1000])
+    assert_every_byte(result, [10, 1000])
+    counters = s.status().counters
+    assert counters.accelerated_total == 0 and counters.refused["no_policy"] == 2  # fails closed
+    node.start("policy")
+    wait_for(lambda: s.status().policy_bound, "sockaccel bound the policy maps")
+    allow_client_to_server(s)
+    with echo_server(s, port=PORT + 1) as out:
+        result = run_echo(s, out, port=PORT + 1, conns=1, sizes=[10, 1000])
+    assert_every_byte(result, [10, 1000])
+    assert s.status().counters.accelerated_total == 2
