@@ -27,6 +27,7 @@ from pybpf import (
     MapType,
     Program,
     ProgType,
+    UpdateFlag,
     attach_cgroup,
     attach_sk_msg,
     detach_cgroup,
@@ -36,7 +37,17 @@ from pybpf import (
 )
 from services.common.objects import pin_programs
 from services.common.pins import recover_service_pins
-from services.sockaccel.defs import DEFAULT_MAX_QUEUED, AddrInfo, AddrKey, ConfigIndex, Conn, NodeFlag, SockKey, Stat
+from services.sockaccel.defs import (
+    DEFAULT_MAX_QUEUED,
+    AddrInfo,
+    AddrKey,
+    ConfigIndex,
+    Conn,
+    ConnState,
+    NodeFlag,
+    SockKey,
+    Stat,
+)
 
 log = structlog.get_logger("weir.sockaccel.maps")
 
@@ -112,6 +123,7 @@ class SockaccelMaps:
         self._cgroup = cgroup
         self._obj: BpfObject | None = None
         self.policy_bound = False
+        self.policy_ids: tuple[int, ...] | None = None
         self._addrs: Map
         self._conns: Map
         self._config: Map
@@ -124,6 +136,22 @@ class SockaccelMaps:
 
     def policy_pins_exist(self) -> bool:
         return all((self._policy_dir / name).exists() for name in POLICY_MAPS)
+
+    def pinned_policy_ids(self) -> tuple[int, ...] | None:
+        """Ids of the maps the policy service has pinned now (None while any pin is missing)."""
+        ids = []
+        for name in POLICY_MAPS:
+            try:
+                with Map.from_pin(self._policy_dir / name) as pinned:
+                    ids.append(pinned.id)
+            except (BpfError, OSError):
+                return None
+        return tuple(ids)
+
+    def policy_stale(self) -> bool:
+        """Whether the policy service pins maps other than the ones this object reads (or, unbound, any)."""
+        pinned = self.pinned_policy_ids()
+        return pinned is not None and pinned != self.policy_ids
 
     def load(self) -> None:
         """Load (reusing our pins and the policy service's), pin, attach; replaces a loaded object.
@@ -160,6 +188,7 @@ class SockaccelMaps:
         self._config = obj.typed_map("sockaccel_config", ctypes.c_uint32, ctypes.c_uint32)
         self._stats = obj.typed_map("sockaccel_stats", ctypes.c_uint32, ctypes.c_uint64)
         self.policy_bound = bound
+        self.policy_ids = tuple(obj.maps[name].id for name in POLICY_MAPS) if bound else None
         word = self._word()
         self._config.update(ConfigIndex.NODE, (word & ~NodeFlag.POLICY_BOUND) | (NodeFlag.POLICY_BOUND if bound else 0))
         self._config.update(ConfigIndex.QUEUE_LIMIT, self.max_queued)
@@ -232,6 +261,24 @@ class SockaccelMaps:
             ctypes.memmove(key.addr, raw, 16)
             with contextlib.suppress(KeyNotFoundError):
                 self._addrs.delete(key)
+
+    def retire_sockets(self) -> int:
+        """Send every socket of the fast path to the normal path for good (reason: policy).
+
+        For when the policy maps are replaced: a socket keeps the sk_msg program it was added
+        with, which reads the old maps, so it cannot be trusted to see the new policy. Each
+        record turns FALLBACK in one map write; the next message of the socket takes TCP, after
+        everything redirected before (the order argument of the BPF object). Returns how many.
+        """
+        retired = 0
+        for key, conn in list(self._conns.items()):
+            if conn.state == ConnState.FALLBACK:
+                continue
+            conn.state, conn.reason = ConnState.FALLBACK, Stat.FALLBACK_POLICY
+            with contextlib.suppress(KeyNotFoundError):
+                self._conns.update(key, conn, UpdateFlag.EXIST)
+                retired += 1
+        return retired
 
     # ---- reading ----
 

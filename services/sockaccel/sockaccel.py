@@ -125,11 +125,21 @@ class SockAccel:
         self._maps.close()
 
     def rebind(self) -> bool:
-        """Load again once the policy service's maps exist (periodic); True when it did."""
-        if self._unsupported or self._maps.policy_bound or not self._maps.policy_pins_exist():
+        """Load again when the policy service pins maps this object does not read (periodic).
+
+        That is once they first exist, and again whenever they are replaced (the policy service
+        started anew after its pins were removed): reading the old ones would keep an old policy.
+        Sockets already in the fast path keep the programs (and maps) they were added with, so
+        on a replacement they are all sent to the normal path; new ones use the new maps. True
+        when it loaded.
+        """
+        if self._unsupported or not self._maps.loaded or not self._maps.policy_stale():
             return False
+        replaced = self._maps.policy_ids is not None
         self._maps.load()
-        log.info("bound to the policy service's maps; acceleration follows policy now")
+        retired = self._maps.retire_sockets() if replaced else 0
+        log.info("bound to the policy service's maps; acceleration follows policy now",
+                 maps=self._maps.policy_ids, retired=retired)  # fmt: skip
         return True
 
     # ---- modes ----

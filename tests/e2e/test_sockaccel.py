@@ -677,3 +677,37 @@ def test_without_the_policy_service_nothing_is_accelerated_until_it_comes(
         result = run_echo(s, out, port=PORT + 1, conns=1, sizes=[10, 1000])
     assert_every_byte(result, [10, 1000])
     assert s.status().counters.accelerated_total == 2
+
+
+def test_replaced_policy_maps_send_accelerated_connections_to_the_chain(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    """The policy service started anew without its pins makes new maps; the sockets already in the
+    fast path keep programs that read the old ones, so sockaccel sends them all to the normal path."""
+    s = make_setup(make_node, tmp_path)
+    allow_client_to_server(s)
+    s.mode(True)
+    marks: dict[str, pb.Counters] = {}
+
+    def replace_policy() -> None:
+        marks["before"] = s.status().counters
+        bound = s.status()
+        s.node.kill("policy")
+        for pin in (s.node.bpffs_root / "policy").iterdir():
+            pin.unlink()
+        (s.node.state_dir / "policy.db").unlink()
+        s.node.start("policy")
+        allow_client_to_server(s)
+        wait_for(lambda: s.status().policy_bound and s.status().revision == bound.revision, "bound again")
+        wait_for(lambda: s.status().counters.accelerated_current == 0, "the sockets were retired")
+
+    sizes = [100, 50_000, 100, 50_000]
+    with echo_server(s) as out:
+        result = run_echo(s, out, conns=2, sizes=sizes, mid_stream=replace_policy)
+    assert_every_byte(result, sizes)
+    after = s.status().counters
+    assert after.messages_redirected == marks["before"].messages_redirected  # none after the swap
+    with echo_server(s, port=PORT + 1) as out:  # new connections are accelerated under the new maps
+        later = run_echo(s, out, port=PORT + 1, conns=1, sizes=[10, 1000])
+    assert_every_byte(later, [10, 1000])
+    assert s.status().counters.accelerated_total == after.accelerated_total + 2
