@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -711,3 +713,31 @@ def test_replaced_policy_maps_send_accelerated_connections_to_the_chain(
         later = run_echo(s, out, port=PORT + 1, conns=1, sizes=[10, 1000])
     assert_every_byte(later, [10, 1000])
     assert s.status().counters.accelerated_total == after.accelerated_total + 2
+
+
+def test_grpcurl_turns_it_on_and_reads_the_counters(make_node: Callable[..., Node], tmp_path: Path) -> None:
+    """The README section's calls, with the real grpcurl binary."""
+    s = make_setup(make_node, tmp_path)
+    allow_client_to_server(s)
+    sock = str(s.node.socket("sockaccel"))
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"}
+
+    def grpcurl(*args: str) -> dict[str, Any]:
+        result = subprocess.run(
+            ["grpcurl", "-plaintext", "-unix", *args], capture_output=True, text=True, timeout=30, env=env
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout) if result.stdout.startswith("{") else {"text": result.stdout}
+
+    assert "weir.sockaccel.v1.SockAccel" in grpcurl(sock, "list")["text"]
+    assert grpcurl("-d", '{"mode": "MODE_ON"}', sock, "weir.sockaccel.v1.SockAccel/SetMode")["changed"]
+    with echo_server(s) as out:
+        run_echo(s, out, conns=1, sizes=[10, 1000])
+    status = grpcurl("-d", "{}", sock, "weir.sockaccel.v1.SockAccel/GetStatus")
+    assert status["mode"] == "MODE_ON" and status["policy_bound"] and status["attached"]
+    assert int(status["counters"]["messages_redirected"]) >= 2
+    off = grpcurl(
+        "-d", '{"endpoint": "server", "mode": "MODE_OFF"}', sock, "weir.sockaccel.v1.SockAccel/SetEndpointMode"
+    )
+    assert off["changed"]
+    grpcurl("-d", "{}", sock, "weir.sockaccel.v1.SockAccel/ListConnections")
