@@ -201,7 +201,7 @@ static __always_inline void on_established(struct bpf_sock_ops *skops, __u8 role
 	conn.client_identity = ipcache_identity(key.family, role == WEIR_ROLE_CLIENT ? key.local : key.remote);
 	conn.server_identity = ipcache_identity(key.family, role == WEIR_ROLE_CLIENT ? key.remote : key.local);
 	if (!sockaccel_pair_allowed(conn.client_endpoint, conn.server_endpoint, conn.client_identity,
-				    conn.server_identity, conn.server_port, 0)) {
+				    conn.server_identity, conn.server_port)) {
 		stat_add(WEIR_STAT_REFUSED_POLICY, 1);
 		return;
 	}
@@ -258,7 +258,7 @@ int sockaccel_sockops(struct bpf_sock_ops *skops)
 }
 
 /* Why a redirecting socket must leave the fast path now; 0 while it may stay. */
-static __always_inline __u32 fallback_reason(const struct weir_sock_key *key, const struct weir_conn *c, __u64 bytes)
+static __always_inline __u32 fallback_reason(const struct weir_sock_key *key, const struct weir_conn *c)
 {
 	struct weir_addr_info *local, *remote;
 
@@ -269,7 +269,7 @@ static __always_inline __u32 fallback_reason(const struct weir_sock_key *key, co
 	if (!local || !remote || ((local->flags | remote->flags) & WEIR_ADDR_FLAG_DISABLED))
 		return WEIR_STAT_FALLBACK_DISABLED;
 	if (!sockaccel_pair_allowed(c->client_endpoint, c->server_endpoint, c->client_identity, c->server_identity,
-				    c->server_port, bytes))
+				    c->server_port))
 		return WEIR_STAT_FALLBACK_POLICY;
 	return 0;
 }
@@ -361,7 +361,7 @@ int sockaccel_msg(struct sk_msg_md *msg)
 		stat_add(WEIR_STAT_PASSED, 1);
 		return SK_PASS;
 	}
-	reason = fallback_reason(&key, c, size);
+	reason = fallback_reason(&key, c);
 	if (reason) {
 		fall_back(&key, c, reason);
 		stat_add(WEIR_STAT_PASSED, 1);

@@ -5,8 +5,9 @@
  * the server's ingress both allow it, exactly as the chain would decide for the
  * connection's first packet: a direction an endpoint does not enforce allows;
  * an entry's verdict decides; no entry allows only under default-allow. Audit
- * mode never allows here (the chain must see the flow to report it). The host
- * side (a host process, the L7 proxy) has no endpoint policy of its own.
+ * mode never allows here (the chain must see the flow to report it), nor does an
+ * entry that sends the flow to the L7 proxy. The host side (a host process, the
+ * L7 proxy) has no endpoint policy of its own.
  */
 #pragma once
 
@@ -56,8 +57,31 @@ static __always_inline __u16 sockaccel_remote_port(__u32 raw)
 	return raw > 0xffff ? (__u16)bpf_ntohl(raw) : bpf_ntohs((__u16)raw);
 }
 
+/* policy_verdict without its hit counters: the handshake already counted this flow in the
+ * chain, and the fast path's re-checks are not packets.
+ */
+static __always_inline int sockaccel_verdict(__u32 ep, __u8 dir, __u32 peer, __u16 port_be)
+{
+	struct weir_policy_entry *e;
+	void *inner = bpf_map_lookup_elem(&policy_maps, &ep);
+
+	if (!inner)
+		return VERDICT_NONE;
+	e = policy_lookup_one(inner, dir, peer, WEIR_IP_PROTO_TCP, port_be);
+	if (!e)
+		e = policy_lookup_one(inner, dir, WEIR_RESERVED_IDENTITY_UNKNOWN, WEIR_IP_PROTO_TCP, port_be);
+	if (!e)
+		return VERDICT_NONE;
+	/* An entry with a proxy port sends the flow through the L7 proxy: the two endpoints
+	 * must never be joined directly (their legs to and from the proxy may be).
+	 */
+	if (e->proxy_port)
+		return VERDICT_DENY;
+	return (e->flags & WEIR_POLICY_FLAG_DENY) ? VERDICT_DENY : VERDICT_ALLOW;
+}
+
 /* Does endpoint `ep` allow the flow with `peer` in `dir` on TCP `port` (host order)? */
-static __always_inline int sockaccel_direction_allows(__u32 ep, __u8 dir, __u32 peer, __u16 port, __u64 bytes)
+static __always_inline int sockaccel_direction_allows(__u32 ep, __u8 dir, __u32 peer, __u16 port)
 {
 	struct weir_endpoint_policy_config *cfg = bpf_map_lookup_elem(&policy_config, &ep);
 	__u32 enforced, default_allow;
@@ -70,7 +94,7 @@ static __always_inline int sockaccel_direction_allows(__u32 ep, __u8 dir, __u32 
 						     : WEIR_CONFIG_FLAG_INGRESS_DEFAULT_ALLOW;
 	if (!(cfg->flags & enforced))
 		return 1;
-	verdict = policy_verdict(ep, dir, peer, WEIR_IP_PROTO_TCP, bpf_htons(port), bytes);
+	verdict = sockaccel_verdict(ep, dir, peer, bpf_htons(port));
 	if (verdict == VERDICT_ALLOW)
 		return 1;
 	return verdict == VERDICT_NONE && (cfg->flags & default_allow);
@@ -78,11 +102,11 @@ static __always_inline int sockaccel_direction_allows(__u32 ep, __u8 dir, __u32 
 
 /* Both directions of a pair; an endpoint id of 0 is the host (no policy of its own). */
 static __always_inline int sockaccel_pair_allowed(__u32 client_ep, __u32 server_ep, __u32 client_id,
-						  __u32 server_id, __u16 port, __u64 bytes)
+						  __u32 server_id, __u16 port)
 {
-	if (client_ep && !sockaccel_direction_allows(client_ep, WEIR_DIRECTION_EGRESS, server_id, port, bytes))
+	if (client_ep && !sockaccel_direction_allows(client_ep, WEIR_DIRECTION_EGRESS, server_id, port))
 		return 0;
-	if (server_ep && !sockaccel_direction_allows(server_ep, WEIR_DIRECTION_INGRESS, client_id, port, bytes))
+	if (server_ep && !sockaccel_direction_allows(server_ep, WEIR_DIRECTION_INGRESS, client_id, port))
 		return 0;
 	return 1;
 }
