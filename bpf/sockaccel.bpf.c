@@ -17,6 +17,12 @@
  * took TCP. A socket is never taken out of the sockhash while it lives (the
  * kernel removes it on close), so nothing queued for it is ever purged; and a
  * redirect that finds no peer passes the message on instead of dropping it.
+ *
+ * A redirect has no window: the sender never waits for the receiver. So a socket
+ * whose peer has the queue limit of redirected bytes unread turns PAUSED and
+ * sends on TCP, whose window holds it back; it redirects again only when TCP
+ * holds none of its bytes unread (all it wrote is acked, the peer has read all
+ * TCP brought), the one moment the switch back cannot reorder anything.
  */
 #include <linux/bpf.h>
 #include <bpf/bpf_core_read.h>
