@@ -7,7 +7,7 @@ runs in the server's or the client's namespace and in the node's cgroup, as endp
 processes do. Rounds alternate between the modes (mode is read when a connection is
 established), so both see the same machine load.
 
-1. Request/response: a small C client and server (compiled here with cc; sockperf needs
+1. Request/response: a small C client and server (compiled here with clang; sockperf needs
    14-byte messages at least) with TCP_NODELAY: one connection, one message of N bytes
    each way per transaction, for --seconds; transactions per second, p50 and p99 latency
    from every transaction's own clock_gettime. 1 B and 1 KiB.
@@ -177,7 +177,7 @@ def run(seconds: float, rounds: int, max_queued: str) -> None:
     binary = work / "pingpong"
     source = work / "pingpong.c"
     source.write_text(PP_C)
-    subprocess.run(["cc", "-O2", "-o", str(binary), str(source)], check=True)
+    subprocess.run(["clang", "-O2", "-o", str(binary), str(source)], check=True)
     node = Node(f"sab{abs(hash(work)) % 10000}", work / "node").setup()
     servers: list[subprocess.Popen[str]] = []
     try:
