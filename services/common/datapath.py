@@ -176,6 +176,8 @@ class EventType(IntEnum):
 
     DROP = 1
     VERDICT = 2
+    ACCEL_START = 3  # a socket went into the socket-layer fast path (sockaccel)
+    ACCEL_END = 4  # a socket left it: closed, turned off, or policy changed (len = bytes it redirected)
     # A redirect type joins when an object redirects (the L7 proxy); none does yet.
 
 

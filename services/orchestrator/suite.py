@@ -13,9 +13,9 @@ The suite holds the instance's ``suite`` lock, so a second suite with the same
 instance name stops before it starts anything. ``--tcp-listen`` gives each
 service its own TLS listener, either by name
 (``orchestrator=127.0.0.1:7000,lb=127.0.0.1:7003``; services not named listen
-on their unix socket only) or as one port range (``127.0.0.1:7000-7003``),
+on their unix socket only) or as one port range (``127.0.0.1:7000-7004``),
 whose ports go to the services in the order of ``SERVICES``: orchestrator,
-prefilter, policy, lb.
+prefilter, policy, lb, sockaccel.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ SUITE: tuple[Member, ...] = (
     Member("prefilter"),
     Member("policy"),
     Member("lb"),
+    Member("sockaccel"),
 )
 SERVICES = [member.name for member in SUITE]
 BACKOFF_FIRST = 1.0
