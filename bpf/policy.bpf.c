@@ -22,6 +22,9 @@
 #include "weir/ipcache.h"
 #include "weir/policy.h"
 
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+
 /* IPv6 link control is never subject to policy: neighbour discovery and router
  * messages, and anything to a link-local-scope multicast group (MLD reports).
  */
@@ -72,14 +75,53 @@ static __always_inline int icmp_error_related(struct __sk_buff *skb, const struc
 	return ct_related(&key, now);
 }
 
+/* The generation of the ipcache, which its writer bumps after every change: an
+ * entry of no address family (IPCACHE_GENERATION_PREFIXLEN) in the ipcache itself.
+ */
+static __always_inline __u32 ipcache_generation(void)
+{
+	struct weir_ipcache_key key = { .prefixlen = WEIR_IPCACHE_GENERATION_PREFIXLEN };
+	struct weir_ipcache_value *val = bpf_map_lookup_elem(&ipcache, &key);
+
+	return val ? val->identity : 0;
+}
+
+/* Whether a flow's conntrack key holds every input of its policy lookup but the
+ * peer's identity (protocol and destination port): TCP, UDP and SCTP. An ICMP
+ * entry is keyed by the echo id alone, so its packets' types are judged each time.
+ */
+static __always_inline int verdict_cacheable(const struct flow *f)
+{
+	return f->proto == WEIR_IP_PROTO_TCP || f->proto == WEIR_IP_PROTO_UDP || f->proto == WEIR_IP_PROTO_SCTP;
+}
+
+/* The stamp under which an allow verdict is cached: the endpoint's policy
+ * revision and the ipcache generation, both read before the lookup they cover
+ * (their writers bump them after the change), so a stamp never vouches for a
+ * verdict from older maps. 0 (nothing cached) when either is unknown.
+ */
+static __always_inline __u64 policy_stamp(const struct weir_endpoint_policy_config *cfg)
+{
+	__u32 revision = cfg->revision, generation;
+
+	if (!revision)
+		return 0;
+	generation = ipcache_generation();
+	if (!generation)
+		return 0;
+	return (__u64)revision << 32 | generation;
+}
+
 /* Enforce the endpoint's policy in one direction, on every packet of the
- * original direction: a new connection and an established one are looked up
- * alike, so a policy change that denies an open connection cuts it at its next
- * packet. Replies of a known connection pass without a lookup, and so do ICMP
- * errors that quote one (related); an error that quotes nothing known is judged
- * as a new ICMP packet of its type and never gets an entry of its own. With the
- * direction's default-allow flag, a packet no entry matches passes (deny
- * entries still drop).
+ * original direction: a new connection and an established one are judged alike,
+ * so a policy change that denies an open connection cuts it at its next packet.
+ * An established TCP/UDP/SCTP connection keeps the stamp (policy revision,
+ * ipcache generation) of its last allow verdict; while both are unchanged the
+ * lookup would give the same answer, so it is skipped. Replies of a known
+ * connection pass without a lookup, and so do ICMP errors that quote one
+ * (related); an error that quotes nothing known is judged as a new ICMP packet
+ * of its type and never gets an entry of its own. With the direction's
+ * default-allow flag, a packet no entry matches passes (deny entries still drop).
  *
  * A packet of an endpoint hook on an interface no endpoint owns is dropped
  * (UNKNOWN_ENDPOINT); so is one the parser refuses (its reason) and a later
@@ -95,6 +137,7 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	struct ct_packet pkt;
 	struct flow f;
 	__u32 peer, src_identity;
+	__u64 stamp = 0;
 	int ret, verdict, state = CT_NEW, error;
 
 	if (!ep)
@@ -127,6 +170,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		}
 		return weir_tc_next(skb, calls);
 	}
+	if (!error && verdict_cacheable(&f)) {
+		stamp = policy_stamp(cfg);
+		if (ct && stamp && READ_ONCE(ct->policy_stamp) == stamp)
+			return weir_tc_next(skb, calls);
+	}
 	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
 	if (dir == WEIR_DIRECTION_INGRESS)
 		src_identity = peer;
@@ -139,11 +187,17 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		verdict = VERDICT_ALLOW;
 	init.src_identity = src_identity;
 	if (verdict == VERDICT_ALLOW) {
-		if (state == CT_NEW && !error)
+		if (ct)
+			WRITE_ONCE(ct->policy_stamp, stamp);
+		else if (!error) {
+			init.policy_stamp = stamp;
 			ct_create(&key, &init, &pkt);
+		}
 		skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
 		return weir_tc_next(skb, calls);
 	}
+	if (ct)
+		WRITE_ONCE(ct->policy_stamp, 0);
 	if (cfg->flags & WEIR_CONFIG_FLAG_AUDIT) {
 		metrics_bump(WEIR_REASON_POLICY_AUDIT, dir, skb->len);
 		emit_event(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,

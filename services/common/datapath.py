@@ -292,6 +292,12 @@ class IpcacheValue(ctypes.Structure):
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+# The ipcache's generation lives in the ipcache itself, under the key of no address family
+# (family 0, prefixlen 32: the family and pad bits only), as that entry's identity. Its writer
+# bumps it after every change, so a verdict cached under one generation is known stale after.
+IPCACHE_GENERATION_PREFIXLEN = 32
+
+
 class FragKey(ctypes.Structure):
     """A fragmented datagram: family, protocol, fragment id (network order) and addresses."""
 
@@ -344,6 +350,9 @@ class CtValue(ctypes.Structure):
         ("rev_nat_index", ctypes.c_uint16),
         ("backend_id", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        # Policy's verdict cache: the (policy revision << 32 | ipcache generation) under which
+        # this connection's original direction was last allowed; 0 when it never was.
+        ("policy_stamp", ctypes.c_uint64),
     ]
 
 
@@ -372,6 +381,7 @@ CONSTANTS = {
     "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
     "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
+    "IPCACHE_GENERATION_PREFIXLEN": IPCACHE_GENERATION_PREFIXLEN,
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 

@@ -4,6 +4,8 @@ The orchestrator is its only writer (objects read it under globals/). `Ipcache` 
 what it wrote, so a change writes only the difference and knows which prefixes map to
 an identity. A restarted orchestrator `reconcile`s the pinned map with what it wants:
 add and change first, remove last, so an address never falls back to world in between.
+After every change it bumps the map's generation (an entry of no address family, see
+IPCACHE_GENERATION_PREFIXLEN), which tells the policy datapath its cached verdicts are stale.
 """
 
 from __future__ import annotations
@@ -11,11 +13,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import time
 
 from pyroute2 import IPRoute
 
 from pybpf import KeyNotFoundError, Map
-from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.datapath import IPCACHE_GENERATION_PREFIXLEN, IpcacheKey, IpcacheValue
 from services.common.validate import Network
 
 AF_INET, AF_INET6 = 2, 10
@@ -36,6 +39,12 @@ def ipcache_network(key: IpcacheKey) -> Network:
     return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
 
 
+def generation_key() -> IpcacheKey:
+    key = IpcacheKey()
+    key.prefixlen = IPCACHE_GENERATION_PREFIXLEN
+    return key
+
+
 def host_addresses() -> list[Network]:
     """Every address of this (the node's) network namespace, as host routes."""
     with IPRoute() as ipr:
@@ -53,7 +62,15 @@ class Ipcache:
 
     def read(self) -> dict[Network, int]:
         """What the map holds now (a previous run's entries, right after start)."""
-        return {ipcache_network(k): int(v.identity) for k, v in self._map.items()}
+        return {ipcache_network(k): int(v.identity) for k, v in self._map.items() if k.family in (AF_INET, AF_INET6)}
+
+    def _bump(self) -> None:
+        """Move the generation on (after the change it announces; never to 0)."""
+        current = self._map.lookup(generation_key())
+        last = int(current.identity) if current is not None else 0
+        if last == 0:  # start from the boot clock, past what a lost map's conntrack stamps may hold
+            last = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+        self._map.update(generation_key(), IpcacheValue(last % 0xFFFFFFFF + 1, 0))
 
     def reconcile(self, wanted: dict[Network, int]) -> None:
         """Make the map hold exactly `wanted` (adds and changes before removals)."""
@@ -64,6 +81,7 @@ class Ipcache:
         for network in current.keys() - wanted.keys():
             with contextlib.suppress(KeyNotFoundError):
                 self._map.delete(ipcache_key(network))
+        self._bump()
         self._entries = dict(wanted)
         self._by_identity = {}
         for network, identity in wanted.items():
@@ -77,6 +95,7 @@ class Ipcache:
         if old == identity:
             return
         self._map.update(ipcache_key(network), IpcacheValue(identity, 0))
+        self._bump()
         self._entries[network] = identity
         if old is not None:
             self._by_identity[old].discard(network)
@@ -88,6 +107,7 @@ class Ipcache:
             return
         with contextlib.suppress(KeyNotFoundError):
             self._map.delete(ipcache_key(network))
+        self._bump()
         del self._entries[network]
         self._by_identity[old].discard(network)
 

@@ -25,7 +25,7 @@ from services.common.chain_client import Placement, Register
 from services.common.datapath import CtKey, CtValue, Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
-from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
+from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
 OWN_MAPS = ["policy_maps", "policy_config"]
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
@@ -106,6 +106,18 @@ class PolicyMaps:
     def _config(self) -> Map:
         return self.maps["policy_config"].typed(ctypes.c_uint32, EndpointPolicyConfig)
 
+    def _set_config(self, endpoint_id: int, flags: int) -> None:
+        """Write an endpoint's flags under a new revision, so no cached verdict outlives the change.
+
+        Called after the endpoint's map is in place: a packet that reads the new revision
+        can only have looked up the new map.
+        """
+        config = self._config()
+        last = config.lookup(REVISION_KEY)
+        revision = next_revision(int(last.revision) if last is not None else 0)
+        config.update(REVISION_KEY, EndpointPolicyConfig(0, revision))
+        config.update(endpoint_id, EndpointPolicyConfig(flags, revision))
+
     def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
         """Swap in a freshly built policy map; then set the enforcement flags.
 
@@ -115,7 +127,7 @@ class PolicyMaps:
         config = self._config()
         old = config.lookup(endpoint_id)
         if old is not None and (int(old.flags) & ~flags):
-            config.update(endpoint_id, EndpointPolicyConfig(int(old.flags) & flags))
+            self._set_config(endpoint_id, int(old.flags) & flags)
         inner = Map.create(
             MapType.LPM_TRIE,
             ctypes.sizeof(PolicyKey),
@@ -142,7 +154,7 @@ class PolicyMaps:
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:
                 _carry_late_hits(previous, inner, keys, counted)
-        config.update(endpoint_id, EndpointPolicyConfig(flags))
+        self._set_config(endpoint_id, flags)
 
     def _current(self, endpoint_id: int) -> Map | None:
         """The endpoint's policy map now in place, opened (the caller closes it), or None."""
@@ -161,13 +173,13 @@ class PolicyMaps:
         if saved.inner is None or saved.flags is None:
             self.remove(endpoint_id)
             if saved.flags is not None:
-                config.update(endpoint_id, saved.flags)
+                self._set_config(endpoint_id, int(saved.flags.flags))
             return
         current = config.lookup(endpoint_id)
         if current is not None:
-            config.update(endpoint_id, EndpointPolicyConfig(int(current.flags) & int(saved.flags.flags)))
+            self._set_config(endpoint_id, int(current.flags) & int(saved.flags.flags))
         self._outer().update(endpoint_id, saved.inner.fd)
-        config.update(endpoint_id, saved.flags)
+        self._set_config(endpoint_id, int(saved.flags.flags))
 
     def remove(self, endpoint_id: int) -> None:
         for m in (self._config(), self._outer()):
@@ -175,7 +187,7 @@ class PolicyMaps:
                 m.delete(endpoint_id)
 
     def endpoint_ids(self) -> set[int]:
-        return {int(k) for k in self._outer()} | {int(k) for k in self._config()}
+        return ({int(k) for k in self._outer()} | {int(k) for k in self._config()}) - {REVISION_KEY}
 
     def flags(self, endpoint_id: int) -> int:
         value = self._config().lookup(endpoint_id)
@@ -224,6 +236,17 @@ def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: 
             value.packets += int(now.packets) - before[0]
             value.bytes += int(now.bytes) - before[1]
             inner.update(key, value)
+
+
+def next_revision(last: int) -> int:
+    """The revision after `last`, never 0; the first one (no last) starts from the boot clock.
+
+    Starting from milliseconds since boot rather than 1 keeps a restarted service whose
+    policy_config pin was lost from issuing a revision a live conntrack entry still holds.
+    """
+    if last == 0:
+        last = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+    return last % 0xFFFFFFFF + 1
 
 
 def config_flags(

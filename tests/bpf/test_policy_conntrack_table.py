@@ -112,6 +112,7 @@ def dp(conntrack_dp: Datapath) -> Iterator[Datapath]:
     """The module's datapath with the table's policy and enforcement, empty conntrack and metrics."""
     conntrack_dp.reset()
     conntrack_dp.set_endpoint(ENDPOINT_ID, ENDPOINT_IDENTITY)
+    conntrack_dp.set_ipcache(IPCACHE)
     install(conntrack_dp, POLICY, ENFORCED)
     yield conntrack_dp
 
@@ -192,16 +193,37 @@ def test_established_in_an_unenforced_direction_passes(dp: Datapath) -> None:
     expect(dp, OUT, out(IP, EP4, PEER4, TCP(sport=40003, dport=80, flags="A")), OK)
 
 
-def test_established_flow_counts_on_its_policy_entry(dp: Datapath) -> None:
-    """Every packet of the original direction is looked up: the allow entry counts all three."""
+def allow_hits(dp: Datapath) -> int:
+    """Lookups the egress allow entry for the peer's TCP/80 has answered."""
     assert dp.policy is not None
-    before = dp.policy.read(ENDPOINT_ID)
+    read = dp.policy.read(ENDPOINT_ID)
+    return next(hits.packets for k, (_, hits) in read.items() if k[:4] == (int(EG), PEER_IDENTITY, compute.TCP, 80))
+
+
+def test_established_flow_is_looked_up_again_after_every_change(dp: Datapath) -> None:
+    """The verdict cached in the conntrack entry serves until the policy revision or ipcache generation moves."""
+    base = allow_hits(dp)
     for flags in ("S", "A", "PA"):
         expect(dp, OUT, out(IP, EP4, PEER4, TCP(sport=40004, dport=80, flags=flags)), OK)
-    expect(dp, INTO, out(IP, PEER4, EP4, TCP(sport=80, dport=40004, flags="A")), OK)
-    after = dp.policy.read(ENDPOINT_ID)
-    key = next(k for k in after if k[:4] == (int(EG), PEER_IDENTITY, compute.TCP, 80))
-    assert after[key][1].packets - before[key][1].packets == 3
+    assert allow_hits(dp) - base == 1, "the first packet's allow is cached for the next two"
+    install(dp, POLICY, ENFORCED)  # same contents, new revision
+    expect(dp, OUT, out(IP, EP4, PEER4, TCP(sport=40004, dport=80, flags="A")), OK)
+    dp.set_ipcache({**IPCACHE, WORLD4 + "/32": 999})  # an unrelated change still moves the generation
+    expect(dp, OUT, out(IP, EP4, PEER4, TCP(sport=40004, dport=80, flags="A")), OK)
+    assert allow_hits(dp) - base == 3
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_established_flow_is_cut_when_its_peer_changes_identity(dp: Datapath, family: str) -> None:
+    ip, ep, peer, _ = FAMILIES[family]
+    expect(dp, OUT, out(ip, ep, peer, TCP(sport=40005, dport=80, flags="S")), OK)
+    expect(dp, OUT, out(ip, ep, peer, TCP(sport=40005, dport=80, flags="A")), OK)
+    host = peer + ("/32" if family == "v4" else "/128")
+    dp.set_ipcache({**IPCACHE, host: OTHER_IDENTITY})
+    expect(dp, OUT, out(ip, ep, peer, TCP(sport=40005, dport=80, flags="PA") / b"x"), SHOT, DENIED)
+    expect(dp, INTO, out(ip, peer, ep, TCP(sport=80, dport=40005, flags="PA") / b"y"), OK)
+    dp.set_ipcache(IPCACHE)
+    expect(dp, OUT, out(ip, ep, peer, TCP(sport=40005, dport=80, flags="PA") / b"z"), OK)
 
 
 # ---- default allow ----
