@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from pybpf import BpfObject, Map, Program
+from pybpf import BpfObject, Map, MapType, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import (
     FIRST_CIDR_IDENTITY,
@@ -230,8 +230,14 @@ def rig(build: Path, root: Path, capacity: int, maps_class: type[PolicyMaps] = P
         maps.load()
         endpoints = entry.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(ENDPOINT_ID, FIRST_LABEL_IDENTITY, 0, 0))
-        with Map.from_pin(globals_dir / "ipcache") as pinned:  # the orchestrator writes it in a node
-            yield Rig(build, entry.programs["entry_from_container"], maps, Ipcache(pinned))
+        generation_pin = globals_dir / "ipcache_generation"  # a previous build may have none: a stand-in
+        with (  # the orchestrator writes them in a node
+            Map.from_pin(globals_dir / "ipcache") as pinned,
+            Map.from_pin(generation_pin)
+            if generation_pin.exists()
+            else Map.create(MapType.ARRAY, 4, 4, 1) as generation,
+        ):
+            yield Rig(build, entry.programs["entry_from_container"], maps, Ipcache(pinned, generation))
     finally:
         if maps is not None:
             maps.close()

@@ -75,17 +75,6 @@ static __always_inline int icmp_error_related(struct __sk_buff *skb, const struc
 	return ct_related(&key, now);
 }
 
-/* The generation of the ipcache, which its writer bumps after every change: an
- * entry of no address family (IPCACHE_GENERATION_PREFIXLEN) in the ipcache itself.
- */
-static __always_inline __u32 ipcache_generation(void)
-{
-	struct weir_ipcache_key key = { .prefixlen = WEIR_IPCACHE_GENERATION_PREFIXLEN };
-	struct weir_ipcache_value *val = bpf_map_lookup_elem(&ipcache, &key);
-
-	return val ? val->identity : 0;
-}
-
 /* Whether a flow's conntrack key holds every input of its policy lookup but the
  * peer's identity (protocol and destination port): TCP, UDP and SCTP. An ICMP
  * entry is keyed by the echo id alone, so its packets' types are judged each time.
@@ -106,7 +95,7 @@ static __always_inline __u64 policy_stamp(const struct weir_endpoint_policy_conf
 
 	if (!revision)
 		return 0;
-	generation = ipcache_generation();
+	generation = ipcache_generation_now();
 	if (!generation)
 		return 0;
 	return (__u64)revision << 32 | generation;

@@ -292,12 +292,6 @@ class IpcacheValue(ctypes.Structure):
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
-# The ipcache's generation lives in the ipcache itself, under the key of no address family
-# (family 0, prefixlen 32: the family and pad bits only), as that entry's identity. Its writer
-# bumps it after every change, so a verdict cached under one generation is known stale after.
-IPCACHE_GENERATION_PREFIXLEN = 32
-
-
 class FragKey(ctypes.Structure):
     """A fragmented datagram: family, protocol, fragment id (network order) and addresses."""
 
@@ -381,7 +375,6 @@ CONSTANTS = {
     "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
     "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
-    "IPCACHE_GENERATION_PREFIXLEN": IPCACHE_GENERATION_PREFIXLEN,
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 

@@ -4,8 +4,8 @@ The orchestrator is its only writer (objects read it under globals/). `Ipcache` 
 what it wrote, so a change writes only the difference and knows which prefixes map to
 an identity. A restarted orchestrator `reconcile`s the pinned map with what it wants:
 add and change first, remove last, so an address never falls back to world in between.
-After every change it bumps the map's generation (an entry of no address family, see
-IPCACHE_GENERATION_PREFIXLEN), which tells the policy datapath its cached verdicts are stale.
+After every change it bumps the ipcache's generation (the `ipcache_generation` map), which
+tells the policy datapath that the verdicts it cached before are stale.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import time
 from pyroute2 import IPRoute
 
 from pybpf import KeyNotFoundError, Map
-from services.common.datapath import IPCACHE_GENERATION_PREFIXLEN, IpcacheKey, IpcacheValue
+from services.common.datapath import IpcacheKey, IpcacheValue
 from services.common.validate import Network
 
 AF_INET, AF_INET6 = 2, 10
@@ -39,12 +39,6 @@ def ipcache_network(key: IpcacheKey) -> Network:
     return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
 
 
-def generation_key() -> IpcacheKey:
-    key = IpcacheKey()
-    key.prefixlen = IPCACHE_GENERATION_PREFIXLEN
-    return key
-
-
 def host_addresses() -> list[Network]:
     """Every address of this (the node's) network namespace, as host routes."""
     with IPRoute() as ipr:
@@ -55,22 +49,23 @@ def host_addresses() -> list[Network]:
 class Ipcache:
     """The pinned ipcache map and what this process wrote to it."""
 
-    def __init__(self, ipcache: Map) -> None:
+    def __init__(self, ipcache: Map, generation: Map) -> None:
+        """`generation` is the pinned `ipcache_generation` map beside the ipcache."""
         self._map = ipcache.typed(IpcacheKey, IpcacheValue)
+        self._generation = generation.typed(ctypes.c_uint32, ctypes.c_uint32)
         self._entries: dict[Network, int] = {}
         self._by_identity: dict[int, set[Network]] = {}
 
     def read(self) -> dict[Network, int]:
         """What the map holds now (a previous run's entries, right after start)."""
-        return {ipcache_network(k): int(v.identity) for k, v in self._map.items() if k.family in (AF_INET, AF_INET6)}
+        return {ipcache_network(k): int(v.identity) for k, v in self._map.items()}
 
     def _bump(self) -> None:
         """Move the generation on (after the change it announces; never to 0)."""
-        current = self._map.lookup(generation_key())
-        last = int(current.identity) if current is not None else 0
+        last = int(self._generation.lookup(0) or 0)
         if last == 0:  # start from the boot clock, past what a lost map's conntrack stamps may hold
             last = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
-        self._map.update(generation_key(), IpcacheValue(last % 0xFFFFFFFF + 1, 0))
+        self._generation.update(0, last % 0xFFFFFFFF + 1)
 
     def reconcile(self, wanted: dict[Network, int]) -> None:
         """Make the map hold exactly `wanted` (adds and changes before removals)."""

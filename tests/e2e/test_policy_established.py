@@ -54,9 +54,7 @@ class Pair:
 @pytest.fixture
 def pair(make_node: Callable[..., Node]) -> Pair:
     node = make_node("orchestrator", "policy")
-    p = Pair(
-        node, node.create_endpoint("client", {"app": "client"}), node.create_endpoint("server", {"app": "server"})
-    )
+    p = Pair(node, node.create_endpoint("client", {"app": "client"}), node.create_endpoint("server", {"app": "server"}))
     known(p.policy, p.client, p.server)
     return p
 
@@ -72,7 +70,8 @@ def rules(direction: str) -> list[pb.Rule]:
     if direction == "ingress":
         peer = [sel(app="client")]
         return [
-            pb.Rule(name="flow", endpoint_selector=sel(app="server"), ingress=[pb.PeerRule(endpoints=peer, ports=flow)]),
+            pb.Rule(name="flow", endpoint_selector=sel(app="server"),
+                    ingress=[pb.PeerRule(endpoints=peer, ports=flow)]),
             pb.Rule(name="base", endpoint_selector=sel(app="server"),
                     ingress=[pb.PeerRule(endpoints=peer, ports=[tcp(1)])],
                     egress=[pb.PeerRule(endpoints=peer, ports=[tcp(1)])]),
