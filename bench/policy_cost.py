@@ -64,7 +64,7 @@ from services.common.validate import Network
 from services.orchestrator.chain import local_register
 from services.orchestrator.ipcache import Ipcache
 from services.policy.compute import TCP, MapEntry
-from services.policy.defs import PREFIX_FULL
+from services.policy.defs import PREFIX_FULL, EndpointPolicyConfig
 from services.policy.maps import PolicyMaps, config_flags
 
 BPF_BUILD = Path(__file__).resolve().parents[1] / "bpf" / "build"
@@ -199,20 +199,13 @@ class Rig:
     cache: Ipcache
 
 
-class LegacyConfig(ctypes.Structure):
-    """policy_config's value before policy revisions: the flags alone."""
-
-    _fields_ = [("flags", ctypes.c_uint32)]
-
-
 class PreviousPolicyMaps(PolicyMaps):
-    """PolicyMaps for a build from before policy revisions (a 4-byte policy_config value)."""
+    """PolicyMaps for a build from before policy revisions (no policy_revisions map)."""
 
-    def _config(self) -> Map:
-        return self.maps["policy_config"].typed(ctypes.c_uint32, LegacyConfig)
+    own_maps = ["policy_maps", "policy_config"]
 
     def _set_config(self, endpoint_id: int, flags: int) -> None:
-        self._config().update(endpoint_id, LegacyConfig(flags))
+        self._config().update(endpoint_id, EndpointPolicyConfig(flags))
 
 
 @contextmanager

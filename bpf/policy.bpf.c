@@ -22,6 +22,16 @@
 #include "weir/ipcache.h"
 #include "weir/policy.h"
 
+/* Endpoint id -> the revision of its policy (map and flags); the service bumps
+ * it after every change. Key 0 holds the last revision issued. See policy_stamp().
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} policy_revisions SEC(".maps");
+
 #define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
 #define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
 
@@ -85,20 +95,21 @@ static __always_inline int verdict_cacheable(const struct flow *f)
 }
 
 /* The stamp under which an allow verdict is cached: the endpoint's policy
- * revision and the ipcache generation, both read before the lookup they cover
+ * revision and the ipcache generation, both read before every lookup they cover
  * (their writers bump them after the change), so a stamp never vouches for a
  * verdict from older maps. 0 (nothing cached) when either is unknown.
  */
-static __always_inline __u64 policy_stamp(const struct weir_endpoint_policy_config *cfg)
+static __always_inline __u64 policy_stamp(__u32 ep)
 {
-	__u32 revision = cfg->revision, generation;
+	__u32 *revision = bpf_map_lookup_elem(&policy_revisions, &ep), generation;
+	__u32 rev = revision ? READ_ONCE(*revision) : 0;
 
-	if (!revision)
+	if (!rev)
 		return 0;
 	generation = ipcache_generation_now();
 	if (!generation)
 		return 0;
-	return (__u64)revision << 32 | generation;
+	return (__u64)rev << 32 | generation;
 }
 
 /* Enforce the endpoint's policy in one direction, on every packet of the
@@ -151,6 +162,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 			return weir_tc_next(skb, calls);
 	}
 
+	if (!error && verdict_cacheable(&f)) {
+		stamp = policy_stamp(ep);
+		if (ct && stamp && READ_ONCE(ct->policy_stamp) == stamp)
+			return weir_tc_next(skb, calls); /* allowed under this very policy and ipcache */
+	}
 	cfg = bpf_map_lookup_elem(&policy_config, &ep);
 	if (!cfg || !(cfg->flags & enforced_flag(dir))) {
 		if (state == CT_NEW && !error) {
@@ -158,11 +174,6 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 			ct_create(&key, &init, &pkt);
 		}
 		return weir_tc_next(skb, calls);
-	}
-	if (!error && verdict_cacheable(&f)) {
-		stamp = policy_stamp(cfg);
-		if (ct && stamp && READ_ONCE(ct->policy_stamp) == stamp)
-			return weir_tc_next(skb, calls);
 	}
 	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
 	if (dir == WEIR_DIRECTION_INGRESS)

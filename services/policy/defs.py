@@ -19,7 +19,11 @@ MAX_POLICY_ENDPOINTS = 4096
 PREFIX_IDENTITY = 8 + 32
 PREFIX_PROTO = PREFIX_IDENTITY + 8
 PREFIX_FULL = PREFIX_PROTO + 16
-REVISION_KEY = 0  # policy_config's key of no endpoint: the last policy revision issued
+# policy_revisions (an array by endpoint id) holds each endpoint's policy revision: the service
+# gives every change of an endpoint's map or flags a new, node-wide revision (never 0), after
+# the change; the datapath caches an allow verdict in a connection's conntrack entry under it
+# and looks the policy up again once it moves. Key 0 (no endpoint) holds the last one issued.
+REVISION_KEY = 0
 
 
 class PolicyFlag(IntEnum):
@@ -68,15 +72,7 @@ class PolicyEntry(ctypes.Structure):
 
 
 class EndpointPolicyConfig(ctypes.Structure):
-    """An endpoint's enforcement flags and the revision of its policy.
-
-    The service gives every change of an endpoint's map or flags a new, node-wide
-    revision (never 0); the datapath caches an allow verdict in a connection's
-    conntrack entry under it and looks the policy up again once it moves. Key 0
-    (no endpoint) holds the last revision issued. Revision 0 caches nothing.
-    """
-
-    _fields_ = [("flags", ctypes.c_uint32), ("revision", ctypes.c_uint32)]
+    _fields_ = [("flags", ctypes.c_uint32)]
 
 
 CONSTANTS = {

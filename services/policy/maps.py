@@ -27,7 +27,7 @@ from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
-OWN_MAPS = ["policy_maps", "policy_config"]
+OWN_MAPS = ["policy_maps", "policy_config", "policy_revisions"]
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
 BPF_F_NO_PREALLOC = 1
 
@@ -71,6 +71,8 @@ class Saved:
 class PolicyMaps:
     """Owns the policy object, its programs in the chain and its maps."""
 
+    own_maps = OWN_MAPS
+
     def __init__(
         self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int, register: Register | None = None
     ) -> None:
@@ -86,9 +88,9 @@ class PolicyMaps:
 
     def load(self) -> None:
         """Load the programs (reusing this service's pins) and register them for their slots."""
-        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, self.own_maps)
         self._obj = obj
-        self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "conntrack"]}
+        self.maps = {name: obj.maps[name] for name in [*self.own_maps, "conntrack"]}
         self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
         if self._register is not None:
             self._register([Placement(hook, Slot.POLICY, self._pin_dir / name) for name, hook in PROGRAMS.items()])
@@ -107,16 +109,16 @@ class PolicyMaps:
         return self.maps["policy_config"].typed(ctypes.c_uint32, EndpointPolicyConfig)
 
     def _set_config(self, endpoint_id: int, flags: int) -> None:
-        """Write an endpoint's flags under a new revision, so no cached verdict outlives the change.
+        """Write an endpoint's flags, then give its policy a new revision (see defs.REVISION_KEY).
 
         Called after the endpoint's map is in place: a packet that reads the new revision
-        can only have looked up the new map.
+        can only look up the new map and flags, so no verdict cached before outlives the change.
         """
-        config = self._config()
-        last = config.lookup(REVISION_KEY)
-        revision = next_revision(int(last.revision) if last is not None else 0)
-        config.update(REVISION_KEY, EndpointPolicyConfig(0, revision))
-        config.update(endpoint_id, EndpointPolicyConfig(flags, revision))
+        self._config().update(endpoint_id, EndpointPolicyConfig(flags))
+        revisions = self.maps["policy_revisions"].typed(ctypes.c_uint32, ctypes.c_uint32)
+        revision = next_revision(int(revisions.lookup(REVISION_KEY) or 0))
+        revisions.update(REVISION_KEY, revision)
+        revisions.update(endpoint_id, revision)
 
     def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
         """Swap in a freshly built policy map; then set the enforcement flags.
@@ -187,7 +189,7 @@ class PolicyMaps:
                 m.delete(endpoint_id)
 
     def endpoint_ids(self) -> set[int]:
-        return ({int(k) for k in self._outer()} | {int(k) for k in self._config()}) - {REVISION_KEY}
+        return {int(k) for k in self._outer()} | {int(k) for k in self._config()}
 
     def flags(self, endpoint_id: int) -> int:
         value = self._config().lookup(endpoint_id)
