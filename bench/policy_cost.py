@@ -49,6 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import ClassVar
 
 from pybpf import BpfObject, Map, MapType, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
@@ -202,7 +203,7 @@ class Rig:
 class PreviousPolicyMaps(PolicyMaps):
     """PolicyMaps for a build from before policy revisions (no policy_revisions map)."""
 
-    own_maps = ["policy_maps", "policy_config"]
+    own_maps: ClassVar[tuple[str, ...]] = ("policy_maps", "policy_config")
 
     def _set_config(self, endpoint_id: int, flags: int) -> None:
         self._config().update(endpoint_id, EndpointPolicyConfig(flags))

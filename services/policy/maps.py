@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, Program
 from services.common.chain_client import Placement, Register
@@ -27,7 +28,7 @@ from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
-OWN_MAPS = ["policy_maps", "policy_config", "policy_revisions"]
+OWN_MAPS = ("policy_maps", "policy_config", "policy_revisions")
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
 BPF_F_NO_PREALLOC = 1
 
@@ -71,7 +72,7 @@ class Saved:
 class PolicyMaps:
     """Owns the policy object, its programs in the chain and its maps."""
 
-    own_maps = OWN_MAPS
+    own_maps: ClassVar[tuple[str, ...]] = OWN_MAPS
 
     def __init__(
         self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int, register: Register | None = None
