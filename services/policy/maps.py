@@ -8,7 +8,9 @@ starts with the hit counters of the map it replaces, key by key, so a restart or
 unrelated change never zeroes them. The
 policy maps and enforcement flags are this service's own (pinned under
 policy/); the ipcache and conntrack are the node's (the orchestrator writes the
-ipcache and collects conntrack), read here.
+ipcache and collects conntrack), read here. Every change of an endpoint's map or
+flags ends with a new policy revision for it (policy_revisions): the datapath's
+verdicts cached in conntrack under the old one are then looked up again.
 """
 
 from __future__ import annotations
@@ -110,12 +112,16 @@ class PolicyMaps:
         return self.maps["policy_config"].typed(ctypes.c_uint32, EndpointPolicyConfig)
 
     def _set_config(self, endpoint_id: int, flags: int) -> None:
-        """Write an endpoint's flags, then give its policy a new revision (see defs.REVISION_KEY).
+        """Write an endpoint's flags, then give its policy a new revision.
 
         Called after the endpoint's map is in place: a packet that reads the new revision
         can only look up the new map and flags, so no verdict cached before outlives the change.
         """
         self._config().update(endpoint_id, EndpointPolicyConfig(flags))
+        self._bump_revision(endpoint_id)
+
+    def _bump_revision(self, endpoint_id: int) -> None:
+        """A new node-wide revision for the endpoint's policy (see defs.REVISION_KEY)."""
         revisions = self.maps["policy_revisions"].typed(ctypes.c_uint32, ctypes.c_uint32)
         revision = next_revision(int(revisions.lookup(REVISION_KEY) or 0))
         revisions.update(REVISION_KEY, revision)
@@ -188,6 +194,7 @@ class PolicyMaps:
         for m in (self._config(), self._outer()):
             with contextlib.suppress(KeyNotFoundError):
                 m.delete(endpoint_id)
+        self._bump_revision(endpoint_id)  # an endpoint that reuses the id inherits no cached verdict
 
     def endpoint_ids(self) -> set[int]:
         return {int(k) for k in self._outer()} | {int(k) for k in self._config()}

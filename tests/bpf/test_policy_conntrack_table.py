@@ -9,7 +9,10 @@ between packets, so most are functions rather than table rows:
     ingress  peer (300): TCP/8080, UDP/5353            other (301): ICMP destination unreachable
 
 Nothing allows TCP from the peer's port 80 in, nor anything from the endpoint's
-port 8080 out: a reply that passes was not judged by policy.
+port 8080 out: a reply that passes was not judged by policy. An allow verdict is
+cached in the connection's conntrack entry under (policy revision, ipcache
+generation); the rows that change the policy or the ipcache check it is never
+served stale.
 """
 
 from __future__ import annotations
