@@ -23,15 +23,25 @@ Two paths for every N:
   for a new connection, so every repetition does the whole new-flow path
   (the first conntrack lookup hits instead of missing twice, and the insert
   overwrites); the policy entry's hit counter confirms it.
-- established (conntrack hit, no policy lookup): the same SYN again, as
-  single runs and as a loop.
+- established (conntrack hit): the same SYN again, as single runs and as a
+  loop. Policy judges every packet of the original direction, but an allow
+  verdict is cached in the conntrack entry under (policy revision, ipcache
+  generation): while neither moves, the hit costs two array reads and no
+  policy or ipcache lookup.
 
 Single runs carry the kernel's timer around one repetition and a colder cache
 than a loop: compare single with single and loop with loop. Ratios are to
 N = 10. Everything lives in a private bpffs directory
 (/sys/fs/bpf/weir-pbench-<pid>) that is removed afterwards.
 
+With --compare BUILD (another bpf/build, e.g. of the previous datapath, whose
+established flows skipped policy), only the established path is timed, through
+both builds at once: each build under its own pin root with the same maps
+contents, single runs and loops interleaved build by build, ns per packet of
+each and their ratio (after / before).
+
     sudo .venv/bin/python -m bench.policy_cost [--sizes 10,1000,...] [--runs N] [--repeat N] [--loops N]
+    sudo .venv/bin/python -m bench.policy_cost --compare /path/to/previous/bpf/build --sizes 10,100000
 """
 
 from __future__ import annotations
@@ -45,11 +55,13 @@ import statistics
 import struct
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
+from typing import ClassVar
 
-from pybpf import BpfObject, Map, Program
+from pybpf import BpfObject, Map, MapType, Program
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import (
     FIRST_CIDR_IDENTITY,
@@ -188,36 +200,132 @@ def measure_size(
     )  # fmt: skip
 
 
-def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
-    if FIRST_SPORT + runs >= LOOP_SPORT:
-        raise ValueError(f"--runs must stay below {LOOP_SPORT - FIRST_SPORT} (one source port per run)")
-    root = Path(f"/sys/fs/bpf/weir-pbench-{os.getpid()}")
+@dataclass
+class Rig:
+    """One build's entry and policy objects under their own pin root, with the endpoint in place."""
+
+    build: Path
+    program: Program
+    maps: PolicyMaps
+    cache: Ipcache
+
+
+class PreviousPolicyMaps(PolicyMaps):
+    """PolicyMaps for a build from before policy revisions (no policy_revisions map)."""
+
+    own_maps: ClassVar[tuple[str, ...]] = ("policy_maps", "policy_config")
+
+    def _bump_revision(self, endpoint_id: int) -> None:
+        """Nothing to bump: that build looks policy up only for new flows."""
+
+
+@contextmanager
+def rig(build: Path, root: Path, capacity: int, maps_class: type[PolicyMaps] = PolicyMaps) -> Iterator[Rig]:
+    """Load `build`'s entry.o and policy.o under `root`; everything is removed afterwards."""
     ensure_bpffs(root)
     globals_dir = root / "globals"
     entry: BpfObject | None = None
     maps: PolicyMaps | None = None
     try:
         globals_dir.mkdir(mode=0o700)
-        entry = BpfObject.open(BPF_BUILD / "entry.o", pin_root=globals_dir)
+        entry = BpfObject.open(build / "entry.o", pin_root=globals_dir)
         entry.load()
-        maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", capacity=max(sizes), register=local_register(entry))
+        maps = maps_class(build, globals_dir, root / "policy", capacity=capacity, register=local_register(entry))
         maps.load()
         endpoints = entry.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
         endpoints.update(LOOPBACK_IFINDEX, EndpointInfo(ENDPOINT_ID, FIRST_LABEL_IDENTITY, 0, 0))
-        program = entry.programs["entry_from_container"]
-        with Map.from_pin(globals_dir / "ipcache") as pinned:  # the orchestrator writes it in a node
-            cache = Ipcache(pinned)
-            return [
-                measure_size(program, maps, cache, layout, size, runs, repeat, loops)
-                for layout in LAYOUTS
-                for size in sizes
-            ]
+        generation_pin = globals_dir / "ipcache_generation"  # a previous build may have none: a stand-in
+        with (  # the orchestrator writes them in a node
+            Map.from_pin(globals_dir / "ipcache") as pinned,
+            Map.from_pin(generation_pin)
+            if generation_pin.exists()
+            else Map.create(MapType.ARRAY, 4, 4, 1) as generation,
+        ):
+            yield Rig(build, entry.programs["entry_from_container"], maps, Ipcache(pinned, generation))
     finally:
         if maps is not None:
             maps.close()
         if entry is not None:
             entry.close()
         remove_pins(root)
+
+
+def measure(sizes: list[int], runs: int, repeat: int, loops: int) -> list[Cost]:
+    if FIRST_SPORT + runs >= LOOP_SPORT:
+        raise ValueError(f"--runs must stay below {LOOP_SPORT - FIRST_SPORT} (one source port per run)")
+    with rig(BPF_BUILD, Path(f"/sys/fs/bpf/weir-pbench-{os.getpid()}"), max(sizes)) as r:
+        return [
+            measure_size(r.program, r.maps, r.cache, layout, size, runs, repeat, loops)
+            for layout in LAYOUTS
+            for size in sizes
+        ]
+
+
+@dataclass(frozen=True)
+class Side:
+    """Established-flow figures of one build at one size, ns per packet."""
+
+    median: float  # single runs
+    loop: float  # best loop
+
+
+@dataclass(frozen=True)
+class Comparison:
+    layout: str
+    entries: int
+    before: Side
+    after: Side
+
+
+def establish(r: Rig, layout: str, size: int) -> bytes:
+    """Fill the rig's maps for `size` and open one connection; returns its next packet."""
+    r.maps.install(ENDPOINT_ID, entries(size), config_flags(ingress=False, egress=True, audit=False))
+    r.cache.reconcile(ipcache(size, layout))
+    r.maps.maps["conntrack"].clear()  # untyped: the previous build's entries are smaller
+    target = peer(size - 1)
+    run_once(r.program, tcp_frame(target, FIRST_SPORT, PORT + 1), TC_ACT_SHOT)  # enforced: other ports drop
+    frame = tcp_frame(target, FIRST_SPORT + 1, PORT)
+    run_once(r.program, frame, TC_ACT_OK)  # creates the connection
+    return frame
+
+
+def compare_size(rigs: dict[str, Rig], layout: str, size: int, runs: int, repeat: int, loops: int) -> Comparison:
+    """Both builds with the same maps contents; single runs and loops interleaved packet by packet."""
+    frames = {name: establish(r, layout, size) for name, r in rigs.items()}
+    singles: dict[str, list[int]] = {name: [] for name in rigs}
+    for _ in range(runs):
+        for name, r in rigs.items():
+            singles[name].append(run_once(r.program, frames[name], TC_ACT_OK))
+    best: dict[str, int] = {}
+    for _ in range(loops):
+        for name, r in rigs.items():
+            ns = r.program.test_run(frames[name], repeat=repeat).duration_ns
+            best[name] = min(best.get(name, ns), ns)
+    sides = {name: Side(statistics.median(singles[name]), float(best[name])) for name in rigs}
+    return Comparison(layout, size, sides["before"], sides["after"])
+
+
+def compare(sizes: list[int], before: Path, runs: int, repeat: int, loops: int) -> list[Comparison]:
+    """Established flows through this build and the one at `before`, side by side."""
+    pid = os.getpid()
+    with (
+        rig(before, Path(f"/sys/fs/bpf/weir-pbench-{pid}-before"), max(sizes), PreviousPolicyMaps) as old,
+        rig(BPF_BUILD, Path(f"/sys/fs/bpf/weir-pbench-{pid}-after"), max(sizes)) as new,
+    ):
+        rigs = {"before": old, "after": new}
+        return [compare_size(rigs, layout, size, runs, repeat, loops) for layout in LAYOUTS for size in sizes]
+
+
+def report_comparison(rows: list[Comparison], before: Path) -> None:
+    print(f"\nestablished flow (conntrack hit), ns per packet: before = {before}, after = {BPF_BUILD}")
+    print(f"{'layout':>14} {'entries':>8} | {'single median':^23} | {'loop (best)':^23}")
+    print(f"{'':>14} {'':>8} | {'before':>7}{'after':>8}{'ratio':>8} | {'before':>7}{'after':>8}{'ratio':>8}")
+    for c in rows:
+        print(
+            f"{c.layout:>14} {c.entries:>8} | {c.before.median:>7.0f}{c.after.median:>8.0f}"
+            f"{c.after.median / c.before.median:>8.2f} | {c.before.loop:>7.0f}{c.after.loop:>8.0f}"
+            f"{c.after.loop / c.before.loop:>8.2f}"
+        )
 
 
 def report(costs: list[Cost]) -> None:
@@ -253,9 +361,18 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5000, help="single runs per path and size (default 5000)")
     parser.add_argument("--repeat", type=int, default=200_000, help="repetitions per loop (default 200000)")
     parser.add_argument("--loops", type=int, default=5, help="loops per path and size; the best is kept (default 5)")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="BUILD",
+        help="another bpf/build directory (e.g. of the previous datapath): time established flows through both",
+    )
     args = parser.parse_args()
     sizes = sorted({int(s) for s in args.sizes.split(",")})
     exit_on_sigterm()
+    if args.compare is not None:
+        report_comparison(compare(sizes, args.compare, args.runs, args.repeat, args.loops), args.compare)
+        return
     costs = measure(sizes, args.runs, args.repeat, args.loops)
     print(
         "from-container chain (entry_from_container + policy_egress), 64-byte IPv4 TCP, "

@@ -2,9 +2,10 @@
  *
  * In the from-container chain the program enforces the source endpoint's
  * egress policy; in the to-container chain, the destination endpoint's
- * ingress policy. A packet of a known connection (or its reply) passes on its
- * conntrack entry; a new one is looked up in the endpoint's policy map under
- * the peer's identity (from the ipcache), then under "any identity". The
+ * ingress policy. Every packet of the original direction, of a new connection
+ * or an established one, is looked up in the endpoint's policy map under the
+ * peer's identity (from the ipcache), then under "any identity"; replies and
+ * related ICMP errors pass on their conntrack entry. The
  * service computes the maps so that one lookup gives the final verdict (deny
  * rules already win over allows there). An endpoint that no rule selects in a
  * direction is not enforced in that direction; one in audit mode records the
@@ -21,6 +22,19 @@
 #include "weir/ipcache.h"
 #include "weir/policy.h"
 
+/* Endpoint id -> the revision of its policy (map and flags); the service bumps
+ * it after every change. Key 0 holds the last revision issued. See policy_stamp().
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_MAX_ENDPOINTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} policy_revisions SEC(".maps");
+
+#define READ_ONCE(x) (*(volatile typeof(x) *)&(x))
+#define WRITE_ONCE(x, v) (*(volatile typeof(x) *)&(x) = (v))
+
 /* IPv6 link control is never subject to policy: neighbour discovery and router
  * messages, and anything to a link-local-scope multicast group (MLD reports).
  */
@@ -33,7 +47,7 @@ static __always_inline int is_nd(const struct flow *f)
 	return f->proto == WEIR_IP_PROTO_ICMPV6 && type >= 133 && type <= 137;
 }
 
-/* The port the policy keys on: TCP/UDP destination port, ICMP type (both network order). */
+/* The port the policy keys on: TCP/UDP/SCTP destination port, ICMP type (both network order). */
 static __always_inline __u16 policy_port(const struct flow *f)
 {
 	if (f->proto == WEIR_IP_PROTO_ICMP || f->proto == WEIR_IP_PROTO_ICMPV6)
@@ -41,10 +55,78 @@ static __always_inline __u16 policy_port(const struct flow *f)
 	return f->dport;
 }
 
-/* Enforce the endpoint's policy in one direction. A packet of an endpoint hook
- * on an interface no endpoint owns is dropped (UNKNOWN_ENDPOINT); so is one the
- * parser refuses (its reason) and a later fragment of a datagram whose first
- * fragment was not seen (FRAG_NOT_FOUND). Non-IP packets pass.
+static __always_inline __u32 enforced_flag(__u8 dir)
+{
+	return dir == WEIR_DIRECTION_EGRESS ? WEIR_CONFIG_FLAG_EGRESS_ENFORCED : WEIR_CONFIG_FLAG_INGRESS_ENFORCED;
+}
+
+static __always_inline __u32 default_allow_flag(__u8 dir)
+{
+	return dir == WEIR_DIRECTION_EGRESS ? WEIR_CONFIG_FLAG_EGRESS_DEFAULT_ALLOW
+					    : WEIR_CONFIG_FLAG_INGRESS_DEFAULT_ALLOW;
+}
+
+/* Whether an ICMP error quotes a connection conntrack knows. The quoted packet
+ * went the other way through this same hook, so its tuple is looked up in the
+ * other direction's scope, as it is (the connection's own packet) and reversed
+ * (a reply of the connection). The whole packet is made linear first: the quote
+ * may lie past the part parse_skb() pulled.
+ */
+static __always_inline int icmp_error_related(struct __sk_buff *skb, const struct flow *f, __u8 dir, __u64 now)
+{
+	struct weir_ct_key key;
+	struct flow quoted;
+
+	if (skb->data_end - skb->data < skb->len)
+		bpf_skb_pull_data(skb, skb->len);
+	if (parse_icmp_quoted((void *)(long)skb->data, (void *)(long)skb->data_end, f, &quoted) < 0)
+		return 0;
+	ct_key_from_flow(&key, &quoted, dir ^ 1);
+	return ct_related(&key, now);
+}
+
+/* Whether a flow's conntrack key holds every input of its policy lookup but the
+ * peer's identity (protocol and destination port): TCP, UDP and SCTP. An ICMP
+ * entry is keyed by the echo id alone, so its packets' types are judged each time.
+ */
+static __always_inline int verdict_cacheable(const struct flow *f)
+{
+	return f->proto == WEIR_IP_PROTO_TCP || f->proto == WEIR_IP_PROTO_UDP || f->proto == WEIR_IP_PROTO_SCTP;
+}
+
+/* The stamp under which an allow verdict is cached: the endpoint's policy
+ * revision and the ipcache generation, both read before every lookup they cover
+ * (their writers bump them after the change), so a stamp never vouches for a
+ * verdict from older maps. 0 (nothing cached) when either is unknown.
+ */
+static __always_inline __u64 policy_stamp(__u32 ep)
+{
+	__u32 *revision = bpf_map_lookup_elem(&policy_revisions, &ep), generation;
+	__u32 rev = revision ? READ_ONCE(*revision) : 0;
+
+	if (!rev)
+		return 0;
+	generation = ipcache_generation_now();
+	if (!generation)
+		return 0;
+	return (__u64)rev << 32 | generation;
+}
+
+/* Enforce the endpoint's policy in one direction, on every packet of the
+ * original direction: a new connection and an established one are judged alike,
+ * so a policy change that denies an open connection cuts it at its next packet.
+ * An established TCP/UDP/SCTP connection keeps the stamp (policy revision,
+ * ipcache generation) of its last allow verdict; while both are unchanged the
+ * lookup would give the same answer, so it is skipped. Replies of a known
+ * connection pass without a lookup, and so do ICMP errors that quote one
+ * (related); an error that quotes nothing known is judged as a new ICMP packet
+ * of its type and never gets an entry of its own. With the direction's
+ * default-allow flag, a packet no entry matches passes (deny entries still drop).
+ *
+ * A packet of an endpoint hook on an interface no endpoint owns is dropped
+ * (UNKNOWN_ENDPOINT); so is one the parser refuses (its reason) and a later
+ * fragment of a datagram whose first fragment was not seen (FRAG_NOT_FOUND).
+ * Non-IP packets pass.
  */
 static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 {
@@ -54,8 +136,9 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	struct weir_ct_key key;
 	struct ct_packet pkt;
 	struct flow f;
-	__u32 peer, self_identity;
-	int ret, verdict;
+	__u32 peer, src_identity;
+	__u64 stamp = 0;
+	int ret, verdict, state = CT_NEW, error;
 
 	if (!ep)
 		return weir_tc_drop(skb, WEIR_REASON_UNKNOWN_ENDPOINT);
@@ -68,33 +151,62 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		return weir_tc_next(skb, calls);
 
 	ct_packet_init(&pkt, &f, skb->len);
-	ct_key_from_flow(&key, &f, dir);
-	if (ct_lookup(&key, CT_LOOKUP_BIDIR, &pkt, &ct) != CT_NEW)
-		return weir_tc_next(skb, calls);
+	error = flow_is_icmp_error(&f);
+	if (error) {
+		if (icmp_error_related(skb, &f, dir, pkt.now))
+			return weir_tc_next(skb, calls);
+	} else {
+		ct_key_from_flow(&key, &f, dir);
+		state = ct_lookup(&key, CT_LOOKUP_BIDIR, &pkt, &ct);
+		if (state == CT_REPLY)
+			return weir_tc_next(skb, calls);
+	}
 
-	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
-	self_identity = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.saddr : f.daddr);
-	init.src_identity = dir == WEIR_DIRECTION_EGRESS ? self_identity : peer;
+	if (!error && verdict_cacheable(&f)) {
+		stamp = policy_stamp(ep);
+		if (ct && stamp && READ_ONCE(ct->policy_stamp) == stamp)
+			return weir_tc_next(skb, calls); /* allowed under this very policy and ipcache */
+	}
 	cfg = bpf_map_lookup_elem(&policy_config, &ep);
-	if (!cfg || !(cfg->flags & (dir == WEIR_DIRECTION_EGRESS ? WEIR_CONFIG_FLAG_EGRESS_ENFORCED
-								     : WEIR_CONFIG_FLAG_INGRESS_ENFORCED))) {
-		ct_create(&key, &init, &pkt);
+	if (!cfg || !(cfg->flags & enforced_flag(dir))) {
+		if (state == CT_NEW && !error) {
+			init.src_identity = ipcache_identity(f.family, f.saddr);
+			ct_create(&key, &init, &pkt);
+		}
 		return weir_tc_next(skb, calls);
 	}
+	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
+	if (dir == WEIR_DIRECTION_INGRESS)
+		src_identity = peer;
+	else if (ct)
+		src_identity = ct->src_identity; /* the endpoint's own, kept since the connection began */
+	else
+		src_identity = ipcache_identity(f.family, f.saddr);
 	verdict = policy_verdict(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len);
+	if (verdict == VERDICT_NONE && (cfg->flags & default_allow_flag(dir)))
+		verdict = VERDICT_ALLOW;
+	init.src_identity = src_identity;
 	if (verdict == VERDICT_ALLOW) {
-		ct_create(&key, &init, &pkt);
-		skb->cb[WEIR_CB_SRC_IDENTITY] = init.src_identity;
+		if (ct)
+			WRITE_ONCE(ct->policy_stamp, stamp);
+		else if (!error) {
+			init.policy_stamp = stamp;
+			ct_create(&key, &init, &pkt);
+		}
+		skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
 		return weir_tc_next(skb, calls);
 	}
+	if (ct)
+		WRITE_ONCE(ct->policy_stamp, 0);
 	if (cfg->flags & WEIR_CONFIG_FLAG_AUDIT) {
 		metrics_bump(WEIR_REASON_POLICY_AUDIT, dir, skb->len);
 		emit_event(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,
-			   ep, init.src_identity, (void *)(long)skb->data, (void *)(long)skb->data_end);
-		ct_create(&key, &init, &pkt);
+			   ep, src_identity, (void *)(long)skb->data, (void *)(long)skb->data_end);
+		if (state == CT_NEW && !error)
+			ct_create(&key, &init, &pkt);
 		return weir_tc_next(skb, calls);
 	}
-	skb->cb[WEIR_CB_SRC_IDENTITY] = init.src_identity;
+	skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
 	return weir_tc_drop(skb, verdict == VERDICT_DENY ? WEIR_REASON_POLICY_DENY_RULE : WEIR_REASON_POLICY_DENIED);
 }
 

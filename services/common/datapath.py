@@ -346,6 +346,9 @@ class CtValue(ctypes.Structure):
         ("rev_nat_index", ctypes.c_uint16),
         ("backend_id", ctypes.c_uint32),
         ("pad", ctypes.c_uint32),
+        # Policy's verdict cache: the (policy revision << 32 | ipcache generation) under which
+        # this connection's original direction was last allowed; 0 when it never was.
+        ("policy_stamp", ctypes.c_uint64),
     ]
 
 

@@ -84,7 +84,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             node_maps = await worker.call(
                 load_service_object, bpf_dir / "node.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), []
             )
-            identities = await worker.call(Identities, store, Ipcache(node_maps.maps["ipcache"]))
+            identities = await worker.call(
+                Identities, store, Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
+            )
             conntrack = Conntrack(node_maps.maps["conntrack"])
             endpoints = Endpoints(config.instance, chain, store, identities)
             await worker.call(endpoints.reconcile)

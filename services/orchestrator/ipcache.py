@@ -4,6 +4,8 @@ The orchestrator is its only writer (objects read it under globals/). `Ipcache` 
 what it wrote, so a change writes only the difference and knows which prefixes map to
 an identity. A restarted orchestrator `reconcile`s the pinned map with what it wants:
 add and change first, remove last, so an address never falls back to world in between.
+After every change it bumps the ipcache's generation (the `ipcache_generation` map), which
+tells the policy datapath that the verdicts it cached before are stale.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import time
 
 from pyroute2 import IPRoute
 
@@ -46,14 +49,23 @@ def host_addresses() -> list[Network]:
 class Ipcache:
     """The pinned ipcache map and what this process wrote to it."""
 
-    def __init__(self, ipcache: Map) -> None:
+    def __init__(self, ipcache: Map, generation: Map) -> None:
+        """`generation` is the pinned `ipcache_generation` map beside the ipcache."""
         self._map = ipcache.typed(IpcacheKey, IpcacheValue)
+        self._generation = generation.typed(ctypes.c_uint32, ctypes.c_uint32)
         self._entries: dict[Network, int] = {}
         self._by_identity: dict[int, set[Network]] = {}
 
     def read(self) -> dict[Network, int]:
         """What the map holds now (a previous run's entries, right after start)."""
         return {ipcache_network(k): int(v.identity) for k, v in self._map.items()}
+
+    def _bump(self) -> None:
+        """Move the generation on (after the change it announces; never to 0)."""
+        last = int(self._generation.lookup(0) or 0)
+        if last == 0:  # start from the boot clock, past what a lost map's conntrack stamps may hold
+            last = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+        self._generation.update(0, last % 0xFFFFFFFF + 1)
 
     def reconcile(self, wanted: dict[Network, int]) -> None:
         """Make the map hold exactly `wanted` (adds and changes before removals)."""
@@ -64,6 +76,7 @@ class Ipcache:
         for network in current.keys() - wanted.keys():
             with contextlib.suppress(KeyNotFoundError):
                 self._map.delete(ipcache_key(network))
+        self._bump()
         self._entries = dict(wanted)
         self._by_identity = {}
         for network, identity in wanted.items():
@@ -77,6 +90,7 @@ class Ipcache:
         if old == identity:
             return
         self._map.update(ipcache_key(network), IpcacheValue(identity, 0))
+        self._bump()
         self._entries[network] = identity
         if old is not None:
             self._by_identity[old].discard(network)
@@ -88,6 +102,7 @@ class Ipcache:
             return
         with contextlib.suppress(KeyNotFoundError):
             self._map.delete(ipcache_key(network))
+        self._bump()
         del self._entries[network]
         self._by_identity[old].discard(network)
 

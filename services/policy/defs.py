@@ -19,6 +19,11 @@ MAX_POLICY_ENDPOINTS = 4096
 PREFIX_IDENTITY = 8 + 32
 PREFIX_PROTO = PREFIX_IDENTITY + 8
 PREFIX_FULL = PREFIX_PROTO + 16
+# policy_revisions (an array by endpoint id) holds each endpoint's policy revision: the service
+# gives every change of an endpoint's map or flags a new, node-wide revision (never 0), after
+# the change; the datapath caches an allow verdict in a connection's conntrack entry under it
+# and looks the policy up again once it moves. Key 0 (no endpoint) holds the last one issued.
+REVISION_KEY = 0
 
 
 class PolicyFlag(IntEnum):
@@ -74,6 +79,7 @@ CONSTANTS = {
     "POLICY_ENTRIES_DEFAULT": DEFAULT_POLICY_ENTRIES,
     "POLICY_MAX_ENDPOINTS": MAX_POLICY_ENDPOINTS,
     "POLICY_PREFIX_FULL": PREFIX_FULL,
+    "POLICY_REVISION_KEY": REVISION_KEY,
 }
 
 

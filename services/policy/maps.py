@@ -8,7 +8,9 @@ starts with the hit counters of the map it replaces, key by key, so a restart or
 unrelated change never zeroes them. The
 policy maps and enforcement flags are this service's own (pinned under
 policy/); the ipcache and conntrack are the node's (the orchestrator writes the
-ipcache and collects conntrack), read here.
+ipcache and collects conntrack), read here. Every change of an endpoint's map or
+flags ends with a new policy revision for it (policy_revisions): the datapath's
+verdicts cached in conntrack under the old one are then looked up again.
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapType, Program
 from services.common.chain_client import Placement, Register
 from services.common.datapath import CtKey, CtValue, Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
-from services.policy.defs import ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
+from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
-OWN_MAPS = ["policy_maps", "policy_config"]
+OWN_MAPS = ("policy_maps", "policy_config", "policy_revisions")
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
 BPF_F_NO_PREALLOC = 1
 
@@ -71,6 +74,8 @@ class Saved:
 class PolicyMaps:
     """Owns the policy object, its programs in the chain and its maps."""
 
+    own_maps: ClassVar[tuple[str, ...]] = OWN_MAPS
+
     def __init__(
         self, bpf_dir: Path, globals_dir: Path, pin_dir: Path, capacity: int, register: Register | None = None
     ) -> None:
@@ -86,9 +91,9 @@ class PolicyMaps:
 
     def load(self) -> None:
         """Load the programs (reusing this service's pins) and register them for their slots."""
-        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, OWN_MAPS)
+        obj = load_service_object(self._path, self._globals_dir, self._pin_dir, self.own_maps)
         self._obj = obj
-        self.maps = {name: obj.maps[name] for name in [*OWN_MAPS, "conntrack"]}
+        self.maps = {name: obj.maps[name] for name in [*self.own_maps, "conntrack"]}
         self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
         if self._register is not None:
             self._register([Placement(hook, Slot.POLICY, self._pin_dir / name) for name, hook in PROGRAMS.items()])
@@ -106,6 +111,22 @@ class PolicyMaps:
     def _config(self) -> Map:
         return self.maps["policy_config"].typed(ctypes.c_uint32, EndpointPolicyConfig)
 
+    def _set_config(self, endpoint_id: int, flags: int) -> None:
+        """Write an endpoint's flags, then give its policy a new revision.
+
+        Called after the endpoint's map is in place: a packet that reads the new revision
+        can only look up the new map and flags, so no verdict cached before outlives the change.
+        """
+        self._config().update(endpoint_id, EndpointPolicyConfig(flags))
+        self._bump_revision(endpoint_id)
+
+    def _bump_revision(self, endpoint_id: int) -> None:
+        """A new node-wide revision for the endpoint's policy (see defs.REVISION_KEY)."""
+        revisions = self.maps["policy_revisions"].typed(ctypes.c_uint32, ctypes.c_uint32)
+        revision = next_revision(int(revisions.lookup(REVISION_KEY) or 0))
+        revisions.update(REVISION_KEY, revision)
+        revisions.update(endpoint_id, revision)
+
     def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
         """Swap in a freshly built policy map; then set the enforcement flags.
 
@@ -115,7 +136,7 @@ class PolicyMaps:
         config = self._config()
         old = config.lookup(endpoint_id)
         if old is not None and (int(old.flags) & ~flags):
-            config.update(endpoint_id, EndpointPolicyConfig(int(old.flags) & flags))
+            self._set_config(endpoint_id, int(old.flags) & flags)
         inner = Map.create(
             MapType.LPM_TRIE,
             ctypes.sizeof(PolicyKey),
@@ -142,7 +163,7 @@ class PolicyMaps:
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:
                 _carry_late_hits(previous, inner, keys, counted)
-        config.update(endpoint_id, EndpointPolicyConfig(flags))
+        self._set_config(endpoint_id, flags)
 
     def _current(self, endpoint_id: int) -> Map | None:
         """The endpoint's policy map now in place, opened (the caller closes it), or None."""
@@ -161,18 +182,19 @@ class PolicyMaps:
         if saved.inner is None or saved.flags is None:
             self.remove(endpoint_id)
             if saved.flags is not None:
-                config.update(endpoint_id, saved.flags)
+                self._set_config(endpoint_id, int(saved.flags.flags))
             return
         current = config.lookup(endpoint_id)
         if current is not None:
-            config.update(endpoint_id, EndpointPolicyConfig(int(current.flags) & int(saved.flags.flags)))
+            self._set_config(endpoint_id, int(current.flags) & int(saved.flags.flags))
         self._outer().update(endpoint_id, saved.inner.fd)
-        config.update(endpoint_id, saved.flags)
+        self._set_config(endpoint_id, int(saved.flags.flags))
 
     def remove(self, endpoint_id: int) -> None:
         for m in (self._config(), self._outer()):
             with contextlib.suppress(KeyNotFoundError):
                 m.delete(endpoint_id)
+        self._bump_revision(endpoint_id)  # an endpoint that reuses the id inherits no cached verdict
 
     def endpoint_ids(self) -> set[int]:
         return {int(k) for k in self._outer()} | {int(k) for k in self._config()}
@@ -224,6 +246,17 @@ def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: 
             value.packets += int(now.packets) - before[0]
             value.bytes += int(now.bytes) - before[1]
             inner.update(key, value)
+
+
+def next_revision(last: int) -> int:
+    """The revision after `last`, never 0; the first one (no last) starts from the boot clock.
+
+    Starting from milliseconds since boot rather than 1 keeps a restarted service whose
+    policy_config pin was lost from issuing a revision a live conntrack entry still holds.
+    """
+    if last == 0:
+        last = time.clock_gettime_ns(time.CLOCK_BOOTTIME) // 1_000_000
+    return last % 0xFFFFFFFF + 1
 
 
 def config_flags(

@@ -309,7 +309,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
     orch_store, policy_store = Store(tmp_path / "orchestrator.db"), Store(tmp_path / "policy.db")
     maps = FlakyMaps(BPF_BUILD, globals_dir, root / "policy", 256)
     try:
-        ipcache = Ipcache(node_maps.maps["ipcache"])
+        ipcache = Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
         ids = Identities(orch_store, ipcache)
         endpoints = []
         for n, labels in enumerate(({"app": "frontend"}, {"app": "backend"}, {"app": "db", "tier": "data"}), 1):

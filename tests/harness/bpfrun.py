@@ -145,8 +145,8 @@ class Datapath:
     def set_ipcache(self, wanted: Mapping[str, int]) -> None:
         """The identities of these CIDRs (and no others) in the node's ipcache."""
         ipcache = self.globals_dir / "ipcache"  # pinned by the first object that uses it
-        with Map.from_pin(ipcache) as pinned:
-            Ipcache(pinned).reconcile({parse_cidr(cidr): identity for cidr, identity in wanted.items()})
+        with Map.from_pin(ipcache) as pinned, Map.from_pin(self.globals_dir / "ipcache_generation") as generation:
+            Ipcache(pinned, generation).reconcile({parse_cidr(cidr): identity for cidr, identity in wanted.items()})
 
     def clear_endpoint(self) -> None:
         self.shared("endpoints").typed(ctypes.c_uint32, EndpointInfo).clear()

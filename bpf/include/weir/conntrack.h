@@ -10,7 +10,9 @@
  *
  * TCP lifetimes follow SYN/FIN/RST; an expired entry is treated as absent, and
  * a SYN on an entry whose connection closed starts a new one on the same tuple.
- * The node deletes expired entries.
+ * UDP, SCTP and ICMP echo live WEIR_CT_LIFETIME_NON_TCP after their last
+ * packet. An ICMP error belongs to the connection it quotes (ct_related) and
+ * never has an entry of its own. The node deletes expired entries.
  */
 #pragma once
 
@@ -73,8 +75,8 @@ static __always_inline void ct_key_init(struct weir_ct_key *key, __u8 family, __
 	key->dir = scope;
 }
 
-/* The key of a parsed packet. ICMP echo uses the id on both sides, so request
- * and reply share a tuple.
+/* The key of a parsed packet. TCP, UDP and SCTP key on both ports; ICMP echo
+ * uses the id on both sides, so request and reply share a tuple.
  */
 static __always_inline void ct_key_from_flow(struct weir_ct_key *key, const struct flow *f, __u8 scope)
 {
@@ -85,7 +87,7 @@ static __always_inline void ct_key_from_flow(struct weir_ct_key *key, const stru
 	key->family = f->family;
 	key->dir = scope;
 	key->sport = f->sport;
-	if (f->proto == WEIR_IP_PROTO_TCP || f->proto == WEIR_IP_PROTO_UDP)
+	if (f->proto == WEIR_IP_PROTO_TCP || f->proto == WEIR_IP_PROTO_UDP || f->proto == WEIR_IP_PROTO_SCTP)
 		key->dport = f->dport;
 	else
 		key->dport = f->sport;
@@ -174,6 +176,20 @@ static __always_inline int ct_lookup(const struct weir_ct_key *key, int lookup, 
 		}
 	}
 	return CT_NEW;
+}
+
+/* Whether the connection of a quoted tuple is known: `key` is the quoted
+ * packet's tuple in the scope it was seen in, looked up as it is and as a reply.
+ * Nothing is accounted: an error is not a packet of the connection.
+ */
+static __always_inline int ct_related(const struct weir_ct_key *key, __u64 now)
+{
+	struct weir_ct_key rev;
+
+	if (ct_get(key, now))
+		return 1;
+	ct_reverse(&rev, key);
+	return ct_get(&rev, now) != 0;
 }
 
 /* Create (or replace) the entry of a new connection from `init` (the owner's

@@ -41,8 +41,8 @@ static __always_inline void frag_key(struct weir_frag_key *key, const struct flo
 /* Protocols whose flows have ports in parse_l4(); fragments of others need no tracking. */
 static __always_inline int proto_has_ports(__u8 proto)
 {
-	return proto == WEIR_IP_PROTO_TCP || proto == WEIR_IP_PROTO_UDP || proto == WEIR_IP_PROTO_ICMP ||
-	       proto == WEIR_IP_PROTO_ICMPV6;
+	return proto == WEIR_IP_PROTO_TCP || proto == WEIR_IP_PROTO_UDP || proto == WEIR_IP_PROTO_SCTP ||
+	       proto == WEIR_IP_PROTO_ICMP || proto == WEIR_IP_PROTO_ICMPV6;
 }
 
 /* Give a fragment its datagram's ports: a first fragment records them, a later

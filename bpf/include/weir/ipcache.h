@@ -17,6 +17,25 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ipcache SEC(".maps");
 
+/* The ipcache's generation (key 0): its writer bumps it after every change, so
+ * a verdict cached under one generation is known stale once the ipcache moves
+ * (see policy.bpf.c). 0 until the first write.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipcache_generation SEC(".maps");
+
+static __always_inline __u32 ipcache_generation_now(void)
+{
+	__u32 zero = 0, *gen = bpf_map_lookup_elem(&ipcache_generation, &zero);
+
+	return gen ? *(volatile __u32 *)gen : 0;
+}
+
 /* Identity of an address of `family` (WEIR_FAMILY_INET or _INET6); addr is 16 bytes (IPv4 in the first 4). */
 static __always_inline __u32 ipcache_identity(__u8 family, const __u8 *addr)
 {

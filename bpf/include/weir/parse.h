@@ -217,6 +217,18 @@ static __always_inline int parse_udphdr(struct cursor *c, struct udphdr **udp)
 	return CURSOR_TAKE(c, struct udphdr, udp) ? 0 : -1;
 }
 
+/* The ports of TCP, UDP and SCTP: the first 4 bytes of each header. */
+struct l4_ports {
+	__be16 source;
+	__be16 dest;
+};
+
+/* SCTP: only the ports of the common header are read, as for UDP. */
+static __always_inline int parse_sctp_ports(struct cursor *c, struct l4_ports **ports)
+{
+	return CURSOR_TAKE(c, struct l4_ports, ports) ? 0 : -1;
+}
+
 /* ICMP and ICMPv6 share this layout for the fields Weir reads (echo id/seq).
  * Declared here because <linux/icmp.h> drags in libc headers.
  */
@@ -238,7 +250,7 @@ static __always_inline int parse_icmp(struct cursor *c, struct icmp_echo **icmp)
 struct flow {
 	__u8 family; /* WEIR_FAMILY_INET or WEIR_FAMILY_INET6; 0 when not IP */
 	__u8 proto;  /* the upper-layer protocol, after every extension header */
-	__be16 sport; /* ICMP: the echo id, else 0 */
+	__be16 sport; /* TCP, UDP, SCTP: the port; ICMP: the echo id */
 	__be16 dport; /* ICMP: type << 8 | code */
 	__u16 len;
 	__u8 tcp_flags; /* enum weir_tcp_flag bits */
@@ -262,6 +274,7 @@ static __always_inline int parse_l4(struct cursor *c, struct flow *f)
 	struct tcphdr *tcp;
 	struct udphdr *udp;
 	struct icmp_echo *icmp;
+	struct l4_ports *ports;
 
 	switch (f->proto) {
 	case WEIR_IP_PROTO_TCP:
@@ -276,6 +289,12 @@ static __always_inline int parse_l4(struct cursor *c, struct flow *f)
 			return -WEIR_REASON_CT_INVALID;
 		f->sport = udp->source;
 		f->dport = udp->dest;
+		break;
+	case WEIR_IP_PROTO_SCTP:
+		if (parse_sctp_ports(c, &ports) < 0)
+			return -WEIR_REASON_CT_INVALID;
+		f->sport = ports->source;
+		f->dport = ports->dest;
 		break;
 	case WEIR_IP_PROTO_ICMP:
 	case WEIR_IP_PROTO_ICMPV6:
@@ -371,4 +390,103 @@ static __always_inline int parse_skb(struct __sk_buff *skb, struct flow *f)
 		bpf_skb_pull_data(skb, skb->len);
 	}
 	return ret;
+}
+
+/* ICMP error messages: they quote the packet that caused them. */
+#define ICMP_DEST_UNREACH 3
+#define ICMP_SOURCE_QUENCH 4
+#define ICMP_REDIRECT 5
+#define ICMP_TIME_EXCEEDED 11
+#define ICMP_PARAMETERPROB 12
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_PKT_TOOBIG 2
+#define ICMPV6_TIME_EXCEED 3
+#define ICMPV6_PARAMPROB 4
+
+/* Whether a parsed flow is an ICMP or ICMPv6 error message (RFC 792 / 4443),
+ * which carries the offending packet's IP header and at least 8 bytes of L4.
+ */
+static __always_inline int flow_is_icmp_error(const struct flow *f)
+{
+	__u8 type = bpf_ntohs(f->dport) >> 8;
+
+	if (!f->l4_ok || !f->l4off)
+		return 0;
+	if (f->family == WEIR_FAMILY_INET && f->proto == WEIR_IP_PROTO_ICMP)
+		return type == ICMP_DEST_UNREACH || type == ICMP_SOURCE_QUENCH || type == ICMP_REDIRECT ||
+		       type == ICMP_TIME_EXCEEDED || type == ICMP_PARAMETERPROB;
+	if (f->family == WEIR_FAMILY_INET6 && f->proto == WEIR_IP_PROTO_ICMPV6)
+		return type >= ICMPV6_DEST_UNREACH && type <= ICMPV6_PARAMPROB;
+	return 0;
+}
+
+/* The first 8 bytes of the quoted L4 header: all an ICMP error is sure to carry. */
+struct l4_quoted {
+	__be16 w0; /* TCP/UDP/SCTP source port; ICMP type and code */
+	__be16 w1; /* TCP/UDP/SCTP destination port; ICMP checksum */
+	__be16 w2; /* ICMP echo id */
+	__be16 w3;
+};
+
+/* The tuple of the packet an ICMP error quotes, as that packet had it, into
+ * *q (family, proto, addresses, ports; l4_ok set). `err` is the error's flow,
+ * from parse_flow() on the same data. The quoted IPv4 header may carry options,
+ * the quoted IPv6 header extension headers. Returns 0, or -1 when the quote is
+ * cut short, of another family, a later fragment, or has no ports to read.
+ */
+static __always_inline int parse_icmp_quoted(void *data, void *data_end, const struct flow *err, struct flow *q)
+{
+	struct cursor c;
+	struct iphdr *ip;
+	struct ipv6hdr *ip6;
+	struct l4_quoted *l4;
+	__u32 off = err->l4off + sizeof(struct icmp_echo);
+	int proto;
+
+	__builtin_memset(q, 0, sizeof(*q));
+	if (off > PARSE_MAX_OFF)
+		return -1;
+	cursor_init(&c, data + off, data_end);
+	if (err->family == WEIR_FAMILY_INET) {
+		proto = parse_iphdr(&c, &ip);
+		if (proto < 0 || ip->version != 4 || (ip->frag_off & bpf_htons(IPV4_FRAG_OFFSET)))
+			return -1;
+		__builtin_memcpy(q->saddr, &ip->saddr, 4);
+		__builtin_memcpy(q->daddr, &ip->daddr, 4);
+		off = c.pos - data;
+	} else {
+		proto = parse_ipv6hdr(&c, &ip6);
+		if (proto < 0 || ip6->version != 6)
+			return -1;
+		__builtin_memcpy(q->saddr, &ip6->saddr, 16);
+		__builtin_memcpy(q->daddr, &ip6->daddr, 16);
+		off += sizeof(*ip6);
+		proto = parse_ipv6_ext(data, data_end, &off, proto, &q->frag, &q->frag_id);
+		if (proto < 0 || q->frag == FLOW_FRAG_LATER)
+			return -1;
+	}
+	if (off > PARSE_MAX_OFF)
+		return -1;
+	q->family = err->family;
+	q->proto = proto;
+	cursor_init(&c, data + off, data_end);
+	if (!CURSOR_TAKE(&c, struct l4_quoted, &l4))
+		return -1;
+	switch (proto) {
+	case WEIR_IP_PROTO_TCP:
+	case WEIR_IP_PROTO_UDP:
+	case WEIR_IP_PROTO_SCTP:
+		q->sport = l4->w0;
+		q->dport = l4->w1;
+		break;
+	case WEIR_IP_PROTO_ICMP:
+	case WEIR_IP_PROTO_ICMPV6:
+		q->sport = l4->w2;
+		q->dport = l4->w0;
+		break;
+	default:
+		return -1;
+	}
+	q->l4_ok = 1;
+	return 0;
 }
