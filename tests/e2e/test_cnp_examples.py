@@ -22,15 +22,12 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
-from services.policy import rules as rules_mod
 from tests.harness import traffic
 from tests.harness.node import NODE_NET_V4, OUTSIDE_V4, Node, pid_prefix
 
 pytestmark = pytest.mark.root
 
 DOCS = "docs.cilium.io/en/stable/security/policy/language/"
-# dp's datapath change (issue 10): default-allow flags honoured; until it is merged the flag is ignored.
-NEEDS_DATAPATH = "needs the dp branch's datapath (INGRESS_DEFAULT_ALLOW honoured); remove once merged"
 
 # name -> (namespace, labels, named ports)
 ENDPOINTS: dict[str, tuple[str, dict[str, str], dict[str, tuple[int, str]]]] = {
@@ -77,7 +74,6 @@ class Case:
     document: str
     flows: tuple[Flow, ...]
     keys: tuple[str, ...]  # the rules (namespace/name) the document makes
-    skip: str = ""
 
 
 CASES = [
@@ -273,7 +269,6 @@ CASES = [
             tcp("other", "web", 80),
         ),
         ("prod/loose",),
-        skip=NEEDS_DATAPATH,
     ),
     Case(
         "named-port-ingress",
@@ -390,20 +385,8 @@ def env(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Env]:
         node.teardown()
 
 
-def _parser_has_namespaces() -> bool:
-    """Whether the rule parser knows namespaces (cnplang's branch): a skip until it is merged, never after."""
-    return hasattr(rules_mod, "check_namespace")
-
-
-NEEDS_PARSER = "needs cnplang's CiliumNetworkPolicy parser (namespaces, named ports, icmps families, CCNP)"
-
-
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_cilium_example(env: Env, case: Case) -> None:
-    if case.skip:
-        pytest.skip(case.skip)
-    if not _parser_has_namespaces():
-        pytest.skip(NEEDS_PARSER)
     env.policy.ImportRules(pb.ImportRulesRequest(document=textwrap.dedent(case.document)), timeout=10)
     try:
         listed = env.policy.ListRules(pb.ListRulesRequest(), timeout=10).rules
@@ -416,8 +399,6 @@ def test_cilium_example(env: Env, case: Case) -> None:
 
 def test_trace_names_rule_section_and_connection_path(env: Env) -> None:
     """Trace per enforcement point: the deciding rule and section, and how a reply or related packet passes."""
-    if not _parser_has_namespaces():
-        pytest.skip(NEEDS_PARSER)
     web, client = env.endpoints["web"], env.endpoints["client"]
     doc = textwrap.dedent("""
         apiVersion: cilium.io/v2
@@ -496,8 +477,6 @@ def test_endpoint_carries_namespace_and_named_ports(env: Env) -> None:
 
 def test_rules_are_keyed_by_namespace_and_name(env: Env) -> None:
     """Two policies of one name in two namespaces are two rules; a bare name must not pick one at random."""
-    if not _parser_has_namespaces():
-        pytest.skip(NEEDS_PARSER)
     [case] = [c for c in CASES if c.id == "same-name-in-two-namespaces"]
     env.policy.ImportRules(pb.ImportRulesRequest(document=textwrap.dedent(case.document)), timeout=10)
     try:

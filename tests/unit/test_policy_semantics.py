@@ -23,7 +23,6 @@ from services.common.objects import load_service_object
 from services.common.store import Store
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache
-from services.policy import rules as rules_mod
 from services.policy.compute import TCP, EndpointView, NamedPort
 from services.policy.defs import ConfigFlag
 from services.policy.maps import PolicyMaps
@@ -56,7 +55,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
     orch_store, policy_store = Store(tmp_path / "orchestrator.db"), Store(tmp_path / "policy.db")
     maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", 4096)
     try:
-        ids = Identities(orch_store, Ipcache(node_maps.maps["ipcache"]))
+        ids = Identities(orch_store, Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"]))
         endpoints = {}
         for n, app in enumerate(("client", "web", "api"), 1):
             labels = {"app": app}
@@ -81,8 +80,6 @@ def sel(app: str) -> pb.EndpointSelector:
 
 def test_egress_named_port_follows_the_endpoints_named_ports(local: Local) -> None:
     """A rule on a port name is resolved again when an endpoint's named ports change (the stream says so)."""
-    if not hasattr(rules_mod, "check_service_name"):
-        pytest.skip("needs cnplang's rule parser (PortRule.name from a message)")
     rule = pb.Rule(name="client-out", endpoint_selector=sel("client"), egress=[
         pb.PeerRule(endpoints=[pb.EndpointSelector()], ports=[pb.PortRule(name="http", protocol="TCP")]),
     ])  # fmt: skip
@@ -100,8 +97,6 @@ def test_egress_named_port_follows_the_endpoints_named_ports(local: Local) -> No
 
 
 def test_default_allow_reaches_the_endpoint_config(local: Local) -> None:
-    if not hasattr(rules_mod, "check_namespace"):
-        pytest.skip("needs cnplang's rule parser (enable_default_deny from a message)")
     loose = pb.Rule(name="loose", endpoint_selector=sel("web"), enable_default_deny=pb.DefaultDeny(ingress=False),
                     ingress_deny=[pb.PeerRule(endpoints=[sel("client")])])  # fmt: skip
     local.policy.import_rules([loose])
