@@ -33,6 +33,18 @@ def labels_option(values: tuple[str, ...]) -> dict[str, str]:
     return labels
 
 
+def named_ports_option(values: tuple[str, ...]) -> list[pb.NamedPort]:
+    """``name=port[/protocol]`` from repeated ``--named-port``; the orchestrator checks the values."""
+    ports = []
+    for item in values:
+        name, sep, rest = item.partition("=")
+        number, _, protocol = rest.partition("/")
+        if not sep or not name or not number.isdigit():
+            raise click.BadParameter(f"{item!r} is not NAME=PORT[/PROTOCOL]", param_hint="--named-port")
+        ports.append(pb.NamedPort(name=name, port=int(number), protocol=protocol.upper()))
+    return ports
+
+
 def _show(endpoints: list[dict[str, Any]], document: Any) -> None:
     emit(document, table(None, COLUMNS, endpoints), empty="no endpoints")
 
@@ -71,16 +83,29 @@ def get(name: str) -> None:
 @click.option("--ipv4", default="", help="the endpoint's IPv4 address")
 @click.option("--ipv6", default="", help="the endpoint's IPv6 address")
 @click.option("-l", "--label", "labels", multiple=True, metavar="KEY=VALUE", help="a label (repeat for more)")
+@click.option("--namespace", default="", help='its namespace, as a pod\'s (default: "default")')
+@click.option("--named-port", "named_ports", multiple=True, metavar="NAME=PORT[/PROTO]", help="a named port (repeat)")
 @click.option("--adopt-interface", default="", help="adopt this existing host-side interface instead")
 @click.option("--policy-wait-ms", type=click.IntRange(0, 60000), default=0, help="wait this long for its policy")
 @output_option
-def create(name: str, ipv4: str, ipv6: str, labels: tuple[str, ...], adopt_interface: str, policy_wait_ms: int) -> None:
+def create(
+    name: str,
+    ipv4: str,
+    ipv6: str,
+    labels: tuple[str, ...],
+    namespace: str,
+    named_ports: tuple[str, ...],
+    adopt_interface: str,
+    policy_wait_ms: int,
+) -> None:
     """Create an endpoint (its namespace, veth, addresses, routes; traffic waits for its policy)."""
     request = pb.CreateEndpointRequest(
         name=name,
         ipv4=ipv4,
         ipv6=ipv6,
         labels=labels_option(labels),
+        namespace=namespace,
+        named_ports=named_ports_option(named_ports),
         adopt_interface=adopt_interface,
         policy_wait_ms=policy_wait_ms,
     )

@@ -165,14 +165,26 @@ def test_endpoint_create_get_list_delete(cli: Cli) -> None:
         stub = orch_grpc.OrchestratorStub(ch)
         assert created == as_dict(stub.GetEndpoint(orch_pb.GetEndpointRequest(name="cli-ep"), timeout=10))
         listed = stub.ListEndpoints(orch_pb.ListEndpointsRequest(), timeout=10).endpoints
-    assert created["labels"] == {"app": "tmp", "tier": "x"} and created["ipv4"] == "198.18.0.60"
+    # an endpoint given no namespace is in "default", which is also its label
+    assert created["labels"] == {"app": "tmp", "tier": "x", "io.kubernetes.pod.namespace": "default"}
+    assert created["ipv4"] == "198.18.0.60" and created["namespace"] == "default"
     assert cli.json("endpoint", "list") == [as_dict(e) for e in listed]
     assert cli.json("endpoint", "get", "cli-ep") == created
     table = cli.ok("endpoint", "get", "cli-ep").stdout
-    assert "198.18.0.60" in table and "app=tmp,tier=x" in table
+    assert "198.18.0.60" in table and "app=tmp" in table and "tier=x" in table
     assert "cli-ep" in cli.ok("endpoint", "list").stdout
     assert cli.json("endpoint", "delete", "cli-ep") == {"deleted": ["cli-ep"]}
     assert_refused(cli.run("endpoint", "get", "cli-ep"), 1, "weir: orchestrator: NOT_FOUND:", "cli-ep")
+    placed = cli.json("endpoint", "create", "cli-ns", "--ipv4", "198.18.0.61", "-l", "app=tmp", "--namespace", "prod",
+                      "--named-port", "http=8080", "--named-port", "dns=53/udp")  # fmt: skip
+    assert placed["namespace"] == "prod" and placed["labels"]["io.kubernetes.pod.namespace"] == "prod"
+    assert [(p["name"], p["port"], p["protocol"]) for p in placed["named_ports"]] == [
+        ("http", 8080, "TCP"),
+        ("dns", 53, "UDP"),
+    ]
+    assert cli.json("endpoint", "delete", "cli-ns") == {"deleted": ["cli-ns"]}
+    assert_refused(cli.run("endpoint", "create", "cli-bad", "--ipv4", "198.18.0.62", "--named-port", "http=80",
+                           "--named-port", "http=81"), 1, "weir: orchestrator: INVALID_ARGUMENT:")  # fmt: skip
     assert_refused(
         cli.run("endpoint", "create", "Bad_Name", "--ipv4", "198.18.0.61"), 1, "orchestrator: INVALID_ARGUMENT:"
     )

@@ -14,10 +14,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from services.orchestrator.suite import SERVICES
 from tests.harness import netns
 from tests.harness.node import REPO, Node
 
-SUITE_SERVICES = ["orchestrator", "prefilter", "policy", "lb"]
+SUITE_SERVICES = list(SERVICES)  # what `./weir up` starts (services.orchestrator.suite)
 START_TIMEOUT = 60.0
 
 
