@@ -338,12 +338,7 @@ def _icmp_field(doc: Any, where: str) -> pb.PortRule:
         raise InvalidArgument(
             f"{where}.type: {shown(raw)} is not an {family} ICMP type: use 0-255 or one of {', '.join(names)}"
         )
-    if code == 0:
-        raise Unimplemented(
-            f"{where}.type: type 0 ({family} {'EchoReply' if family == 'IPv4' else 'reserved'}) cannot be allowed "
-            "alone here (a rule's ICMP type 0 means every type); replies to allowed requests pass by conntrack"
-        )
-    return pb.PortRule(port=code, protocol=ICMP_PROTOCOL[family])
+    return pb.PortRule(icmp_type=code, protocol=ICMP_PROTOCOL[family])
 
 
 def _icmps(value: Any, where: str) -> list[pb.PortRule]:

@@ -313,6 +313,14 @@ def _port(msg: pb.PortRule, where: str) -> PortRule:
         if msg.port or msg.end_port:
             raise InvalidArgument(f"{where}: a named port ({msg.name!r}) takes no port or end_port")
         return PortRule(protocol, 0, 0, msg.name)
+    if msg.HasField("icmp_type"):
+        if protocol not in ICMP_PROTOCOLS:
+            raise InvalidArgument(f"{where}: icmp_type needs protocol ICMP or ICMPV6, not {protocol}")
+        if msg.port or msg.end_port:
+            raise InvalidArgument(f"{where}: icmp_type takes no port or end_port")
+        if msg.icmp_type > 255:
+            raise InvalidArgument(f"{where}: icmp_type {msg.icmp_type} is above 255")
+        return PortRule(protocol, msg.icmp_type, msg.icmp_type)
     top = 255 if protocol in ICMP_PROTOCOLS else 65535
     what = "ICMP type" if protocol in ICMP_PROTOCOLS else "port"
     if msg.port > top:

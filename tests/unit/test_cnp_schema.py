@@ -214,6 +214,7 @@ def _icmps() -> None:
         {"type": "3"},
         {"type": "PacketTooBig", "family": "IPv6"},
         {"type": "Timestamp", "family": "IPv4"},
+        {"type": "EchoReply"},  # type 0 is that type alone, not every type
     ]
     got = ports(doc(egress({"icmps": [{"fields": fields}]})))
     assert [(p.protocol, p.first, p.last) for p in got] == [
@@ -222,6 +223,7 @@ def _icmps() -> None:
         ("ICMP", 3, 3),
         ("ICMPV6", 2, 2),
         ("ICMP", 13, 13),
+        ("ICMP", 0, 0),
     ]
 
 
@@ -402,7 +404,6 @@ REFUSED: dict[str, tuple[str, type[WeirError], str]] = {
         UNIMP,
         "ports[0].protocol: protocol 'VRRP'",
     ),
-    "ICMP type 0": (doc(ingress({"icmps": [{"fields": [{"type": "EchoReply"}]}]})), UNIMP, "fields[0].type: type 0"),
     "Kubernetes NetworkPolicy": (doc(ingress({}), kind="NetworkPolicy"), UNIMP, "kind NetworkPolicy"),
     "cidr label source": (
         doc(ingress({"fromEndpoints": [{"matchLabels": {"cidr:10.0.0.0/8": ""}}]})),
@@ -588,6 +589,27 @@ def test_yaml_integer_keys_are_refused_by_name() -> None:
 
 
 # ---- the message path: the same fields, validated the same way ----
+
+
+def test_an_icmp_type_message_field_means_that_type_alone() -> None:
+    """icmp_type carries a type exactly (0 included); port 0 keeps meaning every type."""
+    sel = pb.EndpointSelector(match_labels={"app": "x"})
+
+    def port(p: pb.PortRule) -> PortRule:
+        return (
+            from_proto(pb.Rule(name="r", endpoint_selector=sel, ingress=[pb.PeerRule(ports=[p])])).ingress[0].ports[0]
+        )
+
+    assert port(pb.PortRule(icmp_type=0, protocol="ICMP")) == PortRule("ICMP", 0, 0)
+    assert port(pb.PortRule(icmp_type=129, protocol="ICMPV6")) == PortRule("ICMPV6", 129, 129)
+    assert port(pb.PortRule(port=0, protocol="ICMP")) == PortRule("ICMP", 0, 255)
+    for bad, needle in [
+        (pb.PortRule(icmp_type=8, protocol="TCP"), "icmp_type needs protocol ICMP or ICMPV6"),
+        (pb.PortRule(icmp_type=8, port=8, protocol="ICMP"), "icmp_type takes no port"),
+        (pb.PortRule(icmp_type=256, protocol="ICMP"), "icmp_type 256 is above 255"),
+    ]:
+        with pytest.raises(InvalidArgument, match=needle):
+            port(bad)
 
 
 def test_rule_messages_validate_the_new_fields() -> None:
