@@ -499,3 +499,59 @@ def test_rules_are_keyed_by_namespace_and_name(env: Env) -> None:
         assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
         env.clear_rules()
+
+
+# Fields Cilium knows that this node refuses, and fields nobody knows: each through the real
+# service, which must name the field and leave the rules and the maps as they were.
+BASE_DOCUMENT = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-in, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {app: client}}]
+    toPorts: [{ports: [{port: "80", protocol: TCP}]}]
+"""
+REFUSED = [
+    ("toFQDNs", grpc.StatusCode.UNIMPLEMENTED,
+     "egress:\n  - toFQDNs: [{matchName: example.com}]\n    toPorts: [{ports: [{port: '443'}]}]"),
+    ("nodeSelector", grpc.StatusCode.UNIMPLEMENTED,
+     "nodeSelector: {matchLabels: {role: edge}}\n  ingress: [{fromEntities: [world]}]"),
+    ("rules", grpc.StatusCode.UNIMPLEMENTED,
+     "ingress:\n  - toPorts: [{ports: [{port: '80'}], rules: {http: [{method: GET}]}}]"),
+    ("toServices", grpc.StatusCode.UNIMPLEMENTED, "egress:\n  - toServices: [{k8sService: {serviceName: db}}]"),
+    ("fromRequires", grpc.StatusCode.UNIMPLEMENTED,
+     "ingress:\n  - fromRequires: [{matchLabels: {env: prod}}]"),
+    ("authentication", grpc.StatusCode.UNIMPLEMENTED,
+     "ingress:\n  - fromEntities: [cluster]\n    authentication: {mode: required}"),
+    ("fromEndpoint", grpc.StatusCode.INVALID_ARGUMENT, "ingress:\n  - fromEndpoint: [{}]"),
+    ("icmps", grpc.StatusCode.INVALID_ARGUMENT,
+     "ingress:\n  - icmps: [{fields: [{type: 8}]}]\n    toPorts: [{ports: [{port: '80'}]}]"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("field", "code", "body"), REFUSED, ids=[r[0] for r in REFUSED])
+def test_a_refused_field_is_named_and_changes_nothing(env: Env, field: str, code: grpc.StatusCode, body: str) -> None:
+    """docs.cilium.io .../policy/language/: what this node cannot enforce is refused, never dropped."""
+    env.policy.ImportRules(pb.ImportRulesRequest(document=BASE_DOCUMENT), timeout=10)
+    try:
+        before_rules = env.policy.ListRules(pb.ListRulesRequest(), timeout=10)
+        before_map = env.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="web"), timeout=10)
+        refused = BASE_DOCUMENT.replace(
+            "spec:\n  endpointSelector: {matchLabels: {app: web}}\n",
+            f"spec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  {body}\n",
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            env.policy.ImportRules(pb.ImportRulesRequest(document=refused), timeout=10)
+        assert caught.value.code() == code, caught.value.details()
+        assert field in (caught.value.details() or ""), caught.value.details()
+        after_rules = env.policy.ListRules(pb.ListRulesRequest(), timeout=10)
+        assert list(after_rules.rules) == list(before_rules.rules) and after_rules.revision == before_rules.revision
+        after_map = env.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="web"), timeout=10)
+        assert [(e.identity, e.protocol, e.port, e.deny) for e in after_map.entries] == [
+            (e.identity, e.protocol, e.port, e.deny) for e in before_map.entries
+        ]
+        assert env.passes(Flow("client", "web", "tcp", 80)) and not env.passes(Flow("client", "web", "tcp", 81))
+    finally:
+        env.clear_rules()
