@@ -15,9 +15,9 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from services.common.datapath import Reason
+from services.common.datapath import Hook, Reason
 from services.common.errors import InvalidArgument
 from services.orchestrator.chain import ReasonCount
 from services.orchestrator.endpoints import Endpoint
@@ -153,11 +153,11 @@ def _within(address: str, networks: Iterable[Network]) -> bool:
     return any(ip.version == n.version and ip in n for n in networks)
 
 
-@dataclass
+@dataclass(eq=False)
 class Subscription:
     """A GetFlows stream's queue; a full queue drops its oldest flow and counts it."""
 
-    queue: asyncio.Queue[Flow] = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_DEPTH))
+    queue: asyncio.Queue[Flow]
     dropped: int = 0
 
 
@@ -183,6 +183,7 @@ class Flows:
         self.subscriber_dropped = 0
         self.datapath_events = 0  # DROP and VERDICT events read (the datapath counts each one too)
         self._by_address: dict[str, _Named] = {}
+        self._by_id: dict[int, _Named] = {}
         self._identity_labels: dict[int, tuple[str, ...]] = {}
         self._subscribers: set[Subscription] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -214,6 +215,10 @@ class Flows:
         labels = tuple(sorted(f"{k}={v}" for k, v in endpoint.labels.items()))
         named = _Named(endpoint.name, endpoint.id, endpoint.identity, labels)
         with self._lock:
+            if kind == "DELETED":
+                self._by_id.pop(endpoint.id, None)
+            else:
+                self._by_id[endpoint.id] = named
             for address in (endpoint.ipv4, endpoint.ipv6):
                 if not address:
                     continue
@@ -232,14 +237,17 @@ class Flows:
 
     # ---- flows (events thread) ----
 
-    def _peer(self, address: str, port: int, identity: int) -> Peer:
-        named = self._by_address.get(address)
+    def _peer(self, address: str, port: int, identity: int, on_hook: int) -> Peer:
+        """on_hook: the endpoint of the hook's interface when it is this side (e.g. :: before DAD)."""
+        named = self._by_address.get(address) or self._by_id.get(on_hook)
         if named is not None:
             return Peer(address, port, identity or named.identity, named.name, named.id, named.labels)
         return Peer(address, port, identity, labels=self._identity_labels.get(identity, ()))
 
     def add(self, event: FlowEvent, time_ns: int | None = None) -> Flow:
         """Buffer one event as a flow and offer it to every subscriber."""
+        sending = event.endpoint_id if event.hook is Hook.FROM_CONTAINER else 0
+        receiving = event.endpoint_id if event.hook is Hook.TO_CONTAINER else 0
         with self._lock:
             self._seq += 1
             if event.type in ("DROP", "VERDICT"):
@@ -249,8 +257,8 @@ class Flows:
                 time_ns=time.time_ns() if time_ns is None else time_ns,
                 verdict=verdict_of(event),
                 event=event,
-                source=self._peer(event.src, event.src_port, event.src_identity),
-                destination=self._peer(event.dst, event.dst_port, event.dst_identity),
+                source=self._peer(event.src, event.src_port, event.src_identity, sending),
+                destination=self._peer(event.dst, event.dst_port, event.dst_identity, receiving),
             )
             if len(self._ring) == self.capacity:
                 self.evicted += 1
@@ -271,7 +279,7 @@ class Flows:
     # ---- readers (event loop) ----
 
     def subscribe(self) -> Subscription:
-        sub = Subscription()
+        sub = Subscription(asyncio.Queue(min(self.capacity, SUBSCRIBER_DEPTH)))  # no more than the buffer holds
         with self._lock:
             self._subscribers.add(sub)
         return sub
