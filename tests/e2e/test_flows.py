@@ -24,6 +24,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from weir.policy.v1 import policy_pb2, policy_pb2_grpc
 
+from tests.e2e import test_sockaccel as sa
 from tests.e2e.test_policy import known, sel, tcp
 from tests.harness import netns, traffic
 from tests.harness.node import Node, pid_prefix
@@ -194,6 +195,29 @@ def test_bad_input_is_invalid_argument_naming_the_field(f: Flows, request_: pb.G
         list(f.stub().GetFlows(request_, timeout=10))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert (err.value.details() or "").startswith(f"{field}:"), err.value.details()
+
+
+def test_socket_acceleration_is_an_accelerated_flow_between_named_endpoints(
+    make_node: Callable[..., Node], tmp_path: Path
+) -> None:
+    s = sa.make_setup(make_node, tmp_path)
+    sa.allow_client_to_server(s)
+    s.mode(True)
+    with sa.echo_server(s) as out:
+        sa.assert_every_byte(sa.run_echo(s, out, conns=1, sizes=[10]), [10])
+    request = pb.GetFlowsRequest(verdicts=["accelerated"], endpoints=["server"])
+    stub = pb_grpc.OrchestratorStub(s.node.channel("orchestrator"))
+    deadline = time.monotonic() + 5
+    while (
+        len(flows := [m.flow for m in stub.GetFlows(request, timeout=10) if m.HasField("flow")]) < 4
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert sorted(fl.type for fl in flows) == ["ACCEL_END", "ACCEL_END", "ACCEL_START", "ACCEL_START"]
+    for fl in flows:
+        assert (fl.verdict, fl.source.endpoint, fl.destination.endpoint) == ("ACCELERATED", "client", "server")
+        assert (fl.source.identity, fl.destination.identity) == (s.client.identity, s.server.identity)
+        assert "app=client" in fl.source.labels and fl.destination.port == sa.PORT
 
 
 def settled(f: Flows) -> pb.FlowStats:
