@@ -33,7 +33,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def verdict_of(event: FlowEvent) -> str:
-    """Hubble's words: a drop is DROPPED, an audit-mode policy verdict AUDIT, a socket fast path ACCELERATED."""
+    """DROPPED and AUDIT as Hubble names them; ACCELERATED (the socket fast path) is Weir's own."""
     if event.type == "DROP":
         return "DROPPED"
     if event.type.startswith("ACCEL_"):
