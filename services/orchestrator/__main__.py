@@ -31,7 +31,7 @@ from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
 from services.orchestrator.events import EventHub
-from services.orchestrator.flows import DEFAULT_CAPACITY, Flows
+from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
@@ -40,6 +40,13 @@ SERVICE = "orchestrator"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 log = structlog.get_logger("weir.orchestrator")
 NO_ADOPT = "the chain's registrations and the endpoints' labels are not in the datapath"
+
+
+def _buffer_size(text: str) -> int:
+    """argparse's check of --flow-buffer: a bad size is a usage error, not a traceback."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a flow count in 1-{MAX_CAPACITY}")
+    return int(text)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -60,9 +67,9 @@ def _flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--flow-buffer",
-        type=int,
+        type=_buffer_size,
         default=DEFAULT_CAPACITY,
-        help=f"flows kept in memory for GetFlows, newest first out of it last (default {DEFAULT_CAPACITY})",
+        help=f"flows kept in memory for GetFlows; the oldest go when it is full (default {DEFAULT_CAPACITY})",
     )
 
 

@@ -25,6 +25,7 @@ from services.orchestrator.events import PROTOCOLS, FlowEvent
 from services.orchestrator.identities import IdentityInfo
 
 DEFAULT_CAPACITY = 4096
+MAX_CAPACITY = 1 << 20
 SUBSCRIBER_DEPTH = 4096
 MAX_LAST = 65536
 MAX_FILTER_VALUES = 256
