@@ -159,8 +159,10 @@ def observe(
 @click.command()
 @output_option
 def metrics() -> None:
-    """Packets per hook entry and per (reason, direction): the datapath's counters."""
-    reply = to_dict(current().call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
+    """Packets per hook entry and per (reason, direction), and the flow buffer's losses."""
+    node = current()
+    reply = to_dict(node.call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
+    reply["flows"] = to_dict(node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest()))
     emit(
         reply,
         table(
@@ -181,6 +183,11 @@ def metrics() -> None:
                 Column("BYTES", pick("counter", "bytes"), "right"),
             ],
             reply.get("reasons", []),
+        ),
+        table(
+            "flows",
+            [Column(name.upper().replace("_", " "), pick(name), "right") for name in reply["flows"]],
+            [reply["flows"]],
         ),
         empty="no counters yet",
     )

@@ -445,6 +445,9 @@ def test_observe_last_replays_the_newest_buffered_flows_and_exits(cli: Cli) -> N
     assert len(table) == 1 and table[0].endswith(" to=web") and f"-> {cli.web.ipv4}:80 TCP DROPPED" in table[0]
     nothing = cli.ok("observe", "--endpoint", "client", "--port", "80", "--protocol", "UDP")
     assert nothing.stdout == "" and "no matching flows" in nothing.stderr
+    stats = cli.json("metrics")["flows"]
+    assert int(stats["capacity"]) == 4096 and int(stats["seen"]) >= int(stats["buffered"]) >= 1
+    assert "SUBSCRIBER DROPPED" in cli.ok("metrics").stdout
 
 
 # ---- down (last: it stops the node) ----
