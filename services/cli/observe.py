@@ -1,61 +1,63 @@
-"""`weir observe` (the orchestrator's flow events) and `weir metrics` (its counters).
+"""`weir observe` (the orchestrator's flows) and `weir metrics` (its counters).
 
-The orchestrator streams drop and verdict events as they happen (`WatchEvents`) and keeps
-no history, so ``observe`` shows what happens while it listens: with ``--follow`` until
-Ctrl-C, otherwise for ``--duration`` seconds; ``--last N`` stops after N matching events.
-Each event gets a verdict as Hubble names them: DROPPED (a drop event), AUDIT (a policy
-verdict let through in audit mode), FORWARDED (any other verdict).
+The orchestrator keeps the newest flows (drops with their reason, audit verdicts, socket
+acceleration, each with its endpoints) in a bounded buffer and serves them with
+`GetFlows`. ``observe`` prints the buffered flows that match (``--last N``: the newest N;
+``--since``: those since a time) and exits; ``--follow`` then keeps printing new ones until
+Ctrl-C, ``--duration`` for that many seconds. ``--count N`` stops after N flows. Flows the
+stream could not deliver (evicted from the buffer, or dropped while it fell behind) are
+said on stderr, never skipped silently.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-from dataclasses import dataclass, field
+import re
 
 import click
+from google.protobuf.timestamp_pb2 import Timestamp
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
 from services.cli.client import current
 from services.cli.output import Column, emit, emit_line, output_option, pick, table, to_dict, wants_json
 
-VERDICTS = ("DROPPED", "AUDIT", "FORWARDED")
+VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "ACCELERATED")
 PROTOCOLS = ("TCP", "UDP", "ICMP", "ICMPv6", "SCTP")
+RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+MAX_LAST = 65536
 
 
-def verdict(event: pb.Event) -> str:
-    if event.type == "DROP":
-        return "DROPPED"
-    return "AUDIT" if event.reason == "POLICY_AUDIT" else "FORWARDED"
+def parse_since(_ctx: click.Context, _param: click.Parameter, value: str | None) -> Timestamp | None:
+    """An RFC 3339 time (UTC unless it says) or a time ago: 30s, 5m, 2h, 1d."""
+    if value is None:
+        return None
+    now = datetime.datetime.now(datetime.UTC)
+    if match := RELATIVE.match(value):
+        when = now - datetime.timedelta(seconds=float(match[1]) * UNIT_SECONDS[match[2]])
+    else:
+        try:
+            when = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise click.BadParameter(
+                f"{value!r} is neither a time (2026-01-02T15:04:05Z) nor an age (30s, 5m, 2h)"
+            ) from None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=datetime.UTC)
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
 
 
-@dataclass
-class Filter:
-    """What an event must match: every given criterion (each one any of its values)."""
-
-    verdicts: set[str] = field(default_factory=set)
-    reasons: set[str] = field(default_factory=set)
-    protocols: set[str] = field(default_factory=set)
-    ports: set[int] = field(default_factory=set)
-    endpoint_ids: set[int] = field(default_factory=set)
-    endpoint_addresses: set[str] = field(default_factory=set)
-
-    def match(self, event: pb.Event) -> bool:
-        if self.verdicts and verdict(event) not in self.verdicts:
-            return False
-        if self.reasons and event.reason not in self.reasons:
-            return False
-        if self.protocols and event.protocol.upper() not in self.protocols:
-            return False
-        if self.ports and not {event.src_port, event.dst_port} & self.ports:
-            return False
-        if self.endpoint_ids or self.endpoint_addresses:
-            on_endpoint = event.endpoint_id in self.endpoint_ids
-            to_or_from = {event.src, event.dst} & self.endpoint_addresses
-            if not on_endpoint and not to_or_from:
-                return False
-        return True
+def check_ip(_ctx: click.Context, _param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for text in value:
+        try:
+            ipaddress.ip_network(text, strict=False)
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not an address or a CIDR") from None
+    return value
 
 
 def _address(host: str, port: int) -> str:
@@ -65,86 +67,102 @@ def _address(host: str, port: int) -> str:
     return f"{shown}:{port}" if port else shown
 
 
-def line(event: pb.Event, seen: datetime.datetime) -> str:
-    """One event for people, in the order Hubble prints a flow."""
-    hook = common_pb2.Hook.Name(event.hook) if event.hook in common_pb2.Hook.values() else str(event.hook)
-    return (
-        f"{seen.strftime('%b %d %H:%M:%S.%f')[:-3]}: {_address(event.src, event.src_port)} -> "
-        f"{_address(event.dst, event.dst_port)} {event.protocol or '-'} {verdict(event)} "
-        f"({event.reason}) {hook.removeprefix('HOOK_').lower()} endpoint={event.endpoint_id} "
-        f"identity={event.src_identity}->{event.dst_identity} len={event.length}"
+def line(flow: pb.Flow) -> str:
+    """One flow for people, in the order Hubble prints one."""
+    seen = flow.time.ToDatetime(tzinfo=datetime.UTC).astimezone()
+    hook = common_pb2.Hook.Name(flow.hook) if flow.hook in common_pb2.Hook.values() else str(flow.hook)
+    names = "".join(
+        f" {side}={peer.endpoint}" for side, peer in (("from", flow.source), ("to", flow.destination)) if peer.endpoint
     )
+    return (
+        f"{seen.strftime('%b %d %H:%M:%S.%f')[:-3]}: {_address(flow.src, flow.src_port)} -> "
+        f"{_address(flow.dst, flow.dst_port)} {flow.protocol or '-'} {flow.verdict} "
+        f"({flow.reason}) {hook.removeprefix('HOOK_').lower()} endpoint={flow.endpoint_id} "
+        f"identity={flow.src_identity}->{flow.dst_identity} len={flow.length}{names}"
+    )
+
+
+def say_lost(lost: pb.FlowLoss) -> None:
+    if lost.evicted:
+        click.echo(f"{lost.evicted} older flows were evicted from the orchestrator's buffer", err=True)
+    if lost.dropped:
+        click.echo(f"{lost.dropped} flows dropped: this stream fell behind", err=True)
 
 
 @click.command()
 @click.option("--verdict", "verdicts", multiple=True, type=click.Choice(VERDICTS, case_sensitive=False))
 @click.option("--reason", "reasons", multiple=True, help="drop reason, e.g. POLICY_DENIED (repeat for more)")
-@click.option("--endpoint", "endpoints", multiple=True, help="endpoint name: events on it, from it or to it")
+@click.option("--endpoint", "endpoints", multiple=True, help="endpoint name: flows from it or to it")
+@click.option("--label", "labels", multiple=True, help="k=v label of the source or destination")
+@click.option("--ip", "ips", multiple=True, callback=check_ip, help="source or destination address or CIDR")
 @click.option("--protocol", "protocols", multiple=True, type=click.Choice(PROTOCOLS, case_sensitive=False))
-@click.option("--port", "ports", multiple=True, type=click.IntRange(0, 65535), help="source or destination port")
-@click.option("-f", "--follow", is_flag=True, help="keep listening until Ctrl-C")
-@click.option("--last", type=click.IntRange(min=1), default=None, help="stop after N matching events")
-@click.option(
-    "--duration",
-    type=click.FloatRange(min=0.1),
-    default=5.0,
-    show_default=True,
-    help="seconds to listen without --follow",
-)
+@click.option("--port", "ports", multiple=True, type=click.IntRange(1, 65535), help="source or destination port")
+@click.option("-f", "--follow", is_flag=True, help="after the buffered flows, keep printing new ones until Ctrl-C")
+@click.option("--last", type=click.IntRange(1, MAX_LAST), default=None, help="the newest N matching buffered flows")
+@click.option("--since", callback=parse_since, help="flows since a time (RFC 3339) or an age (30s, 5m, 2h)")
+@click.option("--count", type=click.IntRange(min=1), default=None, help="stop after N flows")
+@click.option("--duration", type=click.FloatRange(min=0.1), default=None, help="follow new flows for this many seconds")
 @output_option
 def observe(
     verdicts: tuple[str, ...],
     reasons: tuple[str, ...],
     endpoints: tuple[str, ...],
+    labels: tuple[str, ...],
+    ips: tuple[str, ...],
     protocols: tuple[str, ...],
     ports: tuple[int, ...],
     follow: bool,
     last: int | None,
-    duration: float,
+    since: Timestamp | None,
+    count: int | None,
+    duration: float | None,
 ) -> None:
-    """Flow events (drops with their reason, policy verdicts) as the datapath reports them."""
+    """Flows (drops with their reason, audit verdicts, socket acceleration) with their endpoints."""
     node = current()
-    flt = Filter(
-        verdicts={v.upper() for v in verdicts},
-        reasons={r.upper() for r in reasons},
-        protocols={p.upper() for p in protocols},
-        ports=set(ports),
+    streaming = follow or duration is not None
+    request = pb.GetFlowsRequest(
+        endpoints=endpoints,
+        labels=labels,
+        cidrs=ips,
+        ports=ports,
+        protocols=protocols,
+        verdicts=verdicts,
+        reasons=reasons,
+        follow=streaming,
+        last=last or 0,
+        since=since,
     )
-    for name in endpoints:
-        ep = node.call("orchestrator", "GetEndpoint", pb.GetEndpointRequest(name=name))
-        flt.endpoint_ids.add(ep.id)
-        flt.endpoint_addresses.update(a for a in (ep.ipv4, ep.ipv6) if a)
-    stub = node.stub("orchestrator")
-    types = ["DROP"] if flt.verdicts == {"DROPPED"} else []
-    stream = stub.WatchEvents(pb.WatchEventsRequest(types=types), timeout=None if follow else duration)
+    stream = node.stub("orchestrator").GetFlows(request, timeout=None if follow else (duration or node.timeout))
     shown = 0
     as_json = wants_json()
     try:
         with node.streaming("orchestrator"):
-            for event in stream:
-                if not flt.match(event):
+            for message in stream:
+                if message.HasField("lost"):
+                    say_lost(message.lost)
                     continue
-                seen = datetime.datetime.now(datetime.UTC)
                 if as_json:
-                    emit_line({**to_dict(event), "verdict": verdict(event), "time": seen.isoformat()})
+                    emit_line(to_dict(message.flow))
                 else:
-                    click.echo(line(event, seen.astimezone()))
+                    click.echo(line(message.flow))
                 shown += 1
-                if last is not None and shown >= last:
+                if count is not None and shown >= count:
                     break
     except KeyboardInterrupt:
         pass
     finally:
         stream.cancel()
-    if not shown and not follow and not as_json:
-        click.echo(f"no matching events in {duration:g}s (the orchestrator keeps no history; --follow waits)", err=True)
+    if not shown and not streaming and not as_json:
+        click.echo("no matching flows in the orchestrator's buffer (--follow waits for new ones)", err=True)
 
 
 @click.command()
 @output_option
 def metrics() -> None:
-    """Packets per hook entry and per (reason, direction): the datapath's counters."""
-    reply = to_dict(current().call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
+    """Packets per hook entry and per (reason, direction), and the flow buffer's losses."""
+    node = current()
+    reply = to_dict(node.call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
+    reply["flows"] = to_dict(node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest()))
     emit(
         reply,
         table(
@@ -165,6 +183,11 @@ def metrics() -> None:
                 Column("BYTES", pick("counter", "bytes"), "right"),
             ],
             reply.get("reasons", []),
+        ),
+        table(
+            "flows",
+            [Column(name.upper().replace("_", " "), pick(name), "right") for name in reply["flows"]],
+            [reply["flows"]],
         ),
         empty="no counters yet",
     )

@@ -31,6 +31,7 @@ from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
 from services.orchestrator.events import EventHub
+from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
@@ -39,6 +40,13 @@ SERVICE = "orchestrator"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 log = structlog.get_logger("weir.orchestrator")
 NO_ADOPT = "the chain's registrations and the endpoints' labels are not in the datapath"
+
+
+def _buffer_size(text: str) -> int:
+    """argparse's check of --flow-buffer: a bad size is a usage error, not a traceback."""
+    if not text.isdigit() or not 1 <= int(text) <= MAX_CAPACITY:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a flow count in 1-{MAX_CAPACITY}")
+    return int(text)
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -56,6 +64,12 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=2.0,
         help="how often the node's own addresses are re-read for the ipcache (default 2)",
+    )
+    parser.add_argument(
+        "--flow-buffer",
+        type=_buffer_size,
+        default=DEFAULT_CAPACITY,
+        help=f"flows kept in memory for GetFlows; the oldest go when it is full (default {DEFAULT_CAPACITY})",
     )
 
 
@@ -109,7 +123,13 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                 assert opened.held is not None
                 await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
                 return
-    events = EventHub(chain.events)
+    flows = Flows(args.flow_buffer)
+    flows.start(asyncio.get_running_loop())
+    endpoints.on_change(flows.endpoint_changed)
+    identities.on_change(flows.identities_changed)
+    await worker.call(lambda: flows.seed(endpoints.all(), identities.all()))
+    flows.baseline(await worker.call(chain.reason_counts))
+    events = EventHub(chain.events, flows.add)
     events.start(asyncio.get_running_loop())
 
     readiness = Readiness()
@@ -128,7 +148,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     ]
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
-        servicer = OrchestratorServicer(worker, chain, endpoints, devices, events, identities, conntrack)
+        servicer = OrchestratorServicer(worker, chain, endpoints, devices, events, identities, conntrack, flows)
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 

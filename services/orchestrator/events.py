@@ -11,13 +11,14 @@ import asyncio
 import ctypes
 import ipaddress
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pybpf import Map, RingBuffer
 from services.common.datapath import HOOK_DIRECTION, Event, EventType, Hook, Reason
 
 QUEUE_DEPTH = 4096
-PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6"}
+PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 
 @dataclass(frozen=True)
@@ -72,8 +73,10 @@ def decode(raw: bytes) -> FlowEvent:
 class EventHub:
     """Polls the events map in a thread and fans records out to subscribers."""
 
-    def __init__(self, events: Map) -> None:
+    def __init__(self, events: Map, on_event: Callable[[FlowEvent], object] | None = None) -> None:
+        """on_event (e.g. Flows.add) gets every event, on the polling thread, watched or not."""
         self._events = events
+        self._on_event = on_event
         self._subscribers: set[asyncio.Queue[FlowEvent]] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -107,11 +110,14 @@ class EventHub:
 
     def _on_record(self, raw: bytes) -> None:
         with self._lock:
-            if not self._subscribers or self._loop is None:
-                return
-            queues = list(self._subscribers)
+            queues = list(self._subscribers) if self._loop is not None else []
+        if not queues and self._on_event is None:
+            return
         event = decode(raw)
+        if self._on_event is not None:
+            self._on_event(event)
         for queue in queues:
+            assert self._loop is not None
             self._loop.call_soon_threadsafe(_offer, queue, event)
 
 

@@ -26,6 +26,7 @@ from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
 from services.orchestrator.events import EventHub
+from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
 
@@ -88,6 +89,43 @@ def identity_to_proto(info: IdentityInfo) -> pb.Identity:
     return pb.Identity(id=info.id, labels=info.labels, prefixes=info.prefixes, owners=info.owners)
 
 
+def peer_to_proto(peer: Peer) -> pb.FlowPeer:
+    return pb.FlowPeer(
+        address=peer.address,
+        port=peer.port,
+        identity=peer.identity,
+        endpoint=peer.endpoint,
+        endpoint_id=peer.endpoint_id,
+        labels=peer.labels,
+    )
+
+
+def flow_to_proto(flow: Flow) -> pb.Flow:
+    ev = flow.event
+    message = pb.Flow(
+        verdict=flow.verdict,
+        reason=ev.reason,
+        type=ev.type,
+        hook=hook_to_proto(ev.hook),
+        direction=direction_to_proto(Direction(ev.direction)),
+        protocol=ev.protocol,
+        source=peer_to_proto(flow.source),
+        destination=peer_to_proto(flow.destination),
+        src=ev.src,
+        dst=ev.dst,
+        src_port=ev.src_port,
+        dst_port=ev.dst_port,
+        src_identity=flow.source.identity,
+        dst_identity=flow.destination.identity,
+        endpoint_id=ev.endpoint_id,
+        ifindex=ev.ifindex,
+        length=ev.length,
+        seq=flow.seq,
+    )
+    message.time.FromNanoseconds(flow.time_ns)
+    return message
+
+
 def slot_to_proto(state: SlotState) -> pb.SlotState:
     return pb.SlotState(
         hook=hook_to_proto(state.hook),
@@ -127,7 +165,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         events: EventHub,
         identities: Identities,
         conntrack: Conntrack,
+        flows: Flows,
     ) -> None:
+        self._flows = flows
         self._worker = worker
         self._devices = devices
         self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
@@ -386,3 +426,53 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             raise
         finally:
             self._events.unsubscribe(queue)
+
+    async def GetFlows(self, request: pb.GetFlowsRequest, context: Context) -> AsyncIterator[pb.GetFlowsResponse]:
+        flt = FlowFilter.parse(
+            request.endpoints, request.labels, request.cidrs, request.ports,
+            request.protocols, request.verdicts, request.reasons,
+        )  # fmt: skip
+        if request.last > MAX_LAST:
+            raise InvalidArgument(f"last: {request.last} is above the maximum of {MAX_LAST}")
+        since = request.since.ToNanoseconds() if request.HasField("since") else None
+        if since is not None and since < 0:
+            raise InvalidArgument("since: a time before 1970")
+        sub = self._flows.subscribe() if request.follow else None  # before the snapshot: nothing falls between
+        try:
+            buffered, evicted = self._flows.snapshot()
+            replay = not request.follow or since is not None or request.last > 0
+            wanted = [f for f in buffered if (since is None or f.time_ns >= since) and flt.match(f)] if replay else []
+            if request.last:
+                short = len(wanted) < request.last
+                wanted = wanted[-request.last :]
+            else:
+                short = replay and (since is None or not buffered or buffered[0].time_ns > since)
+            if evicted and short:
+                yield pb.GetFlowsResponse(lost=pb.FlowLoss(evicted=evicted))
+            for flow in wanted:
+                yield pb.GetFlowsResponse(flow=flow_to_proto(flow))
+            if sub is None:
+                return
+            newest = buffered[-1].seq if buffered else 0
+            reported = 0
+            while True:
+                flow = await sub.queue.get()
+                if sub.dropped > reported:
+                    yield pb.GetFlowsResponse(lost=pb.FlowLoss(dropped=sub.dropped - reported))
+                    reported = sub.dropped
+                if flow.seq > newest and flt.match(flow):
+                    yield pb.GetFlowsResponse(flow=flow_to_proto(flow))
+        finally:
+            if sub is not None:
+                self._flows.unsubscribe(sub)
+
+    async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
+        counts = await self._worker.call(self._chain.reason_counts)
+        return pb.FlowStats(
+            capacity=self._flows.capacity,
+            buffered=len(self._flows),
+            seen=self._flows.seen,
+            evicted=self._flows.evicted,
+            subscriber_dropped=self._flows.subscriber_dropped,
+            datapath_unreported=self._flows.unreported(counts),
+        )

@@ -341,6 +341,9 @@ def test_a_bad_cidr_is_exit_1_with_the_services_message_and_changes_nothing(cli:
         ("endpoint", "create"),
         ("endpoint", "create", "x", "-l", "novalue"),
         ("observe", "--verdict", "MAYBE"),
+        ("observe", "--since", "yesterday"),
+        ("observe", "--ip", "10.0.0.0/33"),
+        ("observe", "--last", "0"),
         ("prefilter", "add"),
         ("status", "-o", "yaml"),
     ],
@@ -373,7 +376,7 @@ def test_a_node_that_is_not_running_is_exit_3(tmp_path: Path) -> None:
 
 def test_observe_follow_shows_a_denied_connection_made_after_it_started(cli: Cli) -> None:
     watcher = cli.popen(
-        "observe", "--follow", "--endpoint", "web", "--verdict", "dropped", "--protocol", "tcp", "--last", "1",
+        "observe", "--follow", "--endpoint", "web", "--verdict", "dropped", "--protocol", "tcp", "--count", "1",
         "-o", "json",
     )  # fmt: skip
     started = time.time()
@@ -392,11 +395,13 @@ def test_observe_follow_shows_a_denied_connection_made_after_it_started(cli: Cli
     assert (event["src"], event["dst"], event["dst_port"], event["protocol"]) == (OUTSIDE_V4, cli.web.ipv4, 80, "TCP")
     assert event["endpoint_id"] == cli.web.id and event["dst_identity"] == cli.web.identity
     assert event["hook"] == "HOOK_TO_CONTAINER"
+    assert event["destination"]["endpoint"] == "web" and "app=web" in event["destination"]["labels"]
+    assert event["source"]["endpoint"] == "" and event["source"]["address"] == OUTSIDE_V4
     assert time.mktime(time.strptime(event["time"][:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone >= int(started) - 1
 
 
 def test_observe_table_shows_the_drop_reason_and_filters_leave_others_out(cli: Cli) -> None:
-    watcher = cli.popen("observe", "--duration", "20", "--last", "2", "--port", "80")
+    watcher = cli.popen("observe", "--duration", "20", "--count", "2", "--port", "80")
     other = cli.popen("observe", "--duration", "4", "--protocol", "UDP", "--endpoint", "web")
     try:
         _deny_traffic(cli, watcher)
@@ -415,6 +420,34 @@ def test_observe_table_shows_the_drop_reason_and_filters_leave_others_out(cli: C
     )
     assert other.returncode == 0, other_err
     assert other_out == ""  # TCP drops only: the UDP filter shows none
+
+
+def test_observe_last_replays_the_newest_buffered_flows_and_exits(cli: Cli) -> None:
+    watcher = cli.popen("observe", "--duration", "20", "--count", "1", "--port", "80")
+    try:
+        _deny_traffic(cli, watcher)  # at least one drop in the buffer, whatever ran before
+        watcher.communicate(timeout=15)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+            watcher.communicate()
+    with cli.channel("orchestrator") as ch:
+        stub = orch_grpc.OrchestratorStub(ch)
+        request = orch_pb.GetFlowsRequest(endpoints=["web"], ports=[80], last=2)
+        newest = [m.flow for m in stub.GetFlows(request, timeout=10) if m.HasField("flow")]
+    started = time.monotonic()
+    result = cli.ok("observe", "--endpoint", "web", "--port", "80", "--last", "2", "--since", "10m", "-o", "json")
+    assert time.monotonic() - started < 10  # no follow: it does not wait for new flows
+    flows = [json.loads(text) for text in result.stdout.splitlines()]
+    assert [int(f["seq"]) for f in flows] == [f.seq for f in newest] and len(flows) == 2
+    assert all(f["verdict"] == "DROPPED" and f["destination"]["endpoint"] == "web" for f in flows)
+    table = cli.ok("observe", "--endpoint", "web", "--port", "80", "--last", "1").stdout.splitlines()
+    assert len(table) == 1 and table[0].endswith(" to=web") and f"-> {cli.web.ipv4}:80 TCP DROPPED" in table[0]
+    nothing = cli.ok("observe", "--endpoint", "client", "--port", "80", "--protocol", "UDP")
+    assert nothing.stdout == "" and "no matching flows" in nothing.stderr
+    stats = cli.json("metrics")["flows"]
+    assert int(stats["capacity"]) == 4096 and int(stats["seen"]) >= int(stats["buffered"]) >= 1
+    assert "SUBSCRIBER DROPPED" in cli.ok("metrics").stdout
 
 
 # ---- down (last: it stops the node) ----
