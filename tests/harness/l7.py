@@ -132,7 +132,9 @@ class Service:
         assert self.process is not None
         if self.process.poll() is None:
             self.process.send_signal(sig)
-        return self.process.wait(timeout=20)
+        # The service's own stop is bounded but long on a loaded machine: API grace (5 s),
+        # Envoy's drain (admin call 1 s + 1 s), then SIGTERM and SIGKILL waits (5 s each).
+        return self.process.wait(timeout=60)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
