@@ -84,6 +84,23 @@ class _BoundedLoader(yaml.SafeLoader):
                 "repeat); split it or write it without anchors"
             )
 
+    def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+        """A key given twice is refused: YAML would keep the last silently, dropping a section or rule."""
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the schema walk refuses it by name
+                continue
+            if duplicate:
+                line = key_node.start_mark.line + 1
+                raise InvalidArgument(f"document line {line}: key {shown(str(key))} is given twice in one mapping")
+        return super().construct_mapping(node, deep=deep)
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()  # type: ignore[no-untyped-call]
         if isinstance(event, AliasEvent):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import textwrap
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
+from tests.e2e.test_policy import known
 from tests.harness import traffic
 from tests.harness.node import NODE_NET_V4, OUTSIDE_V4, Node, pid_prefix
 
@@ -352,20 +352,6 @@ class Env:
             self.policy.DeleteRules(pb.DeleteRulesRequest(names=keys), timeout=10)
 
 
-def known(stub: pb_grpc.PolicyStub, *endpoints: orch_pb.Endpoint, timeout: float = 10.0) -> None:
-    """Wait until the policy service has followed these endpoints from the orchestrator's stream."""
-    deadline = time.monotonic() + timeout
-    for ep in endpoints:
-        while True:
-            try:
-                stub.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint=ep.name), timeout=5)
-                break
-            except grpc.RpcError as exc:
-                if exc.code() != grpc.StatusCode.NOT_FOUND or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Env]:
     name = f"{pid_prefix()}cnp{next(_counter)}"
@@ -379,7 +365,7 @@ def env(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Env]:
             for ep, (ns, labels, ports) in ENDPOINTS.items()
         }
         e = Env(node, made)
-        known(e.policy, *made.values())
+        known(e.policy, *made.values(), timeout=10)
         yield e
     finally:
         node.teardown()
@@ -538,10 +524,8 @@ def test_a_refused_field_is_named_and_changes_nothing(env: Env, field: str, code
     try:
         before_rules = env.policy.ListRules(pb.ListRulesRequest(), timeout=10)
         before_map = env.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="web"), timeout=10)
-        refused = BASE_DOCUMENT.replace(
-            "spec:\n  endpointSelector: {matchLabels: {app: web}}\n",
-            f"spec:\n  endpointSelector: {{matchLabels: {{app: web}}}}\n  {body}\n",
-        )
+        # The same policy with the refused part in place of its ingress section.
+        refused = BASE_DOCUMENT[: BASE_DOCUMENT.index("  ingress:")] + f"  {body}\n"
         with pytest.raises(grpc.RpcError) as caught:
             env.policy.ImportRules(pb.ImportRulesRequest(document=refused), timeout=10)
         assert caught.value.code() == code, caught.value.details()

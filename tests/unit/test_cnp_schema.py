@@ -987,3 +987,20 @@ def test_one_hostile_value_anywhere_raises_only_weir_errors(path: tuple[Any, ...
     for message in messages:
         rule = from_proto(message)
         assert from_proto(to_proto(rule)) == rule
+
+
+def test_a_key_given_twice_is_refused_not_dropped() -> None:
+    """YAML keeps the last of two equal keys; a second `ingress:` would silently replace the first."""
+    text = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: web-in, namespace: prod}
+spec:
+  endpointSelector: {matchLabels: {app: web}}
+  ingressDeny: [{fromEntities: [world]}]
+  ingressDeny: [{fromEntities: [host]}]
+"""
+    with pytest.raises(InvalidArgument, match="line 8: key 'ingressDeny' is given twice"):
+        from_document(text)
+    with pytest.raises(InvalidArgument, match="key 'name' is given twice"):
+        from_document('{"metadata": {"name": "a", "name": "b"}, "spec": {}}')
