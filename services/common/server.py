@@ -34,6 +34,9 @@ Register = Callable[[grpc.aio.Server], Sequence[str]]
 OnStop = Callable[[], Awaitable[None] | None]
 
 STOP_GRACE_SECONDS = 5.0
+# How long past its grace a gRPC server's stop may take before we go on without it: a stop
+# that never returned once left a service (and the Envoy it owns) running after SIGTERM.
+STOP_MARGIN_SECONDS = 5.0
 # Bulk calls (a million prefilter entries, ten thousand services) exceed gRPC's 4 MiB default.
 MAX_MESSAGE_BYTES = 256 << 20
 GRPC_OPTIONS = [
@@ -225,7 +228,7 @@ class ServiceServer:
         try:
             await self.health.enter_graceful_shutdown()
             if self._server is not None:
-                await self._server.stop(grace)
+                await stop_bounded(self._server, grace)
             if self._on_stop is not None:
                 result = self._on_stop()
                 if inspect.isawaitable(result):
@@ -281,6 +284,14 @@ async def serve(
         for sig in signals:
             loop.remove_signal_handler(sig)
         await server.stop()
+
+
+async def stop_bounded(server: grpc.aio.Server, grace: float) -> None:
+    """Stop a gRPC server, giving up after grace plus a margin so the rest of a shutdown still runs."""
+    try:
+        await asyncio.wait_for(server.stop(grace), grace + STOP_MARGIN_SECONDS)
+    except TimeoutError:
+        log.error("grpc server did not stop in time; going on with the shutdown", grace=grace)
 
 
 def run(

@@ -23,7 +23,7 @@ from services.common.errors import FailedPrecondition
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
-from services.common.server import check_tls_files, serve
+from services.common.server import check_tls_files, serve, stop_bounded
 from services.common.service import serve_held
 from services.common.state import open_state
 from services.common.worker import Worker
@@ -107,7 +107,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await sidecar.stop()
-        await control.stop(1.0)
+        await stop_bounded(control, 1.0)
         control_socket.unlink(missing_ok=True)
         await worker.call(store.close)
         worker.shutdown()

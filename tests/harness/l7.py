@@ -134,7 +134,24 @@ class Service:
             self.process.send_signal(sig)
         # The service's own stop is bounded but long on a loaded machine: API grace (5 s),
         # Envoy's drain (admin call 1 s + 1 s), then SIGTERM and SIGKILL waits (5 s each).
-        return self.process.wait(timeout=60)
+        try:
+            return self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.kill_all()  # the test fails, but leaves no service or Envoy behind
+            raise
+
+    def kill_all(self) -> None:
+        """SIGKILL the service and the Envoy its pid file names."""
+        assert self.process is not None
+        pid_file = self.workdir / "run" / "l7" / "envoy.pid"
+        try:
+            envoy = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            envoy = 0
+        self.process.kill()
+        self.process.wait(timeout=10)
+        if envoy and running(envoy):
+            os.kill(envoy, signal.SIGKILL)
 
     def tail(self, lines: int = 60) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
