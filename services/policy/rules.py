@@ -123,11 +123,30 @@ class CidrRule:
 
 
 @dataclass(frozen=True)
+class HttpHeaderMatch:
+    """A header that must be present (value None) or carry exactly value."""
+
+    name: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    """One request pattern (Cilium's PortRuleHTTP); empty fields match anything."""
+
+    method: str = ""  # RE2, whole value
+    path: str = ""  # RE2, whole value
+    host: str = ""  # RE2, whole value
+    headers: tuple[HttpHeaderMatch, ...] = ()
+
+
+@dataclass(frozen=True)
 class PortRule:
     protocol: str  # TCP, UDP, SCTP, ICMP (IPv4), ICMPV6, ANY (TCP, UDP and SCTP)
     first: int  # 0 with last 65535 (or 255 for ICMP types): every port
     last: int
     name: str = ""  # a named port, resolved per endpoint (first and last are then 0)
+    http: tuple[HttpRule, ...] = ()  # L7 rules: the port's TCP flows go through Envoy
 
 
 @dataclass(frozen=True)
