@@ -321,7 +321,19 @@ def check_service_name(name: str, where: str) -> str:
     return name
 
 
+def _http(msg: pb.HttpRule) -> HttpRule:
+    headers = tuple(HttpHeaderMatch(h.name, h.value if h.HasField("value") else None) for h in msg.headers)
+    return HttpRule(msg.method, msg.path, msg.host, headers)
+
+
 def _port(msg: pb.PortRule, where: str) -> PortRule:
+    port = _l4_port(msg, where)
+    if not msg.http:
+        return port
+    return replace(port, http=tuple(_http(h) for h in msg.http))
+
+
+def _l4_port(msg: pb.PortRule, where: str) -> PortRule:
     protocol = (msg.protocol or "ANY").upper()
     if protocol not in PROTOCOLS:
         raise InvalidArgument(f"{where}: protocol {shown(msg.protocol)} is not one of {', '.join(PROTOCOLS)}")
