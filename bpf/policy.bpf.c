@@ -11,6 +11,17 @@
  * direction is not enforced in that direction; one in audit mode records the
  * verdict and lets the packet pass.
  *
+ * An allow entry with a proxy port sends the flow to the L7 proxy (l7.h): at
+ * from-container by assigning the proxy's socket, at to-container through the
+ * hairpin device. Such a flow never caches its verdict, so every packet of it
+ * finds its entry (and the proxy) again, and a rule change that takes the proxy
+ * port away sends the next packet direct. The proxy's upstream legs carry a
+ * mark (Envoy's SO_MARK): from an egress listener, the client endpoint's
+ * identity, which the destination's ingress policy judges in place of the
+ * proxy's address; from an ingress listener, a flow this very policy admitted
+ * before the proxy, which passes without another lookup (and without going to
+ * the proxy again).
+ *
  * Packets are judged on their real L4 ports: the parser walks VLAN tags, IPv4
  * options and IPv6 extension headers, and a later fragment takes the ports of
  * its datagram's first fragment (frag.h), so it shares the datagram's
@@ -20,6 +31,7 @@
 #include "weir/conntrack.h"
 #include "weir/frag.h"
 #include "weir/ipcache.h"
+#include "weir/l7.h"
 #include "weir/policy.h"
 
 /* Endpoint id -> the revision of its policy (map and flags); the service bumps
@@ -112,6 +124,32 @@ static __always_inline __u64 policy_stamp(__u32 ep)
 	return (__u64)rev << 32 | generation;
 }
 
+/* Hand an allowed flow to the proxy (see l7.h); a flow the proxy cannot take drops. */
+static __always_inline int redirect_to_proxy(struct __sk_buff *skb, const struct flow *f, __u8 dir, __u32 ep,
+					     __u32 src_identity, __u16 proxy_port, int new_flow, void *calls)
+{
+	__u32 zero = 0, *hairpin;
+
+	if (f->family != WEIR_FAMILY_INET || f->proto != WEIR_IP_PROTO_TCP || !f->l4_ok)
+		return weir_tc_drop(skb, WEIR_REASON_PROXY_UNAVAILABLE);
+	if (dir == WEIR_DIRECTION_EGRESS) {
+		if (l7_assign(skb, f, proxy_port) < 0)
+			return weir_tc_drop(skb, WEIR_REASON_PROXY_UNAVAILABLE);
+		skb->mark = WEIR_XFRM_MARK_L7_PROXY;
+		if (new_flow)
+			l7_event(skb, skb->cb[WEIR_CB_HOOK], ep, src_identity, proxy_port);
+		return weir_tc_next(skb, calls);
+	}
+	hairpin = bpf_map_lookup_elem(&l7_hairpin, &zero);
+	if (!hairpin || !*hairpin)
+		return weir_tc_drop(skb, WEIR_REASON_PROXY_UNAVAILABLE);
+	skb->mark = (__u32)proxy_port << WEIR_MARK_IDENTITY_SHIFT | WEIR_XFRM_MARK_L7_PROXY;
+	if (new_flow)
+		l7_event(skb, skb->cb[WEIR_CB_HOOK], ep, src_identity, proxy_port);
+	metrics_bump(WEIR_REASON_FORWARDED, dir, skb->len);
+	return bpf_redirect(*hairpin, BPF_F_INGRESS);
+}
+
 /* Enforce the endpoint's policy in one direction, on every packet of the
  * original direction: a new connection and an established one are judged alike,
  * so a policy change that denies an open connection cuts it at its next packet.
@@ -136,8 +174,9 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	struct weir_ct_key key;
 	struct ct_packet pkt;
 	struct flow f;
-	__u32 peer, src_identity;
+	__u32 peer, src_identity, kind;
 	__u64 stamp = 0;
+	__u16 proxy_port = 0;
 	int ret, verdict, state = CT_NEW, error;
 
 	if (!ep)
@@ -176,17 +215,26 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		return weir_tc_next(skb, calls);
 	}
 	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
+	kind = dir == WEIR_DIRECTION_INGRESS ? l7_mark_kind(skb->mark) : 0;
+	if (kind == WEIR_XFRM_MARK_L7_FROM_EGRESS_PROXY)
+		peer = l7_mark_identity(skb->mark); /* the client endpoint's, not the proxy's address */
 	if (dir == WEIR_DIRECTION_INGRESS)
 		src_identity = peer;
 	else if (ct)
 		src_identity = ct->src_identity; /* the endpoint's own, kept since the connection began */
 	else
 		src_identity = ipcache_identity(f.family, f.saddr);
-	verdict = policy_verdict(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len);
+	if (kind == WEIR_XFRM_MARK_L7_FROM_INGRESS_PROXY)
+		verdict = VERDICT_ALLOW; /* admitted by this policy before it went to the proxy */
+	else
+		verdict = policy_verdict(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len,
+					 &proxy_port);
 	if (verdict == VERDICT_NONE && (cfg->flags & default_allow_flag(dir)))
 		verdict = VERDICT_ALLOW;
 	init.src_identity = src_identity;
 	if (verdict == VERDICT_ALLOW) {
+		if (proxy_port)
+			stamp = 0; /* never cached: each packet must find the proxy (or its absence) */
 		if (ct)
 			WRITE_ONCE(ct->policy_stamp, stamp);
 		else if (!error) {
@@ -194,6 +242,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 			ct_create(&key, &init, &pkt);
 		}
 		skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
+		if (proxy_port)
+			return redirect_to_proxy(skb, &f, dir, ep, src_identity, proxy_port, state == CT_NEW, calls);
 		return weir_tc_next(skb, calls);
 	}
 	if (ct)
@@ -220,6 +270,28 @@ SEC("tc")
 int policy_ingress(struct __sk_buff *skb)
 {
 	return enforce(skb, WEIR_DIRECTION_INGRESS, &calls_to_container);
+}
+
+/* The hairpin device's ingress: a to-container flow for an ingress L7 rule comes
+ * back into the stack here (proxy port in the mark's upper half) and is assigned
+ * to the proxy's socket. Nothing else is expected on this device: it drops.
+ */
+SEC("tc")
+int l7_hairpin_ingress(struct __sk_buff *skb)
+{
+	__u16 proxy_port = skb->mark >> WEIR_MARK_IDENTITY_SHIFT;
+	struct flow f;
+
+	if (l7_mark_kind(skb->mark) != WEIR_XFRM_MARK_L7_PROXY || parse_skb(skb, &f) != PARSE_IP ||
+	    l7_assign(skb, &f, proxy_port) < 0) {
+		metrics_bump(WEIR_REASON_PROXY_UNAVAILABLE, WEIR_DIRECTION_INGRESS, skb->len);
+		emit_event(WEIR_EVENT_TYPE_DROP, WEIR_REASON_PROXY_UNAVAILABLE, WEIR_HOOK_TO_CONTAINER, skb->ifindex, 0,
+			   0, (void *)(long)skb->data, (void *)(long)skb->data_end);
+		return TC_ACT_SHOT;
+	}
+	skb->mark = WEIR_XFRM_MARK_L7_PROXY;
+	bpf_skb_change_type(skb, WEIR_PACKET_HOST); /* its MAC was the endpoint's: the stack must take it */
+	return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

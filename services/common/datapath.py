@@ -124,6 +124,9 @@ class Reason(IntEnum):
     FRAG_NOT_FOUND = 10  # a non-first fragment whose first fragment was never seen: its ports are unknown
     EXT_HDR_LIMIT = 11  # more IPv6 extension headers than the parser walks (IPV6_EXT_MAX)
     POLICY_PENDING = 12  # a new endpoint whose policy is not in its maps yet (EndpointFlag.POLICY_PENDING)
+    # An L7 port's flow found no proxy listener (Envoy down or not configured yet, or an IPv6
+    # flow, which the proxy does not serve): dropped, never let through unchecked.
+    PROXY_UNAVAILABLE = 13
 
 
 class Cb(IntEnum):
@@ -168,7 +171,18 @@ class XfrmMark(IntEnum):
 
     ENCRYPT = 0x0E00  # ipsec: send through ESP
     DECRYPT = 0x0D00  # ipsec: came in decrypted
-    L7_PROXY = 0x0A00  # l7: headed to or from the proxy
+    L7_PROXY = 0x0A00  # l7: headed to the proxy (policy routes it to the local stack)
+    L7_FROM_EGRESS_PROXY = 0x0B00  # l7: Envoy's upstream for an egress listener; identity in the other bits
+    L7_FROM_INGRESS_PROXY = 0x0C00  # l7: Envoy's upstream for an ingress listener (admitted before the proxy)
+
+
+# An identity in a mark's bits outside XFRM_MARK_MASK: its low 16 bits in the mark's upper
+# half, its next 8 bits in the mark's low byte (24 bits: label and CIDR identities fit).
+MARK_IDENTITY_SHIFT = 16
+# The policy-routing table and rule priority that deliver packets marked L7_PROXY to the
+# local stack (a `local 0.0.0.0/0 dev lo` route), where the socket they were assigned takes them.
+L7_PROXY_ROUTE_TABLE = 2005
+L7_PROXY_RULE_PRIORITY = 90
 
 
 class EventType(IntEnum):
@@ -178,7 +192,7 @@ class EventType(IntEnum):
     VERDICT = 2
     ACCEL_START = 3  # a socket went into the socket-layer fast path (sockaccel)
     ACCEL_END = 4  # a socket left it: closed, turned off, or policy changed (len = bytes it redirected)
-    # A redirect type joins when an object redirects (the L7 proxy); none does yet.
+    PROXY_REDIRECT = 5  # a new connection sent to the L7 proxy; `pad` holds the proxy port (host order)
 
 
 class ReservedIdentity(IntEnum):
@@ -354,7 +368,7 @@ class CtValue(ctypes.Structure):
 
 ENUMS: list[type[IntEnum]] = [
     Hook, Slot, Direction, CtScope, Family, IpProto, TcpFlag, Reason, Cb, EventType, ReservedIdentity, CtFlag,
-    EndpointFlag,
+    EndpointFlag, XfrmMark,
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,
@@ -377,6 +391,8 @@ CONSTANTS = {
     "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
     "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
+    "XFRM_MARK_MASK": XFRM_MARK_MASK,
+    "MARK_IDENTITY_SHIFT": MARK_IDENTITY_SHIFT,
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 

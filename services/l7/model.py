@@ -29,7 +29,8 @@ MAX_HEADER_VALUE_CHARS = 4096
 # Envoy refuses a google_re2 regex whose program is larger than this (runtime key
 # re2.max_program_size.error_level, default 100).
 ENVOY_MAX_PROGRAM_SIZE = 100
-RULE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
+# Rule names: the policy service names a rule after its policy rule, `namespace/name#n`.
+RULE_NAME_RE = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_./#:]{0,318}[A-Za-z0-9])?")
 # RFC 7230 token characters.
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,256}")
 DEFAULT_BIND = "127.0.0.1"
@@ -79,6 +80,7 @@ class HttpRule:
     host: str = ""
     headers: tuple[HeaderMatch, ...] = ()
     sources: tuple[str, ...] = ()  # CIDRs the connection must come from; empty: any
+    destinations: tuple[str, ...] = ()  # CIDRs the connection must go to (its original destination); empty: any
 
     def to_doc(self) -> dict[str, Any]:
         return {
@@ -88,6 +90,7 @@ class HttpRule:
             "host": self.host,
             "headers": [h.to_doc() for h in self.headers],
             "sources": list(self.sources),
+            "destinations": list(self.destinations),
         }
 
     @classmethod
@@ -99,6 +102,7 @@ class HttpRule:
             host=doc.get("host", ""),
             headers=tuple(HeaderMatch.from_doc(h) for h in doc.get("headers", [])),
             sources=tuple(doc.get("sources", [])),
+            destinations=tuple(doc.get("destinations", [])),
         )
 
 
@@ -116,6 +120,7 @@ class Listener:
     transparent: bool = False
     use_original_dst: bool = False
     protocol: str = "TCP"
+    upstream_mark: int = 0  # SO_MARK of Envoy's upstream sockets; 0: none
 
     @property
     def name(self) -> str:
@@ -134,6 +139,7 @@ class Listener:
             "transparent": self.transparent,
             "use_original_dst": self.use_original_dst,
             "protocol": self.protocol,
+            "upstream_mark": self.upstream_mark,
         }
 
     @classmethod
@@ -149,6 +155,7 @@ class Listener:
             transparent=bool(doc.get("transparent", False)),
             use_original_dst=bool(doc.get("use_original_dst", False)),
             protocol=doc.get("protocol", "TCP"),
+            upstream_mark=int(doc.get("upstream_mark", 0)),
         )
 
 
@@ -215,6 +222,9 @@ def check_listener(listener: Listener, where: str) -> None:
         validate.at_most(len(rule.sources), MAX_SOURCES, f"{at}.sources")
         for j, source in enumerate(rule.sources):
             validate.cidr(source, f"{at}.sources[{j}]")
+        validate.at_most(len(rule.destinations), MAX_SOURCES, f"{at}.destinations")
+        for j, destination in enumerate(rule.destinations):
+            validate.cidr(destination, f"{at}.destinations[{j}]")
 
 
 def check_endpoint(endpoint: str, listeners: list[Listener]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2
+from envoy.config.core.v3 import address_pb2, config_source_pb2, grpc_service_pb2, socket_option_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2 as rbac_config
@@ -48,6 +48,7 @@ CONTROL_CLUSTER = "weir_l7_control"
 LISTENER_TAG = "weir.listener"  # access log custom tag naming the listener
 ACCESS_LOG_FLUSH = duration_pb2.Duration(nanos=50_000_000)
 CONNECT_TIMEOUT = duration_pb2.Duration(seconds=2)
+SOL_SOCKET, SO_MARK = 1, 36  # Linux
 
 
 def _any(message: Message) -> any_pb2.Any:
@@ -76,23 +77,32 @@ def rule_permission(rule: HttpRule) -> rbac_config.Permission:
                     name=header.name.lower(), string_match=string_pb2.StringMatcher(exact=header.exact)
                 )
             )
-    if not matchers:
+    permissions = [rbac_config.Permission(header=m) for m in matchers]
+    if rule.destinations:
+        permissions.append(
+            rbac_config.Permission(
+                or_rules=rbac_config.Permission.Set(
+                    rules=[rbac_config.Permission(destination_ip=_cidr(d)) for d in rule.destinations]
+                )
+            )
+        )
+    if not permissions:
         return rbac_config.Permission(any=True)
-    return rbac_config.Permission(
-        and_rules=rbac_config.Permission.Set(rules=[rbac_config.Permission(header=m) for m in matchers])
-    )
+    return rbac_config.Permission(and_rules=rbac_config.Permission.Set(rules=permissions))
+
+
+def _cidr(text: str) -> address_pb2.CidrRange:
+    network = ipaddress.ip_network(text)
+    cidr = address_pb2.CidrRange(address_prefix=str(network.network_address))
+    cidr.prefix_len.value = network.prefixlen
+    return cidr
 
 
 def rule_principal(rule: HttpRule) -> rbac_config.Principal:
     """Who a rule applies to: connections from its source CIDRs (none: anyone)."""
     if not rule.sources:
         return rbac_config.Principal(any=True)
-    ids = []
-    for source in rule.sources:
-        network = ipaddress.ip_network(source)
-        cidr = address_pb2.CidrRange(address_prefix=str(network.network_address))
-        cidr.prefix_len.value = network.prefixlen
-        ids.append(rbac_config.Principal(direct_remote_ip=cidr))
+    ids = [rbac_config.Principal(direct_remote_ip=_cidr(source)) for source in rule.sources]
     return rbac_config.Principal(or_ids=rbac_config.Principal.Set(ids=ids))
 
 
@@ -115,23 +125,47 @@ def cluster(listener: Listener) -> cluster_pb2.Cluster:
     """The listener's upstream: a fixed address, or the connection's original destination."""
     name = cluster_name(listener)
     if not listener.upstream:
-        return cluster_pb2.Cluster(
+        result = cluster_pb2.Cluster(
             name=name,
             type=cluster_pb2.Cluster.ORIGINAL_DST,
             lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
             connect_timeout=CONNECT_TIMEOUT,
         )
+        _mark(result, listener.upstream_mark)
+        return result
     host, port = parse_upstream(listener.upstream, "upstream")
     endpoint = endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(address=_socket(host, port))
     )
-    return cluster_pb2.Cluster(
+    result = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.STATIC,
         connect_timeout=CONNECT_TIMEOUT,
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
             cluster_name=name, endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[endpoint])]
         ),
+    )
+    _mark(result, listener.upstream_mark)
+    return result
+
+
+def _mark(cluster: cluster_pb2.Cluster, mark: int) -> None:
+    """SO_MARK on the cluster's upstream sockets (set before connect), so the datapath knows them."""
+    if not mark:
+        return
+    cluster.upstream_bind_config.CopyFrom(
+        address_pb2.BindConfig(
+            source_address=address_pb2.SocketAddress(address="0.0.0.0", port_value=0),
+            socket_options=[
+                socket_option_pb2.SocketOption(
+                    description="weir upstream mark",
+                    level=SOL_SOCKET,
+                    name=SO_MARK,
+                    int_value=mark,
+                    state=socket_option_pb2.SocketOption.STATE_PREBIND,
+                )
+            ],
+        )
     )
 
 

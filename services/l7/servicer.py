@@ -34,7 +34,11 @@ def _header(h: pb.HeaderMatch) -> HeaderMatch:
 def _rule(r: pb.HttpRule, where: str) -> HttpRule:
     validate.at_most(len(r.headers), model.MAX_HEADERS, f"headers in {where}")
     validate.at_most(len(r.sources), model.MAX_SOURCES, f"sources in {where}")
-    return HttpRule(r.name, r.method, r.path, r.host, tuple(_header(h) for h in r.headers), tuple(r.sources))
+    validate.at_most(len(r.destinations), model.MAX_SOURCES, f"destinations in {where}")
+    return HttpRule(
+        r.name, r.method, r.path, r.host, tuple(_header(h) for h in r.headers), tuple(r.sources),
+        tuple(r.destinations),
+    )  # fmt: skip
 
 
 def listener_from(endpoint: str, x: pb.Listener, where: str) -> Listener:
@@ -50,6 +54,7 @@ def listener_from(endpoint: str, x: pb.Listener, where: str) -> Listener:
         transparent=x.transparent,
         use_original_dst=x.use_original_dst,
         protocol=validate.protocol(x.protocol, f"{where}.protocol", allowed=("TCP",)),
+        upstream_mark=x.upstream_mark,
     )
 
 
@@ -72,6 +77,7 @@ def listener_pb(x: Listener) -> pb.Listener:
                     for h in r.headers
                 ],
                 sources=r.sources,
+                destinations=r.destinations,
             )
             for r in x.rules
         ],
@@ -79,6 +85,7 @@ def listener_pb(x: Listener) -> pb.Listener:
         bind_address=x.bind_address,
         transparent=x.transparent,
         use_original_dst=x.use_original_dst,
+        upstream_mark=x.upstream_mark,
     )
 
 

@@ -17,10 +17,12 @@ from services.common.errors import WeirError
 from services.common.logs import setup_logging
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
+from services.policy import redirect
 from services.policy.defs import DEFAULT_POLICY_ENTRIES
+from services.policy.l7push import ListenerPush
 from services.policy.limits import brief, summary
 from services.policy.maps import PolicyMaps
-from services.policy.policy import NO_ADOPT, Policy
+from services.policy.policy import DEFAULT_PROXY_PORTS, NO_ADOPT, Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
 from services.policy.sources import Orchestrator, follow_endpoints, follow_identities
 
@@ -39,6 +41,20 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_POLICY_ENTRIES,
         help=f"policy map entries per endpoint (default {DEFAULT_POLICY_ENTRIES})",
     )
+    parser.add_argument(
+        "--proxy-ports",
+        type=_port_range,
+        default=DEFAULT_PROXY_PORTS,
+        help=f"the L7 proxy's listener ports, FIRST-LAST (default "
+        f"{DEFAULT_PROXY_PORTS.start}-{DEFAULT_PROXY_PORTS.stop - 1})",
+    )
+
+
+def _port_range(text: str) -> range:
+    first, sep, last = text.partition("-")
+    if not sep or not first.isdigit() or not last.isdigit() or not 0 < int(first) <= int(last) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port range FIRST-LAST within 1-65535")
+    return range(int(first), int(last) + 1)
 
 
 def _follower(worker: Worker, apply: Callable[..., list[str]], what: str) -> Callable[..., Awaitable[None]]:
@@ -67,6 +83,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         register=chain.register,
     )
     node = Orchestrator(orchestrator_socket)
+    push = ListenerPush(config.socket_path("l7"))
+    push.start()
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, policy: Policy) -> str:
         pb_grpc.add_PolicyServicer_to_server(PolicyServicer(worker, policy), server)
@@ -83,13 +101,14 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         await run_datapath_service(
             SERVICE,
             config,
-            lambda store: Policy(maps, store, node),
+            lambda store: Policy(maps, store, node, push, args.proxy_ports, redirect.setup),
             add_servicer,
             background,
             can_adopt=False,
             adopt_note=NO_ADOPT,
         )
     finally:
+        push.stop()
         node.close()
 
 

@@ -19,14 +19,14 @@ import bisect
 import collections
 import ipaddress
 import itertools
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
 
 from services.common.datapath import Direction, ReservedIdentity
 from services.common.errors import ResourceExhausted
 from services.common.validate import Network
 from services.policy.defs import PREFIX_IDENTITY, PREFIX_PROTO
-from services.policy.rules import PeerRule, PortRule, Rule, Selector
+from services.policy.rules import HttpRule, PeerRule, PortRule, Rule, Selector
 
 ANY = 0
 TCP, UDP, ICMP, ICMPV6, SCTP = 6, 17, 1, 58, 132
@@ -92,6 +92,8 @@ class MapEntry:
     port_prefix: int
     deny: bool
     rules: tuple[str, ...] = field(compare=False)
+    l7: bool = False  # an allow whose flows go through the L7 proxy (a port rule with HTTP rules)
+    proxy_port: int = 0  # the proxy port those flows go to (given by the service; 0 until then)
 
     @property
     def key_prefixlen(self) -> int:
@@ -105,6 +107,28 @@ class MapEntry:
 
 
 @dataclass(frozen=True)
+class L7Rule:
+    """One HTTP rule of an L7 port, for the peers its section names (None: every peer).
+
+    `http` None is an allow-all rule: an L4-only allow of the same port and peers, which
+    the proxy must let through as it is (as Cilium wildcards L7 for such peers).
+    """
+
+    name: str
+    http: HttpRule | None
+    identities: frozenset[int] | None
+
+
+@dataclass(frozen=True)
+class L7Port:
+    """A TCP port of an endpoint, in one direction, whose flows go through the proxy."""
+
+    direction: Direction
+    port: int
+    rules: tuple[L7Rule, ...]
+
+
+@dataclass(frozen=True)
 class EndpointPolicy:
     endpoint: EndpointView
     ingress_enforced: bool
@@ -113,6 +137,7 @@ class EndpointPolicy:
     # Enforced, but no selecting rule asks for default deny: what no entry matches passes.
     ingress_default_allow: bool = False
     egress_default_allow: bool = False
+    l7_ports: tuple[L7Port, ...] = ()
 
     def enforced(self, direction: Direction) -> bool:
         return self.ingress_enforced if direction is Direction.INGRESS else self.egress_enforced
@@ -142,6 +167,11 @@ class Grant:
     last: int
     deny: bool
     rule: str  # the rule's key (namespace/name)
+    http: tuple[HttpRule, ...] = ()  # the port rule's L7 rules (an allow of one TCP port only)
+
+    @property
+    def l7(self) -> bool:
+        return bool(self.http)
 
 
 def port_prefixes(first: int, last: int, bits: int = 16) -> Iterator[tuple[int, int]]:
@@ -159,19 +189,23 @@ def rule_protocols(protocol: str) -> tuple[int, ...]:
     return PORT_PROTOCOLS if protocol == "ANY" else (PROTOCOL_NUMBERS[protocol],)
 
 
-def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int]]:
-    """(protocol, first, last) of a peer's numbered ports; a peer with no ports: every protocol.
+def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int, tuple[HttpRule, ...]]]:
+    """(protocol, first, last, HTTP rules) of a peer's numbered ports; no ports: every protocol.
 
     Only a peer rule with no ports at all is an L3 allow (ICMP included); `ANY` port 0
-    covers every port of TCP, UDP and SCTP, and ICMP only through an ICMP rule.
+    covers every port of TCP, UDP and SCTP, and ICMP only through an ICMP rule. HTTP rules
+    apply to TCP only; a port rule with HTTP rules over a range of ports (Cilium refuses
+    those) allows nothing, so L7 rules never fail open.
     """
     if not peer.ports:
-        yield ANY, 0, 65535
+        yield ANY, 0, 65535, ()
         return
     for p in peer.ports:
         if not p.name:
             for proto in rule_protocols(p.protocol):
-                yield proto, p.first, p.last
+                if p.http and proto == TCP and p.first != p.last:
+                    continue
+                yield proto, p.first, p.last, (p.http if proto == TCP else ())
 
 
 def _names_reserved(selector: Selector) -> bool:
@@ -195,7 +229,10 @@ class PolicyComputer:
         endpoints: Iterable[EndpointView],
         cidr_identities: dict[Network, int],
         capacity: int,
+        proxy_port: Callable[[str, Direction, int], int] | None = None,
     ) -> None:
+        """`proxy_port(endpoint name, direction, port)` gives an L7 port's proxy port (None: 0)."""
+        self.proxy_port = proxy_port
         self.rules = sorted(rules, key=lambda r: r.key)
         self.endpoints = sorted(endpoints, key=lambda e: e.name)
         self.cidr_identities = cidr_identities
@@ -262,12 +299,13 @@ class PolicyComputer:
         protocols = rule_protocols(port.protocol)
         if direction is Direction.INGRESS:
             for proto, number in sorted(ep.ports_named(port.name, protocols)):
-                yield Grant(ids, proto, number, number, deny, rule)
+                yield Grant(ids, proto, number, number, deny, rule, port.http if proto == TCP else ())
             return
         for identity, ports in sorted(self._named_by_identity(port.name, protocols).items()):
             if ids is None or identity in ids:
                 for proto, number in sorted(ports):
-                    yield Grant(frozenset({identity}), proto, number, number, deny, rule)
+                    yield Grant(frozenset({identity}), proto, number, number, deny, rule,
+                                port.http if proto == TCP else ())  # fmt: skip
 
     def _grants(self, ep: EndpointView, parts: list[Rule], direction: Direction) -> list[Grant]:
         grants = []
@@ -280,8 +318,8 @@ class PolicyComputer:
                     ids = self._peer_identities(peer)
                     if ids is not None and not ids:
                         continue
-                    for proto, first, last in _protocols(peer):
-                        grants.append(Grant(ids, proto, first, last, is_deny, rule.key))
+                    for proto, first, last, http in _protocols(peer):
+                        grants.append(Grant(ids, proto, first, last, is_deny, rule.key, () if is_deny else http))
                     for port in peer.ports:
                         if port.name:
                             grants.extend(self._named(ep, direction, ids, port, is_deny, rule.key))
@@ -298,9 +336,9 @@ class PolicyComputer:
             yield MapEntry(direction, identity, ANY, 0, 0, False, tuple(sorted({g.rule for g in any_allow})))
         for proto in sorted({g.proto for g in relevant if g.proto != ANY}):
             segments = _segments([g for g in relevant if g.proto == proto], skip_allows=bool(any_allow))
-            for first, last, deny, names in segments:
+            for first, last, deny, names, l7 in segments:
                 for port, plen in port_prefixes(first, last):
-                    yield MapEntry(direction, identity, proto, port, plen, deny, names)
+                    yield MapEntry(direction, identity, proto, port, plen, deny, names, l7)
 
     def endpoint(self, ep: EndpointView) -> EndpointPolicy:
         selecting = [part for rule in self.rules for part in rule.parts() if part.selector.matches(ep.labels)]
@@ -315,6 +353,7 @@ class PolicyComputer:
             Direction.EGRESS: not any(r.default_deny_egress for r in with_section[Direction.EGRESS]),
         }
         entries: list[MapEntry] = []
+        l7_ports: list[L7Port] = []
         for direction in Direction:
             if not with_section[direction]:
                 continue
@@ -328,6 +367,7 @@ class PolicyComputer:
             for identity in sorted(by_identity):
                 relevant = by_identity[identity] if not every else [*every, *by_identity[identity]]
                 entries.extend(self._table(direction, identity, relevant))
+            l7_ports.extend(_l7_ports(direction, grants, entries))
         if len(entries) > self.capacity:
             raise ResourceExhausted(
                 f"endpoint {ep.name} would need {len(entries)} policy map entries; its map holds "
@@ -335,6 +375,10 @@ class PolicyComputer:
                 "fewer port ranges and peers)"
             )
         ingress, egress = bool(with_section[Direction.INGRESS]), bool(with_section[Direction.EGRESS])
+        if self.proxy_port is not None:
+            entries = [
+                replace(e, proxy_port=self.proxy_port(ep.name, e.direction, e.port)) if e.l7 else e for e in entries
+            ]
         return EndpointPolicy(
             ep,
             ingress,
@@ -342,48 +386,76 @@ class PolicyComputer:
             tuple(entries),
             ingress_default_allow=ingress and default_allow[Direction.INGRESS],
             egress_default_allow=egress and default_allow[Direction.EGRESS],
+            l7_ports=tuple(l7_ports),
         )
 
     def all(self) -> dict[int, EndpointPolicy]:
         return {ep.id: self.endpoint(ep) for ep in self.endpoints}
 
 
-def _segments(grants: list[Grant], skip_allows: bool) -> list[tuple[int, int, bool, tuple[str, ...]]]:
-    """Port intervals with their verdict (deny wins) and rules, by one sweep over the grants.
+Segment = tuple[int, int, bool, tuple[str, ...], bool]
 
-    Neighbouring intervals are joined only when the same rules decide them, so an entry
-    (and Trace, and the hit counters) credits exactly the rules that cover its ports.
 
-    With `skip_allows`, allowed intervals are left out: an any-protocol allow
-    entry already covers them.
+def _segments(grants: list[Grant], skip_allows: bool) -> list[Segment]:
+    """Port intervals with their verdict (deny wins), rules and L7 flag, by one sweep over the grants.
+
+    Neighbouring intervals are joined only when the same rules decide them (and both go
+    through the L7 proxy or neither does), so an entry (and Trace, and the hit counters)
+    credits exactly the rules that cover its ports. An allowed interval goes through the
+    proxy when an allow with HTTP rules covers it.
+
+    With `skip_allows`, allowed intervals are left out unless they go through the proxy:
+    an any-protocol allow entry already covers them.
     """
     starts: dict[int, list[Grant]] = {}
     ends: dict[int, list[Grant]] = {}
     for g in grants:
         starts.setdefault(g.first, []).append(g)
         ends.setdefault(g.last + 1, []).append(g)
-    active: collections.Counter[tuple[bool, str]] = collections.Counter()
-    out: list[tuple[int, int, bool, tuple[str, ...]]] = []
+    active: collections.Counter[tuple[bool, str, bool]] = collections.Counter()
+    out: list[Segment] = []
     cuts = sorted(starts.keys() | ends.keys())
     for start, end in itertools.pairwise(cuts):
         for g in ends.get(start, []):
-            active[(g.deny, g.rule)] -= 1
-            if not active[(g.deny, g.rule)]:
-                del active[(g.deny, g.rule)]
+            active[(g.deny, g.rule, g.l7)] -= 1
+            if not active[(g.deny, g.rule, g.l7)]:
+                del active[(g.deny, g.rule, g.l7)]
         for g in starts.get(start, []):
-            active[(g.deny, g.rule)] += 1
-        denies = sorted(rule for deny, rule in active if deny)
-        allows = sorted(rule for deny, rule in active if not deny)
+            active[(g.deny, g.rule, g.l7)] += 1
+        denies = sorted({rule for deny, rule, _ in active if deny})
+        allows = sorted({rule for deny, rule, _ in active if not deny})
+        l7 = any(is_l7 for deny, _, is_l7 in active if not deny)
         if denies:
-            verdict, names = True, tuple(denies)
-        elif allows and not skip_allows:
+            verdict, names, l7 = True, tuple(denies), False
+        elif allows and (l7 or not skip_allows):
             verdict, names = False, tuple(allows)
         else:
             continue
-        if out and out[-1][1] == start - 1 and out[-1][2:] == (verdict, names):
-            out[-1] = (out[-1][0], end - 1, verdict, names)
+        if out and out[-1][1] == start - 1 and out[-1][2:] == (verdict, names, l7):
+            out[-1] = (out[-1][0], end - 1, verdict, names, l7)
         else:
-            out.append((start, end - 1, verdict, names))
+            out.append((start, end - 1, verdict, names, l7))
+    return out
+
+
+def _l7_ports(direction: Direction, grants: list[Grant], entries: list[MapEntry]) -> list[L7Port]:
+    """The direction's L7 ports and their rules: each grant's HTTP rules for its peers, and an
+    allow-all rule for the peers an L4-only allow of the same port admits.
+
+    A port is L7 when an entry of it sends flows to the proxy. Rules are named after the policy
+    rule (`namespace/name`) and their place among that rule's HTTP rules on the port.
+    """
+    ports = sorted({e.port for e in entries if e.l7 and e.direction is direction and e.proto == TCP})
+    out = []
+    for port in ports:
+        covering = [g for g in grants if not g.deny and g.proto in (TCP, ANY) and g.first <= port <= g.last]
+        rules: list[L7Rule] = []
+        counts: collections.Counter[str] = collections.Counter()
+        for g in covering:
+            for http in g.http or (None,):
+                counts[g.rule] += 1
+                rules.append(L7Rule(f"{g.rule}#{counts[g.rule]}", http, g.identities))
+        out.append(L7Port(direction, port, tuple(rules)))
     return out
 
 

@@ -30,8 +30,9 @@ from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
-OWN_MAPS = ("policy_maps", "policy_config", "policy_revisions")
+OWN_MAPS = ("policy_maps", "policy_config", "policy_revisions", "l7_hairpin")
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
+HAIRPIN_PROGRAM = "l7_hairpin_ingress"  # attached by the service itself to its hairpin device (redirect.py)
 BPF_F_NO_PREALLOC = 1
 
 
@@ -94,7 +95,7 @@ class PolicyMaps:
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, self.own_maps)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in [*self.own_maps, "conntrack"]}
-        self.programs = pin_programs(obj, PROGRAMS, self._pin_dir)
+        self.programs = pin_programs(obj, [*PROGRAMS, HAIRPIN_PROGRAM], self._pin_dir)
         if self._register is not None:
             self._register([Placement(hook, Slot.POLICY, self._pin_dir / name) for name, hook in PROGRAMS.items()])
 
@@ -157,8 +158,8 @@ class PolicyMaps:
             for entry in entries:
                 key = policy_key(entry)
                 packets, nbytes = counted.get(bytes(key), (0, 0))
-                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, packets=packets,
-                                              bytes=nbytes))  # fmt: skip
+                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0,
+                                              proxy_port=entry.proxy_port, packets=packets, bytes=nbytes))  # fmt: skip
                 keys.append(key)
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:

@@ -30,11 +30,13 @@ from typing import Protocol
 
 import structlog
 from google.protobuf import json_format
+from weir.common.v1 import common_pb2
+from weir.l7.v1 import l7_pb2 as l7pb
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.change import Change, store_error
-from services.common.datapath import Direction
-from services.common.errors import InvalidArgument, NotFound, Unavailable, WeirError
+from services.common.datapath import MARK_IDENTITY_SHIFT, Direction, ReservedIdentity, XfrmMark
+from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeirError
 from services.common.service import CannotAdoptError
 from services.common.store import Store, StoreError
 from services.common.validate import Network
@@ -46,13 +48,15 @@ from services.policy.compute import (
     PROTOCOL_NUMBERS,
     EndpointPolicy,
     EndpointView,
+    L7Port,
     MapEntry,
     PolicyComputer,
     lpm_identity,
 )
+from services.policy.l7push import ListenerPush
 from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
-from services.policy.maps import ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
-from services.policy.rules import Rule
+from services.policy.maps import HAIRPIN_PROGRAM, ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
+from services.policy.rules import HttpRule, Rule
 from services.policy.sources import OWNER, IdentityView
 
 log = structlog.get_logger("weir.policy")
@@ -62,6 +66,10 @@ NO_ADOPT = "policy rules cannot be rebuilt from the policy maps"
 RULE = "rule"
 AUDIT = "audit"
 OLD_IDENTITIES = "identity"  # identities this service allocated before the orchestrator owned them
+PROXY_PORT = "proxyport"  # key: endpoint/direction/port of an L7 port; doc: {"port": proxy port}
+DEFAULT_PROXY_PORTS = range(15000, 16000)
+PROXY_BIND = "127.0.0.1"  # where the listeners bind (the datapath looks them up there: bpf/include/weir/l7.h)
+WORLD_CIDRS = ("0.0.0.0/0", "::/0")
 DEFAULT_PAGE_SIZE = 500
 ADDRESS_TEXT_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 MAX_PAGE_SIZE = 10_000
@@ -98,10 +106,26 @@ class TraceResult:
 class Policy:
     """Rules and the policy maps of one node, computed from the node state it follows."""
 
-    def __init__(self, maps: PolicyMaps, store: Store, node: NodeState) -> None:
+    def __init__(
+        self,
+        maps: PolicyMaps,
+        store: Store,
+        node: NodeState,
+        l7: ListenerPush | None = None,
+        proxy_ports: range = DEFAULT_PROXY_PORTS,
+        setup_redirect: Callable[..., object] | None = None,
+    ) -> None:
+        """`l7` delivers L7 listeners to the l7 service (None: nobody is told; the flows of
+        L7 ports then drop); `setup_redirect(program, map)` prepares the node's routing and
+        hairpin device for the proxy redirect once the programs are loaded."""
         self._maps = maps
         self._store = store
         self._node = node
+        self._l7 = l7
+        self._proxy_range = proxy_ports
+        self._setup_redirect = setup_redirect
+        self._proxy_ports: dict[str, int] = {}
+        self._stored_proxy_ports: dict[str, int] = {}
         self._rules: dict[str, Rule] = {}
         self._endpoints: dict[str, EndpointView] = {}
         self._identities: dict[int, IdentityView] = {}
@@ -120,6 +144,13 @@ class Policy:
         pinned maps keep enforcing meanwhile.
         """
         self._maps.load()
+        if self._setup_redirect is not None:
+            try:
+                self._setup_redirect(self._maps.programs[HAIRPIN_PROGRAM], self._maps.maps["l7_hairpin"])
+            except (OSError, WeirError) as exc:  # L7 flows then drop (fail closed); the rest works
+                log.error("the L7 redirect could not be set up; L7 ports drop their flows", error=brief(str(exc)))
+        self._stored_proxy_ports = {key: int(doc["port"]) for key, doc in self._store.items(PROXY_PORT)}
+        self._proxy_ports = dict(self._stored_proxy_ports)
         self._rules = self._stored_rules()
         deadline = time.monotonic() + wait_for_node
         while True:
@@ -228,6 +259,7 @@ class Policy:
             self._installed.pop(stale, None)
         self._computed = policies
         self._seen = seen
+        self._sync_l7()
         return sorted(changed)
 
     def _inputs(self, cidrs: dict[Network, int]) -> object:
@@ -237,7 +269,95 @@ class Policy:
         return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
-        return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity)
+        return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity, self._proxy_port)
+
+    # ---- L7: proxy ports and listeners ----
+
+    def _proxy_port(self, endpoint: str, direction: Direction, port: int) -> int:
+        """The proxy port of an L7 port: the one it had (kept in the store), else the lowest free."""
+        key = f"{endpoint}/{direction.name.lower()}/{port}"
+        found = self._proxy_ports.get(key)
+        if found is not None:
+            return found
+        taken = set(self._proxy_ports.values())
+        for candidate in self._proxy_range:
+            if candidate not in taken:
+                self._proxy_ports[key] = candidate
+                return candidate
+        raise ResourceExhausted(
+            f"no proxy port left for {key}: all {len(self._proxy_range)} of "
+            f"{self._proxy_range.start}-{self._proxy_range.stop - 1} are in use (restart the policy service "
+            "with a larger --proxy-ports range, or use fewer L7 ports)"
+        )
+
+    def _sync_l7(self) -> None:
+        """Keep only the proxy ports an L7 port uses (in the store too) and hand the listeners on."""
+        wanted: dict[str, int] = {}
+        listeners: dict[str, list[l7pb.Listener]] = {}
+        for policy in self._computed.values():
+            ep = policy.endpoint
+            for l7_port in policy.l7_ports:
+                key = f"{ep.name}/{l7_port.direction.name.lower()}/{l7_port.port}"
+                proxy_port = self._proxy_ports.get(key)
+                if proxy_port is None:
+                    continue
+                wanted[key] = proxy_port
+                listeners.setdefault(ep.name, []).append(self._listener(ep, l7_port, proxy_port))
+        self._proxy_ports = dict(wanted)
+        if wanted != self._stored_proxy_ports:
+            try:
+                with self._store.transaction():
+                    for key in self._stored_proxy_ports.keys() - wanted.keys():
+                        self._store.delete(PROXY_PORT, key)
+                    for key, port in wanted.items():
+                        if self._stored_proxy_ports.get(key) != port:
+                            self._store.put(PROXY_PORT, key, {"port": port})
+                self._stored_proxy_ports = dict(wanted)
+            except (sqlite3.Error, StoreError) as exc:
+                log.warning("proxy ports not stored; the next change stores them", error=brief(str(exc)))
+        if self._l7 is not None:
+            self._l7.set_listeners(listeners)
+
+    def _cidrs_of(self, identities: frozenset[int] | None) -> list[str] | None:
+        """The prefixes of these identities (ipcache), None for every peer."""
+        if identities is None:
+            return None
+        cidrs: set[str] = set()
+        for identity in identities:
+            if identity == ReservedIdentity.WORLD:
+                cidrs.update(WORLD_CIDRS)
+            view = self._identities.get(identity)
+            if view is not None:
+                cidrs.update(str(p) for p in view.prefixes)
+        return sorted(cidrs)
+
+    def _listener(self, ep: EndpointView, l7_port: L7Port, proxy_port: int) -> l7pb.Listener:
+        """The l7 service's listener of one L7 port: transparent, to the original destination."""
+        ingress = l7_port.direction is Direction.INGRESS
+        rules = []
+        for rule in l7_port.rules:
+            cidrs = self._cidrs_of(rule.identities)
+            if cidrs is not None and not cidrs:
+                continue  # its peers have no address yet: it admits nobody
+            message = _http_rule(rule.name, rule.http)
+            if cidrs:
+                (message.sources if ingress else message.destinations).extend(cidrs)
+            rules.append(message)
+        mark = int(XfrmMark.L7_FROM_INGRESS_PROXY) if ingress else egress_proxy_mark(ep.identity)
+        return l7pb.Listener(
+            direction=common_pb2.DIRECTION_INGRESS if ingress else common_pb2.DIRECTION_EGRESS,
+            port=l7_port.port,
+            protocol="TCP",
+            proxy_port=proxy_port,
+            rules=rules,
+            bind_address=PROXY_BIND,
+            transparent=True,
+            upstream_mark=mark,
+        )
+
+    def l7_pending(self) -> list[str]:
+        """Endpoints whose listeners the l7 service has not taken yet."""
+        return self._l7.pending() if self._l7 is not None else []
 
     @contextlib.contextmanager
     def _changing(self, store: Store | None) -> Iterator[tuple[Change, list[Saved]]]:
@@ -314,6 +434,7 @@ class Policy:
         self._computed = policies
         self._learn_cidrs(reserved)
         self._seen = self._inputs(self._cidr_ids())
+        self._sync_l7()
         if removed:
             try:
                 self._release(removed)
@@ -322,6 +443,7 @@ class Policy:
                     changed |= self._install(final, change, holds)
                 self._computed = final
                 self._seen = self._inputs(self._cidr_ids())
+                self._sync_l7()
             except WeirError as exc:
                 log.warning(
                     "CIDR identities kept until the next change",
@@ -582,6 +704,31 @@ class Policy:
     def conntrack(self, limit: int = 0) -> list[ConntrackEntry]:
         """The node's conntrack entries (the orchestrator collects expired ones)."""
         return self._maps.conntrack(limit)
+
+
+def egress_proxy_mark(identity: int) -> int:
+    """The mark of an egress listener's upstream: L7_FROM_EGRESS_PROXY with the client's identity
+    (its low 16 bits in the upper half, the next 8 in the low byte; bpf/include/weir/l7.h reads it)."""
+    low, high = identity & 0xFFFF, (identity >> 16) & 0xFF
+    return low << MARK_IDENTITY_SHIFT | int(XfrmMark.L7_FROM_EGRESS_PROXY) | high
+
+
+def _http_rule(name: str, http: HttpRule | None) -> l7pb.HttpRule:
+    """A policy rule's HTTP rule as the l7 service takes it (None: allow every request)."""
+    if http is None:
+        return l7pb.HttpRule(name=name)
+    return l7pb.HttpRule(
+        name=name,
+        method=http.method,
+        path=http.path,
+        host=http.host,
+        headers=[
+            l7pb.HeaderMatch(name=h.name, present=True)
+            if h.value is None
+            else l7pb.HeaderMatch(name=h.name, exact=h.value)
+            for h in http.headers
+        ],
+    )
 
 
 def _credited(rules: Iterable[str], section: str) -> str:

@@ -53,12 +53,14 @@ static __always_inline struct weir_policy_entry *policy_lookup_one(void *inner, 
 	return bpf_map_lookup_elem(inner, &key);
 }
 
+/* The verdict of a flow; *proxy_port (host order) is the allow entry's L7 proxy port, 0 when none. */
 static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __u8 proto, __u16 port,
-					  __u64 bytes)
+					  __u64 bytes, __u16 *proxy_port)
 {
 	struct weir_policy_entry *e;
 	void *inner = bpf_map_lookup_elem(&policy_maps, &ep);
 
+	*proxy_port = 0;
 	if (!inner)
 		return VERDICT_NONE;
 	e = policy_lookup_one(inner, dir, identity, proto, port);
@@ -68,5 +70,8 @@ static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __
 		return VERDICT_NONE;
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, bytes);
-	return (e->flags & WEIR_POLICY_FLAG_DENY) ? VERDICT_DENY : VERDICT_ALLOW;
+	if (e->flags & WEIR_POLICY_FLAG_DENY)
+		return VERDICT_DENY;
+	*proxy_port = e->proxy_port;
+	return VERDICT_ALLOW;
 }

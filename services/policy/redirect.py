@@ -1,0 +1,77 @@
+"""The node's side of the L7 redirect: policy routing to the local stack and the hairpin device.
+
+The policy program assigns a redirected packet to the proxy's socket (bpf_sk_assign) and
+marks it `XfrmMark.L7_PROXY`; the stack must then deliver it locally although its
+destination is another address. One policy-routing rule (`fwmark 0x0A00/0x0F00`) sends
+such packets to a table whose only route is `local 0.0.0.0/0 dev lo`, as Cilium's proxy
+routing does. Flows of ingress rules are judged at the host veth's egress, where no socket
+can be assigned: the program sends them back into the stack through the ingress of a dummy
+device of ours (`weir_l7`), whose own program assigns them. Everything here is made with
+pyroute2 and pybpf, never by running `ip`; it is idempotent, and left in place on stop so
+the redirect keeps working while the service restarts (it lives and dies with the node's
+network namespace).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import socket
+from pathlib import Path
+
+import structlog
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from pybpf import Map, Program, TcDirection, attach_tc
+from services.common.datapath import L7_PROXY_ROUTE_TABLE, L7_PROXY_RULE_PRIORITY, XFRM_MARK_MASK, TcPriority, XfrmMark
+
+log = structlog.get_logger("weir.policy.redirect")
+
+HAIRPIN_IFNAME = "weir_l7"
+RT_SCOPE_HOST = 254
+RTN_LOCAL = 2
+
+
+def _sysctl(path: str, value: str) -> None:
+    Path("/proc/sys/net/ipv4/conf", path, "rp_filter").write_text(value)
+
+
+def setup(hairpin_program: Program, hairpin_map: Map) -> int:
+    """Make the routing rule, the local table and the hairpin device (with its program); returns its ifindex."""
+    with IPRoute() as ipr:
+        rules = ipr.get_rules(family=socket.AF_INET, priority=L7_PROXY_RULE_PRIORITY)
+        if not any(r.get_attr("FRA_TABLE") == L7_PROXY_ROUTE_TABLE for r in rules):
+            ipr.rule(
+                "add",
+                family=socket.AF_INET,
+                priority=L7_PROXY_RULE_PRIORITY,
+                fwmark=int(XfrmMark.L7_PROXY),
+                fwmask=XFRM_MARK_MASK,
+                table=L7_PROXY_ROUTE_TABLE,
+            )
+        lo = ipr.link_lookup(ifname="lo")[0]
+        ipr.route(
+            "replace",
+            dst="0.0.0.0/0",
+            type=RTN_LOCAL,
+            scope=RT_SCOPE_HOST,
+            oif=lo,
+            table=L7_PROXY_ROUTE_TABLE,
+        )
+        found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
+        if not found:
+            try:
+                ipr.link("add", ifname=HAIRPIN_IFNAME, kind="dummy")
+            except NetlinkError as exc:
+                if exc.code != errno.EEXIST:
+                    raise
+            found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
+        index = int(found[0])
+        ipr.link("set", index=index, state="up")
+    # A hairpinned packet's source is routed through another device: no reverse-path check here.
+    _sysctl(HAIRPIN_IFNAME, "0")
+    attach_tc(index, hairpin_program, TcDirection.INGRESS, priority=int(TcPriority.L7_REDIRECT))
+    hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32).update(0, index)
+    log.info("l7 redirect ready", hairpin=HAIRPIN_IFNAME, ifindex=index, table=L7_PROXY_ROUTE_TABLE)
+    return index
