@@ -30,6 +30,7 @@ from typing import Protocol
 
 import structlog
 from google.protobuf import json_format
+from pyroute2.netlink.exceptions import NetlinkError
 from weir.common.v1 import common_pb2
 from weir.l7.v1 import l7_pb2 as l7pb
 from weir.policy.v1 import policy_pb2 as pb
@@ -147,7 +148,7 @@ class Policy:
         if self._setup_redirect is not None:
             try:
                 self._setup_redirect(self._maps.programs[HAIRPIN_PROGRAM], self._maps.maps["l7_hairpin"])
-            except (OSError, WeirError) as exc:  # L7 flows then drop (fail closed); the rest works
+            except (OSError, WeirError, NetlinkError) as exc:  # L7 flows then drop (fail closed); the rest works
                 log.error("the L7 redirect could not be set up; L7 ports drop their flows", error=brief(str(exc)))
         self._stored_proxy_ports = {key: int(doc["port"]) for key, doc in self._store.items(PROXY_PORT)}
         self._proxy_ports = dict(self._stored_proxy_ports)
@@ -352,6 +353,7 @@ class Policy:
             rules=rules,
             bind_address=PROXY_BIND,
             transparent=True,
+            use_original_dst=True,  # Envoy's ORIGINAL_DST cluster takes only a restored local address
             upstream_mark=mark,
         )
 

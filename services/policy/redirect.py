@@ -5,8 +5,9 @@ marks it `XfrmMark.L7_PROXY`; the stack must then deliver it locally although it
 destination is another address. One policy-routing rule (`fwmark 0x0A00/0x0F00`) sends
 such packets to a table whose only route is `local 0.0.0.0/0 dev lo`, as Cilium's proxy
 routing does. Flows of ingress rules are judged at the host veth's egress, where no socket
-can be assigned: the program sends them back into the stack through the ingress of a dummy
-device of ours (`weir_l7`), whose own program assigns them. Everything here is made with
+can be assigned: the program sends them back into the stack through the ingress of a device
+of ours (`weir_l7`, one end of a veth pair: any device that receives will do, and veth is
+always built in), whose own program assigns them. Everything here is made with
 pyroute2 and pybpf, never by running `ip`; it is idempotent, and left in place on stop so
 the redirect keeps working while the service restarts (it lives and dies with the node's
 network namespace).
@@ -29,12 +30,13 @@ from services.common.datapath import L7_PROXY_ROUTE_TABLE, L7_PROXY_RULE_PRIORIT
 log = structlog.get_logger("weir.policy.redirect")
 
 HAIRPIN_IFNAME = "weir_l7"
+HAIRPIN_PEER = "weir_l7p"  # the pair's other end: up, and otherwise unused
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
 
 
 def _sysctl(path: str, value: str) -> None:
-    Path("/proc/sys/net/ipv4/conf", path, "rp_filter").write_text(value)
+    Path("/proc/sys/net/ipv4", path).write_text(value)
 
 
 def setup(hairpin_program: Program, hairpin_map: Map) -> int:
@@ -62,15 +64,23 @@ def setup(hairpin_program: Program, hairpin_map: Map) -> int:
         found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
         if not found:
             try:
-                ipr.link("add", ifname=HAIRPIN_IFNAME, kind="dummy")
+                ipr.link("add", ifname=HAIRPIN_IFNAME, kind="veth", peer=HAIRPIN_PEER)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
             found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
         index = int(found[0])
+        for peer in ipr.link_lookup(ifname=HAIRPIN_PEER):
+            ipr.link("set", index=peer, state="up")
         ipr.link("set", index=index, state="up")
     # A hairpinned packet's source is routed through another device: no reverse-path check here.
-    _sysctl(HAIRPIN_IFNAME, "0")
+    _sysctl(f"conf/{HAIRPIN_IFNAME}/rp_filter", "0")
+    # Once the proxy holds a connection's socket (its local address is the original
+    # destination), TCP early demux would find that socket for the connection's next packets
+    # on their first, forwarding pass through the node (to the destination endpoint, whose
+    # hook hairpins them), and the kernel drops forwarded packets that carry a socket. The
+    # packets the proxy must take are assigned their socket by the datapath anyway.
+    _sysctl("tcp_early_demux", "0")
     attach_tc(index, hairpin_program, TcDirection.INGRESS, priority=int(TcPriority.L7_REDIRECT))
     hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32).update(0, index)
     log.info("l7 redirect ready", hairpin=HAIRPIN_IFNAME, ifindex=index, table=L7_PROXY_ROUTE_TABLE)

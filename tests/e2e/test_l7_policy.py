@@ -1,0 +1,213 @@
+"""L7 policy end to end: policy rules with HTTP sections, the datapath redirect, a real Envoy.
+
+A node runs the orchestrator, policy and l7 services; a client and a server endpoint (and
+the outside namespace) talk real HTTP. The server's HTTP server records what reaches it,
+so a 403 from Envoy (nothing upstream) is told apart from an answer of the server.
+"""
+
+from __future__ import annotations
+
+import http.client
+import signal
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+from weir.common.v1 import common_pb2
+from weir.l7.v1 import l7_pb2 as l7pb
+from weir.l7.v1 import l7_pb2_grpc as l7_grpc
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.policy.v1 import policy_pb2 as pb
+from weir.policy.v1 import policy_pb2_grpc as pb_grpc
+
+from tests.harness import netns
+from tests.harness.l7 import Upstream, running, start_upstream
+from tests.harness.node import OUTSIDE_V4, Node
+
+pytestmark = pytest.mark.root
+
+PORT = 80
+OTHER_PORT = 8080
+DENIED = "RBAC: access denied"
+WAIT = 30.0
+
+
+@dataclass
+class L7Node:
+    node: Node
+    client: orch_pb.Endpoint
+    server: orch_pb.Endpoint
+    web: Upstream  # the server endpoint's HTTP server on PORT
+    other: Upstream  # and on OTHER_PORT
+
+    @property
+    def policy(self) -> pb_grpc.PolicyStub:
+        return pb_grpc.PolicyStub(self.node.channel("policy"))
+
+    @property
+    def l7(self) -> l7_grpc.L7Stub:
+        return l7_grpc.L7Stub(self.node.channel("l7"))
+
+    def apply(self, *rules: pb.Rule, expect: dict[str, int]) -> None:
+        """Import rules; wait until each endpoint of `expect` has that many listeners, acknowledged by Envoy."""
+        self.policy.ImportRules(pb.ImportRulesRequest(rules=list(rules)), timeout=15)
+        self.wait_listeners(expect)
+
+    def wait_listeners(self, expect: dict[str, int]) -> l7pb.State:
+        deadline = time.monotonic() + WAIT
+        while True:
+            state = self.l7.GetState(l7pb.GetStateRequest(), timeout=5)
+            have = {ep.endpoint: len(ep.listeners) for ep in state.endpoints}
+            if (
+                all(have.get(name, 0) == n for name, n in expect.items())
+                and state.acked_version == state.config_version
+                and state.envoy.ready
+            ):
+                return state
+            assert time.monotonic() < deadline, (expect, state)
+            time.sleep(0.1)
+
+    def listeners(self, endpoint: str) -> list[l7pb.Listener]:
+        state = self.l7.GetState(l7pb.GetStateRequest(endpoint=endpoint), timeout=5)
+        return [x for ep in state.endpoints for x in ep.listeners]
+
+
+def request(
+    ns: str, address: str, port: int, method: str, path: str, headers: dict[str, str] | None = None,
+    timeout: float = 5.0, source: str = "",
+) -> tuple[int, str]:  # fmt: skip
+    """One HTTP request from namespace `ns`: (status, body)."""
+    with netns.entered(ns):
+        sock = socket.create_connection(
+            (address, port), timeout=timeout, source_address=(source, 0) if source else None
+        )
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    conn.sock = sock
+    try:
+        conn.request(method, path, headers=headers or {})
+        reply = conn.getresponse()
+        return reply.status, reply.read().decode()
+    finally:
+        conn.close()
+
+
+def refused(ns: str, address: str, port: int) -> bool:
+    """Whether a request cannot even connect (the datapath dropped it)."""
+    try:
+        request(ns, address, port, "GET", "/public", timeout=1.5)
+    except (TimeoutError, ConnectionError, OSError):
+        return True
+    return False
+
+
+def sel(**labels: str) -> pb.EndpointSelector:
+    return pb.EndpointSelector(match_labels=labels)
+
+
+def http_port(port: int, *rules: pb.HttpRule) -> pb.PortRule:
+    return pb.PortRule(port=port, protocol="TCP", http=list(rules))
+
+
+def server_in(*ports: pb.PortRule, name: str = "server-l7", peers: list[pb.EndpointSelector] | None = None) -> pb.Rule:
+    """The server's ingress: from the client (or `peers`) on these ports."""
+    peer = pb.PeerRule(endpoints=peers if peers is not None else [sel(app="client")], ports=list(ports))
+    return pb.Rule(name=name, endpoint_selector=sel(app="server"), ingress=[peer])
+
+
+def client_out(*ports: pb.PortRule, name: str = "client-l7") -> pb.Rule:
+    """The client's egress: to the server on these ports."""
+    peer = pb.PeerRule(endpoints=[sel(app="server")], ports=list(ports))
+    return pb.Rule(name=name, endpoint_selector=sel(app="client"), egress=[peer])
+
+
+PUBLIC = pb.HttpRule(method="GET", path="/public(/.*)?")
+
+
+@pytest.fixture
+def l7node(make_node: Callable[..., Node]) -> Iterator[L7Node]:
+    node = make_node("orchestrator", "policy", "l7")
+    client = node.create_endpoint("client", {"app": "client"})
+    server = node.create_endpoint("server", {"app": "server"})
+    with netns.entered(server.netns):
+        web = start_upstream(server.ipv4, PORT)
+        other = start_upstream(server.ipv4, OTHER_PORT)
+    deadline = time.monotonic() + WAIT
+    while True:  # policy follows the endpoints from the orchestrator's stream
+        try:
+            pb_grpc.PolicyStub(node.channel("policy")).GetEndpointPolicy(
+                pb.GetEndpointPolicyRequest(endpoint="server"), timeout=5
+            )
+            pb_grpc.PolicyStub(node.channel("policy")).GetEndpointPolicy(
+                pb.GetEndpointPolicyRequest(endpoint="client"), timeout=5
+            )
+            break
+        except grpc.RpcError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+    try:
+        yield L7Node(node, client, server, web, other)
+    finally:
+        web.server.shutdown()
+        other.server.shutdown()
+        web.server.server_close()
+        other.server.server_close()
+
+
+def test_ingress_rule_allows_public_denies_admin_with_403(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    (listener,) = c.listeners("server")
+    assert listener.direction == common_pb2.DIRECTION_INGRESS and listener.port == PORT and listener.transparent
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public") == (200, "upstream GET /public")
+    status, body = request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin")
+    assert (status, body) == (403, DENIED)
+    assert not c.web.got("POST", "/admin")
+    # The upstream saw the proxy's connection, not the client's: the flow went through Envoy.
+    assert c.web.got("GET", "/public")
+
+
+def test_egress_rule_on_the_client(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(client_out(http_port(PORT, PUBLIC)), expect={"client": 1})
+    (listener,) = c.listeners("client")
+    assert listener.direction == common_pb2.DIRECTION_EGRESS
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public/x") == (200, "upstream GET /public/x")
+    assert request(c.client.netns, c.server.ipv4, PORT, "DELETE", "/public") == (403, DENIED)
+    assert not c.web.got("DELETE", "/public")
+
+
+def test_network_to_endpoint(l7node: L7Node) -> None:
+    c = l7node
+    world = pb.PeerRule(entities=["world"], ports=[http_port(PORT, PUBLIC)])
+    c.apply(pb.Rule(name="from-world", endpoint_selector=sel(app="server"), ingress=[world]), expect={"server": 1})
+    assert request(c.node.outside, c.server.ipv4, PORT, "GET", "/public", source=OUTSIDE_V4)[0] == 200
+    assert request(c.node.outside, c.server.ipv4, PORT, "PUT", "/public", source=OUTSIDE_V4) == (403, DENIED)
+
+
+def test_envoy_killed_requests_refused_then_work_again(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
+    before = c.l7.GetState(l7pb.GetStateRequest(), timeout=5).envoy
+    import os
+
+    os.kill(before.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while running(before.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert refused(c.client.netns, c.server.ipv4, PORT)
+    deadline = time.monotonic() + WAIT
+    while True:
+        state = c.l7.GetState(l7pb.GetStateRequest(), timeout=5)
+        if state.envoy.restarts > before.restarts and state.envoy.ready and state.acked_version == state.config_version:
+            try:
+                if request(c.client.netns, c.server.ipv4, PORT, "GET", "/public", timeout=2)[0] == 200:
+                    break
+            except OSError:
+                pass
+        assert time.monotonic() < deadline, state
+        time.sleep(0.2)
+    assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin") == (403, DENIED)
