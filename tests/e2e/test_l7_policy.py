@@ -8,6 +8,7 @@ so a 403 from Envoy (nothing upstream) is told apart from an answer of the serve
 from __future__ import annotations
 
 import http.client
+import os
 import signal
 import socket
 import time
@@ -20,6 +21,7 @@ from weir.common.v1 import common_pb2
 from weir.l7.v1 import l7_pb2 as l7pb
 from weir.l7.v1 import l7_pb2_grpc as l7_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from weir.policy.v1 import policy_pb2 as pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
@@ -97,7 +99,7 @@ def request(
 def refused(ns: str, address: str, port: int) -> bool:
     """Whether a request cannot even connect (the datapath dropped it)."""
     try:
-        request(ns, address, port, "GET", "/public", timeout=1.5)
+        request(ns, address, port, "GET", "/public/gap", timeout=1.5)
     except (TimeoutError, ConnectionError, OSError):
         return True
     return False
@@ -192,13 +194,13 @@ def test_envoy_killed_requests_refused_then_work_again(l7node: L7Node) -> None:
     c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
     assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
     before = c.l7.GetState(l7pb.GetStateRequest(), timeout=5).envoy
-    import os
-
     os.kill(before.pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
     while running(before.pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     assert refused(c.client.netns, c.server.ipv4, PORT)
+    assert not c.web.got("GET", "/public/gap")
+    assert flows(c.node, reason="PROXY_UNAVAILABLE"), "the gap's packets drop with their own reason"
     deadline = time.monotonic() + WAIT
     while True:
         state = c.l7.GetState(l7pb.GetStateRequest(), timeout=5)
@@ -211,3 +213,124 @@ def test_envoy_killed_requests_refused_then_work_again(l7node: L7Node) -> None:
         assert time.monotonic() < deadline, state
         time.sleep(0.2)
     assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin") == (403, DENIED)
+
+
+def flows(node: Node, type_: str = "", reason: str = "") -> list[orch_pb.Flow]:
+    """The orchestrator's buffered flows of one event type or drop reason."""
+    request = orch_pb.GetFlowsRequest(reasons=[reason] if reason else [])
+    with node.channel("orchestrator") as channel:
+        replies = list(orch_grpc.OrchestratorStub(channel).GetFlows(request, timeout=10))
+    return [r.flow for r in replies if r.HasField("flow") and (not type_ or r.flow.type == type_)]
+
+
+def test_header_and_host_rules_each_allow_and_deny(l7node: L7Node) -> None:
+    c = l7node
+    token = pb.HttpRule(headers=[pb.HttpHeaderMatch(name="X-Token", value="s3cret")])
+    traced = pb.HttpRule(method="PUT", headers=[pb.HttpHeaderMatch(name="x-trace")])
+    api = pb.HttpRule(host=r"api\.example\.com(:[0-9]+)?")
+    c.apply(server_in(http_port(PORT, token, traced, api)), expect={"server": 1})
+    ns, ip = c.client.netns, c.server.ipv4
+    assert request(ns, ip, PORT, "POST", "/a", {"X-Token": "s3cret"})[0] == 200
+    assert request(ns, ip, PORT, "POST", "/a", {"X-Token": "wrong"}) == (403, DENIED)
+    assert request(ns, ip, PORT, "PUT", "/t", {"x-trace": "1"})[0] == 200
+    assert request(ns, ip, PORT, "PUT", "/t") == (403, DENIED)
+    assert request(ns, ip, PORT, "GET", "/h", {"Host": "api.example.com"})[0] == 200
+    assert request(ns, ip, PORT, "GET", "/h", {"Host": "www.example.com"}) == (403, DENIED)
+    assert not c.web.got("POST", "/a") or len([x for x in c.web.seen if x[1] == "/a"]) == 1
+
+
+def test_port_without_l7_rules_is_not_proxied(l7node: L7Node) -> None:
+    c = l7node
+    l4 = pb.PortRule(port=OTHER_PORT, protocol="TCP")
+    c.apply(server_in(http_port(PORT, PUBLIC), l4), expect={"server": 1})
+    assert [x.port for x in c.listeners("server")] == [PORT]
+    assert request(c.client.netns, c.server.ipv4, OTHER_PORT, "POST", "/admin")[0] == 200
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
+    # The L4-only port reached the server from the client itself; the L7 port from the proxy.
+    assert c.other.peers == [c.client.ipv4]
+    assert c.web.peers and c.client.ipv4 not in c.web.peers
+    counters = c.l7.GetCounters(l7pb.GetCountersRequest(endpoint="server"), timeout=5).counters
+    assert {x.port for x in counters} <= {PORT}
+    redirects = flows(c.node, "PROXY_REDIRECT")
+    assert {f.dst_port for f in redirects} == {PORT}
+
+
+def test_rule_change_applies_on_open_keepalive_connection_and_removal_goes_direct(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    with netns.entered(c.client.netns):
+        sock = socket.create_connection((c.server.ipv4, PORT), timeout=5)
+    conn = http.client.HTTPConnection(c.server.ipv4, PORT, timeout=5)
+    conn.sock = sock
+    conn.auto_open = 0  # a closed connection raises instead of quietly reconnecting
+
+    def ask(method: str, path: str) -> int:
+        conn.request(method, path)
+        reply = conn.getresponse()
+        reply.read()
+        return reply.status
+
+    try:
+        assert ask("GET", "/public") == 200
+        assert ask("POST", "/admin") == 403
+        before = c.l7.GetState(l7pb.GetStateRequest(), timeout=5).config_version
+        admin = pb.HttpRule(method="POST", path="/admin")
+        c.policy.ImportRules(pb.ImportRulesRequest(rules=[server_in(http_port(PORT, PUBLIC, admin))]), timeout=15)
+        deadline = time.monotonic() + WAIT
+        while True:
+            state = c.wait_listeners({"server": 1})
+            if state.config_version > before:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert ask("POST", "/admin") == 200  # same connection, new rules
+        assert ask("GET", "/public") == 200
+        assert conn.sock is sock
+    finally:
+        conn.close()
+    # The last L7 rule of the port goes: its flows go direct again and the listener goes away.
+    c.apply(server_in(pb.PortRule(port=PORT, protocol="TCP")), expect={"server": 0})
+    assert c.listeners("server") == []
+    c.web.peers.clear()
+    assert request(c.client.netns, c.server.ipv4, PORT, "DELETE", "/anything")[0] == 200
+    assert c.web.peers == [c.client.ipv4]
+
+
+def test_access_log_events_and_rule_counters(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public/1")[0] == 200
+    assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin")[0] == 403
+    deadline = time.monotonic() + WAIT
+    while True:
+        counters = {x.rule: x for x in c.l7.GetCounters(l7pb.GetCountersRequest(endpoint="server")).counters}
+        if counters.get("server-l7#1") and counters["server-l7#1"].allowed >= 1 and "" in counters:
+            break
+        assert time.monotonic() < deadline, counters
+        time.sleep(0.1)
+    assert counters[""].denied >= 1
+    stream = c.l7.WatchEvents(l7pb.WatchEventsRequest(endpoint="server", replay=True), timeout=10)
+    seen = []
+    for event in stream:
+        seen.append((event.method, event.path, event.status, event.rule, event.verdict))
+        if len(seen) == 2:
+            break
+    stream.cancel()
+    assert ("GET", "/public/1", 200, "server-l7#1", l7pb.VERDICT_ALLOWED) in seen
+    assert ("POST", "/admin", 403, "", l7pb.VERDICT_DENIED) in seen
+
+
+def test_egress_proxy_upstream_is_judged_as_the_client_by_the_server(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(
+        client_out(http_port(PORT, PUBLIC)),
+        server_in(pb.PortRule(port=PORT, protocol="TCP")),
+        expect={"client": 1, "server": 0},
+    )
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
+    # The server admits only another label now: the proxy's upstream, carrying the client's
+    # identity in its mark, is dropped at the server, and Envoy answers 503.
+    c.apply(server_in(pb.PortRule(port=PORT, protocol="TCP"), peers=[sel(app="nobody")]), expect={"client": 1})
+    status, _ = request(c.client.netns, c.server.ipv4, PORT, "GET", "/public/late", timeout=10)
+    assert status == 503
+    assert not c.web.got("GET", "/public/late")

@@ -41,6 +41,7 @@ class Upstream:
 
     server: ThreadingHTTPServer
     seen: list[tuple[str, str, dict[str, str]]] = field(default_factory=list)
+    peers: list[str] = field(default_factory=list)  # the client address of each request, in order
 
     @property
     def address(self) -> str:
@@ -63,6 +64,7 @@ def start_upstream(address: str = "127.0.0.1", port: int = 0) -> Upstream:
             if length:
                 self.rfile.read(length)
             upstream.seen.append((self.command, self.path, dict(self.headers)))
+            upstream.peers.append(str(self.client_address[0]))
             body = f"upstream {self.command} {self.path}".encode()
             self.send_response(200)
             self.send_header("content-length", str(len(body)))
