@@ -100,6 +100,7 @@ class PolicyServicer(pb_grpc.PolicyServicer):
                     port=e.port,
                     port_prefix=e.port_prefix if e.proto else 0,
                     deny=e.deny,
+                    proxy_port=e.proxy_port,
                     hits=common_pb2.Counter(packets=hits[e].packets, bytes=hits[e].bytes),
                     rules=list(e.rules),
                 )

@@ -163,6 +163,8 @@ def test_ingress_rule_allows_public_denies_admin_with_403(l7node: L7Node) -> Non
     c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
     (listener,) = c.listeners("server")
     assert listener.direction == common_pb2.DIRECTION_INGRESS and listener.port == PORT and listener.transparent
+    shown = c.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="server"), timeout=5)
+    assert {e.proxy_port for e in shown.entries if e.port == PORT} == {listener.proxy_port}
     assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public") == (200, "upstream GET /public")
     status, body = request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin")
     assert (status, body) == (403, DENIED)
@@ -334,3 +336,31 @@ def test_egress_proxy_upstream_is_judged_as_the_client_by_the_server(l7node: L7N
     status, _ = request(c.client.netns, c.server.ipv4, PORT, "GET", "/public/late", timeout=10)
     assert status == 503
     assert not c.web.got("GET", "/public/late")
+
+
+def test_l7_ports_fail_closed_while_l7_is_down_and_proxy_ports_survive_a_policy_restart(l7node: L7Node) -> None:
+    c = l7node
+    c.node.kill("l7", signal.SIGTERM)
+    deadline = time.monotonic() + WAIT
+    while any(running(int(p.read_text())) for p in c.node.run_dir.glob("l7/envoy.pid")):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    l4 = pb.PortRule(port=OTHER_PORT, protocol="TCP")
+    c.policy.ImportRules(pb.ImportRulesRequest(rules=[server_in(http_port(PORT, PUBLIC), l4)]), timeout=15)
+    assert refused(c.client.netns, c.server.ipv4, PORT)  # no proxy: never let through unchecked
+    assert not c.web.got("GET", "/public/gap")
+    assert request(c.client.netns, c.server.ipv4, OTHER_PORT, "GET", "/x")[0] == 200  # L4 policy works on
+    shown = c.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="server"), timeout=5)
+    ports = {e.proxy_port for e in shown.entries if e.port == PORT}
+    assert len(ports) == 1 and 0 not in ports
+    c.node.start("l7")
+    c.wait_listeners({"server": 1})
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
+    # A restarted policy service gives the port the proxy port it had.
+    c.node.kill("policy", signal.SIGTERM)
+    c.node.start("policy")
+    shown = c.policy.GetEndpointPolicy(pb.GetEndpointPolicyRequest(endpoint="server"), timeout=5)
+    assert {e.proxy_port for e in shown.entries if e.port == PORT} == ports
+    (listener,) = c.wait_listeners({"server": 1}).endpoints[0].listeners
+    assert {listener.proxy_port} == ports
+    assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin") == (403, DENIED)
