@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -101,7 +102,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         await run_datapath_service(
             SERVICE,
             config,
-            lambda store: Policy(maps, store, node, push, args.proxy_ports, redirect.setup),
+            lambda store: Policy(maps, store, node, push, args.proxy_ports, functools.partial(redirect.setup, config)),
             add_servicer,
             background,
             can_adopt=False,

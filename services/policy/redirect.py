@@ -9,8 +9,9 @@ can be assigned: the program sends them back into the stack through the ingress 
 of ours (`weir_l7`, one end of a veth pair: any device that receives will do, and veth is
 always built in), whose own program assigns them. Everything here is made with
 pyroute2 and pybpf, never by running `ip`; it is idempotent, and left in place on stop so
-the redirect keeps working while the service restarts (it lives and dies with the node's
-network namespace).
+the redirect keeps working while the service restarts. The sysctl it changes is recorded
+for the node's teardown; the veth pair, the rule and the route stay until the namespace goes
+(the orchestrator's teardown does not know them yet).
 """
 
 from __future__ import annotations
@@ -25,12 +26,15 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pybpf import Map, Program, TcDirection, attach_tc
+from services.common import sysctls
+from services.common.config import NodeConfig
 from services.common.datapath import L7_PROXY_ROUTE_TABLE, L7_PROXY_RULE_PRIORITY, XFRM_MARK_MASK, TcPriority, XfrmMark
 
 log = structlog.get_logger("weir.policy.redirect")
 
 HAIRPIN_IFNAME = "weir_l7"
 HAIRPIN_PEER = "weir_l7p"  # the pair's other end: up, and otherwise unused
+EARLY_DEMUX = "/proc/sys/net/ipv4/tcp_early_demux"
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
 
@@ -39,7 +43,7 @@ def _sysctl(path: str, value: str) -> None:
     Path("/proc/sys/net/ipv4", path).write_text(value)
 
 
-def setup(hairpin_program: Program, hairpin_map: Map) -> int:
+def setup(config: NodeConfig, hairpin_program: Program, hairpin_map: Map) -> int:
     """Make the routing rule, the local table and the hairpin device (with its program); returns its ifindex."""
     with IPRoute() as ipr:
         rules = ipr.get_rules(family=socket.AF_INET, priority=L7_PROXY_RULE_PRIORITY)
@@ -80,7 +84,8 @@ def setup(hairpin_program: Program, hairpin_map: Map) -> int:
     # on their first, forwarding pass through the node (to the destination endpoint, whose
     # hook hairpins them), and the kernel drops forwarded packets that carry a socket. The
     # packets the proxy must take are assigned their socket by the datapath anyway.
-    _sysctl("tcp_early_demux", "0")
+    # The old value is recorded, so the node's teardown puts it back.
+    sysctls.set_recorded(config, {EARLY_DEMUX: "0"})
     attach_tc(index, hairpin_program, TcDirection.INGRESS, priority=int(TcPriority.L7_REDIRECT))
     hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32).update(0, index)
     log.info("l7 redirect ready", hairpin=HAIRPIN_IFNAME, ifindex=index, table=L7_PROXY_ROUTE_TABLE)
