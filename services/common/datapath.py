@@ -177,7 +177,8 @@ class XfrmMark(IntEnum):
 
 
 # An identity in a mark's bits outside XFRM_MARK_MASK: its low 16 bits in the mark's upper
-# half, its next 8 bits in the mark's low byte (24 bits: label and CIDR identities fit).
+# half, its next 8 bits in the mark's low byte: 24 bits, which every endpoint's (label)
+# identity fits (CIDR identities, from FIRST_CIDR_IDENTITY, never own a proxy listener).
 MARK_IDENTITY_SHIFT = 16
 # The policy-routing table and rule priority that deliver packets marked L7_PROXY to the
 # local stack (a `local 0.0.0.0/0 dev lo` route), where the socket they were assigned takes them.
