@@ -9,7 +9,8 @@ bottleneck). wrk in the client drives, in turn:
   node's Envoy (hairpin + bpf_sk_assign), which enforces them and forwards;
 - hand Envoy: an Envoy configured by hand with the same RBAC, run in the client's
   namespace and addressed directly (no redirect), forwarding to the server under the L4
-  rule: Envoy's own cost, without ours.
+  rule: Envoy's own cost, without ours; and the same with the gRPC access log that ours
+  sends to the l7 service (so the redirect's cost is seen apart from the logging's).
 
 Then the time from an L7 rule change (ImportRules called) to the first request it
 governs, on one keep-alive connection through the proxy.
@@ -44,7 +45,7 @@ from tests.harness import netns
 from tests.harness.node import Node
 
 PORT = 80
-HAND_PORT = 18080
+HAND_PORT, LOGGED_PORT = 18080, 18081
 HTTP_RULES = [
     pb.HttpRule(method="GET", path="/public(/.*)?"),
     pb.HttpRule(headers=[pb.HttpHeaderMatch(name="x-token", value="s3cret")]),
@@ -62,10 +63,9 @@ def _retarget(config: dict[str, object], listen: str, upstream: str | None = Non
     text = json.dumps(config)
     listener_addr = '"socket_address": {"address": "127.0.0.1", "port_value": '
     first, _, rest = text.partition(listener_addr)
-    text = first + listener_addr.replace("127.0.0.1", listen) + rest
     if upstream is not None:
-        text = text.replace(listener_addr, listener_addr.replace("127.0.0.1", upstream))
-    return dict(json.loads(text))
+        rest = rest.replace(listener_addr, listener_addr.replace("127.0.0.1", upstream))
+    return dict(json.loads(first + listener_addr.replace("127.0.0.1", listen) + rest))
 
 
 @contextlib.contextmanager
@@ -189,7 +189,13 @@ def main(argv: list[str] | None = None) -> None:
             l7 = l7_grpc.L7Stub(grpc.insecure_channel(f"unix://{node.socket('l7')}"))
             up = _retarget(upstream_config(PORT), server.ipv4)
             hand = _retarget(static_rbac_config(HAND_PORT, PORT), "127.0.0.1", server.ipv4)
-            with envoy_in(server.netns, up, workdir, "upstream"), envoy_in(client.netns, hand, workdir, "hand"):
+            als = node.run_dir / "l7-xds.sock"  # the l7 service's access log service, as ours logs to
+            logged = _retarget(static_rbac_config(LOGGED_PORT, PORT, als), "127.0.0.1", server.ipv4)
+            with (
+                envoy_in(server.netns, up, workdir, "upstream"),
+                envoy_in(client.netns, hand, workdir, "hand"),
+                envoy_in(client.netns, logged, workdir, "logged"),
+            ):
                 results: dict[str, Load] = {}
                 policy.ImportRules(pb.ImportRulesRequest(rules=[_rule([])]), timeout=15)
                 wait_http(client.netns, server.ipv4, PORT)
@@ -197,6 +203,10 @@ def main(argv: list[str] | None = None) -> None:
                 results["L4 only (no proxy)"] = wrk_in(client.netns, server.ipv4, PORT, args.seconds, args.connections)
                 results["hand Envoy, same RBAC (no redirect)"] = wrk_in(
                     client.netns, "127.0.0.1", HAND_PORT, args.seconds, args.connections
+                )
+                wait_http(client.netns, "127.0.0.1", LOGGED_PORT)
+                results["hand Envoy + the same gRPC access log"] = wrk_in(
+                    client.netns, "127.0.0.1", LOGGED_PORT, args.seconds, args.connections
                 )
                 policy.ImportRules(pb.ImportRulesRequest(rules=[_rule(HTTP_RULES)]), timeout=15)
                 wait_listeners(l7, 1)
@@ -213,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
     for name, load in results.items():
         print(f"{name:40} {load.rps:10.0f} {load.rps / base:8.2f} {load.p50_ms:8.3f} {load.p99_ms:8.3f}")
     weir, hand_rps = results["L7 rule (weir redirect + Envoy)"].rps, results["hand Envoy, same RBAC (no redirect)"].rps
-    print(f"L7 (weir) / hand Envoy: {weir / hand_rps:.2f}")
+    logged_rps = results["hand Envoy + the same gRPC access log"].rps
+    print(f"L7 (weir) / hand Envoy: {weir / hand_rps:.2f}; / hand Envoy with the same access log: "
+          f"{weir / logged_rps:.2f}")  # fmt: skip
     print(
         f"L7 rule change -> first request it governs (keep-alive connection, {args.rounds} rounds): "
         f"median {statistics.median(governs):.1f} ms, max {max(governs):.1f} ms"
