@@ -11,7 +11,7 @@ the proxy's own upstream marks are judged. The e2e tests show the assignment its
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from scapy.layers.inet import IP, TCP
@@ -19,12 +19,13 @@ from scapy.layers.inet6 import IPv6
 from scapy.packet import Packet
 
 from services.common.datapath import MARK_IDENTITY_SHIFT, Direction, Hook, Reason, XfrmMark
+from services.orchestrator.chain import ENTRY_PROGRAMS
 from services.policy import compute
 from services.policy.compute import MapEntry
 from services.policy.maps import HAIRPIN_PROGRAM, config_flags
 from services.policy.policy import egress_proxy_mark
 from tests.bpf.packets import eth
-from tests.harness.bpfrun import ENTRY_PROGRAMS, LOOPBACK_IFINDEX, TC_ACT_OK, TC_ACT_SHOT, Datapath
+from tests.harness.bpfrun import LOOPBACK_IFINDEX, TC_ACT_OK, TC_ACT_SHOT, Datapath
 
 ENDPOINT_ID, ENDPOINT_IDENTITY, PEER_IDENTITY = 7, 256, 300
 BIG_IDENTITY = 0x12345  # above 16 bits: needs the mark's low byte too
@@ -68,8 +69,8 @@ class SkBuff(ctypes.Structure):
 
 
 @pytest.fixture(scope="module")
-def l7_dp(make_datapath: object) -> Datapath:
-    dp = make_datapath()  # type: ignore[operator]
+def l7_dp(make_datapath: Callable[[], Datapath]) -> Datapath:
+    dp = make_datapath()
     maps = dp.load_policy()
     dp.set_ipcache(IPCACHE)
     maps.install(ENDPOINT_ID, POLICY, config_flags(ingress=True, egress=True, audit=False))
@@ -94,7 +95,9 @@ def run(dp: Datapath, hook: Hook, packet: Packet, mark: int = 0) -> tuple[int, i
     before = dp.counted()
     result = dp._entry().programs[ENTRY_PROGRAMS[hook]].test_run(bytes(packet), ctx=SkBuff(mark=mark))
     after = dp.counted()
-    counted = {r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0) and r != Reason.FORWARDED}
+    counted: dict[Reason, int] = {
+        r: n - before.get(r, 0) for r, n in after.items() if n != before.get(r, 0) and r != Reason.FORWARDED
+    }
     return result.retval, int(result.ctx_out.mark), counted
 
 
