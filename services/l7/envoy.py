@@ -136,6 +136,29 @@ async def admin_request(socket_path: Path, method: str, path: str, timeout: floa
         raise OSError(f"Envoy's admin socket {socket_path} did not answer within {timeout}s") from None
 
 
+def end_left_running(directory: Path) -> int:
+    """SIGKILL the Envoy that a killed l7 service left running in its directory; returns its pid, or 0.
+
+    A killed service leaves its Envoy up on purpose (the next run adopts it and the proxy
+    ports keep enforcing meanwhile); the node's teardown is what must end it. The pid file
+    is trusted only if that process still runs this directory's bootstrap.
+    """
+    bootstrap_path = directory / "envoy.json"
+    try:
+        pid = int((directory / "envoy.pid").read_text().strip())
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return 0
+    if os.fsencode(bootstrap_path) not in argv:
+        return 0
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return pid
+
+
 @dataclass(frozen=True)
 class SidecarStatus:
     managed: bool

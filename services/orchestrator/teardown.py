@@ -47,6 +47,7 @@ from services.common.cgroup import ATTACH_TYPES, remove_cgroup_if_ours
 from services.common.config import NodeConfig
 from services.common.errors import FailedPrecondition
 from services.common.instance_lock import holder, lock_path, release, try_lock
+from services.l7.envoy import end_left_running
 from services.orchestrator import netdev
 from services.orchestrator.suite import SERVICES
 
@@ -211,6 +212,9 @@ def teardown(config: NodeConfig, purge_state: bool = False) -> Report:
         if purge_state and config.state_dir.exists():
             shutil.rmtree(config.state_dir)
             report.note(f"state {config.state_dir}")
+    envoy = end_left_running(config.run_dir / "l7")
+    if envoy:
+        report.note(f"envoy pid {envoy}")
     if config.run_dir.exists():
         shutil.rmtree(config.run_dir)
         report.note(f"run dir {config.run_dir}")

@@ -7,8 +7,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from weir.lb.v1 import lb_pb2 as lb_pb
@@ -212,3 +214,43 @@ def test_a_shared_cgroup_keeps_the_other_instances_hooks(
     other.kill("lb", signal.SIGTERM)
     other.kill("orchestrator", signal.SIGTERM)
     assert _teardown(other, *shared).returncode == 0
+
+
+def _envoy_pid(node: Node) -> int:
+    """The Envoy the node's l7 service runs, once its pid file names a live process."""
+    pid_file = node.run_dir / "l7" / "envoy.pid"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(pid_file.read_text().strip())
+            if Path(f"/proc/{pid}").exists():
+                return pid
+        time.sleep(0.2)
+    raise AssertionError(f"no Envoy pid in {pid_file}:\n{node.log_tail('l7')}")
+
+
+def _running(pid: int) -> bool:
+    try:
+        return b"envoy" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def test_no_envoy_outlives_its_node(make_node: Callable[..., Node]) -> None:
+    """A stopped l7 service ends its Envoy; a killed one leaves it (adopted next run), and teardown ends it."""
+    node = make_node()
+    node.start("orchestrator")
+    node.start("l7")
+    first = _envoy_pid(node)
+    node.kill("l7", signal.SIGTERM)
+    assert not _running(first), "SIGTERM to the l7 service left its Envoy running"
+
+    node.start("l7")
+    second = _envoy_pid(node)
+    node.kill("l7", signal.SIGKILL)
+    assert _running(second)  # kept on purpose: it goes on enforcing until the service is back
+    node.kill("orchestrator", signal.SIGTERM)
+    result = _teardown(node)
+    assert result.returncode == 0, result.stderr
+    assert f"envoy pid {second}" in result.stdout + result.stderr
+    assert not _running(second), "teardown left the Envoy of a killed l7 service running"

@@ -25,6 +25,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from services.common.bpffs import remove_pins
+from services.l7.envoy import end_left_running
 from tests.harness import netns
 
 REPO = Path(__file__).resolve().parents[2]
@@ -200,6 +201,7 @@ class Node:
         for name in list(self.services):
             with contextlib.suppress(ProcessLookupError, subprocess.TimeoutExpired):
                 self.kill(name, signal.SIGKILL)
+        end_left_running(self.run_dir / "l7")  # a killed l7 service leaves its Envoy running
         for ns in netns.names(f"{self.name}."):
             netns.remove(ns)
         netns.remove(self.outside)
