@@ -79,8 +79,7 @@ class Place:
     refused: dict[str, str] = field(default_factory=dict)  # Cilium's, not implemented here: why
 
 
-L7 = "L7 rules need the L7 proxy, which this node does not run"
-TLS = "TLS interception needs the L7 proxy, which this node does not run"
+TLS = "TLS interception (originating or terminating TLS) is not supported by this node's proxy"
 NODES = "node selectors need node labels, which this node does not have; use the host or remote-node entity"
 GROUPS = "groups (cloud provider security groups) are not supported; list the CIDRs"
 REQUIRES = "requirements are not supported; add the labels to each fromEndpoints/toEndpoints selector instead"
@@ -126,10 +125,23 @@ PEERS = {
     "egressDeny": Place(_EGRESS_COMMON, _EGRESS_REFUSED),
 }
 PORT_RULE = Place(
-    frozenset({"ports"}),
-    {"rules": L7, "serverNames": "serverNames (TLS SNI) " + L7.removeprefix("L7 rules "), "listener": L7,
+    frozenset({"ports", "rules"}),
+    {"serverNames": "serverNames (TLS SNI) need TLS inspection, which this node's proxy does not do",
+     "listener": "listener (a CiliumEnvoyConfig reference) is not supported by this node",
      "originatingTLS": TLS, "terminatingTLS": TLS},
 )  # fmt: skip
+L7_RULES = Place(
+    frozenset({"http"}),
+    {"kafka": "Kafka rules are not supported by this node (only http)",
+     "dns": "DNS rules need a DNS proxy, which this node does not run (only http)",
+     "l7proto": "generic L7 parsers are not supported by this node (only http)",
+     "l7": "generic L7 parsers are not supported by this node (only http)"},
+)  # fmt: skip
+HTTP_RULE = Place(frozenset({"method", "path", "host", "headers", "headerMatches"}))
+HEADER_MATCH = Place(
+    frozenset({"name", "value", "mismatch"}),
+    {"secret": "header values from Kubernetes secrets are not supported by this node; give value"},
+)
 DENY_PORT_RULE = Place(frozenset({"ports"}))  # Cilium's PortDenyRule: no L7 fields at all
 PORT = Place(frozenset({"port", "endPort", "protocol"}))
 ICMP_RULE = Place(frozenset({"fields"}))
@@ -307,18 +319,77 @@ def _port(doc: Any, where: str) -> pb.PortRule:
     return pb.PortRule(port=port, end_port=end, protocol=protocol)
 
 
+def _header(text: Any, where: str) -> pb.HttpHeaderMatch:
+    """Cilium's `headers` entry: "Name" (present) or "Name: value" / "Name value" (exact), split at the first space."""
+    text = _text(text, where)
+    name, sep, value = text.partition(" ")
+    if not sep:
+        return pb.HttpHeaderMatch(name=name)
+    return pb.HttpHeaderMatch(name=name.rstrip(":"), value=value)
+
+
+def _header_match(doc: Any, where: str) -> pb.HttpHeaderMatch:
+    doc = _fields(doc, HEADER_MATCH, where)
+    mismatch = doc.get("mismatch")
+    if mismatch not in (None, ""):
+        raise Unimplemented(f"{where}.mismatch: {shown(mismatch)} (acting on a mismatch instead of denying) is not "
+                            "supported by this node; leave it out so a mismatch denies")  # fmt: skip
+    name = _text(doc.get("name"), f"{where}.name")
+    if doc.get("value") is None:
+        return pb.HttpHeaderMatch(name=name)
+    return pb.HttpHeaderMatch(name=name, value=_text(doc["value"], f"{where}.value"))
+
+
+def _http_rule(doc: Any, where: str) -> pb.HttpRule:
+    """One PortRuleHTTP; an empty one ({}) allows every request, as in Cilium."""
+    doc = _fields({} if doc is None else doc, HTTP_RULE, where)
+    out = pb.HttpRule()
+    for key in ("method", "path", "host"):
+        if doc.get(key) is not None:
+            setattr(out, key, _text(doc[key], f"{where}.{key}"))
+    out.headers.extend(_header(h, f"{where}.headers[{i}]") for i, h in enumerate(_items(doc.get("headers"), where)))
+    matches = _items(doc.get("headerMatches"), f"{where}.headerMatches")
+    out.headers.extend(_header_match(m, f"{where}.headerMatches[{i}]") for i, m in enumerate(matches))
+    return out
+
+
+def _l7_rules(doc: Any, where: str) -> list[pb.HttpRule]:
+    if doc is None:
+        return []
+    doc = _fields(doc, L7_RULES, where)
+    return [_http_rule(h, f"{where}.http[{i}]") for i, h in enumerate(_items(doc.get("http"), f"{where}.http"))]
+
+
 def _port_rules(value: Any, place: Place, where: str) -> list[pb.PortRule]:
     out = []
     for i, doc in enumerate(_items(value, where)):
         at = f"{where}[{i}]"
-        ports = _items(_fields(doc, place, at).get("ports"), f"{at}.ports")
+        fields = _fields(doc, place, at)
+        ports = _items(fields.get("ports"), f"{at}.ports")
         if not ports:
             raise InvalidArgument(f'{at}.ports is empty: list at least one port ("0" is every port)')
         if len(ports) > MAX_PORTS_PER_PORT_RULE:
             raise InvalidArgument(f"{at}.ports: {len(ports)} given, Cilium allows at most {MAX_PORTS_PER_PORT_RULE}; "
                                   "split them over several toPorts entries")  # fmt: skip
-        out += [_port(p, f"{at}.ports[{j}]") for j, p in enumerate(ports)]
+        http = _l7_rules(fields.get("rules"), f"{at}.rules")
+        for j, p in enumerate(ports):
+            port = _port(p, f"{at}.ports[{j}]")
+            if http:
+                _check_l7_port(port, f"{at}.ports[{j}]")
+                port.http.extend(http)
+            out.append(port)
     return out
+
+
+def _check_l7_port(port: pb.PortRule, where: str) -> None:
+    """Cilium's rule validation for a port with L7 rules: TCP only (ANY is refused too), never port 0."""
+    if port.protocol != "TCP":
+        raise InvalidArgument(f"{where}.protocol: L7 rules can only apply to TCP (not {port.protocol}); "
+                              "write protocol: TCP")  # fmt: skip
+    if not port.name and port.port == 0:
+        raise InvalidArgument(f"{where}.port: L7 rules can not be used when a port is 0")
+    if port.end_port:
+        raise Unimplemented(f"{where}.endPort: L7 rules on a port range are not supported by this node; list the ports")
 
 
 def _icmp_field(doc: Any, where: str) -> pb.PortRule:

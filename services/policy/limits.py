@@ -36,6 +36,9 @@ MAX_SPECS_PER_RULE = 1_000  # specs of one policy (a CiliumNetworkPolicy's `spec
 # Cilium's own bounds (pkg/policy/api/rule_validation.go): ports of one toPorts entry, types of one icmps entry.
 MAX_PORTS_PER_PORT_RULE = 40
 MAX_ICMP_FIELDS = 40
+MAX_HTTP_RULES_PER_PORT = 256  # as many as one Envoy listener takes (services/l7/model.py)
+MAX_HTTP_HEADERS = 32
+MAX_HTTP_HEADER_VALUE_CHARS = 4096
 MAX_TEXT_SHOWN = 64  # characters of a refused value quoted back in an error or a log line
 
 

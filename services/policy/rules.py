@@ -19,10 +19,15 @@ from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument, Unimplemented
 from services.common.validate import CidrError, Network, parse_cidr
+from services.l7.model import TOKEN_RE as HTTP_TOKEN_RE
+from services.l7.model import check_regex
 from services.policy.limits import (
     MAX_CIDRS_PER_RULE,
     MAX_DESCRIPTION_CHARS,
     MAX_EXCEPTS_PER_CIDR,
+    MAX_HTTP_HEADER_VALUE_CHARS,
+    MAX_HTTP_HEADERS,
+    MAX_HTTP_RULES_PER_PORT,
     MAX_LABELS_PER_SELECTOR,
     MAX_PEERS_PER_SECTION,
     MAX_PORTS_PER_RULE,
@@ -321,16 +326,45 @@ def check_service_name(name: str, where: str) -> str:
     return name
 
 
-def _http(msg: pb.HttpRule) -> HttpRule:
-    headers = tuple(HttpHeaderMatch(h.name, h.value if h.HasField("value") else None) for h in msg.headers)
-    return HttpRule(msg.method, msg.path, msg.host, headers)
+def _http(msg: pb.HttpRule, where: str) -> HttpRule:
+    """One HTTP rule, checked as Envoy would check it (RE2, header syntax), so Envoy never refuses it."""
+    for what in ("method", "path", "host"):
+        value = getattr(msg, what)
+        if value:
+            check_regex(value, f"{where}.{what}")
+    at_most(len(msg.headers), MAX_HTTP_HEADERS, f"{where}: headers")
+    headers = []
+    for i, h in enumerate(msg.headers):
+        at = f"{where}.headers[{i}]"
+        if not HTTP_TOKEN_RE.fullmatch(h.name):
+            raise InvalidArgument(f"{at}.name: {shown(h.name)} is not an HTTP header name (RFC 7230 token)")
+        if h.name.startswith(":"):
+            raise InvalidArgument(f"{at}.name: pseudo-headers ({shown(h.name)}) are matched by method, path and host")
+        value = h.value if h.HasField("value") else None
+        if value is not None:
+            if len(value) > MAX_HTTP_HEADER_VALUE_CHARS:
+                raise InvalidArgument(f"{at}.value: longer than {MAX_HTTP_HEADER_VALUE_CHARS} characters")
+            if any(c in value for c in "\r\n\x00"):
+                raise InvalidArgument(f"{at}.value: a header value cannot hold CR, LF or NUL")
+        headers.append(HttpHeaderMatch(h.name, value))
+    return HttpRule(msg.method, msg.path, msg.host, tuple(headers))
 
 
-def _port(msg: pb.PortRule, where: str) -> PortRule:
+def _port(msg: pb.PortRule, where: str, deny: bool = False) -> PortRule:
     port = _l4_port(msg, where)
     if not msg.http:
         return port
-    return replace(port, http=tuple(_http(h) for h in msg.http))
+    # Cilium's PortRule validation: L7 rules only on TCP, never on port 0, never in deny sections.
+    if deny:
+        raise InvalidArgument(f"{where}.http: a deny section takes no L7 rules (Cilium's PortDenyRule has none)")
+    if port.protocol != "TCP":
+        raise InvalidArgument(f"{where}.http: L7 rules can only apply to TCP (not {port.protocol}); set protocol TCP")
+    if not port.name and port.first == 0:
+        raise InvalidArgument(f"{where}.http: L7 rules can not be used when a port is 0 (every port); name the port")
+    if port.first != port.last:
+        raise Unimplemented(f"{where}.http: L7 rules on a port range are not supported by this node; list the ports")
+    at_most(len(msg.http), MAX_HTTP_RULES_PER_PORT, f"{where}: http rules")
+    return replace(port, http=tuple(_http(h, f"{where}.http[{i}]") for i, h in enumerate(msg.http)))
 
 
 def _l4_port(msg: pb.PortRule, where: str) -> PortRule:
@@ -378,7 +412,7 @@ def check_entity(entity: str, where: str) -> str:
     return entity
 
 
-def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
+def _peer(msg: pb.PeerRule, where: str, deny: bool = False) -> PeerRule:
     cidrs = []
     for i, c in enumerate(msg.cidrs):
         network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
@@ -391,7 +425,7 @@ def _peer(msg: pb.PeerRule, where: str) -> PeerRule:
         endpoints=tuple(parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
         cidrs=tuple(cidrs),
         entities=tuple(msg.entities),
-        ports=tuple(_port(p, f"{where}.ports[{i}]") for i, p in enumerate(msg.ports)),
+        ports=tuple(_port(p, f"{where}.ports[{i}]", deny) for i, p in enumerate(msg.ports)),
     )
 
 
@@ -452,7 +486,8 @@ def _spec(msg: pb.Rule, name: str, namespace: str, where: str) -> Rule:
     """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
 
     def section(peers: Iterable[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
-        return tuple(_peer(p, f"{where}: {field_name}[{i}]") for i, p in enumerate(peers))
+        deny = field_name.endswith("_deny")
+        return tuple(_peer(p, f"{where}: {field_name}[{i}]", deny) for i, p in enumerate(peers))
 
     deny = msg.enable_default_deny
     return Rule(

@@ -22,7 +22,16 @@ from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument, Unimplemented, WeirError
 from services.policy import cnp
-from services.policy.rules import PortRule, Rule, cidr_count, from_document, from_proto, to_proto
+from services.policy.rules import (
+    HttpHeaderMatch,
+    HttpRule,
+    PortRule,
+    Rule,
+    cidr_count,
+    from_document,
+    from_proto,
+    to_proto,
+)
 
 LANGUAGE = "https://docs.cilium.io/en/stable/security/policy/language/"
 K8S_POLICY = "https://docs.cilium.io/en/stable/network/kubernetes/policy/"
@@ -259,6 +268,39 @@ def _to_ports() -> None:
     )
 
 
+def _l7_http() -> None:
+    # LANGUAGE#layer-7-examples (HTTP): method and path, headers as "Name" or "Name: value", an empty
+    # rule allowing every request, headerMatches (name and value), host; ports named or numbered, TCP.
+    spec = ingress(
+        {
+            "fromEndpoints": [{"matchLabels": {"org": "empire"}}],
+            "toPorts": [
+                {
+                    "ports": [{"port": "80", "protocol": "TCP"}, {"port": "http", "protocol": "tcp"}],
+                    "rules": {
+                        "http": [
+                            {"method": "GET", "path": "/public"},
+                            {"method": "PUT", "path": "/avatar", "headers": ["X-My-Header: true", "X-Present"]},
+                            {},
+                            {
+                                "host": "api\\.example\\.com",
+                                "headerMatches": [{"name": "x-token", "value": "s"}, {"name": "x-any"}],
+                            },
+                        ]
+                    },
+                }
+            ],
+        }
+    )
+    expected = (
+        HttpRule("GET", "/public"),
+        HttpRule("PUT", "/avatar", "", (HttpHeaderMatch("X-My-Header", "true"), HttpHeaderMatch("X-Present"))),
+        HttpRule(),
+        HttpRule("", "", "api\\.example\\.com", (HttpHeaderMatch("x-token", "s"), HttpHeaderMatch("x-any"))),
+    )
+    assert ports(doc(spec)) == (PortRule("TCP", 80, 80, "", expected), PortRule("TCP", 0, 0, "http", expected))
+
+
 def _entities() -> None:
     # LANGUAGE#entities-based and entity.go: the entities this node has identities for
     peer = one(doc(egress({"toEntities": ["host", "world", "all", "cluster", "remote-node"]}))).egress[0]
@@ -340,6 +382,7 @@ ACCEPTED: dict[str, Callable[[], None]] = {
         _label_sources,
         _icmps,
         _to_ports,
+        _l7_http,
         _entities,
         _cidrs,
         _deny_sections,
@@ -382,10 +425,80 @@ REFUSED: dict[str, tuple[str, type[WeirError], str]] = {
     "toRequires": (doc(egress({"toRequires": [SEL]})), UNIMP, "egress[0].toRequires"),
     "fromNodes": (doc(ingress({"fromNodes": [SEL]})), UNIMP, "ingress[0].fromNodes"),
     "toNodes": (doc(egress({"toNodes": [SEL]})), UNIMP, "egress[0].toNodes"),
-    "L7 rules": (
-        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"http": [{"method": "GET"}]}}]})),
+    "kafka rules": (
+        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"kafka": [{"topic": "t"}]}}]})),
         UNIMP,
-        "ingress[0].toPorts[0].rules: L7 rules need the L7 proxy",
+        "ingress[0].toPorts[0].rules.kafka",
+    ),
+    "dns rules": (
+        doc(egress({"toPorts": [{**PORTS[0], "rules": {"dns": [{"matchName": "a.com"}]}}]})),
+        UNIMP,
+        "egress[0].toPorts[0].rules.dns",
+    ),
+    "l7proto rules": (
+        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"l7proto": "x", "l7": [{}]}}]})),
+        UNIMP,
+        "rules.l7proto",
+    ),
+    "header secret": (
+        doc(
+            ingress({"toPorts": [{**PORTS[0], "rules": {"http": [{"headerMatches": [{"name": "a", "secret": {}}]}]}}]})
+        ),
+        UNIMP,
+        "rules.http[0].headerMatches[0].secret",
+    ),
+    "header mismatch action": (
+        doc(
+            ingress(
+                {"toPorts": [{**PORTS[0], "rules": {"http": [{"headerMatches": [{"name": "a", "mismatch": "LOG"}]}]}}]}
+            )
+        ),
+        UNIMP,
+        "headerMatches[0].mismatch",
+    ),
+    "L7 on ANY": (
+        doc(ingress({"toPorts": [{"ports": [{"port": "80"}], "rules": {"http": [{}]}}]})),
+        INVAL,
+        "ports[0].protocol: L7 rules can only apply to TCP (not ANY)",
+    ),
+    "L7 on UDP": (
+        doc(ingress({"toPorts": [{"ports": [{"port": "80", "protocol": "UDP"}], "rules": {"http": [{}]}}]})),
+        INVAL,
+        "L7 rules can only apply to TCP (not UDP)",
+    ),
+    "L7 on port 0": (
+        doc(ingress({"toPorts": [{"ports": [{"port": "0", "protocol": "TCP"}], "rules": {"http": [{}]}}]})),
+        INVAL,
+        "ports[0].port: L7 rules can not be used when a port is 0",
+    ),
+    "L7 on a range": (
+        doc(
+            ingress(
+                {"toPorts": [{"ports": [{"port": "80", "endPort": 90, "protocol": "TCP"}], "rules": {"http": [{}]}}]}
+            )
+        ),
+        UNIMP,
+        "ports[0].endPort: L7 rules on a port range",
+    ),
+    "L7 in a deny section": (
+        doc({"endpointSelector": {}, "ingressDeny": [{"toPorts": [{**PORTS[0], "rules": {"http": [{}]}}]}]}),
+        INVAL,
+        "ingressDeny[0].toPorts[0]: unknown field 'rules'",
+    ),
+    "L7 bad regex": (
+        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"http": [{"path": "/a(b"}]}}]})),
+        INVAL,
+        "ingress[0].ports[0].http[0].path: '/a(b' is not an RE2 regex",
+    ),
+    "L7 unknown http field": (
+        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"http": [{"paths": "/"}]}}]})),
+        INVAL,
+        "rules.http[0]: unknown field 'paths'",
+    ),
+    "L7 bad header name": (
+        doc(ingress({"toPorts": [{**PORTS[0], "rules": {"http": [{"headers": ["Bad(Name) x"]}]}}]})),
+        INVAL,
+        "http[0].headers[0].name: 'Bad(Name)' is not an HTTP header name",
     ),
     "serverNames": (
         doc(egress({"toPorts": [{**PORTS[0], "serverNames": ["a.com"]}]})),
