@@ -364,3 +364,69 @@ def test_l7_ports_fail_closed_while_l7_is_down_and_proxy_ports_survive_a_policy_
     (listener,) = c.wait_listeners({"server": 1}).endpoints[0].listeners
     assert {listener.proxy_port} == ports
     assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin") == (403, DENIED)
+
+
+# Cilium's HTTP example (docs: security/policy/language, "Layer 7 Examples"), with the labels of
+# this test's endpoints: GET /public(/...) allowed, PUT /avatar with a header, nothing else.
+CNP_L7 = """
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata:
+  name: rule1
+spec:
+  endpointSelector:
+    matchLabels:
+      app: server
+  ingress:
+  - fromEndpoints:
+    - matchLabels:
+        app: client
+    toPorts:
+    - ports:
+      - port: "80"
+        protocol: TCP
+      rules:
+        http:
+        - method: GET
+          path: "/public(/.*)?"
+        - method: PUT
+          path: "/avatar"
+          headers:
+          - 'X-My-Header: true'
+"""
+
+
+def test_a_cilium_l7_policy_document_is_enforced(l7node: L7Node) -> None:
+    c = l7node
+    c.policy.ImportRules(pb.ImportRulesRequest(document=CNP_L7), timeout=15)
+    c.wait_listeners({"server": 1})
+    got = c.policy.GetRule(pb.GetRuleRequest(name="default/rule1"), timeout=5)
+    assert [h.path for h in got.ingress[0].ports[0].http] == ["/public(/.*)?", "/avatar"]
+    server = c.server.ipv4
+    assert request(c.client.netns, server, PORT, "GET", "/public/a") == (200, "upstream GET /public/a")
+    assert request(c.client.netns, server, PORT, "PUT", "/avatar", {"X-My-Header": "true"})[0] == 200
+    assert request(c.client.netns, server, PORT, "PUT", "/avatar", {"X-My-Header": "false"}) == (403, DENIED)
+    assert request(c.client.netns, server, PORT, "PUT", "/avatar") == (403, DENIED)
+    assert request(c.client.netns, server, PORT, "GET", "/private") == (403, DENIED)
+    assert not c.web.got("GET", "/private")
+
+
+def test_a_bad_l7_rule_is_refused_before_envoy_and_changes_nothing(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    before = c.l7.GetState(l7pb.GetStateRequest(), timeout=5)
+    rules_before = c.policy.ListRules(pb.ListRulesRequest(), timeout=5)
+    bad = server_in(http_port(PORT, pb.HttpRule(method="GET", path="/public(")), name="server-l7")
+    with pytest.raises(grpc.RpcError) as err:
+        c.policy.ImportRules(pb.ImportRulesRequest(rules=[bad]), timeout=15)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "ingress[0].ports[0].http[0].path" in (err.value.details() or "")
+    bad_doc = CNP_L7.replace('path: "/avatar"', 'path: "(?=x)"')
+    with pytest.raises(grpc.RpcError) as err:
+        c.policy.ImportRules(pb.ImportRulesRequest(document=bad_doc), timeout=15)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "http[1].path" in (err.value.details() or "")
+    after = c.l7.GetState(l7pb.GetStateRequest(), timeout=5)
+    assert after.config_version == before.config_version and not after.HasField("last_nack")
+    assert c.policy.ListRules(pb.ListRulesRequest(), timeout=5) == rules_before
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
