@@ -23,7 +23,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from services.cli.client import current
 from services.cli.output import Column, emit, emit_line, output_option, pick, table, to_dict, wants_json
 
-VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "ACCELERATED")
+VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "ACCELERATED", "REDIRECTED")
 PROTOCOLS = ("TCP", "UDP", "ICMP", "ICMPv6", "SCTP")
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -74,6 +74,14 @@ def line(flow: pb.Flow) -> str:
     names = "".join(
         f" {side}={peer.endpoint}" for side, peer in (("from", flow.source), ("to", flow.destination)) if peer.endpoint
     )
+    if flow.type == "L7":
+        l7 = flow.l7
+        rule = f" rule={l7.rule}" if l7.rule else ""
+        return (
+            f"{seen.strftime('%b %d %H:%M:%S.%f')[:-3]}: {_address(flow.src, flow.src_port)} -> "
+            f"{_address(flow.dst, flow.dst_port)} http-request {flow.verdict} "
+            f"{l7.method} {l7.host}{l7.path} {l7.status}{rule}{names}"
+        )
     return (
         f"{seen.strftime('%b %d %H:%M:%S.%f')[:-3]}: {_address(flow.src, flow.src_port)} -> "
         f"{_address(flow.dst, flow.dst_port)} {flow.protocol or '-'} {flow.verdict} "

@@ -34,6 +34,7 @@ from services.orchestrator.events import EventHub
 from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
+from services.orchestrator.l7flows import L7Follower
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
 SERVICE = "orchestrator"
@@ -131,6 +132,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     flows.baseline(await worker.call(chain.reason_counts))
     events = EventHub(chain.events, flows.add)
     events.start(asyncio.get_running_loop())
+    l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)
+    l7_flows.start()
 
     readiness = Readiness()
 
@@ -156,6 +159,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         for loop in loops:
             await loop.stop()
         events.stop()
+        await l7_flows.stop()
         await worker.call(store.close)
         await worker.call(chain.close)
         await worker.call(node_maps.close)

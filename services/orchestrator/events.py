@@ -22,6 +22,18 @@ PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
 
 
 @dataclass(frozen=True)
+class L7Info:
+    """What Envoy's access log said of one HTTP request (type L7 flows only)."""
+
+    method: str
+    path: str
+    host: str
+    status: int
+    rule: str  # the rule that allowed it; empty when denied
+    allowed: bool
+
+
+@dataclass(frozen=True)
 class FlowEvent:
     type: str
     reason: str
@@ -36,6 +48,7 @@ class FlowEvent:
     dst: str
     src_port: int
     dst_port: int
+    l7: L7Info | None = None
 
     @property
     def direction(self) -> int:

@@ -29,14 +29,21 @@ MAX_CAPACITY = 1 << 20
 SUBSCRIBER_DEPTH = 4096
 MAX_LAST = 65536
 MAX_FILTER_VALUES = 256
-VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "ACCELERATED")
+VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "ACCELERATED", "REDIRECTED")
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def verdict_of(event: FlowEvent) -> str:
-    """DROPPED and AUDIT as Hubble names them; ACCELERATED (the socket fast path) is Weir's own."""
+    """DROPPED, AUDIT and REDIRECTED as Hubble names them; ACCELERATED (the socket fast path) is Weir's own.
+
+    An L7 request is FORWARDED when a rule allowed it and DROPPED when Envoy denied it (403).
+    """
     if event.type == "DROP":
         return "DROPPED"
+    if event.l7 is not None:
+        return "FORWARDED" if event.l7.allowed else "DROPPED"
+    if event.type == "PROXY_REDIRECT":
+        return "REDIRECTED"
     if event.type.startswith("ACCEL_"):
         return "ACCELERATED"
     return "AUDIT" if event.reason == Reason.POLICY_AUDIT.name else "FORWARDED"
@@ -235,6 +242,11 @@ class Flows:
                 self._identity_labels[info.id] = tuple(info.labels)
             for identity in deleted:
                 self._identity_labels.pop(identity, None)
+
+    def endpoint_id(self, name: str) -> int:
+        """The id of the endpoint of that name, 0 if none (L7 events name their endpoint)."""
+        with self._lock:
+            return next((n.id for n in self._by_id.values() if n.name == name), 0)
 
     # ---- flows (events thread) ----
 

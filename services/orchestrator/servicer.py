@@ -122,6 +122,9 @@ def flow_to_proto(flow: Flow) -> pb.Flow:
         length=ev.length,
         seq=flow.seq,
     )
+    if ev.l7 is not None:
+        l7 = ev.l7
+        message.l7.CopyFrom(pb.L7Flow(method=l7.method, path=l7.path, host=l7.host, status=l7.status, rule=l7.rule))
     message.time.FromNanoseconds(flow.time_ns)
     return message
 

@@ -430,3 +430,31 @@ def test_a_bad_l7_rule_is_refused_before_envoy_and_changes_nothing(l7node: L7Nod
     assert after.config_version == before.config_version and not after.HasField("last_nack")
     assert c.policy.ListRules(pb.ListRulesRequest(), timeout=5) == rules_before
     assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public")[0] == 200
+
+
+def test_l7_requests_become_flows_in_the_node_stream(l7node: L7Node) -> None:
+    c = l7node
+    c.apply(server_in(http_port(PORT, PUBLIC)), expect={"server": 1})
+    assert request(c.client.netns, c.server.ipv4, PORT, "GET", "/public/flow")[0] == 200
+    assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin/flow")[0] == 403
+    orchestrator = orch_grpc.OrchestratorStub(c.node.channel("orchestrator"))
+    deadline = time.monotonic() + WAIT
+    while True:
+        flows = [
+            item.flow
+            for item in orchestrator.GetFlows(orch_pb.GetFlowsRequest(endpoints=["server"]), timeout=10)
+            if item.HasField("flow") and item.flow.type == "L7"
+        ]
+        if len(flows) >= 2:
+            break
+        assert time.monotonic() < deadline, flows
+        time.sleep(0.2)
+    seen = {(f.l7.method, f.l7.path): f for f in flows}
+    allowed, denied = seen[("GET", "/public/flow")], seen[("POST", "/admin/flow")]
+    assert (allowed.verdict, allowed.l7.status, allowed.l7.rule) == ("FORWARDED", 200, "server-l7#1")
+    assert (denied.verdict, denied.reason, denied.l7.status, denied.l7.rule) == ("DROPPED", "POLICY_DENIED", 403, "")
+    for flow in (allowed, denied):
+        assert flow.source.endpoint == "client" and flow.destination.endpoint == "server"
+        assert flow.dst == c.server.ipv4 and flow.dst_port == PORT and flow.protocol == "TCP"
+    only_denied = orchestrator.GetFlows(orch_pb.GetFlowsRequest(endpoints=["server"], verdicts=["DROPPED"]), timeout=10)
+    assert all(i.flow.verdict == "DROPPED" for i in only_denied if i.HasField("flow"))
