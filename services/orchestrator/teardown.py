@@ -50,6 +50,7 @@ from services.common.instance_lock import holder, lock_path, release, try_lock
 from services.l7.envoy import end_left_running
 from services.orchestrator import netdev
 from services.orchestrator.suite import SERVICES
+from services.policy import redirect
 
 ROLE = "teardown"
 # Every role that takes the instance's lock: while one runs, teardown refuses.
@@ -212,6 +213,9 @@ def teardown(config: NodeConfig, purge_state: bool = False) -> Report:
         if purge_state and config.state_dir.exists():
             shutil.rmtree(config.state_dir)
             report.note(f"state {config.state_dir}")
+    hairpin = redirect.remove_hairpin(config.instance)
+    if hairpin:
+        report.note(f"link {hairpin} (the L7 hairpin)")
     envoy = end_left_running(config.run_dir / "l7")
     if envoy:
         report.note(f"envoy pid {envoy}")

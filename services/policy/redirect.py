@@ -6,18 +6,19 @@ destination is another address. One policy-routing rule (`fwmark 0x0A00/0x0F00`)
 such packets to a table whose only route is `local 0.0.0.0/0 dev lo`, as Cilium's proxy
 routing does. Flows of ingress rules are judged at the host veth's egress, where no socket
 can be assigned: the program sends them back into the stack through the ingress of a device
-of ours (`weir_l7`, one end of a veth pair: any device that receives will do, and veth is
-always built in), whose own program assigns them. Everything here is made with
+of the instance's own (`wl7<hash>`, one end of a veth pair tagged `weir-l7/<instance>`: any
+device that receives will do, and veth is always built in), whose own program assigns them. Everything here is made with
 pyroute2 and pybpf, never by running `ip`; it is idempotent, and left in place on stop so
 the redirect keeps working while the service restarts. The sysctl it changes is recorded
-for the node's teardown; the veth pair, the rule and the route stay until the namespace goes
-(the orchestrator's teardown does not know them yet).
+for the node's teardown, which also removes the veth pair; the rule and the route, the same
+for every instance of a namespace, stay.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import hashlib
 import socket
 from pathlib import Path
 
@@ -29,14 +30,34 @@ from pybpf import Map, Program, TcDirection, attach_tc
 from services.common import sysctls
 from services.common.config import NodeConfig
 from services.common.datapath import L7_PROXY_ROUTE_TABLE, L7_PROXY_RULE_PRIORITY, XFRM_MARK_MASK, TcPriority, XfrmMark
+from services.common.errors import FailedPrecondition
 
 log = structlog.get_logger("weir.policy.redirect")
 
-HAIRPIN_IFNAME = "weir_l7"
-HAIRPIN_PEER = "weir_l7p"  # the pair's other end: up, and otherwise unused
+HAIRPIN_TAG = "weir-l7/"  # + the instance: the hairpin device's ifalias (not an endpoint tag)
 EARLY_DEMUX = "/proc/sys/net/ipv4/tcp_early_demux"
 RT_SCOPE_HOST = 254
 RTN_LOCAL = 2
+
+
+def hairpin_names(instance: str) -> tuple[str, str, str]:
+    """The instance's hairpin device, its peer (up, otherwise unused) and its ifalias.
+
+    Named per instance, so two instances in one namespace never share (or take over) one.
+    """
+    digest = hashlib.sha256(f"{instance}/l7-hairpin".encode()).hexdigest()[:8]
+    return f"wl7{digest}", f"wl7p{digest}", f"{HAIRPIN_TAG}{instance}"
+
+
+def remove_hairpin(instance: str) -> int:
+    """Delete the instance's hairpin pair if it is there and tagged as ours; returns its ifindex or 0."""
+    ifname, _peer, tag = hairpin_names(instance)
+    with IPRoute() as ipr:
+        for link in ipr.get_links(ifname=ifname):
+            if str(link.get_attr("IFLA_IFALIAS") or "") == tag:
+                ipr.link("del", index=link["index"])
+                return int(link["index"])
+    return 0
 
 
 def _sysctl(path: str, value: str) -> None:
@@ -65,20 +86,23 @@ def setup(config: NodeConfig, hairpin_program: Program, hairpin_map: Map) -> int
             oif=lo,
             table=L7_PROXY_ROUTE_TABLE,
         )
-        found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
+        ifname, peer_name, tag = hairpin_names(config.instance)
+        found = ipr.get_links(ifname=ifname) if ipr.link_lookup(ifname=ifname) else []
+        if found and str(found[0].get_attr("IFLA_IFALIAS") or "") != tag:
+            raise FailedPrecondition(f"interface {ifname} exists and is not this instance's L7 hairpin ({tag})")
         if not found:
             try:
-                ipr.link("add", ifname=HAIRPIN_IFNAME, kind="veth", peer=HAIRPIN_PEER)
+                ipr.link("add", ifname=ifname, kind="veth", peer=peer_name)
             except NetlinkError as exc:
                 if exc.code != errno.EEXIST:
                     raise
-            found = ipr.link_lookup(ifname=HAIRPIN_IFNAME)
-        index = int(found[0])
-        for peer in ipr.link_lookup(ifname=HAIRPIN_PEER):
+        index = int(ipr.link_lookup(ifname=ifname)[0])
+        ipr.link("set", index=index, ifalias=tag)
+        for peer in ipr.link_lookup(ifname=peer_name):
             ipr.link("set", index=peer, state="up")
         ipr.link("set", index=index, state="up")
     # A hairpinned packet's source is routed through another device: no reverse-path check here.
-    _sysctl(f"conf/{HAIRPIN_IFNAME}/rp_filter", "0")
+    _sysctl(f"conf/{ifname}/rp_filter", "0")
     # Once the proxy holds a connection's socket (its local address is the original
     # destination), TCP early demux would find that socket for the connection's next packets
     # on their first, forwarding pass through the node (to the destination endpoint, whose
@@ -88,5 +112,5 @@ def setup(config: NodeConfig, hairpin_program: Program, hairpin_map: Map) -> int
     sysctls.set_recorded(config, {EARLY_DEMUX: "0"})
     attach_tc(index, hairpin_program, TcDirection.INGRESS, priority=int(TcPriority.L7_REDIRECT))
     hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32).update(0, index)
-    log.info("l7 redirect ready", hairpin=HAIRPIN_IFNAME, ifindex=index, table=L7_PROXY_ROUTE_TABLE)
+    log.info("l7 redirect ready", hairpin=ifname, ifindex=index, table=L7_PROXY_ROUTE_TABLE)
     return index

@@ -22,6 +22,7 @@ from weir.prefilter.v1 import prefilter_pb2_grpc as pf_grpc
 from services.common.bpffs import remove_pins
 from services.common.cgroup import attached_programs
 from services.orchestrator.teardown import pinned_program_ids
+from services.policy.redirect import hairpin_names
 from tests.harness import netns
 from tests.harness.node import NET_IFNAME, REPO, Node
 
@@ -236,11 +237,33 @@ def _running(pid: int) -> bool:
         return False
 
 
-def test_no_envoy_outlives_its_node(make_node: Callable[..., Node]) -> None:
-    """A stopped l7 service ends its Envoy; a killed one leaves it (adopted next run), and teardown ends it."""
+def _link_alias(node: Node, ifname: str) -> str | None:
+    """The ifalias of an interface in the node's namespace; None when there is no such interface."""
+    shown = netns.run(node.ns, "ip", "-d", "link", "show", "dev", ifname, check=False)
+    if shown.returncode != 0:
+        return None
+    return next((line.split("alias ", 1)[1].strip() for line in shown.stdout.splitlines() if "alias " in line), "")
+
+
+def test_no_envoy_or_hairpin_outlives_its_node(
+    make_node: Callable[..., Node], beside: Callable[[Node], Beside]
+) -> None:
+    """A stopped l7 service ends its Envoy; a killed one leaves it (adopted next run), and teardown ends it.
+
+    The L7 hairpin device is per instance: a second instance in the namespace gets its own,
+    and tearing one instance down leaves the other's.
+    """
     node = make_node()
     node.start("orchestrator")
+    node.start("policy")
     node.start("l7")
+    other = beside(node)
+    other.start("orchestrator")
+    other.start("policy")
+    ours, theirs = hairpin_names(node.name)[0], hairpin_names(other.name)[0]
+    assert ours != theirs
+    assert _link_alias(node, ours) == f"weir-l7/{node.name}"
+    assert _link_alias(node, theirs) == f"weir-l7/{other.name}"
     first = _envoy_pid(node)
     node.kill("l7", signal.SIGTERM)
     assert not _running(first), "SIGTERM to the l7 service left its Envoy running"
@@ -249,8 +272,12 @@ def test_no_envoy_outlives_its_node(make_node: Callable[..., Node]) -> None:
     second = _envoy_pid(node)
     node.kill("l7", signal.SIGKILL)
     assert _running(second)  # kept on purpose: it goes on enforcing until the service is back
+    node.kill("policy", signal.SIGTERM)
     node.kill("orchestrator", signal.SIGTERM)
     result = _teardown(node)
     assert result.returncode == 0, result.stderr
     assert f"envoy pid {second}" in result.stdout + result.stderr
     assert not _running(second), "teardown left the Envoy of a killed l7 service running"
+    assert _link_alias(node, ours) is None
+    assert _link_alias(node, theirs) == f"weir-l7/{other.name}"
+    assert all(other.serving(s) for s in ("orchestrator", "policy"))
