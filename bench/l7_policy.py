@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
             l7 = l7_grpc.L7Stub(grpc.insecure_channel(f"unix://{node.socket('l7')}"))
             up = _retarget(upstream_config(PORT), server.ipv4)
             hand = _retarget(static_rbac_config(HAND_PORT, PORT), "127.0.0.1", server.ipv4)
-            als = node.run_dir / "l7-xds.sock"  # the l7 service's access log service, as ours logs to
+            als = node.run_dir / "l7" / "xds.sock"  # the l7 service's access log service, as ours logs to
             logged = _retarget(static_rbac_config(LOGGED_PORT, PORT, als), "127.0.0.1", server.ipv4)
             with (
                 envoy_in(server.netns, up, workdir, "upstream"),

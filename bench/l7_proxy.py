@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix=f"weir-bench-{os.getpid()}-") as tmp:
         workdir = Path(tmp)
         up, static, logged, proxy = free_port(), free_port(), free_port(), free_port()
-        als = workdir / "run" / "l7-xds.sock"  # the l7 service's access log service
+        als = workdir / "run" / "l7" / "xds.sock"  # the l7 service's access log service
         with (
             envoy(upstream_config(up), workdir, "upstream"),
             envoy(static_rbac_config(static, up), workdir, "static"),

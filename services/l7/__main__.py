@@ -1,7 +1,7 @@
 """Run the L7 service: `python -m services.l7 [--envoy managed|external ...]`.
 
 One process serves the L7 API on ``<run-dir>/l7.sock`` and Envoy's control plane (ADS and
-the access log service) on ``<run-dir>/l7-xds.sock``, and runs Envoy (managed) or
+the access log service) on ``<run-dir>/l7/xds.sock``, and runs Envoy (managed) or
 watches the one compose runs (external). The health answer is NOT_SERVING while Envoy's
 admin endpoint does not say it is ready.
 """
@@ -64,10 +64,13 @@ async def _watch_ready(sidecar: Sidecar, readiness: Readiness) -> None:
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     acquire_or_exit(config, SERVICE)
     check_tls_files(config)
+    # Envoy's control socket lives with its bootstrap, not beside the services' API sockets:
+    # `weir status` takes every <run-dir>/*.sock for a service.
+    (config.run_dir / SERVICE).mkdir(mode=0o700, parents=True, exist_ok=True)
     sidecar = Sidecar(
         node_id=f"{config.instance}-{SERVICE}",
         directory=config.run_dir / SERVICE,
-        control_socket=config.run_dir / f"{SERVICE}-xds.sock",
+        control_socket=config.run_dir / SERVICE / "xds.sock",
         managed=args.envoy == "managed",
         concurrency=args.envoy_concurrency,
         log_level=args.envoy_log_level,

@@ -102,7 +102,15 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         await run_datapath_service(
             SERVICE,
             config,
-            lambda store: Policy(maps, store, node, push, args.proxy_ports, functools.partial(redirect.setup, config)),
+            lambda store: Policy(
+                maps,
+                store,
+                node,
+                push,
+                args.proxy_ports,
+                functools.partial(redirect.setup, config),
+                redirect.proxy_address(config.instance),
+            ),
             add_servicer,
             background,
             can_adopt=False,

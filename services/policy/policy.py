@@ -69,7 +69,7 @@ AUDIT = "audit"
 OLD_IDENTITIES = "identity"  # identities this service allocated before the orchestrator owned them
 PROXY_PORT = "proxyport"  # key: endpoint/direction/port of an L7 port; doc: {"port": proxy port}
 DEFAULT_PROXY_PORTS = range(15000, 16000)
-PROXY_BIND = "127.0.0.1"  # where the listeners bind (the datapath looks them up there: bpf/include/weir/l7.h)
+PROXY_BIND = "127.0.0.1"  # where the listeners bind unless told (the service gives its instance's: redirect.py)
 WORLD_CIDRS = ("0.0.0.0/0", "::/0")
 DEFAULT_PAGE_SIZE = 500
 ADDRESS_TEXT_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
@@ -115,6 +115,7 @@ class Policy:
         l7: ListenerPush | None = None,
         proxy_ports: range = DEFAULT_PROXY_PORTS,
         setup_redirect: Callable[..., object] | None = None,
+        proxy_bind: str = PROXY_BIND,
     ) -> None:
         """`l7` delivers L7 listeners to the l7 service (None: nobody is told; the flows of
         L7 ports then drop); `setup_redirect(program, map)` prepares the node's routing and
@@ -125,6 +126,7 @@ class Policy:
         self._l7 = l7
         self._proxy_range = proxy_ports
         self._setup_redirect = setup_redirect
+        self._proxy_bind = proxy_bind
         self._proxy_ports: dict[str, int] = {}
         self._stored_proxy_ports: dict[str, int] = {}
         self._rules: dict[str, Rule] = {}
@@ -351,7 +353,7 @@ class Policy:
             protocol="TCP",
             proxy_port=proxy_port,
             rules=rules,
-            bind_address=PROXY_BIND,
+            bind_address=self._proxy_bind,
             transparent=True,
             use_original_dst=True,  # Envoy's ORIGINAL_DST cluster takes only a restored local address
             upstream_mark=mark,

@@ -20,6 +20,7 @@ import ctypes
 import errno
 import hashlib
 import socket
+import sys
 from pathlib import Path
 
 import structlog
@@ -34,6 +35,8 @@ from services.common.errors import FailedPrecondition
 
 log = structlog.get_logger("weir.policy.redirect")
 
+HAIRPIN_IFINDEX_KEY = 0  # keys of the l7_hairpin map (bpf/include/weir/l7.h)
+PROXY_ADDRESS_KEY = 1
 HAIRPIN_TAG = "weir-l7/"  # + the instance: the hairpin device's ifalias (not an endpoint tag)
 EARLY_DEMUX = "/proc/sys/net/ipv4/tcp_early_demux"
 RT_SCOPE_HOST = 254
@@ -47,6 +50,17 @@ def hairpin_names(instance: str) -> tuple[str, str, str]:
     """
     digest = hashlib.sha256(f"{instance}/l7-hairpin".encode()).hexdigest()[:8]
     return f"wl7{digest}", f"wl7p{digest}", f"{HAIRPIN_TAG}{instance}"
+
+
+def proxy_address(instance: str) -> str:
+    """The loopback address the instance's proxy listeners bind to (127.0.0.0/8 is all local).
+
+    One per instance, never 127.0.0.1: the datapath finds the listener by (address, port), so
+    two instances of one namespace, or any other program on the proxy port, can never
+    receive the other's redirected flows.
+    """
+    digest = hashlib.sha256(f"{instance}/l7-proxy".encode()).digest()
+    return f"127.{1 + digest[0] % 254}.{digest[1]}.{1 + digest[2] % 254}"
 
 
 def remove_hairpin(instance: str) -> int:
@@ -111,6 +125,9 @@ def setup(config: NodeConfig, hairpin_program: Program, hairpin_map: Map) -> int
     # The old value is recorded, so the node's teardown puts it back.
     sysctls.set_recorded(config, {EARLY_DEMUX: "0"})
     attach_tc(index, hairpin_program, TcDirection.INGRESS, priority=int(TcPriority.L7_REDIRECT))
-    hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32).update(0, index)
+    config_map = hairpin_map.typed(ctypes.c_uint32, ctypes.c_uint32)
+    config_map.update(HAIRPIN_IFINDEX_KEY, index)
+    address = proxy_address(config.instance)
+    config_map.update(PROXY_ADDRESS_KEY, int.from_bytes(socket.inet_aton(address), sys.byteorder))
     log.info("l7 redirect ready", hairpin=ifname, ifindex=index, table=L7_PROXY_ROUTE_TABLE)
     return index

@@ -97,9 +97,13 @@ def request(
 
 
 def refused(ns: str, address: str, port: int) -> bool:
-    """Whether a request cannot even connect (the datapath dropped it)."""
+    """Whether a request cannot even connect (the datapath dropped its SYN).
+
+    The wait is shorter than TCP's first SYN retransmission (1 s), so a proxy that comes
+    back meanwhile cannot turn a dropped SYN into a connection.
+    """
     try:
-        request(ns, address, port, "GET", "/public/gap", timeout=1.5)
+        request(ns, address, port, "GET", "/public/gap", timeout=0.7)
     except (TimeoutError, ConnectionError, OSError):
         return True
     return False

@@ -4,7 +4,9 @@
  * At TC ingress (the from-container hook, for an endpoint's egress rules) the
  * packet is assigned to a socket with bpf_sk_assign: the proxy's own socket of
  * the connection when it already took it (the packet's tuple finds it), else
- * the listener on the proxy port, bound to 127.0.0.1 (WEIR_L7_PROXY_ADDR). The
+ * the listener on the proxy port, bound to the instance's loopback address (key 1
+ * of l7_hairpin: every instance of a namespace has its own, so one never assigns
+ * its flows to another's proxy). The
  * packet is marked WEIR_XFRM_MARK_L7_PROXY, which a policy-routing rule sends
  * to a `local 0.0.0.0/0 dev lo` table, so the stack delivers it locally although
  * its destination is another address; the listener is transparent
@@ -27,13 +29,16 @@
 #include <bpf/bpf_helpers.h>
 #include "weir/chain.h"
 
-#define WEIR_L7_PROXY_ADDR 0x7f000001 /* host order: where the proxy's listeners bind */
 #define WEIR_PACKET_HOST 0
+#define WEIR_L7_HAIRPIN_IFINDEX 0
+#define WEIR_L7_PROXY_ADDRESS 1
 
-/* Key 0 -> the ifindex of the hairpin device (0: none yet, ingress L7 flows drop). */
+/* Key 0 -> the ifindex of the hairpin device (0: none yet, ingress L7 flows drop);
+ * key 1 -> the IPv4 address (network order) the proxy's listeners bind to (0: none yet,
+ * L7 flows drop). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, 2);
 	__type(key, __u32);
 	__type(value, __u32);
 } l7_hairpin SEC(".maps");
@@ -54,6 +59,7 @@ static __always_inline int l7_assign(struct __sk_buff *skb, const struct flow *f
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *sk;
+	__u32 key, *address;
 	long err;
 
 	if (f->family != WEIR_FAMILY_INET || f->proto != WEIR_IP_PROTO_TCP || !proxy_port)
@@ -71,7 +77,11 @@ static __always_inline int l7_assign(struct __sk_buff *skb, const struct flow *f
 		}
 		bpf_sk_release(sk);
 	}
-	tuple.ipv4.daddr = bpf_htonl(WEIR_L7_PROXY_ADDR);
+	key = WEIR_L7_PROXY_ADDRESS;
+	address = bpf_map_lookup_elem(&l7_hairpin, &key);
+	if (!address || !*address)
+		return -1;
+	tuple.ipv4.daddr = *address;
 	tuple.ipv4.dport = bpf_htons(proxy_port);
 	sk = bpf_sk_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
