@@ -364,3 +364,19 @@ def test_l7_ports_fail_closed_while_l7_is_down_and_proxy_ports_survive_a_policy_
     (listener,) = c.wait_listeners({"server": 1}).endpoints[0].listeners
     assert {listener.proxy_port} == ports
     assert request(c.client.netns, c.server.ipv4, PORT, "POST", "/admin") == (403, DENIED)
+
+
+def test_egress_rule_to_the_network(l7node: L7Node) -> None:
+    c = l7node
+    with netns.entered(c.node.outside):
+        outside = start_upstream(OUTSIDE_V4, PORT)
+    try:
+        world = pb.PeerRule(entities=["world"], ports=[http_port(PORT, PUBLIC)])
+        c.apply(pb.Rule(name="to-world", endpoint_selector=sel(app="client"), egress=[world]), expect={"client": 1})
+        assert request(c.client.netns, OUTSIDE_V4, PORT, "GET", "/public")[0] == 200
+        assert request(c.client.netns, OUTSIDE_V4, PORT, "POST", "/admin") == (403, DENIED)
+        assert outside.got("GET", "/public") and not outside.got("POST", "/admin")
+        assert c.client.ipv4 not in outside.peers  # the proxy's connection, not the client's
+    finally:
+        outside.server.shutdown()
+        outside.server.server_close()
