@@ -55,11 +55,6 @@ class ListenerPush:
             self._desired = {name: list(xs) for name, xs in desired.items() if xs}
             self._lock.notify_all()
 
-    def pending(self) -> list[str]:
-        """Endpoints whose listeners the l7 service does not have yet."""
-        with self._lock:
-            return sorted(self._changed())
-
     def _changed(self) -> set[str]:
         names = self._desired.keys() | self._sent.keys()
         return {n for n in names if self._desired.get(n, []) != self._sent.get(n, [])}

@@ -359,10 +359,6 @@ class Policy:
             upstream_mark=mark,
         )
 
-    def l7_pending(self) -> list[str]:
-        """Endpoints whose listeners the l7 service has not taken yet."""
-        return self._l7.pending() if self._l7 is not None else []
-
     @contextlib.contextmanager
     def _changing(self, store: Store | None) -> Iterator[tuple[Change, list[Saved]]]:
         """A Change, and the replaced maps it holds for undo (closed when it is over)."""

@@ -462,3 +462,19 @@ def test_l7_requests_become_flows_in_the_node_stream(l7node: L7Node) -> None:
         assert flow.dst == c.server.ipv4 and flow.dst_port == PORT and flow.protocol == "TCP"
     only_denied = orchestrator.GetFlows(orch_pb.GetFlowsRequest(endpoints=["server"], verdicts=["DROPPED"]), timeout=10)
     assert all(i.flow.verdict == "DROPPED" for i in only_denied if i.HasField("flow"))
+
+
+def test_egress_rule_to_the_network(l7node: L7Node) -> None:
+    c = l7node
+    with netns.entered(c.node.outside):
+        outside = start_upstream(OUTSIDE_V4, PORT)
+    try:
+        world = pb.PeerRule(entities=["world"], ports=[http_port(PORT, PUBLIC)])
+        c.apply(pb.Rule(name="to-world", endpoint_selector=sel(app="client"), egress=[world]), expect={"client": 1})
+        assert request(c.client.netns, OUTSIDE_V4, PORT, "GET", "/public")[0] == 200
+        assert request(c.client.netns, OUTSIDE_V4, PORT, "POST", "/admin") == (403, DENIED)
+        assert outside.got("GET", "/public") and not outside.got("POST", "/admin")
+        assert c.client.ipv4 not in outside.peers  # the proxy's connection, not the client's
+    finally:
+        outside.server.shutdown()
+        outside.server.server_close()
