@@ -505,6 +505,8 @@ REFUSED = [
     ("nodeSelector", grpc.StatusCode.UNIMPLEMENTED,
      "nodeSelector: {matchLabels: {role: edge}}\n  ingress: [{fromEntities: [world]}]"),
     ("rules", grpc.StatusCode.UNIMPLEMENTED,
+     "ingress:\n  - toPorts: [{ports: [{port: '9092', protocol: TCP}], rules: {kafka: [{topic: orders}]}}]"),
+    ("protocol", grpc.StatusCode.INVALID_ARGUMENT,
      "ingress:\n  - toPorts: [{ports: [{port: '80'}], rules: {http: [{method: GET}]}}]"),
     ("toServices", grpc.StatusCode.UNIMPLEMENTED, "egress:\n  - toServices: [{k8sService: {serviceName: db}}]"),
     ("fromRequires", grpc.StatusCode.UNIMPLEMENTED,
