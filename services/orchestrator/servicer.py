@@ -22,6 +22,7 @@ from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
+from services.orchestrator.cluster import Cluster, ClusterStatus
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
@@ -129,6 +130,32 @@ def flow_to_proto(flow: Flow) -> pb.Flow:
     return message
 
 
+def cluster_status_to_proto(status: ClusterStatus) -> pb.ClusterStatus:
+    return pb.ClusterStatus(
+        enabled=True,
+        node_name=status.node_name,
+        kvstore_endpoints=status.endpoints,
+        connected=status.connected,
+        lease_id=status.lease_id,
+        lease_ttl_seconds=status.lease_ttl,
+        last_error=status.last_error,
+        nodes=[
+            pb.ClusterNode(
+                name=n.name,
+                node_id=n.node_id,
+                addresses=n.addresses,
+                cidrs=n.cidrs,
+                routing=n.routing,
+                key_index=n.key_index,
+            )
+            for n in status.nodes
+        ],
+        pending_changes=status.pending,
+        remote_prefixes=status.remote_prefixes,
+        identity_conflicts=status.conflicts,
+    )
+
+
 def slot_to_proto(state: SlotState) -> pb.SlotState:
     return pb.SlotState(
         hook=hook_to_proto(state.hook),
@@ -169,8 +196,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         identities: Identities,
         conntrack: Conntrack,
         flows: Flows,
+        cluster: Cluster | None = None,
     ) -> None:
         self._flows = flows
+        self._cluster = cluster
         self._worker = worker
         self._devices = devices
         self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
@@ -468,6 +497,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         finally:
             if sub is not None:
                 self._flows.unsubscribe(sub)
+
+    async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Context) -> pb.ClusterStatus:
+        if self._cluster is None:
+            return pb.ClusterStatus(enabled=False)
+        return cluster_status_to_proto(self._cluster.status())
 
     async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
         counts = await self._worker.call(self._chain.reason_counts)
