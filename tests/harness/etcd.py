@@ -1,8 +1,10 @@
 """A real etcd for tests: Debian's `etcd` binary on loopback ports, data in a temp dir.
 
-`EtcdServer.start()` picks free loopback ports, runs etcd as a child process and waits
-until it answers; `stop()` kills it (the data dir stays, so `start()` again brings the
-same data back, as an etcd outage would); `close()` stops it and removes the data dir.
+`EtcdServer.start()` picks free ports, runs etcd as a child process and waits until it
+answers. With `netns` set it runs inside that network namespace, listening on every
+address there, for nodes that reach it over veths the test made. `stop()` kills it (the
+data dir stays, so `start()` again brings the same data back, as after an etcd outage);
+`close()` stops it and removes the data dir.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from services.orchestrator.kvstore import KvStore, KvStoreConfig, KvStoreUnavailable
+from tests.harness.netns import nsenter_argv
 
 ETCD = shutil.which("etcd")
 MISSING = "the etcd binary is not installed (Debian's etcd-server; ./weir setup installs it)"
@@ -33,6 +36,7 @@ class EtcdServer:
     client_port: int = field(default_factory=free_port)
     peer_port: int = field(default_factory=free_port)
     data: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="weir-etcd-")))
+    netns: str | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -46,11 +50,13 @@ class EtcdServer:
     def start(self, timeout: float = 20.0) -> EtcdServer:
         assert ETCD is not None, MISSING
         peer = f"http://{self.host}:{self.peer_port}"
+        listen = f"http://0.0.0.0:{self.client_port}" if self.netns else self.url
         argv = [
+            *(nsenter_argv(self.netns) if self.netns else []),
             ETCD,
             "--name=weir-test",
             f"--data-dir={self.data / 'data'}",
-            f"--listen-client-urls={self.url}",
+            f"--listen-client-urls={listen}",
             f"--advertise-client-urls={self.url}",
             f"--listen-peer-urls={peer}",
             f"--initial-advertise-peer-urls={peer}",
@@ -59,6 +65,9 @@ class EtcdServer:
         ]
         with self.log.open("ab") as out:
             self.process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        if self.netns:
+            self._wait_in_netns(timeout)
+            return self
         kv = KvStore(KvStoreConfig((self.url,), timeout=1.0))
         deadline = time.monotonic() + timeout
         try:
@@ -72,6 +81,16 @@ class EtcdServer:
                     time.sleep(0.1)
         finally:
             kv.close()
+
+    def _wait_in_netns(self, timeout: float) -> None:
+        """Our client's sockets would open in this namespace, so etcdctl asks from inside."""
+        assert self.process is not None and self.netns is not None
+        deadline = time.monotonic() + timeout
+        health = [*nsenter_argv(self.netns), "etcdctl", f"--endpoints={self.url}", "endpoint", "health"]
+        while subprocess.run(health, capture_output=True, timeout=10, env={"ETCDCTL_API": "3"}).returncode != 0:
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"etcd did not start: {self.log.read_text()[-2000:]}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:

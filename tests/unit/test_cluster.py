@@ -102,6 +102,14 @@ def members(etcd: EtcdServer) -> Iterator[Callable[[str], Member]]:
         cluster.stop()
 
 
+def has(seen: Recorder, prefix: str) -> Callable[[], bool]:
+    return lambda: net(prefix) in seen.remote
+
+
+def empty(seen: Recorder) -> Callable[[], bool]:
+    return lambda: not seen.remote
+
+
 def endpoint(name: str, ipv4: str, identity: int) -> Endpoint:
     return Endpoint(name=name, id=1, ipv4=ipv4, identity=identity)
 
@@ -143,13 +151,13 @@ def test_an_endpoint_published_on_one_node_reaches_the_others_and_leaves_them(
     identity = a.allocate("app=web")
     a.endpoint_changed("CREATED", endpoint("web", "198.18.0.10", identity))
     for seen in (seen_b, seen_c):
-        wait_for("the endpoint in the other node's view", lambda s=seen: net("198.18.0.10/32") in s.remote, 5)
+        wait_for("the endpoint in the other node's view", has(seen, "198.18.0.10/32"), 5)
         entry = seen.remote[net("198.18.0.10/32")]
         assert (entry.identity, entry.node, entry.endpoint) == (identity, "a", "web")
         assert seen.identities.get("app=web") == identity
     a.endpoint_changed("DELETED", endpoint("web", "198.18.0.10", identity))
     for seen in (seen_b, seen_c):
-        wait_for("the endpoint gone from the other node's view", lambda s=seen: not s.remote, 5)
+        wait_for("the endpoint gone from the other node's view", empty(seen), 5)
 
 
 def test_nodes_see_each_other_and_a_silent_node_is_dropped_after_its_lease(
@@ -235,7 +243,7 @@ def test_standalone_without_kvstore_needs_nothing() -> None:
 )
 def test_bad_kvstore_flags_are_refused(text: str, extra: dict[str, Path], message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
-        KvStoreConfig.parse(text, **extra)
+        KvStoreConfig.parse(text, ca=extra.get("ca"), cert=extra.get("cert"))
 
 
 def test_bad_node_name_and_short_lease_are_refused(etcd: EtcdServer) -> None:
