@@ -169,6 +169,7 @@ class Cluster:
         self._known = _Known()
         self._used_ids: set[int] = set()
         self._conflicts: list[str] = []
+        self.allocation_retries = 0  # lost races (another node took the number first)
         self._node_listeners: list[tuple[NodeUpsert, NodeDelete]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -236,16 +237,20 @@ class Cluster:
         if known is not None:
             return known
         try:
+            current = self._kv.get(LABELS + key)
             for _ in range(MAX_ALLOCATE_ATTEMPTS):
-                current = self._kv.get(LABELS + key)
                 if current is not None:
                     return self._remember(key, int(current))
                 candidate = self._next_free()
                 if self._kv.create({LABELS + key: str(candidate).encode(), IDS + str(candidate): key.encode()}):
                     log.info("identity allocated in the cluster", labels=key, identity=candidate)
                     return self._remember(key, candidate)
-                with self._lock:
-                    self._used_ids.add(candidate)  # taken (or the labels were: read them next round)
+                # Lost a race: another node made these labels (use its number) or took this number.
+                self.allocation_retries += 1
+                current = self._kv.get(LABELS + key)
+                if current is None:
+                    with self._lock:
+                        self._used_ids.add(candidate)
         except KvStoreUnavailable as exc:
             raise KvStoreUnavailable(
                 f"labels {key!r} have no identity yet and the kvstore is needed to allocate one: {exc}"

@@ -23,7 +23,7 @@ from services.common.validate import Network
 from services.orchestrator.cluster import IDS, LABELS, Cluster, NodeRecord, RemoteEntry, connect_or_exit
 from services.orchestrator.endpoints import Endpoint
 from services.orchestrator.kvstore import KvStore, KvStoreConfig, KvStoreUnavailable
-from tests.harness.etcd import ETCD, MISSING, EtcdServer, free_port
+from tests.harness.etcd import ETCD, MISSING, EtcdServer, TlsFiles, free_port
 
 pytestmark = pytest.mark.skipif(ETCD is None, reason=MISSING)
 
@@ -253,3 +253,25 @@ def test_bad_node_name_and_short_lease_are_refused(etcd: EtcdServer) -> None:
     with pytest.raises(InvalidArgument, match="too short"):
         Cluster(kv, NodeRecord("ok"), Recorder(), lease_ttl=1)
     kv.close()
+
+
+def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
+    tls = TlsFiles.make(tmp_path)
+    server = EtcdServer(tls=tls).start()
+    try:
+        assert server.url.startswith("https://")
+        good = KvStore(server.client_config())
+        assert good.create({"weir/v1/tls-check": b"1"})
+        assert good.get("weir/v1/tls-check") == b"1"
+        good.close()
+        # Without a client certificate etcd refuses the connection: the error says so.
+        anonymous = KvStore(KvStoreConfig.parse(server.url, ca=tls.ca, timeout=1.0))
+        with pytest.raises(KvStoreUnavailable, match=r"kvstore https://127\.0\.0\.1"):
+            anonymous.get("weir/v1/tls-check")
+        anonymous.close()
+        plain = KvStore(KvStoreConfig((server.url.replace("https", "http"),), timeout=1.0))
+        with pytest.raises(KvStoreUnavailable):
+            plain.get("weir/v1/tls-check")
+        plain.close()
+    finally:
+        server.close()
