@@ -33,6 +33,7 @@ from tempfile import mkdtemp
 
 from pybpf import Map
 from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.logs import setup_logging
 from services.common.validate import Network
 from services.orchestrator.cluster import Cluster, NodeRecord, RemoteEntry
 from services.orchestrator.ipcache import ipcache_key
@@ -129,6 +130,7 @@ class _NoSink:
 
 def _allocate(url: str, name: str, keys: list[str], start_at: float) -> tuple[float, dict[str, int], int]:
     """One node's allocations (in its own process): seconds taken, numbers, lost races."""
+    setup_logging("bench", "warning")
     kv = KvStore(KvStoreConfig((url,)))
     cluster = Cluster(kv, NodeRecord(name), _NoSink(), LEASE)
     kv.version()  # connected before the clock starts

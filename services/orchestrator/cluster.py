@@ -27,6 +27,7 @@ import argparse
 import ipaddress
 import json
 import queue
+import random
 import sys
 import threading
 import time
@@ -57,6 +58,7 @@ DEFAULT_CONNECT_SECONDS = 15.0
 MIN_LEASE_SECONDS = 2
 RETRY_SECONDS = 1.0
 MAX_ALLOCATE_ATTEMPTS = 256
+SPREAD = 16  # a new number is drawn from this many lowest free ones
 
 
 @dataclass(frozen=True)
@@ -264,13 +266,18 @@ class Cluster:
         return identity
 
     def _next_free(self) -> int:
+        """One of the lowest free numbers, picked at random so nodes allocating at once seldom
+        try the same one (numbers stay dense; a lost race costs one more round trip)."""
+        free: list[int] = []
         with self._lock:
             candidate = FIRST_LABEL_IDENTITY
-            while candidate in self._used_ids:
+            while len(free) < SPREAD and candidate <= MAX_LABEL_IDENTITY:
+                if candidate not in self._used_ids:
+                    free.append(candidate)
                 candidate += 1
-        if candidate > MAX_LABEL_IDENTITY:
+        if not free:
             raise Aborted(f"no label identity left between {FIRST_LABEL_IDENTITY} and {MAX_LABEL_IDENTITY}")
-        return candidate
+        return random.choice(free)
 
     def _publish_identity(self, key: str, identity: int) -> None:
         try:
