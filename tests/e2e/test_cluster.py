@@ -10,6 +10,7 @@ clear line before anything is made.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import subprocess
 import time
@@ -24,11 +25,16 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from pybpf import Map
+from services.common.bpffs import remove_pins
 from services.common.datapath import IpcacheKey, IpcacheValue
-from services.orchestrator.ipcache import ipcache_network
+from services.common.errors import FailedPrecondition
+from services.common.objects import load_service_object
+from services.common.store import Store
+from services.orchestrator.identities import Identities
+from services.orchestrator.ipcache import Ipcache, ipcache_network
 from tests.harness.etcd import ETCD, MISSING, free_port
 from tests.harness.kvnet import KvNetwork
-from tests.harness.node import Node, pid_prefix
+from tests.harness.node import BPF_BUILD, Node, pid_prefix
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)]
 
@@ -193,3 +199,47 @@ def test_unreachable_kvstore_at_start_exits_with_one_line_and_makes_nothing(make
     # Standalone (no --kvstore), the same node starts and says cluster mode is off.
     node.start("orchestrator")
     assert status(node).enabled is False
+
+
+@pytest.fixture
+def identities(tmp_path: Path, built: Path) -> Iterator[tuple[Identities, Ipcache, Store]]:
+    """The orchestrator's Identities on real pinned maps and a real store, in-process."""
+    root = Path("/sys/fs/bpf") / f"{pid_prefix()}ci{next(_counter)}"
+    node_maps = load_service_object(BPF_BUILD / "node.o", root / "globals", root / "orchestrator", [])
+    store = Store(tmp_path / "orchestrator.db")
+    try:
+        cache = Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
+        yield Identities(store, cache), cache, store
+    finally:
+        node_maps.close()
+        store.close()
+        remove_pins(root)
+
+
+def test_remote_entries_rank_below_local_ones_and_cluster_numbers_are_kept(
+    identities: tuple[Identities, Ipcache, Store],
+) -> None:
+    ids, cache, store = identities
+    address = ipaddress.ip_network("198.18.7.7/32")
+    (cidr,) = ids.allocate_cidrs("lb", [address])
+    ids.remote_up(300, [address])  # another node's endpoint beats a published CIDR
+    assert cache.read()[address] == 300
+    local = ids.for_labels({"app": "here"})
+    ids.endpoint_up(local, [address])  # this node's own endpoint beats another node's
+    assert cache.read()[address] == local
+    ids.endpoint_down([address])
+    assert cache.read()[address] == 300
+    ids.remote_down([address])
+    assert cache.read()[address] == cidr.id
+    # Learned numbers are kept (in the store too); one that clashes with this node's is refused.
+    assert ids.learn("app=there", 301)
+    assert store.get("identity", "app=there") == {"id": 301}
+    assert not ids.learn("app=elsewhere", local)
+    assert not ids.learn("app=here", 302)
+    # In cluster mode a new label set takes the cluster's number; a number this node uses is refused.
+    ids.use_cluster(lambda key: 310)
+    assert ids.for_labels({"app": "new"}) == 310
+    ids.use_cluster(lambda key: local)
+    with pytest.raises(FailedPrecondition, match="on this node"):
+        ids.for_labels({"app": "clash"})
+    assert "app=clash" not in ids.label_identities()
