@@ -168,6 +168,7 @@ class Cluster:
         self._own: dict[str, bytes] = {}
         self._pending: dict[str, bytes | None] = {}
         self._resync = True
+        self._node_dirty = False
         self._known = _Known()
         self._used_ids: set[int] = set()
         self._conflicts: list[str] = []
@@ -182,6 +183,15 @@ class Cluster:
     @property
     def name(self) -> str:
         return self._local.name
+
+    def set_local(self, record: NodeRecord) -> None:
+        """Publish a changed record of this node (addresses, CIDRs, routing, key index)."""
+        if record.name != self.name:
+            raise InvalidArgument(f"node {self.name!r} cannot publish a record named {record.name!r}")
+        with self._lock:
+            self._local = record
+            self._node_dirty = True
+        self._wake.set()
 
     def on_node(self, upsert: NodeUpsert, delete: NodeDelete) -> None:
         """Call upsert(record) for every other node seen or changed, delete(name) when it goes."""
@@ -325,6 +335,14 @@ class Cluster:
                         self._lease, self._lease_left, self._resync = lease, self._ttl, True
                     log.info("registered in the cluster", node=self.name, lease=lease, ttl=self._ttl)
                     next_keepalive = time.monotonic() + self._ttl / 3
+                if self._node_dirty:
+                    with self._lock:
+                        record, self._node_dirty = self._local, False
+                    try:
+                        self._kv.put(NODES + self.name, record.to_json(), self._lease)
+                    except KvStoreUnavailable:
+                        self._node_dirty = True
+                        raise
                 if self._resync:
                     self._full_sync()
                 self._drain()

@@ -169,6 +169,11 @@ def test_nodes_see_each_other_and_a_silent_node_is_dropped_after_its_lease(
     a.endpoint_changed("CREATED", endpoint("web", "198.18.0.11", a.allocate("app=web")))
     wait_for("b has a's endpoint", lambda: net("198.18.0.11/32") in seen_b.remote, 5)
     assert {n.name for n in b.status().nodes} == {"a", "b"}
+    a.set_local(NodeRecord("a", node_id=7, addresses=("192.0.2.10",), cidrs=("198.18.0.0/24",), routing="direct"))
+    wait_for("b sees a's new record", lambda: seen_b.nodes["a"].addresses == ("192.0.2.10",), 5)
+    assert seen_b.nodes["a"] == NodeRecord("a", 7, ("192.0.2.10",), ("198.18.0.0/24",), "direct", 0)
+    with pytest.raises(InvalidArgument, match="cannot publish"):
+        a.set_local(NodeRecord("b"))
     a.stop()  # as a killed node: no more keepalives, nothing revoked
     stopped = time.monotonic()
     wait_for("a dropped by b", lambda: "a" not in seen_b.nodes, TTL + 5)
