@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import json
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +66,12 @@ def holds(node: Node, entries: dict[str, int]) -> bool:
 
 def lacks(node: Node, prefixes: set[str]) -> bool:
     return not prefixes & ipcache(node).keys()
+
+
+def weir(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI against a node (its unix sockets reach the node from anywhere)."""
+    argv = [sys.executable, "-m", "services.cli", "--instance", node.name, "--run-dir", str(node.run_dir), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
@@ -167,6 +175,10 @@ def test_etcd_outage_keeps_state_and_publishes_what_was_made_meanwhile(
     second = a.create_endpoint("second", {"app": "web"})
     assert second.identity == first.identity
     assert status(a).pending_changes >= 1
+    # `weir status` says so too (its exit code is about the services this test did not start).
+    shown = json.loads(weir(a, "status", "-o", "json").stdout)["cluster"]
+    assert shown["connected"] is False and "kvstore" in shown["last_error"]
+    assert "NOT connected" in " ".join(weir(a, "status").stdout.split())
     with pytest.raises(grpc.RpcError) as refused:  # a new label set needs the cluster to be numbered
         a.create_endpoint("third", {"app": "brand-new"})
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
