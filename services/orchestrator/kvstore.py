@@ -13,7 +13,7 @@ import contextlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import grpc
@@ -33,6 +33,7 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 5000),
     ("grpc.keepalive_timeout_ms", 3000),
 ]
+T = TypeVar("T")
 _ERRORS = (etcd_exceptions.Etcd3Exception, grpc.RpcError, ValueError, OSError)
 
 
@@ -142,74 +143,64 @@ class KvStore:
         detail = type(exc).__name__ if not str(exc) else str(exc).splitlines()[0][:200]
         return KvStoreUnavailable(f"kvstore {','.join(self.config.endpoints)}: {what} failed ({detail})")
 
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        """fn() on the endpoint in use, then on each other one if it fails (the client marks a
+        failed endpoint and moves on, but leaves retrying to its caller)."""
+        for attempt in range(len(self.config.endpoints)):
+            try:
+                return fn()
+            except _ERRORS as exc:
+                if attempt == len(self.config.endpoints) - 1:
+                    raise self._fail(what, exc) from None
+        raise AssertionError("unreachable: a config has at least one endpoint")
+
     def version(self) -> str:
         """The etcd server's version (a cheap round trip: use it to check the connection)."""
-        try:
-            return str(self._client.status().version)
-        except _ERRORS as exc:
-            raise self._fail("status", exc) from None
+        return self._call("status", lambda: str(self._client.status().version))
 
     def get(self, key: str) -> bytes | None:
-        try:
-            value, _ = self._client.get(key)
-        except _ERRORS as exc:
-            raise self._fail(f"get {key}", exc) from None
+        value, _ = self._call(f"get {key}", lambda: self._client.get(key))
         return None if value is None else bytes(value)
 
     def get_prefix(self, prefix: str) -> tuple[list[Entry], int]:
         """Every key under prefix, and the store's revision at that read (to watch from)."""
-        try:
-            response = self._client.get_prefix_response(prefix)
-        except _ERRORS as exc:
-            raise self._fail(f"list {prefix}", exc) from None
+        response = self._call(f"list {prefix}", lambda: self._client.get_prefix_response(prefix))
         entries = [Entry(kv.key.decode(), bytes(kv.value), int(kv.lease), int(kv.mod_revision)) for kv in response.kvs]
         return entries, int(response.header.revision)
 
     def put(self, key: str, value: bytes, lease: int = 0) -> None:
-        try:
-            self._client.put(key, value, lease=lease or None)
-        except _ERRORS as exc:
-            raise self._fail(f"put {key}", exc) from None
+        self._call(f"put {key}", lambda: self._client.put(key, value, lease=lease or None))
 
     def delete(self, key: str) -> bool:
-        try:
-            return bool(self._client.delete(key))
-        except _ERRORS as exc:
-            raise self._fail(f"delete {key}", exc) from None
+        return bool(self._call(f"delete {key}", lambda: self._client.delete(key)))
 
     def create(self, pairs: Mapping[str, bytes], lease: int = 0) -> bool:
-        """Put every pair only if none of the keys exists (one transaction); False if one did."""
+        """Put every pair only if none of the keys exists (one transaction); False if one did.
+
+        Retried on another endpoint, a transaction that did go through answers False the
+        second time: callers read the keys back to tell (as `Cluster.allocate` does)."""
         txn = self._client.transactions
-        try:
-            ok, _ = self._client.transaction(
+        ok, _ = self._call(
+            f"create {', '.join(pairs)}",
+            lambda: self._client.transaction(
                 compare=[txn.version(key) == 0 for key in pairs],
                 success=[txn.put(key, value, lease=lease or None) for key, value in pairs.items()],
                 failure=[],
-            )
-        except _ERRORS as exc:
-            raise self._fail(f"create {', '.join(pairs)}", exc) from None
+            ),
+        )
         return bool(ok)
 
     def grant(self, ttl: int) -> int:
         """A new lease of ttl seconds; keys put with it go when it expires."""
-        try:
-            return int(self._client.lease(ttl).id)
-        except _ERRORS as exc:
-            raise self._fail("lease grant", exc) from None
+        return int(self._call("lease grant", lambda: self._client.lease(ttl).id))
 
     def keepalive(self, lease: int) -> int:
         """Refresh a lease; its TTL now, 0 when it has expired (its keys are gone)."""
-        try:
-            responses = list(self._client.refresh_lease(lease))
-        except _ERRORS as exc:
-            raise self._fail("lease keepalive", exc) from None
+        responses = self._call("lease keepalive", lambda: list(self._client.refresh_lease(lease)))
         return int(responses[0].TTL) if responses else 0
 
     def revoke(self, lease: int) -> None:
-        try:
-            self._client.revoke_lease(lease)
-        except _ERRORS as exc:
-            raise self._fail("lease revoke", exc) from None
+        self._call("lease revoke", lambda: self._client.revoke_lease(lease))
 
     def watch_prefix(self, prefix: str, start_revision: int, callback: WatchCallback) -> Callable[[], None]:
         """Call callback with the events under prefix from start_revision on (on the client's
@@ -227,10 +218,10 @@ class KvStore:
                 events.append(WatchEvent(key, None if deleted else bytes(event.value), int(event.mod_revision)))
             callback(events)
 
-        try:
-            watch_id = self._client.add_watch_prefix_callback(prefix, on_response, start_revision=start_revision)
-        except _ERRORS as exc:
-            raise self._fail(f"watch {prefix}", exc) from None
+        watch_id = self._call(
+            f"watch {prefix}",
+            lambda: self._client.add_watch_prefix_callback(prefix, on_response, start_revision=start_revision),
+        )
 
         def cancel() -> None:
             with contextlib.suppress(*_ERRORS):  # the stream may be gone already

@@ -280,3 +280,17 @@ def test_tls_with_a_client_certificate(tmp_path: Path) -> None:
         plain.close()
     finally:
         server.close()
+
+
+def test_a_dead_endpoint_in_the_list_is_skipped(etcd: EtcdServer) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    for endpoints in [(dead, etcd.url), (etcd.url, dead)] * 4:  # the client starts on one at random
+        kv = KvStore(KvStoreConfig(endpoints, timeout=1.0))
+        for n in range(5):  # every call answers, whichever endpoint the client started on
+            kv.put(f"weir/v1/failover/{n}", b"x")
+            assert kv.get(f"weir/v1/failover/{n}") == b"x"
+        kv.close()
+    kv = KvStore(KvStoreConfig((dead,), timeout=1.0))
+    with pytest.raises(KvStoreUnavailable, match=f"kvstore {dead}: get weir/v1/failover/0 failed"):
+        kv.get("weir/v1/failover/0")
+    kv.close()
