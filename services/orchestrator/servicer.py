@@ -29,6 +29,8 @@ from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
+from services.orchestrator.node_rpcs import NodeRpcs
+from services.orchestrator.nodes import NodeTable
 
 # How long CreateEndpoint waits for the policy service to install a new endpoint's map.
 DEFAULT_POLICY_WAIT_MS = 5000
@@ -158,7 +160,7 @@ def xdp_to_proto(state: XdpState) -> pb.XdpAttachment:
     return pb.XdpAttachment(interface=state.interface, ifindex=state.ifindex, mode=mode, program_id=state.program_id)
 
 
-class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
     def __init__(
         self,
         worker: Worker,
@@ -169,7 +171,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         identities: Identities,
         conntrack: Conntrack,
         flows: Flows,
+        nodes: NodeTable,
     ) -> None:
+        NodeRpcs.__init__(self, worker, nodes)
         self._flows = flows
         self._worker = worker
         self._devices = devices
