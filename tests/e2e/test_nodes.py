@@ -10,6 +10,9 @@ through etcd); the policy test checks it before it relies on it.
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -24,7 +27,7 @@ from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT
 from services.orchestrator.routing import overlay_ifname
 from tests.harness import netns, traffic
 from tests.harness.multinode import Member, MultiNode, cidr_v4
-from tests.harness.node import pid_prefix
+from tests.harness.node import REPO, pid_prefix
 
 pytestmark = pytest.mark.root
 
@@ -233,3 +236,22 @@ def test_bad_nodes_are_refused_and_change_nothing(cluster: Cluster) -> None:
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
     after = (stub.ListNodes(orch_pb.ListNodesRequest(), timeout=5), sorted(node_routes(n1)))
     assert after == before
+
+
+def test_teardown_removes_the_overlay_device_and_node_routes(cluster: Cluster) -> None:
+    """Last in the module: node 3 is stopped and torn down (`./weir teardown`)."""
+    c = cluster
+    c.nodes.connect("vxlan")
+    n3 = c.member(3).node
+    device = overlay_ifname(n3.name)
+    assert netns.run(n3.ns, "ip", "link", "show", device, check=False).returncode == 0
+    assert node_routes(c.member(3))
+    for service in ("policy", "orchestrator"):
+        n3.kill(service, signal.SIGTERM)
+    flags = n3.argv("x")[n3.argv("x").index("--instance") :]
+    argv = [*netns.nsenter_argv(n3.ns), sys.executable, "-m", "services.orchestrator.teardown", *flags]
+    result = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"removed link {device} (the VXLAN overlay)" in result.stdout, result.stdout
+    assert netns.run(n3.ns, "ip", "link", "show", device, check=False).returncode != 0
+    assert node_routes(c.member(3)) == []
