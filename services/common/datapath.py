@@ -130,6 +130,9 @@ class Reason(IntEnum):
     # A packet routed into the overlay (VXLAN) device whose destination no remote node owns
     # (no tunnel_map entry): there is no node to send it to.
     NO_TUNNEL_ENDPOINT = 14
+    # The prefilter's valid-destination mode: to none of a local endpoint, a node address,
+    # a service frontend or a destination the operator added.
+    INVALID_DESTINATION = 15
 
 
 class Cb(IntEnum):
@@ -412,6 +415,7 @@ CONSTANTS = {
     "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
     "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
+    "FIRST_LABEL_IDENTITY": FIRST_LABEL_IDENTITY,
     "XFRM_MARK_MASK": XFRM_MARK_MASK,
     "MARK_IDENTITY_SHIFT": MARK_IDENTITY_SHIFT,
     "TUNNEL_MAX": TUNNEL_MAX,

@@ -38,8 +38,9 @@ from services.common.datapath import (
     TunnelValue,
 )
 from services.common.errors import ResourceExhausted
+from services.common.lpm import ipcache_key, ipcache_network
 from services.common.validate import Network
-from services.orchestrator.ipcache import AF_INET, AF_INET6, ipcache_key, ipcache_network
+from services.orchestrator.ipcache import AF_INET, AF_INET6
 
 log = structlog.get_logger("weir.routing")
 

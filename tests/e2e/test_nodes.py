@@ -234,8 +234,34 @@ def test_bad_nodes_are_refused_and_change_nothing(cluster: Cluster) -> None:
     with pytest.raises(grpc.RpcError) as err:
         stub.DeleteNode(orch_pb.DeleteNodeRequest(name="n9"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    # a local endpoint outside the node's own CIDR: no remote node may claim its address ...
+    stray = stub.CreateEndpoint(orch_pb.CreateEndpointRequest(name="stray", ipv4="10.50.0.5"), timeout=15)
+    try:
+        refused(node(cidrs=["10.50.0.0/24"]), invalid, f"covers local endpoint address {stray.ipv4}")
+    finally:
+        stub.DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="stray"), timeout=15)
+    # ... and no local endpoint may take an address a remote node owns
+    with pytest.raises(grpc.RpcError) as err:
+        stub.CreateEndpoint(orch_pb.CreateEndpointRequest(name="squat", ipv4="10.2.0.77"), timeout=15)
+    assert err.value.code() == invalid and f"which node {n2.name!r} owns" in (err.value.details() or "")
     after = (stub.ListNodes(orch_pb.ListNodesRequest(), timeout=5), sorted(node_routes(n1)))
     assert after == before
+
+
+def test_a_restarted_orchestrator_keeps_routes_and_overlay(cluster: Cluster) -> None:
+    c = cluster
+    c.nodes.connect("vxlan")
+    n1 = c.member(1)
+    before = sorted(node_routes(n1))
+    device = netns.run(n1.node.ns, "ip", "-d", "link", "show", overlay_ifname(n1.name)).stdout.split(":")[0]
+    n1.node.kill("orchestrator")  # SIGKILL: the datapath keeps forwarding meanwhile
+    a, b = c.ep(1, "client"), c.ep(2, "server")
+    assert traffic.ping(a.netns, b.ipv4, count=2) == 2
+    n1.node.start("orchestrator", *n1.flags(), timeout=60)
+    assert sorted(node_routes(n1)) == before
+    again = netns.run(n1.node.ns, "ip", "-d", "link", "show", overlay_ifname(n1.name)).stdout.split(":")[0]
+    assert again == device, "the VXLAN device was made again instead of kept"
+    assert traffic.ping(a.netns, b.ipv4, count=2) == 2 and tcp_ok(a, b, b.ipv4)
 
 
 def test_teardown_removes_the_overlay_device_and_node_routes(cluster: Cluster) -> None:

@@ -17,6 +17,7 @@ import contextlib
 import itertools
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -71,6 +72,16 @@ class Member:
             routing=MODES[mode],
         )
 
+    def flags(self) -> tuple[str, ...]:
+        """The orchestrator's --node-* flags of this node."""
+        return (
+            "--node-id", str(self.index),
+            "--node-address", underlay_v4(self.index),
+            "--node-address", underlay_v6(self.index),
+            "--node-cidr", cidr_v4(self.index),
+            "--node-cidr", cidr_v6(self.index),
+        )  # fmt: skip
+
     def create_endpoint(self, name: str, labels: dict[str, str]) -> orch_pb.Endpoint:
         """An endpoint with the next addresses of this node's CIDRs."""
         n = next(self._next)
@@ -110,17 +121,14 @@ class MultiNode:
             netns.run(node.ns, "ip", "-6", "addr", "add", f"{underlay_v6(i)}/64", "dev", "ul0", "nodad")
             netns.run(node.ns, "ip", "link", "set", "ul0", "up")
             netns.run(node.ns, "ip", "link", "set", "lo", "up")
-        for member in self.members:
-            flags = (
-                "--node-id", str(member.index),
-                "--node-address", underlay_v4(member.index),
-                "--node-address", underlay_v6(member.index),
-                "--node-cidr", cidr_v4(member.index),
-                "--node-cidr", cidr_v6(member.index),
-            )  # fmt: skip
-            member.node.start("orchestrator", *flags, timeout=60)
+
+        def start(member: Member) -> None:
+            member.node.start("orchestrator", *member.flags(), timeout=90)
             for service in services[1:]:
-                member.node.start(service, timeout=60)
+                member.node.start(service, timeout=90)
+
+        with ThreadPoolExecutor(len(self.members)) as pool:  # the nodes start side by side, as machines do
+            list(pool.map(start, self.members))
         return self
 
     def connect(self, mode: str) -> None:
