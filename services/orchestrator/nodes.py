@@ -133,7 +133,10 @@ class NodeTable:
     """The remote nodes of this node, in the store, with their routes.
 
     `local` is this node's own record (from its flags); `endpoint_networks` gives the
-    local endpoints' addresses, which no remote CIDR may cover.
+    local endpoints' addresses, which no remote CIDR may cover. Like every class that
+    owns maps and the store, it is used from the orchestrator's worker thread: another
+    source (an etcd watcher) calls `upsert`/`delete` through `worker.call`, as the
+    servicer does.
     """
 
     store: Store
