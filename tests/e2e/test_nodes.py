@@ -26,7 +26,7 @@ from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT
 from services.orchestrator.routing import overlay_ifname
 from tests.harness import netns, traffic
-from tests.harness.multinode import Member, MultiNode, cidr_v4
+from tests.harness.multinode import Member, MultiNode, cidr_v4, underlay_v6
 from tests.harness.node import REPO, pid_prefix
 
 pytestmark = pytest.mark.root
@@ -118,6 +118,24 @@ def test_tcp_udp_icmp_across_nodes_and_what_the_underlay_carries(cluster: Cluste
         assert f"instance {a.identity}" in "\n".join(vxlan_lines) and f"instance {b.identity}" in "\n".join(vxlan_lines)
     else:
         assert plain_lines and not vxlan_lines, out[-2000:]  # the endpoints' own addresses on the wire
+
+
+def test_overlay_over_an_ipv6_underlay(cluster: Cluster) -> None:
+    c = cluster
+    n1, n2 = c.member(1), c.member(2)
+    for here, there in ((n1, n2), (n2, n1)):
+        record = there.record("vxlan")
+        del record.addresses[:]
+        record.addresses.append(underlay_v6(there.index))
+        here.orchestrator().UpsertNode(orch_pb.UpsertNodeRequest(node=record), timeout=15)
+    a, b = c.ep(1, "client"), c.ep(2, "server")
+
+    def exchange() -> None:
+        assert traffic.ping(a.netns, b.ipv4, count=2) == 2
+        assert tcp_ok(a, b, b.ipv6)
+
+    out = capture_while(c, "ip6 and udp", exchange)
+    assert f"{underlay_v6(1)}." in out and f".{VXLAN_PORT}:" in out, out[-2000:]
 
 
 def test_policy_by_labels_across_nodes(cluster: Cluster) -> None:
