@@ -10,6 +10,7 @@ through etcd); the policy test checks it before it relies on it.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -217,6 +218,30 @@ def test_watch_nodes_and_no_tunnel_drop(cluster: Cluster) -> None:
         assert dropped.get("NO_TUNNEL_ENDPOINT", 0) >= 2, dropped
     finally:
         netns.run(n1.node.ns, "ip", "route", "del", "10.99.0.0/24", "dev", device)
+
+
+def test_cli_shows_and_changes_nodes(cluster: Cluster) -> None:
+    c = cluster
+    c.nodes.connect("direct")
+    n1 = c.member(1).node
+
+    def weir(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [str(REPO / "weir"), "--instance", n1.name, "--run-dir", str(n1.run_dir), *args]
+        return subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=60)
+
+    listed = json.loads(weir("node", "list", "-o", "json").stdout)
+    assert {n["name"]: n["routing"] for n in listed} == {
+        c.member(2).name: "ROUTING_MODE_DIRECT",
+        c.member(3).name: "ROUTING_MODE_DIRECT",
+    }
+    assert json.loads(weir("node", "local", "-o", "json").stdout)["node_id"] == 1
+    made = weir("node", "upsert", "n9", "--id", "9", "--address", "172.31.0.9", "--cidr", "10.9.0.0/24")
+    assert made.returncode == 0, made.stderr
+    assert "10.9.0.0/24" in node_routes(c.member(1))
+    refused = weir("node", "upsert", "n10", "--id", "9", "--address", "172.31.0.10")
+    assert refused.returncode == 1 and "ALREADY_EXISTS" in refused.stderr, refused.stderr
+    assert weir("node", "delete", "n9").returncode == 0
+    assert "10.9.0.0/24" not in node_routes(c.member(1))
 
 
 def test_bad_nodes_are_refused_and_change_nothing(cluster: Cluster) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 import time
 from collections.abc import Callable
 
@@ -13,7 +15,7 @@ from weir.prefilter.v1 import prefilter_pb2 as pb
 from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
 from tests.harness import traffic
-from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
+from tests.harness.node import NET_IFNAME, NODE_NET_V4, REPO, Node
 
 pytestmark = pytest.mark.root
 
@@ -67,6 +69,9 @@ def test_valid_destination_mode_drops_only_what_no_one_here_serves(make_node: Ca
     pings(node, VIP)  # a service frontend (lb answers no ICMP; the point is that XDP lets it in)
     assert invalid_drops(node) == 3
 
-    prefilter.SetValidDestinations(pb.SetValidDestinationsRequest(enabled=False), timeout=10)
+    weir = [str(REPO / "weir"), "--instance", node.name, "--run-dir", str(node.run_dir), "prefilter"]
+    shown = subprocess.run([*weir, "valid-destinations", "--disable", "-o", "json"], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert json.loads(shown.stdout) == {"enabled": False, "cidrs": [EXTRA_CIDR], "frontends": [f"{VIP}/32"]}
     pings(node, UNKNOWN)
     assert invalid_drops(node) == 3
