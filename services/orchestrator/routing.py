@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
 import ipaddress
 from collections.abc import Iterable
@@ -37,7 +38,7 @@ from services.common.datapath import (
     TcPriority,
     TunnelValue,
 )
-from services.common.errors import ResourceExhausted
+from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.lpm import ipcache_key, ipcache_network
 from services.common.validate import Network
 from services.orchestrator.ipcache import AF_INET, AF_INET6
@@ -254,7 +255,17 @@ class Routing:
     def _add(self, ipr: IPRoute, route: Route) -> None:
         family = AF_INET if route.dst.version == 4 else AF_INET6
         if route.gateway:
-            ipr.route("replace", dst=str(route.dst), family=family, gateway=route.gateway, proto=NODE_ROUTE_PROTOCOL)
+            try:
+                ipr.route(
+                    "replace", dst=str(route.dst), family=family, gateway=route.gateway, proto=NODE_ROUTE_PROTOCOL
+                )
+            except NetlinkError as exc:
+                if exc.code != errno.ENETUNREACH:
+                    raise
+                raise FailedPrecondition(
+                    f"{route.dst} cannot be routed via {route.gateway}: this node has no route to that underlay "
+                    "address (direct routing needs the nodes on one link); use VXLAN routing or fix the underlay"
+                ) from None
         else:
             index = ipr.link_lookup(ifname=self.ifname)[0]
             ipr.route("replace", dst=str(route.dst), family=family, oif=index, proto=NODE_ROUTE_PROTOCOL)

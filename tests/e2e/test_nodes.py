@@ -274,6 +274,7 @@ def test_bad_nodes_are_refused_and_change_nothing(cluster: Cluster) -> None:
     refused(node(key_index=16), invalid, "key_index 16")
     refused(node(cidrs=["fd00:e:9::/64"]), invalid, "no IPv6 underlay address")
     refused(node(routing=7), invalid, "routing 7")
+    refused(node(addresses=["192.168.77.9"]), grpc.StatusCode.FAILED_PRECONDITION, "no route to that underlay")
     with pytest.raises(grpc.RpcError) as err:
         stub.DeleteNode(orch_pb.DeleteNodeRequest(name="n9"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
