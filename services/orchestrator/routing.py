@@ -187,6 +187,13 @@ class Routing:
     def ifname(self) -> str:
         return overlay_ifname(self._instance)
 
+    @property
+    def _port_taken(self) -> str:
+        return (
+            f"the VXLAN overlay cannot have {self.ifname} on UDP {VXLAN_PORT}: another VXLAN device or socket of this "
+            "namespace holds it (one node per namespace); remove it or use direct routing"
+        )
+
     # ---- changes ----
 
     def apply(self, old: Remote | None, new: Remote | None) -> None:
@@ -288,14 +295,19 @@ class Routing:
         with IPRoute() as ipr:
             found = ipr.link_lookup(ifname=self.ifname)
             if not found:
-                ipr.link(
-                    "add",
-                    ifname=self.ifname,
-                    kind="vxlan",
-                    vxlan_collect_metadata=1,
-                    vxlan_port=VXLAN_PORT,
-                    vxlan_learning=0,
-                )
+                try:
+                    ipr.link(
+                        "add",
+                        ifname=self.ifname,
+                        kind="vxlan",
+                        vxlan_collect_metadata=1,
+                        vxlan_port=VXLAN_PORT,
+                        vxlan_learning=0,
+                    )
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+                    raise FailedPrecondition(self._port_taken) from None
                 index = ipr.link_lookup(ifname=self.ifname)[0]
                 mtu = self._underlay_mtu(ipr) - VXLAN_OVERHEAD
                 ipr.link(
@@ -306,7 +318,13 @@ class Routing:
                     mtu=mtu,
                 )
                 ipr.link("set", index=index, flags=IFF_NOARP, change=IFF_NOARP)
-                ipr.link("set", index=index, state="up")
+                try:
+                    ipr.link("set", index=index, state="up")
+                except NetlinkError as exc:
+                    ipr.link("del", index=index)
+                    if exc.code != errno.EADDRINUSE:
+                        raise
+                    raise FailedPrecondition(self._port_taken) from None
                 log.info("overlay device made", ifname=self.ifname, mtu=mtu)
             else:
                 index = found[0]

@@ -275,6 +275,12 @@ def test_bad_nodes_are_refused_and_change_nothing(cluster: Cluster) -> None:
     refused(node(cidrs=["fd00:e:9::/64"]), invalid, "no IPv6 underlay address")
     refused(node(routing=7), invalid, "routing 7")
     refused(node(addresses=["192.168.77.9"]), grpc.StatusCode.FAILED_PRECONDITION, "no route to that underlay")
+    # UDP 8472 held by a VXLAN device that is not this node's: the overlay cannot be made
+    netns.run(n1.node.ns, "ip", "link", "add", "foreignvx", "type", "vxlan", "external", "dstport", str(VXLAN_PORT))
+    try:
+        refused(node(routing=orch_pb.ROUTING_MODE_VXLAN), grpc.StatusCode.FAILED_PRECONDITION, "UDP 8472")
+    finally:
+        netns.run(n1.node.ns, "ip", "link", "del", "foreignvx")
     with pytest.raises(grpc.RpcError) as err:
         stub.DeleteNode(orch_pb.DeleteNodeRequest(name="n9"), timeout=10)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
