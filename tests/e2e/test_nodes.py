@@ -207,6 +207,12 @@ def test_watch_nodes_and_no_tunnel_drop(cluster: Cluster) -> None:
     stub.UpsertNode(orch_pb.UpsertNodeRequest(node=changed), timeout=15)
     update = next(watch)
     assert (update.kind, update.node.name, update.node.key_index) == ("UPSERTED", n2.name, 7)
+    stub.DeleteNode(orch_pb.DeleteNodeRequest(name=n2.name), timeout=15)
+    gone = next(watch)
+    assert (gone.kind, gone.node.name) == ("DELETED", n2.name)
+    assert cidr_v4(2) not in node_routes(n1)
+    stub.UpsertNode(orch_pb.UpsertNodeRequest(node=n2.record("vxlan")), timeout=15)
+    assert next(watch).kind == "UPSERTED"
     watch.cancel()
     # A destination routed into the overlay that no node owns drops with its own reason.
     device = overlay_ifname(n1.name)
