@@ -237,8 +237,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		verdict = VERDICT_ALLOW;
 	init.src_identity = src_identity;
 	if (verdict == VERDICT_ALLOW) {
-		if (proxy_port)
-			stamp = 0; /* never cached: each packet must find the proxy (or its absence) */
+		/* Never cached: each packet must find the proxy (or its absence); out of the overlay,
+		 * the sender's identity is the VNI's, which can change with no local revision to say so.
+		 */
+		if (proxy_port || kind == WEIR_XFRM_MARK_OVERLAY)
+			stamp = 0;
 		if (ct)
 			WRITE_ONCE(ct->policy_stamp, stamp);
 		else if (!error) {
