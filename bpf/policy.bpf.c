@@ -214,10 +214,14 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		}
 		return weir_tc_next(skb, calls);
 	}
-	peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
 	kind = dir == WEIR_DIRECTION_INGRESS ? l7_mark_kind(skb->mark) : 0;
-	if (kind == WEIR_XFRM_MARK_L7_FROM_EGRESS_PROXY)
-		peer = l7_mark_identity(skb->mark); /* the client endpoint's, not the proxy's address */
+	/* The client's identity from the mark: an egress proxy's upstream (not the proxy's
+	 * address), or a packet out of the overlay (its VNI, overlay.bpf.c: no ipcache lookup).
+	 */
+	if (kind == WEIR_XFRM_MARK_L7_FROM_EGRESS_PROXY || kind == WEIR_XFRM_MARK_OVERLAY)
+		peer = l7_mark_identity(skb->mark);
+	else
+		peer = ipcache_identity(f.family, dir == WEIR_DIRECTION_EGRESS ? f.daddr : f.saddr);
 	if (dir == WEIR_DIRECTION_INGRESS)
 		src_identity = peer;
 	else if (ct)
@@ -233,8 +237,11 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		verdict = VERDICT_ALLOW;
 	init.src_identity = src_identity;
 	if (verdict == VERDICT_ALLOW) {
-		if (proxy_port)
-			stamp = 0; /* never cached: each packet must find the proxy (or its absence) */
+		/* Never cached: each packet must find the proxy (or its absence); out of the overlay,
+		 * the sender's identity is the VNI's, which can change with no local revision to say so.
+		 */
+		if (proxy_port || kind == WEIR_XFRM_MARK_OVERLAY)
+			stamp = 0;
 		if (ct)
 			WRITE_ONCE(ct->policy_stamp, stamp);
 		else if (!error) {

@@ -1,5 +1,11 @@
 /* Prefilter: drop packets whose source address is on a deny list, at XDP.
  *
+ * Its other mode (off by default; pf_config's VALID_DESTINATIONS bit): drop
+ * packets whose destination is neither a local endpoint nor a node address (both
+ * from the ipcache: a label identity or the host's) nor in pf_valid_dst (the
+ * service frontends and the destinations the operator added), as
+ * INVALID_DESTINATION. Multicast, broadcast and non-IP frames pass.
+ *
  * Exact hosts (/32, /128) live in hash maps, shorter prefixes in LPM tries; the
  * program checks the host map first, then the trie. Both kinds exist in two
  * generations (outer ARRAY_OF_MAPS with one inner map per generation) and
@@ -10,6 +16,7 @@
  * orchestrator's entry_xdp, and hands passed packets to the next filled slot.
  */
 #include "weir/chain.h"
+#include "weir/ipcache.h"
 #include "weir/prefilter_defs.h"
 
 #define INNER_PLACEHOLDER 1 /* real sizes are chosen by the service: hash and LPM inner maps may differ in max_entries */
@@ -70,6 +77,23 @@ struct {
 	__type(key, __u32);
 	__type(value, __u32);
 } pf_active SEC(".maps");
+
+/* Key 0: the prefilter's mode bits (enum weir_prefilter_config_flag). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} pf_config SEC(".maps");
+
+/* Valid destinations the ipcache does not say: frontends and the operator's (enum weir_valid_destination). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, WEIR_PREFILTER_VALID_DST_MAX);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, struct weir_ipcache_key);
+	__type(value, __u32);
+} pf_valid_dst SEC(".maps");
 
 /* Hits per entry, by the entry's id; sized by the service before load. */
 struct {
@@ -162,6 +186,62 @@ static __always_inline struct weir_prefilter_entry *match(struct xdp_md *ctx)
 	return 0;
 }
 
+static __always_inline int valid_dst_enforced(void)
+{
+	__u32 zero = 0, *flags = bpf_map_lookup_elem(&pf_config, &zero);
+
+	return flags && (*flags & WEIR_PREFILTER_CONFIG_FLAG_VALID_DESTINATIONS);
+}
+
+/* Whether an address of `family` is a destination this node serves. */
+static __always_inline int valid_address(__u8 family, const __u8 *addr)
+{
+	struct weir_ipcache_key key = {};
+	__u32 identity = ipcache_identity(family, addr);
+
+	if (identity == WEIR_RESERVED_IDENTITY_HOST ||
+	    (identity >= WEIR_FIRST_LABEL_IDENTITY && identity < WEIR_FIRST_CIDR_IDENTITY))
+		return 1;
+	key.family = family;
+	if (family == WEIR_FAMILY_INET) {
+		key.prefixlen = 32 + 32;
+		__builtin_memcpy(key.addr, addr, 4);
+	} else {
+		key.prefixlen = 32 + 128;
+		__builtin_memcpy(key.addr, addr, 16);
+	}
+	return bpf_map_lookup_elem(&pf_valid_dst, &key) != 0;
+}
+
+/* The valid-destination check; non-IP, multicast and broadcast always pass. */
+static __always_inline int valid_destination(struct xdp_md *ctx)
+{
+	void *data = (void *)(long)ctx->data;
+	void *data_end = (void *)(long)ctx->data_end;
+	struct cursor c;
+	struct ethhdr *eth;
+	struct iphdr *ip;
+	struct ipv6hdr *ip6;
+	__u8 addr[16] = {};
+	int proto;
+
+	cursor_init(&c, data, data_end);
+	proto = parse_ethhdr(&c, &eth);
+	if (proto == ETH_P_IP && parse_iphdr(&c, &ip) >= 0) {
+		__builtin_memcpy(addr, &ip->daddr, 4);
+		if ((addr[0] & 0xf0) == 0xe0 || ip->daddr == 0xffffffff)
+			return 1;
+		return valid_address(WEIR_FAMILY_INET, addr);
+	}
+	if (proto == ETH_P_IPV6 && parse_ipv6hdr(&c, &ip6) >= 0) {
+		__builtin_memcpy(addr, &ip6->daddr, 16);
+		if (addr[0] == 0xff)
+			return 1;
+		return valid_address(WEIR_FAMILY_INET6, addr);
+	}
+	return 1;
+}
+
 SEC("xdp")
 int prefilter_xdp(struct xdp_md *ctx)
 {
@@ -184,10 +264,14 @@ int prefilter_xdp(struct xdp_md *ctx)
 		}
 		if (ifs)
 			counter_add(&ifs->audited, bytes);
-	} else if (ifs) {
-		counter_add(&ifs->passed, bytes);
 	}
-
+	if (valid_dst_enforced() && !valid_destination(ctx)) {
+		if (ifs)
+			counter_add(&ifs->dropped, bytes);
+		return weir_xdp_drop(ctx, WEIR_REASON_INVALID_DESTINATION);
+	}
+	if (!e && ifs)
+		counter_add(&ifs->passed, bytes);
 	return weir_xdp_next(ctx);
 }
 

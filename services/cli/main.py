@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from services.cli import down, endpoint, observe, policy, prefilter, service, status
+from services.cli import down, endpoint, node, observe, policy, prefilter, service, status
 from services.cli.client import CALL_TIMEOUT, EXIT_RPC, CliFailure, Node
 from services.cli.output import FORMATS
 from services.common.config import ENV
@@ -20,6 +20,7 @@ from services.common.config import ENV
 COMMANDS = (
     status.status,
     endpoint.endpoint,
+    node.node,
     policy.policy,
     service.service,
     prefilter.prefilter,

@@ -1,4 +1,4 @@
-"""`weir prefilter list|add|delete|counters|attach|detach`: the XDP deny list.
+"""`weir prefilter list|add|delete|counters|attach|detach|valid-destinations`: the XDP deny list (and its other mode).
 
 ``add -f FILE`` reads one CIDR a line (``#`` comments and blank lines skipped) and sends
 them in chunks with a progress bar on stderr: each chunk is one all-or-nothing change, so
@@ -180,3 +180,24 @@ def detach(interface: str) -> None:
     """Stop the deny list on a device."""
     current().call("prefilter", "Detach", pb.DetachRequest(interface=interface))
     emit({"detached": interface}, table(None, [Column("DETACHED", pick("i"))], [{"i": interface}]))
+
+
+@prefilter.command("valid-destinations")
+@click.option("--enable/--disable", default=None, help="turn the mode on or off (without either: show it)")
+@click.option("--cidr", "cidrs", multiple=True, help="a further valid destination (repeat; replaces the list)")
+@output_option
+def valid_destinations(enable: bool | None, cidrs: tuple[str, ...]) -> None:
+    """The other mode: drop what is for no local endpoint, node address, service frontend or --cidr."""
+    n = current()
+    state = n.call("prefilter", "GetValidDestinations", pb.GetValidDestinationsRequest())
+    if enable is not None or cidrs:
+        enabled = state.enabled if enable is None else enable
+        request = pb.SetValidDestinationsRequest(enabled=enabled, cidrs=list(cidrs) or list(state.cidrs))
+        state = n.call("prefilter", "SetValidDestinations", request)
+    row = to_dict(state)
+    columns = [
+        Column("ENABLED", pick("enabled")),
+        Column("CIDRS", pick("cidrs")),
+        Column("FRONTENDS", pick("frontends")),
+    ]
+    emit(row, table(None, columns, [row]))

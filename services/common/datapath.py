@@ -127,6 +127,12 @@ class Reason(IntEnum):
     # An L7 port's flow found no proxy listener (Envoy down or not configured yet, or an IPv6
     # flow, which the proxy does not serve): dropped, never let through unchecked.
     PROXY_UNAVAILABLE = 13
+    # A packet routed into the overlay (VXLAN) device whose destination no remote node owns
+    # (no tunnel_map entry): there is no node to send it to.
+    NO_TUNNEL_ENDPOINT = 14
+    # The prefilter's valid-destination mode: to none of a local endpoint, a node address,
+    # a service frontend or a destination the operator added.
+    INVALID_DESTINATION = 15
 
 
 class Cb(IntEnum):
@@ -174,6 +180,7 @@ class XfrmMark(IntEnum):
     L7_PROXY = 0x0A00  # l7: headed to the proxy (policy routes it to the local stack)
     L7_FROM_EGRESS_PROXY = 0x0B00  # l7: Envoy's upstream for an egress listener; identity in the other bits
     L7_FROM_INGRESS_PROXY = 0x0C00  # l7: Envoy's upstream for an ingress listener (admitted before the proxy)
+    OVERLAY = 0x0900  # orchestrator: came out of the VXLAN overlay; the source identity (the VNI) in the other bits
 
 
 # An identity in a mark's bits outside XFRM_MARK_MASK: its low 16 bits in the mark's upper
@@ -182,6 +189,11 @@ class XfrmMark(IntEnum):
 MARK_IDENTITY_SHIFT = 16
 # The policy-routing table and rule priority that deliver packets marked L7_PROXY to the
 # local stack (a `local 0.0.0.0/0 dev lo` route), where the socket they were assigned takes them.
+# Remote nodes: the routes the orchestrator adds for them carry this route protocol (so
+# teardown finds them), VXLAN uses Cilium's port, and tunnel_map holds one entry per remote CIDR.
+NODE_ROUTE_PROTOCOL = 87
+VXLAN_PORT = 8472
+TUNNEL_MAX = 16384
 L7_PROXY_ROUTE_TABLE = 2005
 L7_PROXY_RULE_PRIORITY = 90
 
@@ -309,6 +321,17 @@ class IpcacheValue(ctypes.Structure):
     _fields_ = [("identity", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
+class TunnelValue(ctypes.Structure):
+    """Value of tunnel_map (keyed by a remote node's endpoint CIDR, as the ipcache is): where to send it."""
+
+    _fields_ = [
+        ("family", ctypes.c_uint8),  # of the remote node's underlay address
+        ("key_index", ctypes.c_uint8),  # the remote node's encryption key index (0-15)
+        ("node_id", ctypes.c_uint16),
+        ("addr", ctypes.c_uint8 * 16),  # the remote node's underlay address, network order (IPv4 in the first 4)
+    ]
+
+
 class FragKey(ctypes.Structure):
     """A fragmented datagram: family, protocol, fragment id (network order) and addresses."""
 
@@ -373,7 +396,7 @@ ENUMS: list[type[IntEnum]] = [
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,
-    CtValue,
+    CtValue, TunnelValue,
 ]  # fmt: skip
 
 # Map sizes that both sides must agree on.
@@ -392,8 +415,10 @@ CONSTANTS = {
     "IPV6_EXT_MAX": 8,  # IPv6 extension headers the parser walks before it gives up
     "PARSE_PULL": 128,  # bytes made linear before parsing; more only when the headers go on
     "FIRST_CIDR_IDENTITY": FIRST_CIDR_IDENTITY,
+    "FIRST_LABEL_IDENTITY": FIRST_LABEL_IDENTITY,
     "XFRM_MARK_MASK": XFRM_MARK_MASK,
     "MARK_IDENTITY_SHIFT": MARK_IDENTITY_SHIFT,
+    "TUNNEL_MAX": TUNNEL_MAX,
     **{f"CT_LIFETIME_{name}": seconds for name, seconds in CT_LIFETIMES.items()},
 }
 

@@ -26,7 +26,7 @@ from services.common.state import Mode, datapath_exists, decide, open_state, set
 from services.common.store import StoreError
 from services.common.worker import Worker
 from services.orchestrator import cluster as cluster_mode
-from services.orchestrator import netdev
+from services.orchestrator import clusternodes, netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
@@ -36,6 +36,8 @@ from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.l7flows import L7Follower
+from services.orchestrator.nodes import NodeTable, add_flags, local_from_args
+from services.orchestrator.routing import VXLAN, Routing
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
 SERVICE = "orchestrator"
@@ -74,10 +76,12 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         help=f"flows kept in memory for GetFlows; the oldest go when it is full (default {DEFAULT_CAPACITY})",
     )
     cluster_mode.add_flags(parser)
+    add_flags(parser)
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     bpf_dir: Path = args.bpf_dir
+    local_node = local_from_args(args.node_name or config.instance, args)
     acquire_or_exit(config, SERVICE)
     check_tls_files(config)
     kv = await asyncio.to_thread(cluster_mode.connect_or_exit, args, SERVICE)  # before anything changes
@@ -97,6 +101,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         store = opened.store
         chain = Chain(bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), store)
         node_maps: BpfObject | None = None
+        overlay: BpfObject | None = None
         try:
             await worker.call(chain.start)  # first: it re-pins chain maps whose pins were removed
             node_maps = await worker.call(
@@ -112,6 +117,19 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             await worker.call(identities.sync_ipcache)
             devices = Devices(chain, store)
             await worker.call(devices.reconcile)
+            overlay = await worker.call(
+                load_service_object, bpf_dir / "overlay.o", config.globals_pin_dir, config.service_pin_dir(SERVICE), []
+            )
+            routing = Routing(
+                config.instance,
+                overlay.maps["tunnel_map"],
+                dict(overlay.programs),
+                local_node.routing == VXLAN,
+                local_node.addresses,
+            )
+            nodes = NodeTable(store, local_node, routing, endpoints.all_networks)
+            endpoints.address_checks.append(nodes.check_endpoint_address)
+            await worker.call(nodes.reconcile)
             await worker.call(settle, store)
             break
         except DOCUMENT_ERRORS as exc:
@@ -122,6 +140,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             await worker.call(chain.close)
             if node_maps is not None:
                 await worker.call(node_maps.close)
+            if overlay is not None:
+                await worker.call(overlay.close)
             opened = await worker.call(decide, config, SERVICE, problem, True, False, NO_ADOPT)
             if opened.store is None:
                 assert opened.held is not None
@@ -139,9 +159,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     l7_flows.start()
     cluster = None
     if kv is not None:
-        node = cluster_mode.NodeRecord(name=args.node_name or config.instance)
         sink = cluster_mode.IdentitiesSink(worker, identities)
-        cluster = cluster_mode.Cluster(kv, node, sink, args.kvstore_lease_seconds)
+        cluster = cluster_mode.Cluster(kv, clusternodes.published(local_node), sink, args.kvstore_lease_seconds)
+        clusternodes.link(cluster, nodes, worker)
         identities.use_cluster(cluster.allocate)
         endpoints.on_change(cluster.endpoint_changed)
         held = await worker.call(lambda: (identities.label_identities(), endpoints.all()))
@@ -164,7 +184,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = OrchestratorServicer(
-            worker, chain, endpoints, devices, events, identities, conntrack, flows, cluster=cluster
+            worker, chain, endpoints, devices, events, identities, conntrack, flows, nodes, cluster=cluster
         )
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
@@ -179,6 +199,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         await worker.call(store.close)
         await worker.call(chain.close)
         await worker.call(node_maps.close)
+        await worker.call(overlay.close)
         worker.shutdown()
 
     log.info("orchestrator ready", instance=config.instance, bpffs=str(config.bpffs_root))

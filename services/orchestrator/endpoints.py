@@ -187,6 +187,8 @@ class Endpoints:
         self._store = store
         self._identities = identities
         self._listeners: list[Callable[[str, Endpoint], None]] = []
+        # More checks of a new endpoint's addresses (remote nodes' CIDRs: services.orchestrator.nodes).
+        self.address_checks: list[Callable[[Network], None]] = []
         self._ready_listeners: list[Callable[[str], None]] = []
 
     def on_change(self, listener: Callable[[str, Endpoint], None]) -> None:
@@ -203,6 +205,10 @@ class Endpoints:
 
     def all(self) -> list[Endpoint]:
         return self._all()
+
+    def all_networks(self) -> list[Network]:
+        """Every endpoint's addresses as host prefixes."""
+        return [n for e in self._all() for n in e.networks()]
 
     # ---- queries ----
 
@@ -440,6 +446,9 @@ class Endpoints:
             for mine, theirs in ((spec.ipv4, other.ipv4), (spec.ipv6, other.ipv6)):
                 if mine and mine == theirs:
                     raise AlreadyExists(f"address {mine} already belongs to endpoint {other.name!r}")
+        for network in (ipaddress.ip_network(a) for a in (spec.ipv4, spec.ipv6) if a):
+            for check in self.address_checks:
+                check(network)
         endpoint_links = {o.host_ifindex for o in others}
         for address in (spec.ipv4, spec.ipv6):
             conflict = netdev.node_conflict(address, endpoint_links) if address else ""

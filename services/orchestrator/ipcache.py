@@ -19,24 +19,11 @@ from pyroute2 import IPRoute
 
 from pybpf import KeyNotFoundError, Map
 from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.lpm import ipcache_key as ipcache_key
+from services.common.lpm import ipcache_network as ipcache_network
 from services.common.validate import Network
 
 AF_INET, AF_INET6 = 2, 10
-
-
-def ipcache_key(network: Network) -> IpcacheKey:
-    key = IpcacheKey()
-    key.family = AF_INET if network.version == 4 else AF_INET6
-    key.prefixlen = 32 + network.prefixlen
-    packed = network.network_address.packed
-    ctypes.memmove(key.addr, packed, len(packed))
-    return key
-
-
-def ipcache_network(key: IpcacheKey) -> Network:
-    size = 4 if key.family == AF_INET else 16
-    address = ipaddress.ip_address(bytes(key.addr)[:size])
-    return ipaddress.ip_network(f"{address}/{key.prefixlen - 32}")
 
 
 def host_addresses() -> list[Network]:

@@ -30,6 +30,8 @@ from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
+from services.orchestrator.node_rpcs import NodeRpcs
+from services.orchestrator.nodes import NodeTable
 
 # How long CreateEndpoint waits for the policy service to install a new endpoint's map.
 DEFAULT_POLICY_WAIT_MS = 5000
@@ -185,7 +187,7 @@ def xdp_to_proto(state: XdpState) -> pb.XdpAttachment:
     return pb.XdpAttachment(interface=state.interface, ifindex=state.ifindex, mode=mode, program_id=state.program_id)
 
 
-class OrchestratorServicer(pb_grpc.OrchestratorServicer):
+class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
     def __init__(
         self,
         worker: Worker,
@@ -196,8 +198,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         identities: Identities,
         conntrack: Conntrack,
         flows: Flows,
+        nodes: NodeTable,
         cluster: Cluster | None = None,
     ) -> None:
+        NodeRpcs.__init__(self, worker, nodes)
         self._flows = flows
         self._cluster = cluster
         self._worker = worker

@@ -48,7 +48,7 @@ from services.common.config import NodeConfig
 from services.common.errors import FailedPrecondition
 from services.common.instance_lock import holder, lock_path, release, try_lock
 from services.l7.envoy import end_left_running
-from services.orchestrator import netdev
+from services.orchestrator import netdev, routing
 from services.orchestrator.suite import SERVICES
 from services.policy import redirect
 
@@ -152,6 +152,15 @@ def _remove_endpoints(config: NodeConfig, report: Report) -> None:
             report.kept.append(f"netns {name} (not tagged by this instance)")
 
 
+def _remove_node_routing(config: NodeConfig, report: Report) -> None:
+    """The VXLAN device and the routes to remote nodes (their route protocol marks them)."""
+    device = routing.remove_overlay_device(config.instance)
+    if device:
+        report.note(f"link {device} (the VXLAN overlay)")
+    for dst in routing.remove_own_routes():
+        report.note(f"route {dst} (to a remote node)")
+
+
 def _cgroup_dirs(root: Path) -> Iterator[Path]:
     if root.is_dir():
         yield root
@@ -204,6 +213,7 @@ def teardown(config: NodeConfig, purge_state: bool = False) -> Report:
         own = pinned_program_ids(config.bpffs_root)
         _detach_interface_programs(own, report)
         _remove_endpoints(config, report)
+        _remove_node_routing(config, report)
         _detach_cgroup_programs(config, own, report)
         if config.bpffs_root.exists():
             remove_pins(config.bpffs_root)

@@ -12,10 +12,12 @@ from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.logs import setup_logging
+from services.common.periodic import Every
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
 from services.prefilter.defs import DEFAULT_HOST_ENTRIES, DEFAULT_PREFIX_ENTRIES
 from services.prefilter.denylist import Capacity
+from services.prefilter.frontends import read_frontends
 from services.prefilter.maps import PrefilterMaps
 from services.prefilter.prefilter import Prefilter
 from services.prefilter.servicer import SERVICE_NAME, PrefilterServicer
@@ -40,6 +42,12 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PREFIX_ENTRIES,
         help=f"shorter prefixes per family (default {DEFAULT_PREFIX_ENTRIES})",
     )
+    parser.add_argument(
+        "--frontend-seconds",
+        type=float,
+        default=2.0,
+        help="how often the lb service's frontends are re-read while the valid-destination mode is on (default 2)",
+    )
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
@@ -53,7 +61,17 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         pb_grpc.add_PrefilterServicer_to_server(PrefilterServicer(worker, prefilter), server)
         return SERVICE_NAME
 
-    await run_datapath_service(SERVICE, config, lambda store: Prefilter(maps, store, chain), add_servicer)
+    def tasks(worker: Worker, prefilter: Prefilter) -> list[Every]:
+        async def follow_frontends() -> None:
+            if not await worker.call(lambda: prefilter.valid_destinations.enabled):
+                return
+            frontends = await read_frontends(config.socket_path("lb"))
+            if frontends is not None:
+                await worker.call(prefilter.valid_destinations.set_frontends, frontends)
+
+        return [Every("lb-frontends", args.frontend_seconds, follow_frontends)]
+
+    await run_datapath_service(SERVICE, config, lambda store: Prefilter(maps, store, chain), add_servicer, tasks=tasks)
 
 
 if __name__ == "__main__":

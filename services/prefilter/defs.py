@@ -16,10 +16,24 @@ DEFAULT_HOST_ENTRIES = 1_000_000
 DEFAULT_PREFIX_ENTRIES = 64_000
 GENERATIONS = 2  # the live list and the one a bulk replace is building
 MAX_INTERFACES = 1024
+VALID_DST_MAX = 65536  # service frontends and extra valid destinations
 
 
 class EntryFlag(IntEnum):
     AUDIT = 1  # count, but let the packet pass
+
+
+class PrefilterConfigFlag(IntEnum):
+    """Bits of pf_config (key 0)."""
+
+    VALID_DESTINATIONS = 1  # drop what is for no local endpoint, node address or frontend (INVALID_DESTINATION)
+
+
+class ValidDestination(IntEnum):
+    """Values of pf_valid_dst: why a prefix is a valid destination (besides the ipcache's)."""
+
+    FRONTEND = 1  # a service frontend (from the lb service)
+    EXTRA = 2  # named by the operator
 
 
 class PrefilterEntry(ctypes.Structure):
@@ -58,6 +72,7 @@ CONSTANTS = {
     "PREFILTER_GENERATIONS": GENERATIONS,
     "PREFILTER_STATS_DEFAULT": DEFAULT_HOST_ENTRIES + DEFAULT_PREFIX_ENTRIES,
     "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
+    "PREFILTER_VALID_DST_MAX": VALID_DST_MAX,
 }
 
 
@@ -65,7 +80,7 @@ def c_header() -> str:
     return render_header(
         "services/prefilter/defs.py",
         CONSTANTS,
-        [EntryFlag],
+        [EntryFlag, PrefilterConfigFlag, ValidDestination],
         [PrefilterEntry, LpmV4Key, LpmV6Key, V4Addr, V6Addr, IfStats],
     )
 

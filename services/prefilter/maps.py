@@ -24,7 +24,8 @@ import structlog
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, Program
 from services.common.chain_client import Placement, Register
-from services.common.datapath import Counter, Hook, Slot
+from services.common.datapath import Counter, Hook, IpcacheKey, Slot
+from services.common.lpm import ipcache_key, ipcache_network
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
 from services.prefilter.defs import (
@@ -80,7 +81,7 @@ KINDS = [
     Kind("pf_v4_lpm", 4, False),
     Kind("pf_v6_lpm", 6, False),
 ]
-OWN_MAPS = [*(k.outer for k in KINDS), "pf_active", "pf_entry_stats", "pf_if_stats"]
+OWN_MAPS = [*(k.outer for k in KINDS), "pf_active", "pf_entry_stats", "pf_if_stats", "pf_config", "pf_valid_dst"]
 
 
 def kind_of(network: Network) -> Kind:
@@ -135,6 +136,8 @@ class PrefilterMaps:
         self._outers: dict[Kind, MapOfMaps] = {}
         self._entry_stats: Map
         self._if_stats: Map
+        self._config: Map
+        self._valid_dst: Map
 
     def load(self) -> None:
         """Load the program, reusing this service's pinned maps; register it for its slot."""
@@ -147,6 +150,8 @@ class PrefilterMaps:
         self._outers = {kind: obj.map_of_maps(kind.outer) for kind in KINDS}
         self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
         self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
+        self._config = obj.typed_map("pf_config", ctypes.c_uint32, ctypes.c_uint32)
+        self._valid_dst = obj.typed_map("pf_valid_dst", IpcacheKey, ctypes.c_uint32)
         self.program = pin_programs(obj, [PROGRAM], self._pin_dir)[PROGRAM]
         if self._register is not None:
             self._register([Placement(Hook.XDP, Slot.PREFILTER, self._pin_dir / PROGRAM)])
@@ -288,3 +293,23 @@ class PrefilterMaps:
 
     def interface_counters(self) -> dict[int, IfStats]:
         return {int(ifindex): self._if_stats.lookup_sum(ifindex) for ifindex in self._if_stats}
+
+    # ---- the valid-destination mode ----
+
+    def set_flags(self, flags: int) -> None:
+        """Write pf_config (PrefilterConfigFlag bits)."""
+        self._config.update(0, flags)
+
+    def flags(self) -> int:
+        return int(self._config.lookup(0) or 0)
+
+    def valid_destinations(self) -> dict[Network, int]:
+        """pf_valid_dst as it is: prefix -> ValidDestination."""
+        return {ipcache_network(k): int(v) for k, v in self._valid_dst.items()}
+
+    def put_valid_destination(self, network: Network, kind: int) -> None:
+        self._valid_dst.update(ipcache_key(network), kind)
+
+    def delete_valid_destination(self, network: Network) -> None:
+        with contextlib.suppress(KeyNotFoundError):
+            self._valid_dst.delete(ipcache_key(network))

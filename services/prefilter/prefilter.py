@@ -37,6 +37,7 @@ from services.common.validate import interface as valid_interface
 from services.prefilter.defs import IfStats
 from services.prefilter.denylist import DenyList, Entry, parse_entries
 from services.prefilter.maps import PrefilterMaps
+from services.prefilter.valid_destinations import ValidDestinationMode
 
 log = structlog.get_logger("weir.prefilter")
 
@@ -103,6 +104,7 @@ class Prefilter:
         self._store = store
         self._devices = devices
         self._list = DenyList(maps.capacity)
+        self.valid_destinations = ValidDestinationMode(maps, store)
         self._listing: tuple[int, list[str], dict[str, Entry]] | None = None  # revision, sorted CIDRs, entries
 
     # ---- life cycle ----
@@ -132,6 +134,7 @@ class Prefilter:
             for key, doc in self._store.items(ENTRY)
         )
         self._maps.install(list(self._list.entries.values()))
+        self.valid_destinations.reconcile()
         for interface, doc in self._store.items(ATTACHMENT):
             try:
                 self._attach(interface, XdpMode[doc["requested"]])

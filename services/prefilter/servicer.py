@@ -15,6 +15,7 @@ from services.common.datapath import Counter
 from services.common.worker import Worker
 from services.prefilter.denylist import Entry
 from services.prefilter.prefilter import AttachmentInfo, Change, Prefilter
+from services.prefilter.valid_destinations import ValidDestinations
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Prefilter"].full_name
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -111,3 +112,18 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
     async def ListAttachments(self, request: pb.ListAttachmentsRequest, context: Context) -> pb.ListAttachmentsResponse:
         attachments = await self._worker.call(self._prefilter.attachments)
         return pb.ListAttachmentsResponse(attachments=[_attachment(a) for a in attachments])
+
+    async def SetValidDestinations(
+        self, request: pb.SetValidDestinationsRequest, context: Context
+    ) -> pb.ValidDestinations:
+        state = await self._worker.call(self._prefilter.valid_destinations.set, request.enabled, list(request.cidrs))
+        return _valid(state)
+
+    async def GetValidDestinations(
+        self, request: pb.GetValidDestinationsRequest, context: Context
+    ) -> pb.ValidDestinations:
+        return _valid(await self._worker.call(self._prefilter.valid_destinations.get))
+
+
+def _valid(state: ValidDestinations) -> pb.ValidDestinations:
+    return pb.ValidDestinations(enabled=state.enabled, cidrs=list(state.cidrs), frontends=list(state.frontends))

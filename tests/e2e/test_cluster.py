@@ -255,3 +255,33 @@ def test_remote_entries_rank_below_local_ones_and_cluster_numbers_are_kept(
     with pytest.raises(FailedPrecondition, match="on this node"):
         ids.for_labels({"app": "clash"})
     assert "app=clash" not in ids.label_identities()
+
+
+def nodes_seen(node: Node) -> dict[str, tuple[int, tuple[str, ...], int]]:
+    """The node table: name -> (node id, CIDRs, routing) of every remote node."""
+    with node.channel("orchestrator") as channel:
+        listed = orch_grpc.OrchestratorStub(channel).ListNodes(orch_pb.ListNodesRequest(), timeout=10)
+    return {n.name: (n.node_id, tuple(n.cidrs), n.routing) for n in listed.nodes}
+
+
+def test_nodes_published_in_etcd_fill_every_node_table_and_leave_it_with_their_lease(
+    make_node: Callable[..., Node], kvnet: KvNetwork
+) -> None:
+    """A node's flags (id, underlay address, CIDR, routing) reach the others' node tables, and
+    so their tunnel entries, through etcd alone; a killed node's record goes after its lease."""
+    nodes = []
+    for index in range(2):
+        node = make_node()
+        node.endpoint_count = 100 * index
+        url = kvnet.join(node)
+        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE),
+                   "--node-id", str(10 + index), "--node-address", f"192.0.2.{10 + index}",
+                   "--node-cidr", f"10.{200 + index}.0.0/24", "--routing", "vxlan")  # fmt: skip
+        nodes.append(node)
+    a, b = nodes
+    vxlan = orch_pb.ROUTING_MODE_VXLAN
+    wait_for("b's table has a", lambda: nodes_seen(b).get(a.name) == (10, ("10.200.0.0/24",), vxlan), 15)
+    wait_for("a's table has b", lambda: nodes_seen(a).get(b.name) == (11, ("10.201.0.0/24",), vxlan), 15)
+    assert a.name not in nodes_seen(a)  # the local node is GetLocalNode, not a remote one
+    a.kill("orchestrator")
+    wait_for("a leaves b's table after its lease", lambda: a.name not in nodes_seen(b), LEASE + 10)
