@@ -222,6 +222,21 @@ static __always_inline int nat_v4(struct __sk_buff *skb, const struct flow *f, i
 	return 0;
 }
 
+/* A TRANSLATE event for a new connection's first packet (still to the frontend), naming its backend. */
+static __always_inline void translate_event(struct __sk_buff *skb, const struct weir_lb_backend *b)
+{
+	struct weir_event *ev = event_for_packet(WEIR_EVENT_TYPE_TRANSLATE, WEIR_REASON_FORWARDED,
+						 skb->cb[WEIR_CB_HOOK], skb->ifindex, skb->cb[WEIR_CB_ENDPOINT],
+						 skb->cb[WEIR_CB_SRC_IDENTITY], (void *)(long)skb->data,
+						 (void *)(long)skb->data_end);
+
+	if (!ev)
+		return;
+	__builtin_memcpy(ev->nat_addr, b->addr, 4);
+	ev->nat_port = b->port;
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /* Translate a packet to a frontend; returns a TC verdict or -1 to go on. */
 static __always_inline int lb_forward(struct __sk_buff *skb)
 {
@@ -283,6 +298,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	}
 	stats_add(&lb_service_stats, svc->service_id, skb->len, new_conn);
 	stats_add(&lb_backend_stats, backend_id, skb->len, new_conn);
+	if (new_conn)
+		translate_event(skb, b);
 	if (nat_v4(skb, &f, 1, baddr, b->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
 	return -1;

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,6 +26,7 @@ from services.orchestrator.chain import Chain, SlotState
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
+from services.orchestrator.eventlimits import EventLimits, KindStats
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
@@ -34,6 +36,7 @@ from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
 DEFAULT_POLICY_WAIT_MS = 5000
 MAX_POLICY_WAIT_MS = 60_000
 MAX_READY_PER_CALL = 65536
+LOSS_REPORT_SECONDS = 1.0  # a follower hears of the datapath's losses at most this often
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
@@ -121,12 +124,62 @@ def flow_to_proto(flow: Flow) -> pb.Flow:
         ifindex=ev.ifindex,
         length=ev.length,
         seq=flow.seq,
+        rule=flow.rule,
+        translated_address=ev.nat_addr,
+        translated_port=ev.nat_port,
     )
     if ev.l7 is not None:
         l7 = ev.l7
         message.l7.CopyFrom(pb.L7Flow(method=l7.method, path=l7.path, host=l7.host, status=l7.status, rule=l7.rule))
     message.time.FromNanoseconds(flow.time_ns)
     return message
+
+
+def kind_stats_to_proto(k: KindStats) -> pb.EventKindStats:
+    return pb.EventKindStats(
+        kind=k.kind,
+        emitted=k.emitted,
+        rate_limited=k.limited,
+        sampled_out=k.sampled_out,
+        lost=k.lost,
+        rate=k.limit.rate,
+        burst=k.limit.burst,
+        sample=k.limit.sample,
+        off=k.limit.off,
+    )
+
+
+class DatapathLoss:
+    """A follower's view of the datapath's losses: what was held back or lost since it last asked.
+
+    Read at most once per LOSS_REPORT_SECONDS, so a flood of flows costs no map reads per flow.
+    """
+
+    def __init__(self, worker: Worker, limits: EventLimits | None) -> None:
+        self._worker, self._limits = worker, limits
+        self._limited = self._lost = 0
+        self._read_at = 0.0
+
+    async def _totals(self) -> tuple[int, int]:
+        assert self._limits is not None
+        stats = await self._worker.call(self._limits.stats)
+        return sum(s.limited for s in stats), sum(s.lost for s in stats)
+
+    async def start(self) -> None:
+        if self._limits is not None:
+            self._limited, self._lost = await self._totals()
+            self._read_at = time.monotonic()
+
+    async def since_last(self) -> pb.FlowLoss | None:
+        if self._limits is None or time.monotonic() - self._read_at < LOSS_REPORT_SECONDS:
+            return None
+        limited, lost = await self._totals()
+        self._read_at = time.monotonic()
+        if (limited, lost) == (self._limited, self._lost):
+            return None
+        loss = pb.FlowLoss(rate_limited=limited - self._limited, datapath_lost=lost - self._lost)
+        self._limited, self._lost = limited, lost
+        return loss
 
 
 def slot_to_proto(state: SlotState) -> pb.SlotState:
@@ -169,8 +222,10 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         identities: Identities,
         conntrack: Conntrack,
         flows: Flows,
+        event_limits: EventLimits | None = None,
     ) -> None:
         self._flows = flows
+        self._event_limits = event_limits
         self._worker = worker
         self._devices = devices
         self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
@@ -433,7 +488,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
     async def GetFlows(self, request: pb.GetFlowsRequest, context: Context) -> AsyncIterator[pb.GetFlowsResponse]:
         flt = FlowFilter.parse(
             request.endpoints, request.labels, request.cidrs, request.ports,
-            request.protocols, request.verdicts, request.reasons,
+            request.protocols, request.verdicts, request.reasons, request.rules,
         )  # fmt: skip
         if request.last > MAX_LAST:
             raise InvalidArgument(f"last: {request.last} is above the maximum of {MAX_LAST}")
@@ -458,24 +513,36 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
                 return
             newest = buffered[-1].seq if buffered else 0
             reported = 0
+            datapath = DatapathLoss(self._worker, self._event_limits)
+            await datapath.start()
             while True:
-                flow = await sub.queue.get()
+                try:
+                    got: Flow | None = await asyncio.wait_for(sub.queue.get(), LOSS_REPORT_SECONDS)
+                except TimeoutError:
+                    got = None
                 if sub.dropped > reported:
                     yield pb.GetFlowsResponse(lost=pb.FlowLoss(dropped=sub.dropped - reported))
                     reported = sub.dropped
-                if flow.seq > newest and flt.match(flow):
-                    yield pb.GetFlowsResponse(flow=flow_to_proto(flow))
+                if (loss := await datapath.since_last()) is not None:
+                    yield pb.GetFlowsResponse(lost=loss)
+                if got is not None and got.seq > newest and flt.match(got):
+                    yield pb.GetFlowsResponse(flow=flow_to_proto(got))
         finally:
             if sub is not None:
                 self._flows.unsubscribe(sub)
 
     async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
-        counts = await self._worker.call(self._chain.reason_counts)
+        kinds, lost = [], 0
+        if self._event_limits is not None:
+            limits = self._event_limits
+            kinds = [kind_stats_to_proto(k) for k in await self._worker.call(limits.stats)]
+            lost = await self._worker.call(limits.lost_since_start)
         return pb.FlowStats(
             capacity=self._flows.capacity,
             buffered=len(self._flows),
             seen=self._flows.seen,
             evicted=self._flows.evicted,
             subscriber_dropped=self._flows.subscriber_dropped,
-            datapath_unreported=self._flows.unreported(counts),
+            datapath_unreported=lost,
+            event_kinds=kinds,
         )
