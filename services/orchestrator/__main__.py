@@ -44,6 +44,7 @@ from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.l7flows import L7Follower
+from services.orchestrator.metrics import MetricsServer, NodeCollector, parse_listen
 from services.orchestrator.rulenames import RuleNames
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
@@ -63,6 +64,13 @@ def _buffer_size(text: str) -> int:
 def _event_limit(text: str) -> tuple[EventKind, Limit]:
     try:
         return parse_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -88,6 +96,14 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         type=_buffer_size,
         default=DEFAULT_CAPACITY,
         help=f"flows kept in memory for GetFlows; the oldest go when it is full (default {DEFAULT_CAPACITY})",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the node's Prometheus metrics over HTTP at /metrics here (off by default; plain HTTP, "
+        "so prefer a loopback address)",
     )
     parser.add_argument(
         "--flow-event-limit",
@@ -164,6 +180,15 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)
     l7_flows.start()
 
+    metrics: MetricsServer | None = None
+    if args.metrics_listen is not None:
+        node_map_names = {"ipcache": node_maps.maps["ipcache"], "conntrack": node_maps.maps["conntrack"]}
+        fill = {**node_map_names, "endpoints": chain.endpoints, "metrics": chain.metrics}
+        collector = NodeCollector(chain, event_limits, flows, node_maps.maps["conntrack"], fill, config.socket_path)
+        metrics = MetricsServer(collector)
+        port = metrics.start(*args.metrics_listen)
+        log.info("metrics served", address=args.metrics_listen[0], port=port)
+
     readiness = Readiness()
 
     async def collect_conntrack() -> None:
@@ -190,6 +215,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         for loop in loops:
             await loop.stop()
         events.stop()
+        if metrics is not None:
+            metrics.stop()
         rule_names.close()
         await l7_flows.stop()
         await worker.call(store.close)

@@ -13,6 +13,7 @@ behind it, from the rule id the datapath reports (rulenames.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import threading
 import time
@@ -20,7 +21,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from services.common.datapath import Hook, Reason
+from services.common.datapath import Direction, Hook, Reason
 from services.common.errors import InvalidArgument
 from services.orchestrator.endpoints import Endpoint
 from services.orchestrator.events import PROTOCOLS, FlowEvent
@@ -201,6 +202,8 @@ class Flows:
         self.evicted = 0
         self.subscriber_dropped = 0
         self._rule_names = rule_names
+        # (endpoint, direction, verdict) -> policy verdicts read from the datapath's events.
+        self.policy_verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._by_address: dict[str, _Named] = {}
         self._by_id: dict[int, _Named] = {}
         self._identity_labels: dict[int, tuple[str, ...]] = {}
@@ -262,6 +265,10 @@ class Flows:
         rule = event.l7.rule if event.l7 is not None else self._rule_name(event.rule_id)
         with self._lock:
             self._seq += 1
+            if event.l7 is None and (event.type == "VERDICT" or event.reason.startswith("POLICY_")):
+                named = self._by_id.get(event.endpoint_id)
+                direction = Direction(event.direction).name
+                self.policy_verdicts[(named.name if named else "", direction, verdict_of(event))] += 1
             flow = Flow(
                 seq=self._seq,
                 time_ns=time.time_ns() if time_ns is None else time_ns,
