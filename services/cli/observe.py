@@ -2,12 +2,12 @@
 
 The orchestrator keeps the newest flows (verdicts and drops with their reason and rule, LB
 translations with their backend, socket acceleration, L7 requests, each with its endpoints)
-in a bounded buffer and serves them with `GetFlows`. ``observe`` prints the buffered flows that match (``--last N``: the newest N;
-``--since``: those since a time) and exits; ``--follow`` then keeps printing new ones until
-Ctrl-C, ``--duration`` for that many seconds. ``--count N`` stops after N flows. Flows the
-stream could not deliver (evicted from the buffer, or dropped while it fell behind) are
-said on stderr, never skipped silently, and so are the datapath's events its rate limits held
-back or its ring buffer had no room for.
+in a bounded buffer and serves them with `GetFlows`. ``observe`` prints the buffered flows
+that match (``--last N``: the newest N; ``--since``: those since a time) and exits;
+``--follow`` then keeps printing new ones until Ctrl-C, ``--duration`` for that many
+seconds. ``--count N`` stops after N flows. Flows the stream could not deliver (evicted from
+the buffer, or dropped while it fell behind) are said on stderr, never skipped silently, and
+so are the datapath's events its rate limits held back or its ring buffer had no room for.
 """
 
 from __future__ import annotations
