@@ -44,6 +44,7 @@ from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.l7flows import L7Follower
+from services.orchestrator.mapfill import MapFill
 from services.orchestrator.metrics import MetricsServer, NodeCollector, parse_listen
 from services.orchestrator.rulenames import RuleNames
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
@@ -180,11 +181,17 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)
     l7_flows.start()
 
+    fill = MapFill(
+        {
+            "ipcache": node_maps.maps["ipcache"],
+            "conntrack": node_maps.maps["conntrack"],
+            "endpoints": chain.endpoints,
+            "metrics": chain.metrics,
+        }
+    )
     metrics: MetricsServer | None = None
     if args.metrics_listen is not None:
-        node_map_names = {"ipcache": node_maps.maps["ipcache"], "conntrack": node_maps.maps["conntrack"]}
-        fill = {**node_map_names, "endpoints": chain.endpoints, "metrics": chain.metrics}
-        collector = NodeCollector(chain, event_limits, flows, node_maps.maps["conntrack"], fill, config.socket_path)
+        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path)
         metrics = MetricsServer(collector)
         port = metrics.start(*args.metrics_listen)
         log.info("metrics served", address=args.metrics_listen[0], port=port)
@@ -206,7 +213,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = OrchestratorServicer(
-            worker, chain, endpoints, devices, events, identities, conntrack, flows, event_limits
+            worker, chain, endpoints, devices, events, identities, conntrack, flows, event_limits, fill
         )
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]

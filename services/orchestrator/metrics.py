@@ -28,11 +28,11 @@ from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2, lb_pb2_grpc
 from weir.prefilter.v1 import prefilter_pb2, prefilter_pb2_grpc
 
-from pybpf import Map
 from services.common import rpcmetrics
 from services.orchestrator.chain import Chain
 from services.orchestrator.eventlimits import EventLimits
 from services.orchestrator.flows import Flows
+from services.orchestrator.mapfill import MapFill
 
 PEER_TIMEOUT = 2.0  # seconds a scrape waits for the lb or prefilter service
 MAX_SERVICES = 1000  # LB services asked for counters per scrape
@@ -52,10 +52,6 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def _entries(m: Map) -> int:
-    return sum(1 for _ in m)
-
-
 class NodeCollector(Collector):
     """Reads the node's counters at each scrape."""
 
@@ -64,13 +60,11 @@ class NodeCollector(Collector):
         chain: Chain,
         limits: EventLimits,
         flows: Flows,
-        conntrack: Map,
-        node_maps: dict[str, Map],
+        fill: MapFill,
         socket_path: Callable[[str], Path],
     ) -> None:
         self._chain, self._limits, self._flows = chain, limits, flows
-        self._conntrack = conntrack
-        self._maps = node_maps
+        self._fill = fill
         self._socket_path = socket_path
         self._scrape_errors: dict[str, int] = {}
 
@@ -140,11 +134,12 @@ class NodeCollector(Collector):
     def _maps_fill(self) -> Iterable[GaugeMetricFamily]:
         entries = GaugeMetricFamily("weir_map_entries", "entries in the node's maps", labels=["map"])
         capacity = GaugeMetricFamily("weir_map_capacity", "the node's maps' max_entries", labels=["map"])
-        for name, m in sorted(self._maps.items()):
-            entries.add_metric([name], _entries(m))
-            capacity.add_metric([name], m.max_entries)
         conntrack = GaugeMetricFamily("weir_conntrack_entries", "entries in the node's conntrack map")
-        conntrack.add_metric([], _entries(self._conntrack))
+        for fill in self._fill.read():
+            entries.add_metric([fill.name], fill.entries)
+            capacity.add_metric([fill.name], fill.capacity)
+            if fill.name == "conntrack":
+                conntrack.add_metric([], fill.entries)
         return [entries, capacity, conntrack]
 
     def _asked(

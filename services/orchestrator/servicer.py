@@ -31,6 +31,7 @@ from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
+from services.orchestrator.mapfill import MapFill
 
 # How long CreateEndpoint waits for the policy service to install a new endpoint's map.
 DEFAULT_POLICY_WAIT_MS = 5000
@@ -223,9 +224,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         conntrack: Conntrack,
         flows: Flows,
         event_limits: EventLimits | None = None,
+        fill: MapFill | None = None,
     ) -> None:
         self._flows = flows
         self._event_limits = event_limits
+        self._fill = fill
         self._worker = worker
         self._devices = devices
         self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
@@ -452,7 +455,9 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
             )
             for r in reason_counts
         ]
-        return pb.GetMetricsResponse(entry=entry, reasons=reasons)
+        fills = await self._worker.call(self._fill.read) if self._fill is not None else []
+        maps = [pb.MapFill(name=f.name, entries=f.entries, capacity=f.capacity) for f in fills]
+        return pb.GetMetricsResponse(entry=entry, reasons=reasons, maps=maps)
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Context) -> AsyncIterator[pb.Event]:
         if len(request.types) > MAX_EVENT_TYPES:

@@ -140,6 +140,9 @@ def test_status_reports_every_service_and_the_chain_as_the_orchestrator_does(cli
         assert service in table
     assert table.count("SERVING") == len(SUITE_SERVICES)
     assert "policy_ingress" in table and "prefilter_xdp" in table
+    fill = {m["name"]: m for m in doc["maps"]}
+    assert int(fill["endpoints"]["entries"]) == len(endpoints) and int(fill["conntrack"]["capacity"]) > 0
+    assert "maps (fill)" in table
 
 
 def test_metrics_prints_the_orchestrators_counters(cli: Cli) -> None:
