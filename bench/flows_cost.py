@@ -17,9 +17,11 @@ Mean ns per packet of the best run, and the ratio to "denied, events off".
 
 Part 2 (real traffic, with --flood): a node of the test harness (real orchestrator and
 policy services), two endpoints, a deny rule for UDP 9000 into the server; trafgen floods
-64-byte UDP from the client's namespace to it for a fixed window. Rows, each with the
-policy's drop counter per second and the flows the orchestrator made per second, and
-`GetFlows --follow` read by this process throughout (except the first row):
+64-byte UDP from the client's namespace to it for a fixed window. Rows, interleaved over
+a few rounds (medians), each with per second: the policy's drops, the flows the
+orchestrator made, the events the limit held back (an "off" kind counts there too) and
+those the full ring buffer lost; and the flows a `GetFlows --follow` read by this process
+received over the whole run, warm-up included (no follower in the first row):
 
   - events off;
   - default rate limit (1000/s per CPU, burst 100), followed;
@@ -27,7 +29,7 @@ policy's drop counter per second and the flows the orchestrator made per second,
 
 Everything (namespaces, pins, processes) is removed afterwards.
 
-    sudo .venv/bin/python -m bench.flows_cost [--repeat N] [--runs N] [--flood] [--seconds S]
+    sudo .venv/bin/python -m bench.flows_cost [--repeat N] [--runs N] [--flood] [--seconds S] [--rounds N]
 """
 
 from __future__ import annotations
@@ -36,12 +38,13 @@ import argparse
 import contextlib
 import ctypes
 import os
+import statistics
 import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,8 +171,31 @@ def _link(ns: str | None, dev: str) -> dict[str, str]:
     return dict(json.loads(subprocess.run(argv, check=True, capture_output=True, text=True).stdout)[0])
 
 
-def flood(seconds: float) -> list[tuple[str, float, float, int]]:
-    rows = []
+@dataclass(frozen=True)
+class FloodRow:
+    label: str
+    drops: float  # per second, the policy's drop counter
+    flows: float  # per second, flows the orchestrator made
+    limited: float  # per second, events the limit held back
+    lost: float  # per second, events the full ring buffer lost
+    followed: int  # flows the follower received over the run
+
+
+FLOOD_SETUPS = (
+    ("events off, not followed", Limit(off=True), False),
+    ("rate limit 1000/s/CPU, followed", Limit(), True),
+    ("no limit, followed", Limit(rate=0), True),
+)
+
+
+def _event_totals(limits: EventLimits) -> tuple[int, int]:
+    drop = next(k for k in limits.stats() if k.kind == EventKind.DROP.name)
+    return drop.limited, drop.lost
+
+
+def flood(seconds: float, rounds: int) -> list[FloodRow]:
+    """Each setup `rounds` times, interleaved; the median of each column per setup."""
+    runs: dict[str, list[FloodRow]] = {label: [] for label, _, _ in FLOOD_SETUPS}
     with flood_node() as (node, client, server), contextlib.ExitStack() as stack:
         globals_dir = node.bpffs_root / "globals"
         limits = EventLimits(Map.from_pin(globals_dir / "event_limits"), Map.from_pin(globals_dir / "event_stats"))
@@ -183,38 +209,49 @@ def flood(seconds: float) -> list[tuple[str, float, float, int]]:
         stack.callback(config.unlink, missing_ok=True)
         stub = node.orchestrator()
 
-        def drops() -> int:
+        def sample() -> tuple[int, int, int, int, float]:
             reply = stub.GetMetrics(pb.GetMetricsRequest(), timeout=10)
-            return sum(r.counter.packets for r in reply.reasons if r.reason == "POLICY_DENY_RULE")
+            drops = sum(r.counter.packets for r in reply.reasons if r.reason == "POLICY_DENY_RULE")
+            seen = stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10).seen
+            return (drops, seen, *_event_totals(limits), time.monotonic())
 
-        for label, limit, follow in (
-            ("events off, not followed", Limit(off=True), False),
-            ("rate limit 1000/s/CPU, followed", Limit(), True),
-            ("no limit, followed", Limit(rate=0), True),
-        ):
-            limits.configure({EventKind.DROP: limit})
-            received = [0]
-            stream = stub.GetFlows(pb.GetFlowsRequest(follow=True), timeout=seconds + 30) if follow else None
+        for _ in range(rounds):
+            for label, limit, follow in FLOOD_SETUPS:
+                limits.configure({EventKind.DROP: limit})
+                received = [0]
+                stream = stub.GetFlows(pb.GetFlowsRequest(follow=True), timeout=seconds + 30) if follow else None
 
-            def read(stream: Iterator[pb.GetFlowsResponse] | None = stream, received: list[int] = received) -> None:
-                with contextlib.suppress(grpc.RpcError):
-                    for message in stream or ():
-                        if message.HasField("flow"):
-                            received[0] += 1
+                def read(stream: Iterator[pb.GetFlowsResponse] | None = stream, received: list[int] = received) -> None:
+                    with contextlib.suppress(grpc.RpcError):
+                        for message in stream or ():
+                            if message.HasField("flow"):
+                                received[0] += 1
 
-            reader = threading.Thread(target=read, daemon=True)
-            if stream is not None:
-                reader.start()
-            with trafgen(client.netns, "eth0", config):
-                time.sleep(1.0)  # warm-up
-                d0, s0, t0 = drops(), stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10).seen, time.monotonic()
-                time.sleep(seconds)
-                d1, s1, t1 = drops(), stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10).seen, time.monotonic()
-            if stream is not None:
-                stream.cancel()
-                reader.join(timeout=5)
-            rows.append((label, (d1 - d0) / (t1 - t0), (s1 - s0) / (t1 - t0), received[0]))
-    return rows
+                reader = threading.Thread(target=read, daemon=True)
+                if stream is not None:
+                    reader.start()
+                with trafgen(client.netns, "eth0", config):
+                    time.sleep(1.0)  # warm-up
+                    before = sample()
+                    time.sleep(seconds)
+                    after = sample()
+                if stream is not None:
+                    stream.cancel()
+                    reader.join(timeout=5)
+                took = after[4] - before[4]
+                drops, flows, limited, lost = ((a - b) / took for a, b in zip(after[:4], before[:4], strict=True))
+                runs[label].append(FloodRow(label, drops, flows, limited, lost, received[0]))
+    return [
+        FloodRow(
+            label,
+            statistics.median(r.drops for r in rows),
+            statistics.median(r.flows for r in rows),
+            statistics.median(r.limited for r in rows),
+            statistics.median(r.lost for r in rows),
+            int(statistics.median(r.followed for r in rows)),
+        )
+        for label, rows in runs.items()
+    ]
 
 
 def main() -> None:
@@ -223,6 +260,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=30, help="runs per case; the best is kept")
     parser.add_argument("--flood", action="store_true", help="also flood a real node (part 2)")
     parser.add_argument("--seconds", type=float, default=5.0, help="flood window per row")
+    parser.add_argument("--rounds", type=int, default=3, help="flood rounds (medians are printed)")
     args = parser.parse_args()
     best = measure(args.repeat, args.runs)
     base = best[CASES[0].label]
@@ -230,10 +268,15 @@ def main() -> None:
     for label, ns in best.items():
         print(f"{label:<42}{ns:>10.1f}{ns / base:>8.2f}")
     if args.flood:
-        show: Callable[[float], str] = lambda v: f"{v:,.0f}"  # noqa: E731
-        print(f"\n{'flood (trafgen, 64-byte UDP, denied)':<36}{'drops/s':>12}{'flows/s':>10}{'followed':>10}")
-        for label, drop_rate, flow_rate, followed in flood(args.seconds):
-            print(f"{label:<36}{show(drop_rate):>12}{show(flow_rate):>10}{followed:>10}")
+        print(
+            f"\n{'flood (trafgen, 64-byte UDP, denied; per s)':<36}{'drops':>10}{'flows':>9}{'limited':>10}"
+            f"{'lost':>9}{'followed':>10}"
+        )
+        for row in flood(args.seconds, args.rounds):
+            print(
+                f"{row.label:<36}{row.drops:>10,.0f}{row.flows:>9,.0f}{row.limited:>10,.0f}{row.lost:>9,.0f}"
+                f"{row.followed:>10}"
+            )
 
 
 if __name__ == "__main__":
