@@ -31,6 +31,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from weir.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from services.common import netns as common_netns
+from tests.e2e.test_lb import run_in_node_cgroup
 from tests.e2e.test_policy import known, sel, tcp, udp
 from tests.harness import netns, traffic
 from tests.harness.node import REPO, Node, pid_prefix
@@ -161,6 +162,26 @@ def test_a_vip_connection_is_translated_to_its_backend_then_forwarded_by_the_rul
     assert forwarded and forwarded[-1].destination.address == o.backend.ipv4 and forwarded[-1].seq > flow.seq
     shown = o.weir("observe", "--verdict", "translated", "--last", "1")
     assert f"backend={o.backend.ipv4}:8080" in shown.stdout, shown
+
+
+def test_a_socket_lb_connect_is_translated_at_connect_time(o: Observed) -> None:
+    before = {f.seq for f in o.flows(verdicts=["TRANSLATED"])}
+    run_in_node_cgroup(  # a host process: the socket LB translates its connect() itself
+        o.node,
+        f"""
+        import contextlib, socket
+        with contextlib.suppress(OSError), socket.create_connection(("{VIP}", 80), timeout=0.5):
+            pass
+        """,
+    )
+    deadline = time.monotonic() + 10
+    while not (new := [f for f in o.flows(verdicts=["TRANSLATED"]) if f.seq not in before]):
+        assert time.monotonic() < deadline, "no TRANSLATED flow for the socket LB's connect()"
+        time.sleep(0.05)
+    flow = new[0]
+    assert (flow.destination.address, flow.destination.port) == (VIP, 80)
+    assert (flow.translated_address, flow.translated_port) == (o.backend.ipv4, 8080)
+    assert (flow.protocol, flow.type) == ("TCP", "TRANSLATE")
 
 
 def _kind(stats: pb.FlowStats, kind: str) -> pb.EventKindStats:
