@@ -54,7 +54,7 @@ from weir.policy.v1 import policy_pb2, policy_pb2_grpc
 
 from bench.netbench import trafgen, trafgen_config
 from bench.netbench import udp_frame as net_frame
-from pybpf import Map, Program, RingBuffer
+from pybpf import Program, RingBuffer
 from services.common.datapath import FIRST_LABEL_IDENTITY, Direction, EndpointInfo, EventKind
 from services.orchestrator.eventlimits import EventLimits, Limit
 from services.policy.compute import MapEntry
@@ -181,24 +181,17 @@ class FloodRow:
     followed: int  # flows the follower received over the run
 
 
-FLOOD_SETUPS = (
-    ("events off, not followed", Limit(off=True), False),
-    ("rate limit 1000/s/CPU, followed", Limit(), True),
-    ("no limit, followed", Limit(rate=0), True),
+FLOOD_SETUPS = (  # set through the orchestrator's SetEventLimits, as an operator would
+    ("events off, not followed", "drop=off", False),
+    ("rate limit 1000/s/CPU, followed", "drop=1000/100", True),
+    ("no limit, followed", "drop=0", True),
 )
-
-
-def _event_totals(limits: EventLimits) -> tuple[int, int]:
-    drop = next(k for k in limits.stats() if k.kind == EventKind.DROP.name)
-    return drop.limited, drop.lost
 
 
 def flood(seconds: float, rounds: int) -> list[FloodRow]:
     """Each setup `rounds` times, interleaved; the median of each column per setup."""
     runs: dict[str, list[FloodRow]] = {label: [] for label, _, _ in FLOOD_SETUPS}
     with flood_node() as (node, client, server), contextlib.ExitStack() as stack:
-        globals_dir = node.bpffs_root / "globals"
-        limits = EventLimits(Map.from_pin(globals_dir / "event_limits"), Map.from_pin(globals_dir / "event_stats"))
         gateway = _link(node.ns, client.host_ifname)["address"]
         own = _link(client.netns, "eth0")["address"]
         frame = net_frame(client.ipv4, server.ipv4, own, gateway)
@@ -212,12 +205,13 @@ def flood(seconds: float, rounds: int) -> list[FloodRow]:
         def sample() -> tuple[int, int, int, int, float]:
             reply = stub.GetMetrics(pb.GetMetricsRequest(), timeout=10)
             drops = sum(r.counter.packets for r in reply.reasons if r.reason == "POLICY_DENY_RULE")
-            seen = stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10).seen
-            return (drops, seen, *_event_totals(limits), time.monotonic())
+            stats = stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10)
+            drop = next(k for k in stats.event_kinds if k.kind == EventKind.DROP.name)
+            return (drops, stats.seen, drop.rate_limited, drop.lost, time.monotonic())
 
         for _ in range(rounds):
             for label, limit, follow in FLOOD_SETUPS:
-                limits.configure({EventKind.DROP: limit})
+                stub.SetEventLimits(pb.SetEventLimitsRequest(limits=[limit]), timeout=10)
                 received = [0]
                 stream = stub.GetFlows(pb.GetFlowsRequest(follow=True), timeout=seconds + 30) if follow else None
 

@@ -25,6 +25,7 @@ COMMANDS = (
     prefilter.prefilter,
     observe.observe,
     observe.metrics,
+    observe.event_limits,
     down.down,
 )
 

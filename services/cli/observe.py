@@ -15,9 +15,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+from typing import Any
 
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich.table import Table
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
@@ -175,6 +177,41 @@ def observe(
         click.echo("no matching flows in the orchestrator's buffer (--follow waits for new ones)", err=True)
 
 
+def _kinds_table(kinds: list[dict[str, Any]]) -> Table:
+    return table(
+        "datapath events (rate limits per CPU)",
+        [
+            Column("KIND", pick("kind")),
+            Column("EMITTED", pick("emitted"), "right"),
+            Column("RATE LIMITED", pick("rate_limited"), "right"),
+            Column("SAMPLED OUT", pick("sampled_out"), "right"),
+            Column("LOST", pick("lost"), "right"),
+            Column("RATE/S", lambda k: "off" if k.get("off") else (k.get("rate") or "none"), "right"),
+            Column("BURST", pick("burst"), "right"),
+            Column("SAMPLE", pick("sample"), "right"),
+        ],
+        kinds,
+    )
+
+
+@click.command("event-limits")
+@click.argument("limits", nargs=-1, metavar="[KIND=RATE[/BURST][:SAMPLE]|KIND=off]...")
+@output_option
+def event_limits(limits: tuple[str, ...]) -> None:
+    """Show the datapath's event rate limits and counts; with arguments, change those kinds' limits now.
+
+    RATE is events per second per CPU (0: no limit); SAMPLE N keeps one candidate event in N.
+    The orchestrator's --flow-event-limit flags apply again when it restarts.
+    """
+    node = current()
+    if limits:
+        reply = node.call("orchestrator", "SetEventLimits", pb.SetEventLimitsRequest(limits=limits))
+    else:
+        reply = node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest())
+    kinds = [to_dict(k) for k in reply.event_kinds]
+    emit({"event_kinds": kinds}, _kinds_table(kinds))
+
+
 @click.command()
 @output_option
 def metrics() -> None:
@@ -209,19 +246,6 @@ def metrics() -> None:
             [Column(name.upper().replace("_", " "), pick(name), "right") for name in flow_counts],
             [flow_counts],
         ),
-        table(
-            "datapath events (rate limits per CPU)",
-            [
-                Column("KIND", pick("kind")),
-                Column("EMITTED", pick("emitted"), "right"),
-                Column("RATE LIMITED", pick("rate_limited"), "right"),
-                Column("SAMPLED OUT", pick("sampled_out"), "right"),
-                Column("LOST", pick("lost"), "right"),
-                Column("RATE/S", lambda k: "off" if k.get("off") else (k.get("rate") or "none"), "right"),
-                Column("BURST", pick("burst"), "right"),
-                Column("SAMPLE", pick("sample"), "right"),
-            ],
-            reply["flows"].get("event_kinds", []),
-        ),
+        _kinds_table(reply["flows"].get("event_kinds", [])),
         empty="no counters yet",
     )

@@ -107,6 +107,12 @@ class EventLimits:
         self.limits = wanted
         self._lost_at_start = sum(s.lost for s in self.stats())
 
+    def change(self, limits: dict[EventKind, Limit]) -> None:
+        """Set these kinds' limits now, keeping the others (and the loss baseline)."""
+        for kind, limit in limits.items():
+            self._limits_map.update(int(kind), limit.packed())
+        self.limits = {**self.limits, **limits}
+
     def stats(self) -> list[KindStats]:
         out = []
         for kind in EventKind:

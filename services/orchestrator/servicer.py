@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
+import structlog
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -20,13 +21,13 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from pybpf import XdpMode
 from services.common.chain_client import XdpPlacement as XdpState
 from services.common.datapath import Direction, Hook, Slot
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
-from services.orchestrator.eventlimits import EventLimits, KindStats
+from services.orchestrator.eventlimits import EventLimits, KindStats, parse_limit
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
@@ -37,8 +38,10 @@ from services.orchestrator.mapfill import MapFill
 DEFAULT_POLICY_WAIT_MS = 5000
 MAX_POLICY_WAIT_MS = 60_000
 MAX_READY_PER_CALL = 65536
+MAX_EVENT_LIMITS = 64  # limits in one SetEventLimits
 LOSS_REPORT_SECONDS = 1.0  # a follower hears of the datapath's losses at most this often
 
+log = structlog.get_logger("weir.orchestrator")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
@@ -535,6 +538,24 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         finally:
             if sub is not None:
                 self._flows.unsubscribe(sub)
+
+    async def SetEventLimits(self, request: pb.SetEventLimitsRequest, context: Context) -> pb.FlowStats:
+        if self._event_limits is None:
+            raise FailedPrecondition("this orchestrator does not own the datapath's event limits")
+        if not request.limits:
+            raise InvalidArgument("limits: give at least one KIND=RATE[/BURST][:SAMPLE] or KIND=off")
+        if len(request.limits) > MAX_EVENT_LIMITS:
+            raise InvalidArgument(f"limits: {len(request.limits)} given; at most {MAX_EVENT_LIMITS}")
+        wanted = {}
+        for text in request.limits:
+            try:
+                kind, limit = parse_limit(text)
+            except ValueError as exc:
+                raise InvalidArgument(f"limits: {exc}") from None
+            wanted[kind] = limit
+        await self._worker.call(self._event_limits.change, wanted)
+        log.info("event limits changed", limits=list(request.limits))
+        return await self.GetFlowStats(pb.GetFlowStatsRequest(), context)
 
     async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
         kinds, lost = [], 0

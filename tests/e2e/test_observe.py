@@ -251,3 +251,29 @@ def test_the_metrics_endpoint_parses_and_its_counters_move_with_real_traffic(o: 
     assert value(after, "weir_map_capacity", map="conntrack") > 0
     rpc = {"method": "/weir.orchestrator.v1.Orchestrator/GetFlows", "code": "OK"}
     assert moved("weir_rpc_requests_total", rpc)
+
+
+def test_event_limits_change_at_run_time_and_bad_input_changes_nothing(o: Observed) -> None:
+    shown = o.weir("event-limits", "-o", "json")
+    assert shown.returncode == 0, shown.stderr
+    kinds = {k["kind"]: k for k in json.loads(shown.stdout)["event_kinds"]}
+    assert (kinds["DROP"]["rate"], kinds["DROP"]["burst"]) == (DROP_RATE, DROP_BURST)
+    for bad in (["drop=fast"], ["flows=10"], ["drop=5", "verdict=-1"]):
+        refused = o.weir("event-limits", *bad)
+        assert refused.returncode == 1 and "INVALID_ARGUMENT" in refused.stderr and "limits:" in refused.stderr
+        assert "Traceback" not in refused.stderr
+    with pytest.raises(grpc.RpcError) as err:
+        o.stub().SetEventLimits(pb.SetEventLimitsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = {k.kind: k for k in o.stub().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10).event_kinds}
+    assert (after["DROP"].rate, after["VERDICT"].rate) == (DROP_RATE, kinds["VERDICT"]["rate"])  # nothing changed
+    try:
+        changed = o.weir("event-limits", "drop=off")
+        assert changed.returncode == 0 and "off" in changed.stdout, changed
+        before = _kind(o.stub().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "DROP")
+        o.udp(9000, 50)
+        time.sleep(0.5)
+        now = _kind(o.stub().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "DROP")
+        assert now.emitted == before.emitted and now.rate_limited >= before.rate_limited + 50
+    finally:
+        o.weir("event-limits", f"drop={DROP_RATE}/{DROP_BURST}")
