@@ -322,7 +322,8 @@ class EventLimit(ctypes.Structure):
     """Value of event_limits (one per EventKind), written by the orchestrator.
 
     A token bucket per CPU: at most one event per `interval_ns` on average, `burst` at once;
-    `sample` N > 1 keeps one candidate in N before the bucket. All zero: no limit.
+    `sample` N > 1 keeps one candidate in N (the first, then every N-th, per CPU) before the
+    bucket. All zero: no limit.
     """
 
     _fields_ = [
@@ -330,6 +331,16 @@ class EventLimit(ctypes.Structure):
         ("burst", ctypes.c_uint32),
         ("sample", ctypes.c_uint32),
         ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class EventBucket(ctypes.Structure):
+    """Value of event_buckets (per CPU, one per EventKind): the token bucket and the sampler."""
+
+    _fields_ = [
+        ("due", ctypes.c_uint64),  # when the next event is due (GCRA), coarse CLOCK_MONOTONIC ns
+        ("skip", ctypes.c_uint32),  # candidates the sampler still leaves out before the next one
         ("pad", ctypes.c_uint32),
     ]
 
@@ -430,7 +441,7 @@ ENUMS: list[type[IntEnum]] = [
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,
-    CtValue, EventLimit, EventStats, RuleName,
+    CtValue, EventLimit, EventBucket, EventStats, RuleName,
 ]  # fmt: skip
 
 # Map sizes that both sides must agree on.

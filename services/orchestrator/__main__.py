@@ -34,6 +34,7 @@ from services.orchestrator.endpoints import Endpoints
 from services.orchestrator.eventlimits import (
     DEFAULT_BURST,
     DEFAULT_PREFILTER_RATE,
+    DEFAULT_PREFILTER_SAMPLE,
     DEFAULT_RATE,
     EventLimits,
     Limit,
@@ -114,7 +115,7 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         metavar="KIND=RATE[/BURST][:SAMPLE]|KIND=off",
         help=f"the datapath's event rate limit for one kind ({', '.join(k.name.lower() for k in EventKind)}): "
         f"events per second per CPU (0: none), burst, one in SAMPLE; repeatable (default {DEFAULT_RATE}/"
-        f"{DEFAULT_BURST}, prefilter {DEFAULT_PREFILTER_RATE}/{DEFAULT_BURST})",
+        f"{DEFAULT_BURST}, prefilter {DEFAULT_PREFILTER_RATE}/{DEFAULT_BURST}:{DEFAULT_PREFILTER_SAMPLE})",
     )
 
 

@@ -18,10 +18,12 @@ from pybpf import Map
 from services.common.datapath import EventKind, EventLimit, EventLimitFlag, EventStats
 
 # Per kind and per CPU: events per second and burst. Prefilter drops are the line-rate path,
-# so they get a lower rate; every kind can be changed with --flow-event-limit.
+# so they get a lower rate and are sampled (one in DEFAULT_PREFILTER_SAMPLE, the first of a
+# quiet spell included); every kind can be changed with --flow-event-limit.
 DEFAULT_RATE = 1000
 DEFAULT_BURST = 100
 DEFAULT_PREFILTER_RATE = 100
+DEFAULT_PREFILTER_SAMPLE = 16
 MAX_RATE = 1_000_000
 MAX_SAMPLE = 1 << 20
 
@@ -56,7 +58,7 @@ class KindStats:
 
 def default_limits() -> dict[EventKind, Limit]:
     limits = {kind: Limit() for kind in EventKind}
-    limits[EventKind.PREFILTER] = Limit(rate=DEFAULT_PREFILTER_RATE)
+    limits[EventKind.PREFILTER] = Limit(rate=DEFAULT_PREFILTER_RATE, sample=DEFAULT_PREFILTER_SAMPLE)
     return limits
 
 

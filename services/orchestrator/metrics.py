@@ -37,6 +37,7 @@ from services.orchestrator.mapfill import MapFill
 PEER_TIMEOUT = 2.0  # seconds a scrape waits for the lb or prefilter service
 MAX_SERVICES = 1000  # LB services asked for counters per scrape
 PAGE = 500
+MAX_PREFILTER_ENTRIES = 1000  # a deny list of a million entries must not make a million series
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -194,9 +195,12 @@ class NodeCollector(Collector):
             for outcome, counter in (("dropped", i.dropped), ("audited", i.audited), ("passed", i.passed)):
                 by_interface.add_metric([i.interface, outcome], counter.packets)
         by_entry = CounterMetricFamily(
-            "weir_prefilter_entry_hits", "packets that matched each deny-list entry", labels=["cidr"]
+            "weir_prefilter_entry_hits",
+            f"packets that matched a deny-list entry, for the {MAX_PREFILTER_ENTRIES} entries hit most",
+            labels=["cidr"],
         )
-        for e in counters.entries:
+        hit = sorted((e for e in counters.entries if e.hits.packets), key=lambda e: -e.hits.packets)
+        for e in hit[:MAX_PREFILTER_ENTRIES]:
             by_entry.add_metric([e.cidr], e.hits.packets)
         return [by_interface, by_entry]
 

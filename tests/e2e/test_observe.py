@@ -25,20 +25,24 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2, lb_pb2_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from weir.policy.v1 import policy_pb2, policy_pb2_grpc
+from weir.prefilter.v1 import prefilter_pb2, prefilter_pb2_grpc
 
 from services.common import netns as common_netns
+from services.orchestrator.eventlimits import DEFAULT_PREFILTER_RATE, DEFAULT_PREFILTER_SAMPLE
 from tests.e2e.test_lb import run_in_node_cgroup
 from tests.e2e.test_policy import known, sel, tcp, udp
 from tests.harness import netns, traffic
-from tests.harness.node import REPO, Node, pid_prefix
+from tests.harness.node import NET_IFNAME, REPO, Node, pid_prefix
 
 pytestmark = pytest.mark.root
 
 VIP = "198.19.0.1"
+DENIED = "203.0.113.7"  # an address of the outside namespace the prefilter denies
 METRICS_PORT = 9464
 DROP_RATE, DROP_BURST = 100, 10  # per CPU
 FLOOD = 20000
@@ -99,6 +103,10 @@ def o(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Observe
         )  # fmt: skip
         node.start("policy")
         node.start("lb")
+        node.start("prefilter")
+        prefilter = prefilter_pb2_grpc.PrefilterStub(node.channel("prefilter"))
+        prefilter.Attach(prefilter_pb2.AttachRequest(interface=NET_IFNAME), timeout=10)
+        prefilter.AddEntries(prefilter_pb2.AddEntriesRequest(entries=[prefilter_pb2.Entry(cidr=f"{DENIED}/32")]))
         client = node.create_endpoint("client", {"app": "client"}, ipv6=False)
         backend = node.create_endpoint("backend", {"app": "backend"}, ipv6=False)
         policy = policy_pb2_grpc.PolicyStub(node.channel("policy"))
@@ -147,6 +155,18 @@ def test_a_denied_flow_names_its_deny_rule_and_weir_observe_filters_by_it(o: Obs
     assert json.loads(as_json.stdout.splitlines()[-1])["rule"] == "no-udp-9000"
     bad = o.weir("observe", "--rule", "x" * 600)
     assert bad.returncode == 1 and "rules:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_a_prefilter_drop_is_a_dropped_flow_at_xdp_and_the_rest_are_sampled_out(o: Observed) -> None:
+    before = _kind(o.stub().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "PREFILTER")
+    assert (before.rate, before.sample) == (DEFAULT_PREFILTER_RATE, DEFAULT_PREFILTER_SAMPLE)
+    assert traffic.ping(o.node.outside, o.client.ipv4, count=4, source=DENIED, wait=0.3) == 0
+    flows = o.wait_flows(1, reasons=["PREFILTER_DENIED"])  # the first drop on a CPU is the sampler's pick
+    assert flows and all(f.verdict == "DROPPED" and f.hook == common_pb2.HOOK_XDP for f in flows)
+    assert flows[-1].src == DENIED and flows[-1].dst == o.client.ipv4
+    after = _kind(o.stub().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "PREFILTER")
+    assert after.emitted - before.emitted == len(flows)
+    assert (after.emitted + after.sampled_out) - (before.emitted + before.sampled_out) >= 4  # every drop counted
 
 
 def test_a_vip_connection_is_translated_to_its_backend_then_forwarded_by_the_rule(o: Observed) -> None:
@@ -235,6 +255,7 @@ def test_the_metrics_endpoint_parses_and_its_counters_move_with_real_traffic(o: 
 
     before = o.scrape()
     o.udp(9000, 5)
+    traffic.ping(o.node.outside, o.client.ipv4, count=3, source=DENIED, wait=0.3)
     with traffic.server(o.backend.netns, o.backend.ipv4, 8080):
         assert traffic.tcp_connects(o.client.netns, VIP, 80, timeout=3)
     o.wait_flows(2, verdicts=["TRANSLATED"])
@@ -246,6 +267,8 @@ def test_the_metrics_endpoint_parses_and_its_counters_move_with_real_traffic(o: 
     assert moved("weir_lb_connections_total", backend) and moved("weir_lb_packets_total", backend)
     assert moved("weir_policy_verdicts_total", {"endpoint": "backend", "direction": "INGRESS", "verdict": "FORWARDED"})
     assert moved("weir_datapath_events_total", {"kind": "DROP", "outcome": "emitted"})
+    assert moved("weir_prefilter_packets_total", {"interface": NET_IFNAME, "outcome": "dropped"}, 3)
+    assert moved("weir_prefilter_entry_hits_total", {"cidr": f"{DENIED}/32"}, 3)
     assert value(after, "weir_conntrack_entries") >= 1
     assert value(after, "weir_map_entries", map="endpoints") == 2
     assert value(after, "weir_map_capacity", map="conntrack") > 0
