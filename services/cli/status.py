@@ -1,5 +1,7 @@
 """`weir status`: is every service up and healthy, and what does the node's chain look like.
 
+In cluster mode it also shows the kvstore connection and the nodes registered now.
+
 Exit 0 when every service of the suite answers SERVING, 1 when one answers something else
 (NOT_SERVING: waiting for the orchestrator, or held on a bad state file), 3 when one is
 unreachable. The chain part (slots, XDP and tc attachments, the shared maps' fill) and the
@@ -61,6 +63,28 @@ def _counts(node: Node, up: set[str]) -> dict[str, int]:
             paged(lambda t: stub.ListServices(lb_pb2.ListServicesRequest(page=page(t))), "services")
         )
     return counts
+
+
+def _cluster(node: Node, document: dict[str, Any]) -> list[Any]:
+    """Cluster mode (as `cilium status` shows its KVStore line): etcd, the lease, the nodes."""
+    reply = node.call("orchestrator", "GetClusterStatus", orch_pb.GetClusterStatusRequest())
+    if not reply.enabled:
+        return []
+    cluster = to_dict(reply)
+    document["cluster"] = cluster
+    state = "connected" if reply.connected else f"NOT connected ({reply.last_error or 'no answer yet'})"
+    title = f"cluster: node {reply.node_name}, kvstore {','.join(reply.kvstore_endpoints)} {state}"
+    return [
+        table(
+            title,
+            [
+                Column("NODE", pick("name")),
+                Column("ADDRESSES", lambda r: ",".join(r.get("addresses", []))),
+                Column("CIDRS", lambda r: ",".join(r.get("cidrs", []))),
+            ],
+            cluster.get("nodes", []),
+        )
+    ]
 
 
 @click.command()
@@ -129,6 +153,8 @@ def status() -> None:
                 maps,
             ),
         ]
+    if "orchestrator" in up:
+        tables += _cluster(node, document)
     counts = _counts(node, up)
     document["counts"] = counts
     tables.append(

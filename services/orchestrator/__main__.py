@@ -26,6 +26,7 @@ from services.common.service import DOCUMENT_ERRORS, serve_held
 from services.common.state import Mode, datapath_exists, decide, open_state, settle
 from services.common.store import StoreError
 from services.common.worker import Worker
+from services.orchestrator import cluster as cluster_mode
 from services.orchestrator import netdev
 from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
@@ -117,12 +118,14 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         f"events per second per CPU (0: none), burst, one in SAMPLE; repeatable (default {DEFAULT_RATE}/"
         f"{DEFAULT_BURST}, prefilter {DEFAULT_PREFILTER_RATE}/{DEFAULT_BURST}:{DEFAULT_PREFILTER_SAMPLE})",
     )
+    cluster_mode.add_flags(parser)
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     bpf_dir: Path = args.bpf_dir
     acquire_or_exit(config, SERVICE)
     check_tls_files(config)
+    kv = await asyncio.to_thread(cluster_mode.connect_or_exit, args, SERVICE)  # before anything changes
     ensure_bpffs(config.bpffs_root)
     worker = Worker(SERVICE)
     tagged = await worker.call(netdev.tagged_links, netdev.alias(config.instance, ""))
@@ -181,6 +184,15 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     events.start(asyncio.get_running_loop())
     l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)
     l7_flows.start()
+    cluster = None
+    if kv is not None:
+        node = cluster_mode.NodeRecord(name=args.node_name or config.instance)
+        sink = cluster_mode.IdentitiesSink(worker, identities)
+        cluster = cluster_mode.Cluster(kv, node, sink, args.kvstore_lease_seconds)
+        identities.use_cluster(cluster.allocate)
+        endpoints.on_change(cluster.endpoint_changed)
+        held = await worker.call(lambda: (identities.label_identities(), endpoints.all()))
+        await asyncio.to_thread(cluster.start, *held)
 
     fill = MapFill(
         {
@@ -214,12 +226,14 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = OrchestratorServicer(
-            worker, chain, endpoints, devices, events, identities, conntrack, flows, event_limits, fill
+            worker, chain, endpoints, devices, events, identities, conntrack, flows, event_limits, fill, cluster=cluster
         )
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
 
     async def on_stop() -> None:
+        if cluster is not None:
+            await asyncio.to_thread(cluster.stop)
         for loop in loops:
             await loop.stop()
         events.stop()

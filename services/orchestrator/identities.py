@@ -7,8 +7,10 @@ CIDRs its rules name (held per owner, freed when no owner holds them), and the r
 host and world identities. Numbers follow the datapath contract: labels from
 FIRST_LABEL_IDENTITY, CIDRs from FIRST_CIDR_IDENTITY.
 
-The ipcache follows from three sources, in this order of precedence for one prefix: an
-endpoint's address, a host address, a published CIDR. A CIDR can be reserved before it
+The ipcache follows from four sources, in this order of precedence for one prefix: an
+endpoint's address, a host address, another node's endpoint (cluster mode), a published
+CIDR. In cluster mode label identities are allocated through the cluster (`use_cluster`),
+so the same labels get the same number on every node. A CIDR can be reserved before it
 is published, so its holder installs maps that know the new number before any address
 maps to it. Every change is reported to listeners (the watch streams) as identities
 upserted and deleted.
@@ -24,7 +26,7 @@ from typing import Any
 
 from services.common.change import Change
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
-from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
@@ -103,6 +105,8 @@ class Identities:
                     self._published[ipaddress.ip_network(key.removeprefix(CIDR_PREFIX))] = int(doc["id"])
         self._endpoints: dict[Network, int] = {}
         self._hosts: set[Network] = set()
+        self._remote: dict[Network, int] = {}
+        self._cluster_allocate: Callable[[str], int] | None = None
         self._listeners: list[Listener] = []
 
     def on_change(self, listener: Listener) -> None:
@@ -129,11 +133,56 @@ class Identities:
         key = label_key(labels)
         if key in self._by_key:
             return self._by_key[key]
-        identity = self._allocator(FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)()
+        if self._cluster_allocate is not None:
+            identity = self._cluster_allocate(key)
+            if identity in self._text():
+                raise FailedPrecondition(f"the cluster gave labels {summary(key)} identity {identity}, which is "
+                               f"{summary(self._text()[identity])} on this node")  # fmt: skip
+        else:
+            identity = self._allocator(FIRST_LABEL_IDENTITY, MAX_LABEL_IDENTITY)()
         self._store.put(KIND, key, {"id": identity})
         self._by_key[key] = identity
         self._notify([identity], [])
         return identity
+
+    # ---- cluster mode ----
+
+    def use_cluster(self, allocate: Callable[[str], int]) -> None:
+        """New label identities come from `allocate(label key)` (the cluster), not from this node."""
+        self._cluster_allocate = allocate
+
+    def label_identities(self) -> dict[str, int]:
+        """Label key -> identity, as allocated on (or learned by) this node."""
+        return {k: i for k, i in self._by_key.items() if not k.startswith(CIDR_PREFIX)}
+
+    def learn(self, key: str, identity: int) -> bool:
+        """A label identity another node allocated; False if it clashes with one of this node's."""
+        if self._by_key.get(key) == identity:
+            return True
+        if key in self._by_key or identity in self._text() or key.startswith(CIDR_PREFIX):
+            return False
+        self._store.put(KIND, key, {"id": identity})
+        self._by_key[key] = identity
+        self._notify([identity], [])
+        return True
+
+    def remote_up(self, identity: int, addresses: Iterable[Network]) -> None:
+        """Addresses of another node's endpoint map to its identity (unless this node claims them)."""
+        networks = list(addresses)
+        touched = self._touched(networks)
+        for network in networks:
+            self._remote[network] = identity
+        self._refresh(networks, touched)
+
+    def remote_down(self, addresses: Iterable[Network]) -> None:
+        networks = list(addresses)
+        touched = self._touched(networks)
+        for network in networks:
+            self._remote.pop(network, None)
+        self._refresh(networks, touched)
+
+    def remote(self) -> dict[Network, int]:
+        return dict(self._remote)
 
     # ---- the ipcache's sources ----
 
@@ -260,10 +309,12 @@ class Identities:
             return self._endpoints[network]
         if network in self._hosts:
             return int(ReservedIdentity.HOST)
+        if network in self._remote:
+            return self._remote[network]
         return self._published.get(network)
 
     def _all_networks(self) -> set[Network]:
-        return set(self._endpoints) | self._hosts | set(self._published)
+        return set(self._endpoints) | self._hosts | set(self._remote) | set(self._published)
 
     def _touched(self, networks: Iterable[Network]) -> set[int]:
         """Identities the ipcache gives these networks now (their prefixes are about to change)."""

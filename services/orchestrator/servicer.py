@@ -24,6 +24,7 @@ from services.common.datapath import Direction, Hook, Slot
 from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
+from services.orchestrator.cluster import Cluster, ClusterStatus
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
@@ -186,6 +187,32 @@ class DatapathLoss:
         return loss
 
 
+def cluster_status_to_proto(status: ClusterStatus) -> pb.ClusterStatus:
+    return pb.ClusterStatus(
+        enabled=True,
+        node_name=status.node_name,
+        kvstore_endpoints=status.endpoints,
+        connected=status.connected,
+        lease_id=status.lease_id,
+        lease_ttl_seconds=status.lease_ttl,
+        last_error=status.last_error,
+        nodes=[
+            pb.ClusterNode(
+                name=n.name,
+                node_id=n.node_id,
+                addresses=n.addresses,
+                cidrs=n.cidrs,
+                routing=n.routing,
+                key_index=n.key_index,
+            )
+            for n in status.nodes
+        ],
+        pending_changes=status.pending,
+        remote_prefixes=status.remote_prefixes,
+        identity_conflicts=status.conflicts,
+    )
+
+
 def slot_to_proto(state: SlotState) -> pb.SlotState:
     return pb.SlotState(
         hook=hook_to_proto(state.hook),
@@ -228,10 +255,12 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         flows: Flows,
         event_limits: EventLimits | None = None,
         fill: MapFill | None = None,
+        cluster: Cluster | None = None,
     ) -> None:
         self._flows = flows
         self._event_limits = event_limits
         self._fill = fill
+        self._cluster = cluster
         self._worker = worker
         self._devices = devices
         self._watchers: set[asyncio.Queue[pb.EndpointChange]] = set()
@@ -556,6 +585,11 @@ class OrchestratorServicer(pb_grpc.OrchestratorServicer):
         await self._worker.call(self._event_limits.change, wanted)
         log.info("event limits changed", limits=list(request.limits))
         return await self.GetFlowStats(pb.GetFlowStatsRequest(), context)
+
+    async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Context) -> pb.ClusterStatus:
+        if self._cluster is None:
+            return pb.ClusterStatus(enabled=False)
+        return cluster_status_to_proto(self._cluster.status())
 
     async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
         kinds, lost = [], 0

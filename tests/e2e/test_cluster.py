@@ -1,0 +1,257 @@
+"""Cluster mode end to end: real orchestrators in three node namespaces on one real etcd.
+
+What users see through the API and the datapath's own maps: label identities that agree
+on every node (allocated at once on all three), an endpoint made on one node in the other
+nodes' pinned ipcache within a stated time and gone from it when deleted, a killed node
+dropped after its lease's grace period, an etcd outage that changes nothing already known
+and publishes what was made meanwhile, and an unreachable etcd at start refused with one
+clear line before anything is made.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import grpc
+import pytest
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+
+from pybpf import Map
+from services.common.bpffs import remove_pins
+from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.errors import FailedPrecondition
+from services.common.objects import load_service_object
+from services.common.store import Store
+from services.orchestrator.identities import Identities
+from services.orchestrator.ipcache import Ipcache, ipcache_network
+from tests.harness.etcd import ETCD, MISSING, free_port
+from tests.harness.kvnet import KvNetwork
+from tests.harness.node import BPF_BUILD, Node, pid_prefix
+
+pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)]
+
+LEASE = 4  # seconds: the grace period before a silent node is dropped
+CONVERGE = 5.0  # seconds: an endpoint made on one node is in every other node's ipcache by then
+_counter = itertools.count()
+
+
+def ipcache(node: Node) -> dict[str, int]:
+    """The node's pinned ipcache, as its datapath reads it."""
+    with Map.from_pin(node.bpffs_root / "globals/ipcache", key_type=IpcacheKey, value_type=IpcacheValue) as m:
+        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
+
+
+def status(node: Node) -> orch_pb.ClusterStatus:
+    with node.channel("orchestrator") as channel:
+        return orch_grpc.OrchestratorStub(channel).GetClusterStatus(orch_pb.GetClusterStatusRequest(), timeout=10)
+
+
+def node_names(node: Node, names: set[str]) -> bool:
+    return {n.name for n in status(node).nodes} == names
+
+
+def holds(node: Node, entries: dict[str, int]) -> bool:
+    return entries.items() <= ipcache(node).items()
+
+
+def lacks(node: Node, prefixes: set[str]) -> bool:
+    return not prefixes & ipcache(node).keys()
+
+
+def weir(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI against a node (its unix sockets reach the node from anywhere)."""
+    argv = [sys.executable, "-m", "services.cli", "--instance", node.name, "--run-dir", str(node.run_dir), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            pytest.fail(f"{what}: not within {timeout}s")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+@pytest.fixture
+def kvnet() -> Iterator[KvNetwork]:
+    """etcd in a namespace of its own, started."""
+    network = KvNetwork(f"{pid_prefix()}kv{next(_counter)}")
+    try:
+        yield network.setup()
+    finally:
+        network.teardown()
+
+
+def cluster(make_node: Callable[..., Node], kvnet: KvNetwork, count: int) -> list[Node]:
+    """`count` nodes, each an orchestrator in cluster mode on kvnet's etcd."""
+    nodes = []
+    for index in range(count):
+        node = make_node()
+        node.endpoint_count = 100 * index  # addresses apart: 198.18.0.10+, .110+, .210+
+        url = kvnet.join(node)
+        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE))
+        nodes.append(node)
+    return nodes
+
+
+def test_three_nodes_share_identities_and_endpoints_and_drop_a_killed_node(
+    make_node: Callable[..., Node], kvnet: KvNetwork
+) -> None:
+    a, b, c = nodes = cluster(make_node, kvnet, 3)
+    for node in nodes:
+        wait_for(f"{node.name} sees all three nodes", partial(node_names, node, {x.name for x in nodes}), 15)
+
+    # The same labels, allocated on all three nodes at once, get one number.
+    def create(node: Node) -> orch_pb.Endpoint:
+        return node.create_endpoint(f"client{node.endpoint_count}", {"app": "client", "tier": "front"})
+
+    with ThreadPoolExecutor(3) as pool:
+        made = list(pool.map(create, nodes))
+    assert len({e.identity for e in made}) == 1, [(e.name, e.identity) for e in made]
+    # Different labels at once get different numbers, the same everywhere.
+    with ThreadPoolExecutor(3) as pool:
+        others = list(pool.map(lambda n: n.create_endpoint(f"db{n.endpoint_count}", {"app": f"db{n.name}"}), nodes))
+    assert len({e.identity for e in others}) == 3
+    assert made[0].identity not in {e.identity for e in others}
+
+    # Each endpoint reaches every other node's ipcache (the pinned map) with its identity.
+    everything = {f"{e.ipv4}/32": e.identity for e in (*made, *others)}
+    took = max(
+        wait_for(
+            f"{node.name}'s ipcache has every endpoint",
+            partial(holds, node, everything),
+            CONVERGE,
+        )
+        for node in nodes
+    )
+    print(f"all endpoints everywhere after {took:.2f}s")
+    for node in nodes:  # and the identity of each number is known by labels on every node
+        with node.channel("orchestrator") as channel:
+            listed = orch_grpc.OrchestratorStub(channel).ListIdentities(orch_pb.ListIdentitiesRequest(), timeout=10)
+        labels = {i.id: set(i.labels) for i in listed.identities}
+        assert labels[made[0].identity] >= {"app=client", "tier=front"}
+
+    # Deleted on A: gone from B's and C's ipcache.
+    gone = f"{made[0].ipv4}/32"
+    a.orchestrator().DeleteEndpoint(orch_pb.DeleteEndpointRequest(name=made[0].name), timeout=15)
+    for node in (b, c):
+        wait_for(f"{node.name}'s ipcache without A's deleted endpoint", partial(lacks, node, {gone}), CONVERGE)
+
+    # C killed: after its lease (the grace period), A and B drop C and its endpoints.
+    c.kill("orchestrator")
+    killed = time.monotonic()
+    c_prefixes = {f"{e.ipv4}/32" for e in (made[2], others[2])}
+    assert c_prefixes <= ipcache(a).keys()  # not dropped at once
+    for node in (a, b):
+        wait_for(f"{node.name} drops C", partial(node_names, node, {a.name, b.name}), LEASE + 8)
+        wait_for(f"{node.name}'s ipcache without C's endpoints", partial(lacks, node, c_prefixes), 3)
+    after = time.monotonic() - killed
+    assert after >= LEASE / 3, f"C was dropped {after:.1f}s after it was killed: sooner than its lease allows"
+    assert f"{made[1].ipv4}/32" in ipcache(a)  # B's endpoints stay
+
+
+def test_etcd_outage_keeps_state_and_publishes_what_was_made_meanwhile(
+    make_node: Callable[..., Node], kvnet: KvNetwork
+) -> None:
+    a, b = cluster(make_node, kvnet, 2)
+    first = a.create_endpoint("first", {"app": "web"})
+    wait_for("B has A's first endpoint", lambda: f"{first.ipv4}/32" in ipcache(b), CONVERGE)
+    before_b = ipcache(b)
+
+    kvnet.etcd.stop()
+    wait_for("A reports the outage", lambda: not status(a).connected, 10)
+    # A change while etcd is away: known labels work, and are kept for later.
+    second = a.create_endpoint("second", {"app": "web"})
+    assert second.identity == first.identity
+    assert status(a).pending_changes >= 1
+    # `weir status` says so too (its exit code is about the services this test did not start).
+    shown = json.loads(weir(a, "status", "-o", "json").stdout)["cluster"]
+    assert shown["connected"] is False and "kvstore" in shown["last_error"]
+    assert "NOT connected" in " ".join(weir(a, "status").stdout.split())
+    with pytest.raises(grpc.RpcError) as refused:  # a new label set needs the cluster to be numbered
+        a.create_endpoint("third", {"app": "brand-new"})
+    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "kvstore" in str(refused.value.details())
+    assert "third" not in {e.name for e in a.orchestrator().ListEndpoints(orch_pb.ListEndpointsRequest()).endpoints}
+    # 30 s without etcd (longer than any lease): nothing known is dropped anywhere.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert before_b.items() <= ipcache(b).items(), "B dropped state while etcd was away"
+        time.sleep(1)
+    assert {n.name for n in status(b).nodes} == {a.name, b.name}
+
+    kvnet.etcd.start()
+    took = wait_for("B has the endpoint A made during the outage", lambda: f"{second.ipv4}/32" in ipcache(b), 20)
+    print(f"published {took:.2f}s after etcd returned")
+    wait_for("A connected with nothing pending", lambda: status(a).connected and status(a).pending_changes == 0, 10)
+    assert ipcache(b)[f"{second.ipv4}/32"] == second.identity
+    assert status(a).last_error  # the outage stays reported
+
+
+def test_unreachable_kvstore_at_start_exits_with_one_line_and_makes_nothing(make_node: Callable[..., Node]) -> None:
+    node = make_node()
+    port = free_port()
+    argv = node.argv("orchestrator", ("--kvstore", f"http://127.0.0.1:{port}", "--kvstore-connect-timeout", "1"))
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=Path(__file__).parents[2])
+    assert result.returncode == 1
+    line = f"weir-orchestrator: cannot reach the kvstore at http://127.0.0.1:{port} within 1s"
+    assert line in result.stderr, result.stderr
+    assert not node.state_dir.exists() or not any(node.state_dir.iterdir())  # no store made
+    # Standalone (no --kvstore), the same node starts and says cluster mode is off.
+    node.start("orchestrator")
+    assert status(node).enabled is False
+
+
+@pytest.fixture
+def identities(tmp_path: Path, built: Path) -> Iterator[tuple[Identities, Ipcache, Store]]:
+    """The orchestrator's Identities on real pinned maps and a real store, in-process."""
+    root = Path("/sys/fs/bpf") / f"{pid_prefix()}ci{next(_counter)}"
+    node_maps = load_service_object(BPF_BUILD / "node.o", root / "globals", root / "orchestrator", [])
+    store = Store(tmp_path / "orchestrator.db")
+    try:
+        cache = Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
+        yield Identities(store, cache), cache, store
+    finally:
+        node_maps.close()
+        store.close()
+        remove_pins(root)
+
+
+def test_remote_entries_rank_below_local_ones_and_cluster_numbers_are_kept(
+    identities: tuple[Identities, Ipcache, Store],
+) -> None:
+    ids, cache, store = identities
+    address = ipaddress.ip_network("198.18.7.7/32")
+    (cidr,) = ids.allocate_cidrs("lb", [address])
+    ids.remote_up(300, [address])  # another node's endpoint beats a published CIDR
+    assert cache.read()[address] == 300
+    local = ids.for_labels({"app": "here"})
+    ids.endpoint_up(local, [address])  # this node's own endpoint beats another node's
+    assert cache.read()[address] == local
+    ids.endpoint_down([address])
+    assert cache.read()[address] == 300
+    ids.remote_down([address])
+    assert cache.read()[address] == cidr.id
+    # Learned numbers are kept (in the store too); one that clashes with this node's is refused.
+    assert ids.learn("app=there", 301)
+    assert store.get("identity", "app=there") == {"id": 301}
+    assert not ids.learn("app=elsewhere", local)
+    assert not ids.learn("app=here", 302)
+    # In cluster mode a new label set takes the cluster's number; a number this node uses is refused.
+    ids.use_cluster(lambda key: 310)
+    assert ids.for_labels({"app": "new"}) == 310
+    ids.use_cluster(lambda key: local)
+    with pytest.raises(FailedPrecondition, match="on this node"):
+        ids.for_labels({"app": "clash"})
+    assert "app=clash" not in ids.label_identities()
