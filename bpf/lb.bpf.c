@@ -222,6 +222,21 @@ static __always_inline int nat_v4(struct __sk_buff *skb, const struct flow *f, i
 	return 0;
 }
 
+/* A TRANSLATE event for a new connection's first packet (still to the frontend), naming its backend. */
+static __always_inline void translate_event(struct __sk_buff *skb, const struct weir_lb_backend *b)
+{
+	struct weir_event *ev = event_for_packet(WEIR_EVENT_TYPE_TRANSLATE, WEIR_REASON_FORWARDED,
+						 skb->cb[WEIR_CB_HOOK], skb->ifindex, skb->cb[WEIR_CB_ENDPOINT],
+						 skb->cb[WEIR_CB_SRC_IDENTITY], (void *)(long)skb->data,
+						 (void *)(long)skb->data_end);
+
+	if (!ev)
+		return;
+	__builtin_memcpy(ev->nat_addr, b->addr, 4);
+	ev->nat_port = b->port;
+	bpf_ringbuf_submit(ev, 0);
+}
+
 /* Translate a packet to a frontend; returns a TC verdict or -1 to go on. */
 static __always_inline int lb_forward(struct __sk_buff *skb)
 {
@@ -283,6 +298,8 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	}
 	stats_add(&lb_service_stats, svc->service_id, skb->len, new_conn);
 	stats_add(&lb_backend_stats, backend_id, skb->len, new_conn);
+	if (new_conn)
+		translate_event(skb, b);
 	if (nat_v4(skb, &f, 1, baddr, b->port) < 0)
 		return weir_tc_drop(skb, WEIR_REASON_INVALID_PACKET);
 	return -1;
@@ -350,7 +367,43 @@ static __always_inline struct weir_lb_service *sock_service(struct bpf_sock_addr
 	return bpf_map_lookup_elem(&lb_services, &skey);
 }
 
-static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto)
+/* A TRANSLATE event for a connect() the socket LB sent to a backend. The source is not
+ * known yet (the socket is bound after connect), so it is left empty; the hook is
+ * FROM_CONTAINER, as for every socket-layer event.
+ */
+static __always_inline void sock_translate_event(struct bpf_sock_addr *ctx, __u8 proto, const struct weir_lb_backend *b)
+{
+	struct weir_event *ev = event_reserve(WEIR_EVENT_KIND_TRANSLATE);
+	__u32 vip = ctx->user_ip4;
+
+	if (!ev)
+		return;
+	ev->type = WEIR_EVENT_TYPE_TRANSLATE;
+	ev->reason = WEIR_REASON_FORWARDED;
+	ev->dir = WEIR_DIRECTION_EGRESS;
+	ev->hook = WEIR_HOOK_FROM_CONTAINER;
+	ev->ifindex = 0;
+	ev->endpoint = 0;
+	ev->len = 0;
+	ev->src_identity = 0;
+	ev->dst_identity = 0;
+	ev->family = WEIR_FAMILY_INET;
+	ev->proto = proto;
+	ev->sport = 0;
+	ev->dport = (__u16)ctx->user_port;
+	ev->pad = 0;
+	__builtin_memset(ev->saddr, 0, sizeof(ev->saddr));
+	__builtin_memset(ev->daddr, 0, sizeof(ev->daddr));
+	__builtin_memcpy(ev->daddr, &vip, 4);
+	__builtin_memcpy(ev->nat_addr, b->addr, 4);
+	ev->nat_port = b->port;
+	bpf_ringbuf_submit(ev, 0);
+}
+
+/* Send a socket's service address to a backend; `connecting` (connect(), not each
+ * sendmsg() of an unconnected UDP socket) also reports it as a TRANSLATE event.
+ */
+static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto, int connecting)
 {
 	struct weir_lb_service *svc = sock_service(ctx, proto);
 	struct weir_sock_rev_key rkey = {};
@@ -376,6 +429,8 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto)
 	bpf_map_update_elem(&lb_sock_revnat, &rkey, &rev, BPF_ANY);
 	stats_add(&lb_service_stats, svc->service_id, 0, 1);
 	stats_add(&lb_backend_stats, backend_id, 0, 1);
+	if (connecting)
+		sock_translate_event(ctx, proto, b);
 	ctx->user_ip4 = baddr;
 	ctx->user_port = b->port;
 	return 1;
@@ -400,13 +455,13 @@ static __always_inline int sock_untranslate(struct bpf_sock_addr *ctx)
 SEC("cgroup/connect4")
 int lb_connect4(struct bpf_sock_addr *ctx)
 {
-	return sock_translate(ctx, ctx->protocol == WEIR_IP_PROTO_UDP ? WEIR_IP_PROTO_UDP : WEIR_IP_PROTO_TCP);
+	return sock_translate(ctx, ctx->protocol == WEIR_IP_PROTO_UDP ? WEIR_IP_PROTO_UDP : WEIR_IP_PROTO_TCP, 1);
 }
 
 SEC("cgroup/sendmsg4")
 int lb_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return sock_translate(ctx, WEIR_IP_PROTO_UDP);
+	return sock_translate(ctx, WEIR_IP_PROTO_UDP, 0);
 }
 
 SEC("cgroup/recvmsg4")

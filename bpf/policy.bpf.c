@@ -174,7 +174,7 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	struct weir_ct_key key;
 	struct ct_packet pkt;
 	struct flow f;
-	__u32 peer, src_identity, kind;
+	__u32 peer, src_identity, kind, rule = 0;
 	__u64 stamp = 0;
 	__u16 proxy_port = 0;
 	int ret, verdict, state = CT_NEW, error;
@@ -231,8 +231,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 	if (kind == WEIR_XFRM_MARK_L7_FROM_INGRESS_PROXY)
 		verdict = VERDICT_ALLOW; /* admitted by this policy before it went to the proxy */
 	else
-		verdict = policy_verdict(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len,
-					 &proxy_port);
+		verdict = policy_verdict_rule(ep, dir, peer, f.l4_ok ? f.proto : 0, policy_port(&f), skb->len,
+					      &proxy_port, &rule);
 	if (verdict == VERDICT_NONE && (cfg->flags & default_allow_flag(dir)))
 		verdict = VERDICT_ALLOW;
 	init.src_identity = src_identity;
@@ -249,6 +249,9 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 			ct_create(&key, &init, &pkt);
 		}
 		skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
+		if (state == CT_NEW && !error && !kind)
+			emit_event_rule(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_FORWARDED, skb->cb[WEIR_CB_HOOK], skb->ifindex,
+					ep, src_identity, rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
 		if (proxy_port)
 			return redirect_to_proxy(skb, &f, dir, ep, src_identity, proxy_port, state == CT_NEW, calls);
 		return weir_tc_next(skb, calls);
@@ -257,14 +260,15 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		WRITE_ONCE(ct->policy_stamp, 0);
 	if (cfg->flags & WEIR_CONFIG_FLAG_AUDIT) {
 		metrics_bump(WEIR_REASON_POLICY_AUDIT, dir, skb->len);
-		emit_event(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,
-			   ep, src_identity, (void *)(long)skb->data, (void *)(long)skb->data_end);
+		emit_event_rule(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,
+				ep, src_identity, rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
 		if (state == CT_NEW && !error)
 			ct_create(&key, &init, &pkt);
 		return weir_tc_next(skb, calls);
 	}
 	skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
-	return weir_tc_drop(skb, verdict == VERDICT_DENY ? WEIR_REASON_POLICY_DENY_RULE : WEIR_REASON_POLICY_DENIED);
+	return weir_tc_drop_rule(skb, verdict == VERDICT_DENY ? WEIR_REASON_POLICY_DENY_RULE : WEIR_REASON_POLICY_DENIED,
+				 rule);
 }
 
 SEC("tc")

@@ -260,6 +260,9 @@ int prefilter_xdp(struct xdp_md *ctx)
 			if (ifs)
 				counter_add(&ifs->dropped, bytes);
 			metrics_bump(WEIR_REASON_PREFILTER_DENIED, WEIR_DIRECTION_INGRESS, bytes);
+			/* The line-rate path: its events have a kind (limit, sampling) of their own. */
+			emit_event(WEIR_EVENT_TYPE_DROP, WEIR_REASON_PREFILTER_DENIED, WEIR_HOOK_XDP, ctx->ingress_ifindex,
+				   0, 0, (void *)(long)ctx->data, (void *)(long)ctx->data_end);
 			return XDP_DROP;
 		}
 		if (ifs)

@@ -27,6 +27,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_core_read.h>
 #include <bpf/bpf_helpers.h>
+#include "weir/events.h"
 #include "weir/sockaccel.h"
 
 /* The two kernel fields the flow control reads, relocated by libbpf (CO-RE). */
@@ -135,7 +136,7 @@ static __always_inline void peer_key(const struct weir_sock_key *key, struct wei
 static __always_inline void accel_event(__u8 type, const struct weir_sock_key *key, const struct weir_conn *c)
 {
 	int client = c->role == WEIR_ROLE_CLIENT;
-	struct weir_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	struct weir_event *ev = event_reserve(WEIR_EVENT_KIND_ACCEL);
 	__u16 cport = client ? key->local_port : key->remote_port;
 
 	if (!ev)

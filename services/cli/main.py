@@ -26,6 +26,7 @@ COMMANDS = (
     prefilter.prefilter,
     observe.observe,
     observe.metrics,
+    observe.event_limits,
     down.down,
 )
 

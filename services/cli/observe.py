@@ -1,12 +1,13 @@
 """`weir observe` (the orchestrator's flows) and `weir metrics` (its counters).
 
-The orchestrator keeps the newest flows (drops with their reason, audit verdicts, socket
-acceleration, each with its endpoints) in a bounded buffer and serves them with
-`GetFlows`. ``observe`` prints the buffered flows that match (``--last N``: the newest N;
-``--since``: those since a time) and exits; ``--follow`` then keeps printing new ones until
-Ctrl-C, ``--duration`` for that many seconds. ``--count N`` stops after N flows. Flows the
-stream could not deliver (evicted from the buffer, or dropped while it fell behind) are
-said on stderr, never skipped silently.
+The orchestrator keeps the newest flows (verdicts and drops with their reason and rule, LB
+translations with their backend, socket acceleration, L7 requests, each with its endpoints)
+in a bounded buffer and serves them with `GetFlows`. ``observe`` prints the buffered flows
+that match (``--last N``: the newest N; ``--since``: those since a time) and exits;
+``--follow`` then keeps printing new ones until Ctrl-C, ``--duration`` for that many
+seconds. ``--count N`` stops after N flows. Flows the stream could not deliver (evicted from
+the buffer, or dropped while it fell behind) are said on stderr, never skipped silently, and
+so are the datapath's events its rate limits held back or its ring buffer had no room for.
 """
 
 from __future__ import annotations
@@ -14,16 +15,18 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import re
+from typing import Any
 
 import click
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich.table import Table
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
 from services.cli.client import current
 from services.cli.output import Column, emit, emit_line, output_option, pick, table, to_dict, wants_json
 
-VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "ACCELERATED", "REDIRECTED")
+VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "TRANSLATED", "ACCELERATED", "REDIRECTED")
 PROTOCOLS = ("TCP", "UDP", "ICMP", "ICMPv6", "SCTP")
 RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)(s|m|h|d)$")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -82,10 +85,13 @@ def line(flow: pb.Flow) -> str:
             f"{_address(flow.dst, flow.dst_port)} http-request {flow.verdict} "
             f"{l7.method} {l7.host}{l7.path} {l7.status}{rule}{names}"
         )
+    extra = f" rule={flow.rule}" if flow.rule else ""
+    if flow.translated_address:
+        extra += f" backend={_address(flow.translated_address, flow.translated_port)}"
     return (
         f"{seen.strftime('%b %d %H:%M:%S.%f')[:-3]}: {_address(flow.src, flow.src_port)} -> "
         f"{_address(flow.dst, flow.dst_port)} {flow.protocol or '-'} {flow.verdict} "
-        f"({flow.reason}) {hook.removeprefix('HOOK_').lower()} endpoint={flow.endpoint_id} "
+        f"({flow.reason}){extra} {hook.removeprefix('HOOK_').lower()} endpoint={flow.endpoint_id} "
         f"identity={flow.src_identity}->{flow.dst_identity} len={flow.length}{names}"
     )
 
@@ -95,11 +101,16 @@ def say_lost(lost: pb.FlowLoss) -> None:
         click.echo(f"{lost.evicted} older flows were evicted from the orchestrator's buffer", err=True)
     if lost.dropped:
         click.echo(f"{lost.dropped} flows dropped: this stream fell behind", err=True)
+    if lost.rate_limited:
+        click.echo(f"{lost.rate_limited} datapath events held back by its rate limits (node-wide)", err=True)
+    if lost.datapath_lost:
+        click.echo(f"{lost.datapath_lost} datapath events lost: its ring buffer was full", err=True)
 
 
 @click.command()
 @click.option("--verdict", "verdicts", multiple=True, type=click.Choice(VERDICTS, case_sensitive=False))
 @click.option("--reason", "reasons", multiple=True, help="drop reason, e.g. POLICY_DENIED (repeat for more)")
+@click.option("--rule", "rules", multiple=True, help="policy rule name (namespace/name): the rule behind the flow")
 @click.option("--endpoint", "endpoints", multiple=True, help="endpoint name: flows from it or to it")
 @click.option("--label", "labels", multiple=True, help="k=v label of the source or destination")
 @click.option("--ip", "ips", multiple=True, callback=check_ip, help="source or destination address or CIDR")
@@ -114,6 +125,7 @@ def say_lost(lost: pb.FlowLoss) -> None:
 def observe(
     verdicts: tuple[str, ...],
     reasons: tuple[str, ...],
+    rules: tuple[str, ...],
     endpoints: tuple[str, ...],
     labels: tuple[str, ...],
     ips: tuple[str, ...],
@@ -125,7 +137,7 @@ def observe(
     count: int | None,
     duration: float | None,
 ) -> None:
-    """Flows (drops with their reason, audit verdicts, socket acceleration) with their endpoints."""
+    """Flows (verdicts and drops with their reason and rule, translations, socket acceleration, L7)."""
     node = current()
     streaming = follow or duration is not None
     request = pb.GetFlowsRequest(
@@ -136,6 +148,7 @@ def observe(
         protocols=protocols,
         verdicts=verdicts,
         reasons=reasons,
+        rules=rules,
         follow=streaming,
         last=last or 0,
         since=since,
@@ -164,13 +177,49 @@ def observe(
         click.echo("no matching flows in the orchestrator's buffer (--follow waits for new ones)", err=True)
 
 
+def _kinds_table(kinds: list[dict[str, Any]]) -> Table:
+    return table(
+        "datapath events (rate limits per CPU)",
+        [
+            Column("KIND", pick("kind")),
+            Column("EMITTED", pick("emitted"), "right"),
+            Column("RATE LIMITED", pick("rate_limited"), "right"),
+            Column("SAMPLED OUT", pick("sampled_out"), "right"),
+            Column("LOST", pick("lost"), "right"),
+            Column("RATE/S", lambda k: "off" if k.get("off") else (k.get("rate") or "none"), "right"),
+            Column("BURST", pick("burst"), "right"),
+            Column("SAMPLE", pick("sample"), "right"),
+        ],
+        kinds,
+    )
+
+
+@click.command("event-limits")
+@click.argument("limits", nargs=-1, metavar="[KIND=RATE[/BURST][:SAMPLE]|KIND=off]...")
+@output_option
+def event_limits(limits: tuple[str, ...]) -> None:
+    """Show the datapath's event rate limits and counts; with arguments, change those kinds' limits now.
+
+    RATE is events per second per CPU (0: no limit); SAMPLE N keeps one candidate event in N.
+    The orchestrator's --flow-event-limit flags apply again when it restarts.
+    """
+    node = current()
+    if limits:
+        reply = node.call("orchestrator", "SetEventLimits", pb.SetEventLimitsRequest(limits=limits))
+    else:
+        reply = node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest())
+    kinds = [to_dict(k) for k in reply.event_kinds]
+    emit({"event_kinds": kinds}, _kinds_table(kinds))
+
+
 @click.command()
 @output_option
 def metrics() -> None:
-    """Packets per hook entry and per (reason, direction), and the flow buffer's losses."""
+    """Packets per hook entry and per (reason, direction), the flow buffer's and the datapath's event losses."""
     node = current()
     reply = to_dict(node.call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
     reply["flows"] = to_dict(node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest()))
+    flow_counts = {k: v for k, v in reply["flows"].items() if k != "event_kinds"}
     emit(
         reply,
         table(
@@ -194,8 +243,9 @@ def metrics() -> None:
         ),
         table(
             "flows",
-            [Column(name.upper().replace("_", " "), pick(name), "right") for name in reply["flows"]],
-            [reply["flows"]],
+            [Column(name.upper().replace("_", " "), pick(name), "right") for name in flow_counts],
+            [flow_counts],
         ),
+        _kinds_table(reply["flows"].get("event_kinds", [])),
         empty="no counters yet",
     )

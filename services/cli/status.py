@@ -4,9 +4,9 @@ In cluster mode it also shows the kvstore connection and the nodes registered no
 
 Exit 0 when every service of the suite answers SERVING, 1 when one answers something else
 (NOT_SERVING: waiting for the orchestrator, or held on a bad state file), 3 when one is
-unreachable. The chain part (slots, XDP and tc attachments) and the object counts come
-from the orchestrator and the services' own list calls; they are left out for a service
-that does not answer.
+unreachable. The chain part (slots, XDP and tc attachments, the shared maps' fill) and the
+object counts come from the orchestrator and the services' own list calls; they are left
+out for a service that does not answer.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ def _cluster(node: Node, document: dict[str, Any]) -> list[Any]:
 @click.command()
 @output_option
 def status() -> None:
-    """Services (reachable, health, pid), chain slots, XDP and tc attachments, object counts."""
+    """Services (reachable, health, pid), chain slots, XDP and tc attachments, map fill, object counts."""
     node = current()
     services = _services(node)
     up = {s["service"] for s in services if s["health"] == "SERVING"}
@@ -112,7 +112,8 @@ def status() -> None:
         filled = [s for s in slots if s["program_id"]]
         xdp = [to_dict(a) for a in node.call("orchestrator", "ListXdp", orch_pb.ListXdpRequest()).attachments]
         devices = [to_dict(d) for d in node.call("orchestrator", "ListDevices", orch_pb.ListDevicesRequest()).devices]
-        document.update(slots=slots, xdp=xdp, devices=devices)
+        maps = [to_dict(m) for m in node.call("orchestrator", "GetMetrics", orch_pb.GetMetricsRequest()).maps]
+        document.update(slots=slots, xdp=xdp, devices=devices, maps=maps)
         tables += [
             table(
                 "chain slots (filled)",
@@ -140,6 +141,16 @@ def status() -> None:
                 "tc devices (from/to-network)",
                 [Column("INTERFACE", pick("interface")), Column("IFINDEX", pick("ifindex"), "right")],
                 devices,
+            ),
+            table(
+                "maps (fill)",
+                [
+                    Column("MAP", pick("name")),
+                    Column("ENTRIES", pick("entries"), "right"),
+                    Column("CAPACITY", pick("capacity"), "right"),
+                    Column("FILL", lambda m: f"{int(m['entries']) / max(int(m['capacity']), 1):.1%}", "right"),
+                ],
+                maps,
             ),
         ]
     if "orchestrator" in up:

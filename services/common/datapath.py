@@ -206,6 +206,24 @@ class EventType(IntEnum):
     ACCEL_START = 3  # a socket went into the socket-layer fast path (sockaccel)
     ACCEL_END = 4  # a socket left it: closed, turned off, or policy changed (len = bytes it redirected)
     PROXY_REDIRECT = 5  # a new connection sent to the L7 proxy; `pad` holds the proxy port (host order)
+    TRANSLATE = 6  # a new connection to a service address given a backend (nat_addr, nat_port)
+
+
+class EventKind(IntEnum):
+    """What an event's rate limit and counters are kept by (index of event_limits and event_stats)."""
+
+    DROP = 0  # drops in tc programs (policy, parser, missed tail calls, ...)
+    PREFILTER = 1  # drops at XDP: the line-rate path, sampled
+    VERDICT = 2  # policy verdicts of new connections (allowed) and audit-mode verdicts
+    TRANSLATE = 3  # LB translations of new connections
+    REDIRECT = 4  # new connections sent to the L7 proxy
+    ACCEL = 5  # sockets entering or leaving the socket fast path
+
+
+class EventLimitFlag(IntEnum):
+    """Bits of EventLimit.flags."""
+
+    OFF = 1  # emit no event of this kind (counted as limited)
 
 
 class ReservedIdentity(IntEnum):
@@ -285,7 +303,7 @@ class Event(ctypes.Structure):
     fragment the ports of its datagram are 0 (the emitter does not look fragments up).
     """
 
-    _network_order_ = ("sport", "dport")
+    _network_order_ = ("sport", "dport", "nat_port")
     _fields_ = [
         ("type", ctypes.c_uint8),
         ("reason", ctypes.c_uint8),
@@ -303,7 +321,57 @@ class Event(ctypes.Structure):
         ("pad", ctypes.c_uint16),
         ("saddr", ctypes.c_uint8 * 16),
         ("daddr", ctypes.c_uint8 * 16),
+        # The policy rule behind a verdict or drop (policy's rule id, 0 when none decided it).
+        ("rule", ctypes.c_uint32),
+        # TRANSLATE: the backend the connection was given (same family as daddr).
+        ("nat_port", ctypes.c_uint16),
+        ("pad2", ctypes.c_uint16),
+        ("nat_addr", ctypes.c_uint8 * 16),
     ]
+
+
+class EventLimit(ctypes.Structure):
+    """Value of event_limits (one per EventKind), written by the orchestrator.
+
+    A token bucket per CPU: at most one event per `interval_ns` on average, `burst` at once;
+    `sample` N > 1 keeps one candidate in N (the first, then every N-th, per CPU) before the
+    bucket. All zero: no limit.
+    """
+
+    _fields_ = [
+        ("interval_ns", ctypes.c_uint64),
+        ("burst", ctypes.c_uint32),
+        ("sample", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class EventBucket(ctypes.Structure):
+    """Value of event_buckets (per CPU, one per EventKind): the token bucket and the sampler."""
+
+    _fields_ = [
+        ("due", ctypes.c_uint64),  # when the next event is due (GCRA), coarse CLOCK_MONOTONIC ns
+        ("skip", ctypes.c_uint32),  # candidates the sampler still leaves out before the next one
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class EventStats(ctypes.Structure):
+    """Value of event_stats (per CPU, one per EventKind): what became of each event to emit."""
+
+    _fields_ = [
+        ("emitted", ctypes.c_uint64),  # reserved on the ring buffer
+        ("limited", ctypes.c_uint64),  # held back by the rate limit (or the kind is off)
+        ("sampled_out", ctypes.c_uint64),  # not picked by the sampler
+        ("lost", ctypes.c_uint64),  # the ring buffer was full
+    ]
+
+
+class RuleName(ctypes.Structure):
+    """Value of policy_rule_names (rule id -> name): the policy service writes, flows read it."""
+
+    _fields_ = [("name", ctypes.c_uint8 * 128)]  # RULE_NAME_MAX bytes, NUL-padded
 
 
 class IpcacheKey(ctypes.Structure):
@@ -392,11 +460,11 @@ class CtValue(ctypes.Structure):
 
 ENUMS: list[type[IntEnum]] = [
     Hook, Slot, Direction, CtScope, Family, IpProto, TcpFlag, Reason, Cb, EventType, ReservedIdentity, CtFlag,
-    EndpointFlag, XfrmMark,
+    EndpointFlag, XfrmMark, EventKind, EventLimitFlag,
 ]  # fmt: skip
 STRUCTS: list[type[ctypes.Structure]] = [
     MetricKey, Counter, EndpointInfo, XdpMeta, Event, IpcacheKey, IpcacheValue, FragKey, FragPorts, CtKey,
-    CtValue, TunnelValue,
+    CtValue, TunnelValue, EventLimit, EventBucket, EventStats, RuleName,
 ]  # fmt: skip
 
 # Map sizes that both sides must agree on.
@@ -408,6 +476,9 @@ CONSTANTS = {
     "MAX_ENDPOINTS": MAX_ENDPOINTS,
     "METRICS_MAX": 1024,
     "EVENTS_BYTES": 1 << 20,
+    "NUM_EVENT_KINDS": len(EventKind),
+    "RULE_NAME_MAX": 128,  # bytes of a policy rule's name in policy_rule_names (NUL-padded, cut if longer)
+    "RULE_NAMES_MAX": 65536,
     "IPCACHE_MAX": 512 * 1024,
     "CT_MAX": 256 * 1024,
     "FRAG_MAX": 8192,  # datagrams in flight whose first fragment was seen (Cilium's default)

@@ -21,6 +21,8 @@ import grpc
 import grpc.aio
 import structlog
 
+from services.common import rpcmetrics
+
 log = structlog.get_logger("weir.rpc")
 
 INTERNAL_MESSAGE = "internal error"
@@ -188,6 +190,7 @@ class _Call:
         else:
             emit = log.warning
         emit("rpc", code=code.name, duration_ms=ms, **kw)
+        rpcmetrics.observe(self.method, code.name)
 
     def done(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         """Log a call that returned (possibly with a code the handler set itself)."""

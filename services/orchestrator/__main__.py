@@ -15,6 +15,7 @@ from pybpf import BpfObject
 from services.common import sysctls
 from services.common.bpffs import ensure_bpffs
 from services.common.config import NodeConfig
+from services.common.datapath import EventKind
 from services.common.health import Readiness
 from services.common.instance_lock import acquire_or_exit
 from services.common.logs import setup_logging
@@ -31,13 +32,25 @@ from services.orchestrator.chain import Chain
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoints
+from services.orchestrator.eventlimits import (
+    DEFAULT_BURST,
+    DEFAULT_PREFILTER_RATE,
+    DEFAULT_PREFILTER_SAMPLE,
+    DEFAULT_RATE,
+    EventLimits,
+    Limit,
+    parse_limit,
+)
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import DEFAULT_CAPACITY, MAX_CAPACITY, Flows
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.l7flows import L7Follower
+from services.orchestrator.mapfill import MapFill
+from services.orchestrator.metrics import MetricsServer, NodeCollector, parse_listen
 from services.orchestrator.nodes import NodeTable, add_flags, local_from_args
 from services.orchestrator.routing import VXLAN, Routing
+from services.orchestrator.rulenames import RuleNames
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
 SERVICE = "orchestrator"
@@ -51,6 +64,20 @@ def _buffer_size(text: str) -> int:
     if not text.isdigit() or not 1 <= int(text) <= MAX_CAPACITY:
         raise argparse.ArgumentTypeError(f"{text!r} is not a flow count in 1-{MAX_CAPACITY}")
     return int(text)
+
+
+def _event_limit(text: str) -> tuple[EventKind, Limit]:
+    try:
+        return parse_limit(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _flags(parser: argparse.ArgumentParser) -> None:
@@ -74,6 +101,24 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         type=_buffer_size,
         default=DEFAULT_CAPACITY,
         help=f"flows kept in memory for GetFlows; the oldest go when it is full (default {DEFAULT_CAPACITY})",
+    )
+    parser.add_argument(
+        "--metrics-listen",
+        type=_listen,
+        default=None,
+        metavar="HOST:PORT",
+        help="serve the node's Prometheus metrics over HTTP at /metrics here (off by default; plain HTTP, "
+        "so prefer a loopback address)",
+    )
+    parser.add_argument(
+        "--flow-event-limit",
+        type=_event_limit,
+        action="append",
+        default=[],
+        metavar="KIND=RATE[/BURST][:SAMPLE]|KIND=off",
+        help=f"the datapath's event rate limit for one kind ({', '.join(k.name.lower() for k in EventKind)}): "
+        f"events per second per CPU (0: none), burst, one in SAMPLE; repeatable (default {DEFAULT_RATE}/"
+        f"{DEFAULT_BURST}, prefilter {DEFAULT_PREFILTER_RATE}/{DEFAULT_BURST}:{DEFAULT_PREFILTER_SAMPLE})",
     )
     cluster_mode.add_flags(parser)
     add_flags(parser)
@@ -147,12 +192,14 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                 assert opened.held is not None
                 await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
                 return
-    flows = Flows(args.flow_buffer)
+    event_limits = EventLimits(chain.event_limits, chain.event_stats)
+    await worker.call(event_limits.configure, dict(args.flow_event_limit))
+    rule_names = RuleNames(config.globals_pin_dir)
+    flows = Flows(args.flow_buffer, rule_names)
     flows.start(asyncio.get_running_loop())
     endpoints.on_change(flows.endpoint_changed)
     identities.on_change(flows.identities_changed)
     await worker.call(lambda: flows.seed(endpoints.all(), identities.all()))
-    flows.baseline(await worker.call(chain.reason_counts))
     events = EventHub(chain.events, flows.add)
     events.start(asyncio.get_running_loop())
     l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)
@@ -166,6 +213,21 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         endpoints.on_change(cluster.endpoint_changed)
         held = await worker.call(lambda: (identities.label_identities(), endpoints.all()))
         await asyncio.to_thread(cluster.start, *held)
+
+    fill = MapFill(
+        {
+            "ipcache": node_maps.maps["ipcache"],
+            "conntrack": node_maps.maps["conntrack"],
+            "endpoints": chain.endpoints,
+            "metrics": chain.metrics,
+        }
+    )
+    metrics: MetricsServer | None = None
+    if args.metrics_listen is not None:
+        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path)
+        metrics = MetricsServer(collector)
+        port = metrics.start(*args.metrics_listen)
+        log.info("metrics served", address=args.metrics_listen[0], port=port)
 
     readiness = Readiness()
 
@@ -184,7 +246,18 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     def register(server: grpc.aio.Server) -> Sequence[str]:
         servicer = OrchestratorServicer(
-            worker, chain, endpoints, devices, events, identities, conntrack, flows, nodes, cluster=cluster
+            worker,
+            chain,
+            endpoints,
+            devices,
+            events,
+            identities,
+            conntrack,
+            flows,
+            nodes,
+            event_limits,
+            fill,
+            cluster=cluster,
         )
         pb_grpc.add_OrchestratorServicer_to_server(servicer, server)
         return [SERVICE_NAME]
@@ -195,6 +268,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
         for loop in loops:
             await loop.stop()
         events.stop()
+        if metrics is not None:
+            metrics.stop()
+        rule_names.close()
         await l7_flows.stop()
         await worker.call(store.close)
         await worker.call(chain.close)

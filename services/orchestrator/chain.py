@@ -191,6 +191,8 @@ class Chain:
         self.metrics: Map
         self.entry_stats: Map
         self.events: Map
+        self.event_limits: Map
+        self.event_stats: Map
 
     def load(self) -> None:
         """Load (or reload, on restart) the entry programs; shared maps are reused.
@@ -210,6 +212,8 @@ class Chain:
         self.metrics = obj.maps["metrics"].typed(MetricKey, Counter)
         self.entry_stats = obj.maps["entry_stats"].typed(ctypes.c_uint32, Counter)
         self.events = obj.maps["events"]
+        self.event_limits = obj.maps["event_limits"]
+        self.event_stats = obj.maps["event_stats"]
 
     def start(self) -> None:
         """Load, then rebuild every hook's chain from the registrations in the store."""

@@ -49,6 +49,9 @@ class FlowEvent:
     src_port: int
     dst_port: int
     l7: L7Info | None = None
+    rule_id: int = 0  # the policy rule behind a verdict or drop (policy_rule_names), 0: none
+    nat_addr: str = ""  # TRANSLATE: the backend
+    nat_port: int = 0
 
     @property
     def direction(self) -> int:
@@ -66,6 +69,7 @@ def decode(raw: bytes) -> FlowEvent:
     src = str(ipaddress.ip_address(bytes(ev.saddr)[:size])) if ev.family in (2, 10) else ""
     dst = str(ipaddress.ip_address(bytes(ev.daddr)[:size])) if ev.family in (2, 10) else ""
     l4 = ev.proto in (6, 17)
+    translated = ev.type == EventType.TRANSLATE and ev.family in (2, 10)
     return FlowEvent(
         type=_name(EventType, ev.type),
         reason=_name(Reason, ev.reason),
@@ -80,6 +84,9 @@ def decode(raw: bytes) -> FlowEvent:
         dst=dst,
         src_port=int.from_bytes(ev.sport.to_bytes(2, "little"), "big") if l4 else 0,
         dst_port=int.from_bytes(ev.dport.to_bytes(2, "little"), "big") if l4 else 0,
+        rule_id=ev.rule,
+        nat_addr=str(ipaddress.ip_address(bytes(ev.nat_addr)[:size])) if translated else "",
+        nat_port=int.from_bytes(ev.nat_port.to_bytes(2, "little"), "big") if translated else 0,
     )
 
 

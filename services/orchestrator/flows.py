@@ -4,22 +4,25 @@ The events reader thread hands every decoded event to `Flows.add`, which names i
 from the endpoints and identities it follows (their change listeners run on the worker
 thread), keeps the newest `capacity` flows, and offers each to the GetFlows subscribers.
 Nothing is lost silently: flows pushed out of the buffer and flows a slow subscriber could
-not take are counted, and each subscription reports its own losses in its stream.
+not take are counted, and each subscription reports its own losses in its stream (the
+datapath's own losses, events its rate limits held back or its ring buffer had no room
+for, are counted in BPF: see eventlimits.py). A verdict or drop names the policy rule
+behind it, from the rule id the datapath reports (rulenames.py).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
-from services.common.datapath import Hook, Reason
+from services.common.datapath import Direction, Hook, Reason
 from services.common.errors import InvalidArgument
-from services.orchestrator.chain import ReasonCount
 from services.orchestrator.endpoints import Endpoint
 from services.orchestrator.events import PROTOCOLS, FlowEvent
 from services.orchestrator.identities import IdentityInfo
@@ -29,12 +32,13 @@ MAX_CAPACITY = 1 << 20
 SUBSCRIBER_DEPTH = 4096
 MAX_LAST = 65536
 MAX_FILTER_VALUES = 256
-VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "ACCELERATED", "REDIRECTED")
+VERDICTS = ("FORWARDED", "DROPPED", "AUDIT", "TRANSLATED", "ACCELERATED", "REDIRECTED")
+MAX_RULE_NAME = 512
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def verdict_of(event: FlowEvent) -> str:
-    """DROPPED, AUDIT and REDIRECTED as Hubble names them; ACCELERATED (the socket fast path) is Weir's own.
+    """DROPPED, AUDIT, TRANSLATED and REDIRECTED as Hubble names them; ACCELERATED (the socket fast path) is Weir's own.
 
     An L7 request is FORWARDED when a rule allowed it and DROPPED when Envoy denied it (403).
     """
@@ -44,6 +48,8 @@ def verdict_of(event: FlowEvent) -> str:
         return "FORWARDED" if event.l7.allowed else "DROPPED"
     if event.type == "PROXY_REDIRECT":
         return "REDIRECTED"
+    if event.type == "TRANSLATE":
+        return "TRANSLATED"
     if event.type.startswith("ACCEL_"):
         return "ACCELERATED"
     return "AUDIT" if event.reason == Reason.POLICY_AUDIT.name else "FORWARDED"
@@ -69,6 +75,7 @@ class Flow:
     event: FlowEvent
     source: Peer
     destination: Peer
+    rule: str = ""  # the policy rule behind the verdict, "" when none (or unknown)
 
 
 @dataclass
@@ -82,6 +89,7 @@ class FlowFilter:
     protocols: frozenset[str] = frozenset()
     verdicts: frozenset[str] = frozenset()
     reasons: frozenset[str] = frozenset()
+    rules: frozenset[str] = frozenset()
 
     @classmethod
     def parse(
@@ -93,11 +101,12 @@ class FlowFilter:
         protocols: Sequence[str] = (),
         verdicts: Sequence[str] = (),
         reasons: Sequence[str] = (),
+        rules: Sequence[str] = (),
     ) -> FlowFilter:
         """Raises InvalidArgument naming the field of the first bad value."""
         for name, values in (
             ("endpoints", endpoints), ("labels", labels), ("cidrs", cidrs), ("ports", ports),
-            ("protocols", protocols), ("verdicts", verdicts), ("reasons", reasons),
+            ("protocols", protocols), ("verdicts", verdicts), ("reasons", reasons), ("rules", rules),
         ):  # fmt: skip
             if len(values) > MAX_FILTER_VALUES:
                 raise InvalidArgument(f"{name}: {len(values)} values; at most {MAX_FILTER_VALUES}")
@@ -123,6 +132,9 @@ class FlowFilter:
         for reason in reasons:
             if reason.upper() not in Reason.__members__:
                 raise InvalidArgument(f"reasons: {reason!r} is not one of {', '.join(Reason.__members__)}")
+        for rule in rules:
+            if not rule or len(rule) > MAX_RULE_NAME:
+                raise InvalidArgument(f"rules: {rule[:40]!r} is not a rule name (1-{MAX_RULE_NAME} characters)")
         return cls(
             endpoints=frozenset(endpoints),
             labels=frozenset(labels),
@@ -131,6 +143,7 @@ class FlowFilter:
             protocols=frozenset(known_protocols[p.upper()] for p in protocols),
             verdicts=frozenset(v.upper() for v in verdicts),
             reasons=frozenset(r.upper() for r in reasons),
+            rules=frozenset(rules),
         )
 
     def match(self, flow: Flow) -> bool:
@@ -138,6 +151,8 @@ class FlowFilter:
         if self.verdicts and flow.verdict not in self.verdicts:
             return False
         if self.reasons and ev.reason not in self.reasons:
+            return False
+        if self.rules and flow.rule not in self.rules:
             return False
         if self.protocols and ev.protocol not in self.protocols:
             return False
@@ -148,10 +163,6 @@ class FlowFilter:
         if self.labels and not (set(src.labels) | set(dst.labels)) & self.labels:
             return False
         return not self.networks or any(_within(a, self.networks) for a in (src.address, dst.address))
-
-
-def _reported(counts: Iterable[ReasonCount]) -> int:
-    return sum(c.packets for c in counts if c.reason != Reason.FORWARDED)
 
 
 def _within(address: str, networks: Iterable[Network]) -> bool:
@@ -180,7 +191,8 @@ class _Named:
 class Flows:
     """The newest flows and the state that names their peers; fed by the events thread."""
 
-    def __init__(self, capacity: int = DEFAULT_CAPACITY) -> None:
+    def __init__(self, capacity: int = DEFAULT_CAPACITY, rule_names: Callable[[int], str] | None = None) -> None:
+        """rule_names: a rule id (as the datapath reports it) to the rule's name, "" when unknown."""
         if capacity < 1:
             raise ValueError(f"flow buffer of {capacity}: at least 1")
         self.capacity = capacity
@@ -189,28 +201,17 @@ class Flows:
         self._seq = 0
         self.evicted = 0
         self.subscriber_dropped = 0
-        self.datapath_events = 0  # DROP and VERDICT events read (the datapath counts each one too)
+        self._rule_names = rule_names
+        # (endpoint, direction, verdict) -> policy verdicts read from the datapath's events.
+        self.policy_verdicts: collections.Counter[tuple[str, str, str]] = collections.Counter()
         self._by_address: dict[str, _Named] = {}
         self._by_id: dict[int, _Named] = {}
         self._identity_labels: dict[int, tuple[str, ...]] = {}
         self._subscribers: set[Subscription] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._counted_at_start = 0
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-
-    def baseline(self, counts: Iterable[ReasonCount]) -> None:
-        """The datapath's drop and verdict counters before the reader starts (they outlive us)."""
-        self._counted_at_start = _reported(counts)
-
-    def unreported(self, counts: Iterable[ReasonCount]) -> int:
-        """Drops and verdicts the datapath counted since `baseline` whose event we did not read.
-
-        Every drop and audit verdict bumps a counter and emits an event; the event alone is
-        lost when the ring buffer is full. Events still in the ring buffer count until read.
-        """
-        return max(0, _reported(counts) - self._counted_at_start - self.datapath_events)
 
     # ---- following endpoints and identities (worker thread) ----
 
@@ -261,10 +262,13 @@ class Flows:
         """Buffer one event as a flow and offer it to every subscriber."""
         sending = event.endpoint_id if event.hook is Hook.FROM_CONTAINER else 0
         receiving = event.endpoint_id if event.hook is Hook.TO_CONTAINER else 0
+        rule = event.l7.rule if event.l7 is not None else self._rule_name(event.rule_id)
         with self._lock:
             self._seq += 1
-            if event.type in ("DROP", "VERDICT"):
-                self.datapath_events += 1
+            if event.l7 is None and (event.type == "VERDICT" or event.reason.startswith("POLICY_")):
+                named = self._by_id.get(event.endpoint_id)
+                direction = Direction(event.direction).name
+                self.policy_verdicts[(named.name if named else "", direction, verdict_of(event))] += 1
             flow = Flow(
                 seq=self._seq,
                 time_ns=time.time_ns() if time_ns is None else time_ns,
@@ -272,6 +276,7 @@ class Flows:
                 event=event,
                 source=self._peer(event.src, event.src_port, event.src_identity, sending),
                 destination=self._peer(event.dst, event.dst_port, event.dst_identity, receiving),
+                rule=rule,
             )
             if len(self._ring) == self.capacity:
                 self.evicted += 1
@@ -281,6 +286,11 @@ class Flows:
             assert self._loop is not None
             self._loop.call_soon_threadsafe(self._offer, sub, flow)
         return flow
+
+    def _rule_name(self, rule_id: int) -> str:
+        if not rule_id or self._rule_names is None:
+            return ""
+        return self._rule_names(rule_id) or f"#{rule_id}"
 
     def _offer(self, sub: Subscription, flow: Flow) -> None:
         if sub.queue.full():

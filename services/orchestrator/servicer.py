@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc.aio
+import structlog
 from weir.common.v1 import common_pb2
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
@@ -19,17 +21,19 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as pb_grpc
 from pybpf import XdpMode
 from services.common.chain_client import XdpPlacement as XdpState
 from services.common.datapath import Direction, Hook, Slot
-from services.common.errors import InvalidArgument
+from services.common.errors import FailedPrecondition, InvalidArgument
 from services.common.worker import Worker
 from services.orchestrator.chain import Chain, SlotState
 from services.orchestrator.cluster import Cluster, ClusterStatus
 from services.orchestrator.conntrack import Conntrack
 from services.orchestrator.devices import Devices
 from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, NamedPort
+from services.orchestrator.eventlimits import EventLimits, KindStats, parse_limit
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
 from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
+from services.orchestrator.mapfill import MapFill
 from services.orchestrator.node_rpcs import NodeRpcs
 from services.orchestrator.nodes import NodeTable
 
@@ -37,7 +41,10 @@ from services.orchestrator.nodes import NodeTable
 DEFAULT_POLICY_WAIT_MS = 5000
 MAX_POLICY_WAIT_MS = 60_000
 MAX_READY_PER_CALL = 65536
+MAX_EVENT_LIMITS = 64  # limits in one SetEventLimits
+LOSS_REPORT_SECONDS = 1.0  # a follower hears of the datapath's losses at most this often
 
+log = structlog.get_logger("weir.orchestrator")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Orchestrator"].full_name
 
 
@@ -124,12 +131,62 @@ def flow_to_proto(flow: Flow) -> pb.Flow:
         ifindex=ev.ifindex,
         length=ev.length,
         seq=flow.seq,
+        rule=flow.rule,
+        translated_address=ev.nat_addr,
+        translated_port=ev.nat_port,
     )
     if ev.l7 is not None:
         l7 = ev.l7
         message.l7.CopyFrom(pb.L7Flow(method=l7.method, path=l7.path, host=l7.host, status=l7.status, rule=l7.rule))
     message.time.FromNanoseconds(flow.time_ns)
     return message
+
+
+def kind_stats_to_proto(k: KindStats) -> pb.EventKindStats:
+    return pb.EventKindStats(
+        kind=k.kind,
+        emitted=k.emitted,
+        rate_limited=k.limited,
+        sampled_out=k.sampled_out,
+        lost=k.lost,
+        rate=k.limit.rate,
+        burst=k.limit.burst,
+        sample=k.limit.sample,
+        off=k.limit.off,
+    )
+
+
+class DatapathLoss:
+    """A follower's view of the datapath's losses: what was held back or lost since it last asked.
+
+    Read at most once per LOSS_REPORT_SECONDS, so a flood of flows costs no map reads per flow.
+    """
+
+    def __init__(self, worker: Worker, limits: EventLimits | None) -> None:
+        self._worker, self._limits = worker, limits
+        self._limited = self._lost = 0
+        self._read_at = 0.0
+
+    async def _totals(self) -> tuple[int, int]:
+        assert self._limits is not None
+        stats = await self._worker.call(self._limits.stats)
+        return sum(s.limited for s in stats), sum(s.lost for s in stats)
+
+    async def start(self) -> None:
+        if self._limits is not None:
+            self._limited, self._lost = await self._totals()
+            self._read_at = time.monotonic()
+
+    async def since_last(self) -> pb.FlowLoss | None:
+        if self._limits is None or time.monotonic() - self._read_at < LOSS_REPORT_SECONDS:
+            return None
+        limited, lost = await self._totals()
+        self._read_at = time.monotonic()
+        if (limited, lost) == (self._limited, self._lost):
+            return None
+        loss = pb.FlowLoss(rate_limited=limited - self._limited, datapath_lost=lost - self._lost)
+        self._limited, self._lost = limited, lost
+        return loss
 
 
 def cluster_status_to_proto(status: ClusterStatus) -> pb.ClusterStatus:
@@ -199,10 +256,14 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         conntrack: Conntrack,
         flows: Flows,
         nodes: NodeTable,
+        event_limits: EventLimits | None = None,
+        fill: MapFill | None = None,
         cluster: Cluster | None = None,
     ) -> None:
         NodeRpcs.__init__(self, worker, nodes)
         self._flows = flows
+        self._event_limits = event_limits
+        self._fill = fill
         self._cluster = cluster
         self._worker = worker
         self._devices = devices
@@ -430,7 +491,9 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
             )
             for r in reason_counts
         ]
-        return pb.GetMetricsResponse(entry=entry, reasons=reasons)
+        fills = await self._worker.call(self._fill.read) if self._fill is not None else []
+        maps = [pb.MapFill(name=f.name, entries=f.entries, capacity=f.capacity) for f in fills]
+        return pb.GetMetricsResponse(entry=entry, reasons=reasons, maps=maps)
 
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Context) -> AsyncIterator[pb.Event]:
         if len(request.types) > MAX_EVENT_TYPES:
@@ -466,7 +529,7 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
     async def GetFlows(self, request: pb.GetFlowsRequest, context: Context) -> AsyncIterator[pb.GetFlowsResponse]:
         flt = FlowFilter.parse(
             request.endpoints, request.labels, request.cidrs, request.ports,
-            request.protocols, request.verdicts, request.reasons,
+            request.protocols, request.verdicts, request.reasons, request.rules,
         )  # fmt: skip
         if request.last > MAX_LAST:
             raise InvalidArgument(f"last: {request.last} is above the maximum of {MAX_LAST}")
@@ -491,16 +554,41 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
                 return
             newest = buffered[-1].seq if buffered else 0
             reported = 0
+            datapath = DatapathLoss(self._worker, self._event_limits)
+            await datapath.start()
             while True:
-                flow = await sub.queue.get()
+                try:
+                    got: Flow | None = await asyncio.wait_for(sub.queue.get(), LOSS_REPORT_SECONDS)
+                except TimeoutError:
+                    got = None
                 if sub.dropped > reported:
                     yield pb.GetFlowsResponse(lost=pb.FlowLoss(dropped=sub.dropped - reported))
                     reported = sub.dropped
-                if flow.seq > newest and flt.match(flow):
-                    yield pb.GetFlowsResponse(flow=flow_to_proto(flow))
+                if (loss := await datapath.since_last()) is not None:
+                    yield pb.GetFlowsResponse(lost=loss)
+                if got is not None and got.seq > newest and flt.match(got):
+                    yield pb.GetFlowsResponse(flow=flow_to_proto(got))
         finally:
             if sub is not None:
                 self._flows.unsubscribe(sub)
+
+    async def SetEventLimits(self, request: pb.SetEventLimitsRequest, context: Context) -> pb.FlowStats:
+        if self._event_limits is None:
+            raise FailedPrecondition("this orchestrator does not own the datapath's event limits")
+        if not request.limits:
+            raise InvalidArgument("limits: give at least one KIND=RATE[/BURST][:SAMPLE] or KIND=off")
+        if len(request.limits) > MAX_EVENT_LIMITS:
+            raise InvalidArgument(f"limits: {len(request.limits)} given; at most {MAX_EVENT_LIMITS}")
+        wanted = {}
+        for text in request.limits:
+            try:
+                kind, limit = parse_limit(text)
+            except ValueError as exc:
+                raise InvalidArgument(f"limits: {exc}") from None
+            wanted[kind] = limit
+        await self._worker.call(self._event_limits.change, wanted)
+        log.info("event limits changed", limits=list(request.limits))
+        return await self.GetFlowStats(pb.GetFlowStatsRequest(), context)
 
     async def GetClusterStatus(self, request: pb.GetClusterStatusRequest, context: Context) -> pb.ClusterStatus:
         if self._cluster is None:
@@ -508,12 +596,17 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         return cluster_status_to_proto(self._cluster.status())
 
     async def GetFlowStats(self, request: pb.GetFlowStatsRequest, context: Context) -> pb.FlowStats:
-        counts = await self._worker.call(self._chain.reason_counts)
+        kinds, lost = [], 0
+        if self._event_limits is not None:
+            limits = self._event_limits
+            kinds = [kind_stats_to_proto(k) for k in await self._worker.call(limits.stats)]
+            lost = await self._worker.call(limits.lost_since_start)
         return pb.FlowStats(
             capacity=self._flows.capacity,
             buffered=len(self._flows),
             seen=self._flows.seen,
             evicted=self._flows.evicted,
             subscriber_dropped=self._flows.subscriber_dropped,
-            datapath_unreported=self._flows.unreported(counts),
+            datapath_unreported=lost,
+            event_kinds=kinds,
         )

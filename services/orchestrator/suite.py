@@ -15,7 +15,8 @@ service its own TLS listener, either by name
 (``orchestrator=127.0.0.1:7000,lb=127.0.0.1:7003``; services not named listen
 on their unix socket only) or as one port range (``127.0.0.1:7000-7004``),
 whose ports go to the services in the order of ``SERVICES``: orchestrator,
-prefilter, policy, lb, sockaccel, l7.
+prefilter, policy, lb, sockaccel, l7. ``--metrics-listen`` and ``--flow-event-limit`` go to
+the orchestrator alone.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.config import ENV, NodeConfig
 from services.common.instance_lock import acquire_or_exit
+from services.orchestrator.eventlimits import parse_limit
+from services.orchestrator.metrics import parse_listen
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,30 @@ def _split_tcp(argv: list[str]) -> tuple[str | None, list[str]]:
     parser.add_argument("--tcp-listen", default=os.environ.get(ENV["tcp_listen"]))
     known, rest = parser.parse_known_args(argv)
     return known.tcp_listen, rest
+
+
+def _split_orchestrator(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Take the orchestrator's own flags (metrics, flow events) out of the argv every service gets.
+
+    Checked here, so a bad value stops the suite before it starts rather than the orchestrator
+    in a restart loop.
+    """
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--metrics-listen")
+    parser.add_argument("--flow-event-limit", action="append", default=[])
+    known, rest = parser.parse_known_args(argv)
+    own = []
+    try:
+        if known.metrics_listen is not None:
+            parse_listen(known.metrics_listen)
+            own += ["--metrics-listen", known.metrics_listen]
+        for limit in known.flow_event_limit:
+            parse_limit(limit)
+            own += ["--flow-event-limit", limit]
+    except ValueError as exc:
+        print(f"weir-{ROLE}: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return own, rest
 
 
 def _parse(argv: list[str]) -> tuple[NodeConfig, dict[str, str], list[str]]:
@@ -197,6 +224,7 @@ class Child:
 
 
 def main(argv: list[str]) -> int:
+    orchestrator_only, argv = _split_orchestrator(argv)
     config, plan, rest = _parse(argv)
     acquire_or_exit(config, ROLE)
     env = {k: v for k, v in os.environ.items() if k != ENV["tcp_listen"]}
@@ -213,7 +241,8 @@ def main(argv: list[str]) -> int:
         if stopping:
             break
         tcp = ["--tcp-listen", plan[member.name]] if member.name in plan else []
-        argv = [sys.executable, "-m", f"services.{member.name}", *rest, *tcp]
+        own = orchestrator_only if member.name == "orchestrator" else []
+        argv = [sys.executable, "-m", f"services.{member.name}", *rest, *tcp, *own]
         child = Child(member, argv, env, config.socket_path(member.name))
         child.start()
         children.append(child)

@@ -59,13 +59,13 @@ class PolicyKey(ctypes.Structure):
 
 
 class PolicyEntry(ctypes.Structure):
-    """Verdict of a policy key, the L7 proxy port (reserved) and hit counters."""
+    """Verdict of a policy key, the L7 proxy port, the rule that decided it and hit counters."""
 
     _fields_ = [
         ("flags", ctypes.c_uint8),
         ("pad", ctypes.c_uint8),
         ("proxy_port", ctypes.c_uint16),
-        ("pad2", ctypes.c_uint32),
+        ("rule", ctypes.c_uint32),  # id of the rule behind the verdict (policy_rule_names), 0: none
         ("packets", ctypes.c_uint64),
         ("bytes", ctypes.c_uint64),
     ]

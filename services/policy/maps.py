@@ -18,19 +18,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import time
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
-from pybpf import BpfObject, KeyNotFoundError, Map, MapType, Program
+from pybpf import BpfObject, KeyNotFoundError, Map, MapFullError, MapType, Program
 from services.common.chain_client import Placement, Register
-from services.common.datapath import CtKey, CtValue, Hook, Slot
+from services.common.datapath import CtKey, CtValue, Hook, RuleName, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.policy.compute import MapEntry
 from services.policy.defs import REVISION_KEY, ConfigFlag, EndpointPolicyConfig, PolicyEntry, PolicyFlag, PolicyKey
 
 OWN_MAPS = ("policy_maps", "policy_config", "policy_revisions", "l7_hairpin")
+RULE_NAMES = "policy_rule_names"  # the node's (globals): the orchestrator names flows' rules from it
 PROGRAMS = {"policy_egress": Hook.FROM_CONTAINER, "policy_ingress": Hook.TO_CONTAINER}
 HAIRPIN_PROGRAM = "l7_hairpin_ingress"  # attached by the service itself to its hairpin device (redirect.py)
 BPF_F_NO_PREALLOC = 1
@@ -89,12 +91,14 @@ class PolicyMaps:
         self._obj: BpfObject | None = None
         self.programs: dict[str, Program] = {}
         self.maps: dict[str, Map] = {}
+        self.rule_ids: RuleIds
 
     def load(self) -> None:
         """Load the programs (reusing this service's pins) and register them for their slots."""
         obj = load_service_object(self._path, self._globals_dir, self._pin_dir, self.own_maps)
         self._obj = obj
         self.maps = {name: obj.maps[name] for name in [*self.own_maps, "conntrack"]}
+        self.rule_ids = RuleIds(obj.maps[RULE_NAMES].typed(ctypes.c_uint32, RuleName))
         self.programs = pin_programs(obj, [*PROGRAMS, HAIRPIN_PROGRAM], self._pin_dir)
         if self._register is not None:
             self._register([Placement(hook, Slot.POLICY, self._pin_dir / name) for name, hook in PROGRAMS.items()])
@@ -158,8 +162,9 @@ class PolicyMaps:
             for entry in entries:
                 key = policy_key(entry)
                 packets, nbytes = counted.get(bytes(key), (0, 0))
-                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0,
-                                              proxy_port=entry.proxy_port, packets=packets, bytes=nbytes))  # fmt: skip
+                rule = self.rule_ids.id_of(entry.rules[0]) if entry.rules else 0
+                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, proxy_port=entry.proxy_port,
+                                              rule=rule, packets=packets, bytes=nbytes))  # fmt: skip
                 keys.append(key)
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:
@@ -233,6 +238,43 @@ class PolicyMaps:
             if limit and len(out) >= limit:
                 break
         return out
+
+
+class RuleIds:
+    """Rule name -> the id its map entries carry, kept in the node's policy_rule_names map.
+
+    An id is the name's CRC-32 (the next free number on a collision), so a name keeps its id
+    across restarts; the map is read back at load, and names are never taken out of it while
+    the service runs, so a flow read late still finds the name of a rule just replaced.
+    """
+
+    def __init__(self, names: Map) -> None:
+        self._map = names
+        self._ids: dict[str, int] = {}
+        self._names: dict[int, str] = {}
+        for key, value in names.items():
+            name = bytes(value.name).rstrip(b"\0").decode(errors="replace")
+            self._ids.setdefault(name, int(key))
+            self._names[int(key)] = name
+
+    def id_of(self, name: str) -> int:
+        """The rule's id, written to the map on first use; 0 when the map is full."""
+        known = self._ids.get(name)
+        if known is not None:
+            return known
+        rule_id = zlib.crc32(name.encode()) or 1
+        while self._names.get(rule_id, name) != name:
+            rule_id = rule_id % 0xFFFFFFFF + 1
+        value = RuleName()
+        encoded = name.encode()[: ctypes.sizeof(value.name)]
+        ctypes.memmove(value.name, encoded, len(encoded))
+        try:
+            self._map.update(rule_id, value)
+        except MapFullError:
+            return 0  # flows of this rule go unnamed
+        self._ids[name] = rule_id
+        self._names[rule_id] = name
+        return rule_id
 
 
 def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: dict[bytes, tuple[int, int]]) -> None:

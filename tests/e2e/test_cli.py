@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ import grpc
 import pytest
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
+from prometheus_client.parser import text_string_to_metric_families
 from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2, lb_pb2_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -31,6 +33,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from weir.policy.v1 import policy_pb2, policy_pb2_grpc
 from weir.prefilter.v1 import prefilter_pb2, prefilter_pb2_grpc
 
+from services.common import netns as common_netns
 from tests.harness import netns
 from tests.harness.node import OUTSIDE_V4, REPO, Node, pid_prefix
 from tests.harness.suite import SUITE_SERVICES, running_suite
@@ -39,6 +42,7 @@ from tests.harness.traffic import tcp_connects
 pytestmark = pytest.mark.root
 
 WEIR = REPO / "weir"
+METRICS_PORT = 9464
 _names = itertools.count()
 
 
@@ -88,7 +92,8 @@ def assert_refused(result: subprocess.CompletedProcess[str], code: int, *needles
 @pytest.fixture(scope="module")
 def cli(tmp_path_factory: pytest.TempPathFactory, built: Path) -> Iterator[Cli]:
     name = f"{pid_prefix()}c{next(_names)}"
-    with running_suite(name, tmp_path_factory.mktemp(name)) as (node, suite):
+    metrics = ("--metrics-listen", f"127.0.0.1:{METRICS_PORT}")
+    with running_suite(name, tmp_path_factory.mktemp(name), *metrics) as (node, suite):
         web = node.create_endpoint("web", {"app": "web"}, ipv6=False)
         client = node.create_endpoint("client", {"app": "client"}, ipv6=False)
         rule = policy_pb2.Rule(
@@ -140,6 +145,21 @@ def test_status_reports_every_service_and_the_chain_as_the_orchestrator_does(cli
         assert service in table
     assert table.count("SERVING") == len(SUITE_SERVICES)
     assert "policy_ingress" in table and "prefilter_xdp" in table
+    fill = {m["name"]: m for m in doc["maps"]}
+    assert int(fill["endpoints"]["entries"]) == len(endpoints) and int(fill["conntrack"]["capacity"]) > 0
+    assert "maps (fill)" in table
+
+
+def test_weir_up_hands_metrics_listen_to_the_orchestrator_which_serves_prometheus(cli: Cli) -> None:
+    with common_netns.entered(cli.node.ns):
+        body = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=10).read().decode()
+    names = {sample.name for family in text_string_to_metric_families(body) for sample in family.samples}
+    assert {
+        "weir_datapath_packets_total",
+        "weir_hook_packets_total",
+        "weir_map_entries",
+        "weir_rpc_requests_total",
+    } <= names
 
 
 def test_metrics_prints_the_orchestrators_counters(cli: Cli) -> None:

@@ -49,14 +49,15 @@ def stop_suite(suite: subprocess.Popen[bytes], timeout: float = 30) -> int:
 
 
 @contextlib.contextmanager
-def running_suite(name: str, workdir: Path) -> Iterator[tuple[Node, subprocess.Popen[bytes]]]:
-    """A node with every suite service SERVING; its output goes to ``<workdir>/suite.log``."""
+def running_suite(name: str, workdir: Path, *extra: str) -> Iterator[tuple[Node, subprocess.Popen[bytes]]]:
+    """A node with every suite service SERVING (``extra``: more flags for `./weir up`); its output
+    goes to ``<workdir>/suite.log``."""
     node = Node(name, workdir)
     suite: subprocess.Popen[bytes] | None = None
     try:
         node.setup()
         with open(workdir / "suite.log", "ab") as log:
-            suite = subprocess.Popen(suite_argv(node), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+            suite = subprocess.Popen(suite_argv(node, *extra), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
         wait_serving(node, suite, SUITE_SERVICES, START_TIMEOUT)
         yield node, suite
     finally:

@@ -21,6 +21,7 @@
 #include <linux/pkt_cls.h>
 #include <bpf/bpf_helpers.h>
 #include "defs.h"
+#include "events.h"
 #include "maps.h"
 #include "parse.h"
 
@@ -73,19 +74,28 @@ static __always_inline __u32 dst_identity_of(__u32 hook, __u32 ifindex)
 	return ep ? ep->identity : 0;
 }
 
-/* Emit one event for a packet; best effort (a full ring buffer drops the event,
- * never the verdict).
+/* The event kind (rate limit) of a DROP or VERDICT event at a hook. */
+static __always_inline __u32 event_kind_of(__u8 type, __u32 hook)
+{
+	if (type != WEIR_EVENT_TYPE_DROP)
+		return type == WEIR_EVENT_TYPE_TRANSLATE ? WEIR_EVENT_KIND_TRANSLATE : WEIR_EVENT_KIND_VERDICT;
+	return hook == WEIR_HOOK_XDP ? WEIR_EVENT_KIND_PREFILTER : WEIR_EVENT_KIND_DROP;
+}
+
+/* Reserve and fill an event for a packet (rule 0, no NAT), or NULL when its
+ * kind's limit holds it back or the ring buffer is full (both counted). The
+ * caller may add the rule or the translation, then submits it.
  */
-static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32 ifindex,
-				       __u32 endpoint, __u32 src_identity, void *data,
-				       void *data_end)
+static __always_inline struct weir_event *event_for_packet(__u8 type, __u8 reason, __u32 hook, __u32 ifindex,
+							   __u32 endpoint, __u32 src_identity, void *data,
+							   void *data_end)
 {
 	struct weir_event *ev;
 	struct flow f;
 
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = event_reserve(event_kind_of(type, hook));
 	if (!ev)
-		return;
+		return 0;
 	parse_flow(data, data_end, &f);
 	ev->type = type;
 	ev->reason = reason;
@@ -103,7 +113,27 @@ static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32
 	ev->pad = 0;
 	__builtin_memcpy(ev->saddr, f.saddr, 16);
 	__builtin_memcpy(ev->daddr, f.daddr, 16);
+	return ev;
+}
+
+/* Emit one event for a packet, naming the policy rule behind it (0: none);
+ * best effort (a limited or full ring buffer drops the event, never the verdict).
+ */
+static __always_inline void emit_event_rule(__u8 type, __u8 reason, __u32 hook, __u32 ifindex, __u32 endpoint,
+					    __u32 src_identity, __u32 rule, void *data, void *data_end)
+{
+	struct weir_event *ev = event_for_packet(type, reason, hook, ifindex, endpoint, src_identity, data, data_end);
+
+	if (!ev)
+		return;
+	ev->rule = rule;
 	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32 ifindex, __u32 endpoint,
+				       __u32 src_identity, void *data, void *data_end)
+{
+	emit_event_rule(type, reason, hook, ifindex, endpoint, src_identity, 0, data, data_end);
 }
 
 /* The live chain word of a hook. */
@@ -167,16 +197,23 @@ static __always_inline int weir_tc_forward(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
-/* Drop with a reason: counted per (reason, direction) and reported as an event. */
-static __always_inline int weir_tc_drop(struct __sk_buff *skb, __u8 reason)
+/* Drop with a reason and the policy rule that decided it (0: none): counted per
+ * (reason, direction) and reported as an event.
+ */
+static __always_inline int weir_tc_drop_rule(struct __sk_buff *skb, __u8 reason, __u32 rule)
 {
 	__u32 hook = skb->cb[WEIR_CB_HOOK];
 
 	metrics_bump(reason, hook_direction(hook), skb->len);
-	emit_event(WEIR_EVENT_TYPE_DROP, reason, hook, skb->ifindex, skb->cb[WEIR_CB_ENDPOINT],
-		   skb->cb[WEIR_CB_SRC_IDENTITY], (void *)(long)skb->data,
-		   (void *)(long)skb->data_end);
+	emit_event_rule(WEIR_EVENT_TYPE_DROP, reason, hook, skb->ifindex, skb->cb[WEIR_CB_ENDPOINT],
+			skb->cb[WEIR_CB_SRC_IDENTITY], rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
 	return TC_ACT_SHOT;
+}
+
+/* Drop with a reason: counted per (reason, direction) and reported as an event. */
+static __always_inline int weir_tc_drop(struct __sk_buff *skb, __u8 reason)
+{
+	return weir_tc_drop_rule(skb, reason, 0);
 }
 
 /* Hand the packet to the next filled slot after the running one, or forward it.

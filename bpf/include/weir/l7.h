@@ -103,7 +103,7 @@ static __always_inline void l7_event(struct __sk_buff *skb, __u32 hook, __u32 ep
 	struct flow f;
 	void *data = (void *)(long)skb->data, *data_end = (void *)(long)skb->data_end;
 
-	ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+	ev = event_reserve(WEIR_EVENT_KIND_REDIRECT);
 	if (!ev)
 		return;
 	parse_flow(data, data_end, &f);

@@ -11,6 +11,7 @@
 #include <linux/bpf.h>
 #include <bpf/bpf_endian.h>
 #include <bpf/bpf_helpers.h>
+#include "weir/defs.h"
 #include "weir/policy_defs.h"
 
 #define INNER_PLACEHOLDER 1 /* real sizes are chosen by the service */
@@ -40,6 +41,17 @@ struct {
 	__type(value, struct weir_endpoint_policy_config);
 } policy_config SEC(".maps");
 
+/* Rule id (PolicyEntry.rule) -> the rule's name; written by the policy service,
+ * read by the orchestrator to name the rule behind a flow. Never read here.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, WEIR_RULE_NAMES_MAX);
+	__type(key, __u32);
+	__type(value, struct weir_rule_name);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy_rule_names SEC(".maps");
+
 enum verdict { VERDICT_NONE, VERDICT_ALLOW, VERDICT_DENY };
 
 static __always_inline struct weir_policy_entry *policy_lookup_one(void *inner, __u8 dir, __u32 identity,
@@ -53,14 +65,17 @@ static __always_inline struct weir_policy_entry *policy_lookup_one(void *inner, 
 	return bpf_map_lookup_elem(inner, &key);
 }
 
-/* The verdict of a flow; *proxy_port (host order) is the allow entry's L7 proxy port, 0 when none. */
-static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __u8 proto, __u16 port,
-					  __u64 bytes, __u16 *proxy_port)
+/* The verdict of a flow; *proxy_port (host order) is the allow entry's L7 proxy port, 0 when none;
+ * *rule the id of the rule behind the entry that matched (0 when none matched).
+ */
+static __always_inline int policy_verdict_rule(__u32 ep, __u8 dir, __u32 identity, __u8 proto, __u16 port,
+					       __u64 bytes, __u16 *proxy_port, __u32 *rule)
 {
 	struct weir_policy_entry *e;
 	void *inner = bpf_map_lookup_elem(&policy_maps, &ep);
 
 	*proxy_port = 0;
+	*rule = 0;
 	if (!inner)
 		return VERDICT_NONE;
 	e = policy_lookup_one(inner, dir, identity, proto, port);
@@ -70,8 +85,17 @@ static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __
 		return VERDICT_NONE;
 	__sync_fetch_and_add(&e->packets, 1);
 	__sync_fetch_and_add(&e->bytes, bytes);
+	*rule = e->rule;
 	if (e->flags & WEIR_POLICY_FLAG_DENY)
 		return VERDICT_DENY;
 	*proxy_port = e->proxy_port;
 	return VERDICT_ALLOW;
+}
+
+static __always_inline int policy_verdict(__u32 ep, __u8 dir, __u32 identity, __u8 proto, __u16 port,
+					  __u64 bytes, __u16 *proxy_port)
+{
+	__u32 rule;
+
+	return policy_verdict_rule(ep, dir, identity, proto, port, bytes, proxy_port, &rule);
 }
