@@ -273,13 +273,15 @@ class Identities:
         """Write the ipcache entries of these networks from the sources (adds before removals)."""
         changed = set(touched)
         removals = []
+        puts = []
         for network in networks:
             wanted = self._wanted(network)
             if wanted is None:
                 removals.append(network)
             else:
-                self._ipcache.put(network, wanted)
+                puts.append((network, wanted))
                 changed.add(wanted)
+        self._ipcache.put_many(puts)  # one batch: thousands of CIDRs cost a few syscalls
         for network in removals:
             self._ipcache.delete(network)
         if notify:

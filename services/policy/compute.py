@@ -239,6 +239,12 @@ class PolicyComputer:
         self.capacity = capacity
         self._cidrs = _CidrIndex(cidr_identities)
         self._by_selector: dict[object, set[int]] = {}
+        # Every spec of every rule, in rule order: an endpoint matches each distinct selector
+        # once (`endpoint`), not once per rule that repeats it.
+        self._parts = [part for rule in self.rules for part in rule.parts()]
+        self._by_part_selector: dict[Selector, list[int]] = {}
+        for index, part in enumerate(self._parts):
+            self._by_part_selector.setdefault(part.selector, []).append(index)
         self._by_port_name: dict[tuple[str, tuple[int, ...]], dict[int, set[tuple[int, int]]]] = {}
 
     def _selected(self, selector: Selector) -> set[int]:
@@ -341,7 +347,10 @@ class PolicyComputer:
                     yield MapEntry(direction, identity, proto, port, plen, deny, names, l7)
 
     def endpoint(self, ep: EndpointView) -> EndpointPolicy:
-        selecting = [part for rule in self.rules for part in rule.parts() if part.selector.matches(ep.labels)]
+        hits = [indexes for selector, indexes in self._by_part_selector.items() if selector.matches(ep.labels)]
+        selecting = [
+            self._parts[i] for i in (sorted(itertools.chain(*hits)) if len(hits) > 1 else hits[0] if hits else [])
+        ]
         # A direction is enforced when a selecting spec has a section for it; it denies by
         # default unless every such spec says enableDefaultDeny: false for it (Cilium's rule).
         with_section = {
