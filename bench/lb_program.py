@@ -1,7 +1,7 @@
 """How long programming 10k services takes: Weir's LB over gRPC against iptables-restore of kube-proxy rules.
 
 Weir: a node (tests.harness.node.Node) runs the orchestrator and the LB as
-processes; the services (10 backends each, made-up addresses: no traffic
+processes; the services (3 backends each, made-up addresses: no traffic
 flows) go through UpsertServices in batches (each batch one all-or-nothing
 change), then a few more one UpsertService call each, to time a single
 change with everything in place. iptables: the same services as kube-proxy
@@ -14,6 +14,8 @@ Everything made here is removed at the end: the node (namespaces, bpffs root,
 cgroup, work dir) and the namespace wl<pid>-ipt.
 
     sudo .venv/bin/python -m bench.lb_program [--services N] [--backends B] [--batch K] [--singles M]
+
+`summary_rows()` runs the default sizes and returns the bulk row for bench.all.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from services.lb.defs import LbService, LbServiceKey
 from tests.harness.node import Node
 
 SERVICES = 10_000
-BACKENDS = 10
+BACKENDS = 3
 BATCH = 1_000
 SINGLES = 100
 CHANGES = 5
@@ -124,7 +126,18 @@ def percentiles(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(ordered) * 1e3, p99 * 1e3, ordered[-1] * 1e3
 
 
-def measure(count: int, backends: int, batch: int, singles: int, changes: int) -> None:
+@dataclass(frozen=True)
+class Result:
+    count: int
+    backends: int
+    batch: int
+    weir: Programmed
+    iptables: float
+    syncs: list[float]
+
+
+def measure(count: int, backends: int, batch: int, singles: int, changes: int) -> Result:
+    """Weir first (its node removed again), then iptables-restore of the same services."""
     pid = os.getpid()
     prefix = f"wl{pid}"
     specs = [filler(i, backends) for i in range(count + singles)]
@@ -141,19 +154,38 @@ def measure(count: int, backends: int, batch: int, singles: int, changes: int) -
         teardown(node)
         shutil.rmtree(workdir, ignore_errors=True)
     ipt, syncs = time_iptables(prefix, specs[:count], changes)
-    print(f"programming {count} services with {backends} backends each")
+    return Result(count, backends, batch, done, ipt, syncs)
+
+
+def report(r: Result) -> None:
+    done, count = r.weir, r.count
+    print(f"programming {count} services with {r.backends} backends each")
     print(
-        f"Weir, UpsertServices over gRPC, {batch} per call: {done.bulk_seconds:.2f} s "
+        f"Weir, UpsertServices over gRPC, {r.batch} per call: {done.bulk_seconds:.2f} s "
         f"({count / done.bulk_seconds:.0f} services/s)"
     )
-    print(f"iptables-restore of the kube-proxy rules (one transaction): {ipt:.2f} s")
-    print(f"ratio Weir / iptables: {done.bulk_seconds / ipt:.2f}")
+    print(f"iptables-restore of the kube-proxy rules (one transaction): {r.iptables:.2f} s")
+    print(f"ratio Weir / iptables: {done.bulk_seconds / r.iptables:.2f} (goal <= 1)")
     p50, p99, top = percentiles(done.single_latencies)
     print(
         f"\none more service with {count} in place: Weir UpsertService p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
-        f"max {top:.1f} ms ({singles} calls); kube-proxy partial sync (iptables-restore --noflush) "
-        f"median of {len(syncs)} {statistics.median(syncs) * 1e3:.1f} ms"
+        f"max {top:.1f} ms ({len(done.single_latencies)} calls); kube-proxy partial sync (iptables-restore "
+        f"--noflush) median of {len(r.syncs)} {statistics.median(r.syncs) * 1e3:.1f} ms"
     )
+
+
+def summary_rows(services: int = SERVICES, backends: int = BACKENDS) -> list[tuple[str, float, float, float]]:
+    """(measure, Weir s, iptables-restore s, ratio) of programming `services` services, for bench.all."""
+    r = measure(services, backends, BATCH, singles=20, changes=3)
+    report(r)
+    return [
+        (
+            f"program {services // 1000}k services x {backends} backends (s)",
+            r.weir.bulk_seconds,
+            r.iptables,
+            r.weir.bulk_seconds / r.iptables,
+        )
+    ]
 
 
 def main() -> None:
@@ -171,7 +203,7 @@ def main() -> None:
     if args.changes < 1:
         parser.error("--changes must be at least 1")
     exit_on_sigterm()
-    measure(args.services, args.backends, args.batch, args.singles, args.changes)
+    report(measure(args.services, args.backends, args.batch, args.singles, args.changes))
 
 
 if __name__ == "__main__":
