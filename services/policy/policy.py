@@ -269,7 +269,7 @@ class Policy:
         """What the maps were computed from, besides the rules (a stream message that changes
         none of it, such as a new prefix of a known identity, recomputes nothing)."""
         endpoints = sorted(_endpoint_inputs(e) for e in self._endpoints.values())
-        return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
+        return tuple(endpoints), frozenset(cidrs.items())  # compared, never listed: no sort by text
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
         return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity, self._proxy_port)
