@@ -9,7 +9,6 @@ before anything changes.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +18,7 @@ from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument, Unimplemented
-from services.common.ipv4 import parse_ipv4
+from services.common.ipv4 import parse_ipv4_network
 from services.common.validate import CidrError, Network, parse_cidr
 from services.l7.model import TOKEN_RE as HTTP_TOKEN_RE
 from services.l7.model import check_regex
@@ -302,12 +301,9 @@ def parse_selector(msg: pb.EndpointSelector, where: str) -> Selector:
 
 
 def check_cidr(text: str, where: str) -> Network:
-    address, _, length = text.partition("/")
-    value = parse_ipv4(address)
-    if value is not None and length.isascii() and length.isdigit() and (length == "0" or length[0] != "0"):
-        prefixlen = int(length)
-        if prefixlen <= 32 and not value & (0xFFFFFFFF >> prefixlen):
-            return ipaddress.IPv4Network((value, prefixlen))  # the common case, without parsing the text again
+    network = parse_ipv4_network(text)  # the common case, without the ipaddress parser
+    if network is not None:
+        return network
     if not CIDR_TEXT_RE.fullmatch(text):
         raise InvalidArgument(
             f"{where}: {shown(text)} is not a CIDR (an IPv4 or IPv6 prefix; a scope such as %eth0 is not accepted)"

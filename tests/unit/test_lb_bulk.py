@@ -10,7 +10,7 @@ from weir.lb.v1 import lb_pb2 as pb
 
 from services.common import validate
 from services.common.errors import InvalidArgument
-from services.common.ipv4 import parse_ipv4, plain_unicast
+from services.common.ipv4 import parse_ipv4, parse_ipv4_network, plain_unicast
 from services.lb import model
 from services.lb.defs import BackendState
 from services.lb.model import Backend, HealthCheck, Service
@@ -76,3 +76,24 @@ def test_store_documents_equal_the_protobuf_json_form(service: Service) -> None:
     assert [(b.key, b.weight, b.state) for b in parsed.backends] == [
         (b.key, b.weight, b.state) for b in service.backends
     ]
+
+
+NETWORKS = [
+    "10.0.0.0/8", "10.0.0.1/32", "0.0.0.0/0", "10.0.0.1/8", "10.0.0.0/08", "10.0.0.0/33", "10.0.0.0/",
+    "10.0.0.0", "010.0.0.0/8", "::/0", "10.0.0.0/-1", "10.0.0.0/ 8", " 10.0.0.0/8", "255.255.255.255/32",
+    "10.0.0.0/0", "192.168.0.0/16", "192.168.1.0/23", "1.2.3.4/31", "1.2.3.4/30",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("text", NETWORKS)
+def test_parse_ipv4_network_takes_only_canonical_strict_prefixes(text: str) -> None:
+    """Whatever it returns equals ipaddress's strict parse; None leaves the text to ipaddress."""
+    network = parse_ipv4_network(text)
+    if network is not None:
+        assert network == ipaddress.ip_network(text) and str(network) == text
+    else:  # not canonical IPv4: ipaddress refuses it, writes it otherwise, or it is IPv6
+        try:
+            parsed = ipaddress.ip_network(text)
+        except ValueError:
+            return
+        assert parsed.version == 6 or str(parsed) != text
