@@ -25,6 +25,7 @@ from typing import Any
 from services.common.change import Change
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
 from services.common.errors import InvalidArgument, ResourceExhausted
+from services.common.ipv4 import parse_ipv4_network
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
@@ -74,8 +75,12 @@ def parse_cidrs(texts: Sequence[str]) -> list[Network]:
     """CIDRs of a request, counted before any is parsed; a scoped IPv6 address is refused."""
     if len(texts) > MAX_CIDRS_PER_CALL:
         raise InvalidArgument(f"{len(texts)} CIDRs in one call; at most {MAX_CIDRS_PER_CALL}")
-    out = []
+    out: list[Network] = []
     for text in texts:
+        network = parse_ipv4_network(text)  # the common case, without ipaddress's parser
+        if network is not None:
+            out.append(network)
+            continue
         if "%" in text:
             raise InvalidArgument(f"CIDR {summary(text)} has a scope (%zone); a CIDR has none")
         try:
