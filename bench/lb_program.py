@@ -36,6 +36,7 @@ from weir.lb.v1 import lb_pb2_grpc as pb_grpc
 from bench.lb_connect_rate import iptables_restore, kube_proxy_rules, teardown
 from bench.lb_cost import Spec, filler
 from bench.netbench import exit_on_sigterm
+from bench.policy_import import children_cpu, cpu_seconds
 from pybpf import Map
 from services.common import netns
 from services.lb.defs import LbService, LbServiceKey
@@ -54,6 +55,7 @@ class Programmed:
 
     bulk_seconds: float
     single_latencies: list[float]
+    bulk_cpu: float = 0.0  # CPU seconds of the LB and orchestrator processes over the bulk phase
 
 
 def service_message(spec: Spec) -> pb.Service:
@@ -62,22 +64,29 @@ def service_message(spec: Spec) -> pb.Service:
         backends=[pb.Backend(address=a, port=p) for a, p in spec.backends])  # fmt: skip
 
 
+def service_cpu(node: Node) -> float:
+    """CPU seconds the node's service processes have used so far."""
+    return sum(cpu_seconds(s.process.pid) for s in node.services.values())
+
+
 def program_weir(node: Node, specs: Sequence[Spec], batch: int, singles: Sequence[Spec]) -> Programmed:
     """All specs through UpsertServices in batches, then `singles` one UpsertService call each."""
     with node.channel("lb") as channel:
         stub = pb_grpc.LoadBalancerStub(channel)
+        cpu = service_cpu(node)
         start = time.perf_counter()
         for first in range(0, len(specs), batch):
             chunk = [service_message(s) for s in specs[first : first + batch]]
             stub.UpsertServices(pb.UpsertServicesRequest(services=chunk), timeout=600)
         bulk = time.perf_counter() - start
+        cpu = service_cpu(node) - cpu
         latencies = []
         for spec in singles:
             message = pb.UpsertServiceRequest(service=service_message(spec))
             before = time.perf_counter()
             stub.UpsertService(message, timeout=120)
             latencies.append(time.perf_counter() - before)
-    return Programmed(bulk, latencies)
+    return Programmed(bulk, latencies, cpu)
 
 
 def frontends(node: Node) -> int:
@@ -102,19 +111,22 @@ def partial_sync(specs: Sequence[Spec], new: Spec) -> str:
     return "\n".join(["*nat", *chains, *body, "COMMIT", ""])
 
 
-def time_iptables(prefix: str, specs: Sequence[Spec], changes: int) -> tuple[float, list[float]]:
-    """iptables-restore of all services into a fresh namespace, then `changes` partial syncs."""
+def time_iptables(prefix: str, specs: Sequence[Spec], changes: int) -> tuple[float, float, list[float]]:
+    """iptables-restore of all services into a fresh namespace (seconds, CPU seconds), then `changes` partial syncs."""
     ns = f"{prefix}-ipt"
     try:
         netns.create(ns)
-        full = iptables_restore(ns, rules(specs))
+        text = rules(specs)
+        cpu = children_cpu()
+        full = iptables_restore(ns, text)
+        cpu = children_cpu() - cpu
         added = list(specs)
         syncs = []
         for j in range(changes):
             new = filler(len(specs) + j, len(specs[0].backends))
             syncs.append(iptables_restore(ns, partial_sync(added, new), "--noflush"))
             added.append(new)
-        return full, syncs
+        return full, cpu, syncs
     finally:
         netns.remove(ns)
 
@@ -133,6 +145,7 @@ class Result:
     batch: int
     weir: Programmed
     iptables: float
+    iptables_cpu: float
     syncs: list[float]
 
 
@@ -153,8 +166,8 @@ def measure(count: int, backends: int, batch: int, singles: int, changes: int) -
     finally:
         teardown(node)
         shutil.rmtree(workdir, ignore_errors=True)
-    ipt, syncs = time_iptables(prefix, specs[:count], changes)
-    return Result(count, backends, batch, done, ipt, syncs)
+    ipt, ipt_cpu, syncs = time_iptables(prefix, specs[:count], changes)
+    return Result(count, backends, batch, done, ipt, ipt_cpu, syncs)
 
 
 def report(r: Result) -> None:
@@ -166,6 +179,10 @@ def report(r: Result) -> None:
     )
     print(f"iptables-restore of the kube-proxy rules (one transaction): {r.iptables:.2f} s")
     print(f"ratio Weir / iptables: {done.bulk_seconds / r.iptables:.2f} (goal <= 1)")
+    print(
+        f"CPU seconds (less sensitive to a busy machine): Weir's LB and orchestrator {done.bulk_cpu:.2f}, "
+        f"iptables-restore {r.iptables_cpu:.2f}, ratio {done.bulk_cpu / max(r.iptables_cpu, 1e-3):.2f}"
+    )
     p50, p99, top = percentiles(done.single_latencies)
     print(
         f"\none more service with {count} in place: Weir UpsertService p50 {p50:.1f} ms, p99 {p99:.1f} ms, "
@@ -184,7 +201,13 @@ def summary_rows(services: int = SERVICES, backends: int = BACKENDS) -> list[tup
             r.weir.bulk_seconds,
             r.iptables,
             r.weir.bulk_seconds / r.iptables,
-        )
+        ),
+        (
+            f"program {services // 1000}k services, CPU s (services; iptables-restore)",
+            r.weir.bulk_cpu,
+            r.iptables_cpu,
+            r.weir.bulk_cpu / max(r.iptables_cpu, 1e-3),
+        ),
     ]
 
 

@@ -101,10 +101,17 @@ def datapath_policy(node: WeirNode, endpoint_id: int) -> tuple[int, int]:
     return count, int(flags.flags) if flags is not None else 0
 
 
-def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[float, list[str]]:
-    """Import `count` rules and check every endpoint's map; returns the seconds and the rule names."""
+def service_cpu(node: WeirNode) -> float:
+    """CPU seconds the node's services (policy and orchestrator) have used so far."""
+    return sum(cpu_seconds(p.pid) for p in node.processes.values())
+
+
+def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[float, float, list[str]]:
+    """Import `count` rules and check every endpoint's map; returns seconds, service CPU seconds, rule names."""
     batch = rules(count, len(endpoints), f"r{count}")
+    cpu = service_cpu(node)
     reply, took = node.import_rules(batch)
+    cpu = service_cpu(node) - cpu
     if set(reply.endpoints) != set(endpoints):
         raise RuntimeError(f"import of {count} rules rewrote {sorted(reply.endpoints)}, expected {sorted(endpoints)}")
     for name, endpoint_id in sorted(endpoints.items()):
@@ -112,19 +119,26 @@ def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[
         want = len(range(int(name.removeprefix("ep")), count, len(endpoints)))
         if entries != want or not flags & ConfigFlag.EGRESS_ENFORCED:
             raise RuntimeError(f"{name}: {entries} policy map entries (flags {flags}) after the import, want {want}")
-    return took, [r.name for r in batch]
+    return took, cpu, [r.name for r in batch]
 
 
-def iptables_restore(ns: str, count: int, endpoints: int) -> float:
-    """Seconds of one `iptables-restore` of the rules inside `ns` (checked by counting them after)."""
+def children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def iptables_restore(ns: str, count: int, endpoints: int) -> tuple[float, float]:
+    """Seconds and CPU seconds of one `iptables-restore` of the rules inside `ns` (checked by counting them after)."""
     text = iptables_rules(count, endpoints)
+    cpu = children_cpu()
     start = time.perf_counter()
     run("iptables-restore", ns=ns, stdin=text, timeout=CALL_TIMEOUT)
     took = time.perf_counter() - start
+    cpu = children_cpu() - cpu
     listed = run("iptables", "-S", "FORWARD", ns=ns).stdout.count("-A FORWARD")
     if listed != count:
         raise RuntimeError(f"iptables-restore left {listed} FORWARD rules, expected {count}")
-    return took
+    return took, cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -143,10 +157,11 @@ def idle_cpu(node: WeirNode, seconds: float) -> float:
 
 @dataclass(frozen=True)
 class Imported:
-    """One run: per size (rules, Weir import s, iptables-restore s), deletes, idle CPU, exit time."""
+    """One run: per size (rules, Weir import s, iptables-restore s, and the CPU seconds of each side),
+    deletes, idle CPU, exit time."""
 
     endpoints: int
-    sizes: list[tuple[int, float, float]]
+    sizes: list[tuple[int, float, float, float, float]]
     deleted: list[tuple[int, float]]
     idle_cores: float
     idle_seconds: float
@@ -156,7 +171,7 @@ class Imported:
 def measure(sizes: list[int], endpoints: int, idle_seconds: float, stop_grace: float) -> Imported:
     """Both sides, size by size (iptables-restore right before Weir's import of the same size)."""
     ipt_ns = f"{PREFIX}-ipt"
-    results: list[tuple[int, float, float]] = []
+    results: list[tuple[int, float, float, float, float]] = []
     deleted: list[tuple[int, float]] = []
     try:
         netns.create(ipt_ns)
@@ -171,9 +186,9 @@ def measure(sizes: list[int], endpoints: int, idle_seconds: float, stop_grace: f
                     start = time.perf_counter()
                     node.delete_rules(loaded)
                     deleted.append((len(loaded), time.perf_counter() - start))
-                ipt = iptables_restore(ipt_ns, count, endpoints)
-                took, loaded = weir_import(node, count, ids)
-                results.append((count, took, ipt))
+                ipt, ipt_cpu = iptables_restore(ipt_ns, count, endpoints)
+                took, cpu, loaded = weir_import(node, count, ids)
+                results.append((count, took, ipt, cpu, ipt_cpu))
             idle = idle_cpu(node, idle_seconds)
             stopped = stop(node.processes["policy"], grace=stop_grace)
     finally:
@@ -187,8 +202,11 @@ def report(result: Imported) -> None:
         f"/32 on TCP/{PORT}; seconds from the client's side"
     )
     print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
-    for count, imported, ipt in result.sizes:
+    for count, imported, ipt, _, _ in result.sizes:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.1f}{imported * 1000 / count:>14.2f}")
+    print("CPU seconds (the policy and orchestrator processes; iptables-restore): less sensitive to a busy machine")
+    for count, _, _, cpu, ipt_cpu in result.sizes:
+        print(f"{count:>7}{cpu:>15.2f}{ipt_cpu:>20.3f}{cpu / max(ipt_cpu, 1e-3):>15.1f}")
     for count, took in result.deleted:
         print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
     last = result.sizes[-1][0]
@@ -205,8 +223,16 @@ def summary_rows(rules: int = SIZES[-1], endpoints: int = ENDPOINTS) -> list[tup
     """(measure, Weir s, iptables-restore s, ratio) of one import of `rules` rules, for bench.all."""
     result = measure([rules], endpoints, idle_seconds=0.5, stop_grace=STOP_GRACE)
     report(result)
-    _, weir, ipt = result.sizes[-1]
-    return [(f"import {rules // 1000}k rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt)]
+    _, weir, ipt, cpu, ipt_cpu = result.sizes[-1]
+    return [
+        (f"import {rules // 1000}k rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt),
+        (
+            f"import {rules // 1000}k rules, CPU s (services vs iptables-restore)",
+            cpu,
+            ipt_cpu,
+            cpu / max(ipt_cpu, 1e-3),
+        ),
+    ]
 
 
 def main() -> None:
