@@ -544,6 +544,11 @@ def report(m: Measured, seconds: float, rounds: int) -> None:
 GOAL = 0.9
 
 
+def _count(n: int) -> str:
+    """10000 -> "10k" for the summary's measure names."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
 def summary_rows(
     services: int = SERVICES, seconds: float = 2.0, rounds: int = 5, fillers: str = "maps"
 ) -> list[tuple[str, float, float, float]]:
@@ -555,7 +560,7 @@ def summary_rows(
     report(m, seconds, rounds)
     label = next(t.label for t in m.targets if t.setup == "Weir" and t.port == PORT and "last" in t.label)
     vip_rate, direct = m.interleaved["Weir"][label].per_second, m.interleaved["Weir"][DIRECT].per_second
-    return [(f"TCP conn/s through a VIP ({services // 1000}k services) vs no VIP", vip_rate, direct, vip_rate / direct)]
+    return [(f"TCP conn/s through a VIP ({_count(services)} services) vs no VIP", vip_rate, direct, vip_rate / direct)]
 
 
 def main() -> None:

@@ -181,7 +181,7 @@ def report(r: Result) -> None:
     print(f"ratio Weir / iptables: {done.bulk_seconds / r.iptables:.2f} (goal <= 1)")
     print(
         f"CPU seconds (less sensitive to a busy machine): Weir's LB and orchestrator {done.bulk_cpu:.2f}, "
-        f"iptables-restore {r.iptables_cpu:.2f}, ratio {done.bulk_cpu / max(r.iptables_cpu, 1e-3):.2f}"
+        f"iptables-restore {r.iptables_cpu:.2f}, ratio {_ratio(done.bulk_cpu, r.iptables_cpu):.2f}"
     )
     p50, p99, top = percentiles(done.single_latencies)
     print(
@@ -191,22 +191,32 @@ def report(r: Result) -> None:
     )
 
 
+def _count(n: int) -> str:
+    """10000 -> "10k" for the summary's measure names."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (CPU seconds come in clock ticks: a short run may show none)."""
+    return a / b if b else float("nan")
+
+
 def summary_rows(services: int = SERVICES, backends: int = BACKENDS) -> list[tuple[str, float, float, float]]:
     """(measure, Weir s, iptables-restore s, ratio) of programming `services` services, for bench.all."""
     r = measure(services, backends, BATCH, singles=20, changes=3)
     report(r)
     return [
         (
-            f"program {services // 1000}k services x {backends} backends (s)",
+            f"program {_count(services)} services x {backends} backends (s)",
             r.weir.bulk_seconds,
             r.iptables,
             r.weir.bulk_seconds / r.iptables,
         ),
         (
-            f"program {services // 1000}k services, CPU s (services; iptables-restore)",
+            f"program {_count(services)} services, CPU s (services; iptables-restore)",
             r.weir.bulk_cpu,
             r.iptables_cpu,
-            r.weir.bulk_cpu / max(r.iptables_cpu, 1e-3),
+            _ratio(r.weir.bulk_cpu, r.iptables_cpu),
         ),
     ]
 

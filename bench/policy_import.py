@@ -206,7 +206,7 @@ def report(result: Imported) -> None:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.1f}{imported * 1000 / count:>14.2f}")
     print("CPU seconds (the policy and orchestrator processes; iptables-restore): less sensitive to a busy machine")
     for count, _, _, cpu, ipt_cpu in result.sizes:
-        print(f"{count:>7}{cpu:>15.2f}{ipt_cpu:>20.3f}{cpu / max(ipt_cpu, 1e-3):>15.1f}")
+        print(f"{count:>7}{cpu:>15.2f}{ipt_cpu:>20.3f}{_ratio(cpu, ipt_cpu):>15.1f}")
     for count, took in result.deleted:
         print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
     last = result.sizes[-1][0]
@@ -219,18 +219,28 @@ def report(result: Imported) -> None:
     )
 
 
+def _count(n: int) -> str:
+    """10000 -> "10k" for the summary's measure names."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (CPU seconds come in clock ticks: a short run may show none)."""
+    return a / b if b else float("nan")
+
+
 def summary_rows(rules: int = SIZES[-1], endpoints: int = ENDPOINTS) -> list[tuple[str, float, float, float]]:
     """(measure, Weir s, iptables-restore s, ratio) of one import of `rules` rules, for bench.all."""
     result = measure([rules], endpoints, idle_seconds=0.5, stop_grace=STOP_GRACE)
     report(result)
     _, weir, ipt, cpu, ipt_cpu = result.sizes[-1]
     return [
-        (f"import {rules // 1000}k rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt),
+        (f"import {_count(rules)} rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt),
         (
-            f"import {rules // 1000}k rules, CPU s (services vs iptables-restore)",
+            f"import {_count(rules)} rules, CPU s (services; iptables-restore)",
             cpu,
             ipt_cpu,
-            cpu / max(ipt_cpu, 1e-3),
+            _ratio(cpu, ipt_cpu),
         ),
     ]
 
