@@ -9,7 +9,7 @@ call never pins an unbounded buffer in the kernel.
 
 Where the map type has no batch operation (the kernel answers ENOTSUPP or EOPNOTSUPP)
 the same bytes are written element by element, and that answer is remembered per map
-type, so later calls go straight to the fallback. Per-CPU maps are not handled here:
+type, so later calls go straight to the fallback. Per-CPU maps take deletes only here:
 their values need one slot per possible CPU (use ``Map.update_batch``).
 """
 
@@ -44,7 +44,7 @@ def pack_u32(values: Iterable[int]) -> bytes:
 
 
 def _check_layout(m: Map, op: str, count: int, keys: bytes, values: bytes | None) -> None:
-    if m.is_percpu:
+    if values is not None and m.is_percpu:
         raise ValueError(f"{op} map {m.name}: per-CPU maps need one value per CPU (use Map.update_batch)")
     if len(keys) != count * m.key_size:
         raise ValueError(f"{op} map {m.name}: {len(keys)} key bytes for {count} keys of {m.key_size}")

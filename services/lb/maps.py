@@ -32,7 +32,7 @@ from pybpf import (
     detach_cgroup,
     query_cgroup,
 )
-from pybpf.batch import pack_u32, update_packed
+from pybpf.batch import delete_packed, pack_u32, update_packed
 from services.common.chain_client import Placement, Register
 from services.common.datapath import Hook, Slot
 from services.common.objects import load_service_object, pin_programs
@@ -242,10 +242,9 @@ class LbMaps:
         self._write_tables(changes)
         self._write_frontends(growing)
         self._delete_frontends([f for c in changes for f in c.stale_frontends])
-        for backend_id in (i for c in changes for i in c.stale_backend_ids):
-            for m in (self._backends, self._stats["lb_backend_stats"]):
-                with contextlib.suppress(KeyNotFoundError):
-                    m.delete(backend_id)
+        stale = [i for c in changes for i in c.stale_backend_ids]
+        for m in (self._backends, self._stats["lb_backend_stats"]):
+            self._delete_keys(m, stale)
 
     @staticmethod
     def _batch(m: Map, items: Sequence[tuple[Any, ctypes.Structure]]) -> None:
@@ -287,10 +286,10 @@ class LbMaps:
                 inner.close()  # the outer map holds them now
 
     def _delete_frontends(self, frontends: list[Frontend]) -> None:
-        for f in frontends:
-            for m, key in ((self._services, f.key()), (self._rev_nat, f.rev_nat_index)):
-                with contextlib.suppress(KeyNotFoundError):
-                    m.delete(key)
+        """Each frontend and then its reverse-NAT entry, the absent ones skipped (two batches)."""
+        if frontends:
+            delete_packed(self._services, b"".join(bytes(f.key()) for f in frontends), len(frontends), missing_ok=True)
+            self._delete_keys(self._rev_nat, [f.rev_nat_index for f in frontends])
 
     def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int], stats: bool = True) -> None:
         """Remove a service's frontends, table and backends (and their counters, if ``stats``).
@@ -311,9 +310,9 @@ class LbMaps:
 
     @staticmethod
     def _delete_keys(handle: Map, keys: list[int]) -> None:
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError):
-                handle.delete(key)
+        """Delete u32 keys in one batch; absent ones are skipped."""
+        if keys:
+            delete_packed(handle, pack_u32(keys), len(keys), missing_ok=True)
 
     # ---- reading ----
 

@@ -56,6 +56,13 @@ def test_layout_mistakes_are_refused_before_any_write(hash_map: Map) -> None:
     assert list(hash_map.keys()) == []
 
 
+def test_per_cpu_maps_take_packed_deletes() -> None:
+    with Map.create(MapType.PERCPU_HASH, 4, 8, 8, key_type=c_uint32) as m:
+        m.update_batch([1, 2, 3], [b"\0" * 8] * 3)
+        assert delete_packed(m, pack_u32([1, 7, 3]), 3, missing_ok=True) == 2
+        assert list(m.keys()) == [2]
+
+
 def test_structures_and_lpm_tries() -> None:
     with Map.create(MapType.LPM_TRIE, 8, 4, 16, flags=1, key_type=LpmKeyV4, value_type=c_uint32) as m:
         keys = [LpmKeyV4.of("10.0.0.0/8"), LpmKeyV4.of("10.1.0.0/16")]
