@@ -208,6 +208,22 @@ def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int, tuple[HttpRule, 
                 yield proto, p.first, p.last, (p.http if proto == TCP else ())
 
 
+def peers_may_take(rule: Rule, networks: Iterable[Network]) -> bool:
+    """Whether new CIDR identities for `networks` can enter a peer set of `rule` (any spec):
+    a peer CIDR containing one of them, the world entity, or a selector of CIDR identities."""
+    wanted = list(networks)
+    for part in rule.parts():
+        for peer in (*part.ingress, *part.egress, *part.ingress_deny, *part.egress_deny):
+            if "world" in peer.entities:
+                return True
+            if any(_names_reserved(sel) and sel.matches(CIDR_LABELS) for sel in peer.endpoints):
+                return True
+            for c in peer.cidrs:
+                if any(n.version == c.network.version and n.subnet_of(c.network) for n in wanted):  # type: ignore[arg-type]
+                    return True
+    return False
+
+
 def _names_reserved(selector: Selector) -> bool:
     """Whether a selector names a reserved label: only such a selector selects reserved identities."""
     keys = [k for k, _ in selector.match_labels] + [r.key for r in selector.match_expressions]
