@@ -103,7 +103,7 @@ while True:
 
 CLIENT = """
 import collections, json, socket, sys, time
-host, port, seconds, timeout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+hosts, port, seconds, timeout = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
 done = errors = 0
 answers = collections.Counter()
 start = time.monotonic()
@@ -112,7 +112,7 @@ while time.monotonic() < end:
     sock = socket.socket()
     sock.settimeout(timeout)
     try:
-        sock.connect((host, port))
+        sock.connect((hosts[(done + errors) % len(hosts)], port))
         sock.sendall(b"x")
         answer = b""
         while not answer.endswith(b"\\n"):
@@ -129,6 +129,44 @@ while time.monotonic() < end:
 print(json.dumps({"connections": done, "errors": errors, "seconds": time.monotonic() - start,
                   "answers": dict(answers)}))
 """
+
+
+# Targets in turn, a slice of time each, over and over: every target sees the same machine
+# load (this machine is shared), so their ratio holds even when the absolute rates swing.
+INTERLEAVED = """
+import json, socket, sys, time
+groups = json.loads(sys.argv[1])
+seconds, timeout, piece = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
+stats = [{"connections": 0, "errors": 0, "seconds": 0.0, "answers": {}} for _ in groups]
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    for (hosts, port), s in zip(groups, stats):
+        start = time.monotonic()
+        stop, n = start + piece, 0
+        while time.monotonic() < stop:
+            sock = socket.socket()
+            sock.settimeout(timeout)
+            try:
+                sock.connect((hosts[n % len(hosts)], port))
+                sock.sendall(b"x")
+                answer = b""
+                while not answer.endswith(b"\\n"):
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        raise ConnectionResetError("closed before the answer")
+                    answer += chunk
+                s["connections"] += 1
+                key = answer.decode().strip()
+                s["answers"][key] = s["answers"].get(key, 0) + 1
+            except OSError:
+                s["errors"] += 1
+            finally:
+                sock.close()
+            n += 1
+        s["seconds"] += time.monotonic() - start
+print(json.dumps(stats))
+"""
+SLICE = 0.1
 
 
 # ---- kube-proxy's rules ----
@@ -268,6 +306,22 @@ def connect_rate(ns: str, host: str, port: int, seconds: float) -> Rate:
     return rate
 
 
+def interleaved_rates(ns: str, groups: list[tuple[list[str], int]], seconds: float) -> list[Rate]:
+    """Connection rates of several targets measured in turn, SLICE seconds each, for `seconds` in all."""
+    spec = json.dumps([[hosts, port] for hosts, port in groups])
+    out = run(
+        sys.executable, "-c", INTERLEAVED, spec, str(seconds), str(CONNECT_TIMEOUT), str(SLICE),
+        ns=ns, timeout=seconds + 60,
+    ).stdout  # fmt: skip
+    rates = [
+        Rate(int(d["connections"]), int(d["errors"]), float(d["seconds"]), dict(d["answers"])) for d in json.loads(out)
+    ]
+    for (hosts, port), rate in zip(groups, rates, strict=True):
+        if rate.connections == 0:
+            raise RuntimeError(f"no connection from {ns} to {hosts}:{port} succeeded ({rate.errors} failed)")
+    return rates
+
+
 # ---- the two set-ups ----
 
 
@@ -359,7 +413,36 @@ def teardown(node: Node) -> None:
         node.teardown()
 
 
-def measure(count: int, backends: int, seconds: float, rounds: int, fillers: str) -> None:
+@dataclass(frozen=True)
+class Measured:
+    """One run: the targets, their rates per round, and how long each side took to program."""
+
+    count: int
+    backends: int
+    fillers: str
+    weir_seconds: float
+    iptables_seconds: float
+    targets: list[Target]
+    results: dict[Target, list[Rate]]
+    interleaved: dict[str, dict[str, Rate]]  # set-up -> label -> rate, the labels measured in turn
+
+    def medians(self) -> dict[tuple[str, str], float]:
+        return {(t.setup, t.label): statistics.median(r.per_second for r in self.results[t]) for t in self.targets}
+
+    def paired(self, setup: str, label: str, reference: str) -> float:
+        """Median over rounds of (label's rate / reference's rate) in the same round: the two ran
+        one right after the other, so a load spike on this shared machine hits both."""
+        by_label = {t.label: self.results[t] for t in self.targets if t.setup == setup}
+        return statistics.median(
+            a.per_second / b.per_second for a, b in zip(by_label[label], by_label[reference], strict=True)
+        )
+
+
+DIRECT = "backends, no VIP"
+OTHER = "no VIP (other server)"
+
+
+def measure(count: int, backends: int, seconds: float, rounds: int, fillers: str) -> Measured:
     pid = os.getpid()
     middle, last = count // 2, count - 1
     workdir = Path(tempfile.mkdtemp(prefix=f"wl{pid}-"))
@@ -378,11 +461,6 @@ def measure(count: int, backends: int, seconds: float, rounds: int, fillers: str
             weir = weir_setup(node, processes, count, [middle, last], backends, fillers)
             for side in (plain, weir):
                 client_sysctls(side.client_ns)
-            print(
-                f"{count} services with {backends} backends each; programmed: Weir {weir.seconds:.1f} s "
-                f"({'2 through gRPC, the rest into the maps' if fillers == 'maps' else 'all through gRPC'}), "
-                f"iptables-restore {plain.seconds:.1f} s"
-            )
             targets = []
             for label, index in ((f"VIP #{middle + 1} (middle)", middle), (f"VIP #{last + 1} (last)", last)):
                 targets += [
@@ -390,14 +468,25 @@ def measure(count: int, backends: int, seconds: float, rounds: int, fillers: str
                     Target("iptables", label, plain.client_ns, vip(index), PORT),
                 ]
             targets += [
-                Target("Weir", "no VIP (other server)", weir.client_ns, weir.direct, BACKEND_PORT),
-                Target("iptables", "no VIP (other server)", plain.client_ns, plain.direct, BACKEND_PORT),
+                Target("Weir", DIRECT, weir.client_ns, ",".join(weir.backends), BACKEND_PORT),
+                Target("iptables", DIRECT, plain.client_ns, ",".join(plain.backends), BACKEND_PORT),
+                Target("Weir", OTHER, weir.client_ns, weir.direct, BACKEND_PORT),
+                Target("iptables", OTHER, plain.client_ns, plain.direct, BACKEND_PORT),
             ]
             try:
                 results = run_rounds(targets, seconds, rounds)
+                interleaved = {
+                    setup: dict(zip(
+                        [t.label for t in group],
+                        interleaved_rates(group[0].ns, [(t.host.split(","), t.port) for t in group], seconds * rounds),
+                        strict=True,
+                    ))
+                    for setup in ("Weir", "iptables")
+                    if (group := [t for t in targets if t.setup == setup and t.label != OTHER])
+                }  # fmt: skip
             finally:
                 processes.stop()  # before their namespaces go
-            report(targets, results, seconds, rounds)
+            return Measured(count, backends, fillers, weir.seconds, plain.seconds, targets, results, interleaved)
     finally:
         processes.stop()
         teardown(node)
@@ -408,7 +497,7 @@ def run_rounds(targets: list[Target], seconds: float, rounds: int) -> dict[Targe
     """Warm every path up (and check it balances), then measure all targets once per round."""
     for t in targets:
         warm = connect_rate(t.ns, t.host, t.port, 0.5)
-        if t.port == PORT and len(warm.answers) < 2:
+        if len(warm.answers) < 2 and (t.port == PORT or "," in t.host):
             raise RuntimeError(f"{t.setup} {t.label}: only {sorted(warm.answers)} answered; no balancing")
     results: dict[Target, list[Rate]] = {t: [] for t in targets}
     for _ in range(rounds):
@@ -417,32 +506,69 @@ def run_rounds(targets: list[Target], seconds: float, rounds: int) -> dict[Targe
     return results
 
 
-def report(targets: list[Target], results: dict[Target, list[Rate]], seconds: float, rounds: int) -> None:
+def report(m: Measured, seconds: float, rounds: int) -> None:
+    print(
+        f"{m.count} services with {m.backends} backends each; programmed: Weir {m.weir_seconds:.1f} s "
+        f"({'2 through gRPC, the rest into the maps' if m.fillers == 'maps' else 'all through gRPC'}), "
+        f"iptables-restore {m.iptables_seconds:.1f} s"
+    )
     print(
         f"connections per second, {rounds} rounds of {seconds:g} s each (median, min..max); "
         "connect + 1 byte each way + close"
     )
     print(f"{'set-up':<10}{'target':<26}{'conn/s':>9}{'range':>18}{'errors':>8}")
-    medians: dict[tuple[str, str], float] = {}
-    for t in targets:
-        rates = [r.per_second for r in results[t]]
-        medians[t.setup, t.label] = statistics.median(rates)
-        errors = sum(r.errors for r in results[t])
+    medians = m.medians()
+    for t in m.targets:
+        rates = [r.per_second for r in m.results[t]]
+        errors = sum(r.errors for r in m.results[t])
         print(
             f"{t.setup:<10}{t.label:<26}{medians[t.setup, t.label]:>9.0f}"
             f"{f'{min(rates):.0f}..{max(rates):.0f}':>18}{errors:>8}"
         )
     print("\nratio Weir / iptables (conn/s)")
-    for label in dict.fromkeys(t.label for t in targets):
+    for label in dict.fromkeys(t.label for t in m.targets):
         print(f"  {label:<26}{medians['Weir', label] / medians['iptables', label]:>6.2f}")
+    print(f"\nratio VIP / the same backends without a VIP, same set-up, paired by round (goal for Weir >= {GOAL})")
+    for label in [t.label for t in m.targets if t.setup == "Weir" and t.port == PORT]:
+        weir, ipt = m.paired("Weir", label, DIRECT), m.paired("iptables", label, DIRECT)
+        print(f"  {label:<26}Weir {weir:>5.2f}   iptables {ipt:>5.2f}")
+    print(f"\ninterleaved ({SLICE:g} s of each target in turn for {seconds * rounds:g} s; conn/s, ratio to {DIRECT})")
+    for setup, by_label in m.interleaved.items():
+        direct = by_label[DIRECT].per_second
+        shown = "   ".join(
+            f"{label}: {r.per_second:.0f} ({r.per_second / direct:.2f})" for label, r in by_label.items()
+        )
+        print(f"  {setup:<10}{shown}")
+
+
+GOAL = 0.9
+
+
+def _count(n: int) -> str:
+    """10000 -> "10k" for the summary's measure names."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def summary_rows(
+    services: int = SERVICES, seconds: float = 2.0, rounds: int = 5, fillers: str = "maps"
+) -> list[tuple[str, float, float, float]]:
+    """(measure, Weir VIP conn/s, Weir conn/s to the same backends without a VIP, ratio), for bench.all.
+
+    The two rates come from the interleaved run (the last VIP: the worst case for iptables).
+    """
+    m = measure(services, BACKENDS, seconds, rounds, fillers)
+    report(m, seconds, rounds)
+    label = next(t.label for t in m.targets if t.setup == "Weir" and t.port == PORT and "last" in t.label)
+    vip_rate, direct = m.interleaved["Weir"][label].per_second, m.interleaved["Weir"][DIRECT].per_second
+    return [(f"TCP conn/s through a VIP ({_count(services)} services) vs no VIP", vip_rate, direct, vip_rate / direct)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--services", type=int, default=SERVICES, help="services programmed on both sides")
     parser.add_argument("--backends", type=int, default=BACKENDS, help="backends per service (and servers)")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of one measurement")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all targets (the median is shown)")
+    parser.add_argument("--seconds", type=float, default=2.0, help="length of one measurement")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all targets (the median is shown)")
     parser.add_argument(
         "--fillers", choices=("maps", "grpc"), default="grpc", help="how Weir gets the services that are not measured"
     )
@@ -452,7 +578,7 @@ def main() -> None:
     if not 2 <= args.backends <= 50:
         parser.error("--backends must be 2..50")
     exit_on_sigterm()
-    measure(args.services, args.backends, args.seconds, args.rounds, args.fillers)
+    report(measure(args.services, args.backends, args.seconds, args.rounds, args.fillers), args.seconds, args.rounds)
 
 
 if __name__ == "__main__":

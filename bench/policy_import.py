@@ -24,6 +24,8 @@ Nothing goes on the wire. Namespaces, processes,
 
     sudo .venv/bin/python -m bench.policy_import [--sizes 1000,10000] [--endpoints N] [--idle-seconds S]
                                                  [--stop-grace S]
+
+`summary_rows()` runs the 10k import alone and returns its row for bench.all.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import ctypes
 import ipaddress
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from weir.policy.v1 import policy_pb2 as pb
@@ -98,10 +101,17 @@ def datapath_policy(node: WeirNode, endpoint_id: int) -> tuple[int, int]:
     return count, int(flags.flags) if flags is not None else 0
 
 
-def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[float, list[str]]:
-    """Import `count` rules and check every endpoint's map; returns the seconds and the rule names."""
+def service_cpu(node: WeirNode) -> float:
+    """CPU seconds the node's services (policy and orchestrator) have used so far."""
+    return sum(cpu_seconds(p.pid) for p in node.processes.values())
+
+
+def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[float, float, list[str]]:
+    """Import `count` rules and check every endpoint's map; returns seconds, service CPU seconds, rule names."""
     batch = rules(count, len(endpoints), f"r{count}")
+    cpu = service_cpu(node)
     reply, took = node.import_rules(batch)
+    cpu = service_cpu(node) - cpu
     if set(reply.endpoints) != set(endpoints):
         raise RuntimeError(f"import of {count} rules rewrote {sorted(reply.endpoints)}, expected {sorted(endpoints)}")
     for name, endpoint_id in sorted(endpoints.items()):
@@ -109,19 +119,26 @@ def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[
         want = len(range(int(name.removeprefix("ep")), count, len(endpoints)))
         if entries != want or not flags & ConfigFlag.EGRESS_ENFORCED:
             raise RuntimeError(f"{name}: {entries} policy map entries (flags {flags}) after the import, want {want}")
-    return took, [r.name for r in batch]
+    return took, cpu, [r.name for r in batch]
 
 
-def iptables_restore(ns: str, count: int, endpoints: int) -> float:
-    """Seconds of one `iptables-restore` of the rules inside `ns` (checked by counting them after)."""
+def children_cpu() -> float:
+    times = os.times()
+    return times.children_user + times.children_system
+
+
+def iptables_restore(ns: str, count: int, endpoints: int) -> tuple[float, float]:
+    """Seconds and CPU seconds of one `iptables-restore` of the rules inside `ns` (checked by counting them after)."""
     text = iptables_rules(count, endpoints)
+    cpu = children_cpu()
     start = time.perf_counter()
     run("iptables-restore", ns=ns, stdin=text, timeout=CALL_TIMEOUT)
     took = time.perf_counter() - start
+    cpu = children_cpu() - cpu
     listed = run("iptables", "-S", "FORWARD", ns=ns).stdout.count("-A FORWARD")
     if listed != count:
         raise RuntimeError(f"iptables-restore left {listed} FORWARD rules, expected {count}")
-    return took
+    return took, cpu
 
 
 def cpu_seconds(pid: int) -> float:
@@ -136,6 +153,96 @@ def idle_cpu(node: WeirNode, seconds: float) -> float:
     before, start = cpu_seconds(pid), time.monotonic()
     time.sleep(seconds)
     return (cpu_seconds(pid) - before) / (time.monotonic() - start)
+
+
+@dataclass(frozen=True)
+class Imported:
+    """One run: per size (rules, Weir import s, iptables-restore s, and the CPU seconds of each side),
+    deletes, idle CPU, exit time."""
+
+    endpoints: int
+    sizes: list[tuple[int, float, float, float, float]]
+    deleted: list[tuple[int, float]]
+    idle_cores: float
+    idle_seconds: float
+    stopped: float | None
+
+
+def measure(sizes: list[int], endpoints: int, idle_seconds: float, stop_grace: float) -> Imported:
+    """Both sides, size by size (iptables-restore right before Weir's import of the same size)."""
+    ipt_ns = f"{PREFIX}-ipt"
+    results: list[tuple[int, float, float, float, float]] = []
+    deleted: list[tuple[int, float]] = []
+    try:
+        netns.create(ipt_ns)
+        with weir_node("imp", [("orchestrator", []), ("policy", [])]) as node:
+            ids = {
+                f"ep{i}": node.create_endpoint(f"ep{i}", endpoint_address(i), {"app": f"ep{i}"}).id
+                for i in range(endpoints)
+            }
+            loaded: list[str] = []
+            for count in sizes:
+                if loaded:
+                    start = time.perf_counter()
+                    node.delete_rules(loaded)
+                    deleted.append((len(loaded), time.perf_counter() - start))
+                ipt, ipt_cpu = iptables_restore(ipt_ns, count, endpoints)
+                took, cpu, loaded = weir_import(node, count, ids)
+                results.append((count, took, ipt, cpu, ipt_cpu))
+            idle = idle_cpu(node, idle_seconds)
+            stopped = stop(node.processes["policy"], grace=stop_grace)
+    finally:
+        netns.remove(ipt_ns)
+    return Imported(endpoints, results, deleted, idle, idle_seconds, stopped)
+
+
+def report(result: Imported) -> None:
+    print(
+        f"{result.endpoints} endpoints; rule i selects app=ep<i mod {result.endpoints}> and allows egress to its own "
+        f"/32 on TCP/{PORT}; seconds from the client's side"
+    )
+    print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
+    for count, imported, ipt, _, _ in result.sizes:
+        print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.1f}{imported * 1000 / count:>14.2f}")
+    print("CPU seconds (the policy and orchestrator processes; iptables-restore): less sensitive to a busy machine")
+    for count, _, _, cpu, ipt_cpu in result.sizes:
+        print(f"{count:>7}{cpu:>15.2f}{ipt_cpu:>20.3f}{_ratio(cpu, ipt_cpu):>15.1f}")
+    for count, took in result.deleted:
+        print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
+    last = result.sizes[-1][0]
+    print(
+        f"policy service CPU while idle with {last} rules: {result.idle_cores:.2f} cores over {result.idle_seconds:g} s"
+    )
+    print(
+        "policy service exit on SIGTERM after that: "
+        + (f"{result.stopped:.2f} s" if result.stopped is not None else "not within the grace time (killed)")
+    )
+
+
+def _count(n: int) -> str:
+    """10000 -> "10k" for the summary's measure names."""
+    return f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (CPU seconds come in clock ticks: a short run may show none)."""
+    return a / b if b else float("nan")
+
+
+def summary_rows(rules: int = SIZES[-1], endpoints: int = ENDPOINTS) -> list[tuple[str, float, float, float]]:
+    """(measure, Weir s, iptables-restore s, ratio) of one import of `rules` rules, for bench.all."""
+    result = measure([rules], endpoints, idle_seconds=0.5, stop_grace=STOP_GRACE)
+    report(result)
+    _, weir, ipt, cpu, ipt_cpu = result.sizes[-1]
+    return [
+        (f"import {_count(rules)} rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt),
+        (
+            f"import {_count(rules)} rules, CPU s (services; iptables-restore)",
+            cpu,
+            ipt_cpu,
+            _ratio(cpu, ipt_cpu),
+        ),
+    ]
 
 
 def main() -> None:
@@ -161,43 +268,7 @@ def main() -> None:
     if not 1 <= args.endpoints <= 200:
         parser.error("--endpoints must be between 1 and 200")
     exit_on_sigterm()
-    ipt_ns = f"{PREFIX}-ipt"
-    results: list[tuple[int, float, float]] = []
-    try:
-        netns.create(ipt_ns)
-        with weir_node("imp", [("orchestrator", []), ("policy", [])]) as node:
-            endpoints = {
-                f"ep{i}": node.create_endpoint(f"ep{i}", endpoint_address(i), {"app": f"ep{i}"}).id
-                for i in range(args.endpoints)
-            }
-            loaded: list[str] = []
-            deleted: list[tuple[int, float]] = []
-            for count in sizes:
-                if loaded:
-                    start = time.perf_counter()
-                    node.delete_rules(loaded)
-                    deleted.append((len(loaded), time.perf_counter() - start))
-                ipt = iptables_restore(ipt_ns, count, args.endpoints)
-                took, loaded = weir_import(node, count, endpoints)
-                results.append((count, took, ipt))
-            idle = idle_cpu(node, args.idle_seconds)
-            stopped = stop(node.processes["policy"], grace=args.stop_grace)
-    finally:
-        netns.remove(ipt_ns)
-    print(
-        f"{args.endpoints} endpoints; rule i selects app=ep<i mod {args.endpoints}> and allows egress to its own "
-        f"/32 on TCP/{PORT}; seconds from the client's side"
-    )
-    print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
-    for count, imported, ipt in results:
-        print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.0f}{imported * 1000 / count:>14.2f}")
-    for count, took in deleted:
-        print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
-    print(f"policy service CPU while idle with {sizes[-1]} rules: {idle:.2f} cores over {args.idle_seconds:g} s")
-    print(
-        "policy service exit on SIGTERM after that: "
-        + (f"{stopped:.2f} s" if stopped is not None else f"not within {args.stop_grace:g} s (killed)")
-    )
+    report(measure(sizes, args.endpoints, args.idle_seconds, args.stop_grace))
 
 
 if __name__ == "__main__":

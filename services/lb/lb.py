@@ -295,7 +295,7 @@ class LoadBalancer:
 
     @staticmethod
     def _doc(service: Service, ids: Ids) -> dict[str, object]:
-        spec = json_format.MessageToDict(model.to_proto(service), preserving_proto_field_name=True)
+        spec = model.to_doc(service)
         return {
             "spec": spec,
             "ids": {"service": ids.service, "backends": ids.backends, "rev_nat": ids.rev_nat},
@@ -306,6 +306,7 @@ class LoadBalancer:
         """Store, then maps, inside ``change``; the undo puts every service back as it was."""
         before = {s.name: (self._services[s.name], self._ids[s.name]) for s, _ in items if s.name in self._services}
         writes = [self._write(s, ids, before.get(s.name), addresses) for s, ids in items]
+        writes = [w if w.service.name in before else replace(w, fresh=True) for w in writes]
         restore = [self._write(*before[s.name], (s, ids), addresses) for s, ids in items if s.name in before]
         created = [w for w in writes if w.service.name not in before]
         self._store.put_many(KIND, ((s.name, self._doc(s, ids)) for s, ids in items))

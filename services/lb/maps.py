@@ -11,7 +11,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
-from collections.abc import Mapping
+import socket
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from pybpf import (
     detach_cgroup,
     query_cgroup,
 )
+from pybpf.batch import delete_packed, pack_u32, update_packed
 from services.common.chain_client import Placement, Register
 from services.common.datapath import Hook, Slot
 from services.common.objects import load_service_object, pin_programs
@@ -71,7 +73,7 @@ class Frontend:
 
     def key(self) -> LbServiceKey:
         key = LbServiceKey()
-        ctypes.memmove(key.addr, ipaddress.ip_address(self.address).packed, 4)
+        ctypes.memmove(key.addr, socket.inet_aton(self.address), 4)  # validated dotted quads only
         key.port = int.from_bytes(self.port.to_bytes(2, "big"), "little")
         key.proto = self.proto
         key.family = 2
@@ -89,7 +91,7 @@ def _net_port(port: int) -> int:
 
 def backend_value(backend: Backend) -> LbBackend:
     value = LbBackend()
-    ctypes.memmove(value.addr, ipaddress.ip_address(backend.address).packed, 4)
+    ctypes.memmove(value.addr, socket.inet_aton(backend.address), 4)
     value.port = _net_port(backend.port)
     value.family = 2
     value.state = backend.state
@@ -108,6 +110,7 @@ class ServiceWrite:
     backend_ids: dict[str, int]
     stale_backend_ids: list[int]
     table: list[int]
+    fresh: bool = False  # a new service: none of its frontends is in the maps yet
 
 
 Change = ServiceWrite  # the old name, still used by bench/lb_cost.py
@@ -209,6 +212,10 @@ class LbMaps:
                 return int(value.table_size)
         return None
 
+    def _shrinks(self, change: ServiceWrite) -> bool:
+        """Whether the table gets no more slots than the frontends name now (read only when unknown)."""
+        return not change.fresh and len(change.table) <= (self._table_size(change.frontends) or 0)
+
     def write(self, changes: list[ServiceWrite]) -> None:
         """Make the maps hold these services, in batches: backends, reverse NAT, tables, frontends.
 
@@ -223,27 +230,30 @@ class LbMaps:
         for c in changes:
             for f in c.frontends:
                 value = LbRevNat()
-                ctypes.memmove(value.addr, ipaddress.ip_address(f.address).packed, 4)
+                ctypes.memmove(value.addr, socket.inet_aton(f.address), 4)
                 value.port = _net_port(f.port)
                 value.family = 2
                 rev_nat.append((f.rev_nat_index, value))
         self._batch(self._rev_nat, rev_nat)
-        shrinks = [len(c.table) <= (self._table_size(c.frontends) or 0) for c in changes]
+        shrinks = [self._shrinks(c) for c in changes]
         shrinking = [c for c, shrink in zip(changes, shrinks, strict=True) if shrink]
         growing = [c for c, shrink in zip(changes, shrinks, strict=True) if not shrink]
         self._write_frontends(shrinking)
         self._write_tables(changes)
         self._write_frontends(growing)
         self._delete_frontends([f for c in changes for f in c.stale_frontends])
-        for backend_id in (i for c in changes for i in c.stale_backend_ids):
-            for m in (self._backends, self._stats["lb_backend_stats"]):
-                with contextlib.suppress(KeyNotFoundError):
-                    m.delete(backend_id)
+        stale = [i for c in changes for i in c.stale_backend_ids]
+        for m in (self._backends, self._stats["lb_backend_stats"]):
+            self._delete_keys(m, stale)
 
     @staticmethod
-    def _batch(m: Map, items: list[tuple[Any, Any]]) -> None:
-        if items:
-            m.update_batch([k for k, _ in items], [v for _, v in items])
+    def _batch(m: Map, items: Sequence[tuple[Any, ctypes.Structure]]) -> None:
+        """One packed batch: keys (u32 ids or structures) and values laid out back to back."""
+        if not items:
+            return
+        first = items[0][0]
+        keys = pack_u32(k for k, _ in items) if isinstance(first, int) else b"".join(bytes(k) for k, _ in items)
+        update_packed(m, keys, b"".join(bytes(v) for _, v in items), len(items))
 
     def _write_frontends(self, changes: list[ServiceWrite]) -> None:
         items = []
@@ -266,8 +276,9 @@ class LbMaps:
                     with contextlib.suppress(KeyNotFoundError):
                         self._tables.delete(c.service_id)
                     continue
-                inner = self._tables.new_inner(enumerate(c.table), len(c.table), name=f"lb_table_{c.service_id}")
+                inner = self._tables.create_inner(len(c.table), name=f"lb_table_{c.service_id}")
                 inners.append((c.service_id, inner))
+                update_packed(inner, pack_u32(range(len(c.table))), pack_u32(c.table), len(c.table))
             if inners:
                 self._tables.swap_many(inners)
         finally:
@@ -275,10 +286,10 @@ class LbMaps:
                 inner.close()  # the outer map holds them now
 
     def _delete_frontends(self, frontends: list[Frontend]) -> None:
-        for f in frontends:
-            for m, key in ((self._services, f.key()), (self._rev_nat, f.rev_nat_index)):
-                with contextlib.suppress(KeyNotFoundError):
-                    m.delete(key)
+        """Each frontend and then its reverse-NAT entry, the absent ones skipped (two batches)."""
+        if frontends:
+            delete_packed(self._services, b"".join(bytes(f.key()) for f in frontends), len(frontends), missing_ok=True)
+            self._delete_keys(self._rev_nat, [f.rev_nat_index for f in frontends])
 
     def delete(self, service_id: int, frontends: list[Frontend], backend_ids: list[int], stats: bool = True) -> None:
         """Remove a service's frontends, table and backends (and their counters, if ``stats``).
@@ -299,9 +310,9 @@ class LbMaps:
 
     @staticmethod
     def _delete_keys(handle: Map, keys: list[int]) -> None:
-        for key in keys:
-            with contextlib.suppress(KeyNotFoundError):
-                handle.delete(key)
+        """Delete u32 keys in one batch; absent ones are skipped."""
+        if keys:
+            delete_packed(handle, pack_u32(keys), len(keys), missing_ok=True)
 
     # ---- reading ----
 

@@ -7,11 +7,13 @@ with which field, so a refused upsert changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from weir.lb.v1 import lb_pb2 as pb
 
 from services.common import validate
 from services.common.errors import InvalidArgument
+from services.common.ipv4 import parse_ipv4, plain_unicast
 from services.lb.defs import DEFAULT_MAGLEV_TABLE, MAX_BACKENDS, MAX_SERVICES, MAX_TABLE, BackendState
 from services.lb.maglev import is_prime, weighted_table_size
 
@@ -88,7 +90,14 @@ class Service:
 
 
 def _address(text: str, where: str) -> str:
-    """An IPv4 unicast address: the load balancer serves IPv4 frontends and backends."""
+    """An IPv4 unicast address: the load balancer serves IPv4 frontends and backends.
+
+    The canonical dotted quad of a plain unicast address (nearly every request) passes
+    without `ipaddress`; anything else gets the full check and its message.
+    """
+    value = parse_ipv4(text)
+    if value is not None and plain_unicast(value):
+        return text
     return str(validate.address(text, where, versions=(4,), unicast=True))
 
 
@@ -191,6 +200,48 @@ def from_proto(msg: pb.Service) -> Service:
     )
     check_table(service)
     return service
+
+
+def to_doc(service: Service) -> dict[str, Any]:
+    """``MessageToDict(to_proto(service), preserving_proto_field_name=True)``, built directly.
+
+    The store keeps every service in this form; building it through the protobuf
+    message costs more than the rest of a bulk upsert.
+    """
+    doc: dict[str, Any] = {"name": service.name, "kind": "KIND_NODE_PORT" if service.node_port else "KIND_CLUSTER_IP"}
+    if service.address:
+        doc["address"] = service.address
+    if service.port:
+        doc["port"] = service.port
+    if service.protocol:
+        doc["protocol"] = service.protocol
+    if service.backends:
+        doc["backends"] = [_backend_doc(b) for b in service.backends]
+    doc["algorithm"] = "ALGORITHM_MAGLEV" if service.maglev else "ALGORITHM_HASH"
+    if service.maglev and service.table_size:
+        doc["maglev_table_size"] = service.table_size
+    if service.seed:
+        doc["maglev_seed"] = str(service.seed)  # proto3 JSON writes 64-bit integers as strings
+    if service.affinity_timeout:
+        doc["affinity_timeout_seconds"] = service.affinity_timeout
+    hc = service.health
+    fields = (("interval_ms", hc.interval_ms), ("timeout_ms", hc.timeout_ms),
+              ("unhealthy_threshold", hc.unhealthy_threshold), ("healthy_threshold", hc.healthy_threshold))  # fmt: skip
+    doc["health_check"] = {name: value for name, value in fields if value}
+    return doc
+
+
+def _backend_doc(b: Backend) -> dict[str, Any]:
+    doc: dict[str, Any] = {}
+    if b.address:
+        doc["address"] = b.address
+    if b.port:
+        doc["port"] = b.port
+    doc["weight"] = b.weight  # optional: present even when 0
+    doc["state"] = f"BACKEND_STATE_{b.state.name}"
+    if b.healthy:
+        doc["healthy"] = True
+    return doc
 
 
 def state_to_proto(state: BackendState) -> pb.BackendState.ValueType:

@@ -30,10 +30,21 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
         self._lb = lb
 
     async def _reply(self, service: Service) -> pb.Service:
-        msg = model.to_proto(service)
-        msg.id = await self._worker.call(self._lb.service_id, service.name)
-        msg.frontends.extend(await self._worker.call(self._lb.frontends, service.name))
-        return msg
+        return (await self._replies([service]))[0]
+
+    async def _replies(self, services: list[Service]) -> list[pb.Service]:
+        """The services as answered, ids and frontends read in one trip to the worker (not two per service)."""
+
+        def ids_and_frontends() -> list[tuple[int, list[str]]]:
+            return [(self._lb.service_id(s.name), self._lb.frontends(s.name)) for s in services]
+
+        out = []
+        for service, (service_id, frontends) in zip(services, await self._worker.call(ids_and_frontends), strict=True):
+            msg = model.to_proto(service)
+            msg.id = service_id
+            msg.frontends.extend(frontends)
+            out.append(msg)
+        return out
 
     async def UpsertService(self, request: pb.UpsertServiceRequest, context: Context) -> pb.Service:
         if not request.HasField("service"):
@@ -42,7 +53,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
 
     async def UpsertServices(self, request: pb.UpsertServicesRequest, context: Context) -> pb.UpsertServicesResponse:
         services = await self._worker.call(self._lb.upsert_many, list(request.services))
-        return pb.UpsertServicesResponse(services=[await self._reply(s) for s in services])
+        return pb.UpsertServicesResponse(services=await self._replies(services))
 
     async def DeleteService(self, request: pb.DeleteServiceRequest, context: Context) -> pb.DeleteServiceResponse:
         await self._worker.call(self._lb.delete, request.name)
@@ -53,7 +64,7 @@ class LoadBalancerServicer(pb_grpc.LoadBalancerServicer):
 
     async def ListServices(self, request: pb.ListServicesRequest, context: Context) -> pb.ListServicesResponse:
         services, token = await self._worker.call(self._lb.list_page, request.page.page_size, request.page.page_token)
-        return pb.ListServicesResponse(services=[await self._reply(s) for s in services], next_page_token=token)
+        return pb.ListServicesResponse(services=await self._replies(services), next_page_token=token)
 
     async def SetBackend(self, request: pb.SetBackendRequest, context: Context) -> pb.Service:
         chosen = validate.choice(request.state, model.STATES, "state")

@@ -27,6 +27,7 @@ from typing import Any
 from services.common.change import Change
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
+from services.common.ipv4 import parse_ipv4_network
 from services.common.store import Store
 from services.common.validate import Network
 from services.orchestrator.ipcache import Ipcache
@@ -76,8 +77,12 @@ def parse_cidrs(texts: Sequence[str]) -> list[Network]:
     """CIDRs of a request, counted before any is parsed; a scoped IPv6 address is refused."""
     if len(texts) > MAX_CIDRS_PER_CALL:
         raise InvalidArgument(f"{len(texts)} CIDRs in one call; at most {MAX_CIDRS_PER_CALL}")
-    out = []
+    out: list[Network] = []
     for text in texts:
+        network = parse_ipv4_network(text)  # the common case, without ipaddress's parser
+        if network is not None:
+            out.append(network)
+            continue
         if "%" in text:
             raise InvalidArgument(f"CIDR {summary(text)} has a scope (%zone); a CIDR has none")
         try:
@@ -324,13 +329,15 @@ class Identities:
         """Write the ipcache entries of these networks from the sources (adds before removals)."""
         changed = set(touched)
         removals = []
+        puts = []
         for network in networks:
             wanted = self._wanted(network)
             if wanted is None:
                 removals.append(network)
             else:
-                self._ipcache.put(network, wanted)
+                puts.append((network, wanted))
                 changed.add(wanted)
+        self._ipcache.put_many(puts)  # one batch: thousands of CIDRs cost a few syscalls
         for network in removals:
             self._ipcache.delete(network)
         if notify:

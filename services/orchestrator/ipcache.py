@@ -18,6 +18,7 @@ import time
 from pyroute2 import IPRoute
 
 from pybpf import KeyNotFoundError, Map
+from pybpf.batch import update_packed
 from services.common.datapath import IpcacheKey, IpcacheValue
 from services.common.lpm import ipcache_key as ipcache_key
 from services.common.lpm import ipcache_network as ipcache_network
@@ -82,6 +83,22 @@ class Ipcache:
         if old is not None:
             self._by_identity[old].discard(network)
         self._by_identity.setdefault(identity, set()).add(network)
+
+    def put_many(self, items: list[tuple[Network, int]]) -> None:
+        """`put` for many networks: the changed entries in one batch, one generation bump for all."""
+        changed = [(n, i) for n, i in dict(items).items() if self._entries.get(n) != i]
+        if not changed:
+            return
+        keys = b"".join(bytes(ipcache_key(n)) for n, _ in changed)
+        values = b"".join(bytes(IpcacheValue(i, 0)) for _, i in changed)
+        update_packed(self._map, keys, values, len(changed))
+        self._bump()
+        for network, identity in changed:
+            old = self._entries.get(network)
+            self._entries[network] = identity
+            if old is not None:
+                self._by_identity[old].discard(network)
+            self._by_identity.setdefault(identity, set()).add(network)
 
     def delete(self, network: Network) -> None:
         old = self._entries.get(network)

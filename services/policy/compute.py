@@ -208,6 +208,22 @@ def _protocols(peer: PeerRule) -> Iterator[tuple[int, int, int, tuple[HttpRule, 
                 yield proto, p.first, p.last, (p.http if proto == TCP else ())
 
 
+def peers_may_take(rule: Rule, networks: Iterable[Network]) -> bool:
+    """Whether new CIDR identities for `networks` can enter a peer set of `rule` (any spec):
+    a peer CIDR containing one of them, the world entity, or a selector of CIDR identities."""
+    wanted = list(networks)
+    for part in rule.parts():
+        for peer in (*part.ingress, *part.egress, *part.ingress_deny, *part.egress_deny):
+            if "world" in peer.entities:
+                return True
+            if any(_names_reserved(sel) and sel.matches(CIDR_LABELS) for sel in peer.endpoints):
+                return True
+            for c in peer.cidrs:
+                if any(n.version == c.network.version and n.subnet_of(c.network) for n in wanted):  # type: ignore[arg-type]
+                    return True
+    return False
+
+
 def _names_reserved(selector: Selector) -> bool:
     """Whether a selector names a reserved label: only such a selector selects reserved identities."""
     keys = [k for k, _ in selector.match_labels] + [r.key for r in selector.match_expressions]
@@ -239,6 +255,12 @@ class PolicyComputer:
         self.capacity = capacity
         self._cidrs = _CidrIndex(cidr_identities)
         self._by_selector: dict[object, set[int]] = {}
+        # Every spec of every rule, in rule order: an endpoint matches each distinct selector
+        # once (`endpoint`), not once per rule that repeats it.
+        self._parts = [part for rule in self.rules for part in rule.parts()]
+        self._by_part_selector: dict[Selector, list[int]] = {}
+        for index, part in enumerate(self._parts):
+            self._by_part_selector.setdefault(part.selector, []).append(index)
         self._by_port_name: dict[tuple[str, tuple[int, ...]], dict[int, set[tuple[int, int]]]] = {}
 
     def _selected(self, selector: Selector) -> set[int]:
@@ -341,7 +363,10 @@ class PolicyComputer:
                     yield MapEntry(direction, identity, proto, port, plen, deny, names, l7)
 
     def endpoint(self, ep: EndpointView) -> EndpointPolicy:
-        selecting = [part for rule in self.rules for part in rule.parts() if part.selector.matches(ep.labels)]
+        hits = [indexes for selector, indexes in self._by_part_selector.items() if selector.matches(ep.labels)]
+        selecting = [
+            self._parts[i] for i in (sorted(itertools.chain(*hits)) if len(hits) > 1 else hits[0] if hits else [])
+        ]
         # A direction is enforced when a selecting spec has a section for it; it denies by
         # default unless every such spec says enableDefaultDeny: false for it (Cilium's rule).
         with_section = {

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapFullError, MapType, Program
+from pybpf.batch import update_packed
 from services.common.chain_client import Placement, Register
 from services.common.datapath import CtKey, CtValue, Hook, RuleName, Slot
 from services.common.objects import load_service_object, pin_programs
@@ -159,13 +160,16 @@ class PolicyMaps:
                 stack.enter_context(previous)
                 counted = {bytes(k): (int(v.packets), int(v.bytes)) for k, v in previous.items()}
             keys = []
+            values = []
             for entry in entries:
                 key = policy_key(entry)
-                packets, nbytes = counted.get(bytes(key), (0, 0))
+                packets, nbytes = counted.get(bytes(key), (0, 0)) if counted else (0, 0)
                 rule = self.rule_ids.id_of(entry.rules[0]) if entry.rules else 0
-                inner.update(key, PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, proxy_port=entry.proxy_port,
-                                              rule=rule, packets=packets, bytes=nbytes))  # fmt: skip
+                values.append(PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, proxy_port=entry.proxy_port,
+                                          rule=rule, packets=packets, bytes=nbytes))  # fmt: skip
                 keys.append(key)
+            if keys:  # one batch for the whole map, not one syscall per entry
+                update_packed(inner, b"".join(map(bytes, keys)), b"".join(map(bytes, values)), len(keys))
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:
                 _carry_late_hits(previous, inner, keys, counted)

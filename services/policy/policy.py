@@ -53,6 +53,7 @@ from services.policy.compute import (
     MapEntry,
     PolicyComputer,
     lpm_identity,
+    peers_may_take,
 )
 from services.policy.l7push import ListenerPush
 from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
@@ -75,6 +76,7 @@ DEFAULT_PAGE_SIZE = 500
 ADDRESS_TEXT_RE = re.compile(r"[0-9A-Fa-f.:]{2,45}")
 MAX_PAGE_SIZE = 10_000
 CONNECTIONS = ("new", "established", "reply", "related")
+MAX_INCREMENTAL_CIDRS = 64  # new CIDR identities above which a rule change recomputes every endpoint
 ICMP_UNREACHABLE = {ICMP: 3, ICMPV6: 1}  # the ICMP type of a destination-unreachable error
 
 Signature = tuple[frozenset[tuple[MapEntry, bool]], int]
@@ -269,7 +271,7 @@ class Policy:
         """What the maps were computed from, besides the rules (a stream message that changes
         none of it, such as a new prefix of a known identity, recomputes nothing)."""
         endpoints = sorted(_endpoint_inputs(e) for e in self._endpoints.values())
-        return tuple(endpoints), tuple(sorted(cidrs.items(), key=str))
+        return tuple(endpoints), frozenset(cidrs.items())  # compared, never listed: no sort by text
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
         return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity, self._proxy_port)
@@ -413,7 +415,7 @@ class Policy:
         reserved = self._node.allocate(added, reserve_only=True) if added else {}
         try:
             computer = self._computer(rules.values(), {**self._cidr_ids(), **reserved})
-            affected = None if added or removed else self._affected(changed_rules)
+            affected = None if removed else self._affected(changed_rules, rules, added)
             if affected is None:
                 policies = computer.all()
             else:
@@ -462,13 +464,22 @@ class Policy:
                 error=brief(str(exc)),
             )
 
-    def _affected(self, changed_rules: list[Rule]) -> list[EndpointView] | None:
-        """Endpoints a change of these rules (in their old or new version) can touch; None: all."""
+    def _affected(
+        self, changed_rules: list[Rule], rules: dict[str, Rule], added: set[Network] | None = None
+    ) -> list[EndpointView] | None:
+        """Endpoints a change of these rules (in their old or new version) can touch; None: all.
 
+        New CIDR identities (`added`, a few at most) also touch the endpoints of every rule in
+        the new set `rules` whose peers may take them (compute.peers_may_take).
+        """
         computed_for = {_endpoint_inputs(p.endpoint) for p in self._computed.values()}
         if not changed_rules or computed_for != {_endpoint_inputs(ep) for ep in self._endpoints.values()}:
             return None  # the endpoints changed too: every peer set may have
+        if added and len(added) > MAX_INCREMENTAL_CIDRS:
+            return None  # a bulk change: one pass over everything costs less than the checks
         versions = [*changed_rules, *(self._rules[r.key] for r in changed_rules if r.key in self._rules)]
+        if added:
+            versions += [r for r in rules.values() if peers_may_take(r, added)]
         selectors = {part.selector for rule in versions for part in rule.parts()}
         return [ep for ep in self._endpoints.values() if any(sel.matches(ep.labels) for sel in selectors)]
 

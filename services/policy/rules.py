@@ -18,6 +18,8 @@ from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument, Unimplemented
+from services.common.ipv4 import parse_ipv4_network
+from services.common.protodict import message_to_dict
 from services.common.validate import CidrError, Network, parse_cidr
 from services.l7.model import TOKEN_RE as HTTP_TOKEN_RE
 from services.l7.model import check_regex
@@ -300,6 +302,9 @@ def parse_selector(msg: pb.EndpointSelector, where: str) -> Selector:
 
 
 def check_cidr(text: str, where: str) -> Network:
+    network = parse_ipv4_network(text)  # the common case, without the ipaddress parser
+    if network is not None:
+        return network
     if not CIDR_TEXT_RE.fullmatch(text):
         raise InvalidArgument(
             f"{where}: {shown(text)} is not a CIDR (an IPv4 or IPv6 prefix; a scope such as %eth0 is not accepted)"
@@ -535,7 +540,7 @@ def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
             _confine(spec, msg.namespace, f"{where}: specs[{i}]")
     specs = tuple(_spec(s, msg.name, msg.namespace, f"{where}: specs[{i}]") for i, s in enumerate(enforced.specs))
     top = _spec(enforced, msg.name, msg.namespace, where)
-    return replace(top, specs=specs, source=json_format.MessageToDict(enforced, preserving_proto_field_name=True))
+    return replace(top, specs=specs, source=message_to_dict(enforced))
 
 
 def from_stored(doc: dict[str, Any]) -> Rule:

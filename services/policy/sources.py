@@ -26,6 +26,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from services.common.errors import Unavailable
+from services.common.ipv4 import parse_ipv4_network
 from services.common.validate import Network
 from services.policy.compute import EndpointView, NamedPort
 
@@ -61,14 +62,17 @@ class IdentityView:
 def _cidr_of(text: str) -> Network | None:
     """The CIDR of a "cidr:..." identity, parsed once (every recompute asks for each identity's)."""
     if text.startswith(CIDR_LABEL):
-        return ipaddress.ip_network(text.removeprefix(CIDR_LABEL))
+        return _network(text.removeprefix(CIDR_LABEL))
     return None
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:
-    return IdentityView(
-        msg.id, ",".join(msg.labels), tuple(ipaddress.ip_network(p) for p in msg.prefixes), frozenset(msg.owners)
-    )
+    return IdentityView(msg.id, ",".join(msg.labels), tuple(map(_network, msg.prefixes)), frozenset(msg.owners))
+
+
+def _network(text: str) -> Network:
+    """A prefix the orchestrator sends (thousands per stream message): IPv4 without `ipaddress`'s parser."""
+    return parse_ipv4_network(text) or ipaddress.ip_network(text)
 
 
 def _unavailable(socket: Path, exc: grpc.RpcError) -> Unavailable:
@@ -117,7 +121,7 @@ class Orchestrator:
             reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT)
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
-        return {ipaddress.ip_network(i.labels[0].removeprefix(CIDR_LABEL)): i.id for i in reply.identities}
+        return {_network(i.labels[0].removeprefix(CIDR_LABEL)): i.id for i in reply.identities}
 
     def release(self, networks: Iterable[Network]) -> None:
         wanted = sorted(set(networks), key=str)

@@ -27,7 +27,7 @@ from services.common.store import Store
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache
 from services.policy import limits
-from services.policy.compute import EndpointView
+from services.policy.compute import EndpointView, PolicyComputer
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
 from services.policy.rules import from_proto, from_stored
@@ -312,3 +312,35 @@ def test_a_stored_rule_over_a_request_limit_still_loads_at_start() -> None:
         from_proto(rule)
     loaded = from_stored(json_format.MessageToDict(rule, preserving_proto_field_name=True))
     assert loaded.name == "wide" and len(loaded.description) == limits.MAX_DESCRIPTION_CHARS + 1
+
+
+def test_a_rule_with_a_new_cidr_rewrites_only_the_endpoints_it_can_touch(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A new CIDR identity enters the peer sets of world and of CIDRs around it, not others:
+    only those endpoints are recomputed, and the maps equal a full recompute's."""
+    policy = local.policy
+    computed: list[str] = []
+    real_endpoint = PolicyComputer.endpoint
+
+    def counted(self: PolicyComputer, ep: EndpointView) -> Any:
+        computed.append(ep.name)
+        return real_endpoint(self, ep)
+
+    monkeypatch.setattr(PolicyComputer, "endpoint", counted)
+    world = pb.Rule(name="world", endpoint_selector=pb.EndpointSelector(match_labels={"app": "backend"}),
+                    egress=[pb.PeerRule(entities=["world"], ports=[pb.PortRule(port=80, protocol="TCP")])])  # fmt: skip
+    policy.import_rules([cidr_rule("mine", 1, base="10.0.0.1"), world, cidr_rule("far", 1, "192.168.0.0", app="db")])
+    computed.clear()
+    _, changed = policy.import_rules([cidr_rule("new", 1, base="10.0.0.9")])
+    assert changed == ["backend", "frontend"]  # world takes the new identity; db's /32 elsewhere does not
+    assert sorted(computed) == ["backend", "frontend"]  # db was not even recomputed
+    incremental = local.state()["maps"]
+    assert policy._recompute(force=True)  # every map rebuilt from scratch
+    assert local.state()["maps"] == incremental
+    computed.clear()
+    _, changed = policy.import_rules([cidr_rule("same", 1, base="192.168.0.0", app="frontend")])
+    assert changed == ["frontend"] and computed == ["frontend"]  # the CIDR has its identity already
+    incremental = local.state()["maps"]
+    assert policy._recompute(force=True)
+    assert local.state()["maps"] == incremental

@@ -1,0 +1,129 @@
+"""Packed batch writes: many elements of a map in one syscall, from bytes built in bulk.
+
+``Map.update_batch`` takes Python values and encodes them one by one; for tens of
+thousands of elements that encoding costs more than the syscall. Here the caller hands
+over the keys and values already laid out back to back (``pack_u32`` for u32 keys and
+values, ``bytes(array_of_structs)`` for structures), and the elements go to the kernel
+with libbpf 1.1's ``bpf_map_update_batch`` / ``bpf_map_delete_batch``, in chunks so one
+call never pins an unbounded buffer in the kernel.
+
+Where the map type has no batch operation (the kernel answers ENOTSUPP or EOPNOTSUPP)
+the same bytes are written element by element, and that answer is remembered per map
+type, so later calls go straight to the fallback. Per-CPU maps take deletes only here:
+their values need one slot per possible CPU (use ``Map.update_batch``).
+"""
+
+from __future__ import annotations
+
+import array
+import ctypes
+import errno
+from collections.abc import Iterable
+
+from pybpf import _libbpf
+from pybpf.errors import ENOTSUPP, check
+from pybpf.maps import Map, MapType
+
+__all__ = ["CHUNK", "delete_packed", "pack_u32", "update_packed"]
+
+CHUNK = 65536
+"""Elements per batch syscall: large enough that the syscalls cost nothing next to the
+work, small enough that the kernel's copy of one batch stays a few megabytes."""
+
+_UNSUPPORTED = (-ENOTSUPP, -errno.EOPNOTSUPP)
+_no_update_batch: set[MapType] = set()
+_no_delete_batch: set[MapType] = set()
+
+
+def pack_u32(values: Iterable[int]) -> bytes:
+    """Native-endian u32s back to back (the layout of a u32 key or value array)."""
+    packed = array.array("I", values)
+    if packed.itemsize != 4:  # pragma: no cover - every Linux ABI pybpf runs on has a 4-byte unsigned int
+        packed = array.array("L", packed)
+    return packed.tobytes()
+
+
+def _check_layout(m: Map, op: str, count: int, keys: bytes, values: bytes | None) -> None:
+    if values is not None and m.is_percpu:
+        raise ValueError(f"{op} map {m.name}: per-CPU maps need one value per CPU (use Map.update_batch)")
+    if len(keys) != count * m.key_size:
+        raise ValueError(f"{op} map {m.name}: {len(keys)} key bytes for {count} keys of {m.key_size}")
+    if values is not None and len(values) != count * m.value_size:
+        raise ValueError(f"{op} map {m.name}: {len(values)} value bytes for {count} values of {m.value_size}")
+
+
+def update_packed(m: Map, keys: bytes, values: bytes, count: int, chunk: int = CHUNK) -> int:
+    """Write ``count`` elements (keys and values packed back to back); returns how many.
+
+    Like ``Map.update_batch`` with BPF_ANY: raises MapFullError and the like, and the
+    elements before the failing one stay written.
+    """
+    _check_layout(m, "update_packed", count, keys, values)
+    ksize, vsize = m.key_size, m.value_size
+    done = 0
+    while done < count:
+        n = min(chunk, count - done)
+        kpart = keys[done * ksize : (done + n) * ksize]
+        vpart = values[done * vsize : (done + n) * vsize]
+        if m.type not in _no_update_batch:
+            written = ctypes.c_uint32(n)
+            opts = _libbpf.new_batch_opts()
+            ret = _libbpf.bpf_map_update_batch(m.fd, kpart, vpart, ctypes.byref(written), ctypes.byref(opts))
+            if ret not in _UNSUPPORTED:
+                check(ret, _what(m, "update_packed", done + written.value, count), key_op=True)
+                done += n
+                continue
+            _no_update_batch.add(m.type)
+        for i in range(n):
+            ret = _libbpf.bpf_map_update_elem(
+                m.fd, kpart[i * ksize : (i + 1) * ksize], vpart[i * vsize : (i + 1) * vsize], 0
+            )
+            check(ret, _what(m, "update_packed", done + i, count), key_op=True)
+        done += n
+    return count
+
+
+def delete_packed(m: Map, keys: bytes, count: int, missing_ok: bool = False, chunk: int = CHUNK) -> int:
+    """Delete ``count`` keys (packed back to back); returns how many were deleted.
+
+    An absent key raises KeyNotFoundError (the keys before it are deleted) unless
+    ``missing_ok``, which deletes the others and skips it.
+    """
+    _check_layout(m, "delete_packed", count, keys, None)
+    ksize = m.key_size
+    deleted = 0
+    done = 0
+    while done < count:
+        n = min(chunk, count - done)
+        kpart = keys[done * ksize : (done + n) * ksize]
+        if m.type not in _no_delete_batch:
+            gone = ctypes.c_uint32(n)
+            opts = _libbpf.new_batch_opts()
+            ret = _libbpf.bpf_map_delete_batch(m.fd, kpart, ctypes.byref(gone), ctypes.byref(opts))
+            if ret == 0:
+                deleted += n
+                done += n
+                continue
+            if ret in _UNSUPPORTED:
+                _no_delete_batch.add(m.type)
+            elif ret != -errno.ENOENT or not missing_ok:
+                check(ret, _what(m, "delete_packed", done + gone.value, count), key_op=True)
+            else:
+                # The batch stopped at an absent key: the ones before it are gone; go on one by one.
+                deleted += gone.value
+                kpart = kpart[gone.value * ksize :]
+                done += gone.value
+                n -= gone.value
+        for i in range(n):
+            ret = _libbpf.bpf_map_delete_elem(m.fd, kpart[i * ksize : (i + 1) * ksize])
+            if ret == -errno.ENOENT and missing_ok:
+                continue
+            check(ret, _what(m, "delete_packed", done + i, count), key_op=True)
+            deleted += 1
+        done += n
+    return deleted
+
+
+def _what(m: Map, op: str, done: int, total: int) -> str:
+    progress = f" (after {done} of {total} elements)" if done < total else ""
+    return f"{op} map {m.name}{progress}"

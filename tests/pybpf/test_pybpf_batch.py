@@ -1,0 +1,82 @@
+"""Packed batch writes (pybpf.batch): round trips on maps with and without kernel batch ops."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from ctypes import c_uint32
+
+import pytest
+
+from pybpf import KeyNotFoundError, LpmKeyV4, Map, MapFullError, MapType
+from pybpf.batch import delete_packed, pack_u32, update_packed
+
+
+@pytest.fixture
+def hash_map() -> Iterator[Map]:
+    with Map.create(MapType.HASH, 4, 4, 64, key_type=c_uint32, value_type=c_uint32) as m:
+        yield m
+
+
+def test_pack_u32_lays_out_native_u32s() -> None:
+    assert pack_u32([1, 0xFFFFFFFF]) == bytes(c_uint32(1)) + bytes(c_uint32(0xFFFFFFFF))
+    assert pack_u32(range(0)) == b""
+
+
+def test_update_and_delete_in_chunks(hash_map: Map) -> None:
+    keys = list(range(50))
+    assert update_packed(hash_map, pack_u32(keys), pack_u32(k * 3 for k in keys), 50, chunk=7) == 50
+    assert dict(hash_map.items()) == {k: k * 3 for k in keys}
+    assert delete_packed(hash_map, pack_u32(keys[:20]), 20, chunk=6) == 20
+    assert sorted(hash_map.keys()) == keys[20:]
+
+
+def test_delete_of_an_absent_key_raises_unless_missing_ok(hash_map: Map) -> None:
+    update_packed(hash_map, pack_u32([1, 2, 3]), pack_u32([1, 2, 3]), 3)
+    with pytest.raises(KeyNotFoundError):
+        delete_packed(hash_map, pack_u32([1, 9]), 2)
+    assert sorted(hash_map.keys()) == [2, 3]  # the key before the absent one is gone
+    assert delete_packed(hash_map, pack_u32([2, 9, 3]), 3, missing_ok=True) == 2
+    assert list(hash_map.keys()) == []
+
+
+def test_a_full_map_raises_and_keeps_what_fit() -> None:
+    with Map.create(MapType.HASH, 4, 4, 4, key_type=c_uint32, value_type=c_uint32) as m:
+        with pytest.raises(MapFullError):
+            update_packed(m, pack_u32(range(6)), pack_u32(range(6)), 6)
+        assert len(list(m.keys())) == 4
+
+
+def test_layout_mistakes_are_refused_before_any_write(hash_map: Map) -> None:
+    with pytest.raises(ValueError, match="key bytes"):
+        update_packed(hash_map, b"\0" * 7, b"\0" * 8, 2)
+    with pytest.raises(ValueError, match="value bytes"):
+        update_packed(hash_map, b"\0" * 8, b"\0" * 4, 2)
+    with Map.create(MapType.PERCPU_HASH, 4, 8, 4) as percpu, pytest.raises(ValueError, match="per-CPU"):
+        update_packed(percpu, b"\0" * 4, b"\0" * 8, 1)
+    assert list(hash_map.keys()) == []
+
+
+def test_per_cpu_maps_take_packed_deletes() -> None:
+    with Map.create(MapType.PERCPU_HASH, 4, 8, 8, key_type=c_uint32) as m:
+        m.update_batch([1, 2, 3], [b"\0" * 8] * 3)
+        assert delete_packed(m, pack_u32([1, 7, 3]), 3, missing_ok=True) == 2
+        assert list(m.keys()) == [2]
+
+
+def test_structures_and_lpm_tries() -> None:
+    with Map.create(MapType.LPM_TRIE, 8, 4, 16, flags=1, key_type=LpmKeyV4, value_type=c_uint32) as m:
+        keys = [LpmKeyV4.of("10.0.0.0/8"), LpmKeyV4.of("10.1.0.0/16")]
+        update_packed(m, b"".join(bytes(k) for k in keys), pack_u32([8, 16]), 2)
+        assert m.lookup(LpmKeyV4.of("10.1.2.3")) == 16
+        assert m.lookup(LpmKeyV4.of("10.9.0.1")) == 8
+
+
+def test_a_map_type_without_batch_ops_is_written_element_by_element() -> None:
+    """DEVMAP_HASH has no batch operations (ENOTSUPP): the same bytes go in one by one."""
+    with Map.create(MapType.DEVMAP_HASH, 4, 4, 8, key_type=c_uint32, value_type=c_uint32) as m:
+        assert update_packed(m, pack_u32([10, 20, 30]), pack_u32([1, 1, 1]), 3, chunk=2) == 3  # 1: lo
+        assert sorted(m.keys()) == [10, 20, 30]
+        assert delete_packed(m, pack_u32([10, 99, 30]), 3, missing_ok=True) == 2
+        assert list(m.keys()) == [20]
+        with pytest.raises(KeyNotFoundError):
+            delete_packed(m, pack_u32([99]), 1)
