@@ -11,14 +11,22 @@ mean ns per packet (best of several runs) and the ratio to the 1-entry list.
 The same packet is repeated, so the map entries it touches stay in cache.
 Everything lives in a private bpffs directory and temp dir, removed afterwards.
 
-    sudo .venv/bin/python -m bench.prefilter_cost [--repeat N] [--runs N] [--sizes 1,1000,...]
+With --compare DIR (another checkout, protos generated and BPF built, e.g. main
+with the LPM trie for IPv4 prefixes), that checkout's benchmark runs first with the
+same arguments, so both structures are measured in one run, one after the other.
+
+    sudo .venv/bin/python -m bench.prefilter_cost [--repeat N] [--runs N] [--sizes 1,1000,...] [--compare DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.netbench import BPF_BUILD, bpffs, exit_on_sigterm, filler_list, temp_dir, udp_frame
 from services.common.logs import setup_logging
@@ -101,14 +109,34 @@ def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, flo
     return results
 
 
+def summary_rows(quick: bool = False) -> list[tuple[str, float, float, float]]:
+    """(measure, ns at the big list, ns at the 1-entry list, ratio) for bench.all."""
+    top = 100_000 if quick else 1_000_000
+    results = measure([1, top], repeat=200_000 if quick else 1_000_000, runs=3 if quick else 5)
+    label = f"{top // 1000}k" if top < 1_000_000 else f"{top // 1_000_000}M"
+    return [
+        (f"prefilter {case.name} (ns/packet), {label} entries / 1 entry", results[top][case.name],
+         results[1][case.name], results[top][case.name] / results[1][case.name])
+        for case in (MISS, FAR, HOST)
+    ]  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions per run")
     parser.add_argument("--runs", type=int, default=5, help="runs per configuration; the best is kept")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated list sizes")
+    parser.add_argument("--compare", type=Path, help="another checkout whose benchmark runs first, same arguments")
     args = parser.parse_args()
     exit_on_sigterm()
     setup_logging("bench", "warning")
+    if args.compare is not None:
+        print(f"== {args.compare} (before)", flush=True)
+        argv = [sys.executable, "-m", "bench.prefilter_cost", "--repeat", str(args.repeat), "--runs", str(args.runs),
+                "--sizes", args.sizes]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=f"{args.compare}:{args.compare / 'build' / 'python'}")
+        subprocess.run(argv, cwd=args.compare, env=env, check=True)
+        print(f"== {Path(__file__).resolve().parents[1]} (after)", flush=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results = measure(sizes, args.repeat, args.runs)
     base = results[sizes[0]]

@@ -16,6 +16,12 @@ DEFAULT_HOST_ENTRIES = 1_000_000
 DEFAULT_PREFIX_ENTRIES = 64_000
 GENERATIONS = 2  # the live list and the one a bulk replace is building
 MAX_INTERFACES = 1024
+# IPv4 prefixes are found by length in one hash, walked longest first, and only the
+# lengths present are tried: for lengths >= GATE_LEN, those present in the packet's
+# /GATE_LEN (a bitmap per /GATE_LEN, keyed by the address >> (32 - GATE_LEN)); for
+# shorter ones, those present at all (the bitmap at key GATE_SHORT, no /24 index).
+V4_GATE_LEN = 24
+V4_GATE_SHORT = 0xFFFFFFFF
 
 
 class EntryFlag(IntEnum):
@@ -58,6 +64,8 @@ CONSTANTS = {
     "PREFILTER_GENERATIONS": GENERATIONS,
     "PREFILTER_STATS_DEFAULT": DEFAULT_HOST_ENTRIES + DEFAULT_PREFIX_ENTRIES,
     "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
+    "PREFILTER_V4_GATE_LEN": V4_GATE_LEN,
+    "PREFILTER_V4_GATE_SHORT": V4_GATE_SHORT,
 }
 
 
