@@ -75,7 +75,7 @@ struct v6_lpm_inner {
 OUTER(pf_v4_host, v4_host_inner);
 OUTER(pf_v6_host, v6_host_inner);
 OUTER(pf_v4_lpm, v4_lpm_inner); /* by (length, masked address), despite the name */
-OUTER(pf_v4_gate, v4_gate_inner); /* /24 (host order) -> lengths 24..31 present; SHORT -> lengths 0..23 */
+OUTER(pf_v4_gate, v4_gate_inner); /* /24 (host order) -> lengths 24..31; SHORT -> lengths 0..23 + ANY_LONG */
 OUTER(pf_v6_lpm, v6_lpm_inner);
 
 /* The live generation: one __u32 at index 0. */
@@ -116,7 +116,7 @@ static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 s
 {
 	struct weir_prefilter_entry *e = 0;
 	struct weir_v4_addr host;
-	__u32 h = bpf_ntohl(saddr), slot, *bits;
+	__u32 h = bpf_ntohl(saddr), slot, summary, long_bits, *bits;
 	void *inner, *gates, *nets;
 	int len;
 
@@ -130,25 +130,29 @@ static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 s
 	nets = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
 	if (!gates || !nets)
 		return 0;
-	slot = h >> (32 - WEIR_PREFILTER_V4_GATE_LEN);
-	bits = bpf_map_lookup_elem(gates, &slot);
-	if (bits) {
-#pragma unroll
-		for (len = 31; len >= WEIR_PREFILTER_V4_GATE_LEN; len--) {
-			if (!(*bits & (1u << (len - WEIR_PREFILTER_V4_GATE_LEN))))
-				continue;
-			e = v4_net(nets, h, len);
-			if (e)
-				return e;
-		}
-	}
 	slot = WEIR_PREFILTER_V4_GATE_SHORT;
 	bits = bpf_map_lookup_elem(gates, &slot);
-	if (!bits || !*bits)
-		return 0;
+	if (!bits)
+		return 0; /* no IPv4 prefix at all */
+	summary = *bits;
+	if (summary & WEIR_PREFILTER_V4_GATE_ANY_LONG) {
+		slot = h >> (32 - WEIR_PREFILTER_V4_GATE_LEN);
+		bits = bpf_map_lookup_elem(gates, &slot);
+		if (bits) {
+			long_bits = *bits;
+#pragma unroll
+			for (len = 31; len >= WEIR_PREFILTER_V4_GATE_LEN; len--) {
+				if (!(long_bits & (1u << (len - WEIR_PREFILTER_V4_GATE_LEN))))
+					continue;
+				e = v4_net(nets, h, len);
+				if (e)
+					return e;
+			}
+		}
+	}
 #pragma unroll
 	for (len = WEIR_PREFILTER_V4_GATE_LEN - 1; len >= 0; len--) {
-		if (!(*bits & (1u << len)))
+		if (!(summary & (1u << len)))
 			continue;
 		e = v4_net(nets, h, len);
 		if (e)

@@ -19,9 +19,12 @@ MAX_INTERFACES = 1024
 # IPv4 prefixes are found by length in one hash, walked longest first, and only the
 # lengths present are tried: for lengths >= GATE_LEN, those present in the packet's
 # /GATE_LEN (a bitmap per /GATE_LEN, keyed by the address >> (32 - GATE_LEN)); for
-# shorter ones, those present at all (the bitmap at key GATE_SHORT, no /24 index).
+# shorter ones, those present at all (the bitmap at key GATE_SHORT, no /24 index),
+# whose bit GATE_ANY_LONG says whether any /24 has a bitmap at all. A list without
+# IPv4 prefixes has no GATE_SHORT key: one lookup and the walk is over.
 V4_GATE_LEN = 24
 V4_GATE_SHORT = 0xFFFFFFFF
+V4_GATE_ANY_LONG = 1 << 31
 
 
 class EntryFlag(IntEnum):
@@ -66,6 +69,7 @@ CONSTANTS = {
     "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
     "PREFILTER_V4_GATE_LEN": V4_GATE_LEN,
     "PREFILTER_V4_GATE_SHORT": V4_GATE_SHORT,
+    "PREFILTER_V4_GATE_ANY_LONG": V4_GATE_ANY_LONG,
 }
 
 

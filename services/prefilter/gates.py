@@ -3,7 +3,8 @@
 The datapath finds an IPv4 prefix by trying lengths longest first, in one hash keyed
 like an LPM trie (length, masked address). It tries only the lengths the gate says
 are present: per /24 (`V4_GATE_LEN`), the lengths 24..31 of prefixes inside it; at
-the key `V4_GATE_SHORT`, the lengths 0..23 present anywhere. This class keeps, per
+the key `V4_GATE_SHORT`, the lengths 0..23 present anywhere, plus `V4_GATE_ANY_LONG`
+when any /24 has a bitmap (the program reads that key first). This class keeps, per
 gate slot, how many listed prefixes hold each length, so adding or removing one
 prefix changes at most one slot, computed without a scan.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterable
 
-from services.prefilter.defs import V4_GATE_LEN, V4_GATE_SHORT
+from services.prefilter.defs import V4_GATE_ANY_LONG, V4_GATE_LEN, V4_GATE_SHORT
 
 
 def slot_bit(raw: bytes) -> tuple[int, int]:
@@ -62,9 +63,18 @@ class V4Gates:
         out = 0
         for bit in self._counts.get(slot, {}):
             out |= bit
+        if slot == V4_GATE_SHORT and len(self._counts) > (V4_GATE_SHORT in self._counts):
+            out |= V4_GATE_ANY_LONG
+        return out
+
+    def slots(self) -> list[int]:
+        """Every slot with a bitmap."""
+        out = list(self._counts)
+        if out and V4_GATE_SHORT not in self._counts:
+            out.append(V4_GATE_SHORT)  # for its ANY_LONG bit
         return out
 
     def packed(self) -> tuple[bytes, bytes]:
         """Every slot and its bitmap as packed u32 keys and values (host order), for one batch."""
-        slots = array("I", self._counts)
+        slots = array("I", self.slots())
         return slots.tobytes(), array("I", (self.bits(s) for s in slots)).tobytes()

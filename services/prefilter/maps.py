@@ -28,7 +28,7 @@ from services.common.chain_client import Placement, Register
 from services.common.datapath import Counter, Hook, Slot
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
-from services.prefilter.defs import GENERATIONS, EntryFlag, IfStats, PrefilterEntry
+from services.prefilter.defs import GENERATIONS, V4_GATE_SHORT, EntryFlag, IfStats, PrefilterEntry
 from services.prefilter.denylist import Capacity, Entry, Table, empty_table, value_of
 from services.prefilter.gates import V4Gates
 from services.prefilter.keys import KINDS, V4_LPM, Kind, kind_of
@@ -237,6 +237,7 @@ class PrefilterMaps:
         slots = {s for s in (change(V4_LPM.key(e.network)) for e in entries) if s is not None}
         if not slots:
             return
+        slots.add(V4_GATE_SHORT)  # its ANY_LONG bit may have changed
         with self._live_gates() as inner:
             for slot in slots:
                 bits = gates.bits(slot)

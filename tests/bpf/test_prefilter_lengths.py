@@ -78,3 +78,12 @@ def test_incremental_changes_keep_the_gates_exact(maps: PrefilterMaps) -> None:
     maps.upsert([Entry(ipaddress.ip_network("10.1.2.128/25"), True, 6)])  # a mode switch keeps the gate
     current = [(c, True if c == "10.1.2.128/25" else a) for c, a in current]
     assert verdicts(maps) == {p: expected(current, p) for p in PROBES}
+
+
+def test_only_short_or_only_long_prefixes_or_none(maps: PrefilterMaps) -> None:
+    for listed in (LISTED[:2], [c for c in LISTED if int(c[0].split("/")[1]) >= 24], []):
+        maps.install(entries(listed))
+        assert verdicts(maps) == {p: expected(listed, p) for p in PROBES}, listed
+    maps.install(entries(LISTED[:3]))
+    maps.remove(entries(LISTED[:3]))  # back to nothing one by one: the gates go too
+    assert set(verdicts(maps).values()) == {XDP_PASS}
