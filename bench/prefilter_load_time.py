@@ -1,7 +1,8 @@
 """How long loading 1M deny entries takes through the gRPC API, next to `ipset restore`.
 
-Starts the prefilter service as a real process (in a namespace made here, with
-capacity for 1M hosts and its own bpffs root, sockets and state) and times,
+Starts the prefilter service as a real process beside an orchestrator (which
+places its program; in a namespace made here, with capacity for 1M hosts and
+their own bpffs root, sockets, state and cgroup subtree) and times,
 from the client's side: one ReplaceEntries carrying 1M /32 hosts in the packed
 form (`PackedHosts`, 4 bytes a host), the same list as 1M `Entry` messages, a
 ReplaceEntries with no entries (emptying the list) and the same 1M hosts again
@@ -50,6 +51,7 @@ from bench.netbench import (
     run,
     temp_dir,
 )
+from services.common.config import cgroup2_mount
 
 IPSET = "weir_bench_load"
 START_TIMEOUT = 60.0
@@ -57,34 +59,54 @@ CALL_TIMEOUT = 600.0
 MAX_MESSAGE = 256 * 1024 * 1024
 
 
-@contextlib.contextmanager
-def service(ns: str, root: Path, work: Path, hosts: int, repo: Path = REPO) -> Iterator[pb_grpc.PrefilterStub]:
-    """The prefilter process (of the checkout `repo`) inside `ns`, answering on its unix socket; killed afterwards."""
+def _spawn(ns: str, what: str, root: Path, work: Path, repo: Path, extra: list[str]) -> subprocess.Popen[bytes]:
+    """One service process of the checkout `repo`, inside `ns`, logging to work/<what>.log."""
     argv = [
         "nsenter", f"--net=/run/netns/{ns}", "--",
-        sys.executable, "-m", "services.prefilter",
+        sys.executable, "-m", f"services.{what}",
         "--instance", PREFIX,
         "--bpffs-root", str(root),
         "--run-dir", str(work / "run"),
         "--state-dir", str(work / "state"),
-        "--host-entries", str(hosts),
-        "--bpf-dir", str(repo / "bpf" / "build"),
+        "--cgroup-root", str(work_cgroup(work)),
         "--log-level", "warning",
+        *extra,
     ]  # fmt: skip
     env = dict(os.environ, PYTHONPATH=f"{repo}:{repo / 'build' / 'python'}")
-    log = work / "prefilter.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=repo, env=env)
+    with open(work / f"{what}.log", "wb") as out:
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=repo, env=env)
+
+
+def work_cgroup(work: Path) -> Path:
+    """This run's own cgroup2 subtree (the orchestrator's socket hooks go there), named after `work`."""
+    return cgroup2_mount() / work.name
+
+
+def _remove_cgroup(path: Path) -> None:
+    if path.exists():
+        for directory in sorted((p for p in path.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+            directory.rmdir()
+        path.rmdir()
+
+
+@contextlib.contextmanager
+def service(ns: str, root: Path, work: Path, hosts: int, repo: Path = REPO) -> Iterator[pb_grpc.PrefilterStub]:
+    """The orchestrator and prefilter processes (of the checkout `repo`) inside `ns`; killed afterwards."""
+    processes = [_spawn(ns, "orchestrator", root, work, repo, [])]
     channel = grpc.insecure_channel(
         f"unix://{work / 'run' / 'prefilter.sock'}",
         options=[("grpc.max_send_message_length", MAX_MESSAGE), ("grpc.max_receive_message_length", MAX_MESSAGE)],
     )
     try:
+        processes.append(_spawn(ns, "prefilter", root, work, repo,
+                                ["--host-entries", str(hosts), "--bpf-dir", str(repo / "bpf" / "build")]))  # fmt: skip
         stub = pb_grpc.PrefilterStub(channel)
         deadline = time.monotonic() + START_TIMEOUT
         while True:
-            if process.poll() is not None:
-                raise RuntimeError(f"the prefilter exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            for process, what in zip(processes, ("orchestrator", "prefilter"), strict=True):
+                if process.poll() is not None:
+                    log = (work / f"{what}.log").read_text()[-3000:]
+                    raise RuntimeError(f"the {what} exited with {process.returncode}:\n{log}")
             try:
                 stub.ListEntries(pb.ListEntriesRequest(), timeout=1)
                 break
@@ -95,8 +117,10 @@ def service(ns: str, root: Path, work: Path, hosts: int, repo: Path = REPO) -> I
         yield stub
     finally:
         channel.close()
-        process.kill()
-        process.wait(timeout=15)
+        for process in reversed(processes):
+            process.kill()
+            process.wait(timeout=15)
+        _remove_cgroup(work_cgroup(work))
 
 
 def timed(what: str, call: Callable[..., pb.ChangeResponse], request: Message) -> float:
@@ -170,11 +194,7 @@ def measure(entries: int, batch: int, compare: Path | None = None, with_adds: bo
         with service(ns, root, work, entries) as stub:
             grpc_times(stub, cidrs, batch if with_adds else 0, times)
         if compare is not None:
-            with (
-                bpffs() as before_root,
-                temp_dir() as before_work,
-                service(ns, before_root, before_work, entries, compare) as stub,
-            ):
+            with temp_dir() as before_work, service(ns, root / "before", before_work, entries, compare) as stub:
                 times.before = timed(f"before ({compare}): ReplaceEntries, Entry messages", stub.ReplaceEntries,
                                      entry_requests(cidrs))  # fmt: skip
         times.ipset = ipset_time(ns, cidrs, work)
