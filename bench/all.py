@@ -2,10 +2,11 @@
 
 Each module of `bench/` that has `summary_rows(quick: bool = False) -> list[tuple[str,
 float, float, float]]` (measure, Weir's figure, the reference's, their ratio; a
-module may also take no argument) is run in a process of its own, one after the
-other, so a failing or interrupted benchmark cleans up after itself and the others
-still run. Modules without `summary_rows` are named as skipped. `--quick` asks each
-module for its smaller sizes (a first look in minutes, not the issue's figures).
+module may instead take sizes as keyword arguments with defaults) is run in a process
+of its own, one after the other, so a failing or interrupted benchmark cleans up after
+itself and the others still run. Modules without `summary_rows` are named as skipped.
+`--quick` asks each module for smaller sizes (`quick=True`, or the sizes in
+QUICK_KWARGS): a first look in minutes, not the issue's figures.
 
     sudo .venv/bin/python -m bench.all [--quick] [--only prefilter_cost,chain_cost] [--timeout S]
 """
@@ -30,6 +31,13 @@ NOT_BENCHMARKS = {"all", "netbench"}  # this runner and shared helpers
 ORDER = ["prefilter_load_time", "policy_import", "lb_program", "lb_connect_rate", "prefilter_cost", "chain_cost"]
 
 Row = tuple[str, float, float, float]
+# --quick for modules whose summary_rows takes sizes rather than `quick`: smaller sizes by
+# parameter name, passed only where the function has that parameter.
+QUICK_KWARGS: dict[str, dict[str, object]] = {
+    "policy_import": {"rules": 1_000},
+    "lb_program": {"services": 1_000},
+    "lb_connect_rate": {"services": 1_000, "seconds": 1.0, "rounds": 3},
+}
 
 
 def modules() -> list[str]:
@@ -46,8 +54,12 @@ def has_rows(name: str) -> bool:
 def child(name: str, quick: bool) -> None:
     """In the child process: run one module's summary_rows and print them on one marked line."""
     rows_of = importlib.import_module(f"bench.{name}").summary_rows
-    takes_quick = "quick" in inspect.signature(rows_of).parameters
-    rows = rows_of(quick=quick) if takes_quick else rows_of()
+    parameters = inspect.signature(rows_of).parameters
+    kwargs: dict[str, object] = {}
+    if quick:
+        kwargs = {"quick": True} if "quick" in parameters else {}
+        kwargs |= {k: v for k, v in QUICK_KWARGS.get(name, {}).items() if k in parameters}
+    rows = rows_of(**kwargs)
     print(ROW_MARK + json.dumps([[str(m), float(w), float(r), float(q)] for m, w, r, q in rows]), flush=True)
 
 
