@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
+from weir.prefilter.v1 import prefilter_pb2 as pb
+from weir.prefilter.v1 import prefilter_pb2_grpc as pb_grpc
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.store import Store
@@ -16,7 +19,7 @@ from services.prefilter.denylist import Capacity, Packed
 from services.prefilter.maps import PrefilterMaps, dump_pinned
 from services.prefilter.prefilter import BASE, ENTRY, Prefilter
 from tests.e2e.test_kit import FlakyStore, NoDevices, bpffs_root, pf_state
-from tests.harness.node import BPF_BUILD
+from tests.harness.node import BPF_BUILD, Node
 
 pytestmark = pytest.mark.root
 
@@ -112,3 +115,30 @@ def test_failed_store_commit_of_a_bulk_replace_changes_nothing(tmp_path: Path) -
         assert (pf_state(pf, store, pins), store.items(BASE)) == before
         pf.replace([], packed=[packed(v4(200, "10.0.0.50"))])
         assert len(dump_pinned(pins)) == 200
+
+
+def test_packed_hosts_over_grpc_and_bad_blocks_refused(make_node: Callable[..., Node]) -> None:
+    node = make_node("orchestrator")
+    node.start("prefilter", "--host-entries", "64", "--prefix-entries", "8")
+    s = pb_grpc.PrefilterStub(node.channel("prefilter"))
+    v6 = ipaddress.IPv6Address("2001:db8::5").packed
+    reply = s.ReplaceEntries(pb.ReplaceEntriesRequest(
+        entries=[pb.Entry(cidr="10.9.0.0/16", mode=pb.MODE_DENY)],
+        packed=[pb.PackedHosts(ipv4=packed(v4(3)).addresses, ipv6=v6, mode=pb.MODE_AUDIT)],
+    ), timeout=10)  # fmt: skip
+    assert reply.changed == 5
+    listed = {(e.cidr, e.mode) for e in s.ListEntries(pb.ListEntriesRequest(), timeout=5).entries}
+    assert listed == {("10.9.0.0/16", pb.MODE_DENY), ("10.0.0.0/32", pb.MODE_AUDIT), ("10.0.0.1/32", pb.MODE_AUDIT),
+                      ("10.0.0.2/32", pb.MODE_AUDIT), ("2001:db8::5/128", pb.MODE_AUDIT)}  # fmt: skip
+    assert {str(n) for n in dump_pinned(node.bpffs_root / "prefilter")} == {c for c, _ in listed}
+    for request, message in (
+        (pb.PackedHosts(ipv4=b"\x0a\x00\x00"), "packed[0].ipv4: 3 bytes"),
+        (pb.PackedHosts(ipv6=bytes(17)), "packed[0].ipv6: 17 bytes"),
+        (pb.PackedHosts(ipv4=bytes(4), mode=7), "packed[0].mode"),  # type: ignore[arg-type]
+        (pb.PackedHosts(ipv4=packed(v4(65, "10.1.0.0")).addresses), "65 IPv4 host"),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            s.ReplaceEntries(pb.ReplaceEntriesRequest(packed=[request]), timeout=10)
+        assert err.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert message in (err.value.details() or ""), err.value.details()
+    assert {(e.cidr, e.mode) for e in s.ListEntries(pb.ListEntriesRequest(), timeout=5).entries} == listed
