@@ -6,19 +6,30 @@ then LPM trie), one on the list as a /32 host and one inside a listed prefix.
 Lists are mostly /32 hosts plus 1% prefixes (at most 10k) of lengths /24../30
 packed into 10.64.0.0/10; the deep miss comes from next to a listed /25, so the
 trie walk goes all the way down, the shallow one from far away. Each
-list is installed with `Prefilter.replace`, as the service would. Prints the
+list is installed with `Prefilter.replace`, as the service would, in a prefilter of its
+own, and the runs go round all lists in turn (a load burst hits every figure alike). Prints the
 mean ns per packet (best of several runs) and the ratio to the 1-entry list.
 The same packet is repeated, so the map entries it touches stay in cache.
 Everything lives in a private bpffs directory and temp dir, removed afterwards.
 
-    sudo .venv/bin/python -m bench.prefilter_cost [--repeat N] [--runs N] [--sizes 1,1000,...]
+With --compare DIR (another checkout, protos generated and BPF built, e.g. main
+with the LPM trie for IPv4 prefixes), that checkout's benchmark runs first with the
+same arguments, so both structures are measured in one run, one after the other.
+
+    sudo .venv/bin/python -m bench.prefilter_cost [--repeat N] [--runs N] [--sizes 1,1000,...] [--compare DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 from bench.netbench import BPF_BUILD, bpffs, exit_on_sigterm, filler_list, temp_dir, udp_frame
 from services.common.logs import setup_logging
@@ -63,42 +74,72 @@ def lists(size: int) -> list[tuple[list[str], tuple[Case, ...]]]:
     return [([HOST_ENTRY, PREFIX_ENTRY, *filler_list(size - 2)], CASES)]
 
 
-def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, float]]:
-    """Best mean ns per packet by list size and case; each verdict is checked first."""
-    frames = {case.name: udp_frame(case.source, DESTINATION) for case in CASES}
-    capacity = Capacity(hosts=max(sizes), prefixes=64_000)
-    results: dict[int, dict[str, float]] = {}
-    with bpffs() as root, temp_dir() as state:
-        # The orchestrator's chain in this process: it places the program and runs XDP on the device.
-        orch_store = Store(state / "orchestrator.db")
-        chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
+@contextlib.contextmanager
+def installed(root: Path, state: Path, entries: list[str], hosts: int) -> Iterator[PrefilterMaps]:
+    """A prefilter of its own (own chain, bpffs subtree and store) holding `entries`, as the service would."""
+    state.mkdir()
+    # The orchestrator's chain in this process: it places the program and runs XDP on the device.
+    orch_store = Store(state / "orchestrator.db")
+    chain = Chain(BPF_BUILD, root / "globals", root / "orchestrator", orch_store)
+    store = Store(state / "prefilter.db")
+    prefilter: Prefilter | None = None
+    try:
         chain.start()
+        capacity = Capacity(hosts=max(hosts, 16), prefixes=64_000)
         maps = PrefilterMaps(
             BPF_BUILD, root / "globals", root / "prefilter", capacity, register=chain.registrar("prefilter")
         )
-        store = Store(state / "prefilter.db")
         prefilter = Prefilter(maps, store, Devices(chain, orch_store))
-        try:
-            prefilter.start()
-            for size in sizes:
-                results[size] = {}
-                for entries, cases in lists(size):
-                    started = time.monotonic()
-                    prefilter.replace((cidr, False) for cidr in entries)
-                    print(f"  installed {len(entries):>9,} entries in {time.monotonic() - started:5.1f} s", flush=True)
-                    for case in cases:
-                        frame = frames[case.name]
-                        verdict = maps.program.test_run(frame, repeat=1).retval
-                        if verdict != case.verdict:
-                            raise RuntimeError(f"{case.name} at size {size}: verdict {verdict}, wanted {case.verdict}")
-                        best = min(maps.program.test_run(frame, repeat=repeat).duration_ns for _ in range(runs))
-                        results[size][case.name] = float(best)
-        finally:
+        prefilter.start()
+        started = time.monotonic()
+        prefilter.replace((cidr, False) for cidr in entries)
+        print(f"  installed {len(entries):>9,} entries in {time.monotonic() - started:5.1f} s", flush=True)
+        yield maps
+    finally:
+        if prefilter is not None:
             prefilter.close()
-            store.close()
-            chain.close()
-            orch_store.close()
-    return results
+        store.close()
+        chain.close()
+        orch_store.close()
+
+
+def measure(sizes: list[int], repeat: int, runs: int) -> dict[int, dict[str, float]]:
+    """Best mean ns per packet by list size and case; each verdict is checked first.
+
+    Every list is installed first, each in a prefilter of its own; then the runs go round
+    all lists and cases in turn, so a burst of load on the shared machine hits every figure
+    alike rather than one list size.
+    """
+    frames = {case.name: udp_frame(case.source, DESTINATION) for case in CASES}
+    best: dict[tuple[int, str], float] = {}
+    with bpffs() as root, temp_dir() as state, contextlib.ExitStack() as stack:
+        rigs: list[tuple[int, PrefilterMaps, tuple[Case, ...]]] = []
+        for size in sizes:
+            for n, (entries, cases) in enumerate(lists(size)):
+                maps = stack.enter_context(installed(root / f"l{size}-{n}", state / f"l{size}-{n}", entries, size))
+                for case in cases:
+                    verdict = maps.program.test_run(frames[case.name], repeat=1).retval
+                    if verdict != case.verdict:
+                        raise RuntimeError(f"{case.name} at size {size}: verdict {verdict}, wanted {case.verdict}")
+                rigs.append((size, maps, cases))
+        for _ in range(runs):
+            for size, maps, cases in rigs:
+                for case in cases:
+                    ns = float(maps.program.test_run(frames[case.name], repeat=repeat).duration_ns)
+                    best[(size, case.name)] = min(best.get((size, case.name), ns), ns)
+    return {size: {case.name: best[(size, case.name)] for case in CASES} for size in sizes}
+
+
+def summary_rows(quick: bool = False) -> list[tuple[str, float, float, float]]:
+    """(measure, ns at the big list, ns at the 1-entry list, ratio) for bench.all."""
+    top = 100_000 if quick else 1_000_000
+    results = measure([1, top], repeat=200_000 if quick else 1_000_000, runs=3 if quick else 5)
+    label = f"{top // 1000}k" if top < 1_000_000 else f"{top // 1_000_000}M"
+    return [
+        (f"prefilter {case.name} (ns/packet), {label} entries / 1 entry", results[top][case.name],
+         results[1][case.name], results[top][case.name] / results[1][case.name])
+        for case in (MISS, FAR, HOST)
+    ]  # fmt: skip
 
 
 def main() -> None:
@@ -106,9 +147,17 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1_000_000, help="test_run repetitions per run")
     parser.add_argument("--runs", type=int, default=5, help="runs per configuration; the best is kept")
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)), help="comma-separated list sizes")
+    parser.add_argument("--compare", type=Path, help="another checkout whose benchmark runs first, same arguments")
     args = parser.parse_args()
     exit_on_sigterm()
     setup_logging("bench", "warning")
+    if args.compare is not None:
+        print(f"== {args.compare} (before)", flush=True)
+        argv = [sys.executable, "-m", "bench.prefilter_cost", "--repeat", str(args.repeat), "--runs", str(args.runs),
+                "--sizes", args.sizes]  # fmt: skip
+        env = dict(os.environ, PYTHONPATH=f"{args.compare}:{args.compare / 'build' / 'python'}")
+        subprocess.run(argv, cwd=args.compare, env=env, check=True)
+        print(f"== {Path(__file__).resolve().parents[1]} (after)", flush=True)
     sizes = sorted(int(s) for s in args.sizes.split(","))
     results = measure(sizes, args.repeat, args.runs)
     base = results[sizes[0]]

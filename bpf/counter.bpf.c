@@ -39,4 +39,11 @@ int count_xdp(struct xdp_md *ctx)
 	return weir_xdp_next(ctx);
 }
 
+/* Does nothing: the floor a chain's cost is measured against (bench/chain_cost.py). */
+SEC("tc")
+int empty_tc(struct __sk_buff *skb)
+{
+	return TC_ACT_OK;
+}
+
 char LICENSE[] SEC("license") = "GPL";

@@ -6,8 +6,14 @@
  * service frontends and the destinations the operator added), as
  * INVALID_DESTINATION. Multicast, broadcast and non-IP frames pass.
  *
- * Exact hosts (/32, /128) live in hash maps, shorter prefixes in LPM tries; the
- * program checks the host map first, then the trie. Both kinds exist in two
+ * Exact hosts (/32, /128) live in hash maps; the program checks the host map
+ * first. Shorter IPv6 prefixes live in an LPM trie. Shorter IPv4 prefixes live
+ * in a hash keyed like the trie (length, masked address) and are walked longest
+ * length first, trying only the lengths present: a gate hash gives, per /24, the
+ * bitmap of lengths 24..31 present in it, and at one reserved key the bitmap of
+ * lengths 0..23 present anywhere. A miss next to listed prefixes then costs a
+ * few hash lookups whatever the size of the list, where the trie walks ever
+ * deeper as the list grows (bench/prefilter_cost.py measures both). All kinds exist in two
  * generations (outer ARRAY_OF_MAPS with one inner map per generation) and
  * `pf_active` names the live one, so a bulk replace fills the other
  * generation and flips one word: no packet sees a half-written list.
@@ -41,11 +47,19 @@ struct v6_host_inner {
 };
 
 struct v4_lpm_inner {
-	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, INNER_PLACEHOLDER);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(key_size, sizeof(struct weir_lpm_v4_key));
 	__uint(value_size, sizeof(struct weir_prefilter_entry));
+};
+
+struct v4_gate_inner {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, INNER_PLACEHOLDER);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(__u32));
 };
 
 struct v6_lpm_inner {
@@ -67,7 +81,8 @@ struct v6_lpm_inner {
 /* Deny lists by generation; index = generation. */
 OUTER(pf_v4_host, v4_host_inner);
 OUTER(pf_v6_host, v6_host_inner);
-OUTER(pf_v4_lpm, v4_lpm_inner);
+OUTER(pf_v4_lpm, v4_lpm_inner); /* by (length, masked address), despite the name */
+OUTER(pf_v4_gate, v4_gate_inner); /* /24 (host order) -> lengths 24..31; SHORT -> lengths 0..23 + ANY_LONG */
 OUTER(pf_v6_lpm, v6_lpm_inner);
 
 /* The live generation: one __u32 at index 0. */
@@ -111,12 +126,23 @@ struct {
 	__type(value, struct weir_if_stats);
 } pf_if_stats SEC(".maps");
 
+/* The entry of length `len` (0..31) covering host-order address `h`, if any. */
+static __always_inline struct weir_prefilter_entry *v4_net(void *nets, __u32 h, __u32 len)
+{
+	struct weir_lpm_v4_key key = { .prefixlen = len };
+	__u32 masked = len ? bpf_htonl(h & (~0u << (32 - len))) : 0;
+
+	__builtin_memcpy(key.addr, &masked, 4);
+	return bpf_map_lookup_elem(nets, &key);
+}
+
 static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 saddr)
 {
-	struct weir_lpm_v4_key key = { .prefixlen = 32 };
 	struct weir_prefilter_entry *e = 0;
 	struct weir_v4_addr host;
-	void *inner;
+	__u32 h = bpf_ntohl(saddr), slot, summary, long_bits, *bits;
+	void *inner, *gates, *nets;
+	int len;
 
 	__builtin_memcpy(host.addr, &saddr, 4);
 	inner = bpf_map_lookup_elem(&pf_v4_host, &gen);
@@ -124,11 +150,39 @@ static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 s
 		e = bpf_map_lookup_elem(inner, &host);
 	if (e)
 		return e;
-	inner = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
-	if (!inner)
+	gates = bpf_map_lookup_elem(&pf_v4_gate, &gen);
+	nets = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
+	if (!gates || !nets)
 		return 0;
-	__builtin_memcpy(key.addr, &saddr, 4);
-	return bpf_map_lookup_elem(inner, &key);
+	slot = WEIR_PREFILTER_V4_GATE_SHORT;
+	bits = bpf_map_lookup_elem(gates, &slot);
+	if (!bits)
+		return 0; /* no IPv4 prefix at all */
+	summary = *bits;
+	if (summary & WEIR_PREFILTER_V4_GATE_ANY_LONG) {
+		slot = h >> (32 - WEIR_PREFILTER_V4_GATE_LEN);
+		bits = bpf_map_lookup_elem(gates, &slot);
+		if (bits) {
+			long_bits = *bits;
+#pragma unroll
+			for (len = 31; len >= WEIR_PREFILTER_V4_GATE_LEN; len--) {
+				if (!(long_bits & (1u << (len - WEIR_PREFILTER_V4_GATE_LEN))))
+					continue;
+				e = v4_net(nets, h, len);
+				if (e)
+					return e;
+			}
+		}
+	}
+#pragma unroll
+	for (len = WEIR_PREFILTER_V4_GATE_LEN - 1; len >= 0; len--) {
+		if (!(summary & (1u << len)))
+			continue;
+		e = v4_net(nets, h, len);
+		if (e)
+			return e;
+	}
+	return 0;
 }
 
 static __always_inline struct weir_prefilter_entry *lookup_v6(__u32 gen, struct in6_addr *saddr)

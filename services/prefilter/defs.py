@@ -17,6 +17,15 @@ DEFAULT_PREFIX_ENTRIES = 64_000
 GENERATIONS = 2  # the live list and the one a bulk replace is building
 MAX_INTERFACES = 1024
 VALID_DST_MAX = 65536  # service frontends and extra valid destinations
+# IPv4 prefixes are found by length in one hash, walked longest first, and only the
+# lengths present are tried: for lengths >= GATE_LEN, those present in the packet's
+# /GATE_LEN (a bitmap per /GATE_LEN, keyed by the address >> (32 - GATE_LEN)); for
+# shorter ones, those present at all (the bitmap at key GATE_SHORT, no /24 index),
+# whose bit GATE_ANY_LONG says whether any /24 has a bitmap at all. A list without
+# IPv4 prefixes has no GATE_SHORT key: one lookup and the walk is over.
+V4_GATE_LEN = 24
+V4_GATE_SHORT = 0xFFFFFFFF
+V4_GATE_ANY_LONG = 1 << 31
 
 
 class EntryFlag(IntEnum):
@@ -73,6 +82,9 @@ CONSTANTS = {
     "PREFILTER_STATS_DEFAULT": DEFAULT_HOST_ENTRIES + DEFAULT_PREFIX_ENTRIES,
     "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
     "PREFILTER_VALID_DST_MAX": VALID_DST_MAX,
+    "PREFILTER_V4_GATE_LEN": V4_GATE_LEN,
+    "PREFILTER_V4_GATE_SHORT": V4_GATE_SHORT,
+    "PREFILTER_V4_GATE_ANY_LONG": V4_GATE_ANY_LONG,
 }
 
 

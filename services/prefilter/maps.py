@@ -14,31 +14,27 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ipaddress
+import sys
 import time
+from array import array
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, Program
+from pybpf.bulk import update_packed, value_stride
 from services.common.chain_client import Placement, Register
 from services.common.datapath import Counter, Hook, IpcacheKey, Slot
 from services.common.lpm import ipcache_key, ipcache_network
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
-from services.prefilter.defs import (
-    GENERATIONS,
-    EntryFlag,
-    IfStats,
-    LpmV4Key,
-    LpmV6Key,
-    PrefilterEntry,
-    V4Addr,
-    V6Addr,
-)
-from services.prefilter.denylist import Capacity, Entry
+from services.prefilter.defs import GENERATIONS, V4_GATE_SHORT, EntryFlag, IfStats, PrefilterEntry
+from services.prefilter.denylist import Capacity, Entry, Table, empty_table, value_of
+from services.prefilter.gates import V4Gates
+from services.prefilter.keys import KINDS, V4_LPM, Kind, kind_of
+
+__all__ = ["KINDS", "OWN_MAPS", "Kind", "PrefilterMaps", "dump_pinned", "kind_of"]
 
 log = structlog.get_logger("weir.prefilter.maps")
 
@@ -48,45 +44,8 @@ PROGRAM = "prefilter_xdp"
 FLIP_GRACE_SECONDS = 0.05
 
 
-@dataclass(frozen=True)
-class Kind:
-    """One of the four inner lists: which outer map, which key layout, which capacity."""
-
-    outer: str
-    version: int
-    host: bool
-
-    @property
-    def key_type(self) -> type[ctypes.Structure]:
-        if self.host:
-            return V4Addr if self.version == 4 else V6Addr
-        return LpmV4Key if self.version == 4 else LpmV6Key
-
-    def key(self, network: Network) -> bytes:
-        packed = network.network_address.packed
-        if self.host:
-            return packed
-        return network.prefixlen.to_bytes(4, "little") + packed
-
-    def network(self, raw: bytes) -> Network:
-        if self.host:
-            return ipaddress.ip_network(ipaddress.ip_address(raw))
-        prefixlen = int.from_bytes(raw[:4], "little")
-        return ipaddress.ip_network(f"{ipaddress.ip_address(raw[4:])}/{prefixlen}")
-
-
-KINDS = [
-    Kind("pf_v4_host", 4, True),
-    Kind("pf_v6_host", 6, True),
-    Kind("pf_v4_lpm", 4, False),
-    Kind("pf_v6_lpm", 6, False),
-]
-OWN_MAPS = [*(k.outer for k in KINDS), "pf_active", "pf_entry_stats", "pf_if_stats", "pf_config", "pf_valid_dst"]
-
-
-def kind_of(network: Network) -> Kind:
-    host = network.prefixlen == network.max_prefixlen
-    return next(k for k in KINDS if k.version == network.version and k.host == host)
+GATES = "pf_v4_gate"
+OWN_MAPS = [*(k.outer for k in KINDS), GATES, "pf_active", "pf_entry_stats", "pf_if_stats", "pf_config", "pf_valid_dst"]
 
 
 def _read(outers: dict[Kind, MapOfMaps], generation: int) -> dict[Network, tuple[int, bool]]:
@@ -113,8 +72,12 @@ def dump_pinned(pin_dir: Path) -> dict[Network, tuple[int, bool]]:
             m.close()
 
 
-def _value(entry: Entry) -> bytes:
-    return bytes(PrefilterEntry(entry.id, EntryFlag.AUDIT if entry.audit else 0))
+def _table(entries: Iterable[Entry]) -> Table:
+    table = empty_table()
+    for e in entries:
+        kind = kind_of(e.network)
+        table[kind][kind.key(e.network)] = value_of(e)
+    return table
 
 
 class PrefilterMaps:
@@ -134,6 +97,8 @@ class PrefilterMaps:
         self.maps: dict[str, Map] = {}
         self._active: Map
         self._outers: dict[Kind, MapOfMaps] = {}
+        self._gate_outer: MapOfMaps
+        self._gates: dict[int, V4Gates] = {}  # per generation with inner maps made by this process
         self._entry_stats: Map
         self._if_stats: Map
         self._config: Map
@@ -148,6 +113,7 @@ class PrefilterMaps:
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
         self._active = obj.typed_map("pf_active", ctypes.c_uint32, ctypes.c_uint32)
         self._outers = {kind: obj.map_of_maps(kind.outer) for kind in KINDS}
+        self._gate_outer = obj.map_of_maps(GATES)
         self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
         self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
         self._config = obj.typed_map("pf_config", ctypes.c_uint32, ctypes.c_uint32)
@@ -179,15 +145,16 @@ class PrefilterMaps:
         """The generation a bulk replace fills (not the live one)."""
         return (self.active + 1) % GENERATIONS
 
-    def install(self, entries: list[Entry]) -> int:
+    def install(self, entries: Table | Iterable[Entry]) -> int:
         """Make `entries` the whole live list in one step; returns the new generation.
 
         Fresh inner maps are filled and swapped into the idle generation, then
         `pf_active` flips. If filling fails, the live generation is untouched.
         """
+        table = entries if isinstance(entries, dict) else _table(entries)
         target, previous = self.idle, self.active
         try:
-            self.fill(target, entries)
+            self.fill(target, table)
         except Exception:
             self.drop(target)
             raise
@@ -195,22 +162,35 @@ class PrefilterMaps:
         self.retire(previous)
         return target
 
-    def fill(self, generation: int, entries: list[Entry]) -> None:
-        """Put fresh inner maps holding `entries` into a generation that is not live."""
+    def fill(self, generation: int, table: Table) -> None:
+        """Put fresh inner maps holding `table` into a generation that is not live.
+
+        Each list goes in as one packed batch (keys and values joined in C, no
+        object per entry).
+        """
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; fill the idle one")
-        groups = dict(self._by_kind(entries))
         fresh: dict[Kind, Map] = {}
+        gates = V4Gates(table.get(V4_LPM, {}))
+        gate_inner: Map | None = None
         try:
             for kind in KINDS:
-                fresh[kind] = self._outers[kind].new_inner(
-                    self._items(kind, groups.get(kind, [])), self._capacity(kind)
-                )
+                inner = self._outers[kind].create_inner(self._capacity(kind))
+                fresh[kind] = inner
+                raws = table.get(kind)
+                if raws:
+                    update_packed(inner, b"".join(raws.keys()), b"".join(raws.values()))
+            gate_inner = self._gate_outer.create_inner(self.capacity.prefixes + 1)
+            update_packed(gate_inner, *gates.packed())
             for kind, inner in fresh.items():
                 self._outers[kind].swap(generation, inner)
+            self._gate_outer.swap(generation, gate_inner)
+            self._gates[generation] = gates
         finally:
             for inner in fresh.values():
                 inner.close()  # the outer map holds them now (or, on failure, nobody does)
+            if gate_inner is not None:
+                gate_inner.close()
 
     def flip(self, generation: int) -> None:
         """Make a generation live: one map update that every later packet sees."""
@@ -220,9 +200,10 @@ class PrefilterMaps:
         """Remove the inner maps of a generation that is not live (absent ones are skipped)."""
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; it cannot be dropped")
-        for kind in KINDS:
+        self._gates.pop(generation, None)
+        for outer in [*self._outers.values(), self._gate_outer]:
             with contextlib.suppress(KeyNotFoundError):
-                self._outers[kind].delete(generation)
+                outer.delete(generation)
 
     def retire(self, generation: int) -> None:
         """Drop the generation that was live before a flip, once programs that read it are done."""
@@ -234,6 +215,8 @@ class PrefilterMaps:
     def upsert(self, entries: list[Entry]) -> None:
         """Write entries into the live generation (a failure may leave some written)."""
         for kind, group in self._by_kind(entries):
+            if kind == V4_LPM:
+                self._gate(group, add=True)
             with self._live(kind) as inner:
                 self._write(inner, kind, group)
 
@@ -249,6 +232,34 @@ class PrefilterMaps:
                     except KeyNotFoundError:
                         if not missing_ok:
                             raise
+            if kind == V4_LPM:
+                self._gate(group, add=False)
+
+    def _gate(self, entries: list[Entry], add: bool) -> None:
+        """Bring the live gate map in line with IPv4 prefixes added or removed."""
+        gates = self._gates.setdefault(self.active, V4Gates())
+        change = gates.add if add else gates.discard
+        slots = {s for s in (change(V4_LPM.key(e.network)) for e in entries) if s is not None}
+        if not slots:
+            return
+        slots.add(V4_GATE_SHORT)  # its ANY_LONG bit may have changed
+        with self._live_gates() as inner:
+            for slot in slots:
+                bits = gates.bits(slot)
+                key = slot.to_bytes(4, sys.byteorder)
+                if bits:
+                    inner.update(key, bits.to_bytes(4, sys.byteorder))
+                else:
+                    with contextlib.suppress(KeyNotFoundError):
+                        inner.delete(key)
+
+    def _live_gates(self) -> Map:
+        inner = self._gate_outer.get(self.active)
+        if inner is not None:
+            return inner
+        inner = self._gate_outer.create_inner(self.capacity.prefixes + 1)
+        self._gate_outer.swap(self.active, inner)
+        return inner
 
     def _live(self, kind: Kind) -> Map:
         inner = self.inner(kind, self.active)
@@ -267,7 +278,7 @@ class PrefilterMaps:
 
     @staticmethod
     def _items(kind: Kind, entries: list[Entry]) -> list[tuple[bytes, bytes]]:
-        return [(kind.key(e.network), _value(e)) for e in entries]
+        return [(kind.key(e.network), value_of(e)) for e in entries]
 
     @staticmethod
     def _write(inner: Map, kind: Kind, entries: list[Entry]) -> None:
@@ -281,11 +292,22 @@ class PrefilterMaps:
         """The live generation's list as network -> (counter id, audit), as the datapath has it."""
         return _read(self._outers, self.active)
 
+    def live_table(self) -> Table:
+        """The live generation's raw contents, per list (for adopting the maps into a fresh store)."""
+        table = empty_table()
+        for kind, outer in self._outers.items():
+            inner = outer.get(self.active)
+            if inner is None:
+                continue
+            with inner:
+                table[kind] = {bytes(k): bytes(v) for k, v in inner.typed(None, None).items()}
+        return table
+
     def reset_counters(self, ids: Iterable[int]) -> None:
-        """Zero the counters of ids given to new entries (one batch syscall)."""
-        keys = list(ids)
+        """Zero the counters of ids given to new entries (one packed batch, zeros for every CPU)."""
+        keys = array("I", ids)
         if keys:
-            self._entry_stats.update_batch(keys, [Counter()] * len(keys))
+            update_packed(self._entry_stats, keys.tobytes(), bytes(value_stride(self._entry_stats) * len(keys)))
 
     def hits(self, entry_id: int) -> Counter:
         total = self._entry_stats.lookup_sum(entry_id)

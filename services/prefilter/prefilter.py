@@ -16,11 +16,12 @@ to an interface asks the orchestrator to run the XDP chain's entry there.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -31,17 +32,32 @@ from services.common.change import Change as StoreChange
 from services.common.collector import collector_paused
 from services.common.datapath import Counter
 from services.common.errors import Aborted, FailedPrecondition, InvalidArgument, NotFound
-from services.common.store import Store
+from services.common.store import Store, StoreError
 from services.common.validate import at_most
 from services.common.validate import interface as valid_interface
 from services.prefilter.defs import IfStats
-from services.prefilter.denylist import DenyList, Entry, parse_entries
+from services.prefilter.denylist import (
+    VALUE,
+    DenyList,
+    Entry,
+    Packed,
+    Table,
+    empty_table,
+    flags_of,
+    parse_entries,
+    parse_wanted,
+    split,
+)
+from services.prefilter.keys import KINDS, Kind, kind_of
 from services.prefilter.maps import PrefilterMaps
 from services.prefilter.valid_destinations import ValidDestinationMode
 
 log = structlog.get_logger("weir.prefilter")
 
-ENTRY = "entry"
+ENTRY = "entry"  # one document per CIDR changed since the last replace: {"audit", "id"} or {"deleted": true}
+BASE = "entry-base"  # one document: the list the last replace (or adopt) wrote, packed per map
+BASE_KEY = "list"
+BASE_FORMAT = 1
 ATTACHMENT = "attachment"
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 100_000
@@ -70,6 +86,37 @@ class InterfaceCounters:
 
 def _doc(entry: Entry) -> dict[str, object]:
     return {"audit": entry.audit, "id": entry.id}
+
+
+TOMBSTONE = {"deleted": True}
+
+
+def _base_doc(table: Table) -> dict[str, object]:
+    """A whole list as one document: per map, its raw keys and values joined, in base64
+    (values in the host's byte order, as the maps hold them; the store is node-local)."""
+    lists = {
+        kind.outer: {
+            "keys": base64.b64encode(b"".join(raws.keys())).decode(),
+            "values": base64.b64encode(b"".join(raws.values())).decode(),
+        }
+        for kind, raws in table.items()
+        if raws
+    }
+    return {"format": BASE_FORMAT, "lists": lists}
+
+
+def _base_table(doc: dict[str, Any]) -> Table:
+    if doc.get("format") != BASE_FORMAT:
+        raise ValueError(f"format {doc.get('format')!r}, this build reads {BASE_FORMAT}")
+    table = empty_table()
+    for kind in KINDS:
+        packed = doc["lists"].get(kind.outer)
+        if packed:
+            keys = base64.b64decode(packed["keys"])
+            size = kind.address_size + (0 if kind.host else 4)
+            table[kind] = dict(zip(split(keys, size), split(base64.b64decode(packed["values"]), VALUE.size),
+                                   strict=True))  # fmt: skip
+    return table
 
 
 class XdpDevices(Protocol):
@@ -105,7 +152,7 @@ class Prefilter:
         self._devices = devices
         self._list = DenyList(maps.capacity)
         self.valid_destinations = ValidDestinationMode(maps, store)
-        self._listing: tuple[int, list[str], dict[str, Entry]] | None = None  # revision, sorted CIDRs, entries
+        self._listing: tuple[int, list[str], dict[str, tuple[Kind, bytes]]] | None = None  # revision, sorted, keys
 
     # ---- life cycle ----
 
@@ -121,19 +168,33 @@ class Prefilter:
         orchestrator runs it, and `Attach` records it again.
         """
         self._maps.load()
-        live = self._maps.live()
+        live = self._maps.live_table()
         with self._store.transaction():
-            self._store.put_many(ENTRY, ((str(n), {"audit": audit, "id": i}) for n, (i, audit) in live.items()))
+            self._store.clear(ENTRY)
+            self._store.put(BASE, BASE_KEY, _base_doc(live))
             self._store.bump_revision(ENTRY)
-        log.warning("adopted the deny list from the live maps", entries=len(live))
+        log.warning("adopted the deny list from the live maps", entries=sum(len(r) for r in live.values()))
         self._reconcile()
 
+    def _persisted(self) -> Table:
+        """The list the store holds: the last bulk list, then the changes made since."""
+        doc = self._store.get(BASE, BASE_KEY)
+        try:
+            table = empty_table() if doc is None else _base_table(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise StoreError(self._store.path, f"holds a deny list it cannot read ({exc})") from None
+        for key, change in self._store.items(ENTRY):
+            network = ipaddress.ip_network(key)
+            kind = kind_of(network)
+            if change.get("deleted"):
+                table[kind].pop(kind.key(network), None)
+            else:
+                table[kind][kind.key(network)] = VALUE.pack(int(change["id"]), flags_of(bool(change["audit"])))
+        return table
+
     def _reconcile(self) -> None:
-        self._list.restore(
-            Entry(ipaddress.ip_network(key), bool(doc["audit"]), int(doc["id"]))
-            for key, doc in self._store.items(ENTRY)
-        )
-        self._maps.install(list(self._list.entries.values()))
+        self._list.restore_table(self._persisted())
+        self._maps.install(self._list.table)
         self.valid_destinations.reconcile()
         for interface, doc in self._store.items(ATTACHMENT):
             try:
@@ -195,7 +256,7 @@ class Prefilter:
             self._maps.upsert(previous)
 
         with StoreChange(self._store) as change:
-            change.on_failure(lambda: self._list.abort(added))
+            change.on_failure(lambda: self._list.abort(e.id for e in added))
             self._store.put_many(ENTRY, ((str(e.network), _doc(e)) for e in [*added, *changed]))
             revision = self._store.bump_revision(ENTRY)
             self._maps.reset_counters(e.id for e in added)  # ids no entry holds: nothing to undo
@@ -212,7 +273,10 @@ class Prefilter:
         self._check_revision(expected_revision)
         removed = self._list.plan_delete(networks)
         with StoreChange(self._store) as change:
-            self._store.delete_many(ENTRY, (str(e.network) for e in removed))
+            if self._store.get(BASE, BASE_KEY) is None:
+                self._store.delete_many(ENTRY, (str(e.network) for e in removed))
+            else:  # the entry may be in the bulk list: record that it is gone
+                self._store.put_many(ENTRY, ((str(e.network), TOMBSTONE) for e in removed))
             revision = self._store.bump_revision(ENTRY)
             change.attempt(lambda: self._maps.remove(removed, missing_ok=True),
                            undo=lambda: self._maps.upsert(removed))  # fmt: skip
@@ -220,31 +284,36 @@ class Prefilter:
         return Change(revision, len(removed))
 
     @collector_paused()
-    def replace(self, items: Iterable[tuple[str, bool]], expected_revision: int = 0) -> Change:
-        """Make this the whole list, in one atomic switch of generations."""
-        wanted = parse_entries(self._entries(items))
+    def replace(
+        self, items: Iterable[tuple[str, bool]], expected_revision: int = 0, packed: Iterable[Packed] = ()
+    ) -> Change:
+        """Make this the whole list, in one atomic switch of generations.
+
+        `packed` adds blocks of hosts given as packed addresses (the bulk form): no
+        Python object is made per entry on the way to the maps and the store, which
+        gets the whole list as one document.
+        """
+        blocks = list(packed)
+        text = items if isinstance(items, list) else list(items)
+        self.check_count(len(text) + sum(len(b.addresses) // (4 if b.version == 4 else 16) for b in blocks))
+        wanted = parse_wanted(text, blocks)
         self._check_revision(expected_revision)
-        before = self._list.entries
-        new_list, leaving = self._list.plan_replace(wanted)
-        held = {e.id for e in before.values()}
-        fresh_ids = [e.id for e in new_list if before.get(e.network) is None]
+        plan = self._list.plan_replace(wanted)
         target, previous = self._maps.idle, self._maps.active
         with StoreChange(self._store) as change:
-            change.on_failure(lambda: self._list.abort(new_list))
+            change.on_failure(lambda: self._list.abort(plan.fresh_ids))
             self._store.clear(ENTRY)
-            self._store.put_many(ENTRY, ((str(e.network), _doc(e)) for e in new_list))
+            self._store.put(BASE, BASE_KEY, _base_doc(plan.table))
             revision = self._store.bump_revision(ENTRY)
-            self._maps.reset_counters(i for i in fresh_ids if i not in held)
-            change.attempt(lambda: self._maps.fill(target, new_list), undo=lambda: self._maps.drop(target))
+            reused = plan.reused_ids
+            self._maps.reset_counters([i for i in plan.fresh_ids if i not in reused] if reused else plan.fresh_ids)
+            change.attempt(lambda: self._maps.fill(target, plan.table), undo=lambda: self._maps.drop(target))
             change.apply(lambda: self._maps.flip(target), undo=lambda: self._maps.flip(previous))
         self._maps.retire(previous)
         # Ids taken over from leaving entries start from zero once the old list is gone.
-        self._maps.reset_counters(i for i in fresh_ids if i in held)
-        changed = len(leaving) + sum(
-            1 for e in new_list if e.network not in before or before[e.network].audit != e.audit
-        )
-        self._list.commit_replace(new_list, leaving)
-        return Change(revision, changed)
+        self._maps.reset_counters(plan.reused_ids)
+        self._list.commit_replace(plan)
+        return Change(revision, plan.changed)
 
     @collector_paused()
     def list_page(self, page_size: int = 0, page_token: str = "") -> tuple[list[Entry], str, int]:
@@ -252,10 +321,11 @@ class Prefilter:
         revision = self.revision
         if self._listing is None or self._listing[0] != revision:
             # Sorted once per revision, not once per page: paging through n entries stays O(n log n).
-            by_text = {str(n): e for n, e in self._list.entries.pairs()}
+            # Entries (with their network objects) are made for the page only.
+            by_text = {kind.text(raw): (kind, raw) for kind, raws in self._list.table.items() for raw in raws}
             self._listing = (revision, sorted(by_text), by_text)
         _, keys, by_text = self._listing
-        entries, token = paging.page(keys, page_size, page_token, by_text.__getitem__,
+        entries, token = paging.page(keys, page_size, page_token, lambda text: self._list.entry(*by_text[text]),
                                      default_size=DEFAULT_PAGE_SIZE, max_size=MAX_PAGE_SIZE)  # fmt: skip
         return entries, token, revision
 

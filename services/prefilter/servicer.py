@@ -13,7 +13,7 @@ from pybpf import XdpMode
 from services.common import validate
 from services.common.datapath import Counter
 from services.common.worker import Worker
-from services.prefilter.denylist import Entry
+from services.prefilter.denylist import Entry, Packed
 from services.prefilter.prefilter import AttachmentInfo, Change, Prefilter
 from services.prefilter.valid_destinations import ValidDestinations
 
@@ -31,6 +31,14 @@ AUDIT = {pb.MODE_UNSPECIFIED: False, pb.MODE_DENY: False, pb.MODE_AUDIT: True}  
 
 def _items(entries: Any) -> list[tuple[str, bool]]:
     return [(e.cidr, validate.choice(e.mode, AUDIT, f"entries[{i}].mode")) for i, e in enumerate(entries)]
+
+
+def _packed(blocks: Any) -> list[Packed]:
+    out = []
+    for i, block in enumerate(blocks):
+        audit = validate.choice(block.mode, AUDIT, f"packed[{i}].mode")
+        out += [Packed(4, block.ipv4, audit, f"packed[{i}].ipv4"), Packed(6, block.ipv6, audit, f"packed[{i}].ipv6")]
+    return out
 
 
 def _mode(entry: Entry) -> pb.Mode.ValueType:
@@ -68,9 +76,12 @@ class PrefilterServicer(pb_grpc.PrefilterServicer):
         return _change(await self._worker.call(self._prefilter.delete, list(request.cidrs), request.expected_revision))
 
     async def ReplaceEntries(self, request: pb.ReplaceEntriesRequest, context: Context) -> pb.ChangeResponse:
-        self._prefilter.check_count(len(request.entries))
+        packed_hosts = sum(len(p.ipv4) // 4 + len(p.ipv6) // 16 for p in request.packed)
+        self._prefilter.check_count(len(request.entries) + packed_hosts)
         return _change(
-            await self._worker.call(self._prefilter.replace, _items(request.entries), request.expected_revision)
+            await self._worker.call(
+                self._prefilter.replace, _items(request.entries), request.expected_revision, _packed(request.packed)
+            )
         )
 
     async def ListEntries(self, request: pb.ListEntriesRequest, context: Context) -> pb.ListEntriesResponse:

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted
-from services.prefilter.denylist import Capacity, DenyList, parse_entries
+from services.prefilter.denylist import Capacity, DenyList, parse_entries, wanted_of
 
 
 def test_same_cidr_twice_with_different_modes_is_refused() -> None:
@@ -35,7 +35,7 @@ def test_capacity_is_checked_per_family_and_kind() -> None:
     with pytest.raises(ResourceExhausted, match="3 IPv4 host"):
         deny.plan_add(parse_entries([("10.0.0.2", False), ("10.0.0.3", False)]))
     with pytest.raises(ResourceExhausted, match="2 IPv6 prefix entries do not fit: the map holds 1"):
-        deny.plan_replace(parse_entries([("2001:db8::/32", False), ("2001:db9::/32", False)]))
+        deny.plan_replace(wanted_of(parse_entries([("2001:db8::/32", False), ("2001:db9::/32", False)])))
     assert len(deny.entries) == 2
 
 
@@ -43,17 +43,17 @@ def test_replace_plan_keeps_ids_of_kept_entries_and_abort_gives_ids_back() -> No
     deny = DenyList(Capacity(hosts=4, prefixes=4))
     first, _ = deny.plan_add(parse_entries([("10.0.0.1", False), ("10.0.0.2", False)]))
     deny.commit(upserts=first)
-    new_list, leaving = deny.plan_replace(parse_entries([("10.0.0.2", False), ("10.9.0.0/16", False)]))
-    ids = {str(e.network): e.id for e in new_list}
+    plan = deny.plan_replace(wanted_of(parse_entries([("10.0.0.2", False), ("10.9.0.0/16", False)])))
+    ids = {str(e.network): e.id for e in plan.entries()}
     assert ids["10.0.0.2/32"] == 1 and ids["10.9.0.0/16"] == 0  # took the leaving entry's id
-    assert [str(e.network) for e in leaving] == ["10.0.0.1/32"]
-    deny.abort(new_list)
+    assert plan.leaving_ids == [0] and plan.changed == 2
+    deny.abort(plan.fresh_ids)
     assert set(map(str, deny.entries)) == {"10.0.0.1/32", "10.0.0.2/32"}
     # Both ids of that plan are still held by current entries: none may be handed out again.
     added, _ = deny.plan_add(parse_entries([("10.5.0.0/16", False)]))
     assert [e.id for e in added] == [2]
     # An aborted add gives its fresh id back: the next plan takes it again.
-    deny.abort(added)
+    deny.abort(e.id for e in added)
     again, _ = deny.plan_add(parse_entries([("10.6.0.0/16", False)]))
     assert [e.id for e in again] == [2]
     with pytest.raises(NotFound):
