@@ -127,6 +127,9 @@ class Reason(IntEnum):
     # An L7 port's flow found no proxy listener (Envoy down or not configured yet, or an IPv6
     # flow, which the proxy does not serve): dropped, never let through unchecked.
     PROXY_UNAVAILABLE = 13
+    # Encryption was asked for the destination but cannot be done (no key, a removed peer,
+    # no xfrm in the kernel): dropped, never sent in plaintext.
+    ENCRYPTION_UNAVAILABLE = 14
 
 
 class Cb(IntEnum):
