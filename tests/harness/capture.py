@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 from types import TracebackType
 
 from tests.harness import netns
@@ -28,6 +29,7 @@ class Capture:
         self._sock.settimeout(0.1)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
         self.frames: list[bytes] = []
+        self.times: list[float] = []  # time.monotonic() of each frame
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -41,7 +43,9 @@ class Capture:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                self.frames.append(self._sock.recv(65535))
+                frame = self._sock.recv(65535)
+                self.times.append(time.monotonic())
+                self.frames.append(frame)
             except TimeoutError:
                 continue
             except OSError:
@@ -60,14 +64,28 @@ class Capture:
     def ip_protocols(self) -> set[int]:
         return {p[9] for p in self.ipv4()}
 
-    def esp_spis(self) -> list[int]:
-        """The SPI of every ESP packet, in capture order."""
+    def timed_ipv4(self) -> list[tuple[float, bytes]]:
+        """(time, IPv4 packet) of the frames captured so far."""
+        pairs = list(zip(self.times, self.frames, strict=False))
+        return [(t, f[14:]) for t, f in pairs if len(f) > 34 and struct.unpack("!H", f[12:14])[0] == ETH_P_IP]
+
+    def esp(self, src: str = "") -> list[tuple[float, int]]:
+        """(time, SPI) of every ESP packet (from `src` only, if given), in capture order."""
+        want = socket.inet_aton(src) if src else b""
         out = []
-        for p in self.ipv4():
-            if p[9] == 50:
+        for t, p in self.timed_ipv4():
+            if p[9] == 50 and (not want or p[12:16] == want):
                 ihl = (p[0] & 0x0F) * 4
-                out.append(struct.unpack("!I", p[ihl : ihl + 4])[0])
+                out.append((t, struct.unpack("!I", p[ihl : ihl + 4])[0]))
         return out
+
+    def esp_spis(self) -> list[int]:
+        return [spi for _, spi in self.esp()]
+
+    def plaintext_between(self, addresses: set[str]) -> int:
+        """IPv4 packets that are not ESP and come from or go to one of `addresses`."""
+        packed = {socket.inet_aton(a) for a in addresses}
+        return sum(1 for p in self.ipv4() if p[9] != 50 and (p[12:16] in packed or p[16:20] in packed))
 
     def contains(self, data: bytes) -> bool:
         return any(data in f for f in list(self.frames))
