@@ -153,7 +153,7 @@ def main() -> None:
     if reason:
         sys.exit(f"cannot boot the VM: {reason}")
     rwdir = Path(tempfile.mkdtemp(prefix="weir-ipsec-bench-"))
-    body = f"exec {sys.executable} -m bench.ipsec --guest {rwdir} --seconds {args.seconds} --rounds {args.rounds}"
+    body = f"exec {sys.executable} -u -m bench.ipsec --guest {rwdir} --seconds {args.seconds} --rounds {args.rounds}"
     started = time.monotonic()
     run = run_in_vm(body, rwdir, timeout=1800)
     path = rwdir / "bench.json"

@@ -217,6 +217,7 @@ def main(rwdir: Path) -> None:
 
     def save() -> None:
         out.write_text(json.dumps(results, indent=1, sort_keys=True))
+        print(f"[{time.monotonic():.0f}] saved: {sorted(results)}", flush=True)
 
     def phase(name: str, fn: Callable[[], dict[str, Any]]) -> None:
         t = time.monotonic()

@@ -30,7 +30,7 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip(f"no VM for the IPsec tier: {reason}")
     rwdir = tmp_path_factory.mktemp("ipsec-vm")
     started = time.monotonic()
-    run = run_in_vm(f"exec {sys.executable} -m tests.vm.ipsec_guest {rwdir}", rwdir, timeout=VM_TIMEOUT)
+    run = run_in_vm(f"exec {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}", rwdir, timeout=VM_TIMEOUT)
     out = rwdir / "result.json"
     log = (rwdir / "guest.log").read_text(errors="replace")[-6000:] if (rwdir / "guest.log").exists() else ""
     assert out.exists(), f"the guest wrote no result (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
