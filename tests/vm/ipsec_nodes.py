@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,8 +70,14 @@ def write_key(path: Path, spi: int, secret: bytes) -> Path:
     return path
 
 
+def progress(what: str) -> None:
+    """A line on stdout (the guest's log), for following a slow VM run."""
+    print(f"[{time.monotonic():.1f}] {what}", flush=True)
+
+
 def make_pair(workdir: Path, prefix: str, grace: float) -> tuple[IpsecNode, IpsecNode]:
     """Set up both nodes, start their services, create an endpoint on each; not yet peered."""
+    progress("setting up the nodes")
     a = IpsecNode(Node(f"{prefix}a", workdir / "a"), 1, "10.99.0.1", "198.18.1.0/24", "198.18.1.10")
     b = IpsecNode(Node(f"{prefix}b", workdir / "b"), 2, "10.99.0.2", "198.18.2.0/24", "198.18.2.10")
     for n in (a, b):
@@ -81,9 +88,12 @@ def make_pair(workdir: Path, prefix: str, grace: float) -> tuple[IpsecNode, Ipse
         netns.run(n.node.ns, "ip", "addr", "add", f"{n.underlay}/24", "dev", UNDERLAY_IF)
         netns.run(n.node.ns, "ip", "link", "set", UNDERLAY_IF, "up")
         netns.run(n.node.ns, "ip", "route", "add", other.cidr, "via", other.underlay, "dev", UNDERLAY_IF)
+    progress("starting the orchestrators")
     parallel(*(lambda n=n: n.node.start("orchestrator", timeout=START_TIMEOUT) for n in (a, b)))
+    progress("starting the ipsec services")
     extra = ("--rotation-grace", str(grace))
     parallel(*(lambda n=n: n.node.start("ipsec", *extra, timeout=START_TIMEOUT) for n in (a, b)))
+    progress("creating the endpoints")
     for n in (a, b):
         with n.node.channel("orchestrator") as channel:
             orch = orch_grpc.OrchestratorStub(channel)

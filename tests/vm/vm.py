@@ -21,6 +21,9 @@ mountpoint -q /sys/fs/bpf || mount -t bpf bpf /sys/fs/bpf
 mkdir -p /sys/fs/cgroup/unified
 modprobe -a esp4 esp6 xfrm_user xfrm4_tunnel gcm aes_generic cbc sha256_generic 2>/dev/null
 ip link set lo up
+# what runs, every 30 s: the only view into a slow guest while it works
+(while sleep 30; do cut -d' ' -f1 /proc/uptime; ps -eo etimes,pcpu,args | cut -c1-160 | grep -v ' [[]'; done \
+  > {rwdir}/ps.log 2>&1) &
 cd {repo}
 """
 
@@ -65,7 +68,7 @@ def run_in_vm(
         raise RuntimeError(unavailable())
     rwdir.mkdir(parents=True, exist_ok=True)
     script = rwdir / "guest.sh"
-    script.write_text(GUEST_PREAMBLE.format(repo=REPO) + f"exec > {rwdir}/guest.log 2>&1\n" + body + "\n")
+    script.write_text(GUEST_PREAMBLE.format(repo=REPO, rwdir=rwdir) + f"exec > {rwdir}/guest.log 2>&1\n" + body + "\n")
     script.chmod(0o755)
     argv = [
         tool, "--run", str(image), "--disable-kvm", "--memory", memory, "--cpus", str(cpus),
