@@ -223,9 +223,13 @@ def _selector(msg: nlmsg, src: Network, dst: Network) -> None:
     msg["sel_prefixlen_s"] = src.prefixlen
 
 
+XFRM_INF = 0xFFFFFFFFFFFFFFFF
+
+
 def _no_limits(msg: nlmsg) -> None:
-    for name, _ in LIFETIME_CFG_FIELDS:
-        msg[name] = 0xFFFFFFFFFFFFFFFF
+    """No byte or packet limit (XFRM_INF); the expiry times stay 0 (never): a huge time would overflow."""
+    for name in ("lft_sb", "lft_hb", "lft_sp", "lft_hp"):
+        msg[name] = XFRM_INF
 
 
 def _any(version: int) -> Network:

@@ -88,3 +88,12 @@ def test_a_block_policy_has_no_template() -> None:
     raw = _encode(xfrm.policy_message(policy), xfrm.XFRM_MSG_UPDPOLICY)
     assert raw[16 + 152 + 9] == xfrm.ACTION_BLOCK
     assert 5 not in _attrs(raw, 16 + 168)
+
+
+def test_states_never_expire_by_time_and_have_no_byte_or_packet_limit() -> None:
+    alg = Key(1, Cipher.GCM, bytes(range(20))).pair_algorithm(1, 2)
+    state = xfrm.State(A, B, 1, 0x5EED, xfrm.Mark(encrypt_mark(2, 1), STATE_MARK_MASK), alg)
+    body = _encode(xfrm.state_message(state), xfrm.XFRM_MSG_NEWSA)[16:]
+    limits = struct.unpack_from("=8Q", body, 96)  # struct xfrm_lifetime_cfg after sel, id, saddr
+    assert limits[:4] == (xfrm.XFRM_INF,) * 4  # bytes and packets, soft and hard
+    assert limits[4:] == (0, 0, 0, 0)  # add and use expiry: 0 is never (a huge value overflows: expired at once)

@@ -232,7 +232,12 @@ def main(rwdir: Path) -> None:
     keys = work / "keys"
     keys.mkdir(parents=True, mode=0o700)
     t = time.monotonic()
-    a, b = make_pair(work, "wv", GRACE)
+    try:
+        a, b = make_pair(work, "wv", GRACE)
+    except Exception:
+        results["setup_error"] = traceback.format_exc()
+        save()
+        raise
     try:
         k1 = write_key(keys / "k1", 1, bytes(range(20)))
         parallel(lambda: set_key(a, k1), lambda: set_key(b, k1))
@@ -244,6 +249,8 @@ def main(rwdir: Path) -> None:
         phase("wrong_key", lambda: phase_wrong_key(a, b, keys))
         phase("remove_readd", lambda: phase_remove_readd(a, b))
         phase("sigkill", lambda: phase_sigkill(a, b))
+    except Exception:
+        results["setup_error"] = traceback.format_exc()
     finally:
         results["done"] = True
         save()

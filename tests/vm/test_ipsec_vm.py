@@ -41,13 +41,15 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     print(json.dumps(data, indent=1, sort_keys=True))
     print(f"the VM tier took {data['wall_seconds']:.0f} s (boot, setup {data.get('setup_seconds')} s, checks)")
     assert data.get("done"), f"the guest did not finish:\n{log}"
+    assert "setup_error" not in data, f"{data['setup_error']}\n{log}"
+    data["log"] = log
     return data
 
 
 def _phase(result: dict[str, Any], name: str) -> dict[str, Any]:
     phase: dict[str, Any] = result.get(name) or {}
     assert phase, f"phase {name} did not run: {result}"
-    assert "error" not in phase, phase["error"]
+    assert "error" not in phase, f"{phase['error']}\n{result['log']}"
     return phase
 
 
