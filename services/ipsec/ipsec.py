@@ -24,6 +24,7 @@ a newer key came (`retire`). The peers' key indexes are published; keys never ar
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import time
 from collections.abc import Iterable
@@ -293,8 +294,10 @@ class Ipsec:
         probe_key = Key(1, cipher, bytes(cipher.key_lengths[0]))
         address = PROBE_ADDRESS if version == 4 else ipaddress.ip_address("2001:db8::fe")
         state = xfrm.State(address, address, PROBE_SPI, REQID, xfrm.Mark(0, 0), probe_key.pair_algorithm(0, 0))
+        with contextlib.suppress(xfrm.XfrmError):  # a probe a crash left behind
+            self._xfrm.delete_state(state)
         try:
-            self._xfrm.add_state(state, update=True)
+            self._xfrm.add_state(state)
         except xfrm.XfrmError as exc:
             raise FailedPrecondition(self._missing(exc, cipher, version)) from None
         self._xfrm.delete_state(state)
