@@ -3,8 +3,8 @@
 `bpf/include/weir/ipsec_defs.h` is generated from this module. The mark layout
 follows Cilium's: the XfrmMark kind in bits 8-11 (datapath.XFRM_MARK_MASK), the
 key index (the ESP SPI, 1..15) in bits 12-15 and the remote node id in bits 16-31.
-The xfrm states match the whole mark; the OUT policy of a peer ignores the SPI
-bits, so switching keys changes which state encrypts, never which policy applies.
+xfrm looks an OUT state up by its policy's mark, so each (peer, key) has its own OUT
+policy and state, both on the whole mark: the SPI the program writes picks them.
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ MAX_NODE_ID = 0xFFFF
 MAX_PEERS = 4096
 MAX_PEER_CIDRS = 16384
 
-STATE_MARK_MASK = 0xFFFFFF00  # a state: node id, SPI and kind
-POLICY_MARK_MASK = 0xFFFF0000 | XFRM_MARK_MASK  # a peer's OUT policy: node id and kind, any SPI
+STATE_MARK_MASK = 0xFFFF0000 | 0xF000 | XFRM_MARK_MASK  # states and OUT policies: node id, SPI and kind
 
 
 class PeerFlag(IntEnum):

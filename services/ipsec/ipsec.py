@@ -44,7 +44,6 @@ from services.ipsec import xfrm
 from services.ipsec.defs import (
     MAX_PEER_CIDRS,
     MAX_PEERS,
-    POLICY_MARK_MASK,
     STATE_MARK_MASK,
     decrypt_mark,
     encrypt_mark,
@@ -461,7 +460,6 @@ class Ipsec:
         if local is None:
             return want
         for peer in peers:
-            out_mark = xfrm.Mark(encrypt_mark(peer.node_id, 0), POLICY_MARK_MASK)
             for spi, key in self._secrets.items():
                 for state in (
                     xfrm.State(local.underlay, peer.underlay, spi, REQID,
@@ -472,11 +470,16 @@ class Ipsec:
                                key.pair_algorithm(peer.node_id, local.node_id)),
                 ):  # fmt: skip
                     want.states[_state_id(state)] = state
+                # xfrm finds an OUT state by the policy's mark, not the packet's: one OUT
+                # policy per key, so the SPI the BPF program puts in the mark picks the state
+                out_mark = xfrm.Mark(encrypt_mark(peer.node_id, spi), STATE_MARK_MASK)
+                for n in peer.cidrs:
+                    policy = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, PEER_PRIORITY, out_mark,
+                                         (local.underlay, peer.underlay), REQID)  # fmt: skip
+                    want.policies[_policy_id(policy)] = policy
             for n in peer.cidrs:
                 any_net = _any(n.version)
                 for policy in (
-                    xfrm.Policy(xfrm.DIR_OUT, any_net, n, PEER_PRIORITY, out_mark,
-                                (local.underlay, peer.underlay), REQID),
                     xfrm.Policy(xfrm.DIR_IN, n, any_net, PEER_PRIORITY, xfrm.Mark(0, 0),
                                 (peer.underlay, local.underlay), REQID),
                     xfrm.Policy(xfrm.DIR_FWD, n, any_net, PEER_PRIORITY, xfrm.Mark(0, 0),

@@ -9,7 +9,7 @@ from typing import Any
 
 from services.common.datapath import XfrmMark
 from services.ipsec import xfrm
-from services.ipsec.defs import POLICY_MARK_MASK, STATE_MARK_MASK, decrypt_mark, encrypt_mark
+from services.ipsec.defs import STATE_MARK_MASK, decrypt_mark, encrypt_mark
 from services.ipsec.keys import Cipher, Key
 
 A, B = ipaddress.ip_address("10.99.0.1"), ipaddress.ip_address("10.99.0.2")
@@ -40,7 +40,7 @@ def test_struct_sizes_match_the_kernel() -> None:
 def test_marks_carry_the_spi_and_node_as_cilium_does() -> None:
     assert encrypt_mark(2, 3) == 0x23E00 and encrypt_mark(2, 3) & 0xF00 == XfrmMark.ENCRYPT
     assert decrypt_mark(7) == 0x70D00
-    assert encrypt_mark(2, 3) & POLICY_MARK_MASK == encrypt_mark(2, 15) & POLICY_MARK_MASK  # one policy, any key
+    assert STATE_MARK_MASK == 0xFFFFFF00
     assert encrypt_mark(2, 3) & STATE_MARK_MASK != encrypt_mark(2, 4) & STATE_MARK_MASK  # a state per key
 
 
@@ -64,7 +64,7 @@ def test_a_policy_message_has_its_selector_template_and_mark() -> None:
         ipaddress.ip_network("0.0.0.0/0"),
         ipaddress.ip_network("198.18.2.0/24"),
         100,
-        xfrm.Mark(encrypt_mark(2, 0), POLICY_MARK_MASK),
+        xfrm.Mark(encrypt_mark(2, 3), STATE_MARK_MASK),
         (A, B),
         0x5EED,
     )
@@ -79,7 +79,7 @@ def test_a_policy_message_has_its_selector_template_and_mark() -> None:
         B.packed, 0, A.packed, 50, socket.AF_INET, 0x5EED, xfrm.MODE_TUNNEL, 0,
     )  # fmt: skip
     assert algs == [0xFFFFFFFF] * 3  # any algorithm, else an AEAD state never matches the template
-    assert struct.unpack("=II", attrs[21]) == (0x20E00, POLICY_MARK_MASK)
+    assert struct.unpack("=II", attrs[21]) == (0x23E00, STATE_MARK_MASK)
 
 
 def test_a_block_policy_has_no_template() -> None:

@@ -106,6 +106,10 @@ def phase_encrypted(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
         "encrypted_a": after_a.peers[0].encrypted.packets - before_a.peers[0].encrypted.packets,
         "decrypted_b": after_b.peers[0].decrypted.packets - before_b.peers[0].decrypted.packets,
         "spis": sorted(set(underlay.esp_spis())),
+        "xfrm_errors_a": {k: v for k, v in after_a.xfrm_errors.items() if v},
+        "xfrm_errors_b": {k: v for k, v in after_b.xfrm_errors.items() if v},
+        "datapath_a": {k: v.packets for k, v in after_a.datapath.items()},
+        "datapath_b": {k: v.packets for k, v in after_b.datapath.items()},
     }
 
 
