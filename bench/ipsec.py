@@ -3,8 +3,9 @@
 `python -m bench.ipsec [--seconds S] [--rounds N]` boots Debian's kernel with virtme-ng
 (qemu TCG: absolute figures are an emulator's, the ratios are what count) and runs
 `--guest` there. Inside: two nodes of `tests.vm.ipsec_nodes` (orchestrator + ipsec each,
-joined by an underlay), node b with two endpoints: one in the range peered with node a
-(encrypted), one in a range routed the same way but never peered (plain). Rounds alternate
+joined by an underlay). Encrypted: node a's endpoint to node b's, both in peered ranges.
+Plain: one more endpoint on each node, in ranges routed the same way over the underlay
+but never peered. Rounds alternate
 between the two, so both see the same load:
 
 1. throughput: iperf3 TCP from node a's endpoint for S seconds;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +37,8 @@ from tests.harness.traffic import CountedStream
 from tests.vm.ipsec_nodes import UNDERLAY_IF, make_pair, parallel, peer, set_key, write_key
 from tests.vm.vm import run_in_vm, unavailable
 
-PLAIN_IP, PLAIN_CIDR = "198.18.3.10", "198.18.3.0/24"
+PLAIN_IP, PLAIN_CIDR = "198.18.3.10", "198.18.3.0/24"  # a server endpoint on b, in no peered range
+CLIENT_IP, CLIENT_CIDR = "198.18.4.10", "198.18.4.0/24"  # a client endpoint on a, in no peered range
 
 
 def iperf(client_ns: str, server_ns: str, address: str, seconds: float) -> float:
@@ -106,16 +109,26 @@ def guest(rwdir: Path, seconds: float, rounds: int) -> None:
             plain = orch_grpc.OrchestratorStub(channel).CreateEndpoint(
                 orch_pb.CreateEndpointRequest(name="plain", ipv4=PLAIN_IP), timeout=120
             )
+        with a.node.channel("orchestrator") as channel:
+            client = orch_grpc.OrchestratorStub(channel).CreateEndpoint(
+                orch_pb.CreateEndpointRequest(name="client", ipv4=CLIENT_IP), timeout=120
+            )
         netns.run(a.node.ns, "ip", "route", "add", PLAIN_CIDR, "via", b.underlay, "dev", UNDERLAY_IF)
+        netns.run(b.node.ns, "ip", "route", "add", CLIENT_CIDR, "via", a.underlay, "dev", UNDERLAY_IF)
         k1 = write_key(keys / "k1", 1, bytes(range(20)))
         parallel(lambda: set_key(a, k1), lambda: set_key(b, k1))
         parallel(lambda: peer(a, b, 1), lambda: peer(b, a, 1))
-        targets = {"encrypted": (b.endpoint_ns, b.endpoint_ip), "plain": (plain.netns, PLAIN_IP)}
+        # (client namespace, server namespace, server address): both ends of the plain pair
+        # are outside the peered ranges, so neither direction is encrypted
+        targets = {
+            "encrypted": (a.endpoint_ns, b.endpoint_ns, b.endpoint_ip),
+            "plain": (client.netns, plain.netns, PLAIN_IP),
+        }
         results: dict[str, dict[str, list[float]]] = {k: {"bps": [], "cps": []} for k in targets}
         for _ in range(rounds):
-            for name, (ns, address) in targets.items():
-                results[name]["bps"].append(iperf(a.endpoint_ns, ns, address, seconds))
-                results[name]["cps"].append(connection_rate(a.endpoint_ns, ns, address, seconds))
+            for name, (client_ns, ns, address) in targets.items():
+                results[name]["bps"].append(iperf(client_ns, ns, address, seconds))
+                results[name]["cps"].append(connection_rate(client_ns, ns, address, seconds))
         out["runs"] = results
         k2 = write_key(keys / "k2", 2, bytes(range(100, 120)))
         with Capture(a.node.ns, UNDERLAY_IF) as cap:
@@ -161,6 +174,7 @@ def main() -> None:
         log = (rwdir / "guest.log").read_text(errors="replace")[-4000:] if (rwdir / "guest.log").exists() else ""
         sys.exit(f"the guest gave no figures (vng exit {run.returncode}):\n{run.stderr[-2000:]}\n{log}")
     data = json.loads(path.read_text())
+    shutil.rmtree(rwdir, ignore_errors=True)
     enc, plain = data["runs"]["encrypted"], data["runs"]["plain"]
     print(f"VM (qemu TCG, 2 vCPUs), {args.rounds} alternating rounds of {args.seconds:g} s, medians; "
           f"wall {time.monotonic() - started:.0f} s")  # fmt: skip
