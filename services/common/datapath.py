@@ -133,6 +133,9 @@ class Reason(IntEnum):
     # The prefilter's valid-destination mode: to none of a local endpoint, a node address,
     # a service frontend or a destination the operator added.
     INVALID_DESTINATION = 15
+    # Encryption was asked for the destination but cannot be done (no key, a removed peer,
+    # no xfrm in the kernel): dropped, never sent in plaintext.
+    ENCRYPTION_UNAVAILABLE = 16
 
 
 class Cb(IntEnum):

@@ -15,8 +15,8 @@ service its own TLS listener, either by name
 (``orchestrator=127.0.0.1:7000,lb=127.0.0.1:7003``; services not named listen
 on their unix socket only) or as one port range (``127.0.0.1:7000-7004``),
 whose ports go to the services in the order of ``SERVICES``: orchestrator,
-prefilter, policy, lb, sockaccel, l7. ``--metrics-listen`` and ``--flow-event-limit`` go to
-the orchestrator alone.
+prefilter, policy, lb, sockaccel, l7, ipsec. ``--metrics-listen`` and ``--flow-event-limit``
+go to the orchestrator alone.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ SUITE: tuple[Member, ...] = (
     Member("lb"),
     Member("sockaccel"),
     Member("l7"),  # Envoy and its control plane; policy hands it the listeners of L7 ports
+    Member("ipsec"),  # ESP between nodes; without ESP in the kernel it serves and encrypts nothing
 )
 SERVICES = [member.name for member in SUITE]
 BACKOFF_FIRST = 1.0

@@ -121,7 +121,7 @@ def pki(tmp_path: Path) -> Path:
 
 def test_a_port_range_gives_each_service_its_tls_listener_in_order(make_node: Callable[..., Node], pki: Path) -> None:
     node = make_node()
-    with running_suite(node, "--tcp-listen", "127.0.0.1:7100-7105", *_tls(pki)):
+    with running_suite(node, "--tcp-listen", "127.0.0.1:7100-7109", *_tls(pki)):
         targets = [f"127.0.0.1:{7100 + i}" for i in range(len(SERVICES))]
         answers = _who_answers(node, pki, targets)
         assert answers == {t: [SERVICE_NAMES[s]] for t, s in zip(targets, SERVICES, strict=True)}

@@ -24,5 +24,5 @@ def test_unusable_tcp_listen_values_are_refused(value: str, message: str) -> Non
 
 def test_tcp_listen_plans() -> None:
     assert plan_tcp(None) == {}
-    assert plan_tcp("[::1]:7000-7005") == {s: f"[::1]:{7000 + i}" for i, s in enumerate(SERVICES)}
+    assert plan_tcp("[::1]:7000-7009") == {s: f"[::1]:{7000 + i}" for i, s in enumerate(SERVICES)}
     assert plan_tcp("policy=10.0.0.1:9") == {"policy": "10.0.0.1:9"}

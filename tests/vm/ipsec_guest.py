@@ -1,0 +1,266 @@
+"""The VM tier's IPsec checks, run inside the VM: `python -m tests.vm.ipsec_guest RWDIR`.
+
+It measures and writes facts to RWDIR/result.json after each phase (so a phase that
+fails or times out still leaves the earlier ones); the pytest test on the host
+(`tests/vm/test_ipsec_vm.py`) asserts on them. Phases: encrypted path, rotation under
+a counted stream, a wrong key, removing and re-adding the peer under traffic, and
+SIGKILLing the ipsec service under traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from weir.ipsec.v1 import ipsec_pb2 as pb
+from weir.ipsec.v1 import ipsec_pb2_grpc as pb_grpc
+
+from tests.harness import netns
+from tests.harness.capture import Capture
+from tests.harness.traffic import CountedStream
+from tests.vm.ipsec_nodes import (
+    START_TIMEOUT,
+    UNDERLAY_IF,
+    IpsecNode,
+    counters,
+    make_pair,
+    parallel,
+    peer,
+    set_key,
+    write_key,
+)
+
+MARKER = b"WEIR-PLAINTEXT-MARKER-0123456789"
+WORLD = "203.0.113.7"  # the outside namespace of node a: not a cluster address
+GRACE = 5.0
+RATE = 200  # datagrams per second of the counted streams (TCG is slow)
+
+
+def _send(ns: str, address: str, port: int, payload: bytes, count: int) -> None:
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    with sock:
+        for _ in range(count):
+            sock.sendto(payload, (address, port))
+            time.sleep(0.02)
+
+
+def _receiver(ns: str, address: str, port: int) -> socket.socket:
+    with netns.entered(ns):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((address, port))
+    sock.settimeout(0.5)
+    return sock
+
+
+def _drain(sock: socket.socket, marker: bytes) -> int:
+    got = 0
+    while True:
+        try:
+            data = sock.recv(65535)
+        except TimeoutError:
+            return got
+        got += data == marker
+
+
+def _addresses(a: IpsecNode, b: IpsecNode) -> set[str]:
+    return {a.endpoint_ip, b.endpoint_ip}
+
+
+def _stream(a: IpsecNode, b: IpsecNode, port: int) -> CountedStream:
+    return CountedStream(a.endpoint_ns, b.endpoint_ns, b.endpoint_ip, port, rate=RATE).start()
+
+
+def _loss(result: Any) -> dict[str, Any]:
+    tail = set(range(max(result.sent - RATE // 2, 0), result.sent))  # the last half second
+    return {
+        "sent": result.sent,
+        "received": result.received,
+        "lost": len(result.missing),
+        "resumed": not tail & set(result.missing),
+    }
+
+
+def phase_encrypted(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    before_a, before_b = counters(a), counters(b)
+    rx = _receiver(b.endpoint_ns, b.endpoint_ip, 9000)
+    with rx, Capture(a.node.ns, UNDERLAY_IF) as underlay, Capture(a.node.outside, "eth0") as outside:
+        _send(a.endpoint_ns, b.endpoint_ip, 9000, MARKER, 20)
+        _send(a.endpoint_ns, WORLD, 9000, MARKER, 5)
+        delivered = _drain(rx, MARKER)
+    after_a, after_b = counters(a), counters(b)
+    return {
+        "delivered": delivered,
+        "underlay_protocols": sorted(underlay.ip_protocols()),
+        "underlay_esp": len(underlay.esp()),
+        "underlay_marker": underlay.contains(MARKER),
+        "underlay_plaintext": underlay.plaintext_between(_addresses(a, b)),
+        "outside_marker": outside.contains(MARKER),
+        "encrypted_a": after_a.peers[0].encrypted.packets - before_a.peers[0].encrypted.packets,
+        "decrypted_b": after_b.peers[0].decrypted.packets - before_b.peers[0].decrypted.packets,
+        "spis": sorted(set(underlay.esp_spis())),
+        "xfrm_errors_a": {k: v for k, v in after_a.xfrm_errors.items() if v},
+        "xfrm_errors_b": {k: v for k, v in after_b.xfrm_errors.items() if v},
+        "datapath_a": {k: v.packets for k, v in after_a.datapath.items()},
+        "datapath_b": {k: v.packets for k, v in after_b.datapath.items()},
+    }
+
+
+def phase_rotation(a: IpsecNode, b: IpsecNode, keys: Path) -> dict[str, Any]:
+    k2 = write_key(keys / "k2", 2, bytes(range(100, 120)))
+    rotations = counters(a).rotations
+    with Capture(a.node.ns, UNDERLAY_IF) as cap:
+        stream = _stream(a, b, 9100)
+        time.sleep(1.0)
+        t0 = time.monotonic()
+        parallel(lambda: set_key(a, k2), lambda: set_key(b, k2))  # installed everywhere before any use
+        t_installed = time.monotonic()
+        parallel(lambda: peer(a, b, 2), lambda: peer(b, a, 2))  # each side learns the other has key 2
+        t_switched = time.monotonic()
+        time.sleep(2.0)
+        result = stream.finish()
+    esp = cap.esp(src=a.underlay)
+    last_old = max((t for t, spi in esp if spi == 1), default=t0)
+    first_new = min((t for t, spi in esp if spi == 2), default=0.0)
+    after_new = [spi for t, spi in esp if t > first_new]
+    status_deadline = time.monotonic() + 60
+    keys_left: list[int] = []
+    while time.monotonic() < status_deadline:
+        with a.node.channel("ipsec") as channel:
+            status = pb_grpc.IpsecStub(channel).GetStatus(pb.GetStatusRequest(), timeout=60)
+        keys_left = [k.spi for k in status.keys]
+        if keys_left == [2]:
+            break
+        time.sleep(1)
+    return {
+        **_loss(result),
+        "spis_in_order": [spi for i, (_, spi) in enumerate(esp) if i == 0 or esp[i - 1][1] != spi],
+        "old_after_new": sum(1 for spi in after_new if spi == 1),
+        "install_seconds": t_installed - t0,
+        "switch_seconds": t_switched - t_installed,
+        "rotation_seconds": max(last_old, first_new) - t0,
+        "plaintext": cap.plaintext_between(_addresses(a, b)),
+        "rotations": counters(a).rotations - rotations,
+        "keys_after_grace": keys_left,
+    }
+
+
+def phase_wrong_key(a: IpsecNode, b: IpsecNode, keys: Path) -> dict[str, Any]:
+    ka = write_key(keys / "k3a", 3, bytes(range(40, 60)))
+    kb = write_key(keys / "k3b", 3, bytes(range(60, 80)))  # the same index, another key: a misconfigured node
+    parallel(lambda: set_key(a, ka), lambda: set_key(b, kb))
+    parallel(lambda: peer(a, b, 3), lambda: peer(b, a, 3))
+    before = counters(b)
+    rx = _receiver(b.endpoint_ns, b.endpoint_ip, 9200)
+    with rx, Capture(a.node.ns, UNDERLAY_IF) as cap:
+        _send(a.endpoint_ns, b.endpoint_ip, 9200, MARKER, 10)
+        delivered = _drain(rx, MARKER)
+    after = counters(b)
+    # put it right: a new index with the same key on both sides
+    k4 = write_key(keys / "k4", 4, bytes(range(140, 160)))
+    parallel(lambda: set_key(a, k4), lambda: set_key(b, k4))
+    parallel(lambda: peer(a, b, 4), lambda: peer(b, a, 4))
+    rx = _receiver(b.endpoint_ns, b.endpoint_ip, 9201)
+    with rx:
+        _send(a.endpoint_ns, b.endpoint_ip, 9201, MARKER, 5)
+        repaired = _drain(rx, MARKER)
+    errors = {k: after.xfrm_errors[k] - before.xfrm_errors.get(k, 0) for k in after.xfrm_errors}
+    return {
+        "delivered": delivered,
+        "esp_sent": len(cap.esp(src=a.underlay)),
+        "xfrm_errors": {k: v for k, v in errors.items() if v},
+        "integrity_failed": after.peers[0].integrity_failed - before.peers[0].integrity_failed,
+        "plaintext": cap.plaintext_between(_addresses(a, b)),
+        "delivered_after_repair": repaired,
+    }
+
+
+def phase_remove_readd(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    with Capture(a.node.ns, UNDERLAY_IF) as cap:
+        stream = _stream(a, b, 9300)
+        time.sleep(1.0)
+        with a.node.channel("ipsec") as channel:
+            pb_grpc.IpsecStub(channel).DeletePeer(pb.DeletePeerRequest(name=b.node.name), timeout=60)
+        time.sleep(1.5)
+        peer(a, b, 4)
+        time.sleep(2.0)
+        result = stream.finish()
+    return {**_loss(result), "plaintext": cap.plaintext_between(_addresses(a, b)), "esp": len(cap.esp())}
+
+
+def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    with Capture(a.node.ns, UNDERLAY_IF) as cap:
+        stream = _stream(a, b, 9400)
+        time.sleep(1.0)
+        a.node.kill("ipsec", signal.SIGKILL)
+        killed_at = stream.sent
+        time.sleep(2.0)
+        a.node.start("ipsec", "--rotation-grace", str(GRACE), timeout=START_TIMEOUT)
+        restarted_at = stream.sent
+        time.sleep(2.0)
+        result = stream.finish()
+    after = counters(a)
+    return {
+        **_loss(result),
+        "sent_while_down": restarted_at - killed_at,
+        "plaintext": cap.plaintext_between(_addresses(a, b)),
+        "egress_spi_after_restart": after.peers[0].egress_spi,
+    }
+
+
+def main(rwdir: Path) -> None:
+    results: dict[str, Any] = {"started": time.time()}
+    out = rwdir / "result.json"
+
+    def save() -> None:
+        out.write_text(json.dumps(results, indent=1, sort_keys=True))
+        print(f"[{time.monotonic():.0f}] saved: {sorted(results)}", flush=True)
+
+    def phase(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        t = time.monotonic()
+        try:
+            results[name] = fn()
+        except Exception:
+            results[name] = {"error": traceback.format_exc()}
+        results[name]["seconds"] = round(time.monotonic() - t, 1)
+        save()
+
+    work = Path("/tmp/weir-vm")
+    keys = work / "keys"
+    keys.mkdir(parents=True, mode=0o700)
+    t = time.monotonic()
+    try:
+        a, b = make_pair(work, "wv", GRACE)
+    except Exception:
+        results["setup_error"] = traceback.format_exc()
+        save()
+        raise
+    try:
+        k1 = write_key(keys / "k1", 1, bytes(range(20)))
+        parallel(lambda: set_key(a, k1), lambda: set_key(b, k1))
+        parallel(lambda: peer(a, b, 1), lambda: peer(b, a, 1))
+        results["setup_seconds"] = round(time.monotonic() - t, 1)
+        save()
+        phase("encrypted", lambda: phase_encrypted(a, b))
+        phase("rotation", lambda: phase_rotation(a, b, keys))
+        phase("wrong_key", lambda: phase_wrong_key(a, b, keys))
+        phase("remove_readd", lambda: phase_remove_readd(a, b))
+        phase("sigkill", lambda: phase_sigkill(a, b))
+    except Exception:
+        results["setup_error"] = traceback.format_exc()
+    finally:
+        results["done"] = True
+        save()
+        a.node.teardown()
+        b.node.teardown()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

@@ -1,0 +1,103 @@
+"""The VM tier for IPsec: real ESP on Debian's kernel, booted by this test (virtme-ng, qemu TCG).
+
+The host kernel has no ESP, so the test boots a VM sharing this checkout and runs
+`tests.vm.ipsec_guest` there: two nodes (namespaces, each its own orchestrator and
+ipsec service) joined by an underlay, an endpoint on each. The guest writes what it
+measured to a shared directory; the assertions are here. One boot for every check
+(the services take 30-45 s to start under TCG). Skipped only when no VM can be
+booted on this machine (no kernel image, qemu or virtme-ng), with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import pytest
+
+from tests.vm.vm import run_in_vm, unavailable
+
+pytestmark = pytest.mark.root
+# The tier takes about 5 minutes on 2 idle cores; a loaded machine may give more (WEIR_VM_TIMEOUT).
+VM_TIMEOUT = float(os.environ.get("WEIR_VM_TIMEOUT", "840"))
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no VM for the IPsec tier: {reason}")
+    rwdir = tmp_path_factory.mktemp("ipsec-vm")
+    started = time.monotonic()
+    run = run_in_vm(f"exec {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}", rwdir, timeout=VM_TIMEOUT)
+    out = rwdir / "result.json"
+    log = (rwdir / "guest.log").read_text(errors="replace")[-6000:] if (rwdir / "guest.log").exists() else ""
+    assert out.exists(), f"the guest wrote no result (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
+    data: dict[str, Any] = json.loads(out.read_text())
+    data["wall_seconds"] = time.monotonic() - started
+    print(json.dumps(data, indent=1, sort_keys=True))
+    print(f"the VM tier took {data['wall_seconds']:.0f} s (boot, setup {data.get('setup_seconds')} s, checks)")
+    assert data.get("done"), f"the guest did not finish:\n{log}"
+    assert "setup_error" not in data, f"{data['setup_error']}\n{log}"
+    data["log"] = log
+    return data
+
+
+def _phase(result: dict[str, Any], name: str) -> dict[str, Any]:
+    phase: dict[str, Any] = result.get(name) or {}
+    assert phase, f"phase {name} did not run: {result}"
+    assert "error" not in phase, f"{phase['error']}\n{result['log']}"
+    return phase
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_traffic_between_nodes_is_esp_and_arrives(result: dict[str, Any]) -> None:
+    p = _phase(result, "encrypted")
+    assert p["delivered"] == 20, p
+    assert p["underlay_protocols"] == [50], f"only ESP on the underlay: {p}"
+    assert p["underlay_esp"] >= 20 and p["spis"] == [1]
+    assert not p["underlay_marker"] and p["underlay_plaintext"] == 0
+    assert p["outside_marker"], "traffic to outside the cluster is not encrypted"
+    assert p["encrypted_a"] >= 20 and p["decrypted_b"] >= 20, p
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_rotation_under_a_counted_stream_loses_nothing(result: dict[str, Any]) -> None:
+    p = _phase(result, "rotation")
+    assert p["sent"] > 0 and p["lost"] == 0, p
+    assert p["spis_in_order"] == [1, 2], f"the capture shows the SPI change: {p}"
+    assert p["old_after_new"] == 0, p
+    assert p["plaintext"] == 0
+    assert p["rotations"] >= 1
+    assert p["keys_after_grace"] == [2], f"the old key goes after its grace period: {p}"
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_a_wrong_key_is_counted_with_the_xfrm_error(result: dict[str, Any]) -> None:
+    p = _phase(result, "wrong_key")
+    assert p["delivered"] == 0 and p["esp_sent"] >= 10, p
+    assert p["xfrm_errors"].get("XfrmInStateProtoError", 0) >= 10, p
+    assert p["integrity_failed"] >= 10, p
+    assert p["plaintext"] == 0
+    assert p["delivered_after_repair"] == 5, p
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_removing_and_readding_the_peer_never_sends_plaintext(result: dict[str, Any]) -> None:
+    p = _phase(result, "remove_readd")
+    assert p["plaintext"] == 0 and p["esp"] > 0, p
+    assert p["resumed"], p
+    assert p["lost"] < p["sent"], p
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_sigkill_of_the_service_under_traffic_never_sends_plaintext(result: dict[str, Any]) -> None:
+    p = _phase(result, "sigkill")
+    assert p["plaintext"] == 0, p
+    # the datapath keeps encrypting while the service is down; a few packets have been seen
+    # lost around the restart (34 of 25,705 in one run), so this bounds the loss, not zero
+    assert p["sent_while_down"] > 0 and p["lost"] <= p["sent"] // 100, f"most traffic keeps flowing: {p}"
+    assert p["resumed"] and p["egress_spi_after_restart"] == 4, p
