@@ -65,6 +65,12 @@ calls = st.one_of(
     st.just(("Detach", pb.DetachRequest(interface=NET_IFNAME))),
     st.builds(lambda i: ("Detach", pb.DetachRequest(interface=i)), interfaces),
     st.just(("ListAttachments", pb.ListAttachmentsRequest())),
+    st.builds(lambda e, c: ("SetValidDestinations", pb.SetValidDestinationsRequest(enabled=e, cidrs=c)),
+              st.booleans(), st.lists(cidrs, max_size=8)),
+    st.just(("GetValidDestinations", pb.GetValidDestinationsRequest())),
+    st.builds(lambda v4, v6, m, r: ("ReplaceEntries", pb.ReplaceEntriesRequest(
+                  packed=[pb.PackedHosts(ipv4=v4, ipv6=v6, mode=m)], expected_revision=r)),
+              st.binary(max_size=80), st.binary(max_size=80), modes, revisions),
 )  # fmt: skip
 
 
@@ -72,9 +78,10 @@ def snapshot(s: pb_grpc.PrefilterStub, node: Node) -> tuple[Any, ...]:
     """Everything a client or a packet can observe of the deny list and the attachments."""
     listed = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=100_000)), timeout=10)
     attachments = s.ListAttachments(pb.ListAttachmentsRequest(), timeout=10)
+    valid = s.GetValidDestinations(pb.GetValidDestinationsRequest(), timeout=10)
     return (listed.revision, [(e.cidr, e.mode) for e in listed.entries],
             sorted((a.interface, a.mode, a.program_id) for a in attachments.attachments),
-            dump_pinned(node.bpffs_root / "prefilter"))  # fmt: skip
+            valid.enabled, sorted(valid.cidrs), dump_pinned(node.bpffs_root / "prefilter"))  # fmt: skip
 
 
 def test_fuzzed_requests_never_break_the_prefilter_and_refusals_change_nothing(
@@ -104,6 +111,7 @@ def test_fuzzed_requests_never_break_the_prefilter_and_refusals_change_nothing(
             # An accepted change holds what was asked: no unknown mode mapped to DENY, no scope dropped.
             if rpc in ("AddEntries", "ReplaceEntries"):
                 ok = all(e.mode in (0, 1, 2) and "%" not in e.cidr for e in request.entries)
+                ok = ok and all(p.mode in (0, 1, 2) for p in getattr(request, "packed", ()))
                 assert ok, f"{rpc} accepted {str(request)[:500]}"
             if rpc == "Attach":
                 assert request.mode in (0, 1, 2), f"Attach accepted mode {request.mode}"
