@@ -454,6 +454,11 @@ def _hosts(count: int, offset: int = 0) -> list[str]:
     return out
 
 
+# 10x the entries may take at most this many times the CPU: a quadratic path shows as ~100x,
+# while n log n and a 10x larger heap's cache misses reached 16x in a CI run.
+GROWTH = 20
+
+
 def service_cpu_seconds(pid: int) -> float:
     """CPU time of every thread of a process, from schedstat (nanoseconds, unlike stat's ticks)."""
     total = 0
@@ -465,7 +470,7 @@ def service_cpu_seconds(pid: int) -> float:
 
 def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
     """AddEntries, paging through ListEntries and DeleteEntries are O(n) (plus an O(n log n) sort or index):
-    10x entries, <= 15x time."""
+    10x entries, <= GROWTH x time."""
     node = make_node("orchestrator", "prefilter")
     s = stub(node)
 
@@ -496,7 +501,8 @@ def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> No
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
     add_1x, list_1x, delete_1x = (min(t) for t in zip(*(timed(small, i * small) for i in range(4)), strict=True))
     add_10x, list_10x, delete_10x = (min(t) for t in zip(*(timed(large, i * large) for i in range(3)), strict=True))
-    assert list_10x <= 15 * list_1x, f"ListEntries pages: {list_1x:.3f}s for {small}, {list_10x:.3f}s for {large}"
-    assert add_10x <= 15 * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
-    assert delete_10x <= 15 * delete_1x, f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
+    assert list_10x <= GROWTH * list_1x, f"ListEntries pages: {list_1x:.3f}s for {small}, {list_10x:.3f}s for {large}"
+    assert add_10x <= GROWTH * add_1x, f"AddEntries: {add_1x:.3f}s for {small}, {add_10x:.3f}s for {large}"
+    deleted = f"DeleteEntries: {delete_1x:.3f}s for {small}, {delete_10x:.3f}s for {large}"
+    assert delete_10x <= GROWTH * delete_1x, deleted
     assert s.ListEntries(pb.ListEntriesRequest()).entries == []
