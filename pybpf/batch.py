@@ -1,16 +1,16 @@
-"""Packed batch writes: many elements of a map in one syscall, from bytes built in bulk.
+"""Packed batch writes: many elements of a map in one syscall, with no Python object per element.
 
-``Map.update_batch`` takes Python values and encodes them one by one; for tens of
-thousands of elements that encoding costs more than the syscall. Here the caller hands
-over the keys and values already laid out back to back (``pack_u32`` for u32 keys and
-values, ``bytes(array_of_structs)`` for structures), and the elements go to the kernel
-with libbpf 1.1's ``bpf_map_update_batch`` / ``bpf_map_delete_batch``, in chunks so one
-call never pins an unbounded buffer in the kernel.
+``Map.update_batch`` encodes every key and value through its codec, which is right for a
+few hundred typed elements and the bulk of the cost for a million. Here the caller hands
+over keys and values already laid out back to back, as the kernel's batch wants them
+(``pack_u32`` for u32s, ``bytes(array_of_structs)`` for structures, ``value_stride`` bytes
+per value of a per-CPU map), and they go to libbpf 1.1's ``bpf_map_update_batch`` /
+``bpf_map_delete_batch`` in chunks, so one call never pins an unbounded buffer in the kernel.
 
-Where the map type has no batch operation (the kernel answers ENOTSUPP or EOPNOTSUPP)
-the same bytes are written element by element, and that answer is remembered per map
-type, so later calls go straight to the fallback. Per-CPU maps take deletes only here:
-their values need one slot per possible CPU (use ``Map.update_batch``).
+Where the map type has no batch operation (LPM tries, DEVMAP_HASH: the kernel answers
+ENOTSUPP or EOPNOTSUPP) the same bytes are written element by element, and that answer is
+remembered per map type so later calls go straight there. Errors raise as ``Map.update``
+does; elements before a failing one stay written.
 """
 
 from __future__ import annotations
@@ -24,7 +24,9 @@ from pybpf import _libbpf
 from pybpf.errors import ENOTSUPP, check
 from pybpf.maps import Map, MapType
 
-__all__ = ["CHUNK", "delete_packed", "pack_u32", "update_packed"]
+__all__ = ["CHUNK", "delete_packed", "pack_u32", "update_packed", "value_stride"]
+
+Buffer = bytes | bytearray | memoryview
 
 CHUNK = 65536
 """Elements per batch syscall: large enough that the syscalls cost nothing next to the
@@ -43,28 +45,40 @@ def pack_u32(values: Iterable[int]) -> bytes:
     return packed.tobytes()
 
 
-def _check_layout(m: Map, op: str, count: int, keys: bytes, values: bytes | None) -> None:
-    if values is not None and m.is_percpu:
-        raise ValueError(f"{op} map {m.name}: per-CPU maps need one value per CPU (use Map.update_batch)")
-    if len(keys) != count * m.key_size:
+def value_stride(m: Map) -> int:
+    """Bytes one element's value takes in a batch buffer (every possible CPU's copy for per-CPU maps)."""
+    if m.is_percpu:
+        return ((m.value_size + 7) // 8 * 8) * _libbpf.possible_cpus()
+    return m.value_size
+
+
+def _count(m: Map, op: str, keys: Buffer, values: Buffer | None, count: int | None) -> int:
+    """The number of elements, after checking that the buffers hold whole keys and values."""
+    if count is None:
+        if len(keys) % m.key_size:
+            whole = f"a whole number of {m.key_size}-byte keys"
+            raise ValueError(f"{op} map {m.name}: {len(keys)} key bytes is not {whole}")
+        count = len(keys) // m.key_size
+    elif len(keys) != count * m.key_size:
         raise ValueError(f"{op} map {m.name}: {len(keys)} key bytes for {count} keys of {m.key_size}")
-    if values is not None and len(values) != count * m.value_size:
-        raise ValueError(f"{op} map {m.name}: {len(values)} value bytes for {count} values of {m.value_size}")
+    if values is not None and len(values) != count * value_stride(m):
+        raise ValueError(f"{op} map {m.name}: {len(values)} value bytes for {count} values of {value_stride(m)}")
+    return count
 
 
-def update_packed(m: Map, keys: bytes, values: bytes, count: int, chunk: int = CHUNK) -> int:
-    """Write ``count`` elements (keys and values packed back to back); returns how many.
+def update_packed(m: Map, keys: Buffer, values: Buffer, count: int | None = None, chunk: int = CHUNK) -> int:
+    """Write the packed elements (``count`` of them, or as many as ``keys`` holds); returns how many.
 
-    Like ``Map.update_batch`` with BPF_ANY: raises MapFullError and the like, and the
-    elements before the failing one stay written.
+    Like ``Map.update_batch`` with BPF_ANY: raises MapFullError and the like.
     """
-    _check_layout(m, "update_packed", count, keys, values)
-    ksize, vsize = m.key_size, m.value_size
+    count = _count(m, "update_packed", keys, values, count)
+    ksize, vsize = m.key_size, value_stride(m)
+    kview, vview = memoryview(keys).cast("B"), memoryview(values).cast("B")
     done = 0
     while done < count:
         n = min(chunk, count - done)
-        kpart = keys[done * ksize : (done + n) * ksize]
-        vpart = values[done * vsize : (done + n) * vsize]
+        kpart = bytes(kview[done * ksize : (done + n) * ksize])
+        vpart = bytes(vview[done * vsize : (done + n) * vsize])
         if m.type not in _no_update_batch:
             written = ctypes.c_uint32(n)
             opts = _libbpf.new_batch_opts()
@@ -83,19 +97,20 @@ def update_packed(m: Map, keys: bytes, values: bytes, count: int, chunk: int = C
     return count
 
 
-def delete_packed(m: Map, keys: bytes, count: int, missing_ok: bool = False, chunk: int = CHUNK) -> int:
-    """Delete ``count`` keys (packed back to back); returns how many were deleted.
+def delete_packed(m: Map, keys: Buffer, count: int | None = None, missing_ok: bool = False, chunk: int = CHUNK) -> int:
+    """Delete the packed keys; returns how many were deleted.
 
     An absent key raises KeyNotFoundError (the keys before it are deleted) unless
     ``missing_ok``, which deletes the others and skips it.
     """
-    _check_layout(m, "delete_packed", count, keys, None)
+    count = _count(m, "delete_packed", keys, None, count)
     ksize = m.key_size
+    kview = memoryview(keys).cast("B")
     deleted = 0
     done = 0
     while done < count:
         n = min(chunk, count - done)
-        kpart = keys[done * ksize : (done + n) * ksize]
+        kpart = bytes(kview[done * ksize : (done + n) * ksize])
         if m.type not in _no_delete_batch:
             gone = ctypes.c_uint32(n)
             opts = _libbpf.new_batch_opts()

@@ -23,7 +23,7 @@ from pathlib import Path
 import structlog
 
 from pybpf import BpfObject, KeyNotFoundError, Map, MapOfMaps, Program
-from pybpf.bulk import update_packed, value_stride
+from pybpf.batch import update_packed, value_stride
 from services.common.chain_client import Placement, Register
 from services.common.datapath import Counter, Hook, IpcacheKey, Slot
 from services.common.lpm import ipcache_key, ipcache_network

@@ -1,14 +1,15 @@
-"""Packed batch writes (pybpf.batch): round trips on maps with and without kernel batch ops."""
+"""Packed batch writes (pybpf.batch): round trips on maps with and without kernel batch ops, per-CPU ones included."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
-from ctypes import c_uint32
+from ctypes import c_uint32, c_uint64
 
 import pytest
 
 from pybpf import KeyNotFoundError, LpmKeyV4, Map, MapFullError, MapType
-from pybpf.batch import delete_packed, pack_u32, update_packed
+from pybpf.batch import delete_packed, pack_u32, update_packed, value_stride
 
 
 @pytest.fixture
@@ -51,8 +52,10 @@ def test_layout_mistakes_are_refused_before_any_write(hash_map: Map) -> None:
         update_packed(hash_map, b"\0" * 7, b"\0" * 8, 2)
     with pytest.raises(ValueError, match="value bytes"):
         update_packed(hash_map, b"\0" * 8, b"\0" * 4, 2)
-    with Map.create(MapType.PERCPU_HASH, 4, 8, 4) as percpu, pytest.raises(ValueError, match="per-CPU"):
-        update_packed(percpu, b"\0" * 4, b"\0" * 8, 1)
+    with pytest.raises(ValueError, match="not a whole number of 4-byte keys"):
+        update_packed(hash_map, b"\0" * 6, b"\0" * 4)
+    with Map.create(MapType.PERCPU_HASH, 4, 8, 4) as percpu, pytest.raises(ValueError, match="value bytes"):
+        update_packed(percpu, b"\0" * 4, b"\0" * 8, 1)  # one CPU's value, where every possible CPU's is due
     assert list(hash_map.keys()) == []
 
 
@@ -80,3 +83,21 @@ def test_a_map_type_without_batch_ops_is_written_element_by_element() -> None:
         assert list(m.keys()) == [20]
         with pytest.raises(KeyNotFoundError):
             delete_packed(m, pack_u32([99]), 1)
+
+
+def test_packed_values_of_a_per_cpu_map_cover_every_cpu() -> None:
+    with Map.create(MapType.PERCPU_ARRAY, 4, 8, 4, key_type=c_uint32, value_type=c_uint64) as m:
+        stride = value_stride(m)
+        ncpus = stride // 8
+        assert ncpus == len(m.lookup_percpu(0) or [])
+        values = struct.pack(f"={2 * ncpus}Q", *([5] * ncpus + [6] * ncpus))
+        assert update_packed(m, pack_u32([1, 3]), values) == 2  # the count follows from the keys
+        assert m.lookup_sum(1) == 5 * ncpus and m.lookup_sum(3) == 6 * ncpus and m.lookup_sum(0) == 0
+
+
+def test_memoryviews_are_taken_as_they_are() -> None:
+    with Map.create(MapType.HASH, 4, 8, 16, key_type=c_uint32, value_type=c_uint64) as m:
+        keys = memoryview(struct.pack("=10I", *range(10)))
+        values = memoryview(struct.pack("=10Q", *(i * 100 for i in range(10))))
+        assert update_packed(m, keys, values, chunk=3) == 10
+        assert {k: m[k] for k in m} == {i: i * 100 for i in range(10)}
