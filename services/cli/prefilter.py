@@ -1,13 +1,16 @@
-"""`weir prefilter list|add|delete|counters|attach|detach|valid-destinations`: the XDP deny list (and its other mode).
+"""`weir prefilter list|add|replace|delete|counters|attach|detach|valid-destinations`: the XDP deny list.
 
 ``add -f FILE`` reads one CIDR a line (``#`` comments and blank lines skipped) and sends
 them in chunks with a progress bar on stderr: each chunk is one all-or-nothing change, so
 a refused chunk stops the import with the earlier chunks in place (the message says how
-far it got; a repeated import skips what is already there).
+far it got; a repeated import skips what is already there). ``replace -f FILE`` swaps the
+whole list in one call, sending hosts in the packed form (4 or 16 bytes each, nothing to
+parse per entry on the service), which is how a million-entry list loads in seconds.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import click
@@ -97,6 +100,52 @@ def add(cidrs: tuple[str, ...], path: Any, audit: bool, chunk: int) -> None:
             revision = reply.revision
             progress.advance(task, len(part))
     row = {"revision": str(revision), "changed": changed, "entries": len(wanted)}
+    emit(
+        row,
+        table(
+            None,
+            [
+                Column("ENTRIES", pick("entries"), "right"),
+                Column("CHANGED", pick("changed"), "right"),
+                Column("REVISION", pick("revision"), "right"),
+            ],
+            [row],
+        ),
+    )
+
+
+def split_hosts(cidrs: list[str], mode: pb.Mode.ValueType) -> tuple[list[pb.Entry], pb.PackedHosts]:
+    """Hosts (an address, /32 or /128) packed in network order; everything else stays an entry.
+
+    Only what ``inet_pton`` takes is packed, so anything odd reaches the service as
+    text and is refused there with the service's own message.
+    """
+    entries: list[pb.Entry] = []
+    v4, v6 = bytearray(), bytearray()
+    for cidr in cidrs:
+        address, _, length = cidr.partition("/")
+        family, out = (socket.AF_INET6, v6) if ":" in address else (socket.AF_INET, v4)
+        if length in ("", "128" if family == socket.AF_INET6 else "32"):
+            try:
+                out += socket.inet_pton(family, address)
+                continue
+            except OSError:
+                pass
+        entries.append(pb.Entry(cidr=cidr, mode=mode))
+    return entries, pb.PackedHosts(ipv4=bytes(v4), ipv6=bytes(v6), mode=mode)
+
+
+@prefilter.command()
+@click.option("-f", "--file", "path", type=click.File("r"), required=True, help="one CIDR a line ('-': stdin)")
+@click.option("--audit", is_flag=True, help="count and pass instead of drop")
+@output_option
+def replace(path: Any, audit: bool) -> None:
+    """Make the list exactly the file's CIDRs, in one all-or-nothing call (the bulk load)."""
+    wanted = read_cidrs(path)
+    entries, packed = split_hosts(wanted, _mode(audit))
+    request = pb.ReplaceEntriesRequest(entries=entries, packed=[packed] if packed.ipv4 or packed.ipv6 else [])
+    reply = current().call("prefilter", "ReplaceEntries", request)
+    row = {"revision": str(reply.revision), "changed": reply.changed, "entries": len(wanted)}
     emit(
         row,
         table(

@@ -351,6 +351,34 @@ def test_a_bad_cidr_is_exit_1_with_the_services_message_and_changes_nothing(cli:
         prefilter_pb2_grpc.PrefilterStub(ch).ReplaceEntries(prefilter_pb2.ReplaceEntriesRequest(), timeout=30)
 
 
+def test_prefilter_replace_loads_a_file_in_the_packed_form_all_or_nothing(cli: Cli, tmp_path: Path) -> None:
+    hosts4 = [f"10.{i // 256}.{i % 256}.7" for i in range(3000)]
+    hosts6 = [f"2001:db8::{i:x}/128" for i in range(1, 200)]
+    path = tmp_path / "list.txt"
+    path.write_text("\n".join(["# bulk", *hosts4, "192.0.2.9/32", *hosts6, "198.51.100.0/24"]) + "\n")
+    replaced = cli.json("prefilter", "replace", "-f", str(path))
+    live = _entries(cli)
+    assert replaced == {"entries": 3201, "changed": 3201, "revision": str(live.revision)}
+    assert {e.cidr for e in live.entries} == {
+        *(f"{h}/32" for h in hosts4),
+        "192.0.2.9/32",
+        *hosts6,
+        "198.51.100.0/24",
+    }
+    path.write_text("\n".join([*hosts4[:10], "10.0.0.1/33"]) + "\n")  # one bad line: nothing changes
+    result = cli.run("prefilter", "replace", "-f", str(path))
+    assert_refused(result, 1, "weir: prefilter: INVALID_ARGUMENT:", "10.0.0.1/33")
+    assert _entries(cli) == live
+    path.write_text("198.51.100.0/24\n203.0.113.5\n")
+    assert cli.json("prefilter", "replace", "-f", str(path), "--audit")["entries"] == 2
+    assert {(e.cidr, e.mode) for e in _entries(cli).entries} == {
+        ("198.51.100.0/24", prefilter_pb2.MODE_AUDIT),
+        ("203.0.113.5/32", prefilter_pb2.MODE_AUDIT),
+    }
+    with cli.channel("prefilter") as ch:
+        prefilter_pb2_grpc.PrefilterStub(ch).ReplaceEntries(prefilter_pb2.ReplaceEntriesRequest(), timeout=30)
+
+
 # ---- usage and reachability ----
 
 
@@ -365,6 +393,7 @@ def test_a_bad_cidr_is_exit_1_with_the_services_message_and_changes_nothing(cli:
         ("observe", "--ip", "10.0.0.0/33"),
         ("observe", "--last", "0"),
         ("prefilter", "add"),
+        ("prefilter", "replace"),
         ("status", "-o", "yaml"),
     ],
 )
