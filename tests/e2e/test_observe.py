@@ -272,7 +272,7 @@ def test_the_metrics_endpoint_parses_and_its_counters_move_with_real_traffic(o: 
     assert value(after, "weir_conntrack_entries") >= 1
     assert value(after, "weir_map_entries", map="endpoints") == 2
     assert value(after, "weir_map_capacity", map="conntrack") > 0
-    rpc = {"method": "/weir.orchestrator.v1.Orchestrator/GetFlows", "code": "OK"}
+    rpc = {"service": "orchestrator", "method": "/weir.orchestrator.v1.Orchestrator/GetFlows", "code": "OK"}
     assert moved("weir_rpc_requests_total", rpc)
 
 
