@@ -76,10 +76,12 @@ def services_in(metrics: Scrape) -> set[str]:
 def call(node: Node, service: str, method: str, times: int) -> None:
     """Send `times` calls with an empty request; whatever status they get is what is counted."""
     with node.channel(service) as channel:
-        stub = channel.unary_unary(method, request_serializer=lambda _: b"", response_deserializer=lambda b: b)
+        stub: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            method, request_serializer=bytes, response_deserializer=bytes
+        )
         for _ in range(times):
             try:
-                stub(None, timeout=10)
+                stub(b"", timeout=10)
             except grpc.RpcError as exc:
                 assert exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED), exc
 
