@@ -4,14 +4,17 @@ A real orchestrator in a node namespace, started with `--flow-event-limit drop=1
 Limits changed with SetEventLimits survive a SIGKILL and a restart with the same flags,
 both as the orchestrator reports them and in the pinned `event_limits` map the BPF programs
 read; refused requests change neither. A flag changed since a limit was set at run time is
-the operator's newer word: it applies, and the stored limit for that kind is dropped.
+the operator's newer word: it applies, and the stored limit for that kind is dropped. A
+stored limit that does not read back holds the orchestrator, naming its database.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import signal
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,3 +117,18 @@ def test_a_flag_changed_since_wins_for_its_kind_and_the_others_stay(node: Node) 
     restart(node, *FLAG)  # back to the first flag: nothing stored for drop any more, so the flag applies
     assert shown(node)["DROP"] == Limit(100, 10, 1)
     assert shown(node)["REDIRECT"] == Limit(9, 9, 1)
+
+
+def test_a_stored_limit_that_does_not_read_back_holds_the_orchestrator(node: Node) -> None:
+    set_limits(node, "drop=7/3")
+    node.kill("orchestrator", signal.SIGKILL)
+    db = node.state_dir / "orchestrator.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("UPDATE docs SET doc = ? WHERE kind = 'event_limit'", (json.dumps({"limit": {"rate": "x"}}),))
+    with pytest.raises(TimeoutError):  # held: it serves, but never SERVING
+        node.start("orchestrator", *FLAG, timeout=5)
+    with pytest.raises(grpc.RpcError) as err:
+        node.orchestrator().GetFlowStats(pb.GetFlowStatsRequest(), timeout=10)
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert str(db) in str(err.value.details()) and "event limit" in str(err.value.details())
+    assert in_map(node)["DROP"] == packed(Limit(7, 3, 1))  # the datapath is kept as it was
