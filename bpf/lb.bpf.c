@@ -367,9 +367,10 @@ static __always_inline struct weir_lb_service *sock_service(struct bpf_sock_addr
 	return bpf_map_lookup_elem(&lb_services, &skey);
 }
 
-/* A TRANSLATE event for a connect() the socket LB sent to a backend. The source is not
- * known yet (the socket is bound after connect), so it is left empty; the hook is
- * FROM_CONTAINER, as for every socket-layer event.
+/* A TRANSLATE event for a connect() (or an unconnected UDP sendmsg()) the socket LB sent
+ * to a backend. The source is not known yet (the socket is bound after connect, or by
+ * this very send), so it is left empty; the hook is FROM_CONTAINER, as for every
+ * socket-layer event.
  */
 static __always_inline void sock_translate_event(struct bpf_sock_addr *ctx, __u8 proto, const struct weir_lb_backend *b)
 {
@@ -400,8 +401,10 @@ static __always_inline void sock_translate_event(struct bpf_sock_addr *ctx, __u8
 	bpf_ringbuf_submit(ev, 0);
 }
 
-/* Send a socket's service address to a backend; `connecting` (connect(), not each
- * sendmsg() of an unconnected UDP socket) also reports it as a TRANSLATE event.
+/* Send a socket's service address to a backend and report it as a TRANSLATE event:
+ * every connect(), and a sendmsg() of an unconnected UDP socket when it is the socket's
+ * first to that backend (no reverse-NAT entry yet), so a datagram stream is one flow per
+ * socket and backend, as a connection is one flow, not one per packet.
  */
 static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto, int connecting)
 {
@@ -426,6 +429,8 @@ static __always_inline int sock_translate(struct bpf_sock_addr *ctx, __u8 proto,
 	rkey.cookie = cookie;
 	rkey.addr = baddr;
 	rkey.port = b->port;
+	if (!connecting && !bpf_map_lookup_elem(&lb_sock_revnat, &rkey))
+		connecting = 1; /* this unconnected socket's first datagram to the backend */
 	bpf_map_update_elem(&lb_sock_revnat, &rkey, &rev, BPF_ANY);
 	stats_add(&lb_service_stats, svc->service_id, 0, 1);
 	stats_add(&lb_backend_stats, backend_id, 0, 1);

@@ -18,12 +18,13 @@ import re
 from typing import Any
 
 import click
+import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.table import Table
-from weir.common.v1 import common_pb2
+from weir.common.v1 import common_pb2, telemetry_pb2, telemetry_pb2_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as pb
 
-from services.cli.client import current
+from services.cli.client import CONNECT_TIMEOUT, CliFailure, current
 from services.cli.output import Column, emit, emit_line, output_option, pick, table, to_dict, wants_json
 
 VERDICTS = ("DROPPED", "AUDIT", "FORWARDED", "TRANSLATED", "ACCELERATED", "REDIRECTED")
@@ -201,7 +202,8 @@ def event_limits(limits: tuple[str, ...]) -> None:
     """Show the datapath's event rate limits and counts; with arguments, change those kinds' limits now.
 
     RATE is events per second per CPU (0: no limit); SAMPLE N keeps one candidate event in N.
-    The orchestrator's --flow-event-limit flags apply again when it restarts.
+    A change is kept in the orchestrator's store and outlives its restarts, unless that kind's
+    --flow-event-limit flag has changed since (the newer word wins).
     """
     node = current()
     if limits:
@@ -215,10 +217,12 @@ def event_limits(limits: tuple[str, ...]) -> None:
 @click.command()
 @output_option
 def metrics() -> None:
-    """Packets per hook entry and per (reason, direction), the flow buffer's and the datapath's event losses."""
+    """Packets per hook entry and per (reason, direction), the flow buffer's and the datapath's event
+    losses, and the calls each service answered by method and code."""
     node = current()
     reply = to_dict(node.call("orchestrator", "GetMetrics", pb.GetMetricsRequest()))
     reply["flows"] = to_dict(node.call("orchestrator", "GetFlowStats", pb.GetFlowStatsRequest()))
+    reply["rpcs"] = _rpc_counts()
     flow_counts = {k: v for k, v in reply["flows"].items() if k != "event_kinds"}
     emit(
         reply,
@@ -247,5 +251,29 @@ def metrics() -> None:
             [flow_counts],
         ),
         _kinds_table(reply["flows"].get("event_kinds", [])),
+        table(
+            "rpcs",
+            [
+                Column("SERVICE", pick("service")),
+                Column("METHOD", lambda r: str(r["method"]).rpartition("/")[2]),
+                Column("CODE", pick("code")),
+                Column("CALLS", pick("count"), "right"),
+            ],
+            reply["rpcs"],
+        ),
         empty="no counters yet",
     )
+
+
+def _rpc_counts() -> list[dict[str, Any]]:
+    """Every service's answered calls (weir.common.v1.Telemetry); a service that does not answer is left out."""
+    node = current()
+    rows: list[dict[str, Any]] = []
+    for service in node.services_found():
+        try:
+            stub = telemetry_pb2_grpc.TelemetryStub(node.channel(service))
+            reply = stub.GetRpcCounts(telemetry_pb2.GetRpcCountsRequest(), timeout=CONNECT_TIMEOUT)
+        except (CliFailure, grpc.RpcError):
+            continue
+        rows += [{"service": service, "method": c.method, "code": c.code, "count": c.count} for c in reply.counts]
+    return rows

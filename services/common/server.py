@@ -1,8 +1,9 @@
 """Bootstrap of every Weir gRPC service: listeners, health, reflection, clean shutdown.
 
 Each service only registers its servicers; this module makes them reachable the same way
-everywhere: a 0600 unix socket (plus opt-in TLS TCP), gRPC health checking and server
-reflection (so grpcurl works with no proto files), and a SIGTERM that drains calls, runs the
+everywhere: a 0600 unix socket (plus opt-in TLS TCP), gRPC health checking, server
+reflection (so grpcurl works with no proto files), the Telemetry RPC counts (for the node's
+metrics endpoint), and a SIGTERM that drains calls, runs the
 service's clean-up and removes the socket.
 """
 
@@ -23,6 +24,7 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common import telemetry
 from services.common.config import NodeConfig
 from services.common.errors import ErrorInterceptor, FailedPrecondition, WeirError
 from services.common.health import Readiness
@@ -167,8 +169,10 @@ class ServiceServer:
         self._server = server
         self.service_names = tuple(self._register(server))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        counts = telemetry.add_to_server(server, self.service, self.config.instance)
         await self.readiness.bind(self._set_serving)
-        reflection.enable_server_reflection((*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        names = (*self.service_names, counts, health.SERVICE_NAME, reflection.SERVICE_NAME)
+        reflection.enable_server_reflection(names, server)
 
         old_umask = os.umask(0o177)  # the socket is created 0600 from the start
         try:

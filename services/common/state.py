@@ -37,7 +37,7 @@ log = structlog.get_logger("weir.state")
 
 META, PENDING = "_meta", "pending"
 _SIDE_FILES = ("", "-wal", "-shm", "-journal")
-_OPEN_CALLS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_OPEN_CALLS = ("/grpc.health.v1.Health/", "/grpc.reflection.", "/weir.common.v1.Telemetry/")
 
 
 class Mode(enum.Enum):
@@ -166,7 +166,7 @@ def settle(store: Store) -> None:
 
 
 class _Refuse(grpc.GenericRpcHandler):
-    """Answers every call but health and reflection with FAILED_PRECONDITION."""
+    """Answers every call but health, reflection and telemetry with FAILED_PRECONDITION."""
 
     def __init__(self, message: str) -> None:
         self._message = message

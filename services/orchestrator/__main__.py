@@ -50,6 +50,7 @@ from services.orchestrator.mapfill import MapFill
 from services.orchestrator.metrics import MetricsServer, NodeCollector, parse_listen
 from services.orchestrator.nodes import NodeTable, add_flags, local_from_args
 from services.orchestrator.routing import VXLAN, Routing
+from services.orchestrator.rpcscrape import ServiceRpcs
 from services.orchestrator.rulenames import RuleNames
 from services.orchestrator.servicer import SERVICE_NAME, OrchestratorServicer
 
@@ -175,6 +176,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             nodes = NodeTable(store, local_node, routing, endpoints.all_networks)
             endpoints.address_checks.append(nodes.check_endpoint_address)
             await worker.call(nodes.reconcile)
+            event_limits = EventLimits(chain.event_limits, chain.event_stats, store)
+            await worker.call(event_limits.configure, dict(args.flow_event_limit))
             await worker.call(settle, store)
             break
         except DOCUMENT_ERRORS as exc:
@@ -192,8 +195,6 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                 assert opened.held is not None
                 await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
                 return
-    event_limits = EventLimits(chain.event_limits, chain.event_stats)
-    await worker.call(event_limits.configure, dict(args.flow_event_limit))
     rule_names = RuleNames(config.globals_pin_dir)
     flows = Flows(args.flow_buffer, rule_names)
     flows.start(asyncio.get_running_loop())
@@ -224,7 +225,8 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     )
     metrics: MetricsServer | None = None
     if args.metrics_listen is not None:
-        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path)
+        rpcs = ServiceRpcs(config.run_dir, config.instance, SERVICE)
+        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path, rpcs)
         metrics = MetricsServer(collector)
         port = metrics.start(*args.metrics_listen)
         log.info("metrics served", address=args.metrics_listen[0], port=port)

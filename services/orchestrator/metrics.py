@@ -8,7 +8,8 @@ direction, the entry programs' packets by hook, what became of the events of eac
 node's maps; the policy verdicts by endpoint that the flows counted; the load balancer's
 counters per service and backend and the prefilter's per interface and entry, asked of
 those services over their sockets (left out, with `weir_scrape_errors` counting it, when
-one does not answer); and the gRPC calls this process answered, by method and code.
+one does not answer); and the gRPC calls every service of the node answered, by service,
+method and code (services/orchestrator/rpcscrape.py).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from weir.common.v1 import common_pb2
 from weir.lb.v1 import lb_pb2, lb_pb2_grpc
 from weir.prefilter.v1 import prefilter_pb2, prefilter_pb2_grpc
 
-from services.common import rpcmetrics
 from services.orchestrator.chain import Chain
 from services.orchestrator.eventlimits import EventLimits
 from services.orchestrator.flows import Flows
 from services.orchestrator.mapfill import MapFill
+from services.orchestrator.rpcscrape import ServiceRpcs
 
 PEER_TIMEOUT = 2.0  # seconds a scrape waits for the lb or prefilter service
 MAX_SERVICES = 1000  # LB services asked for counters per scrape
@@ -63,10 +64,12 @@ class NodeCollector(Collector):
         flows: Flows,
         fill: MapFill,
         socket_path: Callable[[str], Path],
+        rpcs: ServiceRpcs,
     ) -> None:
         self._chain, self._limits, self._flows = chain, limits, flows
         self._fill = fill
         self._socket_path = socket_path
+        self._rpcs = rpcs
         self._scrape_errors: dict[str, int] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
@@ -74,8 +77,12 @@ class NodeCollector(Collector):
         yield from self._events()
         yield from self._policy_verdicts()
         yield from self._maps_fill()
-        yield from self._asked("lb", self._lb)
-        yield from self._asked("prefilter", self._prefilter)
+        failed: set[str] = set()  # services this scrape could not ask, each counted once
+        yield from self._asked("lb", self._lb, failed)
+        yield from self._asked("prefilter", self._prefilter, failed)
+        yield from self._rpcs.families(failed)
+        for service in failed:
+            self._scrape_errors[service] = self._scrape_errors.get(service, 0) + 1
         errors = CounterMetricFamily(
             "weir_scrape_errors", "scrapes that could not ask a service for its counters", labels=["service"]
         )
@@ -144,7 +151,7 @@ class NodeCollector(Collector):
         return [entries, capacity, conntrack]
 
     def _asked(
-        self, service: str, ask: Callable[[grpc.Channel], list[CounterMetricFamily]]
+        self, service: str, ask: Callable[[grpc.Channel], list[CounterMetricFamily]], failed: set[str]
     ) -> Iterable[CounterMetricFamily]:
         path = self._socket_path(service)
         if not path.exists():
@@ -153,7 +160,7 @@ class NodeCollector(Collector):
             with grpc.insecure_channel(f"unix://{path}") as channel:
                 return ask(channel)
         except grpc.RpcError:
-            self._scrape_errors[service] = self._scrape_errors.get(service, 0) + 1
+            failed.add(service)
             return []
 
     @staticmethod
@@ -206,12 +213,11 @@ class NodeCollector(Collector):
 
 
 class MetricsServer:
-    """The HTTP endpoint: the node's collector plus this process's RPC counts."""
+    """The HTTP endpoint over the node's collector."""
 
     def __init__(self, collector: NodeCollector) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(collector)
-        self.registry.register(_Forward(rpcmetrics.REGISTRY))
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -226,13 +232,3 @@ class MetricsServer:
                 self._server.shutdown()
                 self._server.server_close()
             self._server = None
-
-
-class _Forward(Collector):
-    """Another registry's metrics, collected as part of this one."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
-
-    def collect(self) -> Iterator[object]:  # type: ignore[override]
-        yield from self._registry.collect()

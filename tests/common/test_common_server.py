@@ -1,7 +1,7 @@
 """End to end: a tiny servicer (no generated protos) served by serve()/ServiceServer.
 
-Checks what every Weir service inherits: a 0600 unix socket, health, reflection, error
-mapping, request ids in the logs, opt-in mutual TLS, and a clean SIGTERM.
+Checks what every Weir service inherits: a 0600 unix socket, health, reflection, the
+telemetry RPC counts (also while held), error mapping, request ids in the logs, opt-in mutual TLS, and a clean SIGTERM.
 """
 
 from __future__ import annotations
@@ -31,11 +31,14 @@ import structlog
 from grpc_health.v1.health_pb2 import HealthCheckRequest as HealthRequest
 from grpc_health.v1.health_pb2 import HealthCheckResponse as HealthResponse
 from grpc_reflection.v1alpha import reflection_pb2
+from weir.common.v1 import telemetry_pb2, telemetry_pb2_grpc
 
+from services.common import rpcmetrics
 from services.common.config import NodeConfig
 from services.common.errors import Aborted, FailedPrecondition, NotFound
 from services.common.logs import setup_logging
 from services.common.server import ServiceServer, channel
+from services.common.state import Held, refuse_calls
 
 REPO = Path(__file__).resolve().parents[2]
 SERVICE = "weir.test.v1.Probe"
@@ -152,9 +155,61 @@ def test_reflection_lists_the_services(tmp_path: Path) -> None:
                 names |= {s.name for s in reply.list_services_response.service}
             assert names == {
                 SERVICE,
+                "weir.common.v1.Telemetry",
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
             }
+
+    asyncio.run(scenario())
+
+
+def _counts(reply: telemetry_pb2.RpcCounts) -> dict[tuple[str, str], int]:
+    return {(c.method, c.code): c.count for c in reply.counts}
+
+
+def test_telemetry_hands_out_the_calls_by_method_and_code_with_the_service_and_instance(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with running(node(tmp_path)) as (_, ch):
+            stub = telemetry_pb2_grpc.TelemetryStub(ch)
+            before = await stub.GetRpcCounts(telemetry_pb2.GetRpcCountsRequest())
+            assert (before.service, before.instance) == ("probe", "t")
+            assert before.start_time_seconds == rpcmetrics.START_TIME > 0
+            for _ in range(3):
+                await _call(ch, "Echo", b"x")
+            for _ in range(2):
+                with pytest.raises(grpc.aio.AioRpcError):
+                    await _call(ch, "Missing")
+            after = _counts(await stub.GetRpcCounts(telemetry_pb2.GetRpcCountsRequest()))
+            old = _counts(before)
+            echo, missing = (f"/{SERVICE}/Echo", "OK"), (f"/{SERVICE}/Missing", "NOT_FOUND")
+            assert after[echo] - old.get(echo, 0) == 3
+            assert after[missing] - old.get(missing, 0) == 2
+            asked = ("/weir.common.v1.Telemetry/GetRpcCounts", "OK")
+            assert after[asked] - old.get(asked, 0) == 1  # the first ask counted itself once it answered
+            assert all(after.get(k, 0) >= v for k, v in old.items())  # nothing goes backwards
+
+    asyncio.run(scenario())
+
+
+def test_telemetry_answers_while_the_service_is_held(tmp_path: Path) -> None:
+    held = Held(tmp_path / "probe.db", "is not a readable SQLite database", "restart it with --reset")
+
+    def register_held(server: grpc.aio.Server) -> list[str]:
+        refuse_calls(server, held)
+        return register(server)
+
+    async def scenario() -> None:
+        server = ServiceServer("probe", node(tmp_path), register_held)
+        await server.start()
+        try:
+            async with channel(server.socket_path) as ch:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await _call(ch, "Echo", b"x")
+                assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+                reply = await telemetry_pb2_grpc.TelemetryStub(ch).GetRpcCounts(telemetry_pb2.GetRpcCountsRequest())
+                assert reply.service == "probe"
+        finally:
+            await server.stop(grace=1)
 
     asyncio.run(scenario())
 

@@ -160,6 +160,13 @@ def test_weir_up_hands_metrics_listen_to_the_orchestrator_which_serves_prometheu
         "weir_map_entries",
         "weir_rpc_requests_total",
     } <= names
+    rpc_services = {
+        sample.labels["service"]
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+        if sample.name == "weir_rpc_requests_total"
+    }
+    assert rpc_services == set(SUITE_SERVICES)
 
 
 def test_metrics_prints_the_orchestrators_counters(cli: Cli) -> None:
@@ -172,8 +179,12 @@ def test_metrics_prints_the_orchestrators_counters(cli: Cli) -> None:
         assert hooks[as_dict(e)["hook"]] >= e.counter.packets  # counters only grow
     reasons = {(r["reason"], r["direction"]) for r in doc["reasons"]}
     assert reasons >= {(r.reason, as_dict(r)["direction"]) for r in before.reasons}
+    rpcs = {(r["service"], r["method"].rpartition("/")[2], r["code"]): int(r["count"]) for r in doc["rpcs"]}
+    assert rpcs[("orchestrator", "GetMetrics", "OK")] >= 1
+    assert {service for service, _, _ in rpcs} == set(SUITE_SERVICES)  # every service's calls, not one's
     table = cli.ok("metrics").stdout
     assert "HOOK_TO_CONTAINER" in table and "FORWARDED" in table
+    assert "rpcs" in table and "GetMetrics" in table
 
 
 # ---- endpoints ----

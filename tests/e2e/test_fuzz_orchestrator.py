@@ -2,8 +2,10 @@
 
 Every message is well formed (protobuf), its values are not: scoped and link-local
 addresses, names with NUL, '/' or a trailing newline, enum values that do not exist,
-oversized lists. The status must never be INTERNAL or UNKNOWN, and the endpoints,
-devices and slots must read the same after each refusal. A request that happens to be
+oversized lists. Every RPC of the service is generated (a test checks the list against
+the service's descriptor), streams included (read briefly, then cancelled). The status must
+never be INTERNAL or UNKNOWN, and the endpoints, devices, slots, XDP attachments, remote
+nodes and event limits must read the same after each refusal. A request that happens to be
 valid is undone (and the baseline read again), so the run never drifts.
 """
 
@@ -14,6 +16,7 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from weir.common.v1 import common_pb2
@@ -52,12 +55,52 @@ v6_field = field(["2001:db8:e::77", ""], ["fe80::5%eth0", "2001:db8::1%1", "fe80
 ifname_field = field(["", "wnet0"], ["a\x00b", "lo:1", "x" * 300, "x\n", "a/b"])
 enum_value = st.one_of(st.integers(min_value=1, max_value=8), st.sampled_from([-(2**31), -1, 0, 9, 99, 2**31 - 1]))
 big_id = st.one_of(st.just(0), st.integers(min_value=2**31 - 1000, max_value=2**32 - 1))
+node_name_field = field(["fuzz-node", "fuzz-b.example"], ["x\n", "ok-name\n", "a\x00b", "x" * 300, "Bad_Name", "a/b",
+                                                         "lo:1", "-x", "x" * 64])  # fmt: skip
+node_id = st.one_of(st.sampled_from([1, 2, 7, 65535]), st.sampled_from([0, 65536, 2**32 - 1]))
+underlay = field(["192.0.2.50", "2001:db8:ff::50"], ["fe80::5%eth0", "169.254.1.1", "224.0.0.1", "0.0.0.0", "::",
+                                                     "ff02::1", "10.1.2.300"])  # fmt: skip
+remote_cidr = field(["10.9.0.0/16", "2001:db8:99::/48"], ["10.0.0.0/33", "10.0.0.1/8", "198.18.0.0/15", "0.0.0.0/0",
+                                                           "::/0", "fe80::/64", "224.0.0.0/4"])  # fmt: skip
+limit_text = field(["drop=100/10", "verdict=off", "prefilter=50/20:4", "translate=0"],
+                   ["drop=fast", "flows=3", "drop=-1", "drop=1/0", "drop=5:0", "drop=1000001", "=", "drop",
+                    "accel=5/5:2000000", "DROP = 5"])  # fmt: skip
+flow_text = st.one_of(text, st.sampled_from(["TCP", "udp", "dropped", "POLICY_DENIED", "app=x", "10.0.0.0/8"]))
 
 
 def requests(draw: st.DrawFn) -> tuple[str, Any]:
     """One (method name, request) with edge values."""
-    method = draw(st.sampled_from([*sorted(BUILDERS), *["CreateEndpoint", "AttachDevice"] * 4]))
+    method = draw(st.sampled_from([*sorted(BUILDERS), *["CreateEndpoint", "AttachDevice", "UpsertNode"] * 4]))
     return method, BUILDERS[method](draw)
+
+
+def remote_node(d: Any) -> pb.Node:
+    """A valid remote node with some of its fields (none, one, or more) drawn from their edge values."""
+    fields: dict[str, Any] = {
+        "name": "fuzz-node", "node_id": 2, "addresses": ["192.0.2.50"], "cidrs": ["10.9.0.0/16"], "routing": 1,
+        "key_index": 0,
+    }  # fmt: skip
+    drawn = {
+        "name": node_name_field,
+        "node_id": node_id,
+        "addresses": st.lists(underlay, max_size=3),
+        "cidrs": st.lists(remote_cidr, max_size=3),
+        "routing": st.sampled_from([0, 1, 2, 3, -1, 99]),
+        "key_index": st.sampled_from([0, 15, 16, 2**32 - 1]),
+    }
+    for name in d(st.sets(st.sampled_from(sorted(drawn)), max_size=len(drawn))):
+        fields[name] = d(drawn[name])
+    return pb.Node(**fields)
+
+
+def few(values: st.SearchStrategy[Any]) -> st.SearchStrategy[list[Any]]:
+    """A repeated field: empty half the time (so the other fields decide), else up to two values."""
+    return st.one_of(st.just([]), st.lists(values, max_size=2))
+
+
+def since(d: Any) -> Timestamp | None:
+    seconds = d(st.sampled_from([None, 0, -1, -(2**40), 2**33, 1_700_000_000]))
+    return None if seconds is None else Timestamp(seconds=seconds)
 
 
 BUILDERS: dict[str, Callable[[Any], Any]] = {
@@ -87,7 +130,35 @@ BUILDERS: dict[str, Callable[[Any], Any]] = {
     "DetachXdp": lambda d: pb.DetachXdpRequest(interface=d(text)),
     "AttachDevice": lambda d: pb.AttachDeviceRequest(interface=d(ifname_field)),
     "DetachDevice": lambda d: pb.DetachDeviceRequest(interface=d(text)),
+    "ListDevices": lambda d: pb.ListDevicesRequest(),
+    "ListXdp": lambda d: pb.ListXdpRequest(),
+    "WatchEndpoints": lambda d: pb.WatchEndpointsRequest(snapshot=d(st.booleans())),
+    "ListIdentities": lambda d: pb.ListIdentitiesRequest(),
+    "WatchIdentities": lambda d: pb.WatchIdentitiesRequest(),
+    "CollectConntrack": lambda d: pb.CollectConntrackRequest(),
+    "UpsertNode": lambda d: pb.UpsertNodeRequest(node=remote_node(d)),
+    "DeleteNode": lambda d: pb.DeleteNodeRequest(name=d(node_name_field)),
+    "GetNode": lambda d: pb.GetNodeRequest(name=d(node_name_field)),
+    "ListNodes": lambda d: pb.ListNodesRequest(page=common_pb2.PageRequest(
+        page_size=d(st.sampled_from([0, 1, 1000, 1001, 2**32 - 1])), page_token=d(text))),
+    "WatchNodes": lambda d: pb.WatchNodesRequest(),
+    "GetLocalNode": lambda d: pb.GetLocalNodeRequest(),
+    "GetClusterStatus": lambda d: pb.GetClusterStatusRequest(),
+    "GetMetrics": lambda d: pb.GetMetricsRequest(),
+    "WatchEvents": lambda d: pb.WatchEventsRequest(types=d(st.lists(
+        st.one_of(text, st.sampled_from(["DROP", "VERDICT", "TRANSLATE", "drop"])), max_size=3))),
+    "GetFlows": lambda d: pb.GetFlowsRequest(
+        endpoints=d(few(text)), labels=d(few(flow_text)), cidrs=d(few(flow_text)),
+        ports=d(few(st.sampled_from([0, 1, 65535, 65536]))), protocols=d(few(flow_text)),
+        verdicts=d(few(flow_text)), reasons=d(few(flow_text)), rules=d(few(text)), follow=d(st.booleans()),
+        since=since(d), last=d(st.sampled_from([0, 1, 65536, 65537, 2**32 - 1]))),
+    "GetFlowStats": lambda d: pb.GetFlowStatsRequest(),
+    "SetEventLimits": lambda d: pb.SetEventLimitsRequest(
+        limits=d(st.one_of(st.just(["drop=100/10"]), st.lists(limit_text, max_size=3)))),
 }  # fmt: skip
+# Server streams: read for STREAM_SECONDS at most (a watch or a follow stays open), then cancelled.
+STREAMS = {"WatchEndpoints", "WatchIdentities", "WatchNodes", "WatchEvents", "GetFlows"}
+STREAM_SECONDS = 0.5
 
 
 # Values no name, address or interface field may take: a request carrying one must be refused.
@@ -98,8 +169,18 @@ NEVER_VALID = {
 }  # fmt: skip
 
 
+BAD_NODE_NAMES = {"x\n", "ok-name\n", "a\x00b", "x" * 300, "Bad_Name", "a/b", "lo:1", "-x", "x" * 64}
+BAD_LIMITS = {"drop=fast", "flows=3", "drop=-1", "drop=1/0", "drop=5:0", "drop=1000001", "=", "drop",
+              "accel=5/5:2000000"}  # fmt: skip
+
+
 def must_refuse(method: str, request: Any) -> bool:
     """Whether the request carries a value that makes it invalid whatever the rest says."""
+    if method == "UpsertNode":
+        node = request.node
+        return node.name in BAD_NODE_NAMES or node.node_id in (0, 65536, 2**32 - 1) or node.key_index > 15
+    if method == "SetEventLimits":
+        return not request.limits or any(limit in BAD_LIMITS for limit in request.limits)
     if method == "CreateEndpoint":
         fields = [request.name, request.ipv4, request.ipv6, request.adopt_interface, *request.labels.keys(),
                   *request.labels.values()]  # fmt: skip
@@ -112,18 +193,51 @@ def must_refuse(method: str, request: Any) -> bool:
     return any(f in NEVER_VALID for f in fields)
 
 
+def limits(stub: pb_grpc.OrchestratorStub) -> list[tuple[str, int, int, int, bool]]:
+    stats = stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10)
+    return [(k.kind, k.rate, k.burst, k.sample, k.off) for k in stats.event_kinds]
+
+
 def state(stub: pb_grpc.OrchestratorStub) -> tuple[Any, ...]:
     return (
         stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10),
         stub.ListDevices(pb.ListDevicesRequest(), timeout=10),
         stub.ListSlots(pb.ListSlotsRequest(), timeout=10),
         stub.ListXdp(pb.ListXdpRequest(), timeout=10),
+        stub.ListNodes(pb.ListNodesRequest(), timeout=10),
+        stub.GetLocalNode(pb.GetLocalNodeRequest(), timeout=10),
+        limits(stub),
     )
 
 
-def undo(stub: pb_grpc.OrchestratorStub, method: str, request: Any) -> None:
+def invoke(stub: pb_grpc.OrchestratorStub, method: str, request: Any) -> None:
+    """Call; a stream is read until it ends or STREAM_SECONDS pass (its refusal comes first)."""
+    if method not in STREAMS:
+        getattr(stub, method)(request, timeout=20)
+        return
+    call = getattr(stub, method)(request, timeout=STREAM_SECONDS)
+    try:
+        for _ in call:
+            pass
+    except grpc.RpcError as err:
+        if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
+            raise
+    finally:
+        call.cancel()
+
+
+def undo(stub: pb_grpc.OrchestratorStub, method: str, request: Any, baseline: tuple[Any, ...]) -> None:
     """Take back a request that was valid after all."""
-    if method == "CreateEndpoint":
+    if method == "UpsertNode":
+        before = {n.name: n for n in baseline[4].nodes}
+        if request.node.name in before:
+            stub.UpsertNode(pb.UpsertNodeRequest(node=before[request.node.name]), timeout=10)
+        else:
+            stub.DeleteNode(pb.DeleteNodeRequest(name=request.node.name), timeout=10)
+    elif method == "SetEventLimits":
+        texts = [f"{k}=off" if off else f"{k}={rate}/{burst}:{sample}" for k, rate, burst, sample, off in baseline[6]]
+        stub.SetEventLimits(pb.SetEventLimitsRequest(limits=texts), timeout=10)
+    elif method == "CreateEndpoint":
         stub.DeleteEndpoint(pb.DeleteEndpointRequest(name=request.name), timeout=10)
     elif method == "AttachDevice":
         stub.DetachDevice(pb.DetachDeviceRequest(interface=request.interface), timeout=10)
@@ -139,9 +253,11 @@ def test_bad_requests_are_refused_cleanly_and_change_nothing(node: Node) -> None
     node.create_endpoint(BASELINE, {"app": "x"})
     baseline = [state(stub)]
     calls = {"refused": 0, "ok": 0}
+    seen: set[str] = set()  # methods a request of which was taken
+    called: set[str] = set()
 
     @settings(
-        max_examples=400,
+        max_examples=600,
         deadline=None,
         derandomize=True,
         database=None,
@@ -152,8 +268,9 @@ def test_bad_requests_are_refused_cleanly_and_change_nothing(node: Node) -> None
         method, request = case
         if method == "DeleteEndpoint" and request.name == BASELINE:
             return
+        called.add(method)
         try:
-            getattr(stub, method)(request, timeout=20)
+            invoke(stub, method, request)
         except grpc.RpcError as err:
             assert err.code() not in BAD_CODES, f"{method}({request!r}) -> {err.code()}: {err.details()}"
             assert len(err.details() or "") < 1000, f"{method}: the message echoes the request"
@@ -161,14 +278,24 @@ def test_bad_requests_are_refused_cleanly_and_change_nothing(node: Node) -> None
             calls["refused"] += 1
             return
         calls["ok"] += 1
-        undo(stub, method, request)
+        seen.add(method)
+        undo(stub, method, request, baseline[0])
         baseline[0] = state(stub)
         assert not must_refuse(method, request), f"{method}({request!r}) was taken"
 
     check()
     assert calls["refused"] > 200, calls
+    assert called == set(BUILDERS), set(BUILDERS) - called
+    assert {"UpsertNode", "SetEventLimits", "GetFlows", "WatchNodes"} <= seen, seen  # valid ones were made too
     names = [e.name for e in stub.ListEndpoints(pb.ListEndpointsRequest(), timeout=10).endpoints]
     assert names == [BASELINE]
+
+
+def test_every_rpc_of_the_service_is_generated() -> None:
+    methods = {m.name for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods}
+    assert set(BUILDERS) == methods, (methods - set(BUILDERS), set(BUILDERS) - methods)
+    streams = {m.name for m in pb.DESCRIPTOR.services_by_name["Orchestrator"].methods if m.server_streaming}
+    assert streams == STREAMS
 
 
 def test_log_lines_are_bounded(node: Node) -> None:

@@ -33,7 +33,8 @@ from weir.policy.v1 import policy_pb2, policy_pb2_grpc
 from weir.prefilter.v1 import prefilter_pb2, prefilter_pb2_grpc
 
 from services.common import netns as common_netns
-from services.orchestrator.eventlimits import DEFAULT_PREFILTER_RATE, DEFAULT_PREFILTER_SAMPLE
+from services.common.datapath import EventKind
+from services.orchestrator.eventlimits import DEFAULT_PREFILTER_RATE, DEFAULT_PREFILTER_SAMPLE, default_limits
 from tests.e2e.test_lb import run_in_node_cgroup
 from tests.e2e.test_policy import known, sel, tcp, udp
 from tests.harness import netns, traffic
@@ -42,6 +43,7 @@ from tests.harness.node import NET_IFNAME, REPO, Node, pid_prefix
 pytestmark = pytest.mark.root
 
 VIP = "198.19.0.1"
+UDP_VIP = "198.19.0.2"
 DENIED = "203.0.113.7"  # an address of the outside namespace the prefilter denies
 METRICS_PORT = 9464
 DROP_RATE, DROP_BURST = 100, 10  # per CPU
@@ -204,6 +206,59 @@ def test_a_socket_lb_connect_is_translated_at_connect_time(o: Observed) -> None:
     assert (flow.protocol, flow.type) == ("TCP", "TRANSLATE")
 
 
+def test_an_unconnected_udp_sendto_a_vip_is_translated_once_per_socket_and_backend(o: Observed) -> None:
+    stub = o.stub()
+    service = lb_pb2.Service(
+        name="dns",
+        address=UDP_VIP,
+        port=53,
+        protocol="UDP",
+        backends=[lb_pb2.Backend(address=o.backend.ipv4, port=5353)],
+    )
+    lb_pb2_grpc.LoadBalancerStub(o.node.channel("lb")).UpsertService(lb_pb2.UpsertServiceRequest(service=service))
+    sendto = f"""
+        import socket
+        for _ in range(2):  # two sockets, five datagrams each, never connected
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                for _ in range(5):
+                    s.sendto(b"q", ("{UDP_VIP}", 53))
+        """
+
+    def new_flows(before: set[int], count: int) -> list[pb.Flow]:
+        deadline = time.monotonic() + 10
+        while len(new := [f for f in o.flows(verdicts=["TRANSLATED"], ports=[53]) if f.seq not in before]) < count:
+            assert time.monotonic() < deadline, f"{len(new)} TRANSLATED flows for unconnected sendto, not {count}"
+            time.sleep(0.05)
+        return new
+
+    before = {f.seq for f in o.flows(verdicts=["TRANSLATED"])}
+    stats_before = _kind(stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "TRANSLATE")
+    run_in_node_cgroup(o.node, sendto)  # a host process: the socket LB translates each sendmsg() itself
+    flows = new_flows(before, 2)
+    time.sleep(0.5)
+    assert len(new_flows(before, 2)) == 2  # one per socket and backend, not one per datagram
+    for flow in flows:
+        assert (flow.protocol, flow.type, flow.verdict) == ("UDP", "TRANSLATE", "TRANSLATED")
+        assert (flow.destination.address, flow.destination.port) == (UDP_VIP, 53)
+        assert (flow.translated_address, flow.translated_port) == (o.backend.ipv4, 5353)
+    stats_after = _kind(stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "TRANSLATE")
+    assert stats_after.emitted - stats_before.emitted == 2
+    shown = o.weir("observe", "--verdict", "translated", "--port", "53", "--last", "1")
+    assert f"backend={o.backend.ipv4}:5353" in shown.stdout, shown
+    # Through the TRANSLATE kind's limit like every other event: off, the sends make no flow.
+    stub.SetEventLimits(pb.SetEventLimitsRequest(limits=["translate=off"]), timeout=10)
+    try:
+        seen = {f.seq for f in o.flows(verdicts=["TRANSLATED"])}
+        run_in_node_cgroup(o.node, sendto)
+        held = _kind(stub.GetFlowStats(pb.GetFlowStatsRequest(), timeout=10), "TRANSLATE")
+        assert held.emitted == stats_after.emitted and held.rate_limited - stats_after.rate_limited == 2
+        time.sleep(0.5)
+        assert [f for f in o.flows(verdicts=["TRANSLATED"]) if f.seq not in seen] == []
+    finally:
+        default = default_limits()[EventKind.TRANSLATE]
+        stub.SetEventLimits(pb.SetEventLimitsRequest(limits=[f"translate={default.rate}/{default.burst}"]), timeout=10)
+
+
 def _kind(stats: pb.FlowStats, kind: str) -> pb.EventKindStats:
     return next(k for k in stats.event_kinds if k.kind == kind)
 
@@ -272,7 +327,7 @@ def test_the_metrics_endpoint_parses_and_its_counters_move_with_real_traffic(o: 
     assert value(after, "weir_conntrack_entries") >= 1
     assert value(after, "weir_map_entries", map="endpoints") == 2
     assert value(after, "weir_map_capacity", map="conntrack") > 0
-    rpc = {"method": "/weir.orchestrator.v1.Orchestrator/GetFlows", "code": "OK"}
+    rpc = {"service": "orchestrator", "method": "/weir.orchestrator.v1.Orchestrator/GetFlows", "code": "OK"}
     assert moved("weir_rpc_requests_total", rpc)
 
 
