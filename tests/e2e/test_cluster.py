@@ -28,7 +28,7 @@ from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from pybpf import Map
 from services.common.bpffs import remove_pins
-from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.datapath import IpcacheKey, IpcacheValue, ReservedIdentity
 from services.common.errors import FailedPrecondition
 from services.common.objects import load_service_object
 from services.common.store import Store
@@ -243,6 +243,18 @@ def test_remote_entries_rank_below_local_ones_and_cluster_numbers_are_kept(
     assert cache.read()[address] == 300
     ids.remote_down([address])
     assert cache.read()[address] == cidr.id
+    # A remote node's underlay address is remote-node, above another node's endpoint, below a host address.
+    node = ipaddress.ip_network("198.18.9.9/32")
+    ids.remote_up(300, [node])
+    assert ids.set_remote_nodes([node]) and cache.read()[node] == ReservedIdentity.REMOTE_NODE
+    assert not ids.set_remote_nodes([node])  # unchanged
+    ids.set_hosts([node])
+    assert cache.read()[node] == ReservedIdentity.HOST
+    ids.set_hosts([])
+    ids.set_remote_nodes([])
+    assert cache.read()[node] == 300
+    ids.remote_down([node])
+    assert node not in cache.read()
     # Learned numbers are kept (in the store too); one that clashes with this node's is refused.
     assert ids.learn("app=there", 301)
     assert store.get("identity", "app=there") == {"id": 301}
@@ -283,5 +295,10 @@ def test_nodes_published_in_etcd_fill_every_node_table_and_leave_it_with_their_l
     wait_for("b's table has a", lambda: nodes_seen(b).get(a.name) == (10, ("10.200.0.0/24",), vxlan), 15)
     wait_for("a's table has b", lambda: nodes_seen(a).get(b.name) == (11, ("10.201.0.0/24",), vxlan), 15)
     assert a.name not in nodes_seen(a)  # the local node is GetLocalNode, not a remote one
+    # Each node's underlay address is remote-node in the other's ipcache (as Cilium's node IPs).
+    remote_node = int(ReservedIdentity.REMOTE_NODE)
+    wait_for("a's address is remote-node on b", lambda: ipcache(b).get("192.0.2.10/32") == remote_node, 5)
+    wait_for("b's address is remote-node on a", lambda: ipcache(a).get("192.0.2.11/32") == remote_node, 5)
     a.kill("orchestrator")
     wait_for("a leaves b's table after its lease", lambda: a.name not in nodes_seen(b), LEASE + 10)
+    wait_for("a's address leaves b's ipcache", lambda: "192.0.2.10/32" not in ipcache(b), 3)

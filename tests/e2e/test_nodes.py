@@ -24,10 +24,12 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pol_pb
 from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 
-from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT
+from pybpf import Map
+from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT, IpcacheKey, IpcacheValue, ReservedIdentity
+from services.common.lpm import ipcache_network
 from services.orchestrator.routing import overlay_ifname
 from tests.harness import netns, traffic
-from tests.harness.multinode import Member, MultiNode, cidr_v4, underlay_v6
+from tests.harness.multinode import Member, MultiNode, cidr_v4, underlay_v4, underlay_v6
 from tests.harness.node import REPO, pid_prefix
 
 pytestmark = pytest.mark.root
@@ -168,6 +170,47 @@ def test_policy_by_labels_across_nodes(cluster: Cluster) -> None:
         assert not tcp_ok(c.ep(1, "client"), server, server.ipv4)
     finally:
         policy.DeleteRules(pol_pb.DeleteRulesRequest(names=["server-in"]), timeout=15)
+
+
+def ipcache(member: Member) -> dict[str, int]:
+    """The node's pinned ipcache, as its datapath reads it."""
+    path = member.node.bpffs_root / "globals/ipcache"
+    with Map.from_pin(path, key_type=IpcacheKey, value_type=IpcacheValue) as m:
+        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
+
+
+def test_remote_node_addresses_are_remote_node_to_the_ipcache_and_to_policy(cluster: Cluster) -> None:
+    """As Cilium's node manager does, a remote node's underlay addresses map to the reserved
+    remote-node identity: `fromEntities: [remote-node]` admits the node itself, `world` does not."""
+    c = cluster
+    c.nodes.connect("direct")
+    n1, n2 = c.member(1), c.member(2)
+    node1 = {f"{underlay_v4(1)}/32", f"{underlay_v6(1)}/128"}
+    remote_node = int(ReservedIdentity.REMOTE_NODE)
+    assert {p: i for p, i in ipcache(n2).items() if p in node1} == dict.fromkeys(node1, remote_node)
+    server = c.ep(2, "server")
+    policy = pol_grpc.PolicyStub(n2.node.channel("policy"))
+
+    def admits(entity: str) -> bool:
+        rule = pol_pb.Rule(
+            name="nodes-in",
+            endpoint_selector=pol_pb.EndpointSelector(match_labels={"app": "server"}),
+            ingress=[pol_pb.PeerRule(entities=[entity], ports=[pol_pb.PortRule(port=8080, protocol="TCP")])],
+        )
+        policy.ImportRules(pol_pb.ImportRulesRequest(rules=[rule]), timeout=15)
+        with traffic.server(server.netns, server.ipv4, 8080):  # from node 1 itself: 172.31.0.1
+            return traffic.tcp_connects(n1.node.ns, server.ipv4, 8080, timeout=1.5)
+
+    try:
+        assert not admits("world"), "node 1's address was taken for world"
+        assert admits("remote-node")
+        stub = n2.orchestrator()
+        stub.DeleteNode(orch_pb.DeleteNodeRequest(name=n1.name), timeout=15)
+        assert not node1 & ipcache(n2).keys(), "a deleted node's addresses stayed in the ipcache"
+        stub.UpsertNode(orch_pb.UpsertNodeRequest(node=n1.record("direct")), timeout=15)
+        assert node1 <= ipcache(n2).keys()
+    finally:
+        policy.DeleteRules(pol_pb.DeleteRulesRequest(names=["nodes-in"]), timeout=15)
 
 
 def test_new_endpoint_reachable_after_upsert_and_gone_after_delete_node(cluster: Cluster) -> None:
