@@ -53,6 +53,7 @@ DIRECT, VXLAN = "direct", "vxlan"
 FIRST_METRIC, METRICS = 2048, 1 << 15
 UNSCOPED_METRICS = (0, 1024)
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+VXLAN6_OVERHEAD = 70  # the same with an outer IPv6 header (40 bytes, not 20)
 DEFAULT_UNDERLAY_MTU = 1500
 IFF_NOARP = 0x80
 TC_HANDLE = 1
@@ -81,6 +82,7 @@ class Route:
 
     dst: Network
     gateway: str  # "" for the overlay
+    outer_v6: bool = False  # into the overlay towards an IPv6 underlay address: 20 bytes less room
 
 
 def overlay_ifname(instance: str) -> str:
@@ -119,7 +121,7 @@ def routes_of(node: Remote) -> set[Route]:
     for text in node.cidrs:
         dst = ipaddress.ip_network(text)
         if node.routing == VXLAN:
-            out.add(Route(dst, ""))
+            out.add(Route(dst, "", outer_v6=ipaddress.ip_address(tunnel_address(node)).version == 6))
         else:
             out.add(Route(dst, underlay_address(node, dst.version)))
     return out
@@ -298,7 +300,10 @@ class Routing:
                     "address (direct routing needs the nodes on one link); use VXLAN routing or fix the underlay"
                 ) from None
         else:
+            # The device's MTU leaves room for an outer IPv4 header; a node reached over IPv6
+            # gets a route MTU 20 bytes lower, so senders learn the right size (no black hole).
             index = ipr.link_lookup(ifname=self.ifname)[0]
+            metrics = {"metrics": {"mtu": self._underlay_mtu(ipr) - VXLAN6_OVERHEAD}} if route.outer_v6 else {}
             ipr.route(
                 "replace",
                 dst=str(route.dst),
@@ -306,6 +311,7 @@ class Routing:
                 oif=index,
                 proto=NODE_ROUTE_PROTOCOL,
                 priority=self._metric,
+                **metrics,
             )
 
     def _remove(self, ipr: IPRoute, route: Route) -> None:

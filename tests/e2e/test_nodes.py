@@ -29,7 +29,7 @@ from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT, IpcacheKey
 from services.common.lpm import ipcache_network
 from services.orchestrator.routing import overlay_ifname
 from tests.harness import netns, traffic
-from tests.harness.multinode import Member, MultiNode, cidr_v4, underlay_v4, underlay_v6
+from tests.harness.multinode import UNDERLAY_MTU, Member, MultiNode, cidr_v4, underlay_v4, underlay_v6
 from tests.harness.node import REPO, pid_prefix
 
 pytestmark = pytest.mark.root
@@ -139,6 +139,24 @@ def test_overlay_over_an_ipv6_underlay(cluster: Cluster) -> None:
 
     out = capture_while(c, "ip6 and udp", exchange)
     assert f"{underlay_v6(1)}." in out and f".{VXLAN_PORT}:" in out, out[-2000:]
+    # An outer IPv6 header takes 70 bytes, not 50: the routes to node 2 say so, so a packet that
+    # would not fit is refused where it is sent (PMTU) instead of vanishing on the underlay.
+    routes = netns.run(n1.node.ns, "ip", "route", "show", cidr_v4(2)).stdout
+    assert f"mtu {UNDERLAY_MTU - 70}" in routes, routes
+
+    def ping_unfragmented(size: int) -> subprocess.CompletedProcess[str]:
+        return netns.run(a.netns, "ping", "-c", "2", "-W", "1", "-M", "do", "-s", str(size), b.ipv4, check=False)
+
+    fits = ping_unfragmented(UNDERLAY_MTU - 70 - 28)  # 1480-byte IPv4 packets
+    assert fits.returncode == 0, fits.stdout
+    too_big = ping_unfragmented(UNDERLAY_MTU - 50 - 28)  # 1500 bytes: the endpoint's own MTU
+    assert too_big.returncode != 0 and f"mtu = {UNDERLAY_MTU - 70}" in too_big.stdout, too_big.stdout
+    with traffic.server(b.netns, b.ipv4, 8081):  # a full-size TCP stream gets through whole
+        payload = bytes(range(256)) * 800
+        assert traffic.tcp_exchange(a.netns, b.ipv4, 8081, payload, timeout=10) == payload
+    for here, there in ((n1, n2), (n2, n1)):  # back to both addresses (IPv4 underlay): no route MTU
+        here.orchestrator().UpsertNode(orch_pb.UpsertNodeRequest(node=there.record("vxlan")), timeout=15)
+    assert "mtu" not in netns.run(n1.node.ns, "ip", "route", "show", cidr_v4(2)).stdout
 
 
 def test_policy_by_labels_across_nodes(cluster: Cluster) -> None:
