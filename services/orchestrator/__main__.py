@@ -213,7 +213,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     cluster = None
     if kv is not None:
         sink = cluster_mode.IdentitiesSink(worker, identities)
-        cluster = cluster_mode.Cluster(kv, clusternodes.published(local_node), sink, args.kvstore_lease_seconds)
+        cluster = cluster_mode.Cluster(
+            kv, clusternodes.published(local_node), sink, args.kvstore_lease_seconds, args.kvstore_identity_gc_seconds
+        )
         clusternodes.link(cluster, nodes, worker)
         identities.use_cluster(cluster.allocate)
         endpoints.on_change(cluster.endpoint_changed)

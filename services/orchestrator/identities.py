@@ -177,6 +177,15 @@ class Identities:
         self._notify([identity], [])
         return True
 
+    def forget(self, key: str, identity: int) -> bool:
+        """A label identity the cluster released: dropped unless an endpoint of this node uses it."""
+        if self._by_key.get(key) != identity or identity in self._endpoints.values():
+            return False
+        self._store.delete(KIND, key)
+        del self._by_key[key]
+        self._notify([], [identity])
+        return True
+
     def remote_up(self, identity: int, addresses: Iterable[Network]) -> None:
         """Addresses of another node's endpoint map to its identity (unless this node claims them)."""
         networks = list(addresses)

@@ -93,14 +93,14 @@ def kvnet() -> Iterator[KvNetwork]:
         network.teardown()
 
 
-def cluster(make_node: Callable[..., Node], kvnet: KvNetwork, count: int) -> list[Node]:
-    """`count` nodes, each an orchestrator in cluster mode on kvnet's etcd."""
+def cluster(make_node: Callable[..., Node], kvnet: KvNetwork, count: int, *flags: str) -> list[Node]:
+    """`count` nodes, each an orchestrator in cluster mode on kvnet's etcd (with `flags` added)."""
     nodes = []
     for index in range(count):
         node = make_node()
         node.endpoint_count = 100 * index  # addresses apart: 198.18.0.10+, .110+, .210+
         url = kvnet.join(node)
-        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE))
+        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE), *flags)
         nodes.append(node)
     return nodes
 
@@ -302,3 +302,36 @@ def test_nodes_published_in_etcd_fill_every_node_table_and_leave_it_with_their_l
     a.kill("orchestrator")
     wait_for("a leaves b's table after its lease", lambda: a.name not in nodes_seen(b), LEASE + 10)
     wait_for("a's address leaves b's ipcache", lambda: "192.0.2.10/32" not in ipcache(b), 3)
+
+
+def label_sets(node: Node) -> set[str]:
+    with node.channel("orchestrator") as channel:
+        listed = orch_grpc.OrchestratorStub(channel).ListIdentities(orch_pb.ListIdentitiesRequest(), timeout=10)
+    return {",".join(i.labels) for i in listed.identities}
+
+
+def lacks_labels(node: Node, text: str) -> bool:
+    return text not in label_sets(node)
+
+
+def test_an_identity_no_endpoint_uses_is_released_everywhere_after_the_grace_period(
+    make_node: Callable[..., Node], kvnet: KvNetwork
+) -> None:
+    grace = 2
+    a, b = cluster(make_node, kvnet, 2, "--kvstore-identity-gc-seconds", str(grace))
+    brief = "app=brief,io.kubernetes.pod.namespace=default"
+    kept = a.create_endpoint("kept", {"app": "kept"})
+    made = a.create_endpoint("brief", {"app": "brief"})
+    wait_for("b knows the label set", lambda: brief in label_sets(b), CONVERGE)
+    a.orchestrator().DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="brief"), timeout=15)
+    deleted = time.monotonic()
+    for node in (a, b):
+        wait_for(f"{node.name} forgets the released identity", partial(lacks_labels, node, brief), 3 * grace + 8)
+    took = time.monotonic() - deleted
+    print(f"released everywhere {took:.1f}s after its last endpoint went (grace {grace}s)")
+    assert took >= grace * 0.9, "released before the grace period"
+    assert "app=kept,io.kubernetes.pod.namespace=default" in label_sets(b)  # in use: kept
+    assert ipcache(b)[f"{kept.ipv4}/32"] == kept.identity
+    again = b.create_endpoint("brief", {"app": "brief"})  # the labels get a number again
+    wait_for("a learns the new number", lambda: brief in label_sets(a), CONVERGE)
+    assert again.identity != kept.identity and made.identity >= 256
