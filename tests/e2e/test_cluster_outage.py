@@ -10,17 +10,23 @@ etcd told the receiving node. While etcd is down (a real stop of its process, lo
 any node's lease) numbered UDP datagrams and a TCP connection echoing numbered messages
 cross the nodes; each datagram must arrive and each message come back, before, during
 and after the outage (the streams run on until well past one lease after etcd returns,
-when a node that lost its lease would have been dropped by the others).
+when a node that lost its lease would have been dropped by the others). Meanwhile the
+outage shows in `weir status`, and a label set the cluster has not numbered is refused with
+UNAVAILABLE (no global identity without etcd).
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+import grpc
 import pytest
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
@@ -35,7 +41,7 @@ from tests.harness.echo import EchoStream
 from tests.harness.etcd import ETCD, MISSING
 from tests.harness.kvnet import KvNetwork
 from tests.harness.multinode import Member, MultiNode
-from tests.harness.node import Node, pid_prefix
+from tests.harness.node import REPO, Node, pid_prefix
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)]
 
@@ -59,6 +65,12 @@ def status(node: Node) -> orch_pb.ClusterStatus:
 
 def sees(node: Node, names: set[str]) -> bool:
     return {n.name for n in status(node).nodes} == names
+
+
+def weir(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
+    """The CLI against a node (its unix sockets reach the node from anywhere)."""
+    argv = [sys.executable, "-m", "services.cli", "--instance", node.name, "--run-dir", str(node.run_dir), *args]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=REPO)
 
 
 def disconnected(node: Node) -> bool:
@@ -183,6 +195,15 @@ def test_etcd_outage_under_traffic_loses_nothing_and_publishes_what_was_made_mea
         assert status(c.node(1)).pending_changes >= 1
         assert f"{late.ipv4}/32" not in ipcache(c.node(3))
         assert not tcp_ok(late, server3, TCP_PORT)
+        # `weir status` says so too (its exit code is about the services this test did not start).
+        shown = json.loads(weir(c.node(1), "status", "-o", "json").stdout)["cluster"]
+        assert shown["connected"] is False and "kvstore" in shown["last_error"]
+        assert "NOT connected" in " ".join(weir(c.node(1), "status").stdout.split())
+        with pytest.raises(grpc.RpcError) as refused:  # a new label set needs the cluster to number it
+            c.member(1).create_endpoint("brand-new", {"app": "brand-new"})
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "kvstore" in str(refused.value.details())
+        listed = c.node(1).orchestrator().ListEndpoints(orch_pb.ListEndpointsRequest(), timeout=10)
+        assert "brand-new" not in {e.name for e in listed.endpoints}
 
         while time.monotonic() - stopped < OUTAGE:  # nothing known is dropped on any node meanwhile
             for i in (1, 2, 3):
@@ -202,6 +223,7 @@ def test_etcd_outage_under_traffic_loses_nothing_and_publishes_what_was_made_mea
         assert tcp_ok(late, server2, TCP_PORT)
         for i in (1, 2, 3):
             wait_for(f"node {i} connected with nothing pending", partial(settled, c.node(i)), 15)
+        assert status(c.node(1)).last_error  # the outage stays reported
         time.sleep(max(0.0, AFTER - (time.monotonic() - returned)))  # past a lease that could have lapsed
         for i in (1, 2, 3):
             assert sees(c.node(i), names), f"node {i} dropped a node after etcd returned"
