@@ -127,6 +127,9 @@ class _NoSink:
     def remote_down(self, networks: list[Network]) -> None:
         pass
 
+    def forget_identity(self, pairs: list[tuple[str, int]]) -> None:
+        pass
+
 
 def _allocate(url: str, name: str, keys: list[str], start_at: float) -> tuple[float, dict[str, int], int]:
     """One node's allocations (in its own process): seconds taken, numbers, lost races."""

@@ -48,7 +48,7 @@ from services.orchestrator.ipcache import Ipcache, host_addresses
 from services.orchestrator.l7flows import L7Follower
 from services.orchestrator.mapfill import MapFill
 from services.orchestrator.metrics import MetricsServer, NodeCollector, parse_listen
-from services.orchestrator.nodes import NodeTable, add_flags, local_from_args
+from services.orchestrator.nodes import NodeRecord, NodeTable, add_flags, local_from_args, underlay_networks
 from services.orchestrator.routing import VXLAN, Routing
 from services.orchestrator.rpcscrape import ServiceRpcs
 from services.orchestrator.rulenames import RuleNames
@@ -160,6 +160,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             endpoints = Endpoints(config.instance, chain, store, identities)
             await worker.call(endpoints.reconcile)
             await worker.call(identities.set_hosts, await worker.call(host_addresses))
+            await worker.call(identities.set_remote_nodes, await worker.call(underlay_networks, store))
             await worker.call(identities.sync_ipcache)
             devices = Devices(chain, store)
             await worker.call(devices.reconcile)
@@ -195,6 +196,11 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                 assert opened.held is not None
                 await serve_held(SERVICE, config, worker, opened.held, names=[SERVICE_NAME])
                 return
+
+    def node_addresses_changed(_kind: str, _record: NodeRecord) -> None:
+        identities.set_remote_nodes(nodes.underlay_networks())
+
+    nodes.on_change(node_addresses_changed)  # on the worker thread, as every NodeTable change
     rule_names = RuleNames(config.globals_pin_dir)
     flows = Flows(args.flow_buffer, rule_names)
     flows.start(asyncio.get_running_loop())
@@ -208,7 +214,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     cluster = None
     if kv is not None:
         sink = cluster_mode.IdentitiesSink(worker, identities)
-        cluster = cluster_mode.Cluster(kv, clusternodes.published(local_node), sink, args.kvstore_lease_seconds)
+        cluster = cluster_mode.Cluster(
+            kv, clusternodes.published(local_node), sink, args.kvstore_lease_seconds, args.kvstore_identity_gc_seconds
+        )
         clusternodes.link(cluster, nodes, worker)
         identities.use_cluster(cluster.allocate)
         endpoints.on_change(cluster.endpoint_changed)

@@ -13,6 +13,12 @@ As in Cilium's kvstore mode, etcd holds three things under `weir/v1/`:
 - `ipcache/<node>/<prefix>` -> {identity, node, endpoint}: the node's endpoints, bound to
   its lease. Every node watches the prefix and puts other nodes' entries in its ipcache.
 
+Identity keys are garbage-collected: an identity that no `ipcache/` entry of any node (and
+no endpoint of this node) has used for the whole grace period (`--kvstore-identity-gc-seconds`)
+is deleted by a transaction that fails if either key changed meanwhile. A node publishing an
+endpoint rewrites its identity's keys after its ipcache key (so a collection racing with it
+fails, or the keys come back), and every node forgets a collected label set it does not use.
+
 When etcd cannot be reached the datapath is left alone: the ipcache keeps what it had,
 local endpoint changes are queued and published (with a full resync of this node's keys)
 when etcd answers again; only a new label set cannot get a number meanwhile, and its
@@ -54,6 +60,8 @@ LABELS = f"{PREFIX}identities/labels/"
 IDS = f"{PREFIX}identities/ids/"
 IPCACHE = f"{PREFIX}ipcache/"
 DEFAULT_LEASE_SECONDS = 15
+DEFAULT_IDENTITY_GC_SECONDS = 900.0  # as Cilium's identity GC interval
+MAX_GC_SCAN_SECONDS = 60.0
 DEFAULT_CONNECT_SECONDS = 15.0
 MIN_LEASE_SECONDS = 2
 RETRY_SECONDS = 1.0
@@ -107,6 +115,8 @@ class ClusterSink(Protocol):
 
     def remote_down(self, networks: list[Network]) -> None: ...
 
+    def forget_identity(self, pairs: list[tuple[str, int]]) -> None: ...
+
 
 NodeUpsert = Callable[[NodeRecord], None]
 NodeDelete = Callable[[str], None]
@@ -150,7 +160,15 @@ class _Known:
 class Cluster:
     """This node's membership: its lease, what it publishes, what it learns from the others."""
 
-    def __init__(self, kv: KvStore, local: NodeRecord, sink: ClusterSink, lease_ttl: int = DEFAULT_LEASE_SECONDS):
+    def __init__(
+        self,
+        kv: KvStore,
+        local: NodeRecord,
+        sink: ClusterSink,
+        lease_ttl: int = DEFAULT_LEASE_SECONDS,
+        identity_gc: float = DEFAULT_IDENTITY_GC_SECONDS,
+    ):
+        """`identity_gc`: seconds an identity no endpoint uses is kept in etcd (0: never collected)."""
         if not NAME_RE.fullmatch(local.name):
             raise InvalidArgument(f"node name {local.name!r} is invalid: lowercase letters, digits, '-' and '.'")
         if lease_ttl < MIN_LEASE_SECONDS:
@@ -173,6 +191,10 @@ class Cluster:
         self._used_ids: set[int] = set()
         self._conflicts: list[str] = []
         self.allocation_retries = 0  # lost races (another node took the number first)
+        self._identity_gc = identity_gc
+        self._unused: dict[int, tuple[float, int]] = {}  # number -> (unused since, mod revision then)
+        self._numbered: dict[int, str] = {}  # number -> label key, as this node last knew it (kept after a release)
+        self.identities_collected = 0
         self._node_listeners: list[tuple[NodeUpsert, NodeDelete]] = []
         self._stop = threading.Event()
         self._wake = threading.Event()
@@ -272,6 +294,7 @@ class Cluster:
     def _remember(self, key: str, identity: int) -> int:
         with self._lock:
             self._known.labels[key] = identity
+            self._numbered[identity] = key
             self._used_ids.add(identity)
         return identity
 
@@ -326,6 +349,8 @@ class Cluster:
     def _session_loop(self) -> None:
         """Keep the lease, the node key and this node's ipcache keys in etcd."""
         next_keepalive = 0.0
+        gc_every = min(MAX_GC_SCAN_SECONDS, max(1.0, self._identity_gc / 2))
+        next_gc = time.monotonic() + gc_every
         while not self._stop.is_set():
             try:
                 if self._lease == 0:
@@ -358,6 +383,9 @@ class Cluster:
                     if self._lease_left and not self._connected:
                         log.info("kvstore reachable again", node=self.name)
                 self._connected = True
+                if self._identity_gc > 0 and time.monotonic() >= next_gc:
+                    self._collect_identities()
+                    next_gc = time.monotonic() + gc_every
             except KvStoreUnavailable as exc:
                 if self._connected:
                     log.warning("kvstore unreachable; local changes are kept until it returns", error=str(exc))
@@ -365,7 +393,8 @@ class Cluster:
                 self._last_error = str(exc)
                 self._stop.wait(RETRY_SECONDS)
                 continue
-            self._wake.wait(max(0.0, next_keepalive - time.monotonic()))
+            wake_at = min(next_keepalive, next_gc) if self._identity_gc > 0 else next_keepalive
+            self._wake.wait(max(0.0, wake_at - time.monotonic()))
             self._wake.clear()
 
     def _full_sync(self) -> None:
@@ -379,6 +408,7 @@ class Cluster:
                     self._kv.delete(entry.key)
             for key, value in own.items():
                 self._kv.put(key, value, self._lease)
+            self._touch_identities(own.values())
         except KvStoreUnavailable:
             self._resync = True
             raise
@@ -395,6 +425,7 @@ class Cluster:
                 else:
                     self._kv.put(key, value, self._lease)
                 done.add(key)
+            self._touch_identities(v for v in ops.values() if v is not None)
         finally:
             with self._lock:
                 for key, value in ops.items():
@@ -453,6 +484,8 @@ class Cluster:
                 new.remote = {k: e for k, e in new.remote.items() if e.node != name}
             elif event.key.startswith(IPCACHE):
                 new.remote.pop(event.key, None)
+            elif event.key.startswith(LABELS):
+                new.labels.pop(event.key.removeprefix(LABELS), None)
         with self._lock:
             self._known = new
             self._used_ids |= set(new.labels.values())
@@ -482,7 +515,13 @@ class Cluster:
         """Tell this node (sink, node listeners) what changed between two views."""
         learned = [(k, i) for k, i in new.labels.items() if old.labels.get(k) != i]
         if learned:
+            with self._lock:
+                self._numbered.update((i, k) for k, i in learned)
             self._sink.learn_identity(learned)
+        forgotten = [(k, i) for k, i in old.labels.items() if k not in new.labels]
+        if forgotten:
+            log.info("identities collected in the cluster", identities=[i for _, i in forgotten])
+            self._sink.forget_identity(forgotten)
         gone = [e.network for k, e in old.remote.items() if k not in new.remote]
         still = {e.network for e in new.remote.values()}
         gone = [n for n in gone if n not in still]
@@ -500,6 +539,66 @@ class Cluster:
             log.info("node left the cluster (lease expired or removed)", node=name)
             for _, delete in self._node_listeners:
                 delete(name)
+
+    # ---- identity garbage collection ----
+
+    def _touch_identities(self, values: Iterable[bytes]) -> None:
+        """Rewrite the keys of the identities just published (after their ipcache keys): a
+        collection that read them before fails on the new revision, or the keys come back."""
+        numbers = {int(json.loads(v)["identity"]) for v in values}
+        with self._lock:
+            by_number = dict(self._numbered)
+        for number in numbers:
+            key = by_number.get(number)
+            if key is None:
+                continue
+            pairs = {LABELS + key: str(number).encode(), IDS + str(number): key.encode()}
+            if not self._kv.put_if_value(IDS + str(number), key.encode(), pairs) and not self._kv.create(pairs):
+                theirs = self._kv.get(LABELS + key)
+                if theirs is None or int(theirs) != number:
+                    conflict = f"labels {key!r} are {number} on this node but the cluster reassigned them"
+                    self._conflicts.append(conflict)
+                    log.warning("identity conflict with the cluster", conflict=conflict)
+
+    def _collect_identities(self) -> None:
+        """Delete identity keys no endpoint of any node has used for the whole grace period."""
+        identity_entries, _ = self._kv.get_prefix(f"{PREFIX}identities/")
+        ipcache_entries, _ = self._kv.get_prefix(IPCACHE)
+        used: set[int] = set()
+        for entry in ipcache_entries:
+            try:
+                used.add(int(json.loads(entry.value)["identity"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+        with self._lock:
+            used |= {int(json.loads(v)["identity"]) for v in self._own.values()}
+        labels = {e.key.removeprefix(LABELS): e for e in identity_entries if e.key.startswith(LABELS)}
+        now = time.monotonic()
+        unused: dict[int, tuple[float, int]] = {}
+        for entry in identity_entries:
+            if not entry.key.startswith(IDS):
+                continue
+            try:
+                number = int(entry.key.removeprefix(IDS))
+            except ValueError:
+                continue
+            if number in used:
+                continue
+            since, revision = self._unused.get(number, (now, entry.mod_revision))
+            if revision != entry.mod_revision:
+                since, revision = now, entry.mod_revision
+            if now - since < self._identity_gc:
+                unused[number] = (since, revision)
+                continue
+            key = entry.value.decode()
+            revisions = {entry.key: entry.mod_revision}
+            label = labels.get(key)
+            if label is not None and label.value == str(number).encode():
+                revisions[label.key] = label.mod_revision
+            if self._kv.delete_unchanged(revisions):
+                self.identities_collected += 1
+                log.info("identity released: no endpoint used it for the grace period", labels=key, identity=number)
+        self._unused = unused
 
     # ---- status ----
 
@@ -548,6 +647,13 @@ class IdentitiesSink:
     def remote_down(self, networks: list[Network]) -> None:
         self._worker.run(self._identities.remote_down, networks)
 
+    def forget_identity(self, pairs: list[tuple[str, int]]) -> None:
+        def forget() -> None:
+            for key, identity in pairs:
+                self._identities.forget(key, identity)
+
+        self._worker.run(forget)
+
 
 def add_flags(parser: argparse.ArgumentParser) -> None:
     """The orchestrator's cluster-mode flags (none of them set: a standalone node)."""
@@ -566,6 +672,13 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_LEASE_SECONDS,
         help=f"TTL of this node's lease: the grace period before other nodes drop a silent node "
         f"(default {DEFAULT_LEASE_SECONDS})",
+    )
+    group.add_argument(
+        "--kvstore-identity-gc-seconds",
+        type=float,
+        default=DEFAULT_IDENTITY_GC_SECONDS,
+        help=f"how long an identity no endpoint of any node uses stays in etcd before it is released "
+        f"(default {DEFAULT_IDENTITY_GC_SECONDS:g}; 0: never)",
     )
     group.add_argument(
         "--kvstore-connect-timeout",

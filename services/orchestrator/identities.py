@@ -7,13 +7,14 @@ CIDRs its rules name (held per owner, freed when no owner holds them), and the r
 host and world identities. Numbers follow the datapath contract: labels from
 FIRST_LABEL_IDENTITY, CIDRs from FIRST_CIDR_IDENTITY.
 
-The ipcache follows from four sources, in this order of precedence for one prefix: an
-endpoint's address, a host address, another node's endpoint (cluster mode), a published
-CIDR. In cluster mode label identities are allocated through the cluster (`use_cluster`),
-so the same labels get the same number on every node. A CIDR can be reserved before it
-is published, so its holder installs maps that know the new number before any address
-maps to it. Every change is reported to listeners (the watch streams) as identities
-upserted and deleted.
+The ipcache follows from five sources, in this order of precedence for one prefix: an
+endpoint's address, a host address, a remote node's underlay address (the reserved
+remote-node identity, as Cilium's node manager puts node IPs in its ipcache), another
+node's endpoint (cluster mode), a published CIDR. In cluster mode label identities are
+allocated through the cluster (`use_cluster`), so the same labels get the same number on
+every node. A CIDR can be reserved before it is published, so its holder installs maps
+that know the new number before any address maps to it. Every change is reported to
+listeners (the watch streams) as identities upserted and deleted.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ MAX_LABEL_IDENTITY = FIRST_CIDR_IDENTITY - 1
 MAX_CIDR_IDENTITY = (1 << 32) - 1
 MAX_CIDRS_PER_CALL = 100_000
 OWNER_RE = re.compile(r"^[a-z0-9][-a-z0-9.]{0,62}$")
-RESERVED = {int(ReservedIdentity.HOST): "reserved:host", int(ReservedIdentity.WORLD): "reserved:world"}
+RESERVED = {
+    int(ReservedIdentity.HOST): "reserved:host",
+    int(ReservedIdentity.WORLD): "reserved:world",
+    int(ReservedIdentity.REMOTE_NODE): "reserved:remote-node",
+}
 
 
 def label_key(labels: dict[str, str]) -> str:
@@ -110,6 +115,7 @@ class Identities:
                     self._published[ipaddress.ip_network(key.removeprefix(CIDR_PREFIX))] = int(doc["id"])
         self._endpoints: dict[Network, int] = {}
         self._hosts: set[Network] = set()
+        self._nodes: set[Network] = set()
         self._remote: dict[Network, int] = {}
         self._cluster_allocate: Callable[[str], int] | None = None
         self._listeners: list[Listener] = []
@@ -171,6 +177,15 @@ class Identities:
         self._notify([identity], [])
         return True
 
+    def forget(self, key: str, identity: int) -> bool:
+        """A label identity the cluster released: dropped unless an endpoint of this node uses it."""
+        if self._by_key.get(key) != identity or identity in self._endpoints.values():
+            return False
+        self._store.delete(KIND, key)
+        del self._by_key[key]
+        self._notify([], [identity])
+        return True
+
     def remote_up(self, identity: int, addresses: Iterable[Network]) -> None:
         """Addresses of another node's endpoint map to its identity (unless this node claims them)."""
         networks = list(addresses)
@@ -214,6 +229,17 @@ class Identities:
         networks = list(wanted ^ self._hosts)
         touched = self._touched(networks)
         self._hosts = wanted
+        self._refresh(networks, touched)
+        return True
+
+    def set_remote_nodes(self, addresses: Iterable[Network]) -> bool:
+        """Remote nodes' underlay addresses map to remote-node; True if they changed."""
+        wanted = set(addresses)
+        if wanted == self._nodes:
+            return False
+        networks = list(wanted ^ self._nodes)
+        touched = self._touched(networks)
+        self._nodes = wanted
         self._refresh(networks, touched)
         return True
 
@@ -314,12 +340,14 @@ class Identities:
             return self._endpoints[network]
         if network in self._hosts:
             return int(ReservedIdentity.HOST)
+        if network in self._nodes:
+            return int(ReservedIdentity.REMOTE_NODE)
         if network in self._remote:
             return self._remote[network]
         return self._published.get(network)
 
     def _all_networks(self) -> set[Network]:
-        return set(self._endpoints) | self._hosts | set(self._remote) | set(self._published)
+        return set(self._endpoints) | self._hosts | self._nodes | set(self._remote) | set(self._published)
 
     def _touched(self, networks: Iterable[Network]) -> set[int]:
         """Identities the ipcache gives these networks now (their prefixes are about to change)."""

@@ -190,6 +190,32 @@ class KvStore:
         )
         return bool(ok)
 
+    def delete_unchanged(self, revisions: Mapping[str, int]) -> bool:
+        """Delete every key only if each is still at its mod revision (one transaction)."""
+        txn = self._client.transactions
+        ok, _ = self._call(
+            f"delete {', '.join(revisions)}",
+            lambda: self._client.transaction(
+                compare=[txn.mod(key) == revision for key, revision in revisions.items()],
+                success=[txn.delete(key) for key in revisions],
+                failure=[],
+            ),
+        )
+        return bool(ok)
+
+    def put_if_value(self, key: str, value: bytes, pairs: Mapping[str, bytes]) -> bool:
+        """Put every pair only if `key` holds `value` now (one transaction); False otherwise."""
+        txn = self._client.transactions
+        ok, _ = self._call(
+            f"put {', '.join(pairs)} if {key}",
+            lambda: self._client.transaction(
+                compare=[txn.value(key) == value],
+                success=[txn.put(k, v) for k, v in pairs.items()],
+                failure=[],
+            ),
+        )
+        return bool(ok)
+
     def grant(self, ttl: int) -> int:
         """A new lease of ttl seconds; keys put with it go when it expires."""
         return int(self._call("lease grant", lambda: self._client.lease(ttl).id))

@@ -196,6 +196,10 @@ class NodeTable:
         self._changed("DELETED", old)
         return old
 
+    def underlay_networks(self) -> list[Network]:
+        """Every remote node's underlay addresses, as host prefixes (the ipcache's remote-node entries)."""
+        return underlay_networks(self.store)
+
     def reconcile(self) -> None:
         """After a (re)start: routes, overlay device and tunnel_map as the store says."""
         self.routing.reconcile(self.all())
@@ -245,6 +249,13 @@ class NodeTable:
     def _changed(self, kind: str, record: NodeRecord) -> None:
         for listener in self._listeners:
             listener(kind, record)
+
+
+def underlay_networks(store: Store) -> list[Network]:
+    """The stored remote nodes' underlay addresses as host prefixes (readable before a `NodeTable`
+    exists, so a restarted orchestrator's ipcache never loses them in between)."""
+    records = [NodeRecord.from_doc(doc) for _, doc in store.items(KIND)]
+    return [ipaddress.ip_network(a) for record in records for a in record.addresses]
 
 
 def local_record(name: str, node_id: int, addresses: Iterable[str], cidrs: Iterable[str], routing: str) -> NodeRecord:

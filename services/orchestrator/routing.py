@@ -7,8 +7,10 @@ and `tunnel_map` says which node owns it; the overlay program on the device
 (bpf/overlay.bpf.c) sets the tunnel key from it, with the source's identity in
 the VNI, and reads the VNI back on the way in.
 
-Every route carries the route protocol NODE_ROUTE_PROTOCOL, so a restarted
-orchestrator (`reconcile`) and teardown find them. The VXLAN device carries the
+Every route carries the route protocol NODE_ROUTE_PROTOCOL and the instance's own
+metric (`route_metric`), so a restarted orchestrator (`reconcile`) and teardown find
+exactly the routes their instance made, and another instance in the same namespace (or
+a route of the operator's to the same destination) keeps its own. The VXLAN device carries the
 ifalias `weir-overlay/<instance>` (not the endpoints' `weir/<instance>/` tag,
 which endpoint reconciliation would take for a leftover veth). All of it lives
 in the node's own namespace, which stands for the node: one node per namespace.
@@ -46,7 +48,12 @@ from services.orchestrator.ipcache import AF_INET, AF_INET6
 log = structlog.get_logger("weir.routing")
 
 DIRECT, VXLAN = "direct", "vxlan"
+# The routes' metric is FIRST_METRIC + a hash of the instance name below METRICS: never 0
+# (IPv4's default) or 1024 (IPv6's), which routes made before they were scoped carry.
+FIRST_METRIC, METRICS = 2048, 1 << 15
+UNSCOPED_METRICS = (0, 1024)
 VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+VXLAN6_OVERHEAD = 70  # the same with an outer IPv6 header (40 bytes, not 20)
 DEFAULT_UNDERLAY_MTU = 1500
 IFF_NOARP = 0x80
 TC_HANDLE = 1
@@ -75,6 +82,7 @@ class Route:
 
     dst: Network
     gateway: str  # "" for the overlay
+    outer_v6: bool = False  # into the overlay towards an IPv6 underlay address: 20 bytes less room
 
 
 def overlay_ifname(instance: str) -> str:
@@ -113,7 +121,7 @@ def routes_of(node: Remote) -> set[Route]:
     for text in node.cidrs:
         dst = ipaddress.ip_network(text)
         if node.routing == VXLAN:
-            out.add(Route(dst, ""))
+            out.add(Route(dst, "", outer_v6=ipaddress.ip_address(tunnel_address(node)).version == 6))
         else:
             out.add(Route(dst, underlay_address(node, dst.version)))
     return out
@@ -127,26 +135,38 @@ def tunnel_value(node: Remote) -> TunnelValue:
     return value
 
 
-def own_routes() -> list[tuple[Network, int]]:
-    """The routes of this namespace that carry Weir's node route protocol: (dst, family)."""
+def route_metric(instance: str) -> int:
+    """The metric of the instance's node routes: what tells its routes from another instance's."""
+    digest = hashlib.sha256(f"routes/{instance}".encode()).digest()
+    return FIRST_METRIC + int.from_bytes(digest[:4], "big") % METRICS
+
+
+def own_routes(instance: str, unscoped: bool = True) -> list[tuple[Network, int, int]]:
+    """The instance's node routes in this namespace: (dst, family, metric).
+
+    With `unscoped`, also the node routes made before routes carried the instance's metric
+    (whichever instance made them: they cannot be told apart, and an upgraded node replaces them).
+    """
+    metrics = {route_metric(instance), *(UNSCOPED_METRICS if unscoped else ())}
     out = []
     with IPRoute() as ipr:
         for family in (AF_INET, AF_INET6):
             for route in ipr.get_routes(family=family, proto=NODE_ROUTE_PROTOCOL):
-                if route.get("proto") != NODE_ROUTE_PROTOCOL:
+                metric = int(route.get_attr("RTA_PRIORITY") or 0)
+                if route.get("proto") != NODE_ROUTE_PROTOCOL or metric not in metrics:
                     continue
                 dst = route.get_attr("RTA_DST") or ("0.0.0.0" if family == AF_INET else "::")
-                out.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), family))
+                out.append((ipaddress.ip_network(f"{dst}/{route['dst_len']}"), family, metric))
     return out
 
 
-def remove_own_routes() -> list[str]:
-    """Delete every route of Weir's node route protocol in this namespace (teardown)."""
+def remove_own_routes(instance: str) -> list[str]:
+    """Delete the instance's node routes in this namespace (teardown); other instances' stay."""
     removed = []
     with IPRoute() as ipr:
-        for dst, family in own_routes():
+        for dst, family, metric in own_routes(instance):
             with contextlib.suppress(NetlinkError):
-                ipr.route("del", dst=str(dst), family=family, proto=NODE_ROUTE_PROTOCOL)
+                ipr.route("del", dst=str(dst), family=family, proto=NODE_ROUTE_PROTOCOL, priority=metric)
                 removed.append(str(dst))
     return removed
 
@@ -182,6 +202,7 @@ class Routing:
         self._local_vxlan = local_vxlan
         self._local_addresses = tuple(local_addresses)
         self._vxlan_nodes: set[str] = set()
+        self._metric = route_metric(instance)
 
     @property
     def ifname(self) -> str:
@@ -244,10 +265,10 @@ class Routing:
         with IPRoute() as ipr:
             for route in wanted.values():
                 self._add(ipr, route)
-            for dst, family in own_routes():
-                if dst not in wanted:
+            for dst, family, metric in own_routes(self._instance):
+                if dst not in wanted or metric != self._metric:
                     with contextlib.suppress(NetlinkError):
-                        ipr.route("del", dst=str(dst), family=family, proto=NODE_ROUTE_PROTOCOL)
+                        ipr.route("del", dst=str(dst), family=family, proto=NODE_ROUTE_PROTOCOL, priority=metric)
         for key in self._tunnel_keys():
             if ipcache_network(key) not in tunnels:
                 with contextlib.suppress(KeyNotFoundError):
@@ -264,7 +285,12 @@ class Routing:
         if route.gateway:
             try:
                 ipr.route(
-                    "replace", dst=str(route.dst), family=family, gateway=route.gateway, proto=NODE_ROUTE_PROTOCOL
+                    "replace",
+                    dst=str(route.dst),
+                    family=family,
+                    gateway=route.gateway,
+                    proto=NODE_ROUTE_PROTOCOL,
+                    priority=self._metric,
                 )
             except NetlinkError as exc:
                 if exc.code != errno.ENETUNREACH:
@@ -274,13 +300,24 @@ class Routing:
                     "address (direct routing needs the nodes on one link); use VXLAN routing or fix the underlay"
                 ) from None
         else:
+            # The device's MTU leaves room for an outer IPv4 header; a node reached over IPv6
+            # gets a route MTU 20 bytes lower, so senders learn the right size (no black hole).
             index = ipr.link_lookup(ifname=self.ifname)[0]
-            ipr.route("replace", dst=str(route.dst), family=family, oif=index, proto=NODE_ROUTE_PROTOCOL)
+            metrics = {"metrics": {"mtu": self._underlay_mtu(ipr) - VXLAN6_OVERHEAD}} if route.outer_v6 else {}
+            ipr.route(
+                "replace",
+                dst=str(route.dst),
+                family=family,
+                oif=index,
+                proto=NODE_ROUTE_PROTOCOL,
+                priority=self._metric,
+                **metrics,
+            )
 
     def _remove(self, ipr: IPRoute, route: Route) -> None:
         family = AF_INET if route.dst.version == 4 else AF_INET6
         with contextlib.suppress(NetlinkError):
-            ipr.route("del", dst=str(route.dst), family=family, proto=NODE_ROUTE_PROTOCOL)
+            ipr.route("del", dst=str(route.dst), family=family, proto=NODE_ROUTE_PROTOCOL, priority=self._metric)
 
     def _underlay_mtu(self, ipr: IPRoute) -> int:
         """The MTU of the device that holds the local node's underlay address (1500 when unknown)."""

@@ -153,11 +153,12 @@ def _remove_endpoints(config: NodeConfig, report: Report) -> None:
 
 
 def _remove_node_routing(config: NodeConfig, report: Report) -> None:
-    """The VXLAN device and the routes to remote nodes (their route protocol marks them)."""
+    """The VXLAN device and the routes to remote nodes (their route protocol and the instance's
+    metric mark them; another instance's in the same namespace stay)."""
     device = routing.remove_overlay_device(config.instance)
     if device:
         report.note(f"link {device} (the VXLAN overlay)")
-    for dst in routing.remove_own_routes():
+    for dst in routing.remove_own_routes(config.instance):
         report.note(f"route {dst} (to a remote node)")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import functools
 import ipaddress
 import itertools
 from collections.abc import Callable, Iterable, Iterator
@@ -230,6 +231,12 @@ def _names_reserved(selector: Selector) -> bool:
     return any(k.partition(":")[0] == "reserved" for k in keys if ":" in k)
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _label_dict(text: str) -> dict[str, str]:
+    """An identity's label text ("k=v,k=v", as the orchestrator keys label sets) as labels."""
+    return dict(pair.partition("=")[::2] for pair in text.split(",") if pair)
+
+
 class PolicyComputer:
     """Rules + endpoints + CIDR identities -> policy map contents.
 
@@ -246,11 +253,18 @@ class PolicyComputer:
         cidr_identities: dict[Network, int],
         capacity: int,
         proxy_port: Callable[[str, Direction, int], int] | None = None,
+        label_identities: dict[int, str] | None = None,
     ) -> None:
-        """`proxy_port(endpoint name, direction, port)` gives an L7 port's proxy port (None: 0)."""
+        """`proxy_port(endpoint name, direction, port)` gives an L7 port's proxy port (None: 0).
+
+        `label_identities` (number -> label text "k=v,k=v") are the label identities the node
+        knows beyond its own endpoints': in a cluster, other nodes' endpoints, which a selector
+        selects by their labels as Cilium's selector cache does.
+        """
         self.proxy_port = proxy_port
         self.rules = sorted(rules, key=lambda r: r.key)
         self.endpoints = sorted(endpoints, key=lambda e: e.name)
+        self.label_identities = [(i, _label_dict(text)) for i, text in sorted((label_identities or {}).items())]
         self.cidr_identities = cidr_identities
         self.capacity = capacity
         self._cidrs = _CidrIndex(cidr_identities)
@@ -267,6 +281,7 @@ class PolicyComputer:
         """The identities a selector selects: endpoints' and, when it names one, reserved ones."""
         if selector not in self._by_selector:
             ids = {ep.identity for ep in self.endpoints if selector.matches(ep.labels)}
+            ids |= {i for i, labels in self.label_identities if selector.matches(labels)}
             if _names_reserved(selector):
                 ids |= {i for i, labels in RESERVED_LABELS.items() if selector.matches(labels)}
                 if selector.matches(CIDR_LABELS):
@@ -286,7 +301,7 @@ class PolicyComputer:
             ids.add(ReservedIdentity.REMOTE_NODE)
         if "cluster" in peer.entities:
             # Cilium's cluster entity: the cluster's endpoints, the host and the other nodes.
-            ids |= {ep.identity for ep in self.endpoints}
+            ids |= {ep.identity for ep in self.endpoints} | {i for i, _ in self.label_identities}
             ids |= {ReservedIdentity.HOST, ReservedIdentity.REMOTE_NODE}
         if "world" in peer.entities:
             ids.add(ReservedIdentity.WORLD)

@@ -271,10 +271,22 @@ class Policy:
         """What the maps were computed from, besides the rules (a stream message that changes
         none of it, such as a new prefix of a known identity, recomputes nothing)."""
         endpoints = sorted(_endpoint_inputs(e) for e in self._endpoints.values())
-        return tuple(endpoints), frozenset(cidrs.items())  # compared, never listed: no sort by text
+        labels = frozenset(self._label_ids().items())
+        return tuple(endpoints), frozenset(cidrs.items()), labels  # compared, never listed: no sort by text
+
+    def _label_ids(self) -> dict[int, str]:
+        """Label identities some address maps to: this node's endpoints' and, in a cluster, other
+        nodes' (one no address uses, as a standalone node's label sets of deleted endpoints, is left out)."""
+        return {
+            i.id: i.text
+            for i in self._identities.values()
+            if i.prefixes and i.cidr is None and not i.text.startswith("reserved:")
+        }
 
     def _computer(self, rules: Iterable[Rule], cidrs: dict[Network, int]) -> PolicyComputer:
-        return PolicyComputer(rules, self._endpoints.values(), cidrs, self._maps.capacity, self._proxy_port)
+        return PolicyComputer(
+            rules, self._endpoints.values(), cidrs, self._maps.capacity, self._proxy_port, self._label_ids()
+        )
 
     # ---- L7: proxy ports and listeners ----
 

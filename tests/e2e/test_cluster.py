@@ -3,16 +3,15 @@
 What users see through the API and the datapath's own maps: label identities that agree
 on every node (allocated at once on all three), an endpoint made on one node in the other
 nodes' pinned ipcache within a stated time and gone from it when deleted, a killed node
-dropped after its lease's grace period, an etcd outage that changes nothing already known
-and publishes what was made meanwhile, and an unreachable etcd at start refused with one
-clear line before anything is made.
+dropped after its lease's grace period, an identity no endpoint uses released after its
+grace period, and an unreachable etcd at start refused with one clear line before anything
+is made. The etcd outage (under traffic) is test_cluster_outage.py.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import itertools
-import json
 import subprocess
 import sys
 import time
@@ -21,14 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import grpc
 import pytest
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from pybpf import Map
 from services.common.bpffs import remove_pins
-from services.common.datapath import IpcacheKey, IpcacheValue
+from services.common.datapath import IpcacheKey, IpcacheValue, ReservedIdentity
 from services.common.errors import FailedPrecondition
 from services.common.objects import load_service_object
 from services.common.store import Store
@@ -93,14 +91,14 @@ def kvnet() -> Iterator[KvNetwork]:
         network.teardown()
 
 
-def cluster(make_node: Callable[..., Node], kvnet: KvNetwork, count: int) -> list[Node]:
-    """`count` nodes, each an orchestrator in cluster mode on kvnet's etcd."""
+def cluster(make_node: Callable[..., Node], kvnet: KvNetwork, count: int, *flags: str) -> list[Node]:
+    """`count` nodes, each an orchestrator in cluster mode on kvnet's etcd (with `flags` added)."""
     nodes = []
     for index in range(count):
         node = make_node()
         node.endpoint_count = 100 * index  # addresses apart: 198.18.0.10+, .110+, .210+
         url = kvnet.join(node)
-        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE))
+        node.start("orchestrator", "--kvstore", url, "--kvstore-lease-seconds", str(LEASE), *flags)
         nodes.append(node)
     return nodes
 
@@ -161,44 +159,6 @@ def test_three_nodes_share_identities_and_endpoints_and_drop_a_killed_node(
     assert f"{made[1].ipv4}/32" in ipcache(a)  # B's endpoints stay
 
 
-def test_etcd_outage_keeps_state_and_publishes_what_was_made_meanwhile(
-    make_node: Callable[..., Node], kvnet: KvNetwork
-) -> None:
-    a, b = cluster(make_node, kvnet, 2)
-    first = a.create_endpoint("first", {"app": "web"})
-    wait_for("B has A's first endpoint", lambda: f"{first.ipv4}/32" in ipcache(b), CONVERGE)
-    before_b = ipcache(b)
-
-    kvnet.etcd.stop()
-    wait_for("A reports the outage", lambda: not status(a).connected, 10)
-    # A change while etcd is away: known labels work, and are kept for later.
-    second = a.create_endpoint("second", {"app": "web"})
-    assert second.identity == first.identity
-    assert status(a).pending_changes >= 1
-    # `weir status` says so too (its exit code is about the services this test did not start).
-    shown = json.loads(weir(a, "status", "-o", "json").stdout)["cluster"]
-    assert shown["connected"] is False and "kvstore" in shown["last_error"]
-    assert "NOT connected" in " ".join(weir(a, "status").stdout.split())
-    with pytest.raises(grpc.RpcError) as refused:  # a new label set needs the cluster to be numbered
-        a.create_endpoint("third", {"app": "brand-new"})
-    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert "kvstore" in str(refused.value.details())
-    assert "third" not in {e.name for e in a.orchestrator().ListEndpoints(orch_pb.ListEndpointsRequest()).endpoints}
-    # 30 s without etcd (longer than any lease): nothing known is dropped anywhere.
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        assert before_b.items() <= ipcache(b).items(), "B dropped state while etcd was away"
-        time.sleep(1)
-    assert {n.name for n in status(b).nodes} == {a.name, b.name}
-
-    kvnet.etcd.start()
-    took = wait_for("B has the endpoint A made during the outage", lambda: f"{second.ipv4}/32" in ipcache(b), 20)
-    print(f"published {took:.2f}s after etcd returned")
-    wait_for("A connected with nothing pending", lambda: status(a).connected and status(a).pending_changes == 0, 10)
-    assert ipcache(b)[f"{second.ipv4}/32"] == second.identity
-    assert status(a).last_error  # the outage stays reported
-
-
 def test_unreachable_kvstore_at_start_exits_with_one_line_and_makes_nothing(make_node: Callable[..., Node]) -> None:
     node = make_node()
     port = free_port()
@@ -243,6 +203,18 @@ def test_remote_entries_rank_below_local_ones_and_cluster_numbers_are_kept(
     assert cache.read()[address] == 300
     ids.remote_down([address])
     assert cache.read()[address] == cidr.id
+    # A remote node's underlay address is remote-node, above another node's endpoint, below a host address.
+    node = ipaddress.ip_network("198.18.9.9/32")
+    ids.remote_up(300, [node])
+    assert ids.set_remote_nodes([node]) and cache.read()[node] == ReservedIdentity.REMOTE_NODE
+    assert not ids.set_remote_nodes([node])  # unchanged
+    ids.set_hosts([node])
+    assert cache.read()[node] == ReservedIdentity.HOST
+    ids.set_hosts([])
+    ids.set_remote_nodes([])
+    assert cache.read()[node] == 300
+    ids.remote_down([node])
+    assert node not in cache.read()
     # Learned numbers are kept (in the store too); one that clashes with this node's is refused.
     assert ids.learn("app=there", 301)
     assert store.get("identity", "app=there") == {"id": 301}
@@ -283,5 +255,43 @@ def test_nodes_published_in_etcd_fill_every_node_table_and_leave_it_with_their_l
     wait_for("b's table has a", lambda: nodes_seen(b).get(a.name) == (10, ("10.200.0.0/24",), vxlan), 15)
     wait_for("a's table has b", lambda: nodes_seen(a).get(b.name) == (11, ("10.201.0.0/24",), vxlan), 15)
     assert a.name not in nodes_seen(a)  # the local node is GetLocalNode, not a remote one
+    # Each node's underlay address is remote-node in the other's ipcache (as Cilium's node IPs).
+    remote_node = int(ReservedIdentity.REMOTE_NODE)
+    wait_for("a's address is remote-node on b", lambda: ipcache(b).get("192.0.2.10/32") == remote_node, 5)
+    wait_for("b's address is remote-node on a", lambda: ipcache(a).get("192.0.2.11/32") == remote_node, 5)
     a.kill("orchestrator")
     wait_for("a leaves b's table after its lease", lambda: a.name not in nodes_seen(b), LEASE + 10)
+    wait_for("a's address leaves b's ipcache", lambda: "192.0.2.10/32" not in ipcache(b), 3)
+
+
+def label_sets(node: Node) -> set[str]:
+    with node.channel("orchestrator") as channel:
+        listed = orch_grpc.OrchestratorStub(channel).ListIdentities(orch_pb.ListIdentitiesRequest(), timeout=10)
+    return {",".join(i.labels) for i in listed.identities}
+
+
+def lacks_labels(node: Node, text: str) -> bool:
+    return text not in label_sets(node)
+
+
+def test_an_identity_no_endpoint_uses_is_released_everywhere_after_the_grace_period(
+    make_node: Callable[..., Node], kvnet: KvNetwork
+) -> None:
+    grace = 2
+    a, b = cluster(make_node, kvnet, 2, "--kvstore-identity-gc-seconds", str(grace))
+    brief = "app=brief,io.kubernetes.pod.namespace=default"
+    kept = a.create_endpoint("kept", {"app": "kept"})
+    made = a.create_endpoint("brief", {"app": "brief"})
+    wait_for("b knows the label set", lambda: brief in label_sets(b), CONVERGE)
+    a.orchestrator().DeleteEndpoint(orch_pb.DeleteEndpointRequest(name="brief"), timeout=15)
+    deleted = time.monotonic()
+    for node in (a, b):
+        wait_for(f"{node.name} forgets the released identity", partial(lacks_labels, node, brief), 3 * grace + 8)
+    took = time.monotonic() - deleted
+    print(f"released everywhere {took:.1f}s after its last endpoint went (grace {grace}s)")
+    assert took >= grace * 0.9, "released before the grace period"
+    assert "app=kept,io.kubernetes.pod.namespace=default" in label_sets(b)  # in use: kept
+    assert ipcache(b)[f"{kept.ipv4}/32"] == kept.identity
+    again = b.create_endpoint("brief", {"app": "brief"})  # the labels get a number again
+    wait_for("a learns the new number", lambda: brief in label_sets(a), CONVERGE)
+    assert again.identity != kept.identity and made.identity >= 256

@@ -24,10 +24,12 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2 as pol_pb
 from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 
-from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT
+from pybpf import Map
+from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT, IpcacheKey, IpcacheValue, ReservedIdentity
+from services.common.lpm import ipcache_network
 from services.orchestrator.routing import overlay_ifname
 from tests.harness import netns, traffic
-from tests.harness.multinode import Member, MultiNode, cidr_v4, underlay_v6
+from tests.harness.multinode import UNDERLAY_MTU, Member, MultiNode, cidr_v4, underlay_v4, underlay_v6
 from tests.harness.node import REPO, pid_prefix
 
 pytestmark = pytest.mark.root
@@ -137,6 +139,24 @@ def test_overlay_over_an_ipv6_underlay(cluster: Cluster) -> None:
 
     out = capture_while(c, "ip6 and udp", exchange)
     assert f"{underlay_v6(1)}." in out and f".{VXLAN_PORT}:" in out, out[-2000:]
+    # An outer IPv6 header takes 70 bytes, not 50: the routes to node 2 say so, so a packet that
+    # would not fit is refused where it is sent (PMTU) instead of vanishing on the underlay.
+    routes = netns.run(n1.node.ns, "ip", "route", "show", cidr_v4(2)).stdout
+    assert f"mtu {UNDERLAY_MTU - 70}" in routes, routes
+
+    def ping_unfragmented(size: int) -> subprocess.CompletedProcess[str]:
+        return netns.run(a.netns, "ping", "-c", "2", "-W", "1", "-M", "do", "-s", str(size), b.ipv4, check=False)
+
+    fits = ping_unfragmented(UNDERLAY_MTU - 70 - 28)  # 1480-byte IPv4 packets
+    assert fits.returncode == 0, fits.stdout
+    too_big = ping_unfragmented(UNDERLAY_MTU - 50 - 28)  # 1500 bytes: the endpoint's own MTU
+    assert too_big.returncode != 0 and f"mtu = {UNDERLAY_MTU - 70}" in too_big.stdout, too_big.stdout
+    with traffic.server(b.netns, b.ipv4, 8081):  # a full-size TCP stream gets through whole
+        payload = bytes(range(256)) * 800
+        assert traffic.tcp_exchange(a.netns, b.ipv4, 8081, payload, timeout=10) == payload
+    for here, there in ((n1, n2), (n2, n1)):  # back to both addresses (IPv4 underlay): no route MTU
+        here.orchestrator().UpsertNode(orch_pb.UpsertNodeRequest(node=there.record("vxlan")), timeout=15)
+    assert "mtu" not in netns.run(n1.node.ns, "ip", "route", "show", cidr_v4(2)).stdout
 
 
 def test_policy_by_labels_across_nodes(cluster: Cluster) -> None:
@@ -168,6 +188,47 @@ def test_policy_by_labels_across_nodes(cluster: Cluster) -> None:
         assert not tcp_ok(c.ep(1, "client"), server, server.ipv4)
     finally:
         policy.DeleteRules(pol_pb.DeleteRulesRequest(names=["server-in"]), timeout=15)
+
+
+def ipcache(member: Member) -> dict[str, int]:
+    """The node's pinned ipcache, as its datapath reads it."""
+    path = member.node.bpffs_root / "globals/ipcache"
+    with Map.from_pin(path, key_type=IpcacheKey, value_type=IpcacheValue) as m:
+        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
+
+
+def test_remote_node_addresses_are_remote_node_to_the_ipcache_and_to_policy(cluster: Cluster) -> None:
+    """As Cilium's node manager does, a remote node's underlay addresses map to the reserved
+    remote-node identity: `fromEntities: [remote-node]` admits the node itself, `world` does not."""
+    c = cluster
+    c.nodes.connect("direct")
+    n1, n2 = c.member(1), c.member(2)
+    node1 = {f"{underlay_v4(1)}/32", f"{underlay_v6(1)}/128"}
+    remote_node = int(ReservedIdentity.REMOTE_NODE)
+    assert {p: i for p, i in ipcache(n2).items() if p in node1} == dict.fromkeys(node1, remote_node)
+    server = c.ep(2, "server")
+    policy = pol_grpc.PolicyStub(n2.node.channel("policy"))
+
+    def admits(entity: str) -> bool:
+        rule = pol_pb.Rule(
+            name="nodes-in",
+            endpoint_selector=pol_pb.EndpointSelector(match_labels={"app": "server"}),
+            ingress=[pol_pb.PeerRule(entities=[entity], ports=[pol_pb.PortRule(port=8080, protocol="TCP")])],
+        )
+        policy.ImportRules(pol_pb.ImportRulesRequest(rules=[rule]), timeout=15)
+        with traffic.server(server.netns, server.ipv4, 8080):  # from node 1 itself: 172.31.0.1
+            return traffic.tcp_connects(n1.node.ns, server.ipv4, 8080, timeout=1.5)
+
+    try:
+        assert not admits("world"), "node 1's address was taken for world"
+        assert admits("remote-node")
+        stub = n2.orchestrator()
+        stub.DeleteNode(orch_pb.DeleteNodeRequest(name=n1.name), timeout=15)
+        assert not node1 & ipcache(n2).keys(), "a deleted node's addresses stayed in the ipcache"
+        stub.UpsertNode(orch_pb.UpsertNodeRequest(node=n1.record("direct")), timeout=15)
+        assert node1 <= ipcache(n2).keys()
+    finally:
+        policy.DeleteRules(pol_pb.DeleteRulesRequest(names=["nodes-in"]), timeout=15)
 
 
 def test_new_endpoint_reachable_after_upsert_and_gone_after_delete_node(cluster: Cluster) -> None:

@@ -21,10 +21,12 @@ from weir.prefilter.v1 import prefilter_pb2_grpc as pf_grpc
 
 from services.common.bpffs import remove_pins
 from services.common.cgroup import attached_programs
+from services.common.datapath import NODE_ROUTE_PROTOCOL
+from services.orchestrator.routing import route_metric
 from services.orchestrator.teardown import pinned_program_ids
 from services.policy.redirect import hairpin_names
 from tests.harness import netns
-from tests.harness.node import NET_IFNAME, REPO, Node
+from tests.harness.node import NET_IFNAME, OUTSIDE_V4, REPO, Node
 
 pytestmark = pytest.mark.root
 
@@ -281,3 +283,45 @@ def test_no_envoy_or_hairpin_outlives_its_node(
     assert _link_alias(node, ours) is None
     assert _link_alias(node, theirs) == f"weir-l7/{other.name}"
     assert all(other.serving(s) for s in ("orchestrator", "policy"))
+
+
+def _node_routes(node: Node) -> set[tuple[str, int]]:
+    """(destination, metric) of every node route (route protocol 87) in the node's namespace."""
+    out = set()
+    for family in ("-4", "-6"):
+        shown = netns.run(node.ns, "ip", family, "route", "show", "proto", str(NODE_ROUTE_PROTOCOL)).stdout
+        for line in shown.splitlines():
+            words = line.split()
+            out.add((words[0], int(words[words.index("metric") + 1]) if "metric" in words else 0))
+    return out
+
+
+def test_two_instances_in_one_namespace_keep_their_own_node_routes(
+    make_node: Callable[..., Node], beside: Callable[[Node], Beside]
+) -> None:
+    """Each instance's routes carry its own metric: a restart (reconcile) or a teardown of one
+    leaves the other's routes, even to the same CIDR; only unscoped routes of an older version go."""
+    node = make_node("orchestrator")
+    other = beside(node)
+    other.start("orchestrator")
+    gateway = OUTSIDE_V4  # both route via the outside namespace's address
+    for instance, cidr in ((node, "10.71.0.0/24"), (other, "10.72.0.0/24")):
+        record = orch_pb.Node(name="far", node_id=2, addresses=[gateway], cidrs=[cidr, "10.73.0.0/24"])
+        instance.orchestrator().UpsertNode(orch_pb.UpsertNodeRequest(node=record), timeout=15)
+    mine, theirs = route_metric(node.name), route_metric(other.name)
+    assert mine != theirs
+    both = {("10.71.0.0/24", mine), ("10.73.0.0/24", mine), ("10.72.0.0/24", theirs), ("10.73.0.0/24", theirs)}
+    assert _node_routes(node) == both
+    # A route of protocol 87 with no instance metric was made before routes were scoped: a
+    # restarted instance replaces it (with its own, if it still wants the destination).
+    netns.run(node.ns, "ip", "route", "add", "10.74.0.0/24", "via", gateway, "proto", str(NODE_ROUTE_PROTOCOL))
+    node.kill("orchestrator")
+    node.start("orchestrator")
+    assert _node_routes(node) == both, "a restart took another instance's routes or kept an unscoped one"
+    node.kill("orchestrator", signal.SIGTERM)
+    result = _teardown(node)
+    assert result.returncode == 0, result.stderr
+    assert _node_routes(node) == {("10.72.0.0/24", theirs), ("10.73.0.0/24", theirs)}
+    assert "10.72.0.0/24" not in result.stdout and "10.71.0.0/24" in result.stdout
+    other_stub = other.orchestrator()
+    assert {n.name for n in other_stub.ListNodes(orch_pb.ListNodesRequest(), timeout=10).nodes} == {"far"}

@@ -8,7 +8,10 @@ fd00:e:i::/64, and runs its orchestrator with those as its `--node-*` flags.
 The underlay's MTU is 1550, so the overlay's VXLAN devices get 1500, as the endpoints.
 
 `MultiNode.connect(mode)` tells every node about every other (UpsertNode) with one
-routing mode; calling it again with the other mode switches all of them.
+routing mode; calling it again with the other mode switches all of them. Given a
+`KvNetwork` (etcd in its own namespace), `setup` makes a cluster instead: each node is
+joined to etcd and started with `--kvstore` and its `--routing`, and the nodes learn
+each other from etcd alone.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
 from tests.harness import netns
+from tests.harness.kvnet import KvNetwork
 from tests.harness.node import Node
 
 UNDERLAY_MTU = 1550
@@ -54,6 +58,7 @@ class Member:
 
     node: Node
     index: int
+    routing: str = "direct"
     _next: Iterator[int] = field(default_factory=lambda: itertools.count(10))
 
     @property
@@ -73,13 +78,14 @@ class Member:
         )
 
     def flags(self) -> tuple[str, ...]:
-        """The orchestrator's --node-* flags of this node."""
+        """The orchestrator's --node-* flags of this node (and its --routing)."""
         return (
             "--node-id", str(self.index),
             "--node-address", underlay_v4(self.index),
             "--node-address", underlay_v6(self.index),
             "--node-cidr", cidr_v4(self.index),
             "--node-cidr", cidr_v6(self.index),
+            "--routing", self.routing,
         )  # fmt: skip
 
     def create_endpoint(self, name: str, labels: dict[str, str]) -> orch_pb.Endpoint:
@@ -103,13 +109,22 @@ class MultiNode:
     def underlay(self) -> str:
         return f"{self.prefix}-ul"
 
-    def setup(self, count: int, services: tuple[str, ...] = ("orchestrator", "policy")) -> MultiNode:
+    def setup(
+        self,
+        count: int,
+        services: tuple[str, ...] = ("orchestrator", "policy"),
+        kvnet: KvNetwork | None = None,
+        cluster_flags: tuple[str, ...] = (),
+        routing: tuple[str, ...] = (),
+    ) -> MultiNode:
+        """`count` nodes; with `kvnet`, in cluster mode on its etcd (`cluster_flags` added to
+        each orchestrator's). `routing[i - 1]` is node i's --routing (direct if not given)."""
         netns.create(self.underlay)
         netns.run(self.underlay, "ip", "link", "add", BRIDGE, "type", "bridge")
         netns.run(self.underlay, "ip", "link", "set", BRIDGE, "up")
         for i in range(1, count + 1):
             node = Node(f"{self.prefix}m{i}", self.workdir / f"m{i}")
-            self.members.append(Member(node, i))
+            self.members.append(Member(node, i, routing[i - 1] if i <= len(routing) else "direct"))
             node.workdir.mkdir(parents=True, exist_ok=True)
             node.cgroup_root.mkdir(exist_ok=True)
             netns.create(node.ns)
@@ -121,9 +136,10 @@ class MultiNode:
             netns.run(node.ns, "ip", "-6", "addr", "add", f"{underlay_v6(i)}/64", "dev", "ul0", "nodad")
             netns.run(node.ns, "ip", "link", "set", "ul0", "up")
             netns.run(node.ns, "ip", "link", "set", "lo", "up")
+        kv_flags = {m.index: ("--kvstore", kvnet.join(m.node), *cluster_flags) if kvnet else () for m in self.members}
 
         def start(member: Member) -> None:
-            member.node.start("orchestrator", *member.flags(), timeout=90)
+            member.node.start("orchestrator", *member.flags(), *kv_flags[member.index], timeout=90)
             for service in services[1:]:
                 member.node.start(service, timeout=90)
 

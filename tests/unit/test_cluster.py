@@ -39,10 +39,17 @@ class Recorder:
         self.remote: dict[Network, RemoteEntry] = {}
         self.nodes: dict[str, NodeRecord] = {}
         self.downs: list[Network] = []
+        self.forgotten: list[tuple[str, int]] = []
 
     def learn_identity(self, pairs: list[tuple[str, int]]) -> None:
         with self.lock:
             self.identities.update(pairs)
+
+    def forget_identity(self, pairs: list[tuple[str, int]]) -> None:
+        with self.lock:
+            self.forgotten.extend(pairs)
+            for key, _ in pairs:
+                self.identities.pop(key, None)
 
     def remote_up(self, entries: list[RemoteEntry]) -> None:
         with self.lock:
@@ -86,12 +93,13 @@ Member = tuple[Cluster, Recorder]
 
 
 @pytest.fixture
-def members(etcd: EtcdServer) -> Iterator[Callable[[str], Member]]:
+def members(etcd: EtcdServer) -> Iterator[Callable[..., Member]]:
     made: list[Cluster] = []
 
-    def make(name: str) -> Member:
+    def make(name: str, identity_gc: float = 900.0) -> Member:
         recorder = Recorder()
-        cluster = Cluster(KvStore(KvStoreConfig((etcd.url,), timeout=2.0)), NodeRecord(name), recorder, TTL)
+        kv = KvStore(KvStoreConfig((etcd.url,), timeout=2.0))
+        cluster = Cluster(kv, NodeRecord(name), recorder, TTL, identity_gc)
         cluster.on_node(recorder.node_up, recorder.node_down)
         cluster.start({}, [])
         made.append(cluster)
@@ -294,3 +302,51 @@ def test_a_dead_endpoint_in_the_list_is_skipped(etcd: EtcdServer) -> None:
     with pytest.raises(KvStoreUnavailable, match=f"kvstore {dead}: get weir/v1/failover/0 failed"):
         kv.get("weir/v1/failover/0")
     kv.close()
+
+
+def test_an_identity_no_endpoint_uses_is_released_after_the_grace_period(
+    members: Callable[..., Member], etcd: EtcdServer
+) -> None:
+    grace = 2.0
+    a, _ = members("a", grace)
+    b, seen_b = members("b", grace)
+    kv = KvStore(etcd.client_config())
+    try:
+        used, short = a.allocate("app=used"), a.allocate("app=short")
+        wait_for("b learns both", lambda: {"app=used", "app=short"} <= seen_b.identities.keys())
+        a.endpoint_changed("CREATED", endpoint("kept", "10.0.0.1", used))
+        short_ep = endpoint("brief", "10.0.0.2", short)
+        a.endpoint_changed("CREATED", short_ep)
+        time.sleep(grace + 1.5)  # in use: nothing is collected, however long
+        assert kv.get(IDS + str(short)) is not None and kv.get(IDS + str(used)) is not None
+        a.endpoint_changed("DELETED", short_ep)
+        gone_at = time.monotonic()
+        took = wait_for("the unused identity leaves etcd", lambda: kv.get(LABELS + "app=short") is None, 3 * grace + 5)
+        assert took >= grace * 0.9, f"released {took:.1f}s after its last endpoint went: before the grace period"
+        assert kv.get(IDS + str(short)) is None
+        wait_for("b forgets it", lambda: ("app=short", short) in seen_b.forgotten, 5)
+        assert kv.get(LABELS + "app=used") == str(used).encode()  # the one in use stays
+        print(f"released {time.monotonic() - gone_at:.1f}s after its endpoint was deleted (grace {grace}s)")
+        # The labels get a number again when an endpoint needs them.
+        again = b.allocate("app=short")
+        assert kv.get(LABELS + "app=short") == str(again).encode()
+    finally:
+        kv.close()
+
+
+def test_publishing_an_endpoint_puts_back_its_collected_identity(
+    members: Callable[..., Member], etcd: EtcdServer
+) -> None:
+    """A node that publishes an endpoint of an identity collected meanwhile (it raced the
+    collection, or etcd lost it) writes the identity's keys again."""
+    a, _ = members("a")
+    kv = KvStore(etcd.client_config())
+    try:
+        number = a.allocate("app=raced")
+        kv.delete(LABELS + "app=raced")
+        kv.delete(IDS + str(number))
+        a.endpoint_changed("CREATED", endpoint("raced", "10.0.0.3", number))
+        wait_for("the keys are back", lambda: kv.get(LABELS + "app=raced") == str(number).encode())
+        assert kv.get(IDS + str(number)) == b"app=raced"
+    finally:
+        kv.close()
