@@ -111,17 +111,20 @@ class Orchestrator:
 
     def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
         """The identities of these CIDRs, held by the policy service (idempotent)."""
-        wanted = sorted(set(networks), key=str)
+        wanted = sorted({str(n): n for n in networks}.items())
         if not wanted:
             return {}
         request = orch_pb.AllocateCIDRIdentitiesRequest(
-            owner=OWNER, cidrs=[str(n) for n in wanted], reserve_only=reserve_only
+            owner=OWNER, cidrs=[text for text, _ in wanted], reserve_only=reserve_only, ids_only=True
         )
         try:
             reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT)
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
-        return {_network(i.labels[0].removeprefix(CIDR_LABEL)): i.id for i in reply.identities}
+        if len(reply.ids) != len(wanted):
+            raise Unavailable(f"the orchestrator at {self._socket} answered {len(reply.ids)} identities for "
+                              f"{len(wanted)} CIDRs; it may be older than this service: upgrade it")  # fmt: skip
+        return {n: identity for (_, n), identity in zip(wanted, reply.ids, strict=True)}
 
     def release(self, networks: Iterable[Network]) -> None:
         wanted = sorted(set(networks), key=str)
