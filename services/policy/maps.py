@@ -50,7 +50,8 @@ assert _KEY_HEAD.size + _KEY_TAIL.size == ctypes.sizeof(PolicyKey) and _ENTRY.si
 
 def policy_key_bytes(entry: MapEntry) -> bytes:
     """The entry's PolicyKey as the map stores it."""
-    return _KEY_HEAD.pack(entry.key_prefixlen, entry.direction) + _KEY_TAIL.pack(entry.identity, entry.proto, entry.port)
+    head = _KEY_HEAD.pack(entry.key_prefixlen, entry.direction)
+    return head + _KEY_TAIL.pack(entry.identity, entry.proto, entry.port)
 
 
 def policy_key(entry: MapEntry) -> PolicyKey:

@@ -63,8 +63,9 @@ SMALL_RULE_BYTES = 2 * min(MAX_PEERS_PER_SECTION, MAX_PORTS_PER_RULE, MAX_CIDRS_
                            MAX_SELECTORS_PER_PEER, MAX_LABELS_PER_SELECTOR, MAX_VALUES_PER_EXPRESSION,
                            MAX_SPECS_PER_RULE, MAX_DESCRIPTION_CHARS)  # fmt: skip
 WIRE = "wire"  # the stored document of a rule: {"wire": base64 of the enforced message}
-MAX_CACHED_SELECTORS = 4096
+MAX_CACHED_SELECTORS = 4096  # of each of selectors and port rules
 _selectors: dict[bytes, Selector] = {}  # accepted selectors by their deterministic wire form
+_ports: dict[tuple[bytes, bool], PortRule] = {}  # accepted port rules (no HTTP) by wire form and section kind
 
 # Label sources a selector key may name ("k8s:app"); a key without one is "any" (Cilium's
 # labels.ParseSelectLabel). An endpoint's label key without one is "k8s": endpoints model pods.
@@ -446,18 +447,37 @@ def check_entity(entity: str, where: str) -> str:
 def _peer(msg: pb.PeerRule, where: str, deny: bool = False) -> PeerRule:
     cidrs = []
     for i, c in enumerate(msg.cidrs):
-        network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
-        excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in getattr(c, "except"))
-        check_excepts(network, excepts, f"{where}.cidrs[{i}]")
-        cidrs.append(CidrRule(network, excepts))
+        excepts_text = getattr(c, "except")
+        fast = None if excepts_text else parse_ipv4_network(c.cidr)  # the usual case, no place text built
+        if fast is not None:
+            cidrs.append(CidrRule(fast))
+        else:
+            network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
+            excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in excepts_text)
+            check_excepts(network, excepts, f"{where}.cidrs[{i}]")
+            cidrs.append(CidrRule(network, excepts))
     for entity in msg.entities:
         check_entity(entity, where)
     return PeerRule(
         endpoints=tuple(parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
         cidrs=tuple(cidrs),
         entities=tuple(msg.entities),
-        ports=tuple(_port(p, f"{where}.ports[{i}]", deny) for i, p in enumerate(msg.ports)),
+        ports=tuple(_cached_port(p, where, i, deny) for i, p in enumerate(msg.ports)),
     )
+
+
+def _cached_port(msg: pb.PortRule, where: str, index: int, deny: bool) -> PortRule:
+    """`_port`, from a cache of accepted port rules without HTTP rules (bulk imports repeat a few)."""
+    if msg.http:
+        return _port(msg, f"{where}.ports[{index}]", deny)
+    wire = (msg.SerializeToString(), deny)
+    known = _ports.get(wire)
+    if known is None:
+        known = _port(msg, f"{where}.ports[{index}]", deny)
+        if len(_ports) >= MAX_CACHED_SELECTORS:
+            _ports.clear()
+        _ports[wire] = known
+    return known
 
 
 def cidr_count(msg: pb.Rule) -> int:
@@ -521,9 +541,7 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
         raise InvalidArgument(f"{where}: description contains a NUL character")
 
 
-def _spec(
-    msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule, ...] = (), wire: bytes = b""
-) -> Rule:
+def _spec(msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule, ...] = (), wire: bytes = b"") -> Rule:
     """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
 
     def section(peers: Iterable[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
