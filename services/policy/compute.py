@@ -501,7 +501,7 @@ class _CidrIndex:
 
     def within(self, network: Network) -> set[int]:
         first = int(network.network_address)
-        last = int(network.broadcast_address)
+        last = first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)  # broadcast_address, cheaper
         lo = bisect.bisect_left(self._keys, (network.version, first))
         hi = bisect.bisect_right(self._keys, (network.version, last))
         return {i for _, _, plen, i in self._rows[lo:hi] if plen >= network.prefixlen}

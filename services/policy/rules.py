@@ -544,7 +544,9 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
 def _spec(msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule, ...] = (), wire: bytes = b"") -> Rule:
     """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
 
-    def section(peers: Iterable[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
+    def section(peers: Sequence[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
+        if not peers:
+            return ()
         deny = field_name.endswith("_deny")
         return tuple(_peer(p, f"{where}: {field_name}[{i}]", deny) for i, p in enumerate(peers))
 
