@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,7 +67,9 @@ def _cidr_of(text: str) -> Network | None:
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:
-    return IdentityView(msg.id, ",".join(msg.labels), tuple(map(_network, msg.prefixes)), frozenset(msg.owners))
+    prefixes = msg.prefixes
+    return IdentityView(msg.id, ",".join(msg.labels), tuple(map(_network, prefixes)) if prefixes else (),
+                        frozenset(msg.owners))  # fmt: skip
 
 
 def _network(text: str) -> Network:
@@ -167,7 +169,13 @@ class Orchestrator:
 
 
 OnEndpoints = Callable[[bool, list[EndpointView], list[str]], Awaitable[object]]
-OnIdentities = Callable[[bool, list[IdentityView], list[int]], Awaitable[object]]
+# The identities come as the stream's messages: converting them (thousands after a bulk
+# import) is left to the callee, which does it on the worker rather than on the event loop.
+OnIdentities = Callable[[bool, Sequence[orch_pb.Identity], list[int]], Awaitable[object]]
+
+
+def identity_views(messages: Iterable[orch_pb.Identity]) -> list[IdentityView]:
+    return [identity_view(m) for m in messages]
 
 
 async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
@@ -199,7 +207,8 @@ async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
 
 
 async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
-    """on_change(snapshot, upserted, deleted ids) for every identity change, forever (outages logged once)."""
+    """on_change(snapshot, upserted messages, deleted ids) for every identity change, forever (outages
+    logged once); `identity_views` converts the messages."""
     down = False
     while True:
         try:
@@ -207,7 +216,7 @@ async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
                 stub = orch_grpc.OrchestratorStub(channel)
                 async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest()):
                     down = False
-                    await on_change(update.snapshot, [identity_view(i) for i in update.upserted], list(update.deleted))
+                    await on_change(update.snapshot, update.upserted, list(update.deleted))
         except grpc.RpcError as exc:
             (log.debug if down else log.info)("identity stream interrupted; reconnecting", code=exc.code().name)
             down = True
