@@ -36,6 +36,7 @@ OWNER = "policy"
 CIDR_LABEL = "cidr:"
 PAGE = 1000
 TIMEOUT = 5.0
+CIDR_TIMEOUT = 0.0002  # added per CIDR to a CIDR identity call: 10k CIDRs may take seconds on a busy node
 RECONNECT_SECONDS = 0.5
 
 
@@ -120,7 +121,7 @@ class Orchestrator:
             owner=OWNER, cidrs=[text for text, _ in wanted], reserve_only=reserve_only, ids_only=True
         )
         try:
-            reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT)
+            reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT + CIDR_TIMEOUT * len(wanted))
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
         if len(reply.ids) != len(wanted):
@@ -134,7 +135,8 @@ class Orchestrator:
             return
         try:
             self._stub.ReleaseCIDRIdentities(
-                orch_pb.ReleaseCIDRIdentitiesRequest(owner=OWNER, cidrs=[str(n) for n in wanted]), timeout=TIMEOUT
+                orch_pb.ReleaseCIDRIdentitiesRequest(owner=OWNER, cidrs=[str(n) for n in wanted]),
+                timeout=TIMEOUT + CIDR_TIMEOUT * len(wanted),
             )
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
