@@ -15,7 +15,10 @@ starts from an empty policy.
 
 Beside it, `iptables-restore` of the same R rules as FORWARD rules
 (`-s <endpoint> -d <cidr> -p tcp --dport 443 -j ACCEPT`) inside a namespace
-of its own. Prints seconds and the ratios. Then, with the last policy in
+of its own. Prints seconds and the ratios, the CPU seconds of both sides, and
+how the wall time splits: the CPU of each service's busiest thread (its
+worker), the time those threads stood in the run queue waiting for a CPU
+(/proc/<pid>/task/*/schedstat: other work on the machine), and the rest. Then, with the last policy in
 place, what that policy costs the service after the import: its CPU while
 nobody calls it (it follows the orchestrator's streams and recomputes only on
 a change) and how long it takes to exit on SIGTERM.
@@ -106,12 +109,43 @@ def service_cpu(node: WeirNode) -> float:
     return sum(cpu_seconds(p.pid) for p in node.processes.values())
 
 
-def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[float, float, list[str]]:
-    """Import `count` rules and check every endpoint's map; returns seconds, service CPU seconds, rule names."""
+def thread_times(pid: int) -> dict[int, tuple[float, float]]:
+    """Per thread of a process: (seconds on a CPU, seconds runnable but waiting for one) so far,
+    from /proc/<pid>/task/<tid>/schedstat."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            on_cpu, waiting = (int(v) / 1e9 for v in (task / "schedstat").read_text().split()[:2])
+        except (OSError, ValueError):
+            continue  # the thread exited meanwhile
+        out[int(task.name)] = (on_cpu, waiting)
+    return out
+
+
+def busiest_threads(node: WeirNode, before: dict[str, dict[int, tuple[float, float]]]) -> tuple[float, float]:
+    """(CPU, run-queue wait) since `before` of each service's busiest thread (its worker), summed:
+    the import's path through both services, and how long it stood waiting for a CPU."""
+    cpu = waiting = 0.0
+    for name, process in node.processes.items():
+        start = before[name]
+        deltas = [
+            (on_cpu - start.get(tid, (0.0, 0.0))[0], waited - start.get(tid, (0.0, 0.0))[1])
+            for tid, (on_cpu, waited) in thread_times(process.pid).items()
+        ]
+        busiest = max(deltas, default=(0.0, 0.0))
+        cpu, waiting = cpu + busiest[0], waiting + busiest[1]
+    return cpu, waiting
+
+
+def weir_import(
+    node: WeirNode, count: int, endpoints: dict[str, int]
+) -> tuple[float, float, tuple[float, float], list[str]]:
+    """Import `count` rules and check every endpoint's map; returns seconds, service CPU seconds,
+    (CPU, run-queue wait) of the services' busiest threads meanwhile, and the rule names."""
     batch = rules(count, len(endpoints), f"r{count}")
-    cpu = service_cpu(node)
+    cpu, threads = service_cpu(node), {name: thread_times(p.pid) for name, p in node.processes.items()}
     reply, took = node.import_rules(batch)
-    cpu = service_cpu(node) - cpu
+    cpu, path = service_cpu(node) - cpu, busiest_threads(node, threads)
     if set(reply.endpoints) != set(endpoints):
         raise RuntimeError(f"import of {count} rules rewrote {sorted(reply.endpoints)}, expected {sorted(endpoints)}")
     for name, endpoint_id in sorted(endpoints.items()):
@@ -119,7 +153,7 @@ def weir_import(node: WeirNode, count: int, endpoints: dict[str, int]) -> tuple[
         want = len(range(int(name.removeprefix("ep")), count, len(endpoints)))
         if entries != want or not flags & ConfigFlag.EGRESS_ENFORCED:
             raise RuntimeError(f"{name}: {entries} policy map entries (flags {flags}) after the import, want {want}")
-    return took, cpu, [r.name for r in batch]
+    return took, cpu, path, [r.name for r in batch]
 
 
 def children_cpu() -> float:
@@ -157,11 +191,11 @@ def idle_cpu(node: WeirNode, seconds: float) -> float:
 
 @dataclass(frozen=True)
 class Imported:
-    """One run: per size (rules, Weir import s, iptables-restore s, and the CPU seconds of each side),
-    deletes, idle CPU, exit time."""
+    """One run: per size (rules, Weir import s, iptables-restore s, the CPU seconds of each side, and
+    the CPU and run-queue seconds of the services' busiest threads), deletes, idle CPU, exit time."""
 
     endpoints: int
-    sizes: list[tuple[int, float, float, float, float]]
+    sizes: list[tuple[int, float, float, float, float, tuple[float, float]]]
     deleted: list[tuple[int, float]]
     idle_cores: float
     idle_seconds: float
@@ -171,7 +205,7 @@ class Imported:
 def measure(sizes: list[int], endpoints: int, idle_seconds: float, stop_grace: float) -> Imported:
     """Both sides, size by size (iptables-restore right before Weir's import of the same size)."""
     ipt_ns = f"{PREFIX}-ipt"
-    results: list[tuple[int, float, float, float, float]] = []
+    results: list[tuple[int, float, float, float, float, tuple[float, float]]] = []
     deleted: list[tuple[int, float]] = []
     try:
         netns.create(ipt_ns)
@@ -187,8 +221,8 @@ def measure(sizes: list[int], endpoints: int, idle_seconds: float, stop_grace: f
                     node.delete_rules(loaded)
                     deleted.append((len(loaded), time.perf_counter() - start))
                 ipt, ipt_cpu = iptables_restore(ipt_ns, count, endpoints)
-                took, cpu, loaded = weir_import(node, count, ids)
-                results.append((count, took, ipt, cpu, ipt_cpu))
+                took, cpu, path, loaded = weir_import(node, count, ids)
+                results.append((count, took, ipt, cpu, ipt_cpu, path))
             idle = idle_cpu(node, idle_seconds)
             stopped = stop(node.processes["policy"], grace=stop_grace)
     finally:
@@ -202,11 +236,17 @@ def report(result: Imported) -> None:
         f"/32 on TCP/{PORT}; seconds from the client's side"
     )
     print(f"{'rules':>7}{'weir import s':>15}{'iptables-restore s':>20}{'weir/iptables':>15}{'weir ms/rule':>14}")
-    for count, imported, ipt, _, _ in result.sizes:
+    for count, imported, ipt, _, _, _ in result.sizes:
         print(f"{count:>7}{imported:>15.2f}{ipt:>20.3f}{imported / ipt:>15.1f}{imported * 1000 / count:>14.2f}")
     print("CPU seconds (the policy and orchestrator processes; iptables-restore): less sensitive to a busy machine")
-    for count, _, _, cpu, ipt_cpu in result.sizes:
+    for count, _, _, cpu, ipt_cpu, _ in result.sizes:
         print(f"{count:>7}{cpu:>15.2f}{ipt_cpu:>20.3f}{_ratio(cpu, ipt_cpu):>15.1f}")
+    print("where Weir's import seconds went: the CPU of each service's busiest thread (its worker), their wait")
+    print("for a CPU (run queue: other work on the machine), the rest (the client, gRPC, the event loops, fsync)")
+    print(f"{'rules':>7}{'import s':>15}{'workers CPU s':>15}{'run queue s':>13}{'rest s':>9}")
+    for count, imported, _, _, _, (path_cpu, waiting) in result.sizes:
+        rest = imported - path_cpu - waiting
+        print(f"{count:>7}{imported:>15.2f}{path_cpu:>15.2f}{waiting:>13.2f}{rest:>9.2f}")
     for count, took in result.deleted:
         print(f"DeleteRules of {count} rules: {took:.2f} s ({took * 1000 / count:.3f} ms/rule)")
     last = result.sizes[-1][0]
@@ -233,7 +273,7 @@ def summary_rows(rules: int = SIZES[-1], endpoints: int = ENDPOINTS) -> list[tup
     """(measure, Weir s, iptables-restore s, ratio) of one import of `rules` rules, for bench.all."""
     result = measure([rules], endpoints, idle_seconds=0.5, stop_grace=STOP_GRACE)
     report(result)
-    _, weir, ipt, cpu, ipt_cpu = result.sizes[-1]
+    _, weir, ipt, cpu, ipt_cpu, _ = result.sizes[-1]
     return [
         (f"import {_count(rules)} rules over {endpoints} endpoints (s)", weir, ipt, weir / ipt),
         (

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from typing import Any
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
 _ADDRESS_RE = re.compile(rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}")
@@ -30,6 +31,30 @@ def parse_ipv4(text: str) -> int | None:
     return int.from_bytes(socket.inet_aton(text), "big")
 
 
+class IPv4Network(ipaddress.IPv4Network):
+    """An `ipaddress.IPv4Network` that computes its hash and text once.
+
+    The standard one computes both in Python on every dict or set operation and every
+    str(), and a bulk request keys several tables by each of its thousands of prefixes.
+    Equal to (and hashing as) the standard class, so both mix freely in one dict.
+    """
+
+    def __init__(self, address: Any, strict: bool = True, text: str | None = None) -> None:
+        """`text`: the canonical form ("10.0.0.0/8") when the caller has it, as str() would give it.
+
+        Takes what the standard class takes: its methods (supernet, subnets...) build this class.
+        """
+        super().__init__(address, strict)
+        self._hash = hash(int(self.network_address) ^ int(self.netmask))
+        self._text = text if text is not None else super().__str__()
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __str__(self) -> str:
+        return self._text
+
+
 def parse_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
     """The network of a canonical "a.b.c.d/n" with no host bits set, or None for anything else."""
     match = _NETWORK_RE.fullmatch(text)
@@ -38,7 +63,7 @@ def parse_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
     value, prefixlen = int.from_bytes(socket.inet_aton(match[1]), "big"), int(match[2])
     if value & (0xFFFFFFFF >> prefixlen):
         return None
-    return ipaddress.IPv4Network((value, prefixlen))
+    return IPv4Network((value, prefixlen), text=text)
 
 
 def plain_unicast(value: int) -> bool:

@@ -252,6 +252,13 @@ class Identities:
 
     def allocate_cidrs(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[IdentityInfo]:
         """Identities for `networks`, held by `owner` (idempotent); published unless reserve_only."""
+        self.allocate_cidr_ids(owner, networks, reserve_only)
+        keys = dict.fromkeys(map(cidr_key, networks))
+        return [self.info(self._by_key[key], key) for key in keys]
+
+    def allocate_cidr_ids(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[int]:
+        """`allocate_cidrs`, answering only the identity of each network (in order): a bulk
+        caller knows its CIDRs, and thousands of `IdentityInfo`s cost more than the allocation."""
         self._check_owner(owner)
         keys = {n: cidr_key(n) for n in networks}
         before = self._save()
@@ -278,7 +285,7 @@ class Identities:
             self._store.put_many(KIND, docs)
             self._refresh(published, touched, notify=False)
         self._notify([*new, *touched, *(self._by_key[keys[n]] for n in published)], [])
-        return [self.info(self._by_key[key], key) for key in keys.values()]
+        return [self._by_key[keys[n]] for n in networks]
 
     def release_cidrs(self, owner: str, networks: list[Network]) -> None:
         """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""

@@ -31,7 +31,7 @@ from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, N
 from services.orchestrator.eventlimits import EventLimits, KindStats, parse_limit
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
-from services.orchestrator.identities import Identities, IdentityInfo, parse_cidrs
+from services.orchestrator.identities import Identities, IdentityInfo, cidr_key, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
 from services.orchestrator.mapfill import MapFill
 from services.orchestrator.node_rpcs import NodeRpcs
@@ -390,8 +390,16 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         self, request: pb.AllocateCIDRIdentitiesRequest, context: Context
     ) -> pb.AllocateCIDRIdentitiesResponse:
         networks = parse_cidrs(request.cidrs)
+        if request.ids_only:
+            ids = await self._worker.call(
+                self._identities.allocate_cidr_ids, request.owner, networks, request.reserve_only
+            )
+            return pb.AllocateCIDRIdentitiesResponse(ids=ids)
         infos = await self._worker.call(self._identities.allocate_cidrs, request.owner, networks, request.reserve_only)
-        return pb.AllocateCIDRIdentitiesResponse(identities=[identity_to_proto(i) for i in infos])
+        by_network = {info.labels[0]: info.id for info in infos}
+        return pb.AllocateCIDRIdentitiesResponse(
+            identities=[identity_to_proto(i) for i in infos], ids=[by_network[cidr_key(n)] for n in networks]
+        )
 
     async def ReleaseCIDRIdentities(
         self, request: pb.ReleaseCIDRIdentitiesRequest, context: Context

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc.aio
 import structlog
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from services.common.chain_client import ChainClient
@@ -25,7 +26,7 @@ from services.policy.limits import brief, summary
 from services.policy.maps import PolicyMaps
 from services.policy.policy import DEFAULT_PROXY_PORTS, NO_ADOPT, Policy
 from services.policy.servicer import SERVICE_NAME, PolicyServicer
-from services.policy.sources import Orchestrator, follow_endpoints, follow_identities
+from services.policy.sources import Orchestrator, follow_endpoints, follow_identities, identity_views
 
 SERVICE = "policy"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
@@ -93,9 +94,14 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
 
     async def background(worker: Worker, policy: Policy) -> None:
         """Follow the node's endpoints and identities, forever (reconnecting after a restart)."""
+
+        def on_identities(snapshot: bool, upserted: Sequence[orch_pb.Identity], deleted: list[int]) -> list[str]:
+            """Converted on the worker, after whatever it is doing (an import's own allocations come back here)."""
+            return policy.on_identities(snapshot, identity_views(upserted), deleted)
+
         await asyncio.gather(
             follow_endpoints(orchestrator_socket, _follower(worker, policy.on_endpoints, "endpoints")),
-            follow_identities(orchestrator_socket, _follower(worker, policy.on_identities, "identities")),
+            follow_identities(orchestrator_socket, _follower(worker, on_identities, "identities")),
         )
 
     try:

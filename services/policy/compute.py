@@ -364,6 +364,13 @@ class PolicyComputer:
 
     @staticmethod
     def _table(direction: Direction, identity: int, relevant: list[Grant]) -> Iterator[MapEntry]:
+        if len(relevant) == 1 and relevant[0].proto != ANY:
+            # One port rule for the peer (a bulk import's usual case): what _segments gives for it.
+            g = relevant[0]
+            l7 = g.l7 and not g.deny
+            for port, plen in port_prefixes(g.first, g.last):
+                yield MapEntry(direction, identity, g.proto, port, plen, g.deny, (g.rule,), l7)
+            return
         any_deny = [g for g in relevant if g.proto == ANY and g.deny]
         any_allow = [g for g in relevant if g.proto == ANY and not g.deny]
         if any_deny:
@@ -509,7 +516,7 @@ class _CidrIndex:
 
     def within(self, network: Network) -> set[int]:
         first = int(network.network_address)
-        last = int(network.broadcast_address)
+        last = first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)  # broadcast_address, cheaper
         lo = bisect.bisect_left(self._keys, (network.version, first))
         hi = bisect.bisect_right(self._keys, (network.version, last))
         return {i for _, _, plen, i in self._rows[lo:hi] if plen >= network.prefixlen}

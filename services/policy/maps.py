@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import struct
 import time
 import zlib
 from collections.abc import Iterable
@@ -39,14 +40,22 @@ HAIRPIN_PROGRAM = "l7_hairpin_ingress"  # attached by the service itself to its 
 BPF_F_NO_PREALLOC = 1
 
 
+# PolicyKey and PolicyEntry as bytes, packed without a ctypes object per entry (a bulk
+# import writes tens of thousands): prefixlen and dir in host order, identity, proto and port
+# in network order; the entry all in host order.
+_KEY_HEAD, _KEY_TAIL = struct.Struct("=IB"), struct.Struct(">IBH")
+_ENTRY = struct.Struct("=BBHIQQ")
+assert _KEY_HEAD.size + _KEY_TAIL.size == ctypes.sizeof(PolicyKey) and _ENTRY.size == ctypes.sizeof(PolicyEntry)
+
+
+def policy_key_bytes(entry: MapEntry) -> bytes:
+    """The entry's PolicyKey as the map stores it."""
+    head = _KEY_HEAD.pack(entry.key_prefixlen, entry.direction)
+    return head + _KEY_TAIL.pack(entry.identity, entry.proto, entry.port)
+
+
 def policy_key(entry: MapEntry) -> PolicyKey:
-    key = PolicyKey()
-    key.prefixlen = entry.key_prefixlen
-    key.dir = entry.direction
-    ctypes.memmove(key.identity, entry.identity.to_bytes(4, "big"), 4)
-    key.proto = entry.proto
-    ctypes.memmove(key.port, entry.port.to_bytes(2, "big"), 2)
-    return key
+    return PolicyKey.from_buffer_copy(policy_key_bytes(entry))
 
 
 @dataclass(frozen=True)
@@ -159,17 +168,19 @@ class PolicyMaps:
             if previous is not None:
                 stack.enter_context(previous)
                 counted = {bytes(k): (int(v.packets), int(v.bytes)) for k, v in previous.items()}
+            entries = list(entries)
+            rule_ids = self.rule_ids.ids_of({entry.rules[0] for entry in entries if entry.rules})
             keys = []
             values = []
             for entry in entries:
-                key = policy_key(entry)
-                packets, nbytes = counted.get(bytes(key), (0, 0)) if counted else (0, 0)
-                rule = self.rule_ids.id_of(entry.rules[0]) if entry.rules else 0
-                values.append(PolicyEntry(flags=PolicyFlag.DENY if entry.deny else 0, proxy_port=entry.proxy_port,
-                                          rule=rule, packets=packets, bytes=nbytes))  # fmt: skip
+                key = policy_key_bytes(entry)
+                packets, nbytes = counted.get(key, (0, 0)) if counted else (0, 0)
+                rule = rule_ids[entry.rules[0]] if entry.rules else 0
+                values.append(_ENTRY.pack(PolicyFlag.DENY if entry.deny else 0, 0, entry.proxy_port, rule, packets,
+                                          nbytes))  # fmt: skip
                 keys.append(key)
             if keys:  # one batch for the whole map, not one syscall per entry
-                update_packed(inner, b"".join(map(bytes, keys)), b"".join(map(bytes, values)), len(keys))
+                update_packed(inner, b"".join(keys), b"".join(values), len(keys))
             self._outer().update(endpoint_id, inner.fd)
             if previous is not None:
                 _carry_late_hits(previous, inner, keys, counted)
@@ -244,6 +255,9 @@ class PolicyMaps:
         return out
 
 
+_RULE_ID = struct.Struct("=I")
+
+
 class RuleIds:
     """Rule name -> the id its map entries carry, kept in the node's policy_rule_names map.
 
@@ -263,29 +277,59 @@ class RuleIds:
 
     def id_of(self, name: str) -> int:
         """The rule's id, written to the map on first use; 0 when the map is full."""
-        known = self._ids.get(name)
-        if known is not None:
-            return known
-        rule_id = zlib.crc32(name.encode()) or 1
-        while self._names.get(rule_id, name) != name:
-            rule_id = rule_id % 0xFFFFFFFF + 1
+        return self.ids_of([name])[name]
+
+    def ids_of(self, names: Iterable[str]) -> dict[str, int]:
+        """`id_of` for many names: the new ones written in one batch (one at a time if it does not fit)."""
+        out: dict[str, int] = {}
+        new: dict[int, str] = {}
+        taken: dict[int, str] = {}
+        for name in names:
+            known = self._ids.get(name)
+            if known is not None:
+                out[name] = known
+                continue
+            rule_id = zlib.crc32(name.encode()) or 1
+            while self._names.get(rule_id, taken.get(rule_id, name)) != name:
+                rule_id = rule_id % 0xFFFFFFFF + 1
+            taken[rule_id] = name
+            new[rule_id] = name
+        if not new:
+            return out
+        size = ctypes.sizeof(RuleName)
+        values = b"".join(name.encode()[:size].ljust(size, b"\0") for name in new.values())
+        keys = b"".join(_RULE_ID.pack(rule_id) for rule_id in new)
+        try:
+            update_packed(self._map, keys, values, len(new))
+            written = list(new.items())
+        except MapFullError:
+            written = [(rule_id, name) for rule_id, name in new.items() if self._write_one(rule_id, name)]
+        for rule_id, name in written:
+            self._ids[name] = rule_id
+            self._names[rule_id] = name
+        for name in new.values():
+            out[name] = self._ids.get(name, 0)  # 0: the map is full, flows of this rule go unnamed
+        return out
+
+    def _write_one(self, rule_id: int, name: str) -> bool:
         value = RuleName()
         encoded = name.encode()[: ctypes.sizeof(value.name)]
         ctypes.memmove(value.name, encoded, len(encoded))
         try:
             self._map.update(rule_id, value)
         except MapFullError:
-            return 0  # flows of this rule go unnamed
-        self._ids[name] = rule_id
-        self._names[rule_id] = name
-        return rule_id
+            return False
+        return True
 
 
-def _carry_late_hits(previous: Map, inner: Map, keys: list[PolicyKey], counted: dict[bytes, tuple[int, int]]) -> None:
+def _carry_late_hits(previous: Map, inner: Map, keys: list[bytes], counted: dict[bytes, tuple[int, int]]) -> None:
     """Add what the replaced map counted between the copy and the swap (a packet in flight may be lost)."""
-    for key in keys:
-        before = counted.get(bytes(key))
-        now = previous.lookup(key) if before is not None else None
+    for packed in keys:
+        before = counted.get(packed)
+        if before is None:
+            continue
+        key = PolicyKey.from_buffer_copy(packed)
+        now = previous.lookup(key)
         if now is None or before is None or (int(now.packets), int(now.bytes)) == before:
             continue
         value = inner.lookup(key)

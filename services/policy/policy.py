@@ -425,8 +425,9 @@ class Policy:
         wanted, held = self._rule_cidrs(rules.values()), self._held()
         added, removed = wanted - held, held - wanted
         reserved = self._node.allocate(added, reserve_only=True) if added else {}
+        cidr_ids = {**self._cidr_ids(), **reserved}  # what _cidr_ids() gives once `reserved` is learned
         try:
-            computer = self._computer(rules.values(), {**self._cidr_ids(), **reserved})
+            computer = self._computer(rules.values(), cidr_ids)
             affected = None if removed else self._affected(changed_rules, rules, added)
             if affected is None:
                 policies = computer.all()
@@ -447,7 +448,7 @@ class Policy:
         self._rules = rules
         self._computed = policies
         self._learn_cidrs(reserved)
-        self._seen = self._inputs(self._cidr_ids())
+        self._seen = self._inputs(cidr_ids)
         self._sync_l7()
         if removed:
             try:

@@ -9,6 +9,7 @@ before anything changes.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -19,7 +20,6 @@ from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.errors import InvalidArgument, Unimplemented
 from services.common.ipv4 import parse_ipv4_network
-from services.common.protodict import message_to_dict
 from services.common.validate import CidrError, Network, parse_cidr
 from services.l7.model import TOKEN_RE as HTTP_TOKEN_RE
 from services.l7.model import check_regex
@@ -57,6 +57,15 @@ SERVICE_NAME_RE = re.compile(r"([a-z0-9]-?)*[a-z](-?[a-z0-9])*")
 MAX_SERVICE_NAME_CHARS = 15
 # What a CIDR may be made of (checked before parsing): no scope (%eth0), spaces or control characters.
 CIDR_TEXT_RE = re.compile(r"[0-9A-Fa-f.:/]{1,64}")
+
+# A rule message shorter than this cannot reach any per-rule count limit (_check_sizes).
+SMALL_RULE_BYTES = 2 * min(MAX_PEERS_PER_SECTION, MAX_PORTS_PER_RULE, MAX_CIDRS_PER_RULE, MAX_EXCEPTS_PER_CIDR,
+                           MAX_SELECTORS_PER_PEER, MAX_LABELS_PER_SELECTOR, MAX_VALUES_PER_EXPRESSION,
+                           MAX_SPECS_PER_RULE, MAX_DESCRIPTION_CHARS)  # fmt: skip
+WIRE = "wire"  # the stored document of a rule: {"wire": base64 of the enforced message}
+MAX_CACHED_SELECTORS = 4096  # of each of selectors and port rules
+_selectors: dict[bytes, Selector] = {}  # accepted selectors by their deterministic wire form
+_ports: dict[tuple[bytes, bool], PortRule] = {}  # accepted port rules (no HTTP) by wire form and section kind
 
 # Label sources a selector key may name ("k8s:app"); a key without one is "any" (Cilium's
 # labels.ParseSelectLabel). An endpoint's label key without one is "k8s": endpoints model pods.
@@ -182,7 +191,12 @@ class Rule:
     default_deny_ingress: bool = True  # Cilium's enableDefaultDeny (unset is true)
     default_deny_egress: bool = True
     specs: tuple[Rule, ...] = ()  # further specs of the same policy (CNP `specs:`), same name and namespace
-    source: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    wire: bytes = field(default=b"", compare=False, hash=False)  # the message as enforced, serialized
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """The message as enforced, as a stored document: its wire form in base64 (`from_stored`)."""
+        return {WIRE: base64.b64encode(self.wire).decode("ascii")}
 
     def parts(self) -> tuple[Rule, ...]:
         """This spec and its further specs, each a rule of its own for computing maps."""
@@ -281,6 +295,19 @@ def check_label_value(value: str, key: str, where: str) -> str:
 
 
 def parse_selector(msg: pb.EndpointSelector, where: str) -> Selector:
+    """A selector, checked; one that was accepted before comes from a cache (bulk imports repeat
+    a few selectors thousands of times)."""
+    wire = msg.SerializeToString(deterministic=True)
+    known = _selectors.get(wire)
+    if known is None:
+        known = _parse_selector(msg, where)
+        if len(_selectors) >= MAX_CACHED_SELECTORS:
+            _selectors.clear()
+        _selectors[wire] = known
+    return known
+
+
+def _parse_selector(msg: pb.EndpointSelector, where: str) -> Selector:
     for key, value in msg.match_labels.items():
         check_label_value(value, check_label_key(key, where), where)
     requirements = []
@@ -420,29 +447,48 @@ def check_entity(entity: str, where: str) -> str:
 def _peer(msg: pb.PeerRule, where: str, deny: bool = False) -> PeerRule:
     cidrs = []
     for i, c in enumerate(msg.cidrs):
-        network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
-        excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in getattr(c, "except"))
-        check_excepts(network, excepts, f"{where}.cidrs[{i}]")
-        cidrs.append(CidrRule(network, excepts))
+        excepts_text = getattr(c, "except")
+        fast = None if excepts_text else parse_ipv4_network(c.cidr)  # the usual case, no place text built
+        if fast is not None:
+            cidrs.append(CidrRule(fast))
+        else:
+            network = check_cidr(c.cidr, f"{where}.cidrs[{i}]")
+            excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in excepts_text)
+            check_excepts(network, excepts, f"{where}.cidrs[{i}]")
+            cidrs.append(CidrRule(network, excepts))
     for entity in msg.entities:
         check_entity(entity, where)
     return PeerRule(
         endpoints=tuple(parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
         cidrs=tuple(cidrs),
         entities=tuple(msg.entities),
-        ports=tuple(_port(p, f"{where}.ports[{i}]", deny) for i, p in enumerate(msg.ports)),
+        ports=tuple(_cached_port(p, where, i, deny) for i, p in enumerate(msg.ports)),
     )
+
+
+def _cached_port(msg: pb.PortRule, where: str, index: int, deny: bool) -> PortRule:
+    """`_port`, from a cache of accepted port rules without HTTP rules (bulk imports repeat a few)."""
+    if msg.http:
+        return _port(msg, f"{where}.ports[{index}]", deny)
+    wire = (msg.SerializeToString(), deny)
+    known = _ports.get(wire)
+    if known is None:
+        known = _port(msg, f"{where}.ports[{index}]", deny)
+        if len(_ports) >= MAX_CACHED_SELECTORS:
+            _ports.clear()
+        _ports[wire] = known
+    return known
 
 
 def cidr_count(msg: pb.Rule) -> int:
     """The CIDRs (excepts included) a rule message names, its specs' too, counted without parsing them."""
-    return sum(
-        1 + len(getattr(c, "except"))
-        for part in (msg, *msg.specs)
-        for section in (part.ingress, part.egress, part.ingress_deny, part.egress_deny)
-        for peer in section
-        for c in peer.cidrs
-    )
+    count = 0
+    for part in (msg, *msg.specs) if msg.specs else (msg,):
+        for section in (part.ingress, part.egress, part.ingress_deny, part.egress_deny):
+            for peer in section:
+                for c in peer.cidrs:
+                    count += 1 + len(getattr(c, "except"))
+    return count
 
 
 def check_name(name: str) -> str:
@@ -464,7 +510,15 @@ def check_namespace(namespace: str, where: str) -> str:
 
 
 def _check_sizes(msg: pb.Rule, where: str) -> None:
-    """The limits of one spec, from the message's counts alone (before anything is built)."""
+    """The limits of one spec, from the message's counts alone (before anything is built).
+
+    A message shorter than SMALL_RULE_BYTES cannot exceed any count limit (each counted item
+    takes two bytes or more on the wire), so only its description's characters are looked at.
+    """
+    if msg.ByteSize() < SMALL_RULE_BYTES:
+        if "\x00" in msg.description:
+            raise InvalidArgument(f"{where}: description contains a NUL character")
+        return
     sections = (msg.ingress, msg.egress, msg.ingress_deny, msg.egress_deny)
     for name, section in zip(SECTIONS, sections, strict=True):
         at_most(len(section), MAX_PEERS_PER_SECTION, f"{where}: {name} peers")
@@ -487,15 +541,19 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
         raise InvalidArgument(f"{where}: description contains a NUL character")
 
 
-def _spec(msg: pb.Rule, name: str, namespace: str, where: str) -> Rule:
+def _spec(msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule, ...] = (), wire: bytes = b"") -> Rule:
     """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
 
-    def section(peers: Iterable[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
+    def section(peers: Sequence[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
+        if not peers:
+            return ()
         deny = field_name.endswith("_deny")
         return tuple(_peer(p, f"{where}: {field_name}[{i}]", deny) for i, p in enumerate(peers))
 
     deny = msg.enable_default_deny
     return Rule(
+        specs=specs,
+        wire=wire,
         name=name,
         selector=parse_selector(msg.endpoint_selector, f"{where}: endpoint_selector"),
         ingress=section(msg.ingress, "ingress"),
@@ -532,23 +590,27 @@ def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
                 f"{where}: specs[{i}]: a further spec takes its name and namespace from the rule and has no "
                 "specs of its own; leave name, namespace and specs empty"
             )
-    enforced = pb.Rule()
-    enforced.CopyFrom(msg)
+    enforced = msg  # read, never changed, unless a namespace confines it (then a copy is)
     if msg.namespace:
+        enforced = pb.Rule()
+        enforced.CopyFrom(msg)
         _confine(enforced, msg.namespace, where)
         for i, spec in enumerate(enforced.specs):
             _confine(spec, msg.namespace, f"{where}: specs[{i}]")
     specs = tuple(_spec(s, msg.name, msg.namespace, f"{where}: specs[{i}]") for i, s in enumerate(enforced.specs))
-    top = _spec(enforced, msg.name, msg.namespace, where)
-    return replace(top, specs=specs, source=message_to_dict(enforced))
+    return _spec(enforced, msg.name, msg.namespace, where, specs, enforced.SerializeToString())
 
 
 def from_stored(doc: dict[str, Any]) -> Rule:
+    """A rule as `Rule.source` stored it (its wire form), or as a message's JSON (older stores)."""
+    wire = doc.get(WIRE)
+    if isinstance(wire, str) and len(doc) == 1:
+        return from_proto(pb.Rule.FromString(base64.b64decode(wire, validate=True)), sized=False)
     return from_proto(json_format.ParseDict(doc, pb.Rule()), sized=False)
 
 
 def to_proto(rule: Rule) -> pb.Rule:
-    return json_format.ParseDict(rule.source, pb.Rule())
+    return pb.Rule.FromString(rule.wire)
 
 
 def from_document(text: str) -> list[pb.Rule]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +36,7 @@ OWNER = "policy"
 CIDR_LABEL = "cidr:"
 PAGE = 1000
 TIMEOUT = 5.0
+CIDR_TIMEOUT = 0.0002  # added per CIDR to a CIDR identity call: 10k CIDRs may take seconds on a busy node
 RECONNECT_SECONDS = 0.5
 
 
@@ -67,7 +68,9 @@ def _cidr_of(text: str) -> Network | None:
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:
-    return IdentityView(msg.id, ",".join(msg.labels), tuple(map(_network, msg.prefixes)), frozenset(msg.owners))
+    prefixes = msg.prefixes
+    return IdentityView(msg.id, ",".join(msg.labels), tuple(map(_network, prefixes)) if prefixes else (),
+                        frozenset(msg.owners))  # fmt: skip
 
 
 def _network(text: str) -> Network:
@@ -111,17 +114,20 @@ class Orchestrator:
 
     def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
         """The identities of these CIDRs, held by the policy service (idempotent)."""
-        wanted = sorted(set(networks), key=str)
+        wanted = sorted({str(n): n for n in networks}.items())
         if not wanted:
             return {}
         request = orch_pb.AllocateCIDRIdentitiesRequest(
-            owner=OWNER, cidrs=[str(n) for n in wanted], reserve_only=reserve_only
+            owner=OWNER, cidrs=[text for text, _ in wanted], reserve_only=reserve_only, ids_only=True
         )
         try:
-            reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT)
+            reply = self._stub.AllocateCIDRIdentities(request, timeout=TIMEOUT + CIDR_TIMEOUT * len(wanted))
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
-        return {_network(i.labels[0].removeprefix(CIDR_LABEL)): i.id for i in reply.identities}
+        if len(reply.ids) != len(wanted):
+            raise Unavailable(f"the orchestrator at {self._socket} answered {len(reply.ids)} identities for "
+                              f"{len(wanted)} CIDRs; it may be older than this service: upgrade it")  # fmt: skip
+        return {n: identity for (_, n), identity in zip(wanted, reply.ids, strict=True)}
 
     def release(self, networks: Iterable[Network]) -> None:
         wanted = sorted(set(networks), key=str)
@@ -129,7 +135,8 @@ class Orchestrator:
             return
         try:
             self._stub.ReleaseCIDRIdentities(
-                orch_pb.ReleaseCIDRIdentitiesRequest(owner=OWNER, cidrs=[str(n) for n in wanted]), timeout=TIMEOUT
+                orch_pb.ReleaseCIDRIdentitiesRequest(owner=OWNER, cidrs=[str(n) for n in wanted]),
+                timeout=TIMEOUT + CIDR_TIMEOUT * len(wanted),
             )
         except grpc.RpcError as exc:
             raise _unavailable(self._socket, exc) from None
@@ -164,7 +171,13 @@ class Orchestrator:
 
 
 OnEndpoints = Callable[[bool, list[EndpointView], list[str]], Awaitable[object]]
-OnIdentities = Callable[[bool, list[IdentityView], list[int]], Awaitable[object]]
+# The identities come as the stream's messages: converting them (thousands after a bulk
+# import) is left to the callee, which does it on the worker rather than on the event loop.
+OnIdentities = Callable[[bool, Sequence[orch_pb.Identity], list[int]], Awaitable[object]]
+
+
+def identity_views(messages: Iterable[orch_pb.Identity]) -> list[IdentityView]:
+    return [identity_view(m) for m in messages]
 
 
 async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
@@ -196,7 +209,8 @@ async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
 
 
 async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
-    """on_change(snapshot, upserted, deleted ids) for every identity change, forever (outages logged once)."""
+    """on_change(snapshot, upserted messages, deleted ids) for every identity change, forever (outages
+    logged once); `identity_views` converts the messages."""
     down = False
     while True:
         try:
@@ -204,7 +218,7 @@ async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
                 stub = orch_grpc.OrchestratorStub(channel)
                 async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest()):
                     down = False
-                    await on_change(update.snapshot, [identity_view(i) for i in update.upserted], list(update.deleted))
+                    await on_change(update.snapshot, update.upserted, list(update.deleted))
         except grpc.RpcError as exc:
             (log.debug if down else log.info)("identity stream interrupted; reconnecting", code=exc.code().name)
             down = True
