@@ -541,7 +541,10 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         )  # fmt: skip
         if request.last > MAX_LAST:
             raise InvalidArgument(f"last: {request.last} is above the maximum of {MAX_LAST}")
-        since = request.since.ToNanoseconds() if request.HasField("since") else None
+        try:
+            since = request.since.ToNanoseconds() if request.HasField("since") else None
+        except ValueError as exc:  # outside years 1..9999, or nanos out of range
+            raise InvalidArgument(f"since: {exc}") from None
         if since is not None and since < 0:
             raise InvalidArgument("since: a time before 1970")
         sub = self._flows.subscribe() if request.follow else None  # before the snapshot: nothing falls between
