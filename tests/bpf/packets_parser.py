@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, Map, MapType, Program, RingBuffer
+from services.common import reasons
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import (
     Cb,
-    Counter,
     Direction,
     Event,
     Family,
@@ -32,7 +32,6 @@ from services.common.datapath import (
     IpcacheKey,
     IpcacheValue,
     IpProto,
-    MetricKey,
     Reason,
     Slot,
 )
@@ -115,7 +114,7 @@ class Datapath:
             self.policy = self._load("policy.o", globals_dir)
             self.lb = self._load("lb.o", globals_dir)
             self.prefilter = self._load("prefilter.o", globals_dir)
-            self.metrics = self.policy.maps["metrics"].typed(MetricKey, Counter)
+            self.metrics = reasons.typed(self.policy.maps[reasons.MAP_NAME])
             self._ring = RingBuffer(self.policy.maps["events"], self._on_event)
             self._fill_policy()
             self._fill_lb()
@@ -237,11 +236,7 @@ class Datapath:
     # ---- running packets ----
 
     def _reasons(self) -> dict[tuple[int, int], int]:
-        out = {}
-        for key in self.metrics:
-            total = self.metrics.lookup_sum(key)
-            out[(int(key.reason), int(key.dir))] = int(total.packets) if total is not None else 0
-        return out
+        return {key: int(total.packets) for key, total in reasons.read_reason_counters(self.metrics).items()}
 
     def _run(self, program: Program, packet: bytes, ctx: bytes | None) -> Run:
         before = self._reasons()
