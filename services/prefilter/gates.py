@@ -1,80 +1,191 @@
-"""Which IPv4 prefix lengths are present where: the contents of the datapath's gate map.
+"""Where IPv4 entries are: the span array and block hash the datapath reads before any walk.
 
-The datapath finds an IPv4 prefix by trying lengths longest first, in one hash keyed
-like an LPM trie (length, masked address). It tries only the lengths the gate says
-are present: per /24 (`V4_GATE_LEN`), the lengths 24..31 of prefixes inside it; at
-the key `V4_GATE_SHORT`, the lengths 0..23 present anywhere, plus `V4_GATE_ANY_LONG`
-when any /24 has a bitmap (the program reads that key first). This class keeps, per
-gate slot, how many listed prefixes hold each length, so adding or removing one
-prefix changes at most one slot, computed without a scan.
+The datapath looks an IPv4 source up without walking what is not there:
+- span[/16] (an array of `V4_SPANS` u32): bit L for L <= 16 when a listed prefix of length L
+  covers the whole /16; bit L for 17..23 when one of that length lies inside it; `V4_SPAN_LONG`
+  when one of its /24s holds entries of length 24..32 (hosts included), i.e. has a block.
+- block[/24] (a hash, `V4Block`): the lengths 24..32 present in the /24 and, exactly, which of
+  its 256 addresses they cover.
+A miss far from every entry reads one array slot; a miss inside a /24 with entries reads its
+block as well and stops at the address's bit. Only a covered address (a match, unless a change
+is under way) and the lengths 17..23 a span names walk the hashes, longest length first.
+
+This class keeps what the two maps are computed from, so one entry added or removed changes a
+few slots, found without a scan: per /24 the hosts (a 256-bit int) and the prefixes 24..31 (a
+255-bit int, one bit per possible prefix), the shorter prefixes per length, and per /16 the
+number of blocks and of prefixes 17..23 inside it. A prefix of length L <= 16 touches the
+2 ** (16 - L) spans it covers (all 65536 for a /0).
 """
 
 from __future__ import annotations
 
+import sys
 from array import array
 from collections.abc import Iterable
 
-from services.prefilter.defs import V4_GATE_ANY_LONG, V4_GATE_LEN, V4_GATE_SHORT
+from services.prefilter.defs import V4_BLOCK_HOSTS, V4_BLOCK_LEN, V4_SPAN_LEN, V4_SPAN_LONG
+
+_BLOCK_BITS = 32 - V4_BLOCK_LEN  # address bits inside a block (8)
+_BLOCK_ADDRESSES = 1 << _BLOCK_BITS
+_SPAN_SHIFT = 32 - V4_SPAN_LEN
+_BLOCKS_PER_SPAN_SHIFT = V4_BLOCK_LEN - V4_SPAN_LEN
 
 
-def slot_bit(raw: bytes) -> tuple[int, int]:
-    """The gate slot and length bit of a raw IPv4 prefix key (length LE u32, address)."""
-    length = int.from_bytes(raw[:4], "little")
-    if length >= V4_GATE_LEN:
-        return int.from_bytes(raw[4:8], "big") >> (32 - V4_GATE_LEN), 1 << (length - V4_GATE_LEN)
-    return V4_GATE_SHORT, 1 << length
+def _prefix_position(length: int, low: int) -> int:
+    """The bit of a prefix of length 24..31 in its block's prefix bitmap (low: its last address byte)."""
+    return (1 << (length - V4_BLOCK_LEN)) - 1 + (low >> (32 - length))
+
+
+def _position_range(position: int) -> tuple[int, int]:
+    """(length, covered-address mask) of a prefix bitmap position."""
+    level = (position + 1).bit_length() - 1  # length - 24
+    index = position + 1 - (1 << level)
+    size = _BLOCK_ADDRESSES >> level
+    return V4_BLOCK_LEN + level, ((1 << size) - 1) << (index * size)
 
 
 class V4Gates:
-    """Listed IPv4 prefixes counted per (gate slot, length bit)."""
+    """Listed IPv4 hosts and prefixes, as the span array and block hash must show them."""
 
-    def __init__(self, keys: Iterable[bytes] = ()) -> None:
-        self._keys: set[bytes] = set()
-        self._counts: dict[int, dict[int, int]] = {}
-        for raw in keys:
-            self.add(raw)
+    def __init__(self, hosts: Iterable[bytes] = (), prefixes: Iterable[bytes] = ()) -> None:
+        self._hosts: dict[int, int] = {}  # block -> bitmap of its listed hosts
+        self._longs: dict[int, int] = {}  # block -> bitmap of its prefixes 24..31 (_prefix_position)
+        self._short: list[set[int]] = [set() for _ in range(V4_BLOCK_LEN)]  # length -> network numbers
+        self._inside: dict[int, dict[int, int]] = {}  # span -> {length 17..23: prefixes inside it}
+        self._blocks_in: dict[int, int] = {}  # span -> blocks it holds
+        self._dirty_spans: set[int] = set()
+        self._dirty_blocks: set[int] = set()
+        self._bulk_hosts(hosts)
+        for raw in prefixes:
+            self.add_prefix(raw)
+        self._dirty_spans.clear()
+        self._dirty_blocks.clear()
 
-    def add(self, raw: bytes) -> int | None:
-        """Count a prefix; the slot whose bits may have changed (None if it was counted already)."""
-        if raw in self._keys:
+    def _bulk_hosts(self, hosts: Iterable[bytes]) -> None:
+        addresses = array("I", b"".join(hosts))
+        if sys.byteorder == "little":
+            addresses.byteswap()  # network order -> numbers
+        bitmaps = self._hosts
+        for h in addresses:
+            block = h >> _BLOCK_BITS
+            bitmaps[block] = bitmaps.get(block, 0) | 1 << (h & 0xFF)
+        for block in bitmaps:
+            span = block >> _BLOCKS_PER_SPAN_SHIFT
+            self._blocks_in[span] = self._blocks_in.get(span, 0) + 1
+
+    # ---- changes ----
+
+    def _set_block(self, block: int, hosts: int, longs: int) -> None:
+        was = bool(self._hosts.get(block) or self._longs.get(block))
+        for table, bits in ((self._hosts, hosts), (self._longs, longs)):
+            if bits:
+                table[block] = bits
+            else:
+                table.pop(block, None)
+        now = bool(hosts or longs)
+        self._dirty_blocks.add(block)
+        if was != now:
+            span = block >> _BLOCKS_PER_SPAN_SHIFT
+            count = self._blocks_in.get(span, 0) + (1 if now else -1)
+            if count:
+                self._blocks_in[span] = count
+            else:
+                self._blocks_in.pop(span, None)
+            self._dirty_spans.add(span)
+
+    def add_host(self, raw: bytes) -> None:
+        h = int.from_bytes(raw, "big")
+        block, bit = h >> _BLOCK_BITS, 1 << (h & 0xFF)
+        self._set_block(block, self._hosts.get(block, 0) | bit, self._longs.get(block, 0))
+
+    def discard_host(self, raw: bytes) -> None:
+        h = int.from_bytes(raw, "big")
+        block, bit = h >> _BLOCK_BITS, 1 << (h & 0xFF)
+        self._set_block(block, self._hosts.get(block, 0) & ~bit, self._longs.get(block, 0))
+
+    def add_prefix(self, raw: bytes) -> None:
+        self._prefix(raw, add=True)
+
+    def discard_prefix(self, raw: bytes) -> None:
+        self._prefix(raw, add=False)
+
+    def _prefix(self, raw: bytes, add: bool) -> None:
+        """Count or uncount a raw IPv4 prefix key (length LE u32, address); a repeat changes nothing."""
+        length, address = int.from_bytes(raw[:4], "little"), int.from_bytes(raw[4:8], "big")
+        if length >= V4_BLOCK_LEN:
+            block = address >> _BLOCK_BITS
+            bit = 1 << _prefix_position(length, address & 0xFF)
+            longs = self._longs.get(block, 0)
+            self._set_block(block, self._hosts.get(block, 0), longs | bit if add else longs & ~bit)
+            return
+        networks, number = self._short[length], address >> (32 - length) if length else 0
+        if (number in networks) == add:
+            return
+        if add:
+            networks.add(number)
+        else:
+            networks.discard(number)
+        if length <= V4_SPAN_LEN:
+            first = number << (V4_SPAN_LEN - length)
+            self._dirty_spans.update(range(first, first + (1 << (V4_SPAN_LEN - length))))
+            return
+        span = address >> _SPAN_SHIFT
+        inside = self._inside.setdefault(span, {})
+        inside[length] = inside.get(length, 0) + (1 if add else -1)
+        if not inside[length]:
+            del inside[length]
+        if not inside:
+            del self._inside[span]
+        self._dirty_spans.add(span)
+
+    # ---- map contents ----
+
+    def span(self, span: int) -> int:
+        """The span's u32 (0: nothing listed in or over this /16)."""
+        bits = V4_SPAN_LONG if span in self._blocks_in else 0
+        for length in range(V4_SPAN_LEN + 1):
+            networks = self._short[length]
+            if networks and (span >> (V4_SPAN_LEN - length)) in networks:
+                bits |= 1 << length
+        for length in self._inside.get(span, ()):
+            bits |= 1 << length
+        return bits
+
+    def block(self, block: int) -> bytes | None:
+        """The block's V4Block value, packed (None: no entry of length 24..32 in this /24)."""
+        hosts, longs = self._hosts.get(block, 0), self._longs.get(block, 0)
+        if not hosts and not longs:
             return None
-        self._keys.add(raw)
-        slot, bit = slot_bit(raw)
-        bits = self._counts.setdefault(slot, {})
-        bits[bit] = bits.get(bit, 0) + 1
-        return slot
+        lengths, covered = V4_BLOCK_HOSTS if hosts else 0, hosts
+        while longs:
+            low = longs & -longs
+            length, mask = _position_range(low.bit_length() - 1)
+            lengths |= 1 << (length - V4_BLOCK_LEN)
+            covered |= mask
+            longs ^= low
+        return lengths.to_bytes(4, sys.byteorder) + covered.to_bytes(_BLOCK_ADDRESSES // 8, "little")
 
-    def discard(self, raw: bytes) -> int | None:
-        """Uncount a prefix; the slot whose bits may have changed (None if it was not counted)."""
-        if raw not in self._keys:
-            return None
-        self._keys.discard(raw)
-        slot, bit = slot_bit(raw)
-        bits = self._counts[slot]
-        bits[bit] -= 1
-        if not bits[bit]:
-            del bits[bit]
-        if not bits:
-            del self._counts[slot]
-        return slot
+    def spans(self) -> list[int]:
+        """Every span with a nonzero value."""
+        found = set(self._blocks_in) | set(self._inside)
+        for length in range(V4_SPAN_LEN + 1):
+            width = 1 << (V4_SPAN_LEN - length)
+            for number in self._short[length]:
+                found.update(range(number * width, (number + 1) * width))
+        return sorted(found)
 
-    def bits(self, slot: int) -> int:
-        """The slot's bitmap (0: the slot is absent from the map)."""
-        out = 0
-        for bit in self._counts.get(slot, {}):
-            out |= bit
-        if slot == V4_GATE_SHORT and len(self._counts) > (V4_GATE_SHORT in self._counts):
-            out |= V4_GATE_ANY_LONG
-        return out
+    def packed(self) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """((span keys, span values), (block keys, block values)), packed for one batch each."""
+        spans = array("I", self.spans())
+        span_values = array("I", (self.span(s) for s in spans))
+        blocks = array("I", sorted(self._hosts.keys() | self._longs.keys()))
+        block_values = b"".join(self.block(b) or b"" for b in blocks)
+        return (spans.tobytes(), span_values.tobytes()), (blocks.tobytes(), block_values)
 
-    def slots(self) -> list[int]:
-        """Every slot with a bitmap."""
-        out = list(self._counts)
-        if out and V4_GATE_SHORT not in self._counts:
-            out.append(V4_GATE_SHORT)  # for its ANY_LONG bit
-        return out
-
-    def packed(self) -> tuple[bytes, bytes]:
-        """Every slot and its bitmap as packed u32 keys and values (host order), for one batch."""
-        slots = array("I", self.slots())
-        return slots.tobytes(), array("I", (self.bits(s) for s in slots)).tobytes()
+    def take_changes(self) -> tuple[dict[int, int], dict[int, bytes | None]]:
+        """The spans (new u32, 0 included) and blocks (new value, None: delete) changed since the last call."""
+        spans = {s: self.span(s) for s in self._dirty_spans}
+        blocks = {b: self.block(b) for b in self._dirty_blocks}
+        self._dirty_spans.clear()
+        self._dirty_blocks.clear()
+        return spans, blocks
