@@ -11,9 +11,10 @@
  * address). An IPv4 source is first placed (services/prefilter/gates.py): its
  * /16's span (an array slot) names the lengths below 24 that cover or lie in
  * the /16 and whether any /24 of it holds entries of length 24..32; such a /24
- * has a block naming those lengths and, exactly, the addresses they cover. A
- * miss far from every entry costs one array read, a miss next to entries one
- * block lookup more, whatever the size of the list (bench/prefilter_cost.py);
+ * has a block naming those lengths and, exactly, the addresses they cover (in
+ * a page array for the densest spans, else a hash). A miss far from every entry
+ * costs one array read, a miss next to entries one block read more, whatever
+ * the size of the list (bench/prefilter_cost.py);
  * only a covered address and the lengths a span names are walked, longest
  * first, in the hashes. All kinds exist in two
  * generations (outer ARRAY_OF_MAPS with one inner map per generation) and
@@ -61,7 +62,14 @@ struct v4_span_inner {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, WEIR_PREFILTER_V4_SPANS);
 	__uint(key_size, sizeof(__u32));
-	__uint(value_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_v4_span));
+};
+
+struct v4_page_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_PREFILTER_V4_PAGES);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_v4_block));
 };
 
 struct v4_block_inner {
@@ -94,6 +102,7 @@ OUTER(pf_v6_host, v6_host_inner);
 OUTER(pf_v4_lpm, v4_lpm_inner); /* by (length, masked address), despite the name */
 OUTER(pf_v4_span, v4_span_inner); /* /16 (host order) -> lengths below 24 + SPAN_LONG */
 OUTER(pf_v4_block, v4_block_inner); /* /24 (host order) -> lengths 24..32 and the addresses they cover */
+OUTER(pf_v4_page, v4_page_inner); /* the blocks of paged spans: span.page - 1 + the /24's third octet */
 OUTER(pf_v6_lpm, v6_lpm_inner);
 
 /* The live generation: one __u32 at index 0. */
@@ -147,8 +156,11 @@ static __always_inline struct weir_prefilter_entry *v4_net(void *nets, __u32 h, 
 	return bpf_map_lookup_elem(nets, &key);
 }
 
-/* The longest entry of length 24..32 covering h, from its block (NULL: none, or a change under way). */
-static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, __u32 h, __be32 saddr, void *nets)
+/* The longest entry of length 24..32 covering h, from its block (NULL: none, or a change under way):
+ * in the page array when the span has pages, else in the block hash.
+ */
+static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, __u32 h, __be32 saddr, __u32 page,
+								    void *nets)
 {
 	struct weir_prefilter_entry *e;
 	struct weir_v4_block *blk;
@@ -157,7 +169,12 @@ static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, _
 	void *blocks, *hosts;
 	int len;
 
-	blocks = bpf_map_lookup_elem(&pf_v4_block, &gen);
+	if (page) {
+		blocks = bpf_map_lookup_elem(&pf_v4_page, &gen);
+		slot = page - 1 + (slot & 0xff);
+	} else {
+		blocks = bpf_map_lookup_elem(&pf_v4_block, &gen);
+	}
 	if (!blocks)
 		return 0;
 	blk = bpf_map_lookup_elem(blocks, &slot);
@@ -187,20 +204,21 @@ static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, _
 static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __be32 saddr)
 {
 	struct weir_prefilter_entry *e;
-	__u32 h = bpf_ntohl(saddr), slot = h >> (32 - WEIR_PREFILTER_V4_SPAN_LEN), span, *bits;
+	__u32 h = bpf_ntohl(saddr), slot = h >> (32 - WEIR_PREFILTER_V4_SPAN_LEN), span;
+	struct weir_v4_span *v;
 	void *spans, *nets;
 	int len;
 
 	spans = bpf_map_lookup_elem(&pf_v4_span, &gen);
 	if (!spans)
 		return 0;
-	bits = bpf_map_lookup_elem(spans, &slot);
-	if (!bits || !*bits)
+	v = bpf_map_lookup_elem(spans, &slot);
+	if (!v || !v->bits)
 		return 0; /* nothing listed in or over this /16 */
-	span = *bits;
+	span = v->bits;
 	nets = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
 	if (span & WEIR_PREFILTER_V4_SPAN_LONG) {
-		e = lookup_v4_block(gen, h, saddr, nets);
+		e = lookup_v4_block(gen, h, saddr, v->page, nets);
 		if (e)
 			return e;
 	}

@@ -4,11 +4,14 @@ The datapath looks an IPv4 source up without walking what is not there:
 - span[/16] (an array of `V4_SPANS` u32): bit L for L <= 16 when a listed prefix of length L
   covers the whole /16; bit L for 17..23 when one of that length lies inside it; `V4_SPAN_LONG`
   when one of its /24s holds entries of length 24..32 (hosts included), i.e. has a block.
-- block[/24] (a hash, `V4Block`): the lengths 24..32 present in the /24 and, exactly, which of
-  its 256 addresses they cover.
+- block[/24] (`V4Block`): the lengths 24..32 present in the /24 and, exactly, which of its 256
+  addresses they cover. The densest spans of a bulk list (up to V4_PAGES / 256 of them) get 256
+  pages of an array for their blocks, named in the span (`V4Span.page`); other blocks live in a
+  hash. Spans keep their pages (or none) until the next bulk list.
 A miss far from every entry reads one array slot; a miss inside a /24 with entries reads its
-block as well and stops at the address's bit. Only a covered address (a match, unless a change
-is under way) and the lengths 17..23 a span names walk the hashes, longest length first.
+block as well (one more array slot in a paged span) and stops at the address's bit. Only a
+covered address (a match, unless a change is under way) and the lengths 17..23 a span names
+walk the hashes, longest length first.
 
 This class keeps what the two maps are computed from, so one entry added or removed changes a
 few slots, found without a scan: per /24 the hosts (a 256-bit int) and the prefixes 24..31 (a
@@ -19,16 +22,26 @@ number of blocks and of prefixes 17..23 inside it. A prefix of length L <= 16 to
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from array import array
 from collections.abc import Iterable
 
-from services.prefilter.defs import V4_BLOCK_HOSTS, V4_BLOCK_LEN, V4_SPAN_LEN, V4_SPAN_LONG
+from services.prefilter.defs import (
+    V4_BLOCK_HOSTS,
+    V4_BLOCK_LEN,
+    V4_BLOCKS_PER_SPAN,
+    V4_PAGES,
+    V4_SPAN_LEN,
+    V4_SPAN_LONG,
+    V4Block,
+)
 
 _BLOCK_BITS = 32 - V4_BLOCK_LEN  # address bits inside a block (8)
 _BLOCK_ADDRESSES = 1 << _BLOCK_BITS
 _SPAN_SHIFT = 32 - V4_SPAN_LEN
 _BLOCKS_PER_SPAN_SHIFT = V4_BLOCK_LEN - V4_SPAN_LEN
+_NO_BLOCK = bytes(ctypes.sizeof(V4Block))
 
 
 def _prefix_position(length: int, low: int) -> int:
@@ -47,7 +60,8 @@ def _position_range(position: int) -> tuple[int, int]:
 class V4Gates:
     """Listed IPv4 hosts and prefixes, as the span array and block hash must show them."""
 
-    def __init__(self, hosts: Iterable[bytes] = (), prefixes: Iterable[bytes] = ()) -> None:
+    def __init__(self, hosts: Iterable[bytes] = (), prefixes: Iterable[bytes] = (), pages: bool = False) -> None:
+        """A bulk list; with `pages`, its densest spans get pages (a generation's fill)."""
         self._hosts: dict[int, int] = {}  # block -> bitmap of its listed hosts
         self._longs: dict[int, int] = {}  # block -> bitmap of its prefixes 24..31 (_prefix_position)
         self._short: list[set[int]] = [set() for _ in range(V4_BLOCK_LEN)]  # length -> network numbers
@@ -60,6 +74,11 @@ class V4Gates:
             self.add_prefix(raw)
         self._dirty_spans.clear()
         self._dirty_blocks.clear()
+        self._page_base: dict[int, int] = {}  # span -> its first page
+        if pages:
+            densest = sorted(self._blocks_in, key=lambda span: (-self._blocks_in[span], span))
+            for n, span in enumerate(densest[: V4_PAGES // V4_BLOCKS_PER_SPAN]):
+                self._page_base[span] = n * V4_BLOCKS_PER_SPAN
 
     def _bulk_hosts(self, hosts: Iterable[bytes]) -> None:
         addresses = array("I", b"".join(hosts))
@@ -141,7 +160,7 @@ class V4Gates:
     # ---- map contents ----
 
     def span(self, span: int) -> int:
-        """The span's u32 (0: nothing listed in or over this /16)."""
+        """The span's length bits (0: nothing listed in or over this /16)."""
         bits = V4_SPAN_LONG if span in self._blocks_in else 0
         for length in range(V4_SPAN_LEN + 1):
             networks = self._short[length]
@@ -150,6 +169,17 @@ class V4Gates:
         for length in self._inside.get(span, ()):
             bits |= 1 << length
         return bits
+
+    def span_value(self, span: int) -> bytes:
+        """The span's V4Span, packed: its bits and 1 + its first page (0: its blocks are in the hash)."""
+        base = self._page_base.get(span)
+        page = 0 if base is None else base + 1
+        return self.span(span).to_bytes(4, sys.byteorder) + page.to_bytes(4, sys.byteorder)
+
+    def page(self, block: int) -> int | None:
+        """The page index of a block whose span has pages (None: the block lives in the hash)."""
+        base = self._page_base.get(block >> _BLOCKS_PER_SPAN_SHIFT)
+        return None if base is None else base + (block & (V4_BLOCKS_PER_SPAN - 1))
 
     def block(self, block: int) -> bytes | None:
         """The block's V4Block value, packed (None: no entry of length 24..32 in this /24)."""
@@ -166,7 +196,7 @@ class V4Gates:
         return lengths.to_bytes(4, sys.byteorder) + covered.to_bytes(_BLOCK_ADDRESSES // 8, "little")
 
     def spans(self) -> list[int]:
-        """Every span with a nonzero value."""
+        """Every span with nonzero bits."""
         found = set(self._blocks_in) | set(self._inside)
         for length in range(V4_SPAN_LEN + 1):
             width = 1 << (V4_SPAN_LEN - length)
@@ -174,18 +204,30 @@ class V4Gates:
                 found.update(range(number * width, (number + 1) * width))
         return sorted(found)
 
-    def packed(self) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
-        """((span keys, span values), (block keys, block values)), packed for one batch each."""
-        spans = array("I", self.spans())
-        span_values = array("I", (self.span(s) for s in spans))
-        blocks = array("I", sorted(self._hosts.keys() | self._longs.keys()))
-        block_values = b"".join(self.block(b) or b"" for b in blocks)
-        return (spans.tobytes(), span_values.tobytes()), (blocks.tobytes(), block_values)
+    def packed(self) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes], tuple[bytes, bytes]]:
+        """(spans, hash blocks, pages), each as packed (keys, values) for one batch."""
+        spans = array("I", self.spans())  # a paged span has blocks, so it is among them
+        span_values = b"".join(self.span_value(s) for s in spans)
+        blocks = sorted(self._hosts.keys() | self._longs.keys())
+        hashed = array("I", (b for b in blocks if self.page(b) is None))
+        paged = array("I", (b for b in blocks if self.page(b) is not None))
+        return (
+            (spans.tobytes(), span_values),
+            (hashed.tobytes(), b"".join(self.block(b) or b"" for b in hashed)),
+            (array("I", (self.page(b) or 0 for b in paged)).tobytes(), b"".join(self.block(b) or b"" for b in paged)),
+        )
 
-    def take_changes(self) -> tuple[dict[int, int], dict[int, bytes | None]]:
-        """The spans (new u32, 0 included) and blocks (new value, None: delete) changed since the last call."""
-        spans = {s: self.span(s) for s in self._dirty_spans}
-        blocks = {b: self.block(b) for b in self._dirty_blocks}
+    def take_changes(self) -> tuple[dict[int, bytes], dict[int, bytes | None], dict[int, bytes]]:
+        """What changed since the last call: spans (new V4Span), hash blocks (None: delete), pages (zeros: empty)."""
+        spans = {s: self.span_value(s) for s in self._dirty_spans}
+        hashed: dict[int, bytes | None] = {}
+        pages: dict[int, bytes] = {}
+        for b in self._dirty_blocks:
+            page = self.page(b)
+            if page is None:
+                hashed[b] = self.block(b)
+            else:
+                pages[page] = self.block(b) or _NO_BLOCK
         self._dirty_spans.clear()
         self._dirty_blocks.clear()
-        return spans, blocks
+        return spans, hashed, pages

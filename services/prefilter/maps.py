@@ -30,7 +30,7 @@ from services.common.datapath import Counter, Hook, IpcacheKey, Slot
 from services.common.lpm import ipcache_key, ipcache_network
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
-from services.prefilter.defs import GENERATIONS, V4_SPANS, EntryFlag, IfStats, PrefilterEntry
+from services.prefilter.defs import GENERATIONS, V4_PAGES, V4_SPANS, EntryFlag, IfStats, PrefilterEntry
 from services.prefilter.denylist import Capacity, Entry, Table, empty_table, value_of
 from services.prefilter.gates import V4Gates
 from services.prefilter.keys import KINDS, V4_HOST, V4_LPM, Kind, kind_of
@@ -47,6 +47,7 @@ FLIP_GRACE_SECONDS = 0.05
 
 SPANS = "pf_v4_span"
 BLOCKS = "pf_v4_block"
+PAGES = "pf_v4_page"
 OWN_MAPS = [
     *(k.outer for k in KINDS),
     SPANS,
@@ -110,6 +111,7 @@ class PrefilterMaps:
         self._outers: dict[Kind, MapOfMaps] = {}
         self._span_outer: MapOfMaps
         self._block_outer: MapOfMaps
+        self._page_outer: MapOfMaps
         self._gates: dict[int, V4Gates] = {}  # per generation with inner maps made by this process
         self._entry_stats: Map
         self._if_stats: Map
@@ -127,6 +129,7 @@ class PrefilterMaps:
         self._outers = {kind: obj.map_of_maps(kind.outer) for kind in KINDS}
         self._span_outer = obj.map_of_maps(SPANS)
         self._block_outer = obj.map_of_maps(BLOCKS)
+        self._page_outer = obj.map_of_maps(PAGES)
         self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
         self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
         self._config = obj.typed_map("pf_config", ctypes.c_uint32, ctypes.c_uint32)
@@ -184,10 +187,11 @@ class PrefilterMaps:
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; fill the idle one")
         fresh: dict[Kind, Map] = {}
-        gates = V4Gates(table.get(V4_HOST, {}), table.get(V4_LPM, {}))
-        (span_keys, span_values), (block_keys, block_values) = gates.packed()
+        gates = V4Gates(table.get(V4_HOST, {}), table.get(V4_LPM, {}), pages=True)
+        (span_keys, span_values), (block_keys, block_values), (page_keys, page_values) = gates.packed()
         spans: Map | None = None
         blocks: Map | None = None
+        pages: Map | None = None
         try:
             for kind in KINDS:
                 inner = self._outers[kind].create_inner(self._capacity(kind))
@@ -199,13 +203,16 @@ class PrefilterMaps:
             update_packed(spans, span_keys, span_values)
             blocks = self._block_outer.create_inner(self._block_capacity)
             update_packed(blocks, block_keys, block_values)
+            pages = self._page_outer.create_inner(V4_PAGES)
+            update_packed(pages, page_keys, page_values)
             for kind, inner in fresh.items():
                 self._outers[kind].swap(generation, inner)
             self._span_outer.swap(generation, spans)
             self._block_outer.swap(generation, blocks)
+            self._page_outer.swap(generation, pages)
             self._gates[generation] = gates
         finally:
-            for made in [*fresh.values(), spans, blocks]:
+            for made in [*fresh.values(), spans, blocks, pages]:
                 if made is not None:
                     made.close()  # the outer map holds them now (or, on failure, nobody does)
 
@@ -223,7 +230,7 @@ class PrefilterMaps:
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; it cannot be dropped")
         self._gates.pop(generation, None)
-        for outer in [*self._outers.values(), self._span_outer, self._block_outer]:
+        for outer in [*self._outers.values(), self._span_outer, self._block_outer, self._page_outer]:
             with contextlib.suppress(KeyNotFoundError):
                 outer.delete(generation)
 
@@ -269,7 +276,10 @@ class PrefilterMaps:
             change = gates.add_prefix if add else gates.discard_prefix
         for entry in entries:
             change(kind.key(entry.network))
-        spans, blocks = gates.take_changes()
+        spans, blocks, pages = gates.take_changes()
+        if pages:
+            with self._live_inner(self._page_outer, V4_PAGES) as inner:
+                update_packed(inner, array("I", pages).tobytes(), b"".join(pages.values()))
         with self._live_inner(self._block_outer, self._block_capacity) as inner:
             for block, value in blocks.items():
                 key = block.to_bytes(4, sys.byteorder)
@@ -280,7 +290,7 @@ class PrefilterMaps:
                         inner.delete(key)
         if spans:
             with self._live_inner(self._span_outer, V4_SPANS) as inner:
-                update_packed(inner, array("I", spans).tobytes(), array("I", spans.values()).tobytes())
+                update_packed(inner, array("I", spans).tobytes(), b"".join(spans.values()))
 
     def _live_inner(self, outer: MapOfMaps, max_entries: int) -> Map:
         inner = outer.get(self.active)

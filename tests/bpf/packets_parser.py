@@ -46,7 +46,7 @@ from services.policy.defs import (
     PolicyFlag,
     PolicyKey,
 )
-from services.prefilter.defs import V4_SPANS, PrefilterEntry, V4Addr, V4Block
+from services.prefilter.defs import V4_SPANS, PrefilterEntry, V4Addr, V4Block, V4Span
 from services.prefilter.gates import V4Gates
 
 BPF_BUILD = Path(__file__).resolve().parents[2] / "bpf" / "build"
@@ -228,8 +228,8 @@ class Datapath:
         hosts.update(key, PrefilterEntry(1, 0))
         self.prefilter.maps["pf_v4_host"].typed(ctypes.c_uint32, ctypes.c_uint32).update(0, hosts.fd)
         # Where the host is: its /16's span and its /24's block (as the service computes them).
-        (span_keys, span_values), (block_keys, block_values) = V4Gates([bytes(key)]).packed()
-        spans = Map.create(MapType.ARRAY, 4, 4, V4_SPANS, name="parser_pf_span")
+        (span_keys, span_values), (block_keys, block_values), _ = V4Gates([bytes(key)]).packed()  # no pages
+        spans = Map.create(MapType.ARRAY, 4, ctypes.sizeof(V4Span), V4_SPANS, name="parser_pf_span")
         blocks = Map.create(
             MapType.HASH, 4, ctypes.sizeof(V4Block), 16, flags=BPF_F_NO_PREALLOC, name="parser_pf_block"
         )

@@ -90,3 +90,17 @@ def test_only_short_or_only_long_prefixes_or_none(maps: PrefilterMaps) -> None:
     maps.install(entries(LISTED[:3]))
     maps.remove(entries(LISTED[:3]))  # back to nothing one by one: the gates go too
     assert set(verdicts(maps).values()) == {XDP_PASS}
+
+
+def test_incremental_changes_in_spans_that_got_pages(maps: PrefilterMaps) -> None:
+    maps.install(entries(LISTED))  # a bulk list: its spans with /24-and-longer entries get pages
+    current = list(LISTED)
+    listed = entries(LISTED)
+    for index in (12, 5, 7, 15):  # hosts and long prefixes out of paged spans, one at a time
+        maps.remove([listed[index]])
+        current.remove(LISTED[index])
+        assert verdicts(maps) == {p: expected(current, p) for p in PROBES}, f"after removing {LISTED[index][0]}"
+    for index in (15, 5, 12):
+        maps.upsert([listed[index]])
+        current.append(LISTED[index])
+        assert verdicts(maps) == {p: expected(current, p) for p in PROBES}, f"after adding {LISTED[index][0]}"
