@@ -222,8 +222,8 @@ static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __be32 
 		if (e)
 			return e;
 	}
-	if (!nets)
-		return 0;
+	if (!nets || !(span & ((1u << WEIR_PREFILTER_V4_BLOCK_LEN) - 1)))
+		return 0; /* no shorter length to try: skip the walk's tests */
 #pragma unroll
 	for (len = WEIR_PREFILTER_V4_BLOCK_LEN - 1; len >= 0; len--) {
 		if (!(span & (1u << len)))
