@@ -84,13 +84,14 @@ class V4Gates:
         addresses = array("I", b"".join(hosts))
         if sys.byteorder == "little":
             addresses.byteswap()  # network order -> numbers
-        bitmaps = self._hosts
+        bitmaps, get = self._hosts, self._hosts.get
         for h in addresses:
             block = h >> _BLOCK_BITS
-            bitmaps[block] = bitmaps.get(block, 0) | 1 << (h & 0xFF)
+            bitmaps[block] = get(block, 0) | 1 << (h & 0xFF)
+        blocks_in, count = self._blocks_in, self._blocks_in.get
         for block in bitmaps:
             span = block >> _BLOCKS_PER_SPAN_SHIFT
-            self._blocks_in[span] = self._blocks_in.get(span, 0) + 1
+            blocks_in[span] = count(span, 0) + 1
 
     # ---- changes ----
 
@@ -208,13 +209,27 @@ class V4Gates:
         """(spans, hash blocks, pages), each as packed (keys, values) for one batch."""
         spans = array("I", self.spans())  # a paged span has blocks, so it is among them
         span_values = b"".join(self.span_value(s) for s in spans)
-        blocks = sorted(self._hosts.keys() | self._longs.keys())
-        hashed = array("I", (b for b in blocks if self.page(b) is None))
-        paged = array("I", (b for b in blocks if self.page(b) is not None))
+        hashed, hashed_values = array("I"), []
+        paged, paged_values = array("I"), []
+        hosts_only = V4_BLOCK_HOSTS.to_bytes(4, sys.byteorder)
+        longs, page_base = self._longs, self._page_base
+        # Up to 1M blocks: walked in the dict's own order, the common value (hosts only) built inline.
+        found = [
+            (b, self.block(b) if b in longs else hosts_only + h.to_bytes(32, "little")) for b, h in self._hosts.items()
+        ]
+        found += [(b, self.block(b)) for b in longs if b not in self._hosts]
+        for block, value in found:
+            base = page_base.get(block >> _BLOCKS_PER_SPAN_SHIFT) if page_base else None
+            if base is None:
+                hashed.append(block)
+                hashed_values.append(value or b"")
+            else:
+                paged.append(base + (block & (V4_BLOCKS_PER_SPAN - 1)))
+                paged_values.append(value or b"")
         return (
             (spans.tobytes(), span_values),
-            (hashed.tobytes(), b"".join(self.block(b) or b"" for b in hashed)),
-            (array("I", (self.page(b) or 0 for b in paged)).tobytes(), b"".join(self.block(b) or b"" for b in paged)),
+            (hashed.tobytes(), b"".join(hashed_values)),
+            (paged.tobytes(), b"".join(paged_values)),
         )
 
     def take_changes(self) -> tuple[dict[int, bytes], dict[int, bytes | None], dict[int, bytes]]:
