@@ -165,13 +165,14 @@ static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, _
 	struct weir_prefilter_entry *e;
 	struct weir_v4_block *blk;
 	struct weir_v4_addr host;
-	__u32 slot = h >> (32 - WEIR_PREFILTER_V4_BLOCK_LEN), low = h & 0xff, lengths;
+	__u32 slot = h >> (32 - WEIR_PREFILTER_V4_BLOCK_LEN), low = h & ((1u << (32 - WEIR_PREFILTER_V4_BLOCK_LEN)) - 1);
+	__u32 lengths;
 	void *blocks, *hosts;
 	int len;
 
 	if (page) {
 		blocks = bpf_map_lookup_elem(&pf_v4_page, &gen);
-		slot = page - 1 + (slot & 0xff);
+		slot = page - 1 + (slot & (WEIR_PREFILTER_V4_BLOCKS_PER_SPAN - 1));
 	} else {
 		blocks = bpf_map_lookup_elem(&pf_v4_block, &gen);
 	}
