@@ -26,7 +26,7 @@ from pathlib import Path
 import bench
 
 ROW_MARK = "WEIR-SUMMARY-ROWS "
-NOT_BENCHMARKS = {"all", "netbench"}  # this runner and shared helpers
+NOT_BENCHMARKS = {"all", "ab", "netbench"}  # the runners and shared helpers
 # The table first, in its order; any other module with summary_rows after them.
 ORDER = ["prefilter_load_time", "policy_import", "lb_program", "lb_connect_rate", "prefilter_cost", "chain_cost"]
 

@@ -131,11 +131,13 @@ static __always_inline __u32 select_backend(struct weir_lb_service *svc, __u32 h
 {
 	struct weir_lb_affinity_key akey = {};
 	struct weir_lb_affinity *aff, anew = {};
-	__u64 now = bpf_ktime_get_ns();
 	__u32 sid = svc->service_id, slot, *id;
+	__u64 now = 0;
 	void *table;
 
 	if (svc->flags & WEIR_SERVICE_FLAG_AFFINITY) {
+		/* Only affinity needs a clock; the coarse one (a tick's lag on second-long timeouts). */
+		now = bpf_ktime_get_coarse_ns();
 		akey.service_id = sid;
 		akey.family = family;
 		__builtin_memcpy(akey.addr, client, 16);
@@ -290,7 +292,10 @@ static __always_inline int lb_forward(struct __sk_buff *skb)
 	}
 	baddr = flow_v4(b->addr);
 	ct_key_init(&rkey, WEIR_FAMILY_INET, f.proto, f.saddr, &baddr, f.sport, b->port, WEIR_CT_SCOPE_REV_NAT);
-	if (ct_lookup(&rkey, CT_LOOKUP_FORWARD, &pkt, &ct) != CT_ESTABLISHED ||
+	/* A new connection writes its reply-side entry outright (replacing what an older
+	 * connection on the tuple left), with no lookup first; later packets refresh it.
+	 */
+	if (new_conn || ct_lookup(&rkey, CT_LOOKUP_FORWARD, &pkt, &ct) != CT_ESTABLISHED ||
 	    ct->rev_nat_index != svc->rev_nat_index) {
 		init.backend_id = backend_id;
 		init.rev_nat_index = svc->rev_nat_index;

@@ -6,14 +6,17 @@
  * service frontends and the destinations the operator added), as
  * INVALID_DESTINATION. Multicast, broadcast and non-IP frames pass.
  *
- * Exact hosts (/32, /128) live in hash maps; the program checks the host map
- * first. Shorter IPv6 prefixes live in an LPM trie. Shorter IPv4 prefixes live
- * in a hash keyed like the trie (length, masked address) and are walked longest
- * length first, trying only the lengths present: a gate hash gives, per /24, the
- * bitmap of lengths 24..31 present in it, and at one reserved key the bitmap of
- * lengths 0..23 present anywhere. A miss next to listed prefixes then costs a
- * few hash lookups whatever the size of the list, where the trie walks ever
- * deeper as the list grows (bench/prefilter_cost.py measures both). All kinds exist in two
+ * Exact hosts (/32, /128) live in hash maps, shorter IPv6 prefixes in an LPM
+ * trie, shorter IPv4 prefixes in a hash keyed like the trie (length, masked
+ * address). An IPv4 source is first placed (services/prefilter/gates.py): its
+ * /16's span (an array slot) names the lengths below 24 that cover or lie in
+ * the /16 and whether any /24 of it holds entries of length 24..32; such a /24
+ * has a block naming those lengths and, exactly, the addresses they cover (in
+ * a page array for the densest spans, else a hash). A miss far from every entry
+ * costs one array read, a miss next to entries one block read more, whatever
+ * the size of the list (bench/prefilter_cost.py);
+ * only a covered address and the lengths a span names are walked, longest
+ * first, in the hashes. All kinds exist in two
  * generations (outer ARRAY_OF_MAPS with one inner map per generation) and
  * `pf_active` names the live one, so a bulk replace fills the other
  * generation and flips one word: no packet sees a half-written list.
@@ -54,12 +57,27 @@ struct v4_lpm_inner {
 	__uint(value_size, sizeof(struct weir_prefilter_entry));
 };
 
-struct v4_gate_inner {
+/* An array without BPF_F_INNER_MAP: every inner map has the template's size, so lookups are inlined. */
+struct v4_span_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_PREFILTER_V4_SPANS);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_v4_span));
+};
+
+struct v4_page_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, WEIR_PREFILTER_V4_PAGES);
+	__uint(key_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_v4_block));
+};
+
+struct v4_block_inner {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, INNER_PLACEHOLDER);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(key_size, sizeof(__u32));
-	__uint(value_size, sizeof(__u32));
+	__uint(value_size, sizeof(struct weir_v4_block));
 };
 
 struct v6_lpm_inner {
@@ -82,7 +100,9 @@ struct v6_lpm_inner {
 OUTER(pf_v4_host, v4_host_inner);
 OUTER(pf_v6_host, v6_host_inner);
 OUTER(pf_v4_lpm, v4_lpm_inner); /* by (length, masked address), despite the name */
-OUTER(pf_v4_gate, v4_gate_inner); /* /24 (host order) -> lengths 24..31; SHORT -> lengths 0..23 + ANY_LONG */
+OUTER(pf_v4_span, v4_span_inner); /* /16 (host order) -> lengths below 24 + SPAN_LONG */
+OUTER(pf_v4_block, v4_block_inner); /* /24 (host order) -> lengths 24..32 and the addresses they cover */
+OUTER(pf_v4_page, v4_page_inner); /* the blocks of paged spans: span.page - 1 + the /24's third octet */
 OUTER(pf_v6_lpm, v6_lpm_inner);
 
 /* The live generation: one __u32 at index 0. */
@@ -136,47 +156,78 @@ static __always_inline struct weir_prefilter_entry *v4_net(void *nets, __u32 h, 
 	return bpf_map_lookup_elem(nets, &key);
 }
 
-static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __u32 saddr)
+/* The longest entry of length 24..32 covering h, from its block (NULL: none, or a change under way):
+ * in the page array when the span has pages, else in the block hash.
+ */
+static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, __u32 h, __be32 saddr, __u32 page,
+								    void *nets)
 {
-	struct weir_prefilter_entry *e = 0;
+	struct weir_prefilter_entry *e;
+	struct weir_v4_block *blk;
 	struct weir_v4_addr host;
-	__u32 h = bpf_ntohl(saddr), slot, summary, long_bits, *bits;
-	void *inner, *gates, *nets;
+	__u32 slot = h >> (32 - WEIR_PREFILTER_V4_BLOCK_LEN), low = h & ((1u << (32 - WEIR_PREFILTER_V4_BLOCK_LEN)) - 1);
+	__u32 lengths;
+	void *blocks, *hosts;
 	int len;
 
-	__builtin_memcpy(host.addr, &saddr, 4);
-	inner = bpf_map_lookup_elem(&pf_v4_host, &gen);
-	if (inner)
-		e = bpf_map_lookup_elem(inner, &host);
-	if (e)
-		return e;
-	gates = bpf_map_lookup_elem(&pf_v4_gate, &gen);
-	nets = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
-	if (!gates || !nets)
-		return 0;
-	slot = WEIR_PREFILTER_V4_GATE_SHORT;
-	bits = bpf_map_lookup_elem(gates, &slot);
-	if (!bits)
-		return 0; /* no IPv4 prefix at all */
-	summary = *bits;
-	if (summary & WEIR_PREFILTER_V4_GATE_ANY_LONG) {
-		slot = h >> (32 - WEIR_PREFILTER_V4_GATE_LEN);
-		bits = bpf_map_lookup_elem(gates, &slot);
-		if (bits) {
-			long_bits = *bits;
-#pragma unroll
-			for (len = 31; len >= WEIR_PREFILTER_V4_GATE_LEN; len--) {
-				if (!(long_bits & (1u << (len - WEIR_PREFILTER_V4_GATE_LEN))))
-					continue;
-				e = v4_net(nets, h, len);
-				if (e)
-					return e;
-			}
-		}
+	if (page) {
+		blocks = bpf_map_lookup_elem(&pf_v4_page, &gen);
+		slot = page - 1 + (slot & (WEIR_PREFILTER_V4_BLOCKS_PER_SPAN - 1));
+	} else {
+		blocks = bpf_map_lookup_elem(&pf_v4_block, &gen);
 	}
+	if (!blocks)
+		return 0;
+	blk = bpf_map_lookup_elem(blocks, &slot);
+	if (!blk || !(blk->covered[(low >> 3) & 31] & (1u << (low & 7))))
+		return 0;
+	lengths = blk->lengths;
+	if (lengths & WEIR_PREFILTER_V4_BLOCK_HOSTS) {
+		hosts = bpf_map_lookup_elem(&pf_v4_host, &gen);
+		__builtin_memcpy(host.addr, &saddr, 4);
+		e = hosts ? bpf_map_lookup_elem(hosts, &host) : 0;
+		if (e)
+			return e;
+	}
+	if (!nets)
+		return 0;
 #pragma unroll
-	for (len = WEIR_PREFILTER_V4_GATE_LEN - 1; len >= 0; len--) {
-		if (!(summary & (1u << len)))
+	for (len = 31; len >= WEIR_PREFILTER_V4_BLOCK_LEN; len--) {
+		if (!(lengths & (1u << (len - WEIR_PREFILTER_V4_BLOCK_LEN))))
+			continue;
+		e = v4_net(nets, h, len);
+		if (e)
+			return e;
+	}
+	return 0;
+}
+
+static __always_inline struct weir_prefilter_entry *lookup_v4(__u32 gen, __be32 saddr)
+{
+	struct weir_prefilter_entry *e;
+	__u32 h = bpf_ntohl(saddr), slot = h >> (32 - WEIR_PREFILTER_V4_SPAN_LEN), span;
+	struct weir_v4_span *v;
+	void *spans, *nets;
+	int len;
+
+	spans = bpf_map_lookup_elem(&pf_v4_span, &gen);
+	if (!spans)
+		return 0;
+	v = bpf_map_lookup_elem(spans, &slot);
+	if (!v || !v->bits)
+		return 0; /* nothing listed in or over this /16 */
+	span = v->bits;
+	nets = bpf_map_lookup_elem(&pf_v4_lpm, &gen);
+	if (span & WEIR_PREFILTER_V4_SPAN_LONG) {
+		e = lookup_v4_block(gen, h, saddr, v->page, nets);
+		if (e)
+			return e;
+	}
+	if (!nets || !(span & ((1u << WEIR_PREFILTER_V4_BLOCK_LEN) - 1)))
+		return 0; /* no shorter length to try: skip the walk's tests */
+#pragma unroll
+	for (len = WEIR_PREFILTER_V4_BLOCK_LEN - 1; len >= 0; len--) {
+		if (!(span & (1u << len)))
 			continue;
 		e = v4_net(nets, h, len);
 		if (e)

@@ -228,7 +228,6 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
             "ipcache": node_maps.maps["ipcache"],
             "conntrack": node_maps.maps["conntrack"],
             "endpoints": chain.endpoints,
-            "metrics": chain.metrics,
         }
     )
     metrics: MetricsServer | None = None

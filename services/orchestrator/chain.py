@@ -29,6 +29,7 @@ from pathlib import Path
 import structlog
 
 from pybpf import BpfError, BpfObject, Map, ProgArray, Program, ProgType
+from services.common import reasons
 from services.common.chain_client import Placement, Register
 from services.common.change import Change
 from services.common.datapath import (
@@ -39,7 +40,6 @@ from services.common.datapath import (
     Direction,
     EndpointInfo,
     Hook,
-    MetricKey,
     Reason,
     Slot,
 )
@@ -209,7 +209,7 @@ class Chain:
         calls = {hook: ProgArray(obj.maps[name]) for hook, name in CALL_MAPS.items()}
         self.generations = Generations(calls, obj.maps[STATE_MAP])
         self.endpoints = obj.maps["endpoints"].typed(ctypes.c_uint32, EndpointInfo)
-        self.metrics = obj.maps["metrics"].typed(MetricKey, Counter)
+        self.metrics = reasons.typed(obj.maps[reasons.MAP_NAME])
         self.entry_stats = obj.maps["entry_stats"].typed(ctypes.c_uint32, Counter)
         self.events = obj.maps["events"]
         self.event_limits = obj.maps["event_limits"]
@@ -469,12 +469,9 @@ class Chain:
 
     def reason_counts(self) -> list[ReasonCount]:
         out = []
-        for key in self.metrics:
-            total = self.metrics.lookup_sum(key)
-            if total is None:
-                continue
-            reason: Reason | int = Reason(key.reason) if key.reason in Reason._value2member_map_ else key.reason
-            out.append(ReasonCount(reason, Direction(key.dir), int(total.packets), int(total.bytes)))
+        for (code, direction), total in reasons.read_reason_counters(self.metrics).items():
+            reason: Reason | int = Reason(code) if code in Reason._value2member_map_ else code
+            out.append(ReasonCount(reason, Direction(direction), int(total.packets), int(total.bytes)))
         return sorted(out, key=lambda r: (int(r.reason), r.direction))
 
 

@@ -17,15 +17,19 @@ DEFAULT_PREFIX_ENTRIES = 64_000
 GENERATIONS = 2  # the live list and the one a bulk replace is building
 MAX_INTERFACES = 1024
 VALID_DST_MAX = 65536  # service frontends and extra valid destinations
-# IPv4 prefixes are found by length in one hash, walked longest first, and only the
-# lengths present are tried: for lengths >= GATE_LEN, those present in the packet's
-# /GATE_LEN (a bitmap per /GATE_LEN, keyed by the address >> (32 - GATE_LEN)); for
-# shorter ones, those present at all (the bitmap at key GATE_SHORT, no /24 index),
-# whose bit GATE_ANY_LONG says whether any /24 has a bitmap at all. A list without
-# IPv4 prefixes has no GATE_SHORT key: one lookup and the walk is over.
-V4_GATE_LEN = 24
-V4_GATE_SHORT = 0xFFFFFFFF
-V4_GATE_ANY_LONG = 1 << 31
+# Where IPv4 entries are, so a miss does not walk what is not there (services/prefilter/gates.py):
+# a span per /SPAN_LEN (an array of V4_SPANS V4Span, indexed by address >> (32 - SPAN_LEN)) says which
+# prefix lengths below BLOCK_LEN cover or lie in it, and (V4_SPAN_LONG) whether any /BLOCK_LEN of it
+# holds entries of length BLOCK_LEN..32; such a /BLOCK_LEN has a V4Block with those lengths and the
+# exact set of its addresses they cover: in the page array when its span has pages (V4Span.page,
+# 256 pages from page - 1 on), else in a hash keyed by address >> (32 - BLOCK_LEN).
+V4_SPAN_LEN = 16
+V4_SPANS = 1 << V4_SPAN_LEN
+V4_BLOCK_LEN = 24
+V4_SPAN_LONG = 1 << 31
+V4_BLOCKS_PER_SPAN = 1 << (V4_BLOCK_LEN - V4_SPAN_LEN)
+V4_PAGES = 256 * V4_BLOCKS_PER_SPAN  # the densest 256 spans of a bulk list get pages
+V4_BLOCK_HOSTS = 1 << (32 - V4_BLOCK_LEN)  # V4Block.lengths bit of /32 hosts (bit L - BLOCK_LEN for length L)
 
 
 class EntryFlag(IntEnum):
@@ -71,6 +75,21 @@ class V6Addr(ctypes.Structure):
     _fields_ = [("addr", ctypes.c_uint8 * 16)]
 
 
+class V4Span(ctypes.Structure):
+    """Value of the span array: length bits (and V4_SPAN_LONG), and 1 + the first page of its blocks (0: none)."""
+
+    _fields_ = [("bits", ctypes.c_uint32), ("page", ctypes.c_uint32)]
+
+
+class V4Block(ctypes.Structure):
+    """Value of the block hash: lengths present in one /24 (bit L - 24) and the addresses they cover.
+
+    `covered` is a bitmap of the block's 256 addresses, byte i bit j for address 8 * i + j.
+    """
+
+    _fields_ = [("lengths", ctypes.c_uint32), ("covered", ctypes.c_uint8 * ((1 << (32 - V4_BLOCK_LEN)) // 8))]
+
+
 class IfStats(ctypes.Structure):
     """Totals per interface: dropped, audited (matched, passed) and passed packets."""
 
@@ -82,9 +101,13 @@ CONSTANTS = {
     "PREFILTER_STATS_DEFAULT": DEFAULT_HOST_ENTRIES + DEFAULT_PREFIX_ENTRIES,
     "PREFILTER_MAX_INTERFACES": MAX_INTERFACES,
     "PREFILTER_VALID_DST_MAX": VALID_DST_MAX,
-    "PREFILTER_V4_GATE_LEN": V4_GATE_LEN,
-    "PREFILTER_V4_GATE_SHORT": V4_GATE_SHORT,
-    "PREFILTER_V4_GATE_ANY_LONG": V4_GATE_ANY_LONG,
+    "PREFILTER_V4_SPAN_LEN": V4_SPAN_LEN,
+    "PREFILTER_V4_SPANS": V4_SPANS,
+    "PREFILTER_V4_BLOCK_LEN": V4_BLOCK_LEN,
+    "PREFILTER_V4_SPAN_LONG": V4_SPAN_LONG,
+    "PREFILTER_V4_BLOCK_HOSTS": V4_BLOCK_HOSTS,
+    "PREFILTER_V4_PAGES": V4_PAGES,
+    "PREFILTER_V4_BLOCKS_PER_SPAN": V4_BLOCKS_PER_SPAN,
 }
 
 
@@ -93,7 +116,7 @@ def c_header() -> str:
         "services/prefilter/defs.py",
         CONSTANTS,
         [EntryFlag, PrefilterConfigFlag, ValidDestination],
-        [PrefilterEntry, LpmV4Key, LpmV6Key, V4Addr, V6Addr, IfStats],
+        [PrefilterEntry, LpmV4Key, LpmV6Key, V4Addr, V6Addr, V4Span, V4Block, IfStats],
     )
 
 

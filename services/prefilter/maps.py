@@ -2,7 +2,8 @@
 
 `PrefilterMaps` knows nothing of revisions or persistence; it turns entries
 into map contents. Hosts go to the host hash maps, shorter prefixes to the
-LPM tries, per family. Each of those four lists exists per generation, as an
+IPv6 LPM trie or the IPv4 hash by (length, address), whose span array and block
+hash (services/prefilter/gates.py) say where IPv4 entries are. Each of those lists exists per generation, as an
 inner map inside an ARRAY_OF_MAPS (a `pybpf.MapOfMaps`, inner maps made from
 the object's templates), and `pf_active` names the live generation:
 incremental changes edit the live inner maps, a bulk replace fills fresh inner
@@ -29,10 +30,10 @@ from services.common.datapath import Counter, Hook, IpcacheKey, Slot
 from services.common.lpm import ipcache_key, ipcache_network
 from services.common.objects import load_service_object, pin_programs
 from services.common.validate import Network
-from services.prefilter.defs import GENERATIONS, V4_GATE_SHORT, EntryFlag, IfStats, PrefilterEntry
+from services.prefilter.defs import GENERATIONS, V4_PAGES, V4_SPANS, EntryFlag, IfStats, PrefilterEntry
 from services.prefilter.denylist import Capacity, Entry, Table, empty_table, value_of
 from services.prefilter.gates import V4Gates
-from services.prefilter.keys import KINDS, V4_LPM, Kind, kind_of
+from services.prefilter.keys import KINDS, V4_HOST, V4_LPM, Kind, kind_of
 
 __all__ = ["KINDS", "OWN_MAPS", "Kind", "PrefilterMaps", "dump_pinned", "kind_of"]
 
@@ -44,8 +45,19 @@ PROGRAM = "prefilter_xdp"
 FLIP_GRACE_SECONDS = 0.05
 
 
-GATES = "pf_v4_gate"
-OWN_MAPS = [*(k.outer for k in KINDS), GATES, "pf_active", "pf_entry_stats", "pf_if_stats", "pf_config", "pf_valid_dst"]
+SPANS = "pf_v4_span"
+BLOCKS = "pf_v4_block"
+PAGES = "pf_v4_page"
+OWN_MAPS = [
+    *(k.outer for k in KINDS),
+    SPANS,
+    BLOCKS,
+    "pf_active",
+    "pf_entry_stats",
+    "pf_if_stats",
+    "pf_config",
+    "pf_valid_dst",
+]
 
 
 def _read(outers: dict[Kind, MapOfMaps], generation: int) -> dict[Network, tuple[int, bool]]:
@@ -97,7 +109,9 @@ class PrefilterMaps:
         self.maps: dict[str, Map] = {}
         self._active: Map
         self._outers: dict[Kind, MapOfMaps] = {}
-        self._gate_outer: MapOfMaps
+        self._span_outer: MapOfMaps
+        self._block_outer: MapOfMaps
+        self._page_outer: MapOfMaps
         self._gates: dict[int, V4Gates] = {}  # per generation with inner maps made by this process
         self._entry_stats: Map
         self._if_stats: Map
@@ -113,7 +127,9 @@ class PrefilterMaps:
         self.maps = {name: obj.maps[name] for name in OWN_MAPS}
         self._active = obj.typed_map("pf_active", ctypes.c_uint32, ctypes.c_uint32)
         self._outers = {kind: obj.map_of_maps(kind.outer) for kind in KINDS}
-        self._gate_outer = obj.map_of_maps(GATES)
+        self._span_outer = obj.map_of_maps(SPANS)
+        self._block_outer = obj.map_of_maps(BLOCKS)
+        self._page_outer = obj.map_of_maps(PAGES)
         self._entry_stats = obj.typed_map("pf_entry_stats", ctypes.c_uint32, Counter)
         self._if_stats = obj.typed_map("pf_if_stats", ctypes.c_uint32, IfStats)
         self._config = obj.typed_map("pf_config", ctypes.c_uint32, ctypes.c_uint32)
@@ -171,8 +187,11 @@ class PrefilterMaps:
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; fill the idle one")
         fresh: dict[Kind, Map] = {}
-        gates = V4Gates(table.get(V4_LPM, {}))
-        gate_inner: Map | None = None
+        gates = V4Gates(table.get(V4_HOST, {}), table.get(V4_LPM, {}), pages=True)
+        (span_keys, span_values), (block_keys, block_values), (page_keys, page_values) = gates.packed()
+        spans: Map | None = None
+        blocks: Map | None = None
+        pages: Map | None = None
         try:
             for kind in KINDS:
                 inner = self._outers[kind].create_inner(self._capacity(kind))
@@ -180,17 +199,27 @@ class PrefilterMaps:
                 raws = table.get(kind)
                 if raws:
                     update_packed(inner, b"".join(raws.keys()), b"".join(raws.values()))
-            gate_inner = self._gate_outer.create_inner(self.capacity.prefixes + 1)
-            update_packed(gate_inner, *gates.packed())
+            spans = self._span_outer.create_inner(V4_SPANS)
+            update_packed(spans, span_keys, span_values)
+            blocks = self._block_outer.create_inner(self._block_capacity)
+            update_packed(blocks, block_keys, block_values)
+            pages = self._page_outer.create_inner(V4_PAGES)
+            update_packed(pages, page_keys, page_values)
             for kind, inner in fresh.items():
                 self._outers[kind].swap(generation, inner)
-            self._gate_outer.swap(generation, gate_inner)
+            self._span_outer.swap(generation, spans)
+            self._block_outer.swap(generation, blocks)
+            self._page_outer.swap(generation, pages)
             self._gates[generation] = gates
         finally:
-            for inner in fresh.values():
-                inner.close()  # the outer map holds them now (or, on failure, nobody does)
-            if gate_inner is not None:
-                gate_inner.close()
+            for made in [*fresh.values(), spans, blocks, pages]:
+                if made is not None:
+                    made.close()  # the outer map holds them now (or, on failure, nobody does)
+
+    @property
+    def _block_capacity(self) -> int:
+        """At most one block per IPv4 entry (hosts and prefixes share /24s more often than not)."""
+        return self.capacity.hosts + self.capacity.prefixes
 
     def flip(self, generation: int) -> None:
         """Make a generation live: one map update that every later packet sees."""
@@ -201,7 +230,7 @@ class PrefilterMaps:
         if generation == self.active:
             raise ValueError(f"generation {generation} is live; it cannot be dropped")
         self._gates.pop(generation, None)
-        for outer in [*self._outers.values(), self._gate_outer]:
+        for outer in [*self._outers.values(), self._span_outer, self._block_outer, self._page_outer]:
             with contextlib.suppress(KeyNotFoundError):
                 outer.delete(generation)
 
@@ -213,12 +242,15 @@ class PrefilterMaps:
     # ---- incremental changes on the live generation ----
 
     def upsert(self, entries: list[Entry]) -> None:
-        """Write entries into the live generation (a failure may leave some written)."""
+        """Write entries into the live generation (a failure may leave some written).
+
+        IPv4 entries go in before the spans and blocks that lead to them.
+        """
         for kind, group in self._by_kind(entries):
-            if kind == V4_LPM:
-                self._gate(group, add=True)
             with self._live(kind) as inner:
                 self._write(inner, kind, group)
+            if kind in (V4_HOST, V4_LPM):
+                self._gate(kind, group, add=True)
 
     def remove(self, entries: list[Entry], missing_ok: bool = False) -> None:
         for kind, group in self._by_kind(entries):
@@ -232,33 +264,40 @@ class PrefilterMaps:
                     except KeyNotFoundError:
                         if not missing_ok:
                             raise
-            if kind == V4_LPM:
-                self._gate(group, add=False)
+            if kind in (V4_HOST, V4_LPM):
+                self._gate(kind, group, add=False)
 
-    def _gate(self, entries: list[Entry], add: bool) -> None:
-        """Bring the live gate map in line with IPv4 prefixes added or removed."""
+    def _gate(self, kind: Kind, entries: list[Entry], add: bool) -> None:
+        """Bring the live spans and blocks in line with IPv4 entries added or removed."""
         gates = self._gates.setdefault(self.active, V4Gates())
-        change = gates.add if add else gates.discard
-        slots = {s for s in (change(V4_LPM.key(e.network)) for e in entries) if s is not None}
-        if not slots:
-            return
-        slots.add(V4_GATE_SHORT)  # its ANY_LONG bit may have changed
-        with self._live_gates() as inner:
-            for slot in slots:
-                bits = gates.bits(slot)
-                key = slot.to_bytes(4, sys.byteorder)
-                if bits:
-                    inner.update(key, bits.to_bytes(4, sys.byteorder))
+        if kind == V4_HOST:
+            change = gates.add_host if add else gates.discard_host
+        else:
+            change = gates.add_prefix if add else gates.discard_prefix
+        for entry in entries:
+            change(kind.key(entry.network))
+        spans, blocks, pages = gates.take_changes()
+        if pages:
+            with self._live_inner(self._page_outer, V4_PAGES) as inner:
+                update_packed(inner, array("I", pages).tobytes(), b"".join(pages.values()))
+        with self._live_inner(self._block_outer, self._block_capacity) as inner:
+            for block, value in blocks.items():
+                key = block.to_bytes(4, sys.byteorder)
+                if value is not None:
+                    inner.update(key, value)
                 else:
                     with contextlib.suppress(KeyNotFoundError):
                         inner.delete(key)
+        if spans:
+            with self._live_inner(self._span_outer, V4_SPANS) as inner:
+                update_packed(inner, array("I", spans).tobytes(), b"".join(spans.values()))
 
-    def _live_gates(self) -> Map:
-        inner = self._gate_outer.get(self.active)
+    def _live_inner(self, outer: MapOfMaps, max_entries: int) -> Map:
+        inner = outer.get(self.active)
         if inner is not None:
             return inner
-        inner = self._gate_outer.create_inner(self.capacity.prefixes + 1)
-        self._gate_outer.swap(self.active, inner)
+        inner = outer.create_inner(max_entries)
+        outer.swap(self.active, inner)
         return inner
 
     def _live(self, kind: Kind) -> Map:

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, Map, MapType, Program, RingBuffer
+from pybpf.bulk import update_packed
+from services.common import reasons
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import (
     Cb,
-    Counter,
     Direction,
     Event,
     Family,
@@ -32,7 +33,6 @@ from services.common.datapath import (
     IpcacheKey,
     IpcacheValue,
     IpProto,
-    MetricKey,
     Reason,
     Slot,
 )
@@ -46,7 +46,8 @@ from services.policy.defs import (
     PolicyFlag,
     PolicyKey,
 )
-from services.prefilter.defs import PrefilterEntry, V4Addr
+from services.prefilter.defs import V4_SPANS, PrefilterEntry, V4Addr, V4Block, V4Span
+from services.prefilter.gates import V4Gates
 
 BPF_BUILD = Path(__file__).resolve().parents[2] / "bpf" / "build"
 TC_ACT_OK, TC_ACT_SHOT = 0, 2
@@ -115,7 +116,7 @@ class Datapath:
             self.policy = self._load("policy.o", globals_dir)
             self.lb = self._load("lb.o", globals_dir)
             self.prefilter = self._load("prefilter.o", globals_dir)
-            self.metrics = self.policy.maps["metrics"].typed(MetricKey, Counter)
+            self.metrics = reasons.typed(self.policy.maps[reasons.MAP_NAME])
             self._ring = RingBuffer(self.policy.maps["events"], self._on_event)
             self._fill_policy()
             self._fill_lb()
@@ -226,6 +227,17 @@ class Datapath:
         ctypes.memmove(key.addr, ipaddress.ip_address(DENIED_SOURCE).packed, 4)
         hosts.update(key, PrefilterEntry(1, 0))
         self.prefilter.maps["pf_v4_host"].typed(ctypes.c_uint32, ctypes.c_uint32).update(0, hosts.fd)
+        # Where the host is: its /16's span and its /24's block (as the service computes them).
+        (span_keys, span_values), (block_keys, block_values), _ = V4Gates([bytes(key)]).packed()  # no pages
+        spans = Map.create(MapType.ARRAY, 4, ctypes.sizeof(V4Span), V4_SPANS, name="parser_pf_span")
+        blocks = Map.create(
+            MapType.HASH, 4, ctypes.sizeof(V4Block), 16, flags=BPF_F_NO_PREALLOC, name="parser_pf_block"
+        )
+        self._inner += [spans, blocks]
+        update_packed(spans, span_keys, span_values)
+        update_packed(blocks, block_keys, block_values)
+        self.prefilter.maps["pf_v4_span"].typed(ctypes.c_uint32, ctypes.c_uint32).update(0, spans.fd)
+        self.prefilter.maps["pf_v4_block"].typed(ctypes.c_uint32, ctypes.c_uint32).update(0, blocks.fd)
         self.prefilter.maps["pf_active"].typed(ctypes.c_uint32, ctypes.c_uint32).update(0, 0)
 
     def reset(self) -> None:
@@ -237,11 +249,7 @@ class Datapath:
     # ---- running packets ----
 
     def _reasons(self) -> dict[tuple[int, int], int]:
-        out = {}
-        for key in self.metrics:
-            total = self.metrics.lookup_sum(key)
-            out[(int(key.reason), int(key.dir))] = int(total.packets) if total is not None else 0
-        return out
+        return {key: int(total.packets) for key, total in reasons.read_reason_counters(self.metrics).items()}
 
     def _run(self, program: Program, packet: bytes, ctx: bytes | None) -> Run:
         before = self._reasons()

@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, Map
+from services.common import reasons
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.chain_client import Register
-from services.common.datapath import Counter, CtKey, CtValue, EndpointInfo, Hook, MetricKey, Reason, XdpMeta
+from services.common.datapath import CtKey, CtValue, EndpointInfo, Hook, Reason, XdpMeta
 from services.common.validate import parse_cidr
 from services.lb.maglev import weighted_table
 from services.lb.maps import Change, Frontend, LbMaps
@@ -157,19 +158,15 @@ class Datapath:
         if conntrack.exists():
             with Map.from_pin(conntrack, key_type=CtKey, value_type=CtValue) as ct:
                 ct.clear()
-        self.shared("metrics").typed(MetricKey, Counter).clear()
+        reasons.zero_reason_counters(reasons.typed(self.shared(reasons.MAP_NAME)))
         if self.lb is not None:
             self.lb.maps["lb_affinity"].clear()
 
     def counted(self) -> dict[Reason, int]:
         """Packets per reason in the metrics map (both directions)."""
-        metrics = self.shared("metrics").typed(MetricKey, Counter)
         out: dict[Reason, int] = {}
-        for key in metrics:
-            total = metrics.lookup_sum(key)
-            if total is not None and total.packets:
-                reason = Reason(int(key.reason))
-                out[reason] = out.get(reason, 0) + int(total.packets)
+        for (code, _), total in reasons.read_reason_counters(reasons.typed(self.shared(reasons.MAP_NAME))).items():
+            out[Reason(code)] = out.get(Reason(code), 0) + int(total.packets)
         return out
 
     # ---- packets ----

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from weir.common.v1 import common_pb2
 
-from services.common import datapath
+from services.common import datapath, reasons
 
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "include" / "weir" / "defs.h"
 
@@ -22,7 +22,15 @@ def test_header_carries_every_enum_member_and_struct_size() -> None:
     assert "WEIR_REASON_POLICY_DENIED = 3," in text
     assert "WEIR_CB_SLOT = 1," in text
     assert f"sizeof(struct weir_event) == {ctypes.sizeof(datapath.Event)}" in text
-    assert re.search(r"struct weir_metric_key \{\n\t__u8 reason;\n\t__u8 dir;\n\t__u16 pad;\n\};", text)
+    assert re.search(r"struct weir_counter \{\n\t__u64 packets;\n\t__u64 bytes;\n\};", text)
+    assert f"#define WEIR_REASON_COUNTER_DIR_SHIFT {datapath.REASON_COUNTER_DIR_SHIFT}\n" in text
+
+
+def test_every_reason_and_direction_has_its_own_counter_slot() -> None:
+    slots = {reasons.reason_index(r, d) for r in datapath.Reason for d in datapath.Direction}
+    assert len(slots) == len(datapath.Reason) * len(datapath.Direction)
+    assert max(slots) < datapath.REASON_COUNTERS
+    assert max(datapath.Reason) < 1 << datapath.REASON_COUNTER_DIR_SHIFT  # the C side keeps reasons in a __u8
 
 
 def test_proto_enums_are_datapath_enums_plus_one() -> None:

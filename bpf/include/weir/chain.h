@@ -33,17 +33,9 @@ static __always_inline void counter_add(struct weir_counter *c, __u64 bytes)
 
 static __always_inline void metrics_bump(__u8 reason, __u8 dir, __u64 bytes)
 {
-	struct weir_metric_key key = { .reason = reason, .dir = dir };
-	struct weir_counter *val = bpf_map_lookup_elem(&metrics, &key);
-	struct weir_counter init = { .packets = 1, .bytes = bytes };
+	__u32 index = reason | (__u32)dir << WEIR_REASON_COUNTER_DIR_SHIFT;
+	struct weir_counter *val = bpf_map_lookup_elem(&reason_counters, &index);
 
-	if (val) {
-		counter_add(val, bytes);
-		return;
-	}
-	if (bpf_map_update_elem(&metrics, &key, &init, BPF_NOEXIST) == 0)
-		return;
-	val = bpf_map_lookup_elem(&metrics, &key);
 	if (val)
 		counter_add(val, bytes);
 }

@@ -41,14 +41,17 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } chain_state SEC(".maps");
 
-/* Forwarded and dropped packets per (reason, direction), per CPU. */
+/* Forwarded and dropped packets per (reason, direction), per CPU, at index
+ * reason | dir << WEIR_REASON_COUNTER_DIR_SHIFT (services/common/reasons.py reads it).
+ * An array: a bump is one inlined slot lookup, with no hashing and no first insert.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, WEIR_METRICS_MAX);
-	__type(key, struct weir_metric_key);
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, WEIR_REASON_COUNTERS);
+	__type(key, __u32);
 	__type(value, struct weir_counter);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
-} metrics SEC(".maps");
+} reason_counters SEC(".maps");
 
 /* Packets seen by each hook's entry program, per CPU; index = enum weir_hook. */
 struct {
