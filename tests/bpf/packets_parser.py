@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pybpf import BpfObject, Map, MapType, Program, RingBuffer
-from pybpf.bulk import update_packed
+from pybpf.batch import update_packed
 from services.common import reasons
 from services.common.bpffs import ensure_bpffs, remove_pins
 from services.common.datapath import (
