@@ -5,6 +5,7 @@
  * before any object that uses them is loaded. It writes the ipcache and
  * collects expired conntrack entries; the objects read and update them.
  */
+#define WEIR_NO_PROGRAMS
 #include "weir/ipcache.h"
 #include "weir/conntrack.h"
 

@@ -250,8 +250,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		}
 		skb->cb[WEIR_CB_SRC_IDENTITY] = src_identity;
 		if (state == CT_NEW && !error && !kind)
-			emit_event_rule(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_FORWARDED, skb->cb[WEIR_CB_HOOK], skb->ifindex,
-					ep, src_identity, rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
+			weir_tc_event(skb, WEIR_TC_EVENT(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_FORWARDED, skb->cb[WEIR_CB_HOOK]),
+				      ep, src_identity, rule);
 		if (proxy_port)
 			return redirect_to_proxy(skb, &f, dir, ep, src_identity, proxy_port, state == CT_NEW, calls);
 		return weir_tc_next(skb, calls);
@@ -260,8 +260,8 @@ static __always_inline int enforce(struct __sk_buff *skb, __u8 dir, void *calls)
 		WRITE_ONCE(ct->policy_stamp, 0);
 	if (cfg->flags & WEIR_CONFIG_FLAG_AUDIT) {
 		metrics_bump(WEIR_REASON_POLICY_AUDIT, dir, skb->len);
-		emit_event_rule(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK], skb->ifindex,
-				ep, src_identity, rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
+		weir_tc_event(skb, WEIR_TC_EVENT(WEIR_EVENT_TYPE_VERDICT, WEIR_REASON_POLICY_AUDIT, skb->cb[WEIR_CB_HOOK]),
+			      ep, src_identity, rule);
 		if (state == CT_NEW && !error)
 			ct_create(&key, &init, &pkt);
 		return weir_tc_next(skb, calls);
@@ -296,8 +296,8 @@ int l7_hairpin_ingress(struct __sk_buff *skb)
 	if (l7_mark_kind(skb->mark) != WEIR_XFRM_MARK_L7_PROXY || parse_skb(skb, &f) != PARSE_IP ||
 	    l7_assign(skb, &f, proxy_port) < 0) {
 		metrics_bump(WEIR_REASON_PROXY_UNAVAILABLE, WEIR_DIRECTION_INGRESS, skb->len);
-		emit_event(WEIR_EVENT_TYPE_DROP, WEIR_REASON_PROXY_UNAVAILABLE, WEIR_HOOK_TO_CONTAINER, skb->ifindex, 0,
-			   0, (void *)(long)skb->data, (void *)(long)skb->data_end);
+		weir_tc_event(skb, WEIR_TC_EVENT(WEIR_EVENT_TYPE_DROP, WEIR_REASON_PROXY_UNAVAILABLE, WEIR_HOOK_TO_CONTAINER),
+			      0, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	skb->mark = WEIR_XFRM_MARK_L7_PROXY;

@@ -74,6 +74,45 @@ static __always_inline __u32 event_kind_of(__u8 type, __u32 hook)
 	return hook == WEIR_HOOK_XDP ? WEIR_EVENT_KIND_PREFILTER : WEIR_EVENT_KIND_DROP;
 }
 
+/* The flow an event parses, per CPU: off the stack, which the event function
+ * (weir_tc_event) shares with its caller's frame, 512 bytes for both.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct flow);
+} event_flow SEC(".maps");
+
+/* Fill a reserved event with a packet's fields: its flow parsed into the
+ * per-CPU scratch; the endpoint, identities and rule are the caller's.
+ */
+static __always_inline int event_fill(struct weir_event *ev, __u8 type, __u8 reason, __u32 hook, __u32 ifindex,
+				      void *data, void *data_end)
+{
+	__u32 zero = 0;
+	struct flow *f = bpf_map_lookup_elem(&event_flow, &zero);
+
+	if (!f)
+		return -1;
+	parse_flow(data, data_end, f);
+	ev->type = type;
+	ev->reason = reason;
+	ev->dir = hook_direction(hook);
+	ev->hook = hook;
+	ev->ifindex = ifindex;
+	ev->len = f->len;
+	ev->dst_identity = dst_identity_of(hook, ifindex);
+	ev->family = f->family;
+	ev->proto = f->proto;
+	ev->sport = f->sport;
+	ev->dport = f->dport;
+	ev->pad = 0;
+	__builtin_memcpy(ev->saddr, f->saddr, 16);
+	__builtin_memcpy(ev->daddr, f->daddr, 16);
+	return 0;
+}
+
 /* Reserve and fill an event for a packet (rule 0, no NAT), or NULL when its
  * kind's limit holds it back or the ring buffer is full (both counted). The
  * caller may add the rule or the translation, then submits it.
@@ -82,29 +121,16 @@ static __always_inline struct weir_event *event_for_packet(__u8 type, __u8 reaso
 							   __u32 endpoint, __u32 src_identity, void *data,
 							   void *data_end)
 {
-	struct weir_event *ev;
-	struct flow f;
+	struct weir_event *ev = event_reserve(event_kind_of(type, hook));
 
-	ev = event_reserve(event_kind_of(type, hook));
 	if (!ev)
 		return 0;
-	parse_flow(data, data_end, &f);
-	ev->type = type;
-	ev->reason = reason;
-	ev->dir = hook_direction(hook);
-	ev->hook = hook;
-	ev->ifindex = ifindex;
 	ev->endpoint = endpoint;
-	ev->len = f.len;
 	ev->src_identity = src_identity;
-	ev->dst_identity = dst_identity_of(hook, ifindex);
-	ev->family = f.family;
-	ev->proto = f.proto;
-	ev->sport = f.sport;
-	ev->dport = f.dport;
-	ev->pad = 0;
-	__builtin_memcpy(ev->saddr, f.saddr, 16);
-	__builtin_memcpy(ev->daddr, f.daddr, 16);
+	if (event_fill(ev, type, reason, hook, ifindex, data, data_end) < 0) {
+		bpf_ringbuf_discard(ev, 0);
+		return 0;
+	}
 	return ev;
 }
 
@@ -189,6 +215,37 @@ static __always_inline int weir_tc_forward(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* emit_event_rule() for a TC packet, as a global function: the verifier checks
+ * it once per program, where each inlined copy (it parses the packet again) was
+ * checked anew at every call site and, with its states multiplied by the
+ * caller's, took policy_egress past Linux 6.1's million-instruction limit.
+ * `what` packs the type, reason and hook (WEIR_TC_EVENT), five arguments at most.
+ */
+#define WEIR_TC_EVENT(type, reason, hook) ((__u32)(type) | (__u32)(reason) << 8 | (__u32)(hook) << 16)
+
+int weir_tc_event(struct __sk_buff *skb, __u32 what, __u32 endpoint, __u32 src_identity, __u32 rule);
+
+#ifndef WEIR_NO_PROGRAMS /* libbpf would take a lone global function for a program */
+__noinline int weir_tc_event(struct __sk_buff *skb, __u32 what, __u32 endpoint, __u32 src_identity, __u32 rule)
+{
+	struct weir_event *ev = event_reserve(event_kind_of(what & 0xff, what >> 16));
+
+	if (!ev)
+		return 0;
+	/* into the record at once, so that they need no room on the stack meanwhile */
+	ev->endpoint = endpoint;
+	ev->src_identity = src_identity;
+	ev->rule = rule;
+	if (event_fill(ev, what & 0xff, (what >> 8) & 0xff, what >> 16, skb->ifindex, (void *)(long)skb->data,
+		       (void *)(long)skb->data_end) < 0) {
+		bpf_ringbuf_discard(ev, 0);
+		return 0;
+	}
+	bpf_ringbuf_submit(ev, 0);
+	return 0;
+}
+#endif
+
 /* Drop with a reason and the policy rule that decided it (0: none): counted per
  * (reason, direction) and reported as an event.
  */
@@ -197,8 +254,8 @@ static __always_inline int weir_tc_drop_rule(struct __sk_buff *skb, __u8 reason,
 	__u32 hook = skb->cb[WEIR_CB_HOOK];
 
 	metrics_bump(reason, hook_direction(hook), skb->len);
-	emit_event_rule(WEIR_EVENT_TYPE_DROP, reason, hook, skb->ifindex, skb->cb[WEIR_CB_ENDPOINT],
-			skb->cb[WEIR_CB_SRC_IDENTITY], rule, (void *)(long)skb->data, (void *)(long)skb->data_end);
+	weir_tc_event(skb, WEIR_TC_EVENT(WEIR_EVENT_TYPE_DROP, reason, hook), skb->cb[WEIR_CB_ENDPOINT],
+		      skb->cb[WEIR_CB_SRC_IDENTITY], rule);
 	return TC_ACT_SHOT;
 }
 
