@@ -2,7 +2,8 @@
 
 It measures and writes facts to RWDIR/result.json after each phase (so a phase that
 fails or times out still leaves the earlier ones); the pytest test on the host
-(`tests/vm/test_ipsec_vm.py`) asserts on them. Phases: encrypted path, rotation under
+(`tests/vm/test_ipsec_vm.py`) asserts on them. Phases: every BPF program loaded on
+this kernel's verifier (seconds, before the nodes start), encrypted path, rotation under
 a counted stream, a wrong key, removing and re-adding the peer under traffic, and
 SIGKILLing the ipsec service under traffic.
 """
@@ -36,6 +37,7 @@ from tests.vm.ipsec_nodes import (
     set_key,
     write_key,
 )
+from tests.vm.load_all import check_all
 
 MARKER = b"WEIR-PLAINTEXT-MARKER-0123456789"
 WORLD = "203.0.113.7"  # the outside namespace of node a: not a cluster address
@@ -215,6 +217,11 @@ def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
     }
 
 
+def load_all_phase() -> dict[str, Any]:
+    """Every program of every object in bpf/build, loaded alone on this kernel (tests.vm.load_all)."""
+    return {"programs": check_all()}
+
+
 def main(rwdir: Path) -> None:
     results: dict[str, Any] = {"started": time.time()}
     out = rwdir / "result.json"
@@ -232,6 +239,7 @@ def main(rwdir: Path) -> None:
         results[name]["seconds"] = round(time.monotonic() - t, 1)
         save()
 
+    phase("load_all", load_all_phase)
     work = Path("/tmp/weir-vm")
     keys = work / "keys"
     keys.mkdir(parents=True, mode=0o700)

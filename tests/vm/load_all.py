@@ -29,6 +29,7 @@ LOG_VERBOSE = 1
 STATS_BUF = 1 << 16
 VERBOSE_BUF = 1 << 24
 TAIL_LINES = 12
+COMPLEXITY_LIMIT = 1_000_000  # BPF_COMPLEXITY_LIMIT_INSNS
 _PROCESSED = re.compile(r"processed (\d+) insns")
 REFUSED_ON_PURPOSE = {"pybpf_reject.o"}  # pybpf's test that a refusal carries the verifier's log
 
@@ -76,34 +77,43 @@ def check_program(path: Path, program: str) -> dict[str, Any]:
     loaded, stats, error = _load_one(path, program, LOG_STATS, STATS_BUF)
     found = _PROCESSED.findall(stats)
     result: dict[str, Any] = {"ok": loaded, "processed": int(found[-1]) if found else None}
-    if not loaded:
-        _, log, error = _load_one(path, program, LOG_VERBOSE | LOG_STATS, VERBOSE_BUF)
-        lines = [line for line in log.splitlines() if line.strip()]
-        result["error"] = error.splitlines()[0] if error else ""
-        result["log_tail"] = lines[-TAIL_LINES:]
+    if loaded:
+        return result
+    result["error"] = error.splitlines()[0] if error else ""
+    if result["processed"] is not None and result["processed"] > COMPLEXITY_LIMIT:
+        # the verbose log of a million instructions would be cut before its last words (before 6.4)
+        result["log_tail"] = [f"BPF program is too large. Processed {result['processed']} insn", *stats.splitlines()]
+        return result
+    _, log, error = _load_one(path, program, LOG_VERBOSE | LOG_STATS, VERBOSE_BUF)
+    result["log_tail"] = [line for line in log.splitlines() if line.strip()][-TAIL_LINES:]
     return result
 
 
-def check_all(build: Path = BUILD) -> dict[str, dict[str, Any]]:
+def _print(name: str, r: dict[str, Any]) -> None:
+    print(f"{'ok  ' if r['ok'] else 'FAIL'} {name:45} processed={r['processed']}", flush=True)
+    if not r["ok"]:
+        print(f"     {r['error']}")
+        for line in r["log_tail"]:
+            print(f"     | {line}", flush=True)
+
+
+def check_all(build: Path = BUILD, verbose: bool = True) -> dict[str, dict[str, Any]]:
     """{"object.o:program": {"ok", "processed", ["error", "log_tail"]}} for every program."""
     results = {}
     for path in sorted(build.glob("*.o")):
         if path.name in REFUSED_ON_PURPOSE:
             continue
         for program in program_names(path):
-            results[f"{path.name}:{program}"] = check_program(path, program)
+            name = f"{path.name}:{program}"
+            results[name] = check_program(path, program)
+            if verbose:
+                _print(name, results[name])
     return results
 
 
 def main(argv: list[str]) -> int:
     """argv: [JSON output [build directory]]."""
     results = check_all(Path(argv[2]) if len(argv) > 2 else BUILD)
-    for name, r in results.items():
-        print(f"{'ok  ' if r['ok'] else 'FAIL'} {name:45} processed={r['processed']}", flush=True)
-        if not r["ok"]:
-            print(f"     {r['error']}")
-            for line in r["log_tail"]:
-                print(f"     | {line}")
     if len(argv) > 1:
         Path(argv[1]).write_text(json.dumps(results, indent=1, sort_keys=True))
     return 0 if all(r["ok"] for r in results.values()) else 1
