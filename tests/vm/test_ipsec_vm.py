@@ -21,8 +21,9 @@ import pytest
 from tests.vm.vm import run_in_vm, unavailable
 
 pytestmark = pytest.mark.root
-# The tier takes about 5 minutes on 2 idle cores; a loaded machine may give more (WEIR_VM_TIMEOUT).
-VM_TIMEOUT = float(os.environ.get("WEIR_VM_TIMEOUT", "840"))
+# The tier takes about 5 minutes on 2 idle cores, loading every program first adds up to
+# 1.5 minutes under TCG; a loaded machine may give more (WEIR_VM_TIMEOUT).
+VM_TIMEOUT = float(os.environ.get("WEIR_VM_TIMEOUT", "960"))
 
 
 @pytest.fixture(scope="module")
