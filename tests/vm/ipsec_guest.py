@@ -2,9 +2,13 @@
 
 It measures and writes facts to RWDIR/result.json after each phase (so a phase that
 fails or times out still leaves the earlier ones); the pytest test on the host
-(`tests/vm/test_ipsec_vm.py`) asserts on them. Phases: encrypted path, rotation under
-a counted stream, a wrong key, removing and re-adding the peer under traffic, and
-SIGKILLing the ipsec service under traffic.
+(`tests/vm/test_ipsec_vm.py`) asserts on them. Phases, direct routing with peers set
+through the ipsec API: encrypted path, rotation under a counted stream, a wrong key,
+removing and re-adding the peer under traffic, SIGKILLing the ipsec service under
+traffic. Then the VXLAN overlay with peers from the orchestrators' node tables: each
+orchestrator is told of the other node (UpsertNode, VXLAN, its key index), the ipsec
+services follow, and b's policy service admits a's client by its label identity (the
+VNI) and drops a's other endpoint.
 """
 
 from __future__ import annotations
@@ -21,6 +25,10 @@ from typing import Any
 
 from weir.ipsec.v1 import ipsec_pb2 as pb
 from weir.ipsec.v1 import ipsec_pb2_grpc as pb_grpc
+from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
+from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
+from weir.policy.v1 import policy_pb2 as pol_pb
+from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 
 from tests.harness import netns
 from tests.harness.capture import Capture
@@ -215,6 +223,85 @@ def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
     }
 
 
+def _create(n: IpsecNode, name: str, ipv4: str, app: str) -> orch_pb.Endpoint:
+    with n.node.channel("orchestrator") as channel:
+        request = orch_pb.CreateEndpointRequest(name=name, ipv4=ipv4, labels={"app": app})
+        return orch_grpc.OrchestratorStub(channel).CreateEndpoint(request, timeout=120)
+
+
+def _peers(n: IpsecNode) -> list[pb.Peer]:
+    with n.node.channel("ipsec") as channel:
+        return list(pb_grpc.IpsecStub(channel).ListPeers(pb.ListPeersRequest(), timeout=60).peers)
+
+
+def phase_overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
+    """VXLAN between the nodes, peers from the node tables; only ESP on the underlay, the VNI identity intact."""
+    # the same label sets made in the same order on both nodes: standalone nodes then give them the same numbers
+    made: dict[tuple[str, str], orch_pb.Endpoint] = {}
+    for n, net in ((a, "198.18.1"), (b, "198.18.2")):
+        for i, app in ((11, "client"), (12, "other")):
+            made[(n.node.name, app)] = _create(n, app, f"{net}.{i}", app)
+    rule = pol_pb.Rule(
+        name="from-client",
+        endpoint_selector=pol_pb.EndpointSelector(match_labels={"io.kubernetes.pod.namespace": "default"}),
+        ingress=[pol_pb.PeerRule(endpoints=[pol_pb.EndpointSelector(match_labels={"app": "client"})])],
+    )
+    with b.node.channel("policy") as channel:
+        pol_grpc.PolicyStub(channel).ImportRules(pol_pb.ImportRulesRequest(rules=[rule]), timeout=120)
+    t0 = time.monotonic()
+    for n, remote in ((a, b), (b, a)):
+        with n.node.channel("orchestrator") as channel:
+            orch_grpc.OrchestratorStub(channel).UpsertNode(
+                orch_pb.UpsertNodeRequest(node=remote.node_record(key_index)), timeout=120
+            )
+    deadline = time.monotonic() + 60
+    peers: list[pb.Peer] = []
+    while time.monotonic() < deadline:
+        peers = _peers(a) + _peers(b)
+        if all(p.source == "nodes" and p.vxlan and p.egress_spi == key_index for p in peers):
+            break
+        time.sleep(0.5)
+    followed = time.monotonic() - t0
+    before_a, before_b = counters(a), counters(b)
+    client, other = made[(a.node.name, "client")], made[(a.node.name, "other")]
+    rx_client = _receiver(b.endpoint_ns, b.endpoint_ip, 9500)
+    rx_other = _receiver(b.endpoint_ns, b.endpoint_ip, 9501)
+    rx_node = _receiver(b.endpoint_ns, b.endpoint_ip, 9502)
+    with rx_client, rx_other, rx_node, Capture(a.node.ns, UNDERLAY_IF) as underlay:
+        _send(client.netns, b.endpoint_ip, 9500, MARKER, 20)
+        _send(other.netns, b.endpoint_ip, 9501, MARKER, 10)
+        try:  # the node's own packets: no slot marks them, so the VXLAN packet carries no encrypt mark
+            _send(a.node.ns, b.endpoint_ip, 9502, MARKER, 5)
+            node_send = "sent"
+        except OSError as exc:
+            node_send = f"refused: {exc}"
+        delivered = [_drain(rx, MARKER) for rx in (rx_client, rx_other, rx_node)]
+    after_a, after_b = counters(a), counters(b)
+    block = "XfrmOutPolBlock"
+    return {
+        "peers": [{"name": p.name, "source": p.source, "vxlan": p.vxlan, "egress_spi": p.egress_spi} for p in peers],
+        "follow_seconds": round(followed, 2),
+        "identities": {f"{k[0]}/{k[1]}": ep.identity for k, ep in made.items()},
+        "delivered_client": delivered[0],
+        "delivered_other": delivered[1],
+        "delivered_node": delivered[2],
+        "node_send": node_send,
+        "underlay_protocols": sorted(underlay.ip_protocols()),
+        "underlay_esp": len(underlay.esp()),
+        "underlay_marker": underlay.contains(MARKER),
+        "underlay_plaintext": underlay.plaintext_between({client.ipv4, other.ipv4, b.endpoint_ip}),
+        "spis": sorted(set(underlay.esp_spis())),
+        "encrypted_a": after_a.peers[0].encrypted.packets - before_a.peers[0].encrypted.packets,
+        "decrypted_b": after_b.peers[0].decrypted.packets - before_b.peers[0].decrypted.packets,
+        "blocked_a": after_a.xfrm_errors.get(block, 0) - before_a.xfrm_errors.get(block, 0),
+        "xfrm_errors_b": _grown(before_b.xfrm_errors, after_b.xfrm_errors),
+    }
+
+
+def _grown(before: Any, after: Any) -> dict[str, int]:
+    return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
+
+
 def main(rwdir: Path) -> None:
     results: dict[str, Any] = {"started": time.time()}
     out = rwdir / "result.json"
@@ -237,7 +324,7 @@ def main(rwdir: Path) -> None:
     keys.mkdir(parents=True, mode=0o700)
     t = time.monotonic()
     try:
-        a, b = make_pair(work, "wv", GRACE)
+        a, b = make_pair(work, "wv", GRACE, policy_on_b=True)
     except Exception:
         results["setup_error"] = traceback.format_exc()
         save()
@@ -253,6 +340,7 @@ def main(rwdir: Path) -> None:
         phase("wrong_key", lambda: phase_wrong_key(a, b, keys))
         phase("remove_readd", lambda: phase_remove_readd(a, b))
         phase("sigkill", lambda: phase_sigkill(a, b))
+        phase("overlay", lambda: phase_overlay(a, b, 4))
     except Exception:
         results["setup_error"] = traceback.format_exc()
     finally:

@@ -101,3 +101,22 @@ def test_sigkill_of_the_service_under_traffic_never_sends_plaintext(result: dict
     # lost around the restart (34 of 25,705 in one run), so this bounds the loss, not zero
     assert p["sent_while_down"] > 0 and p["lost"] <= p["sent"] // 100, f"most traffic keeps flowing: {p}"
     assert p["resumed"] and p["egress_spi_after_restart"] == 4, p
+
+
+@pytest.mark.timeout(VM_TIMEOUT + 60)
+def test_overlay_peers_from_the_node_tables_send_only_esp_and_keep_the_vni_identity(result: dict[str, Any]) -> None:
+    p = _phase(result, "overlay")
+    # UpsertNode on each orchestrator made the other an overlay peer of its ipsec service (WatchNodes)
+    assert len(p["peers"]) == 2, p
+    assert all(x["source"] == "nodes" and x["vxlan"] and x["egress_spi"] == 4 for x in p["peers"]), p
+    ids = p["identities"]
+    assert ids["wva/client"] == ids["wvb/client"] and ids["wva/other"] == ids["wvb/other"], f"precondition: {ids}"
+    # b's label policy admits a's client by the identity in the VNI, and drops a's other endpoint
+    assert p["delivered_client"] == 20 and p["delivered_other"] == 0, p
+    # the VXLAN packets are encrypted: only ESP between the underlay addresses, no payload byte in clear
+    assert p["underlay_protocols"] == [50], f"only ESP on the underlay (no UDP 8472): {p}"
+    assert not p["underlay_marker"] and p["underlay_plaintext"] == 0, p
+    assert p["spis"] == [4] and p["underlay_esp"] >= 30, p
+    assert p["encrypted_a"] >= 30 and p["decrypted_b"] >= 20, p
+    # the node's own packets into the overlay carry no encrypt mark: blocked, never plaintext VXLAN
+    assert p["delivered_node"] == 0 and p["blocked_a"] >= 5, p
