@@ -54,8 +54,8 @@ cidrs = st.one_of(
     TEXT,
 )  # fmt: skip
 cipher_numbers = st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(-(2**31), 2**31 - 1))
-key_bytes = st.one_of(st.sampled_from([16, 19, 20, 24, 28, 32, 36, 37, 0]).flatmap(lambda n: st.binary(min_size=n, max_size=n)),
-                      st.binary(max_size=100))  # fmt: skip
+key_lengths = st.sampled_from([16, 19, 20, 24, 28, 32, 36, 37, 0])
+key_bytes = st.one_of(key_lengths.flatmap(lambda n: st.binary(min_size=n, max_size=n)), st.binary(max_size=100))
 
 
 def _calls(files: list[str]) -> st.SearchStrategy[tuple[str, Any]]:
