@@ -203,7 +203,56 @@ def phase_remove_readd(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
     return {**_loss(result), "plaintext": cap.plaintext_between(_addresses(a, b)), "esp": len(cap.esp())}
 
 
+def _snmp(ns: str) -> dict[str, int]:
+    """The Udp counters of a namespace (where a receive-buffer overflow is counted)."""
+    lines = [line.split() for line in netns.run(ns, "cat", "/proc/net/snmp").stdout.splitlines()]
+    rows = [row for row in lines if row and row[0] == "Udp:"]
+    return {k: int(v) for k, v in zip(rows[0][1:], rows[1][1:], strict=False)} if len(rows) == 2 else {}
+
+
+def _softnet_dropped() -> int:
+    """Packets the per-CPU backlog queues dropped (second column of softnet_stat, hex)."""
+    with open("/proc/net/softnet_stat") as f:
+        return sum(int(line.split()[1], 16) for line in f if line.strip())
+
+
+def _gaps(missing: list[int]) -> list[tuple[int, int]]:
+    """Runs of consecutive missing sequence numbers (first, last), the first 20."""
+    runs: list[tuple[int, int]] = []
+    for n in sorted(missing):
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs[:20]
+
+
+def _where_lost(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    """Every counter a lost datagram would show in: the receiver's socket, the backlog, xfrm, the BPF program."""
+    ca, cb = counters(a), counters(b)
+    return {
+        "udp_b": {k: v for k, v in _snmp(b.endpoint_ns).items() if k in ("InDatagrams", "RcvbufErrors", "InErrors")},
+        "softnet_dropped": _softnet_dropped(),
+        "xfrm_a": dict(ca.xfrm_errors),
+        "xfrm_b": dict(cb.xfrm_errors),
+        "datapath_a": {k: v.packets for k, v in ca.datapath.items()},
+    }
+
+
+def _delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        if isinstance(value, dict):
+            grown = _grown(before.get(key, {}), value)
+            if grown:
+                out[key] = grown
+        elif value - before.get(key, 0):
+            out[key] = value - before.get(key, 0)
+    return out
+
+
 def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    counted_before = _where_lost(a, b)
     with Capture(a.node.ns, UNDERLAY_IF) as cap:
         stream = _stream(a, b, 9400)
         time.sleep(1.0)
@@ -217,6 +266,10 @@ def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
     after = counters(a)
     return {
         **_loss(result),
+        "killed_at": killed_at,
+        "restarted_at": restarted_at,
+        "gaps": _gaps(result.missing),
+        "counted": _delta(counted_before, _where_lost(a, b)),
         "sent_while_down": restarted_at - killed_at,
         "plaintext": cap.plaintext_between(_addresses(a, b)),
         "egress_spi_after_restart": after.peers[0].egress_spi,
