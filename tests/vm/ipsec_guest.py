@@ -13,6 +13,7 @@ VNI) and drops a's other endpoint.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import grpc
 from weir.ipsec.v1 import ipsec_pb2 as pb
 from weir.ipsec.v1 import ipsec_pb2_grpc as pb_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
@@ -288,7 +290,28 @@ def _peers(n: IpsecNode) -> list[pb.Peer]:
 
 
 def phase_overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
-    """VXLAN between the nodes, peers from the node tables; only ESP on the underlay, the VNI identity intact."""
+    """VXLAN between the nodes, peers from the node tables; only ESP on the underlay, the VNI identity intact.
+
+    Afterwards the nodes go back to what the other phases expect: no rule, no remote node
+    in the node tables (so no node-table peer), direct routes.
+    """
+    try:
+        return _overlay(a, b, key_index)
+    finally:
+        with b.node.channel("policy") as channel:
+            pol_grpc.PolicyStub(channel).DeleteRules(pol_pb.DeleteRulesRequest(names=["from-client"]), timeout=120)
+        for n, remote in ((a, b), (b, a)):
+            with n.node.channel("orchestrator") as channel:
+                orch = orch_grpc.OrchestratorStub(channel)
+                with contextlib.suppress(grpc.RpcError):
+                    orch.DeleteNode(orch_pb.DeleteNodeRequest(name=remote.node.name), timeout=120)
+            netns.run(n.node.ns, "ip", "route", "replace", remote.cidr, "via", remote.underlay, "dev", UNDERLAY_IF)
+        deadline = time.monotonic() + 60
+        while (_peers(a) or _peers(b)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def _overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
     # the same label sets made in the same order on both nodes: standalone nodes then give them the same numbers
     made: dict[tuple[str, str], orch_pb.Endpoint] = {}
     for n, net in ((a, "198.18.1"), (b, "198.18.2")):
@@ -385,15 +408,15 @@ def main(rwdir: Path) -> None:
     try:
         k1 = write_key(keys / "k1", 1, bytes(range(20)))
         parallel(lambda: set_key(a, k1), lambda: set_key(b, k1))
-        parallel(lambda: peer(a, b, 1), lambda: peer(b, a, 1))
         results["setup_seconds"] = round(time.monotonic() - t, 1)
         save()
+        phase("overlay", lambda: phase_overlay(a, b, 1))  # then back to direct routing, peers from the API
+        parallel(lambda: peer(a, b, 1), lambda: peer(b, a, 1))
         phase("encrypted", lambda: phase_encrypted(a, b))
         phase("rotation", lambda: phase_rotation(a, b, keys))
         phase("wrong_key", lambda: phase_wrong_key(a, b, keys))
         phase("remove_readd", lambda: phase_remove_readd(a, b))
         phase("sigkill", lambda: phase_sigkill(a, b))
-        phase("overlay", lambda: phase_overlay(a, b, 4))
     except Exception:
         results["setup_error"] = traceback.format_exc()
     finally:
