@@ -32,7 +32,9 @@ def result(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip(f"no VM for the IPsec tier: {reason}")
     rwdir = tmp_path_factory.mktemp("ipsec-vm")
     started = time.monotonic()
-    run = run_in_vm(f"exec {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}", rwdir, timeout=VM_TIMEOUT)
+    start = os.environ.get("WEIR_VM_START_TIMEOUT", "400")  # seconds one service may take to start in the guest
+    body = f"exec env WEIR_VM_START_TIMEOUT={float(start)} {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}"
+    run = run_in_vm(body, rwdir, timeout=VM_TIMEOUT)
     out = rwdir / "result.json"
     log = (rwdir / "guest.log").read_text(errors="replace")[-6000:] if (rwdir / "guest.log").exists() else ""
     assert out.exists(), f"the guest wrote no result (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
