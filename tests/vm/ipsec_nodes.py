@@ -1,7 +1,7 @@
 """Two Weir nodes joined by an underlay, with the ipsec service, for the VM tier and the benchmark.
 
 Each node is a `Node` of the test harness (its own namespace, outside and suite
-processes: orchestrator and ipsec, and optionally policy on b) with one endpoint; an
+processes: orchestrator and ipsec) with one endpoint; an
 underlay veth `wund0` joins the two node namespaces (10.99.0.1 <-> 10.99.0.2), routes
 send each node's endpoint range to the other over it (direct routing), and the
 orchestrator runs the from-network chain on it so ESP from the peer is marked for
@@ -89,7 +89,7 @@ def progress(what: str) -> None:
     print(f"[{time.monotonic():.1f}] {what}", flush=True)
 
 
-def make_pair(workdir: Path, prefix: str, grace: float, policy_on_b: bool = False) -> tuple[IpsecNode, IpsecNode]:
+def make_pair(workdir: Path, prefix: str, grace: float) -> tuple[IpsecNode, IpsecNode]:
     """Set up both nodes, start their services, create an endpoint on each; not yet peered."""
     progress("setting up the nodes")
     a = IpsecNode(Node(f"{prefix}a", workdir / "a"), 1, "10.99.0.1", "198.18.1.0/24", "198.18.1.10")
@@ -102,7 +102,7 @@ def make_pair(workdir: Path, prefix: str, grace: float, policy_on_b: bool = Fals
         netns.run(n.node.ns, "ip", "addr", "add", f"{n.underlay}/24", "dev", UNDERLAY_IF)
         netns.run(n.node.ns, "ip", "link", "set", UNDERLAY_IF, "up")
         netns.run(n.node.ns, "ip", "route", "add", other.cidr, "via", other.underlay, "dev", UNDERLAY_IF)
-    progress("starting the orchestrators" + (" and b's policy service" if policy_on_b else ""))
+    progress("starting the orchestrators")
     starts = [
         functools.partial(
             n.node.start,
@@ -112,8 +112,6 @@ def make_pair(workdir: Path, prefix: str, grace: float, policy_on_b: bool = Fals
         )
         for n in (a, b)
     ]
-    if policy_on_b:  # its imports overlap the orchestrators' start; it waits for b's orchestrator
-        starts.append(functools.partial(b.node.start, "policy", timeout=START_TIMEOUT))
     parallel(*starts)
     progress("starting the ipsec services")
     extra = ("--rotation-grace", str(grace))
