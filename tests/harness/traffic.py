@@ -189,6 +189,10 @@ class StreamResult:
     duplicates: int
 
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # as root: beyond net.core.rmem_max
+RECEIVE_BUFFER = 8 << 20
+
+
 class CountedStream:
     """Numbered UDP datagrams from one namespace to another, to detect loss.
 
@@ -205,6 +209,9 @@ class CountedStream:
         self._sent = 0
         with netns.entered(dst_ns):
             self._rx = socket.socket(_family(dst), socket.SOCK_DGRAM)
+        # room for seconds of datagrams: a receiver thread starved of CPU (a slow VM while a
+        # service starts) must not turn into "loss" of the datapath under test
+        self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         self._rx.bind((dst, port))
         self._rx.settimeout(0.2)
         with netns.entered(src_ns):
