@@ -489,17 +489,16 @@ class Ipsec:
 
     def forget_cidrs(self, cidrs: Iterable[str]) -> int:
         """Stop blocking ranges of removed peers: traffic there goes unencrypted afterwards."""
-        networks = [valid_cidr(c, f"cidrs[{i}]") for i, c in enumerate(cidrs)]
+        networks = dict.fromkeys(valid_cidr(c, f"cidrs[{i}]") for i, c in enumerate(cidrs))  # once each, in order
         served = {n for p in self.peers() for n in p.cidrs}
-        live = self._maps.cidrs()
-        done = 0
-        for n in networks:
+        for n in networks:  # every check before the first delete: a refusal changes nothing
             if n in served:
                 raise FailedPrecondition(f"cidr {n} belongs to a peer: delete the peer first")
-            if n in live:
-                self._maps.delete_cidr(n)
-                done += 1
-        return done
+        live = self._maps.cidrs()
+        gone = [n for n in networks if n in live]
+        for n in gone:
+            self._maps.delete_cidr(n)
+        return len(gone)
 
     def retire(self, now: float | None = None) -> list[int]:
         """Remove keys no peer is sent with, `grace` seconds after a newer key came; returns their SPIs."""

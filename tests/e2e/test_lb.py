@@ -29,7 +29,7 @@ from services.common.datapath import CtKey, CtScope, CtValue
 from services.lb.defs import MAX_BACKENDS, LbService, LbServiceKey
 from services.lb.model import MAX_SERVICES_PER_CALL
 from tests.harness import netns, traffic
-from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
+from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node, cpu_seconds
 
 pytestmark = pytest.mark.root
 
@@ -648,8 +648,13 @@ def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_
 
 
 def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
-    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 15x time."""
+    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 20x the service's CPU.
+
+    CPU, not wall time: a loaded machine's scheduling is not growth. A quadratic path shows as ~100x;
+    n log n and a larger heap's cache misses stay under 20x.
+    """
     s = make_setup(make_node, 0)
+    pid = s.node.services["lb"].process.pid
     rounds = iter(range(1, 1000))
 
     def upsert(count: int) -> float:
@@ -657,23 +662,23 @@ def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) ->
         n = next(rounds)
         services = [pb.Service(name=f"r{n}-{i}", address=f"198.18.{i >> 8}.{i & 255}", port=n, protocol="TCP",
                                backends=_many_backends(2 * (i % 2), 2 * i)) for i in range(count)]  # fmt: skip
-        started = time.perf_counter()
+        started = cpu_seconds(pid)
         s.lb.UpsertServices(pb.UpsertServicesRequest(services=services), timeout=120)
-        return time.perf_counter() - started
+        return cpu_seconds(pid) - started
 
     def delete(backends: int) -> float:
         """Time to delete one service with `backends` backends."""
         big = pb.Service(name="big", address="198.19.0.1", port=80, protocol="TCP", backends=_many_backends(backends))
         s.lb.UpsertService(pb.UpsertServiceRequest(service=big), timeout=60)
-        started = time.perf_counter()
+        started = cpu_seconds(pid)
         s.lb.DeleteService(pb.DeleteServiceRequest(name="big"), timeout=60)
-        return time.perf_counter() - started
+        return cpu_seconds(pid) - started
 
     upsert(50)  # warm up
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
     upsert_1x, upsert_10x = min(upsert(300) for _ in range(3)), min(upsert(3000) for _ in range(2))
     delete_1x, delete_10x = min(delete(1000) for _ in range(3)), min(delete(10000) for _ in range(2))
-    assert upsert_10x <= 15 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s for 300, {upsert_10x:.3f}s for 3000"
-    assert delete_10x <= 15 * delete_1x, f"DeleteService: {delete_1x:.3f}s for 1000, {delete_10x:.3f}s for 10000"
+    assert upsert_10x <= 20 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s CPU for 300, {upsert_10x:.3f}s for 3000"
+    assert delete_10x <= 20 * delete_1x, f"DeleteService: {delete_1x:.3f}s CPU for 1000, {delete_10x:.3f}s for 10000"
     listed = s.lb.ListServices(pb.ListServicesRequest(page=common_pb2.PageRequest(page_size=10_000)))
     assert len(listed.services) == 6950

@@ -258,6 +258,18 @@ def leftover_check(prefix: str) -> list[str]:
     return left
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of a process, from schedstat (nanoseconds, unlike stat's ticks).
+
+    Growth tests compare this, not wall time: a loaded machine's scheduling is not growth.
+    """
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            total += int((task / "schedstat").read_text().split()[0])
+    return total / 1e9
+
+
 def pid_prefix() -> str:
     """A short prefix unique to this test process, for every name a test makes."""
     return f"wt{os.getpid() % 100000}"
