@@ -1,4 +1,4 @@
-"""Run the ipsec service: `python -m services.ipsec [--key-file PATH] [--rotation-grace SECONDS]`."""
+"""Run the ipsec service: `python -m services.ipsec [--key-file PATH] [--rotation-grace S] [--no-follow-nodes]`."""
 
 from __future__ import annotations
 
@@ -20,11 +20,13 @@ from services.common.store import Store
 from services.common.worker import Worker
 from services.ipsec.ipsec import DEFAULT_GRACE_SECONDS, Ipsec
 from services.ipsec.maps import IpsecMaps
+from services.ipsec.nodes import NodeFollower
 from services.ipsec.servicer import SERVICE_NAME, IpsecServicer
 
 SERVICE = "ipsec"
 DEFAULT_BPF_DIR = Path(__file__).resolve().parents[2] / "bpf" / "build"
 RETIRE_EVERY_SECONDS = 5.0
+RESYNC_NODES_SECONDS = 5.0
 log = structlog.get_logger("weir.ipsec")
 
 
@@ -41,6 +43,13 @@ def _flags(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_GRACE_SECONDS,
         help=f"seconds an old key stays after a newer one came (default {DEFAULT_GRACE_SECONDS:g})",
     )
+    parser.add_argument(
+        "--follow-nodes",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="make peers of the orchestrator's remote nodes that publish a key index (WatchNodes); "
+        "UpsertPeer then cannot change those (default on)",
+    )
 
 
 async def main(config: NodeConfig, args: argparse.Namespace) -> None:
@@ -48,8 +57,10 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     maps = IpsecMaps(args.bpf_dir, config.globals_pin_dir, config.service_pin_dir(SERVICE), register=chain.register)
     key_dir = config.state_dir / "ipsec-keys"
 
+    followers: list[NodeFollower] = []
+
     def build(store: Store) -> Ipsec:
-        return Ipsec(maps, store, key_dir, args.rotation_grace)
+        return Ipsec(maps, store, key_dir, args.rotation_grace, follow_nodes=args.follow_nodes)
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, ipsec: Ipsec) -> str:
         pb_grpc.add_IpsecServicer_to_server(IpsecServicer(worker, ipsec), server)
@@ -67,9 +78,23 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                     log.error("the --key-file key was not installed; nothing is encrypted with it", error=str(exc))
                 args.key_file = None
 
-        return [Every("retire", RETIRE_EVERY_SECONDS, retire), Every("key-file", 1.0, key_file)]
+        async def resync_nodes() -> None:
+            for follower in followers:
+                await follower.resync()
 
-    await run_datapath_service(SERVICE, config, build, add_servicer, tasks=tasks)
+        return [
+            Every("retire", RETIRE_EVERY_SECONDS, retire),
+            Every("key-file", 1.0, key_file),
+            Every("nodes", RESYNC_NODES_SECONDS, resync_nodes),
+        ]
+
+    async def background(worker: Worker, ipsec: Ipsec) -> None:
+        """Follow the orchestrator's node table into peers, forever (reconnecting after its restarts)."""
+        if args.follow_nodes:
+            followers.append(NodeFollower(config.socket_path("orchestrator"), worker, ipsec))
+            await followers[0].run()
+
+    await run_datapath_service(SERVICE, config, build, add_servicer, background=background, tasks=tasks)
 
 
 if __name__ == "__main__":

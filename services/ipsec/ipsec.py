@@ -1,8 +1,20 @@
 """IPsec between nodes: the plain class owning the keys, the xfrm states and policies, and the maps.
 
-Peers come through `upsert_peer` (name, node id, underlay address, endpoint CIDRs and
-the newest key index the peer has installed). For now the API is their only source;
-a follower of the orchestrator's WatchNodes can call the same method later.
+Peers come through `upsert_peer` (name, node id, underlay address, endpoint CIDRs, the
+newest key index the peer has installed, and whether it is reached through the VXLAN
+overlay): from the API, or from the orchestrator's node table (`services.ipsec.nodes`
+follows WatchNodes). A peer the node table gave is the node table's: the API cannot
+change or delete it while the service follows the node table.
+
+Direct routing: the endpoint packet itself is encrypted (OUT policy on the peer's
+endpoint CIDRs). VXLAN overlay: the endpoint packet, still marked, passes the OUT
+lookup (a bypass policy on the peer's CIDRs for that mark), is routed into the VXLAN
+device, and the VXLAN packet the device makes inherits skb->mark for its own route
+lookup; an OUT policy on (local underlay -> peer underlay, UDP 8472) with that mark
+encrypts it, as Cilium's encrypted overlay does. A VXLAN packet to the peer that carries
+no such mark (the node's own traffic, a packet no slot marked) meets a block policy on
+the same selector: never a plaintext VXLAN packet to a peer. Inbound, an IN policy
+requires ESP for VXLAN from the peer's underlay address.
 
 What the kernel holds is always derived from the desired state (local node, keys,
 peers) and applied in an order that never lets a packet meant for encryption out
@@ -33,7 +45,7 @@ from pathlib import Path
 
 import structlog
 
-from services.common.datapath import XFRM_MARK_MASK, XfrmMark
+from services.common.datapath import VXLAN_PORT, XFRM_MARK_MASK, XfrmMark
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.store import Store
 from services.common.validate import Address, Network, at_most
@@ -56,7 +68,11 @@ log = structlog.get_logger("weir.ipsec")
 LOCAL, KEY, PEER, COUNTER = "local", "key", "peer", "counter"
 REQID = 0x5EED  # every state and template of ours; nothing else in the node's netns uses it
 PEER_PRIORITY = 100
+OVERLAY_BYPASS_PRIORITY = 110  # the endpoint packet of an overlay peer passes (its VXLAN packet is encrypted)
+OVERLAY_BLOCK_PRIORITY = 150  # VXLAN to an overlay peer without its encrypt mark is blocked
 BLOCK_PRIORITY = 200  # after every peer's OUT policy
+IPPROTO_UDP = 17
+API, NODES = "api", "nodes"  # where a peer came from
 MAX_CIDRS_PER_PEER = 256
 DEFAULT_GRACE_SECONDS = 60.0
 PROBE_ADDRESS = ipaddress.ip_address("192.0.2.254")  # a state made and removed at once, to probe the kernel
@@ -81,6 +97,8 @@ class Peer:
     cidrs: tuple[Network, ...]
     spi: int  # the newest key index the peer has installed (published with the node)
     egress_spi: int = 0  # the key this node encrypts with towards it (0: none usable yet)
+    vxlan: bool = False  # reached through the VXLAN overlay: its VXLAN packets are encrypted
+    source: str = API  # API (UpsertPeer) or NODES (the orchestrator's node table)
 
 
 @dataclass(frozen=True)
@@ -125,25 +143,42 @@ class Status:
 @dataclass
 class Desired:
     states: dict[tuple[str, int, int], xfrm.State] = field(default_factory=dict)
-    policies: dict[tuple[int, str, str, int], xfrm.Policy] = field(default_factory=dict)
+    policies: dict[tuple[int, str, str, int, int, int], xfrm.Policy] = field(default_factory=dict)
 
 
 def _state_id(s: xfrm.State) -> tuple[str, int, int]:
     return (str(s.dst), s.spi, s.mark.value)
 
 
-def _policy_id(p: xfrm.Policy) -> tuple[int, str, str, int]:
-    return (p.direction, str(p.src), str(p.dst), p.mark.value)
+def _policy_id(p: xfrm.Policy) -> tuple[int, str, str, int, int, int]:
+    return (p.direction, str(p.src), str(p.dst), p.mark.value, p.proto, p.dport)
 
 
 def _ours_state(s: xfrm.State) -> bool:
     return s.reqid == REQID and s.mark.value & XFRM_MARK_MASK in (XfrmMark.ENCRYPT, XfrmMark.DECRYPT)
 
 
+def _default_drop(p: xfrm.Policy) -> bool:
+    return (
+        p.tmpl is None
+        and not p.bypass
+        and p.mark == xfrm.Mark(XfrmMark.ENCRYPT, XFRM_MARK_MASK)
+        and p.priority == BLOCK_PRIORITY
+    )
+
+
 def _ours_policy(p: xfrm.Policy) -> bool:
-    if p.tmpl is None:
-        return p.mark == xfrm.Mark(XfrmMark.ENCRYPT, XFRM_MARK_MASK) and p.priority == BLOCK_PRIORITY
-    return p.reqid == REQID
+    if p.tmpl is not None:
+        return p.reqid == REQID
+    if p.bypass:
+        return p.priority == OVERLAY_BYPASS_PRIORITY and p.mark.value & XFRM_MARK_MASK == XfrmMark.ENCRYPT
+    if p.priority == OVERLAY_BLOCK_PRIORITY:
+        return p.proto == IPPROTO_UDP and p.dport == VXLAN_PORT
+    return _default_drop(p)
+
+
+def _host(address: Address) -> Network:
+    return ipaddress.ip_network(address)
 
 
 def _any(version: int) -> Network:
@@ -153,8 +188,17 @@ def _any(version: int) -> Network:
 class Ipsec:
     """Keys, peers and the kernel objects that encrypt between this node and them."""
 
-    def __init__(self, maps: IpsecMaps, store: Store, key_dir: Path, grace: float = DEFAULT_GRACE_SECONDS) -> None:
+    def __init__(
+        self,
+        maps: IpsecMaps,
+        store: Store,
+        key_dir: Path,
+        grace: float = DEFAULT_GRACE_SECONDS,
+        follow_nodes: bool = False,
+    ) -> None:
+        """`follow_nodes`: peers the node table gave belong to it (the API may not change them)."""
         self._maps = maps
+        self.follow_nodes = follow_nodes
         self._store = store
         self._key_dir = key_dir
         self._grace = grace
@@ -242,6 +286,8 @@ class Ipsec:
             cidrs=tuple(ipaddress.ip_network(str(c)) for c in doc["cidrs"]),  # type: ignore[attr-defined]
             spi=int(str(doc["spi"])),
             egress_spi=int(str(doc.get("egress_spi", 0))),
+            vxlan=bool(doc.get("vxlan", False)),
+            source=str(doc.get("source", API)),
         )
 
     def peers(self) -> list[Peer]:
@@ -360,7 +406,23 @@ class Ipsec:
         doc = self._store.get(COUNTER, "rotations") or {"n": 0}
         self._store.put(COUNTER, "rotations", {"n": int(doc["n"]) + n})
 
-    def upsert_peer(self, name: str, node_id: int, underlay: str, cidrs: Iterable[str], spi: int) -> Peer:
+    def _check_owner(self, name: str, source: str) -> None:
+        doc = self._store.get(PEER, name)
+        if source == API and self.follow_nodes and doc is not None and doc.get("source") == NODES:
+            raise FailedPrecondition(
+                f"peer {name!r} comes from the orchestrator's node table: change it there (UpsertNode/DeleteNode)"
+            )
+
+    def upsert_peer(
+        self,
+        name: str,
+        node_id: int,
+        underlay: str,
+        cidrs: Iterable[str],
+        spi: int,
+        vxlan: bool = False,
+        source: str = API,
+    ) -> Peer:
         valid_name(name, "peer name")
         check_node_id(node_id)
         check_spi(spi)
@@ -388,6 +450,7 @@ class Ipsec:
                     raise AlreadyExists(f"cidr {n} overlaps peer {other.name!r}'s endpoint CIDRs")
         if sum(len(p.cidrs) for p in others) + len(networks) > MAX_PEER_CIDRS:
             raise InvalidArgument(f"at most {MAX_PEER_CIDRS} peer CIDRs in all")
+        self._check_owner(name, source)
         previous = self._store.get(PEER, name)
         current = int(str(previous.get("egress_spi", 0))) if previous else 0
         doc = {
@@ -396,7 +459,11 @@ class Ipsec:
             "cidrs": [str(n) for n in networks],
             "spi": spi,
             "egress_spi": self._egress_spi(spi, current),
+            "vxlan": bool(vxlan),
+            "source": source,
         }
+        if previous is not None and previous == doc:
+            return self.peer(name)
         if previous is not None and int(str(previous.get("egress_spi", 0))) not in (0, doc["egress_spi"]):
             self._bump(1)
         self._store.put(PEER, name, doc)
@@ -411,9 +478,10 @@ class Ipsec:
             raise
         return self.peer(name)
 
-    def delete_peer(self, name: str) -> None:
+    def delete_peer(self, name: str, source: str = API) -> None:
         """Forget a peer; its CIDRs stay blocked (never plaintext) until another peer serves them."""
         peer = self.peer(name)
+        self._check_owner(name, source)
         self._store.delete(PEER, name)
         for n in peer.cidrs:
             self._maps.put_cidr(n, 0, 0, block=True)
@@ -421,17 +489,16 @@ class Ipsec:
 
     def forget_cidrs(self, cidrs: Iterable[str]) -> int:
         """Stop blocking ranges of removed peers: traffic there goes unencrypted afterwards."""
-        networks = [valid_cidr(c, f"cidrs[{i}]") for i, c in enumerate(cidrs)]
+        networks = dict.fromkeys(valid_cidr(c, f"cidrs[{i}]") for i, c in enumerate(cidrs))  # once each, in order
         served = {n for p in self.peers() for n in p.cidrs}
-        live = self._maps.cidrs()
-        done = 0
-        for n in networks:
+        for n in networks:  # every check before the first delete: a refusal changes nothing
             if n in served:
                 raise FailedPrecondition(f"cidr {n} belongs to a peer: delete the peer first")
-            if n in live:
-                self._maps.delete_cidr(n)
-                done += 1
-        return done
+        live = self._maps.cidrs()
+        gone = [n for n in networks if n in live]
+        for n in gone:
+            self._maps.delete_cidr(n)
+        return len(gone)
 
     def retire(self, now: float | None = None) -> list[int]:
         """Remove keys no peer is sent with, `grace` seconds after a newer key came; returns their SPIs."""
@@ -473,10 +540,16 @@ class Ipsec:
                 # xfrm finds an OUT state by the policy's mark, not the packet's: one OUT
                 # policy per key, so the SPI the BPF program puts in the mark picks the state
                 out_mark = xfrm.Mark(encrypt_mark(peer.node_id, spi), STATE_MARK_MASK)
+                if peer.vxlan:
+                    self._desire_overlay_out(want, local, peer, out_mark)
+                    continue
                 for n in peer.cidrs:
                     policy = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, PEER_PRIORITY, out_mark,
                                          (local.underlay, peer.underlay), REQID)  # fmt: skip
                     want.policies[_policy_id(policy)] = policy
+            if peer.vxlan:
+                self._desire_overlay_peer(want, local, peer)
+                continue
             for n in peer.cidrs:
                 any_net = _any(n.version)
                 for policy in (
@@ -488,6 +561,27 @@ class Ipsec:
                     want.policies[_policy_id(policy)] = policy
         return want
 
+    @staticmethod
+    def _desire_overlay_out(want: Desired, local: LocalNode, peer: Peer, out_mark: xfrm.Mark) -> None:
+        """One key towards an overlay peer: its VXLAN packets encrypted, its endpoint packets passed to the device."""
+        vxlan = xfrm.Policy(xfrm.DIR_OUT, _host(local.underlay), _host(peer.underlay), PEER_PRIORITY, out_mark,
+                            (local.underlay, peer.underlay), REQID, IPPROTO_UDP, VXLAN_PORT)  # fmt: skip
+        want.policies[_policy_id(vxlan)] = vxlan
+        for n in peer.cidrs:
+            inner = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, OVERLAY_BYPASS_PRIORITY, out_mark, None, bypass=True)
+            want.policies[_policy_id(inner)] = inner
+
+    @staticmethod
+    def _desire_overlay_peer(want: Desired, local: LocalNode, peer: Peer) -> None:
+        """Whatever the keys: unmarked VXLAN to the peer is blocked, VXLAN from it must come through ESP."""
+        block = xfrm.Policy(xfrm.DIR_OUT, _host(local.underlay), _host(peer.underlay), OVERLAY_BLOCK_PRIORITY,
+                            xfrm.Mark(0, 0), None, 0, IPPROTO_UDP, VXLAN_PORT)  # fmt: skip
+        inbound = xfrm.Policy(xfrm.DIR_IN, _host(peer.underlay), _host(local.underlay), PEER_PRIORITY,
+                              xfrm.Mark(0, 0), (peer.underlay, local.underlay), REQID, IPPROTO_UDP,
+                              VXLAN_PORT)  # fmt: skip
+        # added before the per-key policies (dict order is the order of adding)
+        want.policies = {_policy_id(block): block, _policy_id(inbound): inbound, **want.policies}
+
     def _apply(self) -> None:
         """Make the kernel and the maps match the store, adding before removing (see the module doc)."""
         local = self.local()
@@ -496,7 +590,9 @@ class Ipsec:
         want = self._desired(local, peers) if usable else Desired()
         if self._xfrm is not None:
             have_states = {_state_id(s): s for s in self._xfrm.states() if _ours_state(s)}
-            have_policies = {_policy_id(p): p for p in self._xfrm.policies() if _ours_policy(p) and p.tmpl is not None}
+            have_policies = {
+                _policy_id(p): p for p in self._xfrm.policies() if _ours_policy(p) and not _default_drop(p)
+            }
         else:
             have_states, have_policies = {}, {}
         # 1. add: states, then policies (replaced in place), then the maps

@@ -126,10 +126,11 @@ def read_key_file(path: Path) -> Key:
         raise InvalidArgument(f"key file {path} does not exist") from None
     except OSError as exc:
         raise InvalidArgument(f"key file {path} cannot be opened: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):  # checked before fdopen, which refuses a directory with its own error
+        os.close(fd)
+        raise InvalidArgument(f"key file {path} is not a regular file")
     with os.fdopen(fd, "rb") as f:
-        info = os.fstat(f.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise InvalidArgument(f"key file {path} is not a regular file")
         if info.st_mode & 0o077:
             raise PermissionDenied(
                 f"key file {path} has mode {stat.S_IMODE(info.st_mode):04o}: others may read it; "

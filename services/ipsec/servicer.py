@@ -42,6 +42,8 @@ def _peer(peer: Peer) -> pb.Peer:
         cidrs=[str(c) for c in peer.cidrs],
         spi=peer.spi,
         egress_spi=peer.egress_spi,
+        vxlan=peer.vxlan,
+        source=peer.source,
     )
 
 
@@ -72,7 +74,13 @@ class IpsecServicer(pb_grpc.IpsecServicer):
 
     async def UpsertPeer(self, request: pb.Peer, context: Context) -> pb.Peer:
         peer = await self._worker.call(
-            self._ipsec.upsert_peer, request.name, request.node_id, request.underlay, list(request.cidrs), request.spi
+            self._ipsec.upsert_peer,
+            request.name,
+            request.node_id,
+            request.underlay,
+            list(request.cidrs),
+            request.spi,
+            request.vxlan,
         )
         return _peer(peer)
 

@@ -200,7 +200,10 @@ class State:
 
 @dataclass(frozen=True)
 class Policy:
-    """A policy: `tmpl` is (src, dst) of the ESP tunnel, or None for a block policy."""
+    """A policy: `tmpl` is (src, dst) of the ESP tunnel, or None for a block (or, `bypass`, a pass) policy.
+
+    `proto` and `dport` narrow the selector (0: any), e.g. to the VXLAN packets between two nodes.
+    """
 
     direction: int
     src: Network
@@ -209,18 +212,25 @@ class Policy:
     mark: Mark
     tmpl: tuple[Address, Address] | None
     reqid: int = 0
+    proto: int = 0
+    dport: int = 0
+    bypass: bool = False  # no template and ALLOW: matching packets pass untransformed
 
     @property
     def action(self) -> int:
-        return ACTION_BLOCK if self.tmpl is None else ACTION_ALLOW
+        return ACTION_ALLOW if self.tmpl is not None or self.bypass else ACTION_BLOCK
 
 
-def _selector(msg: nlmsg, src: Network, dst: Network) -> None:
+def _selector(msg: nlmsg, src: Network, dst: Network, proto: int = 0, dport: int = 0) -> None:
     msg["sel_daddr"] = _addr(dst.network_address)
     msg["sel_saddr"] = _addr(src.network_address)
     msg["sel_family"] = _family(dst.version)
     msg["sel_prefixlen_d"] = dst.prefixlen
     msg["sel_prefixlen_s"] = src.prefixlen
+    msg["sel_proto"] = proto
+    if dport:
+        msg["sel_dport"] = dport
+        msg["sel_dport_mask"] = 0xFFFF
 
 
 XFRM_INF = 0xFFFFFFFFFFFFFFFF
@@ -272,7 +282,7 @@ def state_id_message(state: State) -> UserSaId:
 
 def policy_message(policy: Policy) -> UserPolicyInfo:
     msg = _new(UserPolicyInfo)
-    _selector(msg, policy.src, policy.dst)
+    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport)
     _no_limits(msg)
     msg["priority"] = policy.priority
     msg["dir"] = policy.direction
@@ -291,7 +301,7 @@ def policy_message(policy: Policy) -> UserPolicyInfo:
 
 def policy_id_message(policy: Policy) -> UserPolicyId:
     msg = _new(UserPolicyId)
-    _selector(msg, policy.src, policy.dst)
+    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport)
     msg["dir"] = policy.direction
     msg["attrs"] = [("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask})]
     return msg
@@ -343,6 +353,9 @@ def _policy_of(msg: UserPolicyInfo) -> Policy:
         mark=_mark(msg),
         tmpl=tmpl,
         reqid=reqid,
+        proto=int(msg["sel_proto"]),
+        dport=int(msg["sel_dport"]) if int(msg["sel_dport_mask"]) else 0,
+        bypass=tmpl is None and int(msg["action"]) == ACTION_ALLOW,
     )
 
 

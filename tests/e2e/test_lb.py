@@ -29,11 +29,14 @@ from services.common.datapath import CtKey, CtScope, CtValue
 from services.lb.defs import MAX_BACKENDS, LbService, LbServiceKey
 from services.lb.model import MAX_SERVICES_PER_CALL
 from tests.harness import netns, traffic
-from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node
+from tests.harness.node import NET_IFNAME, NODE_NET_V4, Node, cpu_seconds
 
 pytestmark = pytest.mark.root
 
 VIP = "198.19.0.1"
+# How long a client waits for an answer. Only a bound for a loaded machine (CI runs
+# the suite on 2 busy cores): what the answer must be is asserted as it is.
+WAIT = 10.0
 
 
 @dataclass
@@ -52,10 +55,15 @@ class Setup:
 
 @contextmanager
 def servers(s: Setup, port: int = 8080) -> Iterator[None]:
-    """Every backend answers TCP and UDP on `port` with its own name."""
+    """Every backend answers TCP and UDP on `port` with its own name.
+
+    A TCP connection stays open however long it is silent (until the client closes it
+    or the servers stop): a test holds one across slow steps such as a service restart,
+    and it must break only if the datapath breaks it, not by the server's idle timeout.
+    """
     with ExitStack() as stack:
         for b in s.backends:
-            stack.enter_context(traffic.server(b.netns, b.ipv4, port, reply=f"{b.name}:".encode()))
+            stack.enter_context(traffic.server(b.netns, b.ipv4, port, reply=f"{b.name}:".encode(), idle=None))
             stack.enter_context(traffic.server(b.netns, b.ipv4, port, "udp", reply=f"{b.name}:".encode()))
         yield
 
@@ -77,7 +85,7 @@ def service(s: Setup, name: str = "web", weights: list[int] | None = None, **kw:
     )
 
 
-def tcp_backend(s: Setup, ns: str, dst: str = VIP, port: int = 80, source_port: int = 0) -> str:
+def tcp_backend(s: Setup, ns: str, dst: str = VIP, port: int = 80, source_port: int = 0, timeout: float = WAIT) -> str:
     """Which backend answered a TCP exchange with the frontend.
 
     The handshake completing is what shows replies come from the frontend: the
@@ -87,7 +95,7 @@ def tcp_backend(s: Setup, ns: str, dst: str = VIP, port: int = 80, source_port: 
     with netns.entered(ns):
         sock = socket.socket()
     with sock:
-        sock.settimeout(2)
+        sock.settimeout(timeout)
         if source_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("", source_port))
@@ -102,7 +110,7 @@ def udp_backend(ns: str, dst: str = VIP, port: int = 80, source_port: int = 0) -
     with netns.entered(ns):
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     with sock:
-        sock.settimeout(2)
+        sock.settimeout(WAIT)
         if source_port:
             sock.bind(("", source_port))
         sock.sendto(b"x", (dst, port))
@@ -170,13 +178,13 @@ def test_socket_lb_from_a_host_process(make_node: Callable[..., Node]) -> None:
             import json, socket
             seen = []
             for _ in range(60):
-                with socket.create_connection(("{VIP}", 80), timeout=2) as c:
+                with socket.create_connection(("{VIP}", 80), timeout={WAIT}) as c:
                     peer = c.getpeername()
                     c.sendall(b"x"); c.shutdown(socket.SHUT_WR)
                     seen.append((c.recv(100).split(b":")[0].decode(), list(peer)))
             udp = []
             for _ in range(30):
-                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout(2)
+                u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); u.settimeout({WAIT})
                 u.sendto(b"x", ("{VIP}", 80))
                 data, peer = u.recvfrom(100)
                 udp.append((data.split(b":")[0].decode(), list(peer)))
@@ -206,7 +214,7 @@ def test_terminating_backend_keeps_its_connection_and_gets_no_new_ones(make_node
     s.lb.UpsertService(pb.UpsertServiceRequest(service=service(s)), timeout=10)
     with servers(s):
         with netns.entered(s.client.netns):
-            held = socket.create_connection((VIP, 80), timeout=2)
+            held = socket.create_connection((VIP, 80), timeout=WAIT)
         held.sendall(b"a")
         owner = held.recv(100).split(b":")[0].decode()
         owner_ip = next(b.ipv4 for b in s.backends if b.name == owner)
@@ -298,7 +306,7 @@ def test_sigkill_keeps_vips_working_and_restart_restores_the_maps(make_node: Cal
     state = _datapath_state(s.node)
     with servers(s):
         with netns.entered(s.client.netns):
-            held = socket.create_connection((VIP, 80), timeout=2)
+            held = socket.create_connection((VIP, 80), timeout=WAIT)
         held.sendall(b"1")
         assert held.recv(100).endswith(b"1")
         s.node.kill("lb")
@@ -324,7 +332,7 @@ def test_no_active_backend_drops_with_its_reason(make_node: Callable[..., Node])
     svc.backends[0].state = pb.BACKEND_STATE_MAINTENANCE
     s.lb.UpsertService(pb.UpsertServiceRequest(service=svc), timeout=10)
     with servers(s), pytest.raises(OSError):
-        tcp_backend(s, s.client.netns)
+        tcp_backend(s, s.client.netns, timeout=2)  # dropped: the connect times out
     reasons = s.node.orchestrator().GetMetrics(orch_pb.GetMetricsRequest()).reasons
     assert any(r.reason == "NO_SERVICE_BACKEND" and r.counter.packets >= 1 for r in reasons)
 
@@ -435,7 +443,7 @@ def test_connection_state_follows_replies_and_ports_can_be_reused_directly(make_
         with netns.entered(s.client.netns):
             held = socket.socket()
         held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # so its TIME_WAIT lets the port be reused
-        held.settimeout(2)
+        held.settimeout(WAIT)
         held.connect((VIP, 80))
         held.sendall(b"x")
         assert held.recv(100) == b"b0:x"
@@ -453,7 +461,7 @@ def test_connection_state_follows_replies_and_ports_can_be_reused_directly(make_
             direct = socket.socket()
         with direct:
             direct.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            direct.settimeout(2)
+            direct.settimeout(WAIT)
             direct.bind((s.client.ipv4, sport))
             direct.connect((backend.ipv4, 8080))
             direct.sendall(b"y")
@@ -640,8 +648,13 @@ def test_scoped_link_local_unknown_enums_and_huge_fields_are_refused_and_change_
 
 
 def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
-    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 15x time."""
+    """UpsertServices is O(services + backends), DeleteService O(its backends): 10x size, <= 20x the service's CPU.
+
+    CPU, not wall time: a loaded machine's scheduling is not growth. A quadratic path shows as ~100x;
+    n log n and a larger heap's cache misses stay under 20x.
+    """
     s = make_setup(make_node, 0)
+    pid = s.node.services["lb"].process.pid
     rounds = iter(range(1, 1000))
 
     def upsert(count: int) -> float:
@@ -649,23 +662,23 @@ def test_bulk_upsert_and_delete_grow_linearly(make_node: Callable[..., Node]) ->
         n = next(rounds)
         services = [pb.Service(name=f"r{n}-{i}", address=f"198.18.{i >> 8}.{i & 255}", port=n, protocol="TCP",
                                backends=_many_backends(2 * (i % 2), 2 * i)) for i in range(count)]  # fmt: skip
-        started = time.perf_counter()
+        started = cpu_seconds(pid)
         s.lb.UpsertServices(pb.UpsertServicesRequest(services=services), timeout=120)
-        return time.perf_counter() - started
+        return cpu_seconds(pid) - started
 
     def delete(backends: int) -> float:
         """Time to delete one service with `backends` backends."""
         big = pb.Service(name="big", address="198.19.0.1", port=80, protocol="TCP", backends=_many_backends(backends))
         s.lb.UpsertService(pb.UpsertServiceRequest(service=big), timeout=60)
-        started = time.perf_counter()
+        started = cpu_seconds(pid)
         s.lb.DeleteService(pb.DeleteServiceRequest(name="big"), timeout=60)
-        return time.perf_counter() - started
+        return cpu_seconds(pid) - started
 
     upsert(50)  # warm up
     # The best of a few runs: the machine is shared, a slow run is noise, not growth.
     upsert_1x, upsert_10x = min(upsert(300) for _ in range(3)), min(upsert(3000) for _ in range(2))
     delete_1x, delete_10x = min(delete(1000) for _ in range(3)), min(delete(10000) for _ in range(2))
-    assert upsert_10x <= 15 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s for 300, {upsert_10x:.3f}s for 3000"
-    assert delete_10x <= 15 * delete_1x, f"DeleteService: {delete_1x:.3f}s for 1000, {delete_10x:.3f}s for 10000"
+    assert upsert_10x <= 20 * upsert_1x, f"UpsertServices: {upsert_1x:.3f}s CPU for 300, {upsert_10x:.3f}s for 3000"
+    assert delete_10x <= 20 * delete_1x, f"DeleteService: {delete_1x:.3f}s CPU for 1000, {delete_10x:.3f}s for 10000"
     listed = s.lb.ListServices(pb.ListServicesRequest(page=common_pb2.PageRequest(page_size=10_000)))
     assert len(listed.services) == 6950

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ipaddress
 import os
@@ -24,7 +23,7 @@ from services.common.datapath import Hook
 from services.prefilter.defs import PrefilterEntry
 from services.prefilter.maps import dump_pinned, kind_of
 from tests.harness import netns, traffic
-from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node
+from tests.harness.node import NET_IFNAME, OUTSIDE_V4, OUTSIDE_V6, Node, cpu_seconds
 from tests.harness.objects import counted, counter_object
 
 pytestmark = pytest.mark.root
@@ -459,15 +458,6 @@ def _hosts(count: int, offset: int = 0) -> list[str]:
 GROWTH = 20
 
 
-def service_cpu_seconds(pid: int) -> float:
-    """CPU time of every thread of a process, from schedstat (nanoseconds, unlike stat's ticks)."""
-    total = 0
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        with contextlib.suppress(OSError):  # a thread that ended meanwhile
-            total += int((task / "schedstat").read_text().split()[0])
-    return total / 1e9
-
-
 def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> None:
     """AddEntries, paging through ListEntries and DeleteEntries are O(n) (plus an O(n log n) sort or index):
     10x entries, <= GROWTH x time."""
@@ -480,21 +470,21 @@ def test_add_list_and_delete_grow_linearly(make_node: Callable[..., Node]) -> No
         """The service's CPU time per call: a loaded machine's scheduling is not growth."""
         cidrs = _hosts(count, offset)
         request = pb.AddEntriesRequest(entries=entries(*cidrs))
-        started = service_cpu_seconds(pid)
+        started = cpu_seconds(pid)
         s.AddEntries(request, timeout=120)
-        added = service_cpu_seconds(pid) - started
-        started, token, listed = service_cpu_seconds(pid), "", 0
+        added = cpu_seconds(pid) - started
+        started, token, listed = cpu_seconds(pid), "", 0
         while True:
             page = s.ListEntries(pb.ListEntriesRequest(page=common_pb2.PageRequest(page_size=200, page_token=token)))
             listed += len(page.entries)
             token = page.next_page_token
             if not token:
                 break
-        paged = service_cpu_seconds(pid) - started
+        paged = cpu_seconds(pid) - started
         assert listed == count
-        started = service_cpu_seconds(pid)
+        started = cpu_seconds(pid)
         s.DeleteEntries(pb.DeleteEntriesRequest(cidrs=cidrs), timeout=120)
-        return added, paged, service_cpu_seconds(pid) - started
+        return added, paged, cpu_seconds(pid) - started
 
     small, large = 1_500, 15_000
     timed(small, 0)  # warm up: maps, store, code paths

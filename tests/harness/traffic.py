@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import select
 import socket
 import struct
 import threading
@@ -60,6 +61,7 @@ class Server:
     port: int
     proto: str = "tcp"
     reply: bytes = b""
+    idle: float | None = TIMEOUT  # a TCP connection silent this long is closed; None: kept until stop()
     received: list[tuple[bytes, tuple[str, int]]] = field(default_factory=list)
     _stop: threading.Event = field(default_factory=threading.Event)
     _sock: socket.socket | None = None
@@ -95,13 +97,32 @@ class Server:
                 continue
 
     def _echo(self, conn: socket.socket) -> None:
+        """Echo until the peer closes or the connection is silent for `idle` seconds.
+
+        With `idle=None` a silent connection is kept until the server stops: a test
+        that holds one across slow steps (a service restart on a loaded machine)
+        must not see it closed by the server.
+        """
         conn.settimeout(TIMEOUT)
         prefix = self.reply  # once per connection, before the echoed bytes
+        last = time.monotonic()
+        readable = select.poll()
+        readable.register(conn, select.POLLIN)
         with conn:
             try:
-                while data := conn.recv(65536):
+                while True:
+                    if not readable.poll(200):
+                        if self.idle is None and self._stop.is_set():
+                            return
+                        if self.idle is not None and time.monotonic() - last >= self.idle:
+                            return
+                        continue
+                    data = conn.recv(65536)
+                    if not data:
+                        return
                     conn.sendall(prefix + data)
                     prefix = b""
+                    last = time.monotonic()
             except OSError:
                 return
 
@@ -114,8 +135,10 @@ class Server:
 
 
 @contextmanager
-def server(ns: str, address: str, port: int, proto: str = "tcp", reply: bytes = b"") -> Iterator[Server]:
-    srv = Server(ns, address, port, proto, reply).start()
+def server(
+    ns: str, address: str, port: int, proto: str = "tcp", reply: bytes = b"", idle: float | None = TIMEOUT
+) -> Iterator[Server]:
+    srv = Server(ns, address, port, proto, reply, idle).start()
     try:
         yield srv
     finally:
@@ -189,6 +212,10 @@ class StreamResult:
     duplicates: int
 
 
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # as root: beyond net.core.rmem_max
+RECEIVE_BUFFER = 8 << 20
+
+
 class CountedStream:
     """Numbered UDP datagrams from one namespace to another, to detect loss.
 
@@ -205,6 +232,9 @@ class CountedStream:
         self._sent = 0
         with netns.entered(dst_ns):
             self._rx = socket.socket(_family(dst), socket.SOCK_DGRAM)
+        # room for seconds of datagrams: a receiver thread starved of CPU (a slow VM while a
+        # service starts) must not turn into "loss" of the datapath under test
+        self._rx.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RECEIVE_BUFFER)
         self._rx.bind((dst, port))
         self._rx.settimeout(0.2)
         with netns.entered(src_ns):

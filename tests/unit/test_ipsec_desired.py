@@ -6,7 +6,7 @@ import ipaddress
 from pathlib import Path
 from typing import Any
 
-from services.common.datapath import XFRM_MARK_MASK, XfrmMark
+from services.common.datapath import VXLAN_PORT, XFRM_MARK_MASK, XfrmMark
 from services.ipsec import xfrm
 from services.ipsec.ipsec import Ipsec, LocalNode, Peer
 from services.ipsec.keys import Cipher, Key
@@ -56,3 +56,38 @@ def test_without_a_key_nothing_is_installed_for_the_peer_but_its_inbound_policie
     want = _ipsec()._desired(LOCAL, [PEER])
     assert not want.states
     assert all(p.direction != xfrm.DIR_OUT for p in want.policies.values())
+
+
+OVERLAY_PEER = Peer(
+    "b", 2, ipaddress.ip_address("10.99.0.2"), (ipaddress.ip_network("198.18.2.0/24"),), spi=1, vxlan=True
+)
+
+
+def test_an_overlay_peer_has_its_vxlan_packets_encrypted_per_key_and_its_endpoint_packets_passed() -> None:
+    """The endpoint packet keeps its mark into the VXLAN device; the VXLAN packet's lookup carries it."""
+    want = _ipsec(1, 2)._desired(LOCAL, [OVERLAY_PEER])
+    out = [p for p in want.policies.values() if p.direction == xfrm.DIR_OUT]
+    vxlan = [p for p in out if p.tmpl is not None]
+    assert sorted(p.mark.value >> 12 & 0xF for p in vxlan) == [1, 2]
+    for p in vxlan:
+        assert (p.src, p.dst) == (ipaddress.ip_network("10.99.0.1/32"), ipaddress.ip_network("10.99.0.2/32"))
+        assert (p.proto, p.dport) == (17, VXLAN_PORT) and p.tmpl == (LOCAL.underlay, OVERLAY_PEER.underlay)
+    bypass = [p for p in out if p.bypass]
+    assert {p.mark for p in bypass} == {p.mark for p in vxlan}
+    assert all(p.dst == OVERLAY_PEER.cidrs[0] and p.action == xfrm.ACTION_ALLOW for p in bypass)
+    # nothing encrypts the endpoint packet itself: it would leave as ESP without its VNI
+    assert not [p for p in out if p.tmpl is not None and p.dst == OVERLAY_PEER.cidrs[0]]
+
+
+def test_an_overlay_peer_blocks_unmarked_vxlan_and_requires_esp_for_vxlan_from_it_even_without_keys() -> None:
+    for spis in ((), (1,)):
+        want = _ipsec(*spis)._desired(LOCAL, [OVERLAY_PEER])
+        block = [p for p in want.policies.values() if p.direction == xfrm.DIR_OUT and p.action == xfrm.ACTION_BLOCK]
+        assert len(block) == 1 and block[0].mark == xfrm.Mark(0, 0) and block[0].dport == VXLAN_PORT
+        assert all(block[0].priority > p.priority for p in want.policies.values() if p.tmpl is not None)
+        inbound = [p for p in want.policies.values() if p.direction != xfrm.DIR_OUT]
+        assert len(inbound) == 1 and inbound[0].direction == xfrm.DIR_IN
+        assert inbound[0].src == ipaddress.ip_network("10.99.0.2/32") and inbound[0].dport == VXLAN_PORT
+        assert inbound[0].tmpl == (OVERLAY_PEER.underlay, LOCAL.underlay)
+        # the block and IN policies come first: added before anything marked can use the peer's keys
+        assert list(want.policies.values())[:2] == [block[0], inbound[0]]

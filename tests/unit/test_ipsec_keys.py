@@ -82,6 +82,13 @@ def test_a_key_file_others_may_read_is_refused(tmp_path: Path) -> None:
     assert GCM.hex() not in str(info.value)
 
 
+def test_a_key_file_that_is_a_directory_is_invalid_argument(tmp_path: Path) -> None:
+    """The fuzz test found it: fdopen refused the directory with its own error (INTERNAL)."""
+    (tmp_path / "d").mkdir(mode=0o700)
+    with pytest.raises(InvalidArgument, match="not a regular file"):
+        read_key_file(tmp_path / "d")
+
+
 @pytest.mark.parametrize(
     ("text", "match"),
     [

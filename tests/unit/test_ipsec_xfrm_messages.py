@@ -97,3 +97,21 @@ def test_states_never_expire_by_time_and_have_no_byte_or_packet_limit() -> None:
     limits = struct.unpack_from("=8Q", body, 96)  # struct xfrm_lifetime_cfg after sel, id, saddr
     assert limits[:4] == (xfrm.XFRM_INF,) * 4  # bytes and packets, soft and hard
     assert limits[4:] == (0, 0, 0, 0)  # add and use expiry: 0 is never (a huge value overflows: expired at once)
+
+
+def test_a_vxlan_selector_carries_udp_and_the_destination_port_and_a_bypass_policy_allows_without_template() -> None:
+    policy = xfrm.Policy(
+        xfrm.DIR_OUT, ipaddress.ip_network(f"{A}/32"), ipaddress.ip_network(f"{B}/32"), 100,
+        xfrm.Mark(encrypt_mark(2, 3), STATE_MARK_MASK), (A, B), 0x5EED, 17, 8472,
+    )  # fmt: skip
+    body = _encode(xfrm.policy_message(policy), xfrm.XFRM_MSG_UPDPOLICY)[16:]
+    dport, dport_mask, sport, sport_mask = struct.unpack_from(">HHHH", body, 32)
+    assert (dport, dport_mask, sport, sport_mask) == (8472, 0xFFFF, 0, 0)  # any source port (a hash of the flow)
+    assert (body[42], body[43], body[44]) == (32, 32, 17)
+    bypass = xfrm.Policy(
+        xfrm.DIR_OUT, ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("198.18.2.0/24"), 110,
+        xfrm.Mark(encrypt_mark(2, 3), STATE_MARK_MASK), None, bypass=True,
+    )  # fmt: skip
+    raw = _encode(xfrm.policy_message(bypass), xfrm.XFRM_MSG_UPDPOLICY)
+    assert raw[16 + 152 + 9] == xfrm.ACTION_ALLOW and 5 not in _attrs(raw, 16 + 168)
+    assert raw[16 + 44] == 0 and struct.unpack_from(">H", raw, 16 + 34)[0] == 0  # any protocol, any port

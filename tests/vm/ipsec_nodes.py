@@ -1,14 +1,17 @@
 """Two Weir nodes joined by an underlay, with the ipsec service, for the VM tier and the benchmark.
 
 Each node is a `Node` of the test harness (its own namespace, outside and suite
-processes: orchestrator and ipsec) with one endpoint; an underlay veth `wund0`
-joins the two node namespaces (10.99.0.1 <-> 10.99.0.2), routes send each node's
-endpoint range to the other over it (direct routing), and the orchestrator runs the
-from-network chain on it so ESP from the peer is marked for decryption.
+processes: orchestrator and ipsec) with one endpoint; an
+underlay veth `wund0` joins the two node namespaces (10.99.0.1 <-> 10.99.0.2), routes
+send each node's endpoint range to the other over it (direct routing), and the
+orchestrator runs the from-network chain on it so ESP from the peer is marked for
+decryption. The orchestrators know their own node (id, underlay, CIDR) from their
+flags, so each can be told of the other with UpsertNode (`node_record`).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -25,7 +28,7 @@ from tests.harness import netns
 from tests.harness.node import Node
 
 UNDERLAY_IF = "wund0"
-START_TIMEOUT = 400.0  # TCG: Python starts 30-45 s per service
+START_TIMEOUT = float(os.environ.get("WEIR_VM_START_TIMEOUT", "400"))  # TCG: Python starts 30-45 s per service
 
 
 @dataclass
@@ -42,6 +45,17 @@ class IpsecNode:
 
     def info(self, spi: int) -> pb.Peer:
         return pb.Peer(name=self.node.name, node_id=self.node_id, underlay=self.underlay, cidrs=[self.cidr], spi=spi)
+
+    def node_record(self, key_index: int) -> orch_pb.Node:
+        """This node as the other's orchestrator should know it (UpsertNode): VXLAN, its key index."""
+        return orch_pb.Node(
+            name=self.node.name,
+            node_id=self.node_id,
+            addresses=[self.underlay],
+            cidrs=[self.cidr],
+            routing=orch_pb.ROUTING_MODE_VXLAN,
+            key_index=key_index,
+        )
 
 
 def parallel(*calls: Callable[[], object]) -> None:
@@ -89,10 +103,19 @@ def make_pair(workdir: Path, prefix: str, grace: float) -> tuple[IpsecNode, Ipse
         netns.run(n.node.ns, "ip", "link", "set", UNDERLAY_IF, "up")
         netns.run(n.node.ns, "ip", "route", "add", other.cidr, "via", other.underlay, "dev", UNDERLAY_IF)
     progress("starting the orchestrators")
-    parallel(*(lambda n=n: n.node.start("orchestrator", timeout=START_TIMEOUT) for n in (a, b)))
+    starts = [
+        functools.partial(
+            n.node.start,
+            "orchestrator",
+            *("--node-id", str(n.node_id), "--node-address", n.underlay, "--node-cidr", n.cidr),
+            timeout=START_TIMEOUT,
+        )
+        for n in (a, b)
+    ]
+    parallel(*starts)
     progress("starting the ipsec services")
     extra = ("--rotation-grace", str(grace))
-    parallel(*(lambda n=n: n.node.start("ipsec", *extra, timeout=START_TIMEOUT) for n in (a, b)))
+    parallel(*(functools.partial(n.node.start, "ipsec", *extra, timeout=START_TIMEOUT) for n in (a, b)))
     progress("creating the endpoints")
     for n in (a, b):
         with n.node.channel("orchestrator") as channel:

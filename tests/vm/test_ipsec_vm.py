@@ -34,7 +34,9 @@ def guest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         pytest.skip(f"no VM for the IPsec tier: {reason}")
     rwdir = tmp_path_factory.mktemp("ipsec-vm")
     started = time.monotonic()
-    run = run_in_vm(f"exec {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}", rwdir, timeout=VM_TIMEOUT)
+    start = os.environ.get("WEIR_VM_START_TIMEOUT", "400")  # seconds one service may take to start in the guest
+    body = f"exec env WEIR_VM_START_TIMEOUT={float(start)} {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}"
+    run = run_in_vm(body, rwdir, timeout=VM_TIMEOUT)
     out = rwdir / "result.json"
     log = (rwdir / "guest.log").read_text(errors="replace")[-6000:] if (rwdir / "guest.log").exists() else ""
     assert out.exists(), f"the guest wrote no result (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
@@ -118,3 +120,23 @@ def test_every_bpf_program_loads_on_the_vm_kernel(guest: dict[str, Any]) -> None
     refused = {name: r for name, r in programs.items() if not r["ok"]}
     report = "\n".join(f"{name}: {r['error']}\n  " + "\n  ".join(r["log_tail"]) for name, r in refused.items())
     assert not refused, f"refused by the VM kernel's verifier:\n{report}"
+
+
+def test_overlay_peers_from_the_node_tables_send_only_esp_and_keep_the_vni_identity(result: dict[str, Any]) -> None:
+    p = _phase(result, "overlay")
+    # UpsertNode on each orchestrator made the other an overlay peer of its ipsec service (WatchNodes)
+    assert len(p["peers"]) == 2, p
+    assert all(x["source"] == "nodes" and x["vxlan"] and x["egress_spi"] == 1 for x in p["peers"]), p
+    assert p["delivered_client"] == 20 and p["delivered_other"] == 10, p
+    # the VXLAN packets are encrypted: only ESP between the underlay addresses, no payload byte in clear
+    assert p["underlay_protocols"] == [50], f"only ESP on the underlay (no UDP 8472): {p}"
+    assert not p["underlay_marker"] and p["underlay_plaintext"] == 0, p
+    assert p["spis"] == [1] and p["underlay_esp"] >= 30, p
+    assert p["encrypted_a"] >= 30 and p["decrypted_b"] >= 30, p
+    # decrypted on b, each VXLAN packet still carries its sender's identity in the VNI
+    ids = p["identities"]
+    vnis = {int(k): v for k, v in p["received_vnis"].items()}
+    assert set(vnis) == {ids["client"], ids["other"]} and ids["client"] != ids["other"], p
+    assert vnis[ids["client"]] >= 20 and vnis[ids["other"]] >= 10, p
+    # the node's own packets into the overlay carry no encrypt mark: blocked, never plaintext VXLAN
+    assert p["delivered_node"] == 0 and p["blocked_a"] >= 5, p
