@@ -663,7 +663,9 @@ class Ipsec:
 
     def _remember_oseq(self, state: xfrm.State) -> None:
         """Read an OUT state's sequence number just before deleting it (its policies are gone: it stays put)."""
-        if state.mark.value & XFRM_MARK_MASK != XfrmMark.ENCRYPT or self._xfrm is None:
+        if state.mark.value & XFRM_MARK_MASK != XfrmMark.ENCRYPT or state.spi not in self._secrets:
+            return  # an IN state, or a retired key's: no state of that key will be made again
+        if self._xfrm is None:
             return
         try:
             oseq = self._xfrm.get_state(state).oseq
