@@ -27,6 +27,12 @@ in plaintext, and never loses one during a rotation:
   (the mark that sends endpoint traffic through the states);
 - removing: CIDR entries turn into BLOCK entries first, then policies and states go.
 
+Sequence numbers: a peer keeps its IN state (and its anti-replay window) when this
+node removes the peer, so the OUT state of a re-added peer must not count from 1
+again, or the peer drops its packets as replays until they pass the old count. Before
+an OUT state goes, its output sequence number is read from the kernel and kept in the
+store per (peer underlay, SPI); the OUT state made again for them starts after it.
+
 Rotation: `set_key` installs a new key's states for every peer (IN and OUT) before
 any node uses it. Towards each peer this node encrypts with the newest key both
 have: the peer's published key index when this node holds that key, else the key
@@ -37,6 +43,7 @@ a newer key came (`retire`). The peers' key indexes are published; keys never ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import time
 from collections.abc import Iterable
@@ -65,7 +72,7 @@ from services.ipsec.maps import IpsecMaps
 
 log = structlog.get_logger("weir.ipsec")
 
-LOCAL, KEY, PEER, COUNTER = "local", "key", "peer", "counter"
+LOCAL, KEY, PEER, COUNTER, OSEQ = "local", "key", "peer", "counter", "oseq"
 REQID = 0x5EED  # every state and template of ours; nothing else in the node's netns uses it
 PEER_PRIORITY = 100
 OVERLAY_BYPASS_PRIORITY = 110  # the endpoint packet of an overlay peer passes (its VXLAN packet is encrypted)
@@ -148,6 +155,11 @@ class Desired:
 
 def _state_id(s: xfrm.State) -> tuple[str, int, int]:
     return (str(s.dst), s.spi, s.mark.value)
+
+
+def _oseq_key(s: xfrm.State) -> str:
+    """Where an OUT state's sequence number is kept: the peer's underlay address and the SPI."""
+    return f"{s.dst}/{s.spi}"
 
 
 def _policy_id(p: xfrm.Policy) -> tuple[int, str, str, int, int, int]:
@@ -599,7 +611,10 @@ class Ipsec:
         for sid, state in want.states.items():
             if sid not in have_states:
                 assert self._xfrm is not None
-                self._xfrm.add_state(state)
+                carried = self._carried_oseq(state)
+                self._xfrm.add_state(dataclasses.replace(state, oseq=carried))
+                if carried:
+                    self._store.delete(OSEQ, _oseq_key(state))
         for pid, policy in want.policies.items():
             if have_policies.get(pid) != policy:
                 assert self._xfrm is not None
@@ -634,8 +649,39 @@ class Ipsec:
                     self._xfrm.delete_policy(policy)
             for sid, state in have_states.items():
                 if sid not in want.states:
+                    self._remember_oseq(state)
                     self._xfrm.delete_state(state)
+        self._forget_oseqs()
         self._refresh_egress(peers)
+
+    def _carried_oseq(self, state: xfrm.State) -> int:
+        """The sequence number an OUT state of the same peer and SPI reached before it was removed (0: none)."""
+        if state.mark.value & XFRM_MARK_MASK != XfrmMark.ENCRYPT:
+            return 0
+        doc = self._store.get(OSEQ, _oseq_key(state))
+        return int(doc["oseq"]) if doc else 0
+
+    def _remember_oseq(self, state: xfrm.State) -> None:
+        """Read an OUT state's sequence number just before deleting it (its policies are gone: it stays put)."""
+        if state.mark.value & XFRM_MARK_MASK != XfrmMark.ENCRYPT or state.spi not in self._secrets:
+            return  # an IN state, or a retired key's: no state of that key will be made again
+        if self._xfrm is None:
+            return
+        try:
+            oseq = self._xfrm.get_state(state).oseq
+        except xfrm.XfrmError as exc:
+            log.warning("cannot read an OUT state's sequence number", peer=str(state.dst), spi=state.spi,
+                        error=str(exc))  # fmt: skip
+            oseq = state.oseq
+        oseq = max(oseq, self._carried_oseq(state))
+        if oseq:
+            self._store.put(OSEQ, _oseq_key(state), {"oseq": oseq})
+
+    def _forget_oseqs(self) -> None:
+        """Sequence numbers of keys this node no longer holds are of no use: a new key starts a new count."""
+        stale = [k for k, _ in self._store.items(OSEQ) if int(k.rsplit("/", 1)[1]) not in self._secrets]
+        if stale:
+            self._store.delete_many(OSEQ, stale)
 
     def _refresh_egress(self, peers: list[Peer]) -> None:
         """After keys changed: move each peer to the newest key both have (a rotation per switch)."""

@@ -1,11 +1,12 @@
 """NETLINK_XFRM messages on pyroute2's netlink machinery (pyroute2 0.9 has no xfrm API).
 
-Only what the ipsec service needs: add/update/delete/dump ESP states in tunnel mode
-with a mark, add/update/delete/dump policies (OUT, IN, FWD, and a block policy), and
-a probe for what the kernel lacks. The wire formats are those of
-`include/uapi/linux/xfrm.h`; each struct is declared once as data below with the C
-layout quoted. Keys travel only inside messages to the kernel: nothing here logs a
-message, and a dumped state's key attributes are never parsed.
+Only what the ipsec service needs: add/update/delete/get/dump ESP states in tunnel mode
+with a mark and a bitmap replay state (a window wider than the legacy field's 32),
+add/update/delete/dump policies (OUT, IN, FWD, and a block policy), and a probe for
+what the kernel lacks. The wire formats are those of `include/uapi/linux/xfrm.h`; each
+struct is declared once as data below with the C layout quoted. Keys travel only inside
+messages to the kernel: nothing here logs a message, and a dumped state's key attributes
+are never parsed.
 """
 
 from __future__ import annotations
@@ -75,9 +76,11 @@ class _XfrmAttrs(nlmsg):  # type: ignore[misc]  # pyroute2 has no type hints
         (1, "XFRMA_ALG_AUTH", "cdata"),
         (2, "XFRMA_ALG_CRYPT", "cdata"),
         (5, "XFRMA_TMPL", "cdata"),
+        (10, "XFRMA_REPLAY_VAL", "cdata"),
         (18, "XFRMA_ALG_AEAD", "cdata"),
         (20, "XFRMA_ALG_AUTH_TRUNC", "cdata"),
         (21, "XFRMA_MARK", "XfrmMarkAttr"),
+        (23, "XFRMA_REPLAY_ESN_VAL", "cdata"),
         (16, "XFRMA_POLICY_TYPE", "cdata"),
     )
 
@@ -147,8 +150,17 @@ AEAD_HEAD = struct.Struct("=64sII")
 ALGO_HEAD = struct.Struct("=64sI")
 # struct xfrm_algo_auth { char alg_name[64]; unsigned int alg_key_len, alg_trunc_len; char alg_key[]; }
 AUTH_HEAD = AEAD_HEAD
+# struct xfrm_replay_state { __u32 oseq, seq, bitmap; } (XFRMA_REPLAY_VAL: the legacy replay state)
+REPLAY = struct.Struct("=III")
+# struct xfrm_replay_state_esn { unsigned int bmp_len; __u32 oseq, seq, oseq_hi, seq_hi, replay_window;
+#   __u32 bmp[]; } (XFRMA_REPLAY_ESN_VAL; bmp_len counts 32-bit words)
+REPLAY_ESN_HEAD = struct.Struct("=IIIIII")
+# The kernel takes at most XFRMA_REPLAY_ESN_MAX (4096) bytes of bitmap, 32768 packets; the legacy
+# xfrm_usersa_info.replay_window is capped at 32, too narrow for packets two CPUs reorder under load.
+REPLAY_WINDOW = 1024
+MAX_REPLAY_WINDOW = 4096 * 8
 
-assert TMPL.size == 64 and AEAD_HEAD.size == 72
+assert TMPL.size == 64 and AEAD_HEAD.size == 72 and REPLAY_ESN_HEAD.size == 24
 
 
 class XfrmError(OSError):
@@ -191,7 +203,8 @@ class State:
     reqid: int
     mark: Mark
     algorithm: Algorithm | None = field(default=None, repr=False)  # None: a dumped state (keys not read)
-    replay_window: int = 32
+    replay_window: int = REPLAY_WINDOW  # packets the anti-replay bitmap covers (never 0: replay protection stays on)
+    oseq: int = 0  # the last output sequence number: a new state's packets go out from oseq + 1
     packets: int = 0
     bytes: int = 0
     integrity_failed: int = 0
@@ -246,6 +259,19 @@ def _any(version: int) -> Network:
     return ipaddress.ip_network("0.0.0.0/0" if version == 4 else "::/0")
 
 
+def replay_esn(window: int, oseq: int = 0) -> bytes:
+    """An XFRMA_REPLAY_ESN_VAL without the ESN flag: the kernel's bitmap replay mode (XFRM_REPLAY_MODE_BMP).
+
+    The kernel accepts it when xfrm_usersa_info.replay_window is 0 and the window fits the
+    bitmap (verify_replay, xfrm_alloc_replay_state_esn, xfrm_init_replay); the bitmap is
+    sent whole (zeros), as the kernel copies bmp_len words from the attribute.
+    """
+    if not 0 < window <= MAX_REPLAY_WINDOW:
+        raise ValueError(f"replay window {window} is outside 1..{MAX_REPLAY_WINDOW} (0 would turn anti-replay off)")
+    words = (window + 31) // 32
+    return REPLAY_ESN_HEAD.pack(words, oseq & 0xFFFFFFFF, 0, oseq >> 32, 0, window) + bytes(4 * words)
+
+
 def state_message(state: State) -> UserSaInfo:
     """The XFRM_MSG_NEWSA / UPDSA payload of a state (carries its key: never log it)."""
     if state.algorithm is None:
@@ -262,10 +288,11 @@ def state_message(state: State) -> UserSaInfo:
     msg["reqid"] = state.reqid
     msg["family"] = _family(state.dst.version)
     msg["mode"] = MODE_TUNNEL
-    msg["replay_window"] = state.replay_window
+    msg["replay_window"] = 0  # the window is the bitmap's (XFRMA_REPLAY_ESN_VAL): the kernel wants 0 here
     msg["attrs"] = [
         *state.algorithm.attrs(),
         ("XFRMA_MARK", {"v": state.mark.value, "m": state.mark.mask}),
+        ("XFRMA_REPLAY_ESN_VAL", replay_esn(state.replay_window, state.oseq)),
     ]
     return msg
 
@@ -320,15 +347,28 @@ def _mark(msg: nlmsg) -> Mark:
     return Mark(int(mark["v"]), int(mark["m"])) if mark else Mark(0, 0)
 
 
+def _replay_of(msg: UserSaInfo) -> tuple[int, int]:
+    """(window, oseq) of a state from the kernel: the bitmap replay state if it has one, else the legacy one."""
+    esn = msg.get_attr("XFRMA_REPLAY_ESN_VAL")
+    if esn and len(bytes(esn)) >= REPLAY_ESN_HEAD.size:
+        _, oseq, _, oseq_hi, _, window = REPLAY_ESN_HEAD.unpack(bytes(esn)[: REPLAY_ESN_HEAD.size])
+        return int(window), int(oseq_hi) << 32 | int(oseq)
+    legacy = msg.get_attr("XFRMA_REPLAY_VAL")
+    oseq = REPLAY.unpack(bytes(legacy)[: REPLAY.size])[0] if legacy and len(bytes(legacy)) >= REPLAY.size else 0
+    return int(msg["replay_window"]), int(oseq)
+
+
 def _state_of(msg: UserSaInfo) -> State:
     family = int(msg["family"])
+    window, oseq = _replay_of(msg)
     return State(
         src=_address(msg["saddr"], family),
         dst=_address(msg["id_daddr"], family),
         spi=int(msg["id_spi"]),
         reqid=int(msg["reqid"]),
         mark=_mark(msg),
-        replay_window=int(msg["replay_window"]),
+        replay_window=window,
+        oseq=oseq,
         packets=int(msg["cur_packets"]),
         bytes=int(msg["cur_bytes"]),
         integrity_failed=int(msg["stats_integrity_failed"]),
@@ -394,6 +434,13 @@ class Xfrm:
     def delete_state(self, state: State) -> None:
         self._request(state_id_message(state), XFRM_MSG_DELSA, NLM_F_REQUEST | NLM_F_ACK)
 
+    def get_state(self, state: State) -> State:
+        """The kernel's copy of one state (found by daddr, SPI and mark), with its counters and oseq."""
+        for reply in self._request(state_id_message(state), XFRM_MSG_GETSA, NLM_F_REQUEST):
+            if reply["header"]["type"] == XFRM_MSG_NEWSA:
+                return _state_of(reply)
+        raise XfrmError(errno.ESRCH, "getting an xfrm state: the kernel sent no state")
+
     def states(self) -> Iterator[State]:
         msg = _new(UserSaId)
         for reply in self._request(msg, XFRM_MSG_GETSA, NLM_F_REQUEST | NLM_F_DUMP):
@@ -419,7 +466,7 @@ _NAMES = {
     XFRM_MSG_NEWSA: "adding an xfrm state",
     XFRM_MSG_UPDSA: "updating an xfrm state",
     XFRM_MSG_DELSA: "deleting an xfrm state",
-    XFRM_MSG_GETSA: "listing xfrm states",
+    XFRM_MSG_GETSA: "reading xfrm states",
     XFRM_MSG_NEWPOLICY: "adding an xfrm policy",
     XFRM_MSG_UPDPOLICY: "updating an xfrm policy",
     XFRM_MSG_DELPOLICY: "deleting an xfrm policy",

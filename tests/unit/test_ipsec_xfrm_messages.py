@@ -7,6 +7,8 @@ import socket
 import struct
 from typing import Any
 
+import pytest
+
 from services.common.datapath import XfrmMark
 from services.ipsec import xfrm
 from services.ipsec.defs import STATE_MARK_MASK, decrypt_mark, encrypt_mark
@@ -115,3 +117,59 @@ def test_a_vxlan_selector_carries_udp_and_the_destination_port_and_a_bypass_poli
     raw = _encode(xfrm.policy_message(bypass), xfrm.XFRM_MSG_UPDPOLICY)
     assert raw[16 + 152 + 9] == xfrm.ACTION_ALLOW and 5 not in _attrs(raw, 16 + 168)
     assert raw[16 + 44] == 0 and struct.unpack_from(">H", raw, 16 + 34)[0] == 0  # any protocol, any port
+
+
+def _state(spi: int = 3, **kw: Any) -> xfrm.State:
+    alg = Key(spi, Cipher.GCM, bytes(range(20))).pair_algorithm(1, 2)
+    return xfrm.State(A, B, spi, 0x5EED, xfrm.Mark(encrypt_mark(2, spi), STATE_MARK_MASK), alg, **kw)
+
+
+def test_a_state_has_a_1024_packet_bitmap_replay_window_and_the_legacy_field_zero() -> None:
+    raw = _encode(xfrm.state_message(_state()), xfrm.XFRM_MSG_NEWSA)
+    _, _, _, replay_window, flags = struct.unpack_from("=IHBBB", raw, 16 + 208)
+    assert replay_window == 0 and flags == 0  # the kernel refuses an ESN attribute beside a legacy window; no ESN flag
+    esn = _attrs(raw, 16 + 224)[23]  # XFRMA_REPLAY_ESN_VAL
+    bmp_len, oseq, seq, oseq_hi, seq_hi, window = struct.unpack_from("=6I", esn)
+    assert (bmp_len, oseq, seq, oseq_hi, seq_hi, window) == (32, 0, 0, 0, 0, 1024)
+    assert esn[24:] == bytes(128)  # the whole bitmap: the kernel copies bmp_len words from the attribute
+    assert 10 not in _attrs(raw, 16 + 224)  # no legacy XFRMA_REPLAY_VAL
+
+
+def test_a_carried_sequence_number_is_where_the_new_state_starts() -> None:
+    esn = _attrs(_encode(xfrm.state_message(_state(oseq=52_464)), xfrm.XFRM_MSG_NEWSA), 16 + 224)[23]
+    assert struct.unpack_from("=6I", esn)[1] == 52_464
+    esn = _attrs(_encode(xfrm.state_message(_state(oseq=(7 << 32) + 9)), xfrm.XFRM_MSG_NEWSA), 16 + 224)[23]
+    assert struct.unpack_from("=6I", esn)[1:4] == (9, 0, 7)  # oseq, seq, oseq_hi
+
+
+def test_replay_protection_cannot_be_turned_off_or_exceed_the_kernel_bitmap() -> None:
+    for window in (0, -1, 4096 * 8 + 1):
+        with pytest.raises(ValueError, match="replay window"):
+            xfrm.state_message(_state(replay_window=window))
+    esn = _attrs(_encode(xfrm.state_message(_state(replay_window=100)), xfrm.XFRM_MSG_NEWSA), 16 + 224)[23]
+    assert struct.unpack_from("=I", esn)[0] == 4 and len(esn) == 24 + 16  # rounded up to whole 32-bit words
+
+
+def _decoded(raw: bytes) -> xfrm.State:
+    msg = xfrm.UserSaInfo(raw)
+    msg.decode()
+    return xfrm._state_of(msg)
+
+
+def test_the_sequence_number_is_read_back_from_the_bitmap_or_the_legacy_replay_state() -> None:
+    got = _decoded(_encode(xfrm.state_message(_state(oseq=1234)), xfrm.XFRM_MSG_NEWSA))
+    assert (got.oseq, got.replay_window, got.spi, got.dst) == (1234, 1024, 3, B)
+    assert got.algorithm is None  # a reply's key is never parsed
+    legacy = xfrm.state_message(_state())
+    legacy["replay_window"] = 32
+    legacy["attrs"] = [("XFRMA_MARK", {"v": encrypt_mark(2, 3), "m": STATE_MARK_MASK}),
+                       ("XFRMA_REPLAY_VAL", xfrm.REPLAY.pack(4321, 0, 0))]  # fmt: skip
+    got = _decoded(_encode(legacy, xfrm.XFRM_MSG_NEWSA))
+    assert (got.oseq, got.replay_window) == (4321, 32)  # a state an older version installed
+
+
+def test_reading_one_state_names_it_by_daddr_spi_and_mark() -> None:
+    raw = _encode(xfrm.state_id_message(_state()), xfrm.XFRM_MSG_GETSA)
+    assert raw[16:20] == B.packed and struct.unpack_from(">I", raw, 32)[0] == 3  # daddr, spi (network order)
+    assert struct.unpack_from("=HB", raw, 36) == (socket.AF_INET, 50)  # family, ESP
+    assert struct.unpack("=II", _attrs(raw, 16 + 24)[21]) == (encrypt_mark(2, 3), STATE_MARK_MASK)

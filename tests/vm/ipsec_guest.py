@@ -195,16 +195,29 @@ def phase_wrong_key(a: IpsecNode, b: IpsecNode, keys: Path) -> dict[str, Any]:
 
 
 def phase_remove_readd(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
+    before_b = counters(b).xfrm_errors
     with Capture(a.node.ns, UNDERLAY_IF) as cap:
         stream = _stream(a, b, 9300)
         time.sleep(1.0)
+        first_absent = stream.sent  # from the DeletePeer call to the end of the re-adding call: an upper bound
         with a.node.channel("ipsec") as channel:
             pb_grpc.IpsecStub(channel).DeletePeer(pb.DeletePeerRequest(name=b.node.name), timeout=60)
         time.sleep(1.5)
         peer(a, b, 4)
+        back = stream.sent
         time.sleep(2.0)
         result = stream.finish()
-    return {**_loss(result), "plaintext": cap.plaintext_between(_addresses(a, b)), "esp": len(cap.esp())}
+    after_b = counters(b).xfrm_errors
+    return {
+        **_loss(result),
+        "plaintext": cap.plaintext_between(_addresses(a, b)),
+        "esp": len(cap.esp()),
+        "sent_while_absent": back - first_absent,
+        "lost_before_delete": [n for n in result.missing if n < first_absent][:20],
+        "lost_after_readd": [n for n in result.missing if n >= back][:20],
+        "gaps": _gaps(result.missing),
+        "xfrm_b": {k: v - before_b.get(k, 0) for k, v in after_b.items() if v != before_b.get(k, 0)},
+    }
 
 
 def _snmp(ns: str) -> dict[str, int]:
