@@ -14,6 +14,7 @@ from services.common.chain_client import ChainClient
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
 from services.common.logs import setup_logging
+from services.common.overlay import overlay_ifname
 from services.common.periodic import Every
 from services.common.service import run_datapath_service
 from services.common.store import Store
@@ -60,7 +61,14 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     followers: list[NodeFollower] = []
 
     def build(store: Store) -> Ipsec:
-        return Ipsec(maps, store, key_dir, args.rotation_grace, follow_nodes=args.follow_nodes)
+        return Ipsec(
+            maps,
+            store,
+            key_dir,
+            args.rotation_grace,
+            follow_nodes=args.follow_nodes,
+            overlay_device=overlay_ifname(config.instance),
+        )
 
     def add_servicer(server: grpc.aio.Server, worker: Worker, ipsec: Ipsec) -> str:
         pb_grpc.add_IpsecServicer_to_server(IpsecServicer(worker, ipsec), server)

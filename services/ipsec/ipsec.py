@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import ipaddress
+import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -150,7 +151,7 @@ class Status:
 @dataclass
 class Desired:
     states: dict[tuple[str, int, int], xfrm.State] = field(default_factory=dict)
-    policies: dict[tuple[int, str, str, int, int, int], xfrm.Policy] = field(default_factory=dict)
+    policies: dict[tuple[int, str, str, int, int, int, int], xfrm.Policy] = field(default_factory=dict)
 
 
 def _state_id(s: xfrm.State) -> tuple[str, int, int]:
@@ -162,8 +163,8 @@ def _oseq_key(s: xfrm.State) -> str:
     return f"{s.dst}/{s.spi}"
 
 
-def _policy_id(p: xfrm.Policy) -> tuple[int, str, str, int, int, int]:
-    return (p.direction, str(p.src), str(p.dst), p.mark.value, p.proto, p.dport)
+def _policy_id(p: xfrm.Policy) -> tuple[int, str, str, int, int, int, int]:
+    return (p.direction, str(p.src), str(p.dst), p.mark.value, p.proto, p.dport, p.ifindex)
 
 
 def _ours_state(s: xfrm.State) -> bool:
@@ -207,9 +208,15 @@ class Ipsec:
         key_dir: Path,
         grace: float = DEFAULT_GRACE_SECONDS,
         follow_nodes: bool = False,
+        overlay_device: str = "",
     ) -> None:
-        """`follow_nodes`: peers the node table gave belong to it (the API may not change them)."""
+        """`follow_nodes`: peers the node table gave belong to it (the API may not change them).
+
+        `overlay_device`: the orchestrator's VXLAN device; an overlay peer's endpoint packets
+        pass xfrm unencrypted only on their way into it (their VXLAN packet is encrypted).
+        """
         self._maps = maps
+        self._overlay_device = overlay_device
         self.follow_nodes = follow_nodes
         self._store = store
         self._key_dir = key_dir
@@ -553,7 +560,7 @@ class Ipsec:
                 # policy per key, so the SPI the BPF program puts in the mark picks the state
                 out_mark = xfrm.Mark(encrypt_mark(peer.node_id, spi), STATE_MARK_MASK)
                 if peer.vxlan:
-                    self._desire_overlay_out(want, local, peer, out_mark)
+                    self._desire_overlay_out(want, local, peer, out_mark, self._overlay_ifindex())
                     continue
                 for n in peer.cidrs:
                     policy = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, PEER_PRIORITY, out_mark,
@@ -573,14 +580,32 @@ class Ipsec:
                     want.policies[_policy_id(policy)] = policy
         return want
 
+    def _overlay_ifindex(self) -> int:
+        """The VXLAN device's index now, or 0 while it does not exist (then nothing passes: fail closed)."""
+        if not self._overlay_device:
+            return 0
+        try:
+            return socket.if_nametoindex(self._overlay_device)
+        except OSError:
+            return 0
+
     @staticmethod
-    def _desire_overlay_out(want: Desired, local: LocalNode, peer: Peer, out_mark: xfrm.Mark) -> None:
-        """One key towards an overlay peer: its VXLAN packets encrypted, its endpoint packets passed to the device."""
+    def _desire_overlay_out(want: Desired, local: LocalNode, peer: Peer, out_mark: xfrm.Mark, ifindex: int) -> None:
+        """One key towards an overlay peer: its VXLAN packets encrypted, its endpoint packets passed to the device.
+
+        The pass is bound to the VXLAN device: an endpoint packet that some other route (an
+        operator's direct route, say) would send out of another device matches no pass and
+        meets the default-drop policy, so it never leaves in plaintext. Without the device
+        there is no pass at all.
+        """
         vxlan = xfrm.Policy(xfrm.DIR_OUT, _host(local.underlay), _host(peer.underlay), PEER_PRIORITY, out_mark,
                             (local.underlay, peer.underlay), REQID, IPPROTO_UDP, VXLAN_PORT)  # fmt: skip
         want.policies[_policy_id(vxlan)] = vxlan
+        if not ifindex:
+            return
         for n in peer.cidrs:
-            inner = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, OVERLAY_BYPASS_PRIORITY, out_mark, None, bypass=True)
+            inner = xfrm.Policy(xfrm.DIR_OUT, _any(n.version), n, OVERLAY_BYPASS_PRIORITY, out_mark, None,
+                                bypass=True, ifindex=ifindex)  # fmt: skip
             want.policies[_policy_id(inner)] = inner
 
     @staticmethod

@@ -228,19 +228,21 @@ class Policy:
     proto: int = 0
     dport: int = 0
     bypass: bool = False  # no template and ALLOW: matching packets pass untransformed
+    ifindex: int = 0  # only packets routed out of this device (0: any)
 
     @property
     def action(self) -> int:
         return ACTION_ALLOW if self.tmpl is not None or self.bypass else ACTION_BLOCK
 
 
-def _selector(msg: nlmsg, src: Network, dst: Network, proto: int = 0, dport: int = 0) -> None:
+def _selector(msg: nlmsg, src: Network, dst: Network, proto: int = 0, dport: int = 0, ifindex: int = 0) -> None:
     msg["sel_daddr"] = _addr(dst.network_address)
     msg["sel_saddr"] = _addr(src.network_address)
     msg["sel_family"] = _family(dst.version)
     msg["sel_prefixlen_d"] = dst.prefixlen
     msg["sel_prefixlen_s"] = src.prefixlen
     msg["sel_proto"] = proto
+    msg["sel_ifindex"] = ifindex  # matched against the route's output device (flowi_oif)
     if dport:
         msg["sel_dport"] = dport
         msg["sel_dport_mask"] = 0xFFFF
@@ -309,7 +311,7 @@ def state_id_message(state: State) -> UserSaId:
 
 def policy_message(policy: Policy) -> UserPolicyInfo:
     msg = _new(UserPolicyInfo)
-    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport)
+    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport, policy.ifindex)
     _no_limits(msg)
     msg["priority"] = policy.priority
     msg["dir"] = policy.direction
@@ -328,7 +330,7 @@ def policy_message(policy: Policy) -> UserPolicyInfo:
 
 def policy_id_message(policy: Policy) -> UserPolicyId:
     msg = _new(UserPolicyId)
-    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport)
+    _selector(msg, policy.src, policy.dst, policy.proto, policy.dport, policy.ifindex)
     msg["dir"] = policy.direction
     msg["attrs"] = [("XFRMA_MARK", {"v": policy.mark.value, "m": policy.mark.mask})]
     return msg
@@ -396,6 +398,7 @@ def _policy_of(msg: UserPolicyInfo) -> Policy:
         proto=int(msg["sel_proto"]),
         dport=int(msg["sel_dport"]) if int(msg["sel_dport_mask"]) else 0,
         bypass=tmpl is None and int(msg["action"]) == ACTION_ALLOW,
+        ifindex=int(msg["sel_ifindex"]),
     )
 
 

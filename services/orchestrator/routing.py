@@ -42,6 +42,7 @@ from services.common.datapath import (
 )
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.lpm import ipcache_key, ipcache_network
+from services.common.overlay import overlay_ifname
 from services.common.validate import Network
 from services.orchestrator.ipcache import AF_INET, AF_INET6
 
@@ -83,11 +84,6 @@ class Route:
     dst: Network
     gateway: str  # "" for the overlay
     outer_v6: bool = False  # into the overlay towards an IPv6 underlay address: 20 bytes less room
-
-
-def overlay_ifname(instance: str) -> str:
-    digest = hashlib.sha256(f"overlay/{instance}".encode()).hexdigest()[:8]
-    return f"wvx{digest}"
 
 
 def overlay_mac(instance: str) -> str:

@@ -27,7 +27,7 @@ from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 from pybpf import Map
 from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT, IpcacheKey, IpcacheValue, ReservedIdentity
 from services.common.lpm import ipcache_network
-from services.orchestrator.routing import overlay_ifname
+from services.common.overlay import overlay_ifname
 from tests.harness import netns, traffic
 from tests.harness.multinode import UNDERLAY_MTU, Member, MultiNode, cidr_v4, underlay_v4, underlay_v6
 from tests.harness.node import REPO, pid_prefix

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,9 @@ LOCAL = LocalNode("a", 1, ipaddress.ip_address("10.99.0.1"))
 PEER = Peer("b", 2, ipaddress.ip_address("10.99.0.2"), (ipaddress.ip_network("198.18.2.0/24"),), spi=1)
 
 
-def _ipsec(*spis: int) -> Ipsec:
-    ipsec = Ipsec(maps=Any, store=Any, key_dir=Path("/nonexistent"))  # type: ignore[arg-type]
+def _ipsec(*spis: int, overlay_device: str = "lo") -> Ipsec:
+    """`overlay_device` stands in for the VXLAN device (lo exists in every namespace, index 1)."""
+    ipsec = Ipsec(maps=Any, store=Any, key_dir=Path("/nonexistent"), overlay_device=overlay_device)  # type: ignore[arg-type]
     ipsec._secrets = {spi: Key(spi, Cipher.GCM, bytes([spi]) * 20) for spi in spis}
     return ipsec
 
@@ -75,8 +77,16 @@ def test_an_overlay_peer_has_its_vxlan_packets_encrypted_per_key_and_its_endpoin
     bypass = [p for p in out if p.bypass]
     assert {p.mark for p in bypass} == {p.mark for p in vxlan}
     assert all(p.dst == OVERLAY_PEER.cidrs[0] and p.action == xfrm.ACTION_ALLOW for p in bypass)
+    assert bypass and {p.ifindex for p in bypass} == {socket.if_nametoindex("lo")}  # only into the device
     # nothing encrypts the endpoint packet itself: it would leave as ESP without its VNI
     assert not [p for p in out if p.tmpl is not None and p.dst == OVERLAY_PEER.cidrs[0]]
+
+
+def test_without_the_vxlan_device_an_overlay_peers_endpoint_packets_pass_nowhere() -> None:
+    """Fail closed: with no device to bind the pass to, they meet the default-drop policy."""
+    want = _ipsec(1, overlay_device="wvx-missing")._desired(LOCAL, [OVERLAY_PEER])
+    assert not [p for p in want.policies.values() if p.bypass]
+    assert [p for p in want.policies.values() if p.tmpl is not None and p.dport == VXLAN_PORT]
 
 
 def test_an_overlay_peer_blocks_unmarked_vxlan_and_requires_esp_for_vxlan_from_it_even_without_keys() -> None:

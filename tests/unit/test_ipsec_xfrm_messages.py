@@ -112,11 +112,15 @@ def test_a_vxlan_selector_carries_udp_and_the_destination_port_and_a_bypass_poli
     assert (body[42], body[43], body[44]) == (32, 32, 17)
     bypass = xfrm.Policy(
         xfrm.DIR_OUT, ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("198.18.2.0/24"), 110,
-        xfrm.Mark(encrypt_mark(2, 3), STATE_MARK_MASK), None, bypass=True,
+        xfrm.Mark(encrypt_mark(2, 3), STATE_MARK_MASK), None, bypass=True, ifindex=7,
     )  # fmt: skip
     raw = _encode(xfrm.policy_message(bypass), xfrm.XFRM_MSG_UPDPOLICY)
     assert raw[16 + 152 + 9] == xfrm.ACTION_ALLOW and 5 not in _attrs(raw, 16 + 168)
     assert raw[16 + 44] == 0 and struct.unpack_from(">H", raw, 16 + 34)[0] == 0  # any protocol, any port
+    # the selector's ifindex (after family, lengths, proto and padding): only packets routed out of device 7
+    assert struct.unpack_from("=i", raw, 16 + 48)[0] == 7 and struct.unpack_from("=i", body, 48)[0] == 0
+    deleted = _encode(xfrm.policy_id_message(bypass), xfrm.XFRM_MSG_DELPOLICY)
+    assert struct.unpack_from("=i", deleted, 16 + 48)[0] == 7  # a delete names the same selector
 
 
 def _state(spi: int = 3, **kw: Any) -> xfrm.State:

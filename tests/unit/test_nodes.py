@@ -8,12 +8,12 @@ import pytest
 
 from services.common.datapath import TunnelValue
 from services.common.errors import InvalidArgument
+from services.common.overlay import overlay_ifname
 from services.orchestrator.ipcache import AF_INET, AF_INET6
 from services.orchestrator.nodes import NodeRecord, local_record, parse_record
 from services.orchestrator.routing import (
     Route,
     overlay_alias,
-    overlay_ifname,
     overlay_mac,
     routes_of,
     tunnel_address,

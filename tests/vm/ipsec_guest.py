@@ -345,8 +345,11 @@ def _overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
             break
         time.sleep(0.5)
     followed = time.monotonic() - t0
-    before_a, before_b = counters(a), counters(b)
     client, other = made["client"], made["other"]
+    misrouted = _misrouted(a, b, client)
+    for n, remote in ((a, b), (b, a)):  # the direct routes the other phases use go: the overlay's routes carry it
+        netns.run(n.node.ns, "ip", "route", "del", remote.cidr, "via", remote.underlay, "dev", UNDERLAY_IF)
+    before_a, before_b = counters(a), counters(b)
     rx_client = _receiver(b.endpoint_ns, b.endpoint_ip, 9500)
     rx_other = _receiver(b.endpoint_ns, b.endpoint_ip, 9501)
     rx_node = _receiver(b.endpoint_ns, b.endpoint_ip, 9502)
@@ -368,6 +371,7 @@ def _overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
     after_a, after_b = counters(a), counters(b)
     block = "XfrmOutPolBlock"
     return {
+        "misrouted": misrouted,
         "peers": [{"name": p.name, "source": p.source, "vxlan": p.vxlan, "egress_spi": p.egress_spi} for p in peers],
         "follow_seconds": round(followed, 2),
         "identities": {app: ep.identity for app, ep in made.items()},
@@ -385,6 +389,25 @@ def _overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
         "decrypted_b": after_b.peers[0].decrypted.packets - before_b.peers[0].decrypted.packets,
         "blocked_a": after_a.xfrm_errors.get(block, 0) - before_a.xfrm_errors.get(block, 0),
         "xfrm_errors_b": _grown(before_b.xfrm_errors, after_b.xfrm_errors),
+    }
+
+
+def _misrouted(a: IpsecNode, b: IpsecNode, client: Any) -> dict[str, Any]:
+    """An overlay peer's endpoint packets while a direct route (metric 0) still wins over the overlay's.
+
+    The pass for endpoint packets is bound to the VXLAN device, so these meet the
+    default-drop policy instead of leaving in plaintext on the underlay.
+    """
+    before = counters(a)
+    with _receiver(b.endpoint_ns, b.endpoint_ip, 9503) as rx, Capture(a.node.ns, UNDERLAY_IF) as underlay:
+        _send(client.netns, b.endpoint_ip, 9503, MARKER, 5)
+        delivered = _drain(rx, MARKER)
+    block = "XfrmOutPolBlock"
+    return {
+        "delivered": delivered,
+        "underlay_marker": underlay.contains(MARKER),
+        "underlay_plaintext": underlay.plaintext_between({client.ipv4, b.endpoint_ip}),
+        "blocked": counters(a).xfrm_errors.get(block, 0) - before.xfrm_errors.get(block, 0),
     }
 
 

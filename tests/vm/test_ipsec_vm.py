@@ -131,6 +131,11 @@ def test_overlay_peers_from_the_node_tables_send_only_esp_and_keep_the_vni_ident
     # UpsertNode on each orchestrator made the other an overlay peer of its ipsec service (WatchNodes)
     assert len(p["peers"]) == 2, p
     assert all(x["source"] == "nodes" and x["vxlan"] and x["egress_spi"] == 1 for x in p["peers"]), p
+    # a direct route that wins over the overlay's (an operator's, or a stale one) sends nothing in clear:
+    # the endpoint packets' pass is bound to the VXLAN device, so they meet the default drop
+    m = p["misrouted"]
+    assert m["delivered"] == 0 and not m["underlay_marker"] and m["underlay_plaintext"] == 0, m
+    assert m["blocked"] >= 5, m
     assert p["delivered_client"] == 20 and p["delivered_other"] == 10, p
     # the VXLAN packets are encrypted: only ESP between the underlay addresses, no payload byte in clear
     assert p["underlay_protocols"] == [50], f"only ESP on the underlay (no UDP 8472): {p}"
