@@ -37,6 +37,17 @@ def read_cidrs(handle: Any) -> list[str]:
     return cidrs
 
 
+def _emit_change(entries: int, changed: int, revision: int) -> None:
+    """What a bulk change did: entries sent, entries changed, the list's new revision."""
+    row = {"revision": str(revision), "changed": changed, "entries": entries}
+    columns = [
+        Column("ENTRIES", pick("entries"), "right"),
+        Column("CHANGED", pick("changed"), "right"),
+        Column("REVISION", pick("revision"), "right"),
+    ]
+    emit(row, table(None, columns, [row]))
+
+
 @click.group()
 def prefilter() -> None:
     """Source CIDRs dropped (or audited) at XDP before the stack sees them."""
@@ -99,19 +110,7 @@ def add(cidrs: tuple[str, ...], path: Any, audit: bool, chunk: int) -> None:
             changed += reply.changed
             revision = reply.revision
             progress.advance(task, len(part))
-    row = {"revision": str(revision), "changed": changed, "entries": len(wanted)}
-    emit(
-        row,
-        table(
-            None,
-            [
-                Column("ENTRIES", pick("entries"), "right"),
-                Column("CHANGED", pick("changed"), "right"),
-                Column("REVISION", pick("revision"), "right"),
-            ],
-            [row],
-        ),
-    )
+    _emit_change(len(wanted), changed, revision)
 
 
 def split_hosts(cidrs: list[str], mode: pb.Mode.ValueType) -> tuple[list[pb.Entry], pb.PackedHosts]:
@@ -145,19 +144,7 @@ def replace(path: Any, audit: bool) -> None:
     entries, packed = split_hosts(wanted, _mode(audit))
     request = pb.ReplaceEntriesRequest(entries=entries, packed=[packed] if packed.ipv4 or packed.ipv6 else [])
     reply = current().call("prefilter", "ReplaceEntries", request)
-    row = {"revision": str(reply.revision), "changed": reply.changed, "entries": len(wanted)}
-    emit(
-        row,
-        table(
-            None,
-            [
-                Column("ENTRIES", pick("entries"), "right"),
-                Column("CHANGED", pick("changed"), "right"),
-                Column("REVISION", pick("revision"), "right"),
-            ],
-            [row],
-        ),
-    )
+    _emit_change(len(wanted), reply.changed, reply.revision)
 
 
 @prefilter.command()
