@@ -24,16 +24,16 @@ import pytest
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
-from pybpf import Map
 from services.common.bpffs import remove_pins
-from services.common.datapath import IpcacheKey, IpcacheValue, ReservedIdentity
+from services.common.datapath import ReservedIdentity
 from services.common.errors import FailedPrecondition
 from services.common.objects import load_service_object
 from services.common.store import Store
 from services.orchestrator.identities import Identities
-from services.orchestrator.ipcache import Ipcache, ipcache_network
+from services.orchestrator.ipcache import Ipcache
 from tests.harness.etcd import ETCD, MISSING, free_port
 from tests.harness.kvnet import KvNetwork
+from tests.harness.multinode import ipcache, node_names, status
 from tests.harness.node import BPF_BUILD, Node, pid_prefix
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)]
@@ -41,21 +41,6 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)
 LEASE = 4  # seconds: the grace period before a silent node is dropped
 CONVERGE = 5.0  # seconds: an endpoint made on one node is in every other node's ipcache by then
 _counter = itertools.count()
-
-
-def ipcache(node: Node) -> dict[str, int]:
-    """The node's pinned ipcache, as its datapath reads it."""
-    with Map.from_pin(node.bpffs_root / "globals/ipcache", key_type=IpcacheKey, value_type=IpcacheValue) as m:
-        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
-
-
-def status(node: Node) -> orch_pb.ClusterStatus:
-    with node.channel("orchestrator") as channel:
-        return orch_grpc.OrchestratorStub(channel).GetClusterStatus(orch_pb.GetClusterStatusRequest(), timeout=10)
-
-
-def node_names(node: Node, names: set[str]) -> bool:
-    return {n.name for n in status(node).nodes} == names
 
 
 def holds(node: Node, entries: dict[str, int]) -> bool:

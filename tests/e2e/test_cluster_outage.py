@@ -29,18 +29,14 @@ from pathlib import Path
 import grpc
 import pytest
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
-from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 from weir.policy.v1 import policy_pb2 as pol_pb
 from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 
-from pybpf import Map
-from services.common.datapath import IpcacheKey, IpcacheValue
-from services.orchestrator.ipcache import ipcache_network
 from tests.harness import traffic
 from tests.harness.echo import EchoStream
 from tests.harness.etcd import ETCD, MISSING
 from tests.harness.kvnet import KvNetwork
-from tests.harness.multinode import Member, MultiNode
+from tests.harness.multinode import Member, MultiNode, ipcache, node_names, status
 from tests.harness.node import REPO, Node, pid_prefix
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(ETCD is None, reason=MISSING)]
@@ -50,21 +46,6 @@ OUTAGE = 30.0  # seconds etcd is down
 AFTER = 2 * LEASE  # seconds the streams run on after etcd is back (a lapsed lease would show by then)
 UDP_RATE = 100  # datagrams a second per stream
 UDP_PORT, TCP_PORT = 5300, 8080
-
-
-def ipcache(node: Node) -> dict[str, int]:
-    """The node's pinned ipcache, as its datapath reads it."""
-    with Map.from_pin(node.bpffs_root / "globals/ipcache", key_type=IpcacheKey, value_type=IpcacheValue) as m:
-        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
-
-
-def status(node: Node) -> orch_pb.ClusterStatus:
-    with node.channel("orchestrator") as channel:
-        return orch_grpc.OrchestratorStub(channel).GetClusterStatus(orch_pb.GetClusterStatusRequest(), timeout=10)
-
-
-def sees(node: Node, names: set[str]) -> bool:
-    return {n.name for n in status(node).nodes} == names
 
 
 def weir(node: Node, *args: str) -> subprocess.CompletedProcess[str]:
@@ -150,7 +131,7 @@ def test_etcd_outage_under_traffic_loses_nothing_and_publishes_what_was_made_mea
     c = cluster
     names = {m.name for m in c.nodes.members}
     for i in (1, 2, 3):
-        wait_for(f"node {i} sees the three nodes", partial(sees, c.node(i), names), 20)
+        wait_for(f"node {i} sees the three nodes", partial(node_names, c.node(i), names), 20)
     client1 = c.member(1).create_endpoint("client", {"app": "client"})
     other1 = c.member(1).create_endpoint("other", {"app": "other"})
     client3 = c.member(3).create_endpoint("client", {"app": "client"})
@@ -210,7 +191,7 @@ def test_etcd_outage_under_traffic_loses_nothing_and_publishes_what_was_made_mea
                 assert before[i].items() <= ipcache(c.node(i)).items(), f"node {i} dropped state while etcd was away"
             time.sleep(1)
         for i in (1, 2, 3):
-            assert sees(c.node(i), names), f"node {i} dropped a node while etcd was away"
+            assert node_names(c.node(i), names), f"node {i} dropped a node while etcd was away"
         sent_during = {name: s.sent for name, s in udp.items()}
 
         c.kv.etcd.start()
@@ -226,7 +207,7 @@ def test_etcd_outage_under_traffic_loses_nothing_and_publishes_what_was_made_mea
         assert status(c.node(1)).last_error  # the outage stays reported
         time.sleep(max(0.0, AFTER - (time.monotonic() - returned)))  # past a lease that could have lapsed
         for i in (1, 2, 3):
-            assert sees(c.node(i), names), f"node {i} dropped a node after etcd returned"
+            assert node_names(c.node(i), names), f"node {i} dropped a node after etcd returned"
     finally:
         udp_results = {name: s.finish() for name, s in udp.items()}
         tcp_results = {name: s.finish() for name, s in tcp.items()}

@@ -27,6 +27,9 @@ from pathlib import Path
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.orchestrator.v1 import orchestrator_pb2_grpc as orch_grpc
 
+from pybpf import Map
+from services.common.datapath import IpcacheKey, IpcacheValue
+from services.orchestrator.ipcache import ipcache_network
 from tests.harness import netns
 from tests.harness.kvnet import KvNetwork
 from tests.harness.node import Node
@@ -178,3 +181,18 @@ def multinode(prefix: str, workdir: Path, count: int = 3) -> Iterator[MultiNode]
         yield nodes.setup(count)
     finally:
         nodes.teardown()
+
+
+def ipcache(node: Node) -> dict[str, int]:
+    """The node's pinned ipcache, as its datapath reads it."""
+    with Map.from_pin(node.bpffs_root / "globals/ipcache", key_type=IpcacheKey, value_type=IpcacheValue) as m:
+        return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
+
+
+def status(node: Node) -> orch_pb.ClusterStatus:
+    with node.channel("orchestrator") as channel:
+        return orch_grpc.OrchestratorStub(channel).GetClusterStatus(orch_pb.GetClusterStatusRequest(), timeout=10)
+
+
+def node_names(node: Node, names: set[str]) -> bool:
+    return {n.name for n in status(node).nodes} == names
