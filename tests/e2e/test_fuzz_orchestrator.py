@@ -169,6 +169,10 @@ NEVER_VALID = {
 }  # fmt: skip
 
 
+# Of those, the ones no label key or value may take either ("a/b" is a valid key, "169.254.1.1" a valid value).
+LABEL_NEVER_VALID = {v for v in NEVER_VALID if len(v) > 63 or any(c in v for c in "\n\x00:%")}
+
+
 BAD_NODE_NAMES = {"x\n", "ok-name\n", "a\x00b", "x" * 300, "Bad_Name", "a/b", "lo:1", "-x", "x" * 64}
 BAD_LIMITS = {"drop=fast", "flows=3", "drop=-1", "drop=1/0", "drop=5:0", "drop=1000001", "=", "drop",
               "accel=5/5:2000000"}  # fmt: skip
@@ -182,8 +186,10 @@ def must_refuse(method: str, request: Any) -> bool:
     if method == "SetEventLimits":
         return not request.limits or any(limit in BAD_LIMITS for limit in request.limits)
     if method == "CreateEndpoint":
-        fields = [request.name, request.ipv4, request.ipv6, request.adopt_interface, *request.labels.keys(),
-                  *request.labels.values()]  # fmt: skip
+        labels = [*request.labels.keys(), *request.labels.values()]
+        if any(f in LABEL_NEVER_VALID for f in labels):
+            return True
+        fields = [request.name, request.ipv4, request.ipv6, request.adopt_interface]
     elif method in ("AttachDevice", "AttachXdp"):
         fields = [request.interface]
     elif method == "RegisterPrograms":

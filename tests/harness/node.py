@@ -188,7 +188,7 @@ class Node:
         """Signal a service and wait for it to exit; returns its exit code."""
         svc = self.services.pop(service)
         svc.process.send_signal(sig)
-        return svc.process.wait(timeout=15)
+        return svc.process.wait(timeout=60)  # an upper bound: a loaded machine slows an orderly stop
 
     def log_tail(self, service: str, lines: int = 40) -> str:
         path = self.workdir / f"{service}.log"
