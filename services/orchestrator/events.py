@@ -148,7 +148,8 @@ class EventHub:
     def _run(self) -> None:
         with RingBuffer(self._events, self._on_record) as ring:
             while not self._stop.is_set():
-                ring.poll(EVENTS_POLL_MS)
+                ring.poll(EVENTS_POLL_MS)  # back early on a wake-up
+                ring.consume()  # records submitted without one: poll reads only rings epoll names
 
     def _on_record(self, raw: bytes) -> None:
         with self._lock:
