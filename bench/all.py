@@ -37,6 +37,7 @@ QUICK_KWARGS: dict[str, dict[str, object]] = {
     "policy_import": {"rules": 1_000},
     "lb_program": {"services": 1_000},
     "lb_connect_rate": {"services": 1_000, "seconds": 1.0, "rounds": 3},
+    "lb_vip_profile": {"services": 1_000, "seconds": 1.0, "rounds": 2},
 }
 
 

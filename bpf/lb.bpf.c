@@ -236,7 +236,7 @@ static __always_inline void translate_event(struct __sk_buff *skb, const struct 
 		return;
 	__builtin_memcpy(ev->nat_addr, b->addr, 4);
 	ev->nat_port = b->port;
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 }
 
 /* Translate a packet to a frontend; returns a TC verdict or -1 to go on. */
@@ -403,7 +403,7 @@ static __always_inline void sock_translate_event(struct bpf_sock_addr *ctx, __u8
 	__builtin_memcpy(ev->daddr, &vip, 4);
 	__builtin_memcpy(ev->nat_addr, b->addr, 4);
 	ev->nat_port = b->port;
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 }
 
 /* Send a socket's service address to a backend and report it as a TRANSLATE event:

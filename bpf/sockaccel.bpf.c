@@ -157,7 +157,7 @@ static __always_inline void accel_event(__u8 type, const struct weir_sock_key *k
 	ev->pad = 0;
 	__builtin_memcpy(ev->saddr, client ? key->local : key->remote, 16);
 	__builtin_memcpy(ev->daddr, client ? key->remote : key->local, 16);
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 }
 
 static __always_inline int sock_ops_key(struct bpf_sock_ops *skops, struct weir_sock_key *key)

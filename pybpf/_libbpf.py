@@ -371,6 +371,9 @@ bpf_map_delete_elem = _declare("bpf_map_delete_elem", c_int, c_int, _p)
 bpf_map_get_next_key = _declare("bpf_map_get_next_key", c_int, c_int, _p, _p)
 bpf_map_update_batch = _declare("bpf_map_update_batch", c_int, c_int, _p, _p, _u32p, POINTER(bpf_map_batch_opts))
 bpf_map_delete_batch = _declare("bpf_map_delete_batch", c_int, c_int, _p, _u32p, POINTER(bpf_map_batch_opts))
+bpf_map_lookup_batch = _declare(
+    "bpf_map_lookup_batch", c_int, c_int, _p, _p, _p, _p, _u32p, POINTER(bpf_map_batch_opts)
+)
 
 bpf_obj_pin = _declare("bpf_obj_pin", c_int, c_int, c_char_p)
 bpf_obj_get = _declare("bpf_obj_get", c_int, c_char_p)

@@ -6,6 +6,8 @@ over keys and values already laid out back to back, as the kernel's batch wants 
 (``pack_u32`` for u32s, ``bytes(array_of_structs)`` for structures, ``value_stride`` bytes
 per value of a per-CPU map), and they go to libbpf 1.1's ``bpf_map_update_batch`` /
 ``bpf_map_delete_batch`` in chunks, so one call never pins an unbounded buffer in the kernel.
+``lookup_packed`` reads a whole map the same way (``bpf_map_lookup_batch``), keys and values
+back to back, where iterating with get_next_key costs two syscalls and two objects per element.
 
 Where the map type has no batch operation (LPM tries, DEVMAP_HASH: the kernel answers
 ENOTSUPP or EOPNOTSUPP) the same bytes are written element by element, and that answer is
@@ -24,7 +26,7 @@ from pybpf import _libbpf
 from pybpf.errors import ENOTSUPP, check
 from pybpf.maps import Map, MapType
 
-__all__ = ["CHUNK", "delete_packed", "pack_u32", "update_packed", "value_stride"]
+__all__ = ["CHUNK", "delete_packed", "lookup_packed", "pack_u32", "update_packed", "value_stride"]
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,6 +37,7 @@ work, small enough that the kernel's copy of one batch stays a few megabytes."""
 _UNSUPPORTED = (-ENOTSUPP, -errno.EOPNOTSUPP)
 _no_update_batch: set[MapType] = set()
 _no_delete_batch: set[MapType] = set()
+_no_lookup_batch: set[MapType] = set()
 
 
 def pack_u32(values: Iterable[int]) -> bytes:
@@ -137,6 +140,58 @@ def delete_packed(m: Map, keys: Buffer, count: int | None = None, missing_ok: bo
             deleted += 1
         done += n
     return deleted
+
+
+def lookup_packed(m: Map, chunk: int = CHUNK) -> tuple[bytes, bytes, int]:
+    """Every element of the map: (keys back to back, values back to back, count).
+
+    Values are ``value_stride(m)`` bytes each. Elements written or deleted meanwhile may or
+    may not be in the answer (as with any iteration); none appears twice. Map types with no
+    batch lookup are read element by element.
+    """
+    ksize, vsize = m.key_size, value_stride(m)
+    keys, values = bytearray(), bytearray()
+    if m.type in _no_lookup_batch:
+        return _lookup_each(m)
+    token_in = ctypes.create_string_buffer(max(ksize, 8))
+    token_out = ctypes.create_string_buffer(max(ksize, 8))
+    first = True
+    while True:
+        kbuf = ctypes.create_string_buffer(chunk * ksize)
+        vbuf = ctypes.create_string_buffer(chunk * vsize)
+        got = ctypes.c_uint32(chunk)
+        opts = _libbpf.new_batch_opts()
+        ret = _libbpf.bpf_map_lookup_batch(
+            m.fd, None if first else token_in, token_out, kbuf, vbuf, ctypes.byref(got), ctypes.byref(opts)
+        )
+        if ret in _UNSUPPORTED and first:
+            _no_lookup_batch.add(m.type)
+            return _lookup_each(m)
+        if ret == -errno.ENOSPC and got.value == 0:
+            chunk *= 2  # one hash bucket holds more elements than a chunk
+            continue
+        if ret not in (0, -errno.ENOENT):
+            check(ret, f"lookup_packed map {m.name} (after {len(keys) // ksize} elements)")
+        keys += kbuf.raw[: got.value * ksize]
+        values += vbuf.raw[: got.value * vsize]
+        if ret == -errno.ENOENT:
+            return bytes(keys), bytes(values), len(keys) // ksize
+        ctypes.memmove(token_in, token_out, len(token_out))
+        first = False
+
+
+def _lookup_each(m: Map) -> tuple[bytes, bytes, int]:
+    keys, values, count = bytearray(), bytearray(), 0
+    value = ctypes.create_string_buffer(value_stride(m))
+    key = ctypes.create_string_buffer(m.key_size)
+    prev = None
+    while _libbpf.bpf_map_get_next_key(m.fd, prev, key) == 0:
+        if _libbpf.bpf_map_lookup_elem(m.fd, key, value) == 0:
+            keys += key.raw
+            values += value.raw
+            count += 1
+        prev = ctypes.create_string_buffer(key.raw, m.key_size)
+    return bytes(keys), bytes(values), count
 
 
 def _what(m: Map, op: str, done: int, total: int) -> str:

@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import ctypes
 import errno
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import os
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from pybpf import _libbpf
 from pybpf._codec import CType
-from pybpf.errors import BpfError, IncompatibleMapError, KeyNotFoundError
+from pybpf.errors import BpfError, IncompatibleMapError, KeyNotFoundError, check
 from pybpf.maps import BPF_F_INNER_MAP, Map, MapInfo, MapSpec, MapType, UpdateFlag
 
 __all__ = ["MapOfMaps"]
@@ -219,6 +221,55 @@ class MapOfMaps:
             self._outer.update_batch([k for k, _ in items], [m.fd for _, m in items])
         except BpfError as exc:
             raise self._refused(exc, None) from exc
+
+    def replace_many_packed(
+        self, items: Sequence[tuple[Any, bytes]], *, name: Callable[[Any], str] | None = None
+    ) -> None:
+        """For each (key, values back to back), a new inner array holding them at 0..n-1, all
+        swapped in with one batch (one wait for running programs in all). ``name(key)``
+        names each inner map (the kernel keeps 15 characters), else the outer map's name.
+
+        The bulk form of ``replace`` for array templates with BPF_F_INNER_MAP (every
+        inner map its own size): no ``Map`` handle per inner map, whose set-up costs
+        several times the two syscalls that make and fill one. Raises as ``swap_many``;
+        on failure the keys before the failing one may already be swapped.
+        """
+        template = self._require_template(f"replace inner maps of {self.name}")
+        if template.type not in _ARRAY_TYPES or not template.flags & BPF_F_INNER_MAP:
+            raise IncompatibleMapError(
+                f"replace_many_packed on {self.name}: the inner template must be an array with BPF_F_INNER_MAP",
+                field="type",
+            )
+        vsize = template.value_size
+        fds: list[int] = []
+        try:
+            for key, values in items:
+                label = (name(key) if name else self.name)[:15].encode()
+                count = len(values) // vsize
+                if not count or len(values) % vsize:
+                    raise ValueError(f"replace_many_packed on {self.name}: {len(values)} bytes of {vsize}-byte values")
+                opts = _libbpf.new_map_create_opts(template.flags)
+                fd = check(
+                    _libbpf.bpf_map_create(
+                        int(template.type), label, template.key_size, vsize, count, ctypes.byref(opts)
+                    ),
+                    f"create inner map of {self.name}",
+                )
+                fds.append(fd)
+                slots = (ctypes.c_uint32 * count)(*range(count))
+                written = ctypes.c_uint32(count)
+                batch = _libbpf.new_batch_opts()
+                check(
+                    _libbpf.bpf_map_update_batch(fd, slots, values, ctypes.byref(written), ctypes.byref(batch)),
+                    f"fill inner map of {self.name}",
+                )
+            try:
+                self._outer.update_batch([k for k, _ in items], fds)
+            except BpfError as exc:
+                raise self._refused(exc, None) from exc
+        finally:
+            for fd in fds:
+                os.close(fd)  # the outer map holds them now
 
     def replace(
         self,

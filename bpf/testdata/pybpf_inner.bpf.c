@@ -39,6 +39,22 @@ struct {
 	__array(values, struct table_inner);
 } tables SEC(".maps");
 
+/* An inner array of any size (BPF_F_INNER_MAP), as the LB's selection tables. */
+struct slots_inner {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__uint(map_flags, BPF_F_INNER_MAP);
+	__type(key, __u32);
+	__type(value, __u32);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 8);
+	__type(key, __u32);
+	__array(values, struct slots_inner);
+} slots SEC(".maps");
+
 /* What the programs saw -> how many times. */
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);

@@ -471,6 +471,10 @@ STRUCTS: list[type[ctypes.Structure]] = [
     CtValue, TunnelValue, EventLimit, EventBucket, EventStats, RuleName,
 ]  # fmt: skip
 
+# How often the events reader drains the ring buffer when no wake-up came (milliseconds):
+# the longest an event waits before it is a flow, below EVENTS_WAKEUP_BYTES unread.
+EVENTS_POLL_MS = 50
+
 # Map sizes that both sides must agree on.
 CONSTANTS = {
     "NUM_SLOTS": NUM_SLOTS,
@@ -481,6 +485,9 @@ CONSTANTS = {
     "REASON_COUNTERS": REASON_COUNTERS,
     "REASON_COUNTER_DIR_SHIFT": REASON_COUNTER_DIR_SHIFT,
     "EVENTS_BYTES": 1 << 20,
+    # The reader is woken each time the unread bytes pass a multiple of this (about 680
+    # events), not per event; it also drains the ring every EVENTS_POLL_MS (events.h).
+    "EVENTS_WAKEUP_BYTES": 64 * 1024,
     "NUM_EVENT_KINDS": len(EventKind),
     "RULE_NAME_MAX": 128,  # bytes of a policy rule's name in policy_rule_names (NUL-padded, cut if longer)
     "RULE_NAMES_MAX": 65536,

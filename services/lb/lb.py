@@ -112,6 +112,9 @@ class LoadBalancer:
         self._node_addresses = node_addresses
         self._max_frontends = max_frontends
         self._services: dict[str, Service] = {}
+        # Services with an active health check, in the order of _services: due_probes walks only
+        # these (every round, ten a second), not all services.
+        self._checked: dict[str, None] = {}
         self._ids: dict[str, Ids] = {}
         self._health: dict[tuple[str, str], Health] = {}
         self._health_pending: set[str] = set()  # services with probe results not yet applied
@@ -211,6 +214,8 @@ class LoadBalancer:
         self._forget(service.name)
         self._sorted_names = None
         self._services[service.name] = service
+        if service.health.interval_ms:
+            self._checked[service.name] = None
         self._ids[service.name] = ids
         self._owners.update({f.key_tuple: service.name for f in frontends})
         self._frontends_of[service.name] = [f.key_tuple for f in frontends]
@@ -230,6 +235,7 @@ class LoadBalancer:
         self._sorted_names = None
         ids = self._ids.pop(name, None)
         self._services.pop(name, None)
+        self._checked.pop(name, None)
         if ids is None:
             return
         for key in self._frontends_of.pop(name, []):
@@ -463,10 +469,9 @@ class LoadBalancer:
         now = time.monotonic() if now is None else now
         due = []
         known = set()
-        for name, service in self._services.items():
+        for name in self._checked:
+            service = self._services[name]
             hc = service.health
-            if not hc.interval_ms:
-                continue
             for b in service.backends:
                 key = (name, b.key)
                 known.add(key)

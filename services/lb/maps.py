@@ -269,21 +269,13 @@ class LbMaps:
         self._batch(self._services, items)
 
     def _write_tables(self, changes: list[ServiceWrite]) -> None:
-        inners: list[tuple[int, Map]] = []
-        try:
-            for c in changes:
-                if not c.table:
-                    with contextlib.suppress(KeyNotFoundError):
-                        self._tables.delete(c.service_id)
-                    continue
-                inner = self._tables.create_inner(len(c.table), name=f"lb_table_{c.service_id}")
-                inners.append((c.service_id, inner))
-                update_packed(inner, pack_u32(range(len(c.table))), pack_u32(c.table), len(c.table))
-            if inners:
-                self._tables.swap_many(inners)
-        finally:
-            for _, inner in inners:
-                inner.close()  # the outer map holds them now
+        for c in changes:
+            if not c.table:
+                with contextlib.suppress(KeyNotFoundError):
+                    self._tables.delete(c.service_id)
+        filled = [(c.service_id, pack_u32(c.table)) for c in changes if c.table]
+        if filled:
+            self._tables.replace_many_packed(filled, name=lambda service_id: f"lb_table_{service_id}")
 
     def _delete_frontends(self, frontends: list[Frontend]) -> None:
         """Each frontend and then its reverse-NAT entry, the absent ones skipped (two batches)."""

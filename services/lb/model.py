@@ -7,6 +7,7 @@ with which field, so a refused upsert changes nothing.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Any
 
 from weir.lb.v1 import lb_pb2 as pb
@@ -31,6 +32,7 @@ STATES = {
     pb.BACKEND_STATE_TERMINATING: BackendState.TERMINATING,
     pb.BACKEND_STATE_MAINTENANCE: BackendState.MAINTENANCE,
 }
+_STATE_TO_PROTO = {state: pb.BackendState.Value(f"BACKEND_STATE_{state.name}") for state in BackendState}
 KINDS = {pb.KIND_UNSPECIFIED: False, pb.KIND_CLUSTER_IP: False, pb.KIND_NODE_PORT: True}  # -> node port?
 ALGORITHMS = {pb.ALGORITHM_UNSPECIFIED: False, pb.ALGORITHM_HASH: False, pb.ALGORITHM_MAGLEV: True}  # -> Maglev?
 
@@ -43,8 +45,9 @@ class Backend:
     state: BackendState = BackendState.ACTIVE
     healthy: bool = True
 
-    @property
+    @cached_property
     def key(self) -> str:
+        """address:port; read several times per backend on every upsert, so made once."""
         return f"{self.address}:{self.port}"
 
     @property
@@ -245,7 +248,7 @@ def _backend_doc(b: Backend) -> dict[str, Any]:
 
 
 def state_to_proto(state: BackendState) -> pb.BackendState.ValueType:
-    return pb.BackendState.Value(f"BACKEND_STATE_{state.name}")
+    return _STATE_TO_PROTO[state]
 
 
 def to_proto(service: Service) -> pb.Service:

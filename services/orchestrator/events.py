@@ -2,7 +2,9 @@
 
 A ring buffer has one consumer position, so one thread polls it and hands
 each decoded record to every subscriber's asyncio queue. A slow watcher loses
-its oldest events (its queue is bounded), never the datapath's.
+its oldest events (its queue is bounded), never the datapath's. The datapath
+wakes this thread only every EVENTS_WAKEUP_BYTES of records (events.h), so the
+thread also drains the ring every EVENTS_POLL_MS.
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ipaddress
+import socket
+import struct
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from pybpf import Map, RingBuffer
-from services.common.datapath import HOOK_DIRECTION, Event, EventType, Hook, Reason
+from services.common.datapath import EVENTS_POLL_MS, HOOK_DIRECTION, Event, EventType, Hook, Reason
 
 QUEUE_DEPTH = 4096
 PROTOCOLS = {1: "ICMP", 6: "TCP", 17: "UDP", 58: "ICMPv6", 132: "SCTP"}
@@ -58,35 +62,53 @@ class FlowEvent:
         return HOOK_DIRECTION[self.hook]
 
 
-def _name(enum: type[EventType] | type[Reason], value: int) -> str:
-    return enum(value).name if value in enum._value2member_map_ else str(value)
+# struct weir_event as one unpack (little-endian, as the datapath writes it; the ports are
+# in network order and swapped below): the ctypes Event and a call per field cost ~4x more,
+# and the reader decodes every event the datapath emits.
+_LAYOUT = struct.Struct("<4B5I2B3H16s16sIHH16s")
+if _LAYOUT.size != ctypes.sizeof(Event):
+    raise ImportError(f"event layout is {_LAYOUT.size} bytes, struct weir_event {ctypes.sizeof(Event)}")
+_TYPE_NAMES = {m.value: m.name for m in EventType}
+_REASON_NAMES = {m.value: m.name for m in Reason}
+_HOOKS = {m.value: m for m in Hook}
+
+
+def _port(value: int) -> int:
+    """A port read little-endian from network order."""
+    return ((value & 0xFF) << 8) | (value >> 8)
+
+
+def _address(family: int, raw: bytes) -> str:
+    if family == 2:
+        return socket.inet_ntop(socket.AF_INET, raw[:4])
+    if family == 10:
+        return str(ipaddress.IPv6Address(raw))
+    return ""
 
 
 def decode(raw: bytes) -> FlowEvent:
     """Turn one ring-buffer record (struct weir_event) into a FlowEvent."""
-    ev = Event.from_buffer_copy(raw[: ctypes.sizeof(Event)])
-    size = 4 if ev.family == 2 else 16
-    src = str(ipaddress.ip_address(bytes(ev.saddr)[:size])) if ev.family in (2, 10) else ""
-    dst = str(ipaddress.ip_address(bytes(ev.daddr)[:size])) if ev.family in (2, 10) else ""
-    l4 = ev.proto in (6, 17)
-    translated = ev.type == EventType.TRANSLATE and ev.family in (2, 10)
+    (type_, reason, _dir, hook, ifindex, endpoint, length, src_identity, dst_identity, family, proto, sport,
+     dport, _pad, saddr, daddr, rule, nat_port, _pad2, nat_addr) = _LAYOUT.unpack_from(raw)  # fmt: skip
+    l4 = proto in (6, 17)
+    translated = type_ == EventType.TRANSLATE and family in (2, 10)
     return FlowEvent(
-        type=_name(EventType, ev.type),
-        reason=_name(Reason, ev.reason),
-        hook=Hook(ev.hook) if ev.hook in Hook._value2member_map_ else Hook.FROM_CONTAINER,
-        ifindex=ev.ifindex,
-        endpoint_id=ev.endpoint,
-        length=ev.len,
-        src_identity=ev.src_identity,
-        dst_identity=ev.dst_identity,
-        protocol=PROTOCOLS.get(ev.proto, str(ev.proto)),
-        src=src,
-        dst=dst,
-        src_port=int.from_bytes(ev.sport.to_bytes(2, "little"), "big") if l4 else 0,
-        dst_port=int.from_bytes(ev.dport.to_bytes(2, "little"), "big") if l4 else 0,
-        rule_id=ev.rule,
-        nat_addr=str(ipaddress.ip_address(bytes(ev.nat_addr)[:size])) if translated else "",
-        nat_port=int.from_bytes(ev.nat_port.to_bytes(2, "little"), "big") if translated else 0,
+        type=_TYPE_NAMES.get(type_, str(type_)),
+        reason=_REASON_NAMES.get(reason, str(reason)),
+        hook=_HOOKS.get(hook, Hook.FROM_CONTAINER),
+        ifindex=ifindex,
+        endpoint_id=endpoint,
+        length=length,
+        src_identity=src_identity,
+        dst_identity=dst_identity,
+        protocol=PROTOCOLS.get(proto, str(proto)),
+        src=_address(family, saddr),
+        dst=_address(family, daddr),
+        src_port=_port(sport) if l4 else 0,
+        dst_port=_port(dport) if l4 else 0,
+        rule_id=rule,
+        nat_addr=_address(family, nat_addr) if translated else "",
+        nat_port=_port(nat_port) if translated else 0,
     )
 
 
@@ -126,7 +148,8 @@ class EventHub:
     def _run(self) -> None:
         with RingBuffer(self._events, self._on_record) as ring:
             while not self._stop.is_set():
-                ring.poll(200)
+                ring.poll(EVENTS_POLL_MS)  # back early on a wake-up
+                ring.consume()  # records submitted without one: poll reads only rings epoll names
 
     def _on_record(self, raw: bytes) -> None:
         with self._lock:

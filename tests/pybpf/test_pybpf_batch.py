@@ -9,7 +9,7 @@ from ctypes import c_uint32, c_uint64
 import pytest
 
 from pybpf import KeyNotFoundError, LpmKeyV4, Map, MapFullError, MapType
-from pybpf.batch import delete_packed, pack_u32, update_packed, value_stride
+from pybpf.batch import delete_packed, lookup_packed, pack_u32, update_packed, value_stride
 
 
 @pytest.fixture
@@ -101,3 +101,36 @@ def test_memoryviews_are_taken_as_they_are() -> None:
         values = memoryview(struct.pack("=10Q", *(i * 100 for i in range(10))))
         assert update_packed(m, keys, values, chunk=3) == 10
         assert {k: m[k] for k in m} == {i: i * 100 for i in range(10)}
+
+
+def _unpacked(keys: bytes, values: bytes, count: int) -> dict[int, int]:
+    return dict(zip(struct.unpack(f"{count}I", keys), struct.unpack(f"{count}I", values), strict=True))
+
+
+@pytest.mark.parametrize("kind", [MapType.HASH, MapType.LRU_HASH])
+def test_lookup_packed_reads_every_element_once_across_chunks(kind: MapType) -> None:
+    with Map.create(kind, 4, 4, 256, key_type=c_uint32, value_type=c_uint32) as m:
+        keys = list(range(1000, 1100))
+        update_packed(m, pack_u32(keys), pack_u32(k + 7 for k in keys), 100)
+        got = lookup_packed(m, chunk=9)
+        assert got[2] == 100
+        assert _unpacked(*got) == {k: k + 7 for k in keys}
+
+
+def test_lookup_packed_of_an_empty_map_and_of_a_type_without_batch_lookup(hash_map: Map) -> None:
+    assert lookup_packed(hash_map) == (b"", b"", 0)
+    with Map.create(MapType.LPM_TRIE, 8, 4, 16, flags=1, key_type=LpmKeyV4, value_type=c_uint32) as m:
+        m.update(LpmKeyV4.of("10.1.0.0/16"), 5)
+        keys, values, count = lookup_packed(m)
+        assert count == 1
+        assert keys == bytes(LpmKeyV4.of("10.1.0.0/16"))
+        assert struct.unpack("I", values) == (5,)
+
+
+def test_lookup_packed_gives_every_cpu_value_of_a_per_cpu_map() -> None:
+    with Map.create(MapType.PERCPU_HASH, 4, 8, 8, key_type=c_uint32) as m:
+        stride = value_stride(m)
+        update_packed(m, pack_u32([3]), struct.pack("Q", 11) * (stride // 8), 1)
+        keys, values, count = lookup_packed(m)
+        assert (keys, count) == (pack_u32([3]), 1)
+        assert set(struct.unpack(f"{stride // 8}Q", values)) == {11}

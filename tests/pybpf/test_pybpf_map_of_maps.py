@@ -14,6 +14,7 @@ from scapy.layers.l2 import Ether
 
 import pybpf
 from pybpf import IncompatibleMapError, KeyNotFoundError, Map, MapOfMaps, MapType
+from pybpf.batch import pack_u32
 
 PACKET = bytes(Ether() / IP(src="10.0.0.1", dst="10.0.0.2") / UDP(sport=1000, dport=2000))
 NO_INNER, NO_VALUE, TORN = 0xFFFFFFFF, 0xFFFFFFFE, 0xFFFFFFFD
@@ -164,3 +165,22 @@ def test_template_from_an_installed_map_or_from_the_kernel(inner_obj: pybpf.BpfO
         learned.replace(0, version_items(4))
     inner_obj.programs["read_version"].test_run(PACKET)
     assert seen(inner_obj) == {4: 1}
+
+
+def test_replace_many_packed_makes_each_inner_array_its_own_size(inner_obj: pybpf.BpfObject) -> None:
+    slots = inner_obj.map_of_maps("slots", c_uint32, c_uint32, c_uint32)
+    slots.replace_many_packed([(1, pack_u32([5, 6, 7])), (2, pack_u32([9]))], name=lambda key: f"slots_{key}")
+    first = slots.inner_id(1)
+    for key, want in ((1, {0: 5, 1: 6, 2: 7}), (2, {0: 9})):
+        inner = slots.get(key)
+        assert inner is not None
+        with inner:
+            assert dict(inner.items()) == want
+            assert inner.info.max_entries == len(want) and inner.info.name == f"slots_{key}"
+    slots.replace_many_packed([(1, pack_u32([8, 8]))])
+    assert slots.inner_id(1) != first
+    with pytest.raises(ValueError, match="4-byte values"):
+        slots.replace_many_packed([(3, b"\0" * 6)])
+    assert slots.inner_id(3) is None
+    with pytest.raises(IncompatibleMapError, match="BPF_F_INNER_MAP"):
+        versions(inner_obj).replace_many_packed([(0, pack_u32([1, 1, 1, 1]))])

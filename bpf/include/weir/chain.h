@@ -145,7 +145,7 @@ static __always_inline void emit_event_rule(__u8 type, __u8 reason, __u32 hook, 
 	if (!ev)
 		return;
 	ev->rule = rule;
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 }
 
 static __always_inline void emit_event(__u8 type, __u8 reason, __u32 hook, __u32 ifindex, __u32 endpoint,
@@ -241,7 +241,7 @@ __noinline int weir_tc_event(struct __sk_buff *skb, __u32 what, __u32 endpoint, 
 		bpf_ringbuf_discard(ev, 0);
 		return 0;
 	}
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 	return 0;
 }
 #endif

@@ -118,3 +118,20 @@ static __always_inline struct weir_event *event_reserve(__u32 kind)
 	__builtin_memset(ev->nat_addr, 0, sizeof(ev->nat_addr));
 	return ev;
 }
+
+/* Hand a reserved event to the reader. A wake-up per record would cost an irq_work
+ * (a self-IPI, a VM exit on a guest) and a reader thread woken for one record; so the
+ * reader is woken only when this record takes the unread bytes past a multiple of
+ * WEIR_EVENTS_WAKEUP_BYTES, and otherwise finds it on its next timed poll
+ * (EVENTS_POLL_MS, services/common/datapath.py). A reader that falls behind is woken
+ * once per WEIR_EVENTS_WAKEUP_BYTES, never per record.
+ */
+static __always_inline void event_submit(struct weir_event *ev)
+{
+	__u64 unread = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	__u64 before = unread > sizeof(*ev) + 8 ? unread - sizeof(*ev) - 8 : 0;
+
+	bpf_ringbuf_submit(ev, (unread / WEIR_EVENTS_WAKEUP_BYTES) != (before / WEIR_EVENTS_WAKEUP_BYTES)
+				       ? BPF_RB_FORCE_WAKEUP
+				       : BPF_RB_NO_WAKEUP);
+}

@@ -123,5 +123,5 @@ static __always_inline void l7_event(struct __sk_buff *skb, __u32 hook, __u32 ep
 	ev->pad = proxy_port;
 	__builtin_memcpy(ev->saddr, f.saddr, 16);
 	__builtin_memcpy(ev->daddr, f.daddr, 16);
-	bpf_ringbuf_submit(ev, 0);
+	event_submit(ev);
 }
