@@ -233,7 +233,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     metrics: MetricsServer | None = None
     if args.metrics_listen is not None:
         rpcs = ServiceRpcs(config.run_dir, config.instance, SERVICE)
-        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path, rpcs)
+        collector = NodeCollector(chain, event_limits, flows, fill, config.socket_path, rpcs, events.wait_caught_up)
         metrics = MetricsServer(collector)
         port = metrics.start(*args.metrics_listen)
         log.info("metrics served", address=args.metrics_listen[0], port=port)

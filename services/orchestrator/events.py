@@ -15,6 +15,7 @@ import ipaddress
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ class EventHub:
         self._stop = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._rounds = 0  # poll-and-consume rounds finished by the polling thread
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -150,6 +152,27 @@ class EventHub:
             while not self._stop.is_set():
                 ring.poll(EVENTS_POLL_MS)  # back early on a wake-up
                 ring.consume()  # records submitted without one: poll reads only rings epoll names
+                self._rounds += 1
+
+    async def caught_up(self, timeout: float = 1.0) -> None:
+        """Return once every record submitted before the call has been read.
+
+        The datapath wakes the reader only per EVENTS_WAKEUP_BYTES, so a reader of the flow
+        buffer (GetFlows right after traffic) waits for one full round to begin and end after
+        its call: at most two EVENTS_POLL_MS periods.
+        """
+        target, deadline = self._rounds + 2, time.monotonic() + timeout  # the round under way may be past consume
+        while self._reading() and self._rounds < target and time.monotonic() < deadline:
+            await asyncio.sleep(EVENTS_POLL_MS / 4000)
+
+    def wait_caught_up(self, timeout: float = 1.0) -> None:
+        """caught_up for a thread other than the event loop's (the metrics scrape)."""
+        target, deadline = self._rounds + 2, time.monotonic() + timeout
+        while self._reading() and self._rounds < target and time.monotonic() < deadline:
+            time.sleep(EVENTS_POLL_MS / 4000)
+
+    def _reading(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
 
     def _on_record(self, raw: bytes) -> None:
         with self._lock:

@@ -65,14 +65,19 @@ class NodeCollector(Collector):
         fill: MapFill,
         socket_path: Callable[[str], Path],
         rpcs: ServiceRpcs,
+        caught_up: Callable[[], None] | None = None,
     ) -> None:
+        """caught_up (EventHub.wait_caught_up) makes a scrape count the events of traffic sent before it."""
         self._chain, self._limits, self._flows = chain, limits, flows
+        self._caught_up = caught_up
         self._fill = fill
         self._socket_path = socket_path
         self._rpcs = rpcs
         self._scrape_errors: dict[str, int] = {}
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        if self._caught_up is not None:
+            self._caught_up()
         yield from self._datapath()
         yield from self._events()
         yield from self._policy_verdicts()

@@ -547,6 +547,7 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
             raise InvalidArgument(f"since: {exc}") from None
         if since is not None and since < 0:
             raise InvalidArgument("since: a time before 1970")
+        await self._events.caught_up()  # flows of traffic sent before the call are in the snapshot
         sub = self._flows.subscribe() if request.follow else None  # before the snapshot: nothing falls between
         try:
             buffered, evicted = self._flows.snapshot()

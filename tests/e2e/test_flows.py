@@ -140,6 +140,14 @@ def test_an_allowed_connection_is_one_forwarded_flow_naming_its_rule_not_one_per
     assert denied and all(fl.rule == "" for fl in denied)  # a default deny: no rule decided it
 
 
+def test_a_drop_is_in_the_flows_of_a_call_made_right_after_it(f: Flows) -> None:
+    """The datapath wakes the reader only per batch of records; GetFlows reads what is pending first."""
+    for port in range(9100, 9120):
+        f.denied_udp(port)
+        time.sleep(0.01)  # the packet has crossed the veth and the chain when sendto returns; give the drop a moment
+        assert [fl.destination.port for fl in f.flows(ports=[port])] == [port], f"no flow for UDP {port} yet"
+
+
 def test_filters_narrow_within_or_across_and(f: Flows) -> None:
     f.denied_tcp(8081)
     f.denied_udp(5354)
