@@ -14,10 +14,12 @@ from __future__ import annotations
 import atexit
 import os
 import shutil
+import signal
 import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -29,6 +31,7 @@ VM_TEST_FILE = Path(__file__).resolve().with_name("test_ipsec_vm.py")
 
 
 _EARLY = pytest.StashKey[IpsecVm]()
+_MADE = pytest.StashKey[list[IpsecVm]]()
 
 
 def _selected(session: pytest.Session) -> bool:
@@ -41,18 +44,35 @@ def _selected(session: pytest.Session) -> bool:
     return os.geteuid() == 0 and not unavailable()
 
 
+def _boot(config: pytest.Config, nice: int) -> IpsecVm:
+    vm = IpsecVm(Path(tempfile.mkdtemp(prefix="weir-ipsec-vm-")), nice)
+    atexit.register(vm.stop)  # should pytest_sessionfinish never come
+    config.stash.setdefault(_MADE, []).append(vm)
+    return vm
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     if not _selected(session):
         return
-    vm = IpsecVm(Path(tempfile.mkdtemp(prefix="weir-ipsec-vm-")), BACKGROUND_NICE)
-    atexit.register(vm.stop)  # should pytest_sessionfinish never come
-    session.config.stash[_EARLY] = vm
+    vm = session.config.stash[_EARLY] = _boot(session.config, BACKGROUND_NICE)
+    previous = signal.getsignal(signal.SIGTERM) or signal.SIG_DFL
+
+    def terminated(signum: int, frame: FrameType | None) -> None:
+        """SIGTERM (a CI run cancelled) would end pytest without its finalisers: stop the VM at once,
+        then end as on Ctrl-C, so the tests' own clean-up runs; a second SIGTERM ends it outright."""
+        vm.stop()
+        signal.signal(signal.SIGTERM, previous)
+        raise KeyboardInterrupt("SIGTERM")
+
+    signal.signal(signal.SIGTERM, terminated)
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
-    vm = session.config.stash.get(_EARLY, None)
-    if vm is not None:
+    """Every VM ends with the session; its files stay only when a test failed."""
+    for vm in session.config.stash.get(_MADE, []):
         vm.stop()
+        if not session.testsfailed:
+            shutil.rmtree(vm.rwdir, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -61,32 +81,24 @@ def ipsec_vm(request: pytest.FixtureRequest) -> Iterator[IpsecVm]:
 
     Skipped only when no VM can be booted here, with the reason. A guest that ended before
     its hold while niced is reported as a warning and booted again at full priority: on a
-    loaded machine a starved guest can outlast its own timeouts. Its files are kept when
-    a test failed.
+    loaded machine a starved guest can outlast its own timeouts.
     """
     reason = unavailable()
     if reason:
         pytest.skip(f"no VM for the IPsec tier: {reason}")
-    early = request.config.stash.get(_EARLY, None)
-    vm = early
-    if early is not None and early.failed_early():
-        log = early.rwdir / "guest.log"
+    vm = request.config.stash.get(_EARLY, None)
+    if vm is not None and vm.failed_early():
+        log = vm.rwdir / "guest.log"
         tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
         warnings.warn(
-            f"the VM booted niced at the session's start ended before its tests ({early.rwdir}); "
+            f"the VM booted niced at the session's start ended before its tests ({vm.rwdir}); "
             f"booting it again:\n{tail}",
             pytest.PytestWarning,
             stacklevel=1,
         )
         vm = None
     if vm is None:
-        vm = IpsecVm(Path(tempfile.mkdtemp(prefix="weir-ipsec-vm-")), 0)
+        vm = _boot(request.config, 0)
     vm.go()
-    try:
-        yield vm
-    finally:
-        vm.stop()
-        if not request.session.testsfailed:
-            for each in (vm, early):
-                if each is not None:
-                    shutil.rmtree(each.rwdir, ignore_errors=True)
+    yield vm
+    vm.stop()
