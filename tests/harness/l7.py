@@ -79,7 +79,8 @@ def start_upstream(address: str = "127.0.0.1", port: int = 0) -> Upstream:
     server = ThreadingHTTPServer((address, port), Handler)
     server.daemon_threads = True
     upstream = Upstream(server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # shutdown() waits for the loop's next poll: 0.5 s by default, in every test's teardown
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return upstream
 
 
