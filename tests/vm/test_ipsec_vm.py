@@ -1,11 +1,12 @@
-"""The VM tier for IPsec: real ESP on Debian's kernel, booted by this test (virtme-ng, qemu TCG).
+"""The VM tier for IPsec: real ESP on Debian's kernel, in a VM (virtme-ng, qemu TCG).
 
-The host kernel has no ESP, so the test boots a VM sharing this checkout and runs
-`tests.vm.ipsec_guest` there: two nodes (namespaces, each its own orchestrator and
-ipsec service) joined by an underlay, an endpoint on each. The guest writes what it
-measured to a shared directory; the assertions are here. One boot for every check
-(the services take 30-45 s to start under TCG). Skipped only when no VM can be
-booted on this machine (no kernel image, qemu or virtme-ng), with the reason.
+The host kernel has no ESP, so a VM sharing this checkout runs `tests.vm.ipsec_guest`
+(booted niced when the session starts, let go when these tests start: tests/vm/conftest.py):
+two nodes (namespaces, each its own orchestrator and ipsec service) joined by an underlay,
+an endpoint on each. The guest writes what it measured to a shared directory; the
+assertions are here. One boot for every check (the services take 30-45 s to start under
+TCG). Skipped only when no VM can be booted on this machine (no kernel image, qemu or
+virtme-ng), with the reason.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import pytest
 from tests.vm.ipsec_boot import IpsecVm
 
 pytestmark = pytest.mark.root
-# The tier takes about 5 minutes on 2 idle cores, loading every program first adds up to
-# 1.5 minutes under TCG; a loaded machine may give more (WEIR_VM_TIMEOUT).
+# How long these tests wait for the guest once they let it go (what is left of its boot and
+# set-up, then its timed phases): about 4 minutes on 2 idle cores; a loaded machine may give more.
 VM_TIMEOUT = float(os.environ.get("WEIR_VM_TIMEOUT", "960"))
 
 
