@@ -154,9 +154,22 @@ def end_left_running(directory: Path) -> int:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5.0
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+    while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
     return pid
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` still runs: a zombie has closed its sockets and freed its memory already.
+
+    An init that reaps orphans late (one took 1-1.5 s here) would otherwise hold every
+    teardown that long.
+    """
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 @dataclass(frozen=True)

@@ -134,7 +134,8 @@ PUBLIC = pb.HttpRule(method="GET", path="/public(/.*)?")
 
 @pytest.fixture
 def l7node(make_node: Callable[..., Node]) -> Iterator[L7Node]:
-    node = make_node("orchestrator", "policy", "l7")
+    node = make_node("orchestrator")
+    node.start_together("policy", "l7")  # l7 waits for nobody; policy retries its pushes to l7
     client = node.create_endpoint("client", {"app": "client"})
     server = node.create_endpoint("server", {"app": "server"})
     with netns.entered(server.netns):

@@ -10,6 +10,7 @@ import http.client
 import os
 import signal
 import socket
+import socketserver
 import subprocess
 import sys
 import threading
@@ -52,6 +53,19 @@ class Upstream:
         return any(m == method and p == path for m, p, _ in self.seen)
 
 
+class _Server(ThreadingHTTPServer):
+    """No reverse DNS lookup of its own address on bind (HTTPServer's getfqdn).
+
+    In an endpoint's namespace the lookup's query is dropped on its way out, and the
+    resolver's 5 s timeout was what every L7 test's set-up waited for.
+    """
+
+    def server_bind(self) -> None:
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name, self.server_port = str(host), int(port)
+
+
 def start_upstream(address: str = "127.0.0.1", port: int = 0) -> Upstream:
     """Serve in a thread; the listening socket is made here (so inside a namespace entered around the call)."""
     upstream: Upstream
@@ -76,10 +90,11 @@ def start_upstream(address: str = "127.0.0.1", port: int = 0) -> Upstream:
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer((address, port), Handler)
+    server = _Server((address, port), Handler)
     server.daemon_threads = True
     upstream = Upstream(server)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # shutdown() waits for the loop's next poll: 0.5 s by default, in every test's teardown
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return upstream
 
 

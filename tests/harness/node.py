@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,6 +170,12 @@ class Node:
                 return svc
             time.sleep(0.1)
         raise TimeoutError(f"{service} did not become healthy in {timeout}s:\n{self.log_tail(service)}")
+
+    def start_together(self, *services: str) -> None:
+        """Start services that do not wait for one another at once, so their imports overlap; each until SERVING."""
+        with ThreadPoolExecutor(len(services)) as pool:
+            for started in [pool.submit(self.start, service) for service in services]:
+                started.result()
 
     def serving(self, service: str) -> bool:
         """Whether the service's health check answers SERVING."""

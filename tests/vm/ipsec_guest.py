@@ -1,4 +1,7 @@
-"""The VM tier's IPsec checks, run inside the VM: `python -m tests.vm.ipsec_guest RWDIR`.
+"""The VM tier's IPsec checks, run inside the VM: `python -m tests.vm.ipsec_guest RWDIR [--hold]`.
+
+With `--hold` it sets up and then waits for the host's RWDIR/go before the timed phases:
+the host boots it niced while its own tests run, and lets it go when the VM tests start.
 
 It measures and writes facts to RWDIR/result.json after each phase (so a phase that
 fails or times out still leaves the earlier ones); the pytest test on the host
@@ -53,6 +56,7 @@ MARKER = b"WEIR-PLAINTEXT-MARKER-0123456789"
 WORLD = "203.0.113.7"  # the outside namespace of node a: not a cluster address
 GRACE = 5.0
 RATE = 200  # datagrams per second of the counted streams (TCG is slow)
+HOST_GONE = 300.0  # seconds without a heartbeat from the host before a held guest gives up
 
 
 def _send(ns: str, address: str, port: int, payload: bytes, count: int) -> None:
@@ -426,7 +430,27 @@ def _grown(before: Any, after: Any) -> dict[str, int]:
     return {k: v - before.get(k, 0) for k, v in after.items() if v - before.get(k, 0)}
 
 
-def main(rwdir: Path) -> None:
+def hold(rwdir: Path) -> float:
+    """Wait for the host's RWDIR/go before the timed phases; give up once the host stops beating.
+
+    The host boots the VM niced at the start of its session and lets it go when the VM
+    tests start. Its heartbeat (RWDIR/host-alive, rewritten every few seconds) ends the
+    wait, and the VM, if the host process died without stopping it.
+    """
+    started = last_change = time.monotonic()
+    beat = ""
+    while not (rwdir / "go").exists():
+        with contextlib.suppress(OSError):
+            now = (rwdir / "host-alive").read_text()
+            if now != beat:
+                beat, last_change = now, time.monotonic()
+        if time.monotonic() - last_change > HOST_GONE:
+            raise RuntimeError(f"no heartbeat from the host for {HOST_GONE:.0f} s while holding: it is gone")
+        time.sleep(0.5)
+    return round(time.monotonic() - started, 1)
+
+
+def main(rwdir: Path, held: bool) -> None:
     results: dict[str, Any] = {"started": time.time()}
     out = rwdir / "result.json"
 
@@ -459,6 +483,9 @@ def main(rwdir: Path) -> None:
         parallel(lambda: set_key(a, k1), lambda: set_key(b, k1))
         results["setup_seconds"] = round(time.monotonic() - t, 1)
         save()
+        if held:
+            results["held_seconds"] = hold(rwdir)
+            save()
         phase("overlay", lambda: phase_overlay(a, b, 1))  # then back to direct routing, peers from the API
         parallel(lambda: peer(a, b, 1), lambda: peer(b, a, 1))
         phase("encrypted", lambda: phase_encrypted(a, b))
@@ -476,4 +503,4 @@ def main(rwdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), held="--hold" in sys.argv[2:])

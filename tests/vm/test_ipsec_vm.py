@@ -1,50 +1,55 @@
-"""The VM tier for IPsec: real ESP on Debian's kernel, booted by this test (virtme-ng, qemu TCG).
+"""The VM tier for IPsec: real ESP on Debian's kernel, in a VM (virtme-ng, qemu TCG).
 
-The host kernel has no ESP, so the test boots a VM sharing this checkout and runs
-`tests.vm.ipsec_guest` there: two nodes (namespaces, each its own orchestrator and
-ipsec service) joined by an underlay, an endpoint on each. The guest writes what it
-measured to a shared directory; the assertions are here. One boot for every check
-(the services take 30-45 s to start under TCG). Skipped only when no VM can be
-booted on this machine (no kernel image, qemu or virtme-ng), with the reason.
+The host kernel has no ESP, so a VM sharing this checkout runs `tests.vm.ipsec_guest`
+(booted niced when the session starts, let go when these tests start: tests/vm/conftest.py):
+two nodes (namespaces, each its own orchestrator and ipsec service) joined by an underlay,
+an endpoint on each. The guest writes what it measured to a shared directory; the
+assertions are here. One boot for every check (the services take 30-45 s to start under
+TCG). Skipped only when no VM can be booted on this machine (no kernel image, qemu or
+virtme-ng), with the reason.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
+import subprocess
 import time
 from typing import Any
 
 import pytest
 
-from tests.vm.vm import run_in_vm, unavailable
+from tests.vm.ipsec_boot import IpsecVm
 
 pytestmark = pytest.mark.root
-# The tier takes about 5 minutes on 2 idle cores, loading every program first adds up to
-# 1.5 minutes under TCG; a loaded machine may give more (WEIR_VM_TIMEOUT).
+# How long these tests wait for the guest once they let it go (what is left of its boot and
+# set-up, then its timed phases): about 4 minutes on 2 idle cores; a loaded machine may give more.
 VM_TIMEOUT = float(os.environ.get("WEIR_VM_TIMEOUT", "960"))
 
 
 @pytest.fixture(scope="module")
-def guest(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def guest(ipsec_vm: IpsecVm) -> dict[str, Any]:
     """What the guest wrote, whether or not its IPsec scenario finished."""
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"no VM for the IPsec tier: {reason}")
-    rwdir = tmp_path_factory.mktemp("ipsec-vm")
+    vm = ipsec_vm  # booted at the session's start (tests/vm/conftest.py)
     started = time.monotonic()
-    start = os.environ.get("WEIR_VM_START_TIMEOUT", "400")  # seconds one service may take to start in the guest
-    body = f"exec env WEIR_VM_START_TIMEOUT={float(start)} {sys.executable} -u -m tests.vm.ipsec_guest {rwdir}"
-    run = run_in_vm(body, rwdir, timeout=VM_TIMEOUT)
-    out = rwdir / "result.json"
-    log = (rwdir / "guest.log").read_text(errors="replace")[-6000:] if (rwdir / "guest.log").exists() else ""
-    assert out.exists(), f"the guest wrote no result (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
+    try:
+        run = vm.vm.wait(timeout=VM_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        vm.stop()
+        run = vm.vm.wait(timeout=30)
+    out = vm.result
+    log = (vm.rwdir / "guest.log").read_text(errors="replace")[-6000:] if (vm.rwdir / "guest.log").exists() else ""
+    where = f"(the guest's files: {vm.rwdir})"
+    assert out.exists(), f"the guest wrote no result {where} (vng exit {run.returncode}):\n{run.stderr[-3000:]}\n{log}"
     data: dict[str, Any] = json.loads(out.read_text())
     data["wall_seconds"] = time.monotonic() - started
+    data["since_boot_seconds"] = time.monotonic() - vm.booted
     print(json.dumps(data, indent=1, sort_keys=True))
-    print(f"the VM tier took {data['wall_seconds']:.0f} s (boot, setup {data.get('setup_seconds')} s, checks)")
-    data["log"] = log
+    print(
+        f"the VM tier took {data['wall_seconds']:.0f} s in its tests, {data['since_boot_seconds']:.0f} s since its boot"
+        f" (setup {data.get('setup_seconds')} s, held {data.get('held_seconds')} s)"
+    )
+    data["log"] = f"{where}\n{log}"
     return data
 
 

@@ -8,7 +8,10 @@ host's files read-only except the `rwdir` given, where the command leaves its re
 
 from __future__ import annotations
 
+import contextlib
+import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +58,59 @@ def unavailable() -> str:
     return ""
 
 
+class Vm:
+    """One booted VM running a script: in its own process group (vng and its qemu), niced if asked.
+
+    The group stays in the caller's session: with autogroup scheduling, a new session
+    would get its own share of the CPU whatever its nice value.
+    """
+
+    def __init__(self, body: str, rwdir: Path, memory: str = "2G", cpus: int = 2, nice: int = 0) -> None:
+        image = kernel_image()
+        tool = vng()
+        if image is None or tool is None:
+            raise RuntimeError(unavailable())
+        rwdir.mkdir(parents=True, exist_ok=True)
+        script = rwdir / "guest.sh"
+        preamble = GUEST_PREAMBLE.format(repo=REPO, rwdir=rwdir)
+        script.write_text(preamble + f"exec > {rwdir}/guest.log 2>&1\n" + body + "\n")
+        script.chmod(0o755)
+        argv = [
+            "nice", "-n", str(nice),
+            tool, "--run", str(image), "--disable-kvm", "--memory", memory, "--cpus", str(cpus),
+            "--rwdir", str(rwdir), "--", str(script),
+        ]  # fmt: skip
+        env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "TERM": "dumb"}
+        self.rwdir = rwdir
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=env, process_group=0,
+        )  # fmt: skip
+        self._output: tuple[str, str] | None = None
+
+    def renice(self, nice: int) -> None:
+        """Set the nice value of every thread of the group (vng, qemu and its vCPU threads)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.setpriority(os.PRIO_PGRP, self.process.pid, nice)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def wait(self, timeout: float) -> subprocess.CompletedProcess[str]:
+        """Wait for the guest to power off; raises subprocess.TimeoutExpired (the VM still runs)."""
+        if self._output is None:
+            self._output = self.process.communicate(timeout=timeout)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, *self._output)
+
+    def stop(self) -> None:
+        """End the VM at once (the whole group); safe twice and after it ended."""
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(timeout=30)
+
+
 def run_in_vm(
     body: str, rwdir: Path, timeout: float, memory: str = "2G", cpus: int = 2
 ) -> subprocess.CompletedProcess[str]:
@@ -62,19 +118,8 @@ def run_in_vm(
 
     The guest's stdout and stderr go to `rwdir/guest.log`.
     """
-    image = kernel_image()
-    tool = vng()
-    if image is None or tool is None:
-        raise RuntimeError(unavailable())
-    rwdir.mkdir(parents=True, exist_ok=True)
-    script = rwdir / "guest.sh"
-    script.write_text(GUEST_PREAMBLE.format(repo=REPO, rwdir=rwdir) + f"exec > {rwdir}/guest.log 2>&1\n" + body + "\n")
-    script.chmod(0o755)
-    argv = [
-        tool, "--run", str(image), "--disable-kvm", "--memory", memory, "--cpus", str(cpus),
-        "--rwdir", str(rwdir), "--", str(script),
-    ]  # fmt: skip
-    env = {"PATH": f"{VENV_BIN}:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "TERM": "dumb"}
-    return subprocess.run(
-        argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout, env=env, check=False
-    )
+    vm = Vm(body, rwdir, memory, cpus)
+    try:
+        return vm.wait(timeout)
+    finally:
+        vm.stop()
