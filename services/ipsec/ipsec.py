@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from services.common.datapath import VXLAN_PORT, XFRM_MARK_MASK, XfrmMark
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -60,7 +61,7 @@ from services.common.validate import Address, Network, at_most
 from services.common.validate import address as valid_address
 from services.common.validate import cidr as valid_cidr
 from services.common.validate import name as valid_name
-from services.ipsec import xfrm
+from services.ipsec import mtu, xfrm
 from services.ipsec.defs import (
     MAX_PEER_CIDRS,
     MAX_PEERS,
@@ -225,6 +226,7 @@ class Ipsec:
         self._xfrm_problem = ""
         self._block_installed = False
         self._secrets: dict[int, Key] = {}
+        self._fitted_ifindex = 0  # the overlay device's index when the kernel was last made to match
 
     # ---- life cycle ----
 
@@ -271,7 +273,7 @@ class Ipsec:
                     self._block_installed = True
                 except xfrm.XfrmError as exc:
                     log.error("cannot install the default-drop xfrm policy", family=version, error=str(exc))
-        self._maps.set_xfrm_block(self._block_installed)
+        self._maps.set_config(self._block_installed, strict=self.follow_nodes)
 
     @staticmethod
     def _block_policy(any_net: Network) -> xfrm.Policy:
@@ -644,6 +646,8 @@ class Ipsec:
             if have_policies.get(pid) != policy:
                 assert self._xfrm is not None
                 self._xfrm.add_policy(policy)
+        if usable:
+            self._fit_overlay(local, peers)  # before the first packet of an overlay peer is marked
         live_underlay = self._maps.underlays()
         for peer in peers:
             if usable and live_underlay.get(peer.underlay) != peer.node_id:
@@ -678,6 +682,27 @@ class Ipsec:
                     self._xfrm.delete_state(state)
         self._forget_oseqs()
         self._refresh_egress(peers)
+
+    def _fit_overlay(self, local: LocalNode | None, peers: list[Peer]) -> None:
+        """With an overlay peer and a key: the VXLAN device's MTU leaves room for ESP (services.ipsec.mtu)."""
+        ifindex = self._overlay_ifindex()
+        self._fitted_ifindex = ifindex
+        if not ifindex or local is None or not self._secrets or not any(p.vxlan for p in peers):
+            return
+        try:
+            before, after = mtu.fit_overlay(ifindex, local.underlay, {k.cipher for k in self._secrets.values()})
+        except (NetlinkError, OSError) as exc:
+            log.warning("cannot fit the overlay device's MTU for ESP", device=self._overlay_device, error=str(exc))
+            return
+        if before != after:
+            log.info("overlay MTU set for ESP", device=self._overlay_device, mtu=after, was=before)
+
+    def check_overlay(self) -> None:
+        """Periodically: an overlay device made again (a new index, the orchestrator's MTU) is taken up again."""
+        if self._overlay_ifindex() != self._fitted_ifindex:
+            self._apply()
+        elif self._xfrm is not None:
+            self._fit_overlay(self.local(), self.peers())
 
     def _carried_oseq(self, state: xfrm.State) -> int:
         """The sequence number an OUT state of the same peer and SPI reached before it was removed (0: none)."""
