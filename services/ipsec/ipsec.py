@@ -586,10 +586,9 @@ class Ipsec:
         """The VXLAN device's index now, or 0 while it does not exist (then nothing passes: fail closed)."""
         if not self._overlay_device:
             return 0
-        try:
-            return socket.if_nametoindex(self._overlay_device)
-        except OSError:
-            return 0
+        # a netlink dump, not if_nametoindex: SIOCGIFINDEX on a missing device makes the
+        # kernel run modprobe for its name, a process per call (costly on a slow machine)
+        return next((i for i, name in socket.if_nameindex() if name == self._overlay_device), 0)
 
     @staticmethod
     def _desire_overlay_out(want: Desired, local: LocalNode, peer: Peer, out_mark: xfrm.Mark, ifindex: int) -> None:
@@ -685,9 +684,9 @@ class Ipsec:
 
     def _fit_overlay(self, local: LocalNode | None, peers: list[Peer]) -> None:
         """With an overlay peer and a key: the VXLAN device's MTU leaves room for ESP (services.ipsec.mtu)."""
-        ifindex = self._overlay_ifindex()
+        ifindex = self._overlay_ifindex() if any(p.vxlan for p in peers) else 0
         self._fitted_ifindex = ifindex
-        if not ifindex or local is None or not self._secrets or not any(p.vxlan for p in peers):
+        if not ifindex or local is None or not self._secrets:
             return
         try:
             before, after = mtu.fit_overlay(ifindex, local.underlay, {k.cipher for k in self._secrets.values()})
@@ -699,10 +698,13 @@ class Ipsec:
 
     def check_overlay(self) -> None:
         """Periodically: an overlay device made again (a new index, the orchestrator's MTU) is taken up again."""
+        peers = self.peers()
+        if not any(p.vxlan for p in peers):
+            return
         if self._overlay_ifindex() != self._fitted_ifindex:
             self._apply()
         elif self._xfrm is not None:
-            self._fit_overlay(self.local(), self.peers())
+            self._fit_overlay(self.local(), peers)
 
     def _carried_oseq(self, state: xfrm.State) -> int:
         """The sequence number an OUT state of the same peer and SPI reached before it was removed (0: none)."""

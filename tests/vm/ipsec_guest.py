@@ -98,13 +98,19 @@ def _stream(a: IpsecNode, b: IpsecNode, port: int) -> CountedStream:
     return CountedStream(a.endpoint_ns, b.endpoint_ns, b.endpoint_ip, port, rate=RATE).start()
 
 
-def _loss(result: Any) -> dict[str, Any]:
-    tail = set(range(max(result.sent - RATE // 2, 0), result.sent))  # the last half second
+def _loss(result: Any, since: int | None = None) -> dict[str, Any]:
+    """Sent, received, lost; `resumed`: every datagram from `since` on arrived (default: the last half second).
+
+    `since` counts datagrams: under a loaded VM the sender falls behind its rate, so "the
+    last half second" of datagrams may reach back to before the datapath was whole again.
+    """
+    start = max(result.sent - RATE // 2, 0) if since is None else since
+    tail = set(range(start, result.sent))
     return {
         "sent": result.sent,
         "received": result.received,
         "lost": len(result.missing),
-        "resumed": not tail & set(result.missing),
+        "resumed": bool(tail) and not tail & set(result.missing),
     }
 
 
@@ -223,7 +229,7 @@ def phase_remove_readd(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
         result = stream.finish()
     after_b = counters(b).xfrm_errors
     return {
-        **_loss(result),
+        **_loss(result, since=back),
         "plaintext": cap.plaintext_between(_addresses(a, b)),
         "esp": len(cap.esp()),
         "sent_while_absent": back - first_absent,
@@ -296,7 +302,7 @@ def phase_sigkill(a: IpsecNode, b: IpsecNode) -> dict[str, Any]:
         result = stream.finish()
     after = counters(a)
     return {
-        **_loss(result),
+        **_loss(result, since=restarted_at),
         "killed_at": killed_at,
         "restarted_at": restarted_at,
         "gaps": _gaps(result.missing),
@@ -366,11 +372,12 @@ def _overlay(a: IpsecNode, b: IpsecNode, key_index: int) -> dict[str, Any]:
                 break
             time.sleep(0.2)
         followed = time.monotonic() - t0
+        peered_at = stream.sent
         time.sleep(2.0)  # the stream goes on, encrypted
         result = stream.finish()
     after_window = counters(a)
     new_node = {
-        **_loss(result),
+        **_loss(result, since=peered_at),
         "underlay_protocols": sorted(window.ip_protocols()),
         "underlay_not_esp": _sent_not_esp(window, a.underlay),
         "underlay_esp": len(window.esp()),
