@@ -633,6 +633,14 @@ class Ipsec:
             }
         else:
             have_states, have_policies = {}, {}
+        # 0. a state made without XFRM_STATE_AF_UNSPEC (before it was set) has a selector of its
+        # outer family, which mishandles the other family's packets: made again, its count carried
+        for sid in [sid for sid in want.states if sid in have_states and not have_states[sid].any_family]:
+            assert self._xfrm is not None
+            self._remember_oseq(have_states[sid])
+            self._xfrm.delete_state(have_states.pop(sid))
+            log.info("a state is made again to take either inner family", peer=str(want.states[sid].dst),
+                     spi=want.states[sid].spi)  # fmt: skip
         # 1. add: states, then policies (replaced in place), then the maps
         for sid, state in want.states.items():
             if sid not in have_states:

@@ -213,6 +213,7 @@ class State:
     bytes: int = 0
     integrity_failed: int = 0
     replay: int = 0
+    any_family: bool = True  # its selector takes either inner family (read back: the kernel's selector family is 0)
 
 
 @dataclass(frozen=True)
@@ -380,6 +381,7 @@ def _state_of(msg: UserSaInfo) -> State:
         bytes=int(msg["cur_bytes"]),
         integrity_failed=int(msg["stats_integrity_failed"]),
         replay=int(msg["stats_replay"]),
+        any_family=int(msg["sel_family"]) == 0,
     )
 
 
