@@ -4,12 +4,15 @@ It measures and writes facts to RWDIR/result.json after each phase (so a phase t
 fails or times out still leaves the earlier ones); the pytest test on the host
 (`tests/vm/test_ipsec_vm.py`) asserts on them. First, every BPF program of bpf/build
 is loaded on this kernel's verifier (tests.vm.load_all). Phases, direct routing with peers set
-through the ipsec API: encrypted path, rotation under a counted stream, a wrong key,
-removing and re-adding the peer under traffic, SIGKILLing the ipsec service under
-traffic. Before them, the VXLAN overlay with peers from the orchestrators' node tables:
-each orchestrator is told of the other node (UpsertNode, VXLAN, its key index), the ipsec
-services follow, and b's capture of the decrypted VXLAN packets shows each sender's
-identity in the VNI. (b's policy service cannot judge it here: policy.bpf.c no longer
+through the ipsec API: encrypted path (IPv4 and IPv6 endpoints, ESP between the IPv4
+underlay addresses), rotation under a counted stream, a wrong key, removing and
+re-adding the peer under traffic, SIGKILLing the ipsec service under traffic (nothing
+lost). Before them, the VXLAN overlay with peers from the orchestrators' node tables:
+each orchestrator is told of the other node (UpsertNode, VXLAN, its key index) while a
+stream runs (strict mode drops it until the peer is there: only ESP on the underlay),
+the ipsec services follow, b's capture of the decrypted VXLAN packets shows each
+sender's identity in the VNI, and a full-size TCP stream crosses unfragmented (the
+overlay MTU leaves room for ESP). (b's policy service cannot judge it here: policy.bpf.c no longer
 passes the 6.1 verifier, "BPF program is too large".)
 """
 
