@@ -9,6 +9,13 @@
  * only the default-drop policy matches; without that policy the packet is
  * dropped here. Either way it never leaves in plaintext.
  *
+ * Strict mode (the service follows the node table): a destination no entry of
+ * ipsec_cidrs covers, in the range of a remote node that publishes a key index
+ * (remote_nodes, written by the orchestrator before it routes there), is a node
+ * that encrypts whose peer the service has not installed yet: the packet drops
+ * as ENCRYPTION_PENDING. That holds from the orchestrator's UpsertNode on, and
+ * while the service is down or restarting (this program and its maps stay).
+ *
  * From-network: ESP from a peer's underlay address is marked DECRYPT with the
  * peer's node id, which that peer's IN states match; xfrm finds the key by the
  * SPI in the ESP header. The decrypted packet comes back through this chain as
@@ -16,6 +23,7 @@
  */
 #include "weir/chain.h"
 #include "weir/ipsec_defs.h"
+#include "weir/remote_nodes.h"
 
 /* Remote endpoint ranges -> node id, key index, flags. */
 struct {
@@ -72,6 +80,20 @@ static __always_inline int ipsec_xfrm_block(void)
 	return cfg && cfg->xfrm_block;
 }
 
+/* Strict mode: the destination is in the range of a remote node that encrypts. */
+static __always_inline int ipsec_pending(struct weir_ipsec_key *key)
+{
+	struct weir_tunnel_value *node;
+	__u32 zero = 0;
+	struct weir_ipsec_config *cfg = bpf_map_lookup_elem(&ipsec_config, &zero);
+
+	if (!cfg || !cfg->strict)
+		return 0;
+	/* struct weir_ipsec_key and struct weir_ipcache_key share their layout */
+	node = bpf_map_lookup_elem(&remote_nodes, key);
+	return node && node->key_index;
+}
+
 SEC("tc")
 int ipsec_from_container(struct __sk_buff *skb)
 {
@@ -83,8 +105,13 @@ int ipsec_from_container(struct __sk_buff *skb)
 		return weir_tc_next(skb, &calls_from_container);
 	ipsec_key_of(&key, &f, f.daddr);
 	peer = bpf_map_lookup_elem(&ipsec_cidrs, &key);
-	if (!peer)
+	if (!peer) {
+		if (ipsec_pending(&key)) {
+			ipsec_count(WEIR_IPSEC_STAT_PENDING, skb->len);
+			return weir_tc_drop(skb, WEIR_REASON_ENCRYPTION_PENDING);
+		}
 		return weir_tc_next(skb, &calls_from_container);
+	}
 	if ((peer->flags & WEIR_PEER_FLAG_BLOCK) || !peer->spi || !peer->node_id) {
 		if (!ipsec_xfrm_block()) {
 			ipsec_count(WEIR_IPSEC_STAT_DROPPED, skb->len);

@@ -17,6 +17,7 @@
  */
 #include "weir/chain.h"
 #include "weir/ipcache.h"
+#include "weir/remote_nodes.h" /* the orchestrator writes it through this object */
 
 #define WEIR_PACKET_HOST 0
 #define VXLAN_VNI_MASK 0xffffff

@@ -136,6 +136,10 @@ class Reason(IntEnum):
     # Encryption was asked for the destination but cannot be done (no key, a removed peer,
     # no xfrm in the kernel): dropped, never sent in plaintext.
     ENCRYPTION_UNAVAILABLE = 16
+    # Strict encryption: an endpoint's packet to a node that publishes a key index (it
+    # encrypts) while the ipsec service has no peer for that node yet (a node just added,
+    # the service down): dropped until the peer is installed, never sent in plaintext.
+    ENCRYPTION_PENDING = 17
 
 
 class Cb(IntEnum):

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import hashlib
 
-__all__ = ["overlay_ifname"]
+__all__ = ["VXLAN6_OVERHEAD", "VXLAN_OVERHEAD", "overlay_ifname"]
+
+VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
+VXLAN6_OVERHEAD = 70  # the same with an outer IPv6 header (40 bytes, not 20)
 
 
 def overlay_ifname(instance: str) -> str:

@@ -64,9 +64,14 @@ class UnderlayValue(ctypes.Structure):
 
 
 class IpsecConfig(ctypes.Structure):
-    """ipsec_config[0]: whether the default-drop xfrm policy is installed (else BLOCK drops in BPF)."""
+    """ipsec_config[0]: whether the default-drop xfrm policy is installed (else BLOCK drops in BPF).
 
-    _fields_ = [("xfrm_block", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+    `strict`: the service makes a peer of every remote node that publishes a key index
+    (it follows the node table), so an endpoint's packet to such a node's range that no
+    peer entry covers yet is dropped (ENCRYPTION_PENDING) rather than sent in plaintext.
+    """
+
+    _fields_ = [("xfrm_block", ctypes.c_uint32), ("strict", ctypes.c_uint32)]
 
 
 class IpsecStat(IntEnum):
@@ -76,6 +81,7 @@ class IpsecStat(IntEnum):
     MARKED_DECRYPT = 1
     BLOCKED = 2  # marked for the default-drop policy (no usable key for the range)
     DROPPED = 3  # dropped in BPF: BLOCK without the default-drop policy
+    PENDING = 4  # dropped in BPF: strict, to a node with a key index that is no peer yet
 
 
 CONSTANTS = {

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
+from pyroute2.netlink.exceptions import NetlinkError
 
 from services.common.datapath import VXLAN_PORT, XFRM_MARK_MASK, XfrmMark
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
@@ -60,7 +61,7 @@ from services.common.validate import Address, Network, at_most
 from services.common.validate import address as valid_address
 from services.common.validate import cidr as valid_cidr
 from services.common.validate import name as valid_name
-from services.ipsec import xfrm
+from services.ipsec import mtu, xfrm
 from services.ipsec.defs import (
     MAX_PEER_CIDRS,
     MAX_PEERS,
@@ -225,6 +226,7 @@ class Ipsec:
         self._xfrm_problem = ""
         self._block_installed = False
         self._secrets: dict[int, Key] = {}
+        self._fitted_ifindex = 0  # the overlay device's index when the kernel was last made to match
 
     # ---- life cycle ----
 
@@ -271,7 +273,7 @@ class Ipsec:
                     self._block_installed = True
                 except xfrm.XfrmError as exc:
                     log.error("cannot install the default-drop xfrm policy", family=version, error=str(exc))
-        self._maps.set_xfrm_block(self._block_installed)
+        self._maps.set_config(self._block_installed, strict=self.follow_nodes)
 
     @staticmethod
     def _block_policy(any_net: Network) -> xfrm.Policy:
@@ -584,10 +586,9 @@ class Ipsec:
         """The VXLAN device's index now, or 0 while it does not exist (then nothing passes: fail closed)."""
         if not self._overlay_device:
             return 0
-        try:
-            return socket.if_nametoindex(self._overlay_device)
-        except OSError:
-            return 0
+        # a netlink dump, not if_nametoindex: SIOCGIFINDEX on a missing device makes the
+        # kernel run modprobe for its name, a process per call (costly on a slow machine)
+        return next((i for i, name in socket.if_nameindex() if name == self._overlay_device), 0)
 
     @staticmethod
     def _desire_overlay_out(want: Desired, local: LocalNode, peer: Peer, out_mark: xfrm.Mark, ifindex: int) -> None:
@@ -632,6 +633,14 @@ class Ipsec:
             }
         else:
             have_states, have_policies = {}, {}
+        # 0. a state made without XFRM_STATE_AF_UNSPEC (before it was set) has a selector of its
+        # outer family, which mishandles the other family's packets: made again, its count carried
+        for sid in [sid for sid in want.states if sid in have_states and not have_states[sid].any_family]:
+            assert self._xfrm is not None
+            self._remember_oseq(have_states[sid])
+            self._xfrm.delete_state(have_states.pop(sid))
+            log.info("a state is made again to take either inner family", peer=str(want.states[sid].dst),
+                     spi=want.states[sid].spi)  # fmt: skip
         # 1. add: states, then policies (replaced in place), then the maps
         for sid, state in want.states.items():
             if sid not in have_states:
@@ -644,6 +653,8 @@ class Ipsec:
             if have_policies.get(pid) != policy:
                 assert self._xfrm is not None
                 self._xfrm.add_policy(policy)
+        if usable:
+            self._fit_overlay(local, peers)  # before the first packet of an overlay peer is marked
         live_underlay = self._maps.underlays()
         for peer in peers:
             if usable and live_underlay.get(peer.underlay) != peer.node_id:
@@ -678,6 +689,30 @@ class Ipsec:
                     self._xfrm.delete_state(state)
         self._forget_oseqs()
         self._refresh_egress(peers)
+
+    def _fit_overlay(self, local: LocalNode | None, peers: list[Peer]) -> None:
+        """With an overlay peer and a key: the VXLAN device's MTU leaves room for ESP (services.ipsec.mtu)."""
+        ifindex = self._overlay_ifindex() if any(p.vxlan for p in peers) else 0
+        self._fitted_ifindex = ifindex
+        if not ifindex or local is None or not self._secrets:
+            return
+        try:
+            before, after = mtu.fit_overlay(ifindex, local.underlay, {k.cipher for k in self._secrets.values()})
+        except (NetlinkError, OSError) as exc:
+            log.warning("cannot fit the overlay device's MTU for ESP", device=self._overlay_device, error=str(exc))
+            return
+        if before != after:
+            log.info("overlay MTU set for ESP", device=self._overlay_device, mtu=after, was=before)
+
+    def check_overlay(self) -> None:
+        """Periodically: an overlay device made again (a new index, the orchestrator's MTU) is taken up again."""
+        peers = self.peers()
+        if not any(p.vxlan for p in peers):
+            return
+        if self._overlay_ifindex() != self._fitted_ifindex:
+            self._apply()
+        elif self._xfrm is not None:
+            self._fit_overlay(self.local(), peers)
 
     def _carried_oseq(self, state: xfrm.State) -> int:
         """The sequence number an OUT state of the same peer and SPI reached before it was removed (0: none)."""

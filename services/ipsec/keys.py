@@ -41,10 +41,27 @@ class Cipher(Enum):
     def kernel_option(self) -> str:
         return "CONFIG_CRYPTO_GCM" if self is Cipher.GCM else "CONFIG_CRYPTO_CBC and CONFIG_CRYPTO_SHA256"
 
+    def max_inner(self, mtu: int, outer_version: int) -> int:
+        """The largest packet that still fits `mtu` once ESP in tunnel mode has wrapped it.
+
+        ESP adds the outer IP header, its own header (SPI, sequence number), the IV, a
+        trailer (padding to the cipher's block, pad length, next header) and the ICV; the
+        kernel's esp4/esp6 get_mtu compute the same bound.
+        """
+        iv, block = (GCM_IV_BYTES, GCM_ALIGN) if self is Cipher.GCM else (CBC_IV_BYTES, CBC_BLOCK)
+        icv = (ICV_BITS if self is Cipher.GCM else AUTH_TRUNC_BITS) // 8
+        fixed = (IPV4_HEADER if outer_version == 4 else IPV6_HEADER) + ESP_HEADER + iv + icv
+        return (mtu - fixed) // block * block - ESP_TRAILER
+
 
 ICV_BITS = 128
 AUTH_KEY_BYTES = 32
 AUTH_TRUNC_BITS = 128
+IPV4_HEADER, IPV6_HEADER = 20, 40
+ESP_HEADER = 8  # SPI and sequence number
+ESP_TRAILER = 2  # pad length and next header
+GCM_IV_BYTES, GCM_ALIGN = 8, 4  # RFC 4106: an 8-byte IV; ESP pads to 4 bytes
+CBC_IV_BYTES, CBC_BLOCK = 16, 16  # AES-CBC: the IV and the padding are one AES block
 
 
 @dataclass(frozen=True)

@@ -67,8 +67,9 @@ class IpsecMaps:
             self._obj.close()
             self._obj = None
 
-    def set_xfrm_block(self, installed: bool) -> None:
-        self._config[0] = IpsecConfig(xfrm_block=1 if installed else 0)
+    def set_config(self, xfrm_block: bool, strict: bool) -> None:
+        """Whether the default-drop policy is in place; whether a node with a key index but no peer drops."""
+        self._config[0] = IpsecConfig(xfrm_block=int(xfrm_block), strict=int(strict))
 
     def cidrs(self) -> dict[Network, PeerCidrValue]:
         return {network_of(k): v for k, v in self._cidrs.items()}

@@ -80,6 +80,7 @@ def sync(ipsec: Ipsec, nodes: Iterable[NodeView]) -> list[str]:
             ipsec.upsert_peer(node.name, node.node_id, address, node.cidrs, node.key_index, node.vxlan, NODES)
         except WeirError as exc:
             problems.append(f"node {node.name!r}: {exc}")
+    ipsec.check_overlay()
     return problems
 
 

@@ -40,6 +40,10 @@ XFRM_MSG_UPDSA = 0x1A
 DIR_IN, DIR_OUT, DIR_FWD = 0, 1, 2
 ACTION_ALLOW, ACTION_BLOCK = 0, 1
 MODE_TUNNEL = 1
+# A state flag: keep the selector's family 0 (any inner family). Without it the kernel
+# gives the selector the state's own family, and an IPv6 packet in an IPv4 tunnel (or the
+# reverse) is taken for one of the outer family: not encrypted, or not decrypted, right.
+XFRM_STATE_AF_UNSPEC = 32
 IPPROTO_ESP = 50
 ALL_ALGS = 0xFFFFFFFF
 
@@ -209,6 +213,7 @@ class State:
     bytes: int = 0
     integrity_failed: int = 0
     replay: int = 0
+    any_family: bool = True  # its selector takes either inner family (read back: the kernel's selector family is 0)
 
 
 @dataclass(frozen=True)
@@ -291,6 +296,7 @@ def state_message(state: State) -> UserSaInfo:
     msg["family"] = _family(state.dst.version)
     msg["mode"] = MODE_TUNNEL
     msg["replay_window"] = 0  # the window is the bitmap's (XFRMA_REPLAY_ESN_VAL): the kernel wants 0 here
+    msg["flags"] = XFRM_STATE_AF_UNSPEC
     msg["attrs"] = [
         *state.algorithm.attrs(),
         ("XFRMA_MARK", {"v": state.mark.value, "m": state.mark.mask}),
@@ -375,6 +381,7 @@ def _state_of(msg: UserSaInfo) -> State:
         bytes=int(msg["cur_bytes"]),
         integrity_failed=int(msg["stats_integrity_failed"]),
         replay=int(msg["stats_replay"]),
+        any_family=int(msg["sel_family"]) == 0,
     )
 
 

@@ -173,6 +173,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
                 dict(overlay.programs),
                 local_node.routing == VXLAN,
                 local_node.addresses,
+                remote_nodes=overlay.maps["remote_nodes"],
             )
             nodes = NodeTable(store, local_node, routing, endpoints.all_networks)
             endpoints.address_checks.append(nodes.check_endpoint_address)

@@ -14,6 +14,11 @@ a route of the operator's to the same destination) keeps its own. The VXLAN devi
 ifalias `weir-overlay/<instance>` (not the endpoints' `weir/<instance>/` tag,
 which endpoint reconciliation would take for a leftover veth). All of it lives
 in the node's own namespace, which stands for the node: one node per namespace.
+
+`remote_nodes` (an LPM trie shared with the ipsec program) holds every remote CIDR,
+whatever its routing, with its node's id and key index: written before the routes are
+made and cleared after they went, so the ipsec program's strict mode knows a node that
+encrypts (key index above 0) from the first packet the kernel routes to it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ from services.common.datapath import (
 )
 from services.common.errors import FailedPrecondition, ResourceExhausted
 from services.common.lpm import ipcache_key, ipcache_network
-from services.common.overlay import overlay_ifname
+from services.common.overlay import VXLAN6_OVERHEAD, VXLAN_OVERHEAD, overlay_ifname
 from services.common.validate import Network
 from services.orchestrator.ipcache import AF_INET, AF_INET6
 
@@ -53,8 +58,6 @@ DIRECT, VXLAN = "direct", "vxlan"
 # (IPv4's default) or 1024 (IPv6's), which routes made before they were scoped carry.
 FIRST_METRIC, METRICS = 2048, 1 << 15
 UNSCOPED_METRICS = (0, 1024)
-VXLAN_OVERHEAD = 50  # outer IPv4 + UDP + VXLAN + inner Ethernet
-VXLAN6_OVERHEAD = 70  # the same with an outer IPv6 header (40 bytes, not 20)
 DEFAULT_UNDERLAY_MTU = 1500
 IFF_NOARP = 0x80
 TC_HANDLE = 1
@@ -190,10 +193,12 @@ class Routing:
         programs: dict[str, Program],
         local_vxlan: bool,
         local_addresses: Iterable[str] = (),
+        remote_nodes: Map | None = None,
     ) -> None:
         """`programs` are overlay_egress and overlay_ingress; `local_vxlan`: the local node's mode is VXLAN."""
         self._instance = instance
         self._tunnel = tunnel_map.typed(IpcacheKey, TunnelValue)
+        self._remote_nodes = remote_nodes.typed(IpcacheKey, TunnelValue) if remote_nodes is not None else None
         self._programs = programs
         self._local_vxlan = local_vxlan
         self._local_addresses = tuple(local_addresses)
@@ -222,6 +227,8 @@ class Routing:
             self._ensure_device()
         tunnels_before = {r.dst for r in before if not r.gateway}
         tunnels_after = {r.dst for r in after if not r.gateway}
+        if new is not None:
+            self._put_remote(new)
         if new is not None and tunnels_after:
             if len(self._tunnel_keys()) + len(tunnels_after - tunnels_before) > TUNNEL_MAX:
                 raise ResourceExhausted(f"tunnel_map is full ({TUNNEL_MAX} remote CIDRs)")
@@ -237,6 +244,7 @@ class Routing:
         for dst in tunnels_before - tunnels_after:
             with contextlib.suppress(KeyNotFoundError):
                 self._tunnel.delete(ipcache_key(dst))
+        self._delete_remote({r.dst for r in before} - {r.dst for r in after})
         if new is None or new.routing != VXLAN:
             if old is not None:
                 self._vxlan_nodes.discard(old.name)
@@ -256,6 +264,9 @@ class Routing:
                 self._vxlan_nodes.add(node.name)
         if self._vxlan_nodes or self._local_vxlan:
             self._ensure_device()
+        remote: set[Network] = set()
+        for node in nodes:
+            remote |= self._put_remote(node)
         for dst, value in tunnels.items():
             self._tunnel.update(ipcache_key(dst), value)
         with IPRoute() as ipr:
@@ -269,9 +280,28 @@ class Routing:
             if ipcache_network(key) not in tunnels:
                 with contextlib.suppress(KeyNotFoundError):
                     self._tunnel.delete(key)
+        if self._remote_nodes is not None:
+            keys = list(self._remote_nodes.keys())
+            self._delete_remote({ipcache_network(k) for k in keys} - remote)
         self._drop_device_if_unused()
 
     # ---- helpers ----
+
+    def _put_remote(self, node: Remote) -> set[Network]:
+        """The node's CIDRs into remote_nodes (before any route to them); returns them."""
+        networks = {ipaddress.ip_network(c) for c in node.cidrs}
+        if self._remote_nodes is not None:
+            value = tunnel_value(node)
+            for dst in networks:
+                self._remote_nodes.update(ipcache_key(dst), value)
+        return networks
+
+    def _delete_remote(self, networks: Iterable[Network]) -> None:
+        if self._remote_nodes is None:
+            return
+        for dst in networks:
+            with contextlib.suppress(KeyNotFoundError):
+                self._remote_nodes.delete(ipcache_key(dst))
 
     def _tunnel_keys(self) -> list[IpcacheKey]:
         return list(self._tunnel.keys())

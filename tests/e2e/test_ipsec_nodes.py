@@ -7,7 +7,9 @@ when the node goes. The host kernel has no ESP, so no key can be installed: ever
 range is blocked, which the capture and the counters show, and the xfrm policies the
 service installed are read back from the node's namespace. The follower reconnects
 after the orchestrator restarts, and a restarted ipsec service drops the peers of nodes
-deleted while it was down.
+deleted while it was down. Strict mode: a node added while the ipsec service is down
+(so no peer can be made for it) gets no plaintext packet from the endpoints when it
+publishes a key index; they drop as ENCRYPTION_PENDING.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from weir.ipsec.v1 import ipsec_pb2 as pb
 from weir.ipsec.v1 import ipsec_pb2_grpc as pb_grpc
 from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 
-from services.common.datapath import VXLAN_PORT
+from pybpf import Map
+from services.common import reasons
+from services.common.datapath import VXLAN_PORT, Direction, Reason
 from services.ipsec import xfrm
 from tests.harness import netns
 from tests.harness.capture import Capture
@@ -162,3 +166,38 @@ def test_the_follower_survives_restarts_of_the_orchestrator_and_of_itself(ipsec_
     node.start("ipsec")
     peers = _until(node, lambda p: "n3" not in p)
     assert set(peers) == {"n2"} and peers["n2"].source == "nodes"
+
+
+def _pending_drops(node: Node) -> int:
+    with Map.from_pin(node.bpffs_root / "globals" / reasons.MAP_NAME) as pinned:
+        totals = reasons.read_reason_counters(reasons.typed(pinned))
+    found = totals.get((Reason.ENCRYPTION_PENDING, Direction.EGRESS))
+    return int(found.packets) if found is not None else 0
+
+
+def test_a_node_added_while_the_service_is_down_gets_no_plaintext(ipsec_node: tuple[Node, str]) -> None:
+    """The window between UpsertNode and the peer: strict mode drops, from the first packet, service or not."""
+    node, ep_ns = ipsec_node
+    node.kill("ipsec", signal.SIGKILL)  # its program and maps stay in the chain; no peer can be made now
+    plain = orch_pb.Node(name="n2", node_id=2, addresses=["192.0.2.2"], cidrs=["203.0.113.0/24"])
+    _upsert(node, plain)  # a node without a key index is not encrypted: its packets pass (the route works)
+    with Capture(node.outside, "eth0") as cap:
+        _send(ep_ns, N2_HOST, b"CLEAR-TO-A-NODE-WITHOUT-A-KEY")
+        time.sleep(0.3)
+    assert cap.contains(b"CLEAR-TO-A-NODE-WITHOUT-A-KEY"), "the route to n2 carries plain traffic"
+
+    before = _pending_drops(node)
+    _upsert(node, N2)  # now it publishes key index 1: it encrypts, and this node has no peer for it
+    with Capture(node.outside, "eth0") as cap:
+        _send(ep_ns, N2_HOST, b"SECRET-WHILE-NO-PEER")
+        time.sleep(0.3)
+    assert not cap.contains(b"SECRET-WHILE-NO-PEER")
+    assert _pending_drops(node) - before >= 5, "dropped with the reason ENCRYPTION_PENDING"
+
+    node.start("ipsec")
+    n2 = _until(node, lambda p: "n2" in p)["n2"]
+    assert n2.spi == 1 and n2.egress_spi == 0  # no key on this kernel: the peer's range is blocked
+    pending = _ipsec(node).GetCounters(pb.GetCountersRequest(), timeout=15).datapath["PENDING"].packets
+    assert pending >= 5, "the ipsec program's own count of them survives the restart"
+    leaked, blocked = _leaks(node, ep_ns, b"SECRET-ONCE-A-PEER")
+    assert not leaked and blocked >= 5

@@ -25,7 +25,14 @@ from weir.policy.v1 import policy_pb2 as pol_pb
 from weir.policy.v1 import policy_pb2_grpc as pol_grpc
 
 from pybpf import Map
-from services.common.datapath import NODE_ROUTE_PROTOCOL, VXLAN_PORT, IpcacheKey, IpcacheValue, ReservedIdentity
+from services.common.datapath import (
+    NODE_ROUTE_PROTOCOL,
+    VXLAN_PORT,
+    IpcacheKey,
+    IpcacheValue,
+    ReservedIdentity,
+    TunnelValue,
+)
 from services.common.lpm import ipcache_network
 from services.common.overlay import overlay_ifname
 from tests.harness import netns, traffic
@@ -197,6 +204,13 @@ def ipcache(member: Member) -> dict[str, int]:
         return {str(ipcache_network(k)): int(v.identity) for k, v in m.items()}
 
 
+def remote_nodes(member: Member) -> dict[str, tuple[int, int]]:
+    """The node's pinned remote_nodes (remote CIDR -> node id, key index), which ipsec's strict mode reads."""
+    path = member.node.bpffs_root / "globals/remote_nodes"
+    with Map.from_pin(path, key_type=IpcacheKey, value_type=TunnelValue) as m:
+        return {str(ipcache_network(k)): (int(v.node_id), int(v.key_index)) for k, v in m.items()}
+
+
 def test_remote_node_addresses_are_remote_node_to_the_ipcache_and_to_policy(cluster: Cluster) -> None:
     """As Cilium's node manager does, a remote node's underlay addresses map to the reserved
     remote-node identity: `fromEntities: [remote-node]` admits the node itself, `world` does not."""
@@ -223,10 +237,15 @@ def test_remote_node_addresses_are_remote_node_to_the_ipcache_and_to_policy(clus
         assert not admits("world"), "node 1's address was taken for world"
         assert admits("remote-node")
         stub = n2.orchestrator()
+        assert remote_nodes(n2)[cidr_v4(1)] == (n1.index, 0), "every remote CIDR, direct ones too"
         stub.DeleteNode(orch_pb.DeleteNodeRequest(name=n1.name), timeout=15)
         assert not node1 & ipcache(n2).keys(), "a deleted node's addresses stayed in the ipcache"
-        stub.UpsertNode(orch_pb.UpsertNodeRequest(node=n1.record("direct")), timeout=15)
+        assert cidr_v4(1) not in remote_nodes(n2)
+        record = n1.record("direct")
+        record.key_index = 3
+        stub.UpsertNode(orch_pb.UpsertNodeRequest(node=record), timeout=15)
         assert node1 <= ipcache(n2).keys()
+        assert remote_nodes(n2)[cidr_v4(1)] == (n1.index, 3), "the key index the node publishes"
     finally:
         policy.DeleteRules(pol_pb.DeleteRulesRequest(names=["nodes-in"]), timeout=15)
 

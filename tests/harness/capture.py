@@ -17,6 +17,8 @@ from tests.harness import netns
 
 ETH_P_ALL = 0x0003
 ETH_P_IP = 0x0800
+ETH_P_IPV6 = 0x86DD
+IP_MF, IP_OFFSET = 0x2000, 0x1FFF
 
 
 class Capture:
@@ -86,6 +88,23 @@ class Capture:
         """IPv4 packets that are not ESP and come from or go to one of `addresses`."""
         packed = {socket.inet_aton(a) for a in addresses}
         return sum(1 for p in self.ipv4() if p[9] != 50 and (p[12:16] in packed or p[16:20] in packed))
+
+    def ipv6(self) -> list[bytes]:
+        """The IPv6 packets (from their IP header on) of the frames captured so far."""
+        return [f[14:] for f in list(self.frames) if len(f) > 54 and struct.unpack("!H", f[12:14])[0] == ETH_P_IPV6]
+
+    def plaintext6_between(self, addresses: set[str]) -> int:
+        """IPv6 packets (ESP or not: an IPv6 endpoint's packet is never on the underlay) to or from `addresses`."""
+        packed = {socket.inet_pton(socket.AF_INET6, a) for a in addresses}
+        return sum(1 for p in self.ipv6() if p[8:24] in packed or p[24:40] in packed)
+
+    def fragments(self) -> int:
+        """IPv4 packets that are fragments (more-fragments set, or an offset)."""
+        return sum(1 for p in self.ipv4() if struct.unpack("!H", p[6:8])[0] & (IP_MF | IP_OFFSET))
+
+    def largest_ipv4(self, protocol: int) -> int:
+        """The largest total length of the IPv4 packets of `protocol` (0 when none)."""
+        return max((struct.unpack("!H", p[2:4])[0] for p in self.ipv4() if p[9] == protocol), default=0)
 
     def contains(self, data: bytes) -> bool:
         return any(data in f for f in list(self.frames))
