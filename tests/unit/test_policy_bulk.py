@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from pybpf import Map
+from services.common import ipv4
 from services.common.bpffs import remove_pins
 from services.common.datapath import RuleName
 from services.common.errors import InvalidArgument
@@ -214,11 +215,20 @@ def test_cached_selectors_and_ports_give_what_parsing_gives() -> None:
 
 
 def test_fast_ipv4_prefixes_equal_the_standard_ones() -> None:
-    for text in ("10.0.0.1/32", "10.0.0.0/8", "0.0.0.0/0", "192.168.4.0/22"):
+    """Built without ipaddress's constructor (IPv4Network.of), they behave as its objects do."""
+    for text in ("10.0.0.1/32", "10.0.0.2/31", "10.0.0.0/8", "0.0.0.0/0", "192.168.4.0/22", "255.255.255.255/32"):
         fast, plain = parse_ipv4_network(text), ipaddress.ip_network(text)
         assert fast == plain and hash(fast) == hash(plain) and str(fast) == text and repr(fast) == repr(plain)
         assert {plain: 1}[fast] == 1 and fast.supernet() == plain.supernet()
         assert list(fast.subnets())[:1] == list(plain.subnets())[:1]
+        assert (fast.netmask, fast.hostmask, fast.prefixlen) == (plain.netmask, plain.hostmask, plain.prefixlen)
+        assert (fast.broadcast_address, fast.num_addresses) == (plain.broadcast_address, plain.num_addresses)
+        assert fast.subnet_of(plain) and plain.supernet_of(fast) and fast.is_private == plain.is_private
+        assert not fast < plain and not plain < fast and sorted([fast, plain]) == [plain, plain]
+        if fast.prefixlen >= 22:
+            assert list(fast.hosts()) == list(plain.hosts())
+        assert fast == ipv4.IPv4Network.of(int(plain.network_address), plain.prefixlen)
+    assert str(ipv4.IPv4Network.of(0x0A000100, 24)) == "10.0.1.0/24"
 
 
 def test_packed_identity_answers_follow_the_request(local: Local) -> None:
