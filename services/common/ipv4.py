@@ -55,19 +55,20 @@ class IPv4Network(ipaddress.IPv4Network):
         built without `ipaddress`'s constructor, which costs more than everything else a bulk request
         does per prefix. The same attributes as that constructor sets (`hosts` is a method here)."""
         network = cls.__new__(cls)
-        address = _ADDRESS_NEW(_ADDRESS)
-        address._ip = value
-        network.network_address = address
-        network.netmask, network._prefixlen = _MASKS[prefixlen]
-        network._hash = hash(value ^ _MASK_INTS[prefixlen])
-        network._text = text if text is not None else f"{address}/{prefixlen}"
+        vars(network).update(
+            network_address=ipaddress.IPv4Address(value),
+            netmask=_NETMASKS[prefixlen],
+            _prefixlen=prefixlen,
+            _hash=hash(value ^ _MASK_INTS[prefixlen]),
+            _text=text if text is not None else f"{ipaddress.IPv4Address(value)}/{prefixlen}",
+        )
         return network
 
-    def hosts(self) -> Iterator[ipaddress.IPv4Address] | list[ipaddress.IPv4Address]:  # type: ignore[override]
-        """As the standard class: a /31 holds two hosts, a /32 its one address."""
-        if self._prefixlen == 32:
-            return [self.network_address]
-        if self._prefixlen == 31:
+    def hosts(self) -> Iterator[ipaddress.IPv4Address]:
+        """As the standard class (which answers a list for a /32): a /31 holds two hosts, a /32 its one address."""
+        if self.prefixlen == 32:
+            return iter([self.network_address])
+        if self.prefixlen == 31:
             return iter(self)
         return super().hosts()
 
@@ -78,10 +79,8 @@ class IPv4Network(ipaddress.IPv4Network):
         return self._text
 
 
-_ADDRESS = ipaddress.IPv4Address
-_ADDRESS_NEW = object.__new__
-_MASKS = [ipaddress.IPv4Network._make_netmask(n) for n in range(33)]  # (netmask address, length)
-_MASK_INTS = [int(mask) for mask, _ in _MASKS]
+_NETMASKS = [ipaddress.IPv4Network(f"0.0.0.0/{n}").netmask for n in range(33)]
+_MASK_INTS = [int(mask) for mask in _NETMASKS]
 
 
 def parse_ipv4_network(text: str) -> ipaddress.IPv4Network | None:

@@ -217,7 +217,8 @@ def test_cached_selectors_and_ports_give_what_parsing_gives() -> None:
 def test_fast_ipv4_prefixes_equal_the_standard_ones() -> None:
     """Built without ipaddress's constructor (IPv4Network.of), they behave as its objects do."""
     for text in ("10.0.0.1/32", "10.0.0.2/31", "10.0.0.0/8", "0.0.0.0/0", "192.168.4.0/22", "255.255.255.255/32"):
-        fast, plain = parse_ipv4_network(text), ipaddress.ip_network(text)
+        fast, plain = parse_ipv4_network(text), ipaddress.IPv4Network(text)
+        assert fast is not None
         assert fast == plain and hash(fast) == hash(plain) and str(fast) == text and repr(fast) == repr(plain)
         assert {plain: 1}[fast] == 1 and fast.supernet() == plain.supernet()
         assert list(fast.subnets())[:1] == list(plain.subnets())[:1]
