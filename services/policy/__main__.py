@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc.aio
@@ -95,9 +95,9 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     async def background(worker: Worker, policy: Policy) -> None:
         """Follow the node's endpoints and identities, forever (reconnecting after a restart)."""
 
-        def on_identities(snapshot: bool, upserted: Sequence[orch_pb.Identity], deleted: list[int]) -> list[str]:
+        def on_identities(update: orch_pb.IdentityUpdate) -> list[str]:
             """Converted on the worker, after whatever it is doing (an import's own allocations come back here)."""
-            return policy.on_identities(snapshot, identity_views(upserted), deleted)
+            return policy.on_identities(update.snapshot, identity_views(update), list(update.deleted))
 
         await asyncio.gather(
             follow_endpoints(orchestrator_socket, _follower(worker, policy.on_endpoints, "endpoints")),
