@@ -59,7 +59,7 @@ from services.policy.l7push import ListenerPush
 from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
 from services.policy.maps import HAIRPIN_PROGRAM, ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import HttpRule, Rule
-from services.policy.sources import OWNER, IdentityView
+from services.policy.sources import OWNER, IdentityView, cidr_label
 
 log = structlog.get_logger("weir.policy")
 
@@ -236,7 +236,7 @@ class Policy:
             known = self._identities.get(identity)
             prefixes = known.prefixes if known else ()
             owners = (known.owners if known else frozenset()) | {OWNER}
-            self._identities[identity] = IdentityView(identity, f"cidr:{network}", prefixes, owners)
+            self._identities[identity] = IdentityView(identity, cidr_label(network), prefixes, owners)
 
     def _release(self, networks: set[Network]) -> None:
         if not networks:

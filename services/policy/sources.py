@@ -12,7 +12,6 @@ Unavailable instead of answering "nothing".
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -59,12 +58,32 @@ class IdentityView:
         return _cidr_of(self.text)
 
 
-@functools.lru_cache(maxsize=1 << 18)
+MAX_CACHED_CIDRS = 1 << 18
+_cidrs: dict[str, Network] = {}  # "cidr:<cidr>" label -> the CIDR, parsed once (every recompute asks for each)
+
+
 def _cidr_of(text: str) -> Network | None:
-    """The CIDR of a "cidr:..." identity, parsed once (every recompute asks for each identity's)."""
-    if text.startswith(CIDR_LABEL):
-        return _network(text.removeprefix(CIDR_LABEL))
-    return None
+    """The CIDR of a "cidr:..." identity."""
+    if not text.startswith(CIDR_LABEL):
+        return None
+    network = _cidrs.get(text)
+    if network is None:
+        network = _network(text.removeprefix(CIDR_LABEL))
+        _remember(text, network)
+    return network
+
+
+def _remember(label: str, network: Network) -> None:
+    if len(_cidrs) >= MAX_CACHED_CIDRS:
+        _cidrs.clear()
+    _cidrs[label] = network
+
+
+def cidr_label(network: Network) -> str:
+    """The label of a CIDR's identity; the CIDR is remembered, so its view's `cidr` parses nothing."""
+    label = f"{CIDR_LABEL}{network}"
+    _remember(label, network)
+    return label
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:
@@ -184,7 +203,7 @@ def identity_views(update: orch_pb.IdentityUpdate) -> list[IdentityView]:
     for identity, cidr, published, holders in zip(packed.ids, packed.cidrs, packed.published, packed.owners,
                                                   strict=True):  # fmt: skip
         label = CIDR_LABEL + cidr
-        network = _cidr_of(label)  # parsed once per CIDR while the cache holds it
+        network = _cidr_of(label)  # parsed once per CIDR (the allocation that made it remembered it)
         prefixes = (network,) if published and network is not None else ()
         views.append(IdentityView(identity, label, prefixes, owners[holders]))
     return views
