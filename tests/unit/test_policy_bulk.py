@@ -31,10 +31,12 @@ from services.common.objects import load_service_object
 from services.common.store import Store
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache
+from services.orchestrator.servicer import identity_update
 from services.policy import rules as rules_mod
 from services.policy.compute import EndpointView
 from services.policy.maps import RULE_NAMES, PolicyMaps
 from services.policy.policy import Policy
+from services.policy.sources import identity_views
 from tests.harness.local_node import LocalNode
 from tests.harness.node import BPF_BUILD, pid_prefix
 
@@ -54,6 +56,7 @@ class Local:
     endpoints: list[EndpointView]
     node: LocalNode
     globals_dir: Path
+    orch_store: Store
 
     def state(self) -> dict[str, Any]:
         return {
@@ -90,7 +93,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
         node = LocalNode(ids, endpoints)
         policy = Policy(maps, policy_store, node)
         policy.start(wait_for_node=0)
-        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, node, globals_dir)
+        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, node, globals_dir, orch_store)
     finally:
         maps.close()
         node_maps.close()
@@ -186,6 +189,32 @@ def test_a_bulk_import_fills_every_map_and_names_every_rule(local: Local) -> Non
     published = local.ipcache.read()
     for i in range(count):
         assert ipaddress.ip_network(f"{ipaddress.IPv4Address(0x0A000000 + i)}/32") in published
+
+
+def test_bulk_cidr_identities_read_back_from_the_orchestrator_store(local: Local) -> None:
+    """CIDR identity documents are written as text for speed: they read back as the dicts they
+    stand for, and an orchestrator restarted over the store knows the same identities."""
+    local.policy.import_rules(bulk(40))
+    local.identities.allocate_cidr_ids("other.owner-2", [ipaddress.ip_network("10.0.0.1/32")], reserve_only=True)
+    docs = dict(local.orch_store.items("identity"))
+    first = docs["cidr:10.0.0.1/32"]
+    assert first == {"id": first["id"], "owners": ["other.owner-2", "policy"], "published": True}
+    assert docs["cidr:10.0.0.2/32"]["owners"] == ["policy"] and docs["cidr:10.0.0.2/32"]["published"] is True
+    assert Identities(local.orch_store, local.ipcache).all() == local.identities.all()
+
+
+def test_packed_cidr_identities_give_the_policy_what_messages_give(local: Local) -> None:
+    """The identity stream's packed CIDR form (WatchIdentities packed_cidrs) and one message per
+    identity convert to the same views: reserved, published, several owners, IPv6, label ones."""
+    local.policy.import_rules([*varied(), *bulk(20)])
+    local.identities.allocate_cidr_ids("other", [ipaddress.ip_network("10.9.9.0/24")], reserve_only=True)
+    local.identities.allocate_cidr_ids("other", [ipaddress.ip_network("10.0.0.3/32")])
+    change = local.identities.snapshot()
+    assert len(change.cidrs.ids) > 20 and not any(i.labels[0].startswith("cidr:") for i in change.upserted)
+    packed, plain = (identity_views(identity_update(change, packed)) for packed in (True, False))
+    assert sorted(packed, key=lambda v: v.id) == sorted(plain, key=lambda v: v.id)
+    assert [i.id for i in change.infos()] == [i.id for i in local.identities.all()]
+    assert change.infos() == local.identities.all()
 
 
 def test_a_refused_bulk_changes_nothing(local: Local) -> None:
