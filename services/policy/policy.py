@@ -38,6 +38,7 @@ from weir.policy.v1 import policy_pb2 as pb
 from services.common.change import Change, store_error
 from services.common.datapath import MARK_IDENTITY_SHIFT, Direction, ReservedIdentity, XfrmMark
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeirError
+from services.common.gcpause import gc_paused
 from services.common.service import CannotAdoptError
 from services.common.store import Store, StoreError
 from services.common.validate import Network
@@ -196,6 +197,7 @@ class Policy:
 
     # ---- the node state it follows ----
 
+    @gc_paused
     def on_endpoints(self, snapshot: bool, upserted: list[EndpointView], deleted: list[str]) -> list[str]:
         """An endpoint stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -208,6 +210,7 @@ class Policy:
                                 self.revision, resend=snapshot)  # fmt: skip
         return changed
 
+    @gc_paused
     def on_identities(self, snapshot: bool, upserted: list[IdentityView], deleted: list[int]) -> list[str]:
         """An identity stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -502,6 +505,7 @@ class Policy:
     def revision(self) -> int:
         return self._store.revision(RULE)
 
+    @gc_paused
     def import_rules(self, messages: Iterable[pb.Rule], document: str = "") -> tuple[int, list[str]]:
         """Add or replace rules by key (namespace/name), all or none; returns (revision, endpoints rewritten).
 
@@ -532,6 +536,7 @@ class Policy:
                  revision=revision)  # fmt: skip
         return revision, changed
 
+    @gc_paused
     def delete_rules(self, names: Iterable[str]) -> tuple[int, list[str]]:
         wanted = list(names)
         if not wanted:

@@ -206,7 +206,9 @@ def test_cidr_identities_are_allocated_per_owner_and_published_on_request(node: 
 
 def unpacked(update: orch_pb.IdentityUpdate) -> dict[int, tuple[tuple[str, ...], ...]]:
     """id -> (labels, prefixes, owners) of every identity an update upserts, packed CIDRs included."""
-    out = {i.id: (tuple(i.labels), tuple(i.prefixes), tuple(i.owners)) for i in update.upserted}
+    out: dict[int, tuple[tuple[str, ...], ...]] = {
+        i.id: (tuple(i.labels), tuple(i.prefixes), tuple(i.owners)) for i in update.upserted
+    }
     c = update.cidrs
     for identity, cidr, published, owners in zip(c.ids, c.cidrs, c.published, c.owners, strict=True):
         out[identity] = ((f"cidr:{cidr}",), (cidr,) if published else (), tuple(owners.split(",")) if owners else ())
