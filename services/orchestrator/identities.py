@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from services.common.change import Change
+from services.common.collector import collector_paused
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from services.common.gcpause import gc_paused
 from services.common.ipv4 import parse_ipv4_network
 from services.common.store import Store
 from services.common.validate import Network
@@ -317,7 +317,7 @@ class Identities:
         keys = dict.fromkeys(map(cidr_key, networks))
         return [self.info(self._by_key[key], key) for key in keys]
 
-    @gc_paused
+    @collector_paused()
     def allocate_cidr_ids(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[int]:
         """`allocate_cidrs`, answering only the identity of each network (in order): a bulk
         caller knows its CIDRs, and thousands of `IdentityInfo`s cost more than the allocation."""
@@ -349,7 +349,7 @@ class Identities:
         self._notify([*new, *touched, *(self._by_key[keys[n]] for n in published)], [])
         return [self._by_key[keys[n]] for n in networks]
 
-    @gc_paused
+    @collector_paused()
     def release_cidrs(self, owner: str, networks: list[Network]) -> None:
         """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""
         self._check_owner(owner)

@@ -14,9 +14,9 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from services.common.chain_client import ChainClient
+from services.common.collector import collector_paused
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
-from services.common.gcpause import gc_paused
 from services.common.logs import setup_logging
 from services.common.service import run_datapath_service
 from services.common.worker import Worker
@@ -96,7 +96,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     async def background(worker: Worker, policy: Policy) -> None:
         """Follow the node's endpoints and identities, forever (reconnecting after a restart)."""
 
-        @gc_paused
+        @collector_paused()
         def on_identities(update: orch_pb.IdentityUpdate) -> list[str]:
             """Converted on the worker, after whatever it is doing (an import's own allocations come back here)."""
             return policy.on_identities(update.snapshot, identity_views(update), list(update.deleted))

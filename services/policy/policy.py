@@ -36,9 +36,9 @@ from weir.l7.v1 import l7_pb2 as l7pb
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.change import Change, store_error
+from services.common.collector import collector_paused
 from services.common.datapath import MARK_IDENTITY_SHIFT, Direction, ReservedIdentity, XfrmMark
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeirError
-from services.common.gcpause import gc_paused
 from services.common.service import CannotAdoptError
 from services.common.store import Store, StoreError
 from services.common.validate import Network
@@ -197,7 +197,7 @@ class Policy:
 
     # ---- the node state it follows ----
 
-    @gc_paused
+    @collector_paused()
     def on_endpoints(self, snapshot: bool, upserted: list[EndpointView], deleted: list[str]) -> list[str]:
         """An endpoint stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -210,7 +210,7 @@ class Policy:
                                 self.revision, resend=snapshot)  # fmt: skip
         return changed
 
-    @gc_paused
+    @collector_paused()
     def on_identities(self, snapshot: bool, upserted: list[IdentityView], deleted: list[int]) -> list[str]:
         """An identity stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -505,7 +505,7 @@ class Policy:
     def revision(self) -> int:
         return self._store.revision(RULE)
 
-    @gc_paused
+    @collector_paused()
     def import_rules(self, messages: Iterable[pb.Rule], document: str = "") -> tuple[int, list[str]]:
         """Add or replace rules by key (namespace/name), all or none; returns (revision, endpoints rewritten).
 
@@ -536,7 +536,7 @@ class Policy:
                  revision=revision)  # fmt: skip
         return revision, changed
 
-    @gc_paused
+    @collector_paused()
     def delete_rules(self, names: Iterable[str]) -> tuple[int, list[str]]:
         wanted = list(names)
         if not wanted:
