@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -48,11 +49,38 @@ class IPv4Network(ipaddress.IPv4Network):
         self._hash = hash(int(self.network_address) ^ int(self.netmask))
         self._text = text if text is not None else super().__str__()
 
+    @classmethod
+    def of(cls, value: int, prefixlen: int, text: str | None = None) -> IPv4Network:
+        """The network `value`/`prefixlen` (host bits clear, prefixlen 0..32: the caller checked both),
+        built without `ipaddress`'s constructor, which costs more than everything else a bulk request
+        does per prefix. The same attributes as that constructor sets (`hosts` is a method here)."""
+        network = cls.__new__(cls)
+        vars(network).update(
+            network_address=ipaddress.IPv4Address(value),
+            netmask=_NETMASKS[prefixlen],
+            _prefixlen=prefixlen,
+            _hash=hash(value ^ _MASK_INTS[prefixlen]),
+            _text=text if text is not None else f"{ipaddress.IPv4Address(value)}/{prefixlen}",
+        )
+        return network
+
+    def hosts(self) -> Iterator[ipaddress.IPv4Address]:
+        """As the standard class (which answers a list for a /32): a /31 holds two hosts, a /32 its one address."""
+        if self.prefixlen == 32:
+            return iter([self.network_address])
+        if self.prefixlen == 31:
+            return iter(self)
+        return super().hosts()
+
     def __hash__(self) -> int:
         return self._hash
 
     def __str__(self) -> str:
         return self._text
+
+
+_NETMASKS = [ipaddress.IPv4Network(f"0.0.0.0/{n}").netmask for n in range(33)]
+_MASK_INTS = [int(mask) for mask in _NETMASKS]
 
 
 def parse_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
@@ -63,7 +91,7 @@ def parse_ipv4_network(text: str) -> ipaddress.IPv4Network | None:
     value, prefixlen = int.from_bytes(socket.inet_aton(match[1]), "big"), int(match[2])
     if value & (0xFFFFFFFF >> prefixlen):
         return None
-    return IPv4Network((value, prefixlen), text=text)
+    return IPv4Network.of(value, prefixlen, text)
 
 
 def plain_unicast(value: int) -> bool:

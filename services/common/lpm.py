@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ipaddress
+import struct
 
 from services.common.datapath import Family, IpcacheKey
 from services.common.validate import Network
@@ -20,6 +21,15 @@ def ipcache_key(network: Network) -> IpcacheKey:
     packed = network.network_address.packed
     ctypes.memmove(key.addr, packed, len(packed))
     return key
+
+
+_KEY = struct.Struct("=IB3x16s")  # IpcacheKey's layout (checked against it in tests)
+
+
+def ipcache_key_bytes(network: Network) -> bytes:
+    """`bytes(ipcache_key(network))`, packed in one call (batches of thousands of keys)."""
+    family = Family.INET if network.version == 4 else Family.INET6
+    return _KEY.pack(32 + network.prefixlen, family, network.network_address.packed)
 
 
 def ipcache_network(key: IpcacheKey) -> Network:

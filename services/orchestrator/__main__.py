@@ -207,7 +207,7 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     flows.start(asyncio.get_running_loop())
     endpoints.on_change(flows.endpoint_changed)
     identities.on_change(flows.identities_changed)
-    await worker.call(lambda: flows.seed(endpoints.all(), identities.all()))
+    await worker.call(lambda: flows.seed(endpoints.all(), identities.snapshot()))
     events = EventHub(chain.events, flows.add)
     events.start(asyncio.get_running_loop())
     l7_flows = L7Follower(config.socket_path("l7"), flows.add, flows.endpoint_id)

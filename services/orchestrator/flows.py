@@ -25,7 +25,7 @@ from services.common.datapath import Direction, Hook, Reason
 from services.common.errors import InvalidArgument
 from services.orchestrator.endpoints import Endpoint
 from services.orchestrator.events import PROTOCOLS, FlowEvent
-from services.orchestrator.identities import IdentityInfo
+from services.orchestrator.identities import CIDR_PREFIX, IdentityChange
 
 DEFAULT_CAPACITY = 4096
 MAX_CAPACITY = 1 << 20
@@ -215,10 +215,10 @@ class Flows:
 
     # ---- following endpoints and identities (worker thread) ----
 
-    def seed(self, endpoints: Iterable[Endpoint], identities: Iterable[IdentityInfo]) -> None:
+    def seed(self, endpoints: Iterable[Endpoint], identities: IdentityChange) -> None:
         for endpoint in endpoints:
             self.endpoint_changed("CREATED", endpoint)
-        self.identities_changed(list(identities), [])
+        self.identities_changed(identities)
 
     def endpoint_changed(self, kind: str, endpoint: Endpoint) -> None:
         labels = tuple(sorted(f"{k}={v}" for k, v in endpoint.labels.items()))
@@ -237,11 +237,13 @@ class Flows:
                 else:
                     self._by_address[address] = named
 
-    def identities_changed(self, upserted: list[IdentityInfo], deleted: list[int]) -> None:
+    def identities_changed(self, change: IdentityChange) -> None:
         with self._lock:
-            for info in upserted:
+            for info in change.upserted:
                 self._identity_labels[info.id] = tuple(info.labels)
-            for identity in deleted:
+            cidrs = change.cidrs
+            self._identity_labels.update(zip(cidrs.ids, [(f"{CIDR_PREFIX}{c}",) for c in cidrs.cidrs], strict=True))
+            for identity in change.deleted:
                 self._identity_labels.pop(identity, None)
 
     def endpoint_id(self, name: str) -> int:

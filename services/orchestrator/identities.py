@@ -19,13 +19,15 @@ listeners (the watch streams) as identities upserted and deleted.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
 
 from services.common.change import Change
+from services.common.collector import collector_paused
 from services.common.datapath import FIRST_CIDR_IDENTITY, FIRST_LABEL_IDENTITY, ReservedIdentity
 from services.common.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
 from services.common.ipv4 import parse_ipv4_network
@@ -66,7 +68,37 @@ class IdentityInfo:
     owners: tuple[str, ...]
 
 
-Listener = Callable[[list[IdentityInfo], list[int]], None]
+@dataclass(frozen=True)
+class CidrIdentities:
+    """CIDR identities in parallel lists (item i of each is one identity): a bulk allocation
+    changes thousands, and an `IdentityInfo` each costs more than the allocation."""
+
+    ids: list[int] = field(default_factory=list)
+    cidrs: list[str] = field(default_factory=list)  # its one label is "cidr:" + this
+    published: list[bool] = field(default_factory=list)  # its one prefix is its CIDR; else it has none
+    owners: list[tuple[str, ...]] = field(default_factory=list)  # sorted
+
+    def infos(self) -> list[IdentityInfo]:
+        return [
+            IdentityInfo(i, (f"{CIDR_PREFIX}{cidr}",), (cidr,) if published else (), owners)
+            for i, cidr, published, owners in zip(self.ids, self.cidrs, self.published, self.owners, strict=True)
+        ]
+
+
+@dataclass(frozen=True)
+class IdentityChange:
+    """Identities one change upserted (CIDR identities apart, in `cidrs`) and deleted."""
+
+    upserted: list[IdentityInfo]
+    cidrs: CidrIdentities
+    deleted: list[int]
+
+    def infos(self) -> list[IdentityInfo]:
+        """Every upserted identity as an `IdentityInfo`, by number."""
+        return sorted([*self.upserted, *self.cidrs.infos()], key=lambda info: info.id)
+
+
+Listener = Callable[[IdentityChange], None]
 
 
 @dataclass
@@ -76,6 +108,14 @@ class _State:
     by_key: dict[str, int]
     owners: dict[str, frozenset[str]]
     published: dict[Network, int]
+
+
+@functools.lru_cache(maxsize=64)
+def _owner_forms(owners: frozenset[str]) -> tuple[tuple[str, ...], str]:
+    """The holders of a CIDR identity sorted, and as stored (a JSON list): a few distinct sets
+    (usually one owner) shared by thousands of CIDRs. Owner names match OWNER_RE: no escaping."""
+    ordered = tuple(sorted(owners))
+    return ordered, json.dumps(list(ordered), separators=(",", ":"))
 
 
 def parse_cidrs(texts: Sequence[str]) -> list[Network]:
@@ -133,11 +173,32 @@ class Identities:
 
     def info(self, identity: int, text: str) -> IdentityInfo:
         labels = tuple(text.split(",")) if text else ()
-        owners = tuple(sorted(self._owners.get(text, ())))
+        owners = _owner_forms(self._owners.get(text, frozenset()))[0]
         return IdentityInfo(identity, labels, tuple(self._ipcache.prefixes_of(identity)), owners)
 
     def all(self) -> list[IdentityInfo]:
         return [self.info(i, text) for i, text in sorted(self._text().items())]
+
+    def snapshot(self) -> IdentityChange:
+        """Every identity, as a change that upserts them all."""
+        return self._change(self._text(), [])
+
+    def _change(self, texts: dict[int, str], deleted: list[int]) -> IdentityChange:
+        """The change that upserts the identities `texts` names (number -> text) and deletes `deleted`."""
+        upserted: list[IdentityInfo] = []
+        cidrs = CidrIdentities()
+        for identity, text in sorted(texts.items()):
+            if text.startswith(CIDR_PREFIX):
+                cidr = text[len(CIDR_PREFIX) :]
+                networks = self._ipcache.networks_of(identity)
+                if not networks or (len(networks) == 1 and str(next(iter(networks))) == cidr):
+                    cidrs.ids.append(identity)
+                    cidrs.cidrs.append(cidr)
+                    cidrs.published.append(bool(networks))
+                    cidrs.owners.append(_owner_forms(self._owners.get(text, frozenset()))[0])
+                    continue
+            upserted.append(self.info(identity, text))
+        return IdentityChange(upserted, cidrs, deleted)
 
     def for_labels(self, labels: dict[str, str]) -> int:
         """The identity of a label set, allocated (and stored) the first time it is seen."""
@@ -256,6 +317,7 @@ class Identities:
         keys = dict.fromkeys(map(cidr_key, networks))
         return [self.info(self._by_key[key], key) for key in keys]
 
+    @collector_paused()
     def allocate_cidr_ids(self, owner: str, networks: list[Network], reserve_only: bool = False) -> list[int]:
         """`allocate_cidrs`, answering only the identity of each network (in order): a bulk
         caller knows its CIDRs, and thousands of `IdentityInfo`s cost more than the allocation."""
@@ -282,11 +344,12 @@ class Identities:
                     self._published[network] = self._by_key[key]
                     published.append(network)
                 docs.append((key, self._doc(network, key)))
-            self._store.put_many(KIND, docs)
+            self._store.put_many_text(KIND, docs)
             self._refresh(published, touched, notify=False)
         self._notify([*new, *touched, *(self._by_key[keys[n]] for n in published)], [])
         return [self._by_key[keys[n]] for n in networks]
 
+    @collector_paused()
     def release_cidrs(self, owner: str, networks: list[Network]) -> None:
         """Drop owner's hold; a CIDR nobody holds leaves the ipcache and frees its identity."""
         self._check_owner(owner)
@@ -310,7 +373,7 @@ class Identities:
                     unpublished.append(network)
                 freed.append(self._by_key.pop(key))
                 gone.append(key)
-            self._store.put_many(KIND, docs)
+            self._store.put_many_text(KIND, docs)
             self._store.delete_many(KIND, gone)
             self._refresh(unpublished, touched, notify=False)
         gone_ids = set(freed)
@@ -323,8 +386,10 @@ class Identities:
         if not OWNER_RE.fullmatch(owner):
             raise InvalidArgument(f"owner {summary(owner)} is invalid: use lowercase letters, digits, '-' and '.'")
 
-    def _doc(self, network: Network, key: str) -> dict[str, Any]:
-        return {"id": self._by_key[key], "owners": sorted(self._owners[key]), "published": network in self._published}
+    def _doc(self, network: Network, key: str) -> str:
+        """The stored document of a CIDR identity, as JSON text (written for thousands of CIDRs at once)."""
+        published = "true" if network in self._published else "false"
+        return f'{{"id":{self._by_key[key]},"owners":{_owner_forms(self._owners[key])[1]},"published":{published}}}'
 
     def _allocator(self, first: int, last: int) -> Callable[[], int]:
         """Hands out the lowest free numbers of [first, last], one call each (one scan for many)."""
@@ -386,10 +451,10 @@ class Identities:
         self._refresh(networks, touched, notify=False)
 
     def _notify(self, upserted: Iterable[int], deleted: list[int]) -> None:
-        ids = sorted(set(upserted) - set(deleted))
+        ids = set(upserted) - set(deleted)
         if not ids and not deleted:
             return
         text = self._text()
-        infos = [self.info(i, text[i]) for i in ids if i in text]
+        change = self._change({i: text[i] for i in ids if i in text}, deleted)
         for listener in self._listeners:
-            listener(infos, deleted)
+            listener(change)

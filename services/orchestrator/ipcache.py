@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ipaddress
+import struct
 import time
 
 from pyroute2 import IPRoute
@@ -21,10 +22,13 @@ from pybpf import KeyNotFoundError, Map
 from pybpf.batch import update_packed
 from services.common.datapath import IpcacheKey, IpcacheValue
 from services.common.lpm import ipcache_key as ipcache_key
+from services.common.lpm import ipcache_key_bytes
 from services.common.lpm import ipcache_network as ipcache_network
 from services.common.validate import Network
 
 AF_INET, AF_INET6 = 2, 10
+_VALUE = struct.Struct("=II")  # IpcacheValue: identity, flags
+_NONE: frozenset[Network] = frozenset()
 
 
 def host_addresses() -> list[Network]:
@@ -89,8 +93,8 @@ class Ipcache:
         changed = [(n, i) for n, i in dict(items).items() if self._entries.get(n) != i]
         if not changed:
             return
-        keys = b"".join(bytes(ipcache_key(n)) for n, _ in changed)
-        values = b"".join(bytes(IpcacheValue(i, 0)) for _, i in changed)
+        keys = b"".join([ipcache_key_bytes(n) for n, _ in changed])
+        values = b"".join([_VALUE.pack(i, 0) for _, i in changed])
         update_packed(self._map, keys, values, len(changed))
         self._bump()
         for network, identity in changed:
@@ -109,6 +113,10 @@ class Ipcache:
         self._bump()
         del self._entries[network]
         self._by_identity[old].discard(network)
+
+    def networks_of(self, identity: int) -> frozenset[Network] | set[Network]:
+        """The prefixes that map to an identity (the set this class keeps: read, never change it)."""
+        return self._by_identity.get(identity, _NONE)
 
     def prefixes_of(self, identity: int) -> list[str]:
         """The prefixes that map to an identity, sorted."""

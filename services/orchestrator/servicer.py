@@ -31,7 +31,7 @@ from services.orchestrator.endpoints import Endpoint, Endpoints, EndpointSpec, N
 from services.orchestrator.eventlimits import EventLimits, KindStats, parse_limit
 from services.orchestrator.events import EventHub
 from services.orchestrator.flows import MAX_LAST, Flow, FlowFilter, Flows, Peer
-from services.orchestrator.identities import Identities, IdentityInfo, cidr_key, parse_cidrs
+from services.orchestrator.identities import Identities, IdentityChange, IdentityInfo, cidr_key, parse_cidrs
 from services.orchestrator.limits import MAX_EVENT_TYPES, MAX_PROGRAMS
 from services.orchestrator.mapfill import MapFill
 from services.orchestrator.node_rpcs import NodeRpcs
@@ -97,6 +97,20 @@ def endpoint_to_proto(endpoint: Endpoint) -> pb.Endpoint:
 
 def identity_to_proto(info: IdentityInfo) -> pb.Identity:
     return pb.Identity(id=info.id, labels=info.labels, prefixes=info.prefixes, owners=info.owners)
+
+
+def identity_update(change: IdentityChange, packed_cidrs: bool) -> pb.IdentityUpdate:
+    """A change as a watcher asked for it: CIDR identities packed (`cidrs`) or one message each."""
+    if not packed_cidrs:
+        return pb.IdentityUpdate(upserted=[identity_to_proto(i) for i in change.infos()], deleted=change.deleted)
+    cidrs = change.cidrs
+    return pb.IdentityUpdate(
+        upserted=[identity_to_proto(i) for i in change.upserted],
+        deleted=change.deleted,
+        cidrs=pb.CidrIdentities(
+            ids=cidrs.ids, cidrs=cidrs.cidrs, published=cidrs.published, owners=[",".join(o) for o in cidrs.owners]
+        ),
+    )
 
 
 def peer_to_proto(peer: Peer) -> pb.FlowPeer:
@@ -275,7 +289,7 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         self._events = events
         self._identities = identities
         self._conntrack = conntrack
-        self._identity_watchers: set[asyncio.Queue[pb.IdentityUpdate]] = set()
+        self._identity_watchers: set[tuple[asyncio.Queue[pb.IdentityUpdate], bool]] = set()  # (queue, packed)
         identities.on_change(self.identities_changed)
         self._policy_waiters: dict[str, set[asyncio.Event]] = {}
         endpoints.on_policy_ready(self.policy_ready)
@@ -371,19 +385,26 @@ class OrchestratorServicer(NodeRpcs, pb_grpc.OrchestratorServicer):
         self, request: pb.WatchIdentitiesRequest, context: Context
     ) -> AsyncIterator[pb.IdentityUpdate]:
         queue: asyncio.Queue[pb.IdentityUpdate] = asyncio.Queue()
-        self._identity_watchers.add(queue)  # before the snapshot, as in WatchEndpoints
+        watcher = (queue, request.packed_cidrs)
+        self._identity_watchers.add(watcher)  # before the snapshot, as in WatchEndpoints
         try:
-            infos = await self._worker.call(self._identities.all)
-            yield pb.IdentityUpdate(snapshot=True, upserted=[identity_to_proto(i) for i in infos])
+            change = await self._worker.call(self._identities.snapshot)
+            update = identity_update(change, request.packed_cidrs)
+            update.snapshot = True
+            yield update
             while True:
                 yield await queue.get()
         finally:
-            self._identity_watchers.discard(queue)
+            self._identity_watchers.discard(watcher)
 
-    def identities_changed(self, upserted: list[IdentityInfo], deleted: list[int]) -> None:
-        """From the worker thread: hand the change to every identity watcher on the loop."""
-        update = pb.IdentityUpdate(upserted=[identity_to_proto(i) for i in upserted], deleted=deleted)
-        for queue in list(self._identity_watchers):
+    def identities_changed(self, change: IdentityChange) -> None:
+        """From the worker thread: hand the change to every identity watcher on the loop
+        (each form built once, and only if a watcher takes it)."""
+        forms: dict[bool, pb.IdentityUpdate] = {}
+        for queue, packed in list(self._identity_watchers):
+            update = forms.get(packed)
+            if update is None:
+                update = forms[packed] = identity_update(change, packed)
             self._loop.call_soon_threadsafe(queue.put_nowait, update)
 
     async def AllocateCIDRIdentities(

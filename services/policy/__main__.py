@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import grpc.aio
@@ -14,6 +14,7 @@ from weir.orchestrator.v1 import orchestrator_pb2 as orch_pb
 from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 
 from services.common.chain_client import ChainClient
+from services.common.collector import collector_paused
 from services.common.config import NodeConfig
 from services.common.errors import WeirError
 from services.common.logs import setup_logging
@@ -95,9 +96,10 @@ async def main(config: NodeConfig, args: argparse.Namespace) -> None:
     async def background(worker: Worker, policy: Policy) -> None:
         """Follow the node's endpoints and identities, forever (reconnecting after a restart)."""
 
-        def on_identities(snapshot: bool, upserted: Sequence[orch_pb.Identity], deleted: list[int]) -> list[str]:
+        @collector_paused()
+        def on_identities(update: orch_pb.IdentityUpdate) -> list[str]:
             """Converted on the worker, after whatever it is doing (an import's own allocations come back here)."""
-            return policy.on_identities(snapshot, identity_views(upserted), deleted)
+            return policy.on_identities(update.snapshot, identity_views(update), list(update.deleted))
 
         await asyncio.gather(
             follow_endpoints(orchestrator_socket, _follower(worker, policy.on_endpoints, "endpoints")),

@@ -36,6 +36,7 @@ from weir.l7.v1 import l7_pb2 as l7pb
 from weir.policy.v1 import policy_pb2 as pb
 
 from services.common.change import Change, store_error
+from services.common.collector import collector_paused
 from services.common.datapath import MARK_IDENTITY_SHIFT, Direction, ReservedIdentity, XfrmMark
 from services.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable, WeirError
 from services.common.service import CannotAdoptError
@@ -59,7 +60,7 @@ from services.policy.l7push import ListenerPush
 from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
 from services.policy.maps import HAIRPIN_PROGRAM, ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
 from services.policy.rules import HttpRule, Rule
-from services.policy.sources import OWNER, IdentityView
+from services.policy.sources import OWNER, IdentityView, cidr_label
 
 log = structlog.get_logger("weir.policy")
 
@@ -196,6 +197,7 @@ class Policy:
 
     # ---- the node state it follows ----
 
+    @collector_paused()
     def on_endpoints(self, snapshot: bool, upserted: list[EndpointView], deleted: list[str]) -> list[str]:
         """An endpoint stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -208,6 +210,7 @@ class Policy:
                                 self.revision, resend=snapshot)  # fmt: skip
         return changed
 
+    @collector_paused()
     def on_identities(self, snapshot: bool, upserted: list[IdentityView], deleted: list[int]) -> list[str]:
         """An identity stream message: the whole set (snapshot) or changes. Returns endpoints rewritten."""
         if snapshot:
@@ -236,7 +239,7 @@ class Policy:
             known = self._identities.get(identity)
             prefixes = known.prefixes if known else ()
             owners = (known.owners if known else frozenset()) | {OWNER}
-            self._identities[identity] = IdentityView(identity, f"cidr:{network}", prefixes, owners)
+            self._identities[identity] = IdentityView(identity, cidr_label(network), prefixes, owners)
 
     def _release(self, networks: set[Network]) -> None:
         if not networks:
@@ -502,6 +505,7 @@ class Policy:
     def revision(self) -> int:
         return self._store.revision(RULE)
 
+    @collector_paused()
     def import_rules(self, messages: Iterable[pb.Rule], document: str = "") -> tuple[int, list[str]]:
         """Add or replace rules by key (namespace/name), all or none; returns (revision, endpoints rewritten).
 
@@ -532,6 +536,7 @@ class Policy:
                  revision=revision)  # fmt: skip
         return revision, changed
 
+    @collector_paused()
     def delete_rules(self, names: Iterable[str]) -> tuple[int, list[str]]:
         wanted = list(names)
         if not wanted:

@@ -456,13 +456,14 @@ def _peer(msg: pb.PeerRule, where: str, deny: bool = False) -> PeerRule:
             excepts = tuple(check_cidr(e, f"{where}.cidrs[{i}].except") for e in excepts_text)
             check_excepts(network, excepts, f"{where}.cidrs[{i}]")
             cidrs.append(CidrRule(network, excepts))
-    for entity in msg.entities:
+    endpoints, entities, ports = msg.endpoints, msg.entities, msg.ports
+    for entity in entities:
         check_entity(entity, where)
-    return PeerRule(
-        endpoints=tuple(parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(msg.endpoints)),
-        cidrs=tuple(cidrs),
-        entities=tuple(msg.entities),
-        ports=tuple(_cached_port(p, where, i, deny) for i, p in enumerate(msg.ports)),
+    return PeerRule(  # empty fields skipped: a bulk import's peers are mostly a CIDR and a port
+        tuple([parse_selector(s, f"{where}.endpoints[{i}]") for i, s in enumerate(endpoints)]) if endpoints else (),
+        tuple(cidrs),
+        tuple(entities) if entities else (),
+        tuple([_cached_port(p, where, i, deny) for i, p in enumerate(ports)]) if ports else (),
     )
 
 
@@ -541,25 +542,25 @@ def _check_sizes(msg: pb.Rule, where: str) -> None:
         raise InvalidArgument(f"{where}: description contains a NUL character")
 
 
+def _section(peers: Sequence[pb.PeerRule], field_name: str, where: str) -> tuple[PeerRule, ...]:
+    if not peers:
+        return ()
+    deny = field_name.endswith("_deny")
+    return tuple([_peer(p, f"{where}: {field_name}[{i}]", deny) for i, p in enumerate(peers)])
+
+
 def _spec(msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule, ...] = (), wire: bytes = b"") -> Rule:
     """One spec (the rule's own fields, or one of its `specs`) as a rule of the same name and namespace."""
-
-    def section(peers: Sequence[pb.PeerRule], field_name: str) -> tuple[PeerRule, ...]:
-        if not peers:
-            return ()
-        deny = field_name.endswith("_deny")
-        return tuple(_peer(p, f"{where}: {field_name}[{i}]", deny) for i, p in enumerate(peers))
-
     deny = msg.enable_default_deny
     return Rule(
         specs=specs,
         wire=wire,
         name=name,
         selector=parse_selector(msg.endpoint_selector, f"{where}: endpoint_selector"),
-        ingress=section(msg.ingress, "ingress"),
-        egress=section(msg.egress, "egress"),
-        ingress_deny=section(msg.ingress_deny, "ingress_deny"),
-        egress_deny=section(msg.egress_deny, "egress_deny"),
+        ingress=_section(msg.ingress, "ingress", where),
+        egress=_section(msg.egress, "egress", where),
+        ingress_deny=_section(msg.ingress_deny, "ingress_deny", where),
+        egress_deny=_section(msg.egress_deny, "egress_deny", where),
         description=msg.description,
         namespace=namespace,
         default_deny_ingress=deny.ingress if deny.HasField("ingress") else True,

@@ -12,9 +12,8 @@ Unavailable instead of answering "nothing".
 from __future__ import annotations
 
 import asyncio
-import functools
 import ipaddress
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,12 +58,32 @@ class IdentityView:
         return _cidr_of(self.text)
 
 
-@functools.lru_cache(maxsize=1 << 18)
+MAX_CACHED_CIDRS = 1 << 18
+_cidrs: dict[str, Network] = {}  # "cidr:<cidr>" label -> the CIDR, parsed once (every recompute asks for each)
+
+
 def _cidr_of(text: str) -> Network | None:
-    """The CIDR of a "cidr:..." identity, parsed once (every recompute asks for each identity's)."""
-    if text.startswith(CIDR_LABEL):
-        return _network(text.removeprefix(CIDR_LABEL))
-    return None
+    """The CIDR of a "cidr:..." identity."""
+    if not text.startswith(CIDR_LABEL):
+        return None
+    network = _cidrs.get(text)
+    if network is None:
+        network = _network(text.removeprefix(CIDR_LABEL))
+        _remember(text, network)
+    return network
+
+
+def _remember(label: str, network: Network) -> None:
+    if len(_cidrs) >= MAX_CACHED_CIDRS:
+        _cidrs.clear()
+    _cidrs[label] = network
+
+
+def cidr_label(network: Network) -> str:
+    """The label of a CIDR's identity; the CIDR is remembered, so its view's `cidr` parses nothing."""
+    label = f"{CIDR_LABEL}{network}"
+    _remember(label, network)
+    return label
 
 
 def identity_view(msg: orch_pb.Identity) -> IdentityView:
@@ -173,11 +192,21 @@ class Orchestrator:
 OnEndpoints = Callable[[bool, list[EndpointView], list[str]], Awaitable[object]]
 # The identities come as the stream's messages: converting them (thousands after a bulk
 # import) is left to the callee, which does it on the worker rather than on the event loop.
-OnIdentities = Callable[[bool, Sequence[orch_pb.Identity], list[int]], Awaitable[object]]
+OnIdentities = Callable[[orch_pb.IdentityUpdate], Awaitable[object]]
 
 
-def identity_views(messages: Iterable[orch_pb.Identity]) -> list[IdentityView]:
-    return [identity_view(m) for m in messages]
+def identity_views(update: orch_pb.IdentityUpdate) -> list[IdentityView]:
+    """Every identity an update upserts, CIDR identities in the packed form (`cidrs`) included."""
+    views = [identity_view(m) for m in update.upserted]
+    packed = update.cidrs
+    owners = {text: frozenset(text.split(",")) if text else frozenset() for text in set(packed.owners)}
+    for identity, cidr, published, holders in zip(packed.ids, packed.cidrs, packed.published, packed.owners,
+                                                  strict=True):  # fmt: skip
+        label = CIDR_LABEL + cidr
+        network = _cidr_of(label)  # parsed once per CIDR (the allocation that made it remembered it)
+        prefixes = (network,) if published and network is not None else ()
+        views.append(IdentityView(identity, label, prefixes, owners[holders]))
+    return views
 
 
 async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
@@ -209,16 +238,16 @@ async def follow_endpoints(socket_path: Path, on_change: OnEndpoints) -> None:
 
 
 async def follow_identities(socket_path: Path, on_change: OnIdentities) -> None:
-    """on_change(snapshot, upserted messages, deleted ids) for every identity change, forever (outages
-    logged once); `identity_views` converts the messages."""
+    """on_change(update) for every identity change, forever (outages logged once); `identity_views`
+    converts its identities."""
     down = False
     while True:
         try:
             async with grpc.aio.insecure_channel(f"unix://{socket_path}") as channel:
                 stub = orch_grpc.OrchestratorStub(channel)
-                async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest()):
+                async for update in stub.WatchIdentities(orch_pb.WatchIdentitiesRequest(packed_cidrs=True)):
                     down = False
-                    await on_change(update.snapshot, update.upserted, list(update.deleted))
+                    await on_change(update)
         except grpc.RpcError as exc:
             (log.debug if down else log.info)("identity stream interrupted; reconnecting", code=exc.code().name)
             down = True

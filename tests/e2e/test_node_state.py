@@ -182,14 +182,37 @@ def test_cidr_identities_are_allocated_per_owner_and_published_on_request(node: 
     with pytest.raises(grpc.RpcError) as err:
         allocate("a", "10.0.0.1/8")
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "10.0.0.1/8" in (err.value.details() or "")
-    # a watcher gets every identity first, then the changes
+    # a watcher gets every identity first, then the changes; one that asks for packed CIDR
+    # identities gets the same identities, the CIDR ones as parallel lists
     stream = o.WatchIdentities(orch_pb.WatchIdentitiesRequest(), timeout=10)
-    first = next(stream)
+    packed = o.WatchIdentities(orch_pb.WatchIdentitiesRequest(packed_cidrs=True), timeout=10)
+    first, packed_first = next(stream), next(packed)
     assert first.snapshot and {i.id for i in first.upserted} >= {1, 2}
-    allocate("a", "10.2.0.0/16")
-    change = next(stream)
+    assert packed_first.snapshot and unpacked(packed_first) == unpacked(first)
+    allocate("a", "10.2.0.0/16", reserve_only=True)
+    allocate("a", "10.2.0.0/16", "10.3.0.0/16")
+    allocate("b", "10.3.0.0/16")
+    changes = [next(stream) for _ in range(3)]
+    packed_changes = [next(packed) for _ in range(3)]
     stream.cancel()
-    assert not change.snapshot and [list(i.labels) for i in change.upserted] == [["cidr:10.2.0.0/16"]]
+    packed.cancel()
+    assert not changes[0].snapshot and [list(i.labels) for i in changes[0].upserted] == [["cidr:10.2.0.0/16"]]
+    assert [unpacked(c) for c in packed_changes] == [unpacked(c) for c in changes]
+    assert not any(c.upserted for c in packed_changes)
+    ten_two, ten_three = (i.id for i in changes[1].upserted)
+    assert unpacked(changes[0]) == {ten_two: (("cidr:10.2.0.0/16",), (), ("a",))}
+    assert unpacked(changes[2]) == {ten_three: (("cidr:10.3.0.0/16",), ("10.3.0.0/16",), ("a", "b"))}
+
+
+def unpacked(update: orch_pb.IdentityUpdate) -> dict[int, tuple[tuple[str, ...], ...]]:
+    """id -> (labels, prefixes, owners) of every identity an update upserts, packed CIDRs included."""
+    out: dict[int, tuple[tuple[str, ...], ...]] = {
+        i.id: (tuple(i.labels), tuple(i.prefixes), tuple(i.owners)) for i in update.upserted
+    }
+    c = update.cidrs
+    for identity, cidr, published, owners in zip(c.ids, c.cidrs, c.published, c.owners, strict=True):
+        out[identity] = ((f"cidr:{cidr}",), (cidr,) if published else (), tuple(owners.split(",")) if owners else ())
+    return out
 
 
 def test_a_policy_change_while_the_orchestrator_restarts(make_node: Callable[..., Node]) -> None:

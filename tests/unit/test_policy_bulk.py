@@ -22,6 +22,7 @@ from google.protobuf import json_format
 from weir.policy.v1 import policy_pb2 as pb
 
 from pybpf import Map
+from services.common import ipv4
 from services.common.bpffs import remove_pins
 from services.common.datapath import RuleName
 from services.common.errors import InvalidArgument
@@ -30,10 +31,12 @@ from services.common.objects import load_service_object
 from services.common.store import Store
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache
+from services.orchestrator.servicer import identity_update
 from services.policy import rules as rules_mod
 from services.policy.compute import EndpointView
 from services.policy.maps import RULE_NAMES, PolicyMaps
 from services.policy.policy import Policy
+from services.policy.sources import identity_views
 from tests.harness.local_node import LocalNode
 from tests.harness.node import BPF_BUILD, pid_prefix
 
@@ -53,6 +56,7 @@ class Local:
     endpoints: list[EndpointView]
     node: LocalNode
     globals_dir: Path
+    orch_store: Store
 
     def state(self) -> dict[str, Any]:
         return {
@@ -89,7 +93,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
         node = LocalNode(ids, endpoints)
         policy = Policy(maps, policy_store, node)
         policy.start(wait_for_node=0)
-        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, node, globals_dir)
+        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, node, globals_dir, orch_store)
     finally:
         maps.close()
         node_maps.close()
@@ -187,6 +191,32 @@ def test_a_bulk_import_fills_every_map_and_names_every_rule(local: Local) -> Non
         assert ipaddress.ip_network(f"{ipaddress.IPv4Address(0x0A000000 + i)}/32") in published
 
 
+def test_bulk_cidr_identities_read_back_from_the_orchestrator_store(local: Local) -> None:
+    """CIDR identity documents are written as text for speed: they read back as the dicts they
+    stand for, and an orchestrator restarted over the store knows the same identities."""
+    local.policy.import_rules(bulk(40))
+    local.identities.allocate_cidr_ids("other.owner-2", [ipaddress.ip_network("10.0.0.1/32")], reserve_only=True)
+    docs = dict(local.orch_store.items("identity"))
+    first = docs["cidr:10.0.0.1/32"]
+    assert first == {"id": first["id"], "owners": ["other.owner-2", "policy"], "published": True}
+    assert docs["cidr:10.0.0.2/32"]["owners"] == ["policy"] and docs["cidr:10.0.0.2/32"]["published"] is True
+    assert Identities(local.orch_store, local.ipcache).all() == local.identities.all()
+
+
+def test_packed_cidr_identities_give_the_policy_what_messages_give(local: Local) -> None:
+    """The identity stream's packed CIDR form (WatchIdentities packed_cidrs) and one message per
+    identity convert to the same views: reserved, published, several owners, IPv6, label ones."""
+    local.policy.import_rules([*varied(), *bulk(20)])
+    local.identities.allocate_cidr_ids("other", [ipaddress.ip_network("10.9.9.0/24")], reserve_only=True)
+    local.identities.allocate_cidr_ids("other", [ipaddress.ip_network("10.0.0.3/32")])
+    change = local.identities.snapshot()
+    assert len(change.cidrs.ids) > 20 and not any(i.labels[0].startswith("cidr:") for i in change.upserted)
+    packed, plain = (identity_views(identity_update(change, packed)) for packed in (True, False))
+    assert sorted(packed, key=lambda v: v.id) == sorted(plain, key=lambda v: v.id)
+    assert [i.id for i in change.infos()] == [i.id for i in local.identities.all()]
+    assert change.infos() == local.identities.all()
+
+
 def test_a_refused_bulk_changes_nothing(local: Local) -> None:
     local.policy.import_rules(bulk(50, "keep"))
     before = local.state()
@@ -214,11 +244,21 @@ def test_cached_selectors_and_ports_give_what_parsing_gives() -> None:
 
 
 def test_fast_ipv4_prefixes_equal_the_standard_ones() -> None:
-    for text in ("10.0.0.1/32", "10.0.0.0/8", "0.0.0.0/0", "192.168.4.0/22"):
-        fast, plain = parse_ipv4_network(text), ipaddress.ip_network(text)
+    """Built without ipaddress's constructor (IPv4Network.of), they behave as its objects do."""
+    for text in ("10.0.0.1/32", "10.0.0.2/31", "10.0.0.0/8", "0.0.0.0/0", "192.168.4.0/22", "255.255.255.255/32"):
+        fast, plain = parse_ipv4_network(text), ipaddress.IPv4Network(text)
+        assert fast is not None
         assert fast == plain and hash(fast) == hash(plain) and str(fast) == text and repr(fast) == repr(plain)
         assert {plain: 1}[fast] == 1 and fast.supernet() == plain.supernet()
         assert list(fast.subnets())[:1] == list(plain.subnets())[:1]
+        assert (fast.netmask, fast.hostmask, fast.prefixlen) == (plain.netmask, plain.hostmask, plain.prefixlen)
+        assert (fast.broadcast_address, fast.num_addresses) == (plain.broadcast_address, plain.num_addresses)
+        assert fast.subnet_of(plain) and plain.supernet_of(fast) and fast.is_private == plain.is_private
+        assert not fast < plain and not plain < fast and sorted([fast, plain]) == [plain, plain]
+        if fast.prefixlen >= 22:
+            assert list(fast.hosts()) == list(plain.hosts())
+        assert fast == ipv4.IPv4Network.of(int(plain.network_address), plain.prefixlen)
+    assert str(ipv4.IPv4Network.of(0x0A000100, 24)) == "10.0.1.0/24"
 
 
 def test_packed_identity_answers_follow_the_request(local: Local) -> None:
