@@ -254,7 +254,7 @@ def _seconds(call: Callable[[], object]) -> float:
 
 def test_no_quadratic_paths_one_rule_with_many_cidrs_and_deleting_many_rules(local: Local) -> None:
     """Import of one rule with N CIDRs, delete of N rules and paging through N rules are O(N log N):
-    10x the size, at most 15x the time."""
+    10x the size, at most 20x the time (N log N from 1k to 10k is 13.3x; quadratic would be 100x)."""
     policy = local.policy
 
     def import_cidrs(n: int, tag: str) -> float:
@@ -289,9 +289,11 @@ def test_no_quadratic_paths_one_rule_with_many_cidrs_and_deleting_many_rules(loc
         measure(small, "warm")
         base = min(_timed(measure, small, f"s{i}") for i in range(3))
         big = _timed(measure, small * 10, "big")
-        if big > 15 * base:  # one more try: the machine is shared, a slow run is not yet a slow path
-            big = min(big, _timed(measure, small * 10, "big2"))
-        assert big <= 15 * base, f"{measure.__name__}: {small} took {base:.3f} s, {small * 10} took {big:.3f} s"
+        for retry in range(2):  # more tries: other threads' CPU counts too, a slow run is not yet a slow path
+            if big <= 20 * base:
+                break
+            big = min(big, _timed(measure, small * 10, f"big{retry}"))
+        assert big <= 20 * base, f"{measure.__name__}: {small} took {base:.3f} s, {small * 10} took {big:.3f} s"
 
 
 def _timed(measure: Callable[[int, str], float], n: int, tag: str) -> float:
