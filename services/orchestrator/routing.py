@@ -319,7 +319,7 @@ class Routing:
                     priority=self._metric,
                 )
             except NetlinkError as exc:
-                if exc.code != errno.ENETUNREACH:
+                if exc.code not in (errno.ENETUNREACH, errno.EHOSTUNREACH):  # IPv6 answers the latter
                     raise
                 raise FailedPrecondition(
                     f"{route.dst} cannot be routed via {route.gateway}: this node has no route to that underlay "
