@@ -161,13 +161,11 @@ class EventHub:
         buffer (GetFlows right after traffic) waits for one full round to begin and end after
         its call: at most two EVENTS_POLL_MS periods.
         """
-        target, deadline = self._rounds + 2, time.monotonic() + timeout  # the round under way may be past consume
-        while self._reading() and self._rounds < target and time.monotonic() < deadline:
-            await asyncio.sleep(EVENTS_POLL_MS / 4000)
+        await asyncio.to_thread(self.wait_caught_up, timeout)
 
     def wait_caught_up(self, timeout: float = 1.0) -> None:
         """caught_up for a thread other than the event loop's (the metrics scrape)."""
-        target, deadline = self._rounds + 2, time.monotonic() + timeout
+        target, deadline = self._rounds + 2, time.monotonic() + timeout  # the round under way may be past consume
         while self._reading() and self._rounds < target and time.monotonic() < deadline:
             time.sleep(EVENTS_POLL_MS / 4000)
 
