@@ -20,7 +20,7 @@ import ctypes
 import struct
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -143,15 +143,53 @@ class PolicyMaps:
         revisions.update(endpoint_id, revision)
 
     def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
-        """Swap in a freshly built policy map; then set the enforcement flags.
+        """`install_many` for one endpoint."""
+        self.install_many([(endpoint_id, entries, flags)])
+
+    def install_many(self, installs: Sequence[tuple[int, Iterable[MapEntry], int]]) -> None:
+        """Swap in a freshly built policy map for each (endpoint, entries, flags); then set the flags.
 
         Turning enforcement on happens after the map is in place, turning it off
-        before the map changes, so no packet is judged by a map it does not fit.
+        before the map changes, so no packet is judged by a map it does not fit. The
+        maps are swapped with one batch: each swap in a map of maps waits for running
+        programs (an RCU grace period, ~10 ms here), and a batch waits once. On failure
+        some endpoints may already have lowered flags or their new map: the caller
+        puts back what it saved (`restore`).
         """
+        listed = [(endpoint_id, list(entries), flags) for endpoint_id, entries, flags in installs]
         config = self._config()
-        old = config.lookup(endpoint_id)
-        if old is not None and (int(old.flags) & ~flags):
-            self._set_config(endpoint_id, int(old.flags) & flags)
+        for endpoint_id, _, flags in listed:
+            old = config.lookup(endpoint_id)
+            if old is not None and (int(old.flags) & ~flags):
+                self._set_config(endpoint_id, int(old.flags) & flags)
+        rule_ids = self.rule_ids.ids_of({e.rules[0] for _, entries, _ in listed for e in entries if e.rules})
+        with contextlib.ExitStack() as stack:
+            built: list[tuple[Map, Map | None, list[bytes], dict[bytes, tuple[int, int]]]] = []
+            for endpoint_id, entries, _ in listed:
+                previous = self._current(endpoint_id)
+                counted = {}
+                if previous is not None:
+                    stack.enter_context(previous)
+                    counted = {bytes(k): (int(v.packets), int(v.bytes)) for k, v in previous.items()}
+                inner, keys = self._build(endpoint_id, entries, rule_ids, counted)
+                stack.enter_context(inner)
+                built.append((inner, previous, keys, counted))
+            if built:
+                self._outer().update_batch([endpoint_id for endpoint_id, _, _ in listed], [b[0].fd for b in built])
+            for inner, previous, keys, counted in built:
+                if previous is not None:
+                    _carry_late_hits(previous, inner, keys, counted)
+        for endpoint_id, _, flags in listed:
+            self._set_config(endpoint_id, flags)
+
+    def _build(
+        self,
+        endpoint_id: int,
+        entries: Sequence[MapEntry],
+        rule_ids: dict[str, int],
+        counted: dict[bytes, tuple[int, int]],
+    ) -> tuple[Map, list[bytes]]:
+        """A new policy map holding `entries` (with the hits `counted` so far), and its packed keys."""
         inner = Map.create(
             MapType.LPM_TRIE,
             ctypes.sizeof(PolicyKey),
@@ -162,14 +200,7 @@ class PolicyMaps:
             key_type=PolicyKey,
             value_type=PolicyEntry,
         )
-        previous = self._current(endpoint_id)
-        with inner, contextlib.ExitStack() as stack:
-            counted = {}
-            if previous is not None:
-                stack.enter_context(previous)
-                counted = {bytes(k): (int(v.packets), int(v.bytes)) for k, v in previous.items()}
-            entries = list(entries)
-            rule_ids = self.rule_ids.ids_of({entry.rules[0] for entry in entries if entry.rules})
+        try:
             keys = []
             values = []
             for entry in entries:
@@ -181,10 +212,10 @@ class PolicyMaps:
                 keys.append(key)
             if keys:  # one batch for the whole map, not one syscall per entry
                 update_packed(inner, b"".join(keys), b"".join(values), len(keys))
-            self._outer().update(endpoint_id, inner.fd)
-            if previous is not None:
-                _carry_late_hits(previous, inner, keys, counted)
-        self._set_config(endpoint_id, flags)
+        except BaseException:
+            inner.close()
+            raise
+        return inner, keys
 
     def _current(self, endpoint_id: int) -> Map | None:
         """The endpoint's policy map now in place, opened (the caller closes it), or None."""

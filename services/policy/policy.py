@@ -24,7 +24,7 @@ import ipaddress
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -390,10 +390,12 @@ class Policy:
     def _install(
         self, policies: dict[int, EndpointPolicy], change: Change, holds: list[Saved], force: bool = False
     ) -> set[str]:
-        """Swap in every map that changes, each recorded in `change` with the map it replaced."""
+        """Swap in every map that changes (one batch), recorded in `change` with the maps it replaced."""
         changed = set()
         before = dict(self._installed)
         change.on_failure(lambda: self._reset_installed(before))
+        installs: list[tuple[int, Sequence[MapEntry], int]] = []
+        saved: list[tuple[int, Saved]] = []
         for ep_id, policy in policies.items():
             flags = config_flags(
                 policy.ingress_enforced,
@@ -405,18 +407,18 @@ class Policy:
             signature = (frozenset((e, e.deny) for e in policy.entries), flags)
             if not force and self._installed.get(ep_id) == signature:
                 continue
-            saved = self._maps.save(ep_id)
-            holds.append(saved)
-            change.apply(self._installer(ep_id, policy, flags), undo=self._restorer(ep_id, saved))
+            saved.append((ep_id, self._maps.save(ep_id)))
+            holds.append(saved[-1][1])
+            installs.append((ep_id, policy.entries, flags))
             self._installed[ep_id] = signature
             changed.add(policy.endpoint.name)
+        if installs:  # the undo tolerates endpoints the failed batch never reached
+            change.attempt(lambda: self._maps.install_many(installs), undo=lambda: self._restore(saved))
         return changed
 
-    def _installer(self, endpoint_id: int, policy: EndpointPolicy, flags: int) -> Callable[[], None]:
-        return lambda: self._maps.install(endpoint_id, policy.entries, flags)
-
-    def _restorer(self, endpoint_id: int, saved: Saved) -> Callable[[], None]:
-        return lambda: self._maps.restore(endpoint_id, saved)
+    def _restore(self, saved: list[tuple[int, Saved]]) -> None:
+        for endpoint_id, held in reversed(saved):
+            self._maps.restore(endpoint_id, held)
 
     def _reset_installed(self, before: dict[int, Signature]) -> None:
         self._installed = before

@@ -15,7 +15,7 @@ import ipaddress
 import itertools
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -292,16 +292,28 @@ _counter = itertools.count()
 
 
 class FlakyMaps(PolicyMaps):
-    """The real maps, with the n-th endpoint map swap failing as a full map would."""
+    """The real maps, with the n-th endpoint map built failing as a full map would."""
 
     fail_at: int | None = None
+    fail_after_swap = False  # the batch goes through, then a flags write fails
     swaps = 0
 
-    def install(self, endpoint_id: int, entries: Iterable[MapEntry], flags: int) -> None:
+    def install_many(self, installs: Sequence[tuple[int, Iterable[MapEntry], int]]) -> None:
+        super().install_many(installs)
+        if self.fail_after_swap:
+            raise MapFullError(errno.E2BIG, "policy_config is full")
+
+    def _build(
+        self,
+        endpoint_id: int,
+        entries: Sequence[MapEntry],
+        rule_ids: dict[str, int],
+        counted: dict[bytes, tuple[int, int]],
+    ) -> tuple[Map, list[bytes]]:
         self.swaps += 1
         if self.fail_at is not None and self.swaps == self.fail_at:
             raise MapFullError(errno.E2BIG, f"policy map of endpoint {endpoint_id} is full")
-        super().install(endpoint_id, entries, flags)
+        return super()._build(endpoint_id, entries, rule_ids, counted)
 
 
 @dataclass
@@ -372,7 +384,7 @@ def _fail_write(store: Store) -> None:
     store.delete_many = put_many  # type: ignore[method-assign,assignment]
 
 
-@pytest.mark.parametrize("failure", ["store write", "store commit", "map full mid-change"])
+@pytest.mark.parametrize("failure", ["store write", "store commit", "map full mid-change", "map full after the swap"])
 @pytest.mark.parametrize("call", ["import", "delete"])
 def test_a_failed_rule_change_leaves_maps_stores_and_identities_as_they_were(
     local: Local, failure: str, call: str
@@ -388,9 +400,11 @@ def test_a_failed_rule_change_leaves_maps_stores_and_identities_as_they_were(
         _fail_write(local.store)
     elif failure == "store commit":
         _fail_commit(local.store)
+    elif failure == "map full mid-change":
+        local.maps.swaps, local.maps.fail_at = 0, 2  # the second endpoint's new map fails to fill
     else:
-        local.maps.swaps, local.maps.fail_at = 0, 2  # the second endpoint's swap fails
-    expected: type[BaseException] = MapFullError if failure == "map full mid-change" else ResourceExhausted
+        local.maps.fail_after_swap = True
+    expected: type[BaseException] = MapFullError if failure.startswith("map full") else ResourceExhausted
     with pytest.raises(expected):
         if call == "import":
             policy.import_rules(_with_cidrs())
@@ -400,7 +414,7 @@ def test_a_failed_rule_change_leaves_maps_stores_and_identities_as_they_were(
     # and the service goes on: the same change succeeds once the fault is gone
     for name in ("commit", "put_many", "delete_many"):
         vars(local.store).pop(name, None)
-    local.maps.fail_at = None
+    local.maps.fail_at, local.maps.fail_after_swap = None, False
     if call == "import":
         _, changed = policy.import_rules(_with_cidrs())
         assert set(changed) == {"frontend", "db"}
