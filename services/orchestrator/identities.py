@@ -118,6 +118,7 @@ def _owner_forms(owners: frozenset[str]) -> tuple[tuple[str, ...], str]:
     return ordered, json.dumps(list(ordered), separators=(",", ":"))
 
 
+@collector_paused()  # thousands of new objects would set off full collections of the whole heap
 def parse_cidrs(texts: Sequence[str]) -> list[Network]:
     """CIDRs of a request, counted before any is parsed; a scoped IPv6 address is refused."""
     if len(texts) > MAX_CIDRS_PER_CALL:
