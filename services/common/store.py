@@ -7,8 +7,9 @@ The file carries its schema version (SQLite's ``user_version``): a file from ano
 version, or one SQLite cannot read, raises `StoreError` naming the file, so a service
 can refuse to start from it instead of treating it as empty (see `services.common.state`).
 
-Not thread-safe by design: services call it from the asyncio loop thread only, and the
-sqlite3 connection refuses use from any other thread. Calls are short local disk writes.
+Not thread-safe by design: a service calls it from one thread (its worker), and the
+sqlite3 connection refuses use from any other thread unless it is opened with
+``any_thread`` by a caller that serializes its calls itself. Calls are short local disk writes.
 """
 
 from __future__ import annotations
@@ -62,15 +63,19 @@ class StoreError(Exception):
 class Store:
     """Documents (JSON objects) by (kind, key), plus a revision counter per kind."""
 
-    def __init__(self, path: Path) -> None:
-        """Open (creating if needed) the database at ``path``; StoreError if it is unusable."""
+    def __init__(self, path: Path, *, any_thread: bool = False) -> None:
+        """Open (creating if needed) the database at ``path``; StoreError if it is unusable.
+
+        ``any_thread``: calls may come from several threads, one at a time (the caller's lock),
+        as from an in-process stand-in for another service.
+        """
         self.path = path
         _create_private_dirs(path.parent)
         try:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             os.chmod(path, 0o600)
             # isolation_level=None: no implicit transactions; transaction() issues BEGIN itself.
-            self._db = sqlite3.connect(path, isolation_level=None)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=not any_thread)
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(path, f"cannot be opened ({exc})") from None
         try:

@@ -59,6 +59,7 @@ from services.policy.compute import (
 from services.policy.l7push import ListenerPush
 from services.policy.limits import MAX_CIDRS_PER_REQUEST, MAX_RULES_PER_REQUEST, at_most, brief, shown, summary
 from services.policy.maps import HAIRPIN_PROGRAM, ConntrackEntry, Hits, PolicyMaps, Saved, config_flags
+from services.policy.reserve import reserve_early
 from services.policy.rules import HttpRule, Rule
 from services.policy.sources import OWNER, IdentityView, cidr_label
 
@@ -424,14 +425,26 @@ class Policy:
         self._installed = before
 
     def _change_rules(
-        self, rules: dict[str, Rule], changed_rules: list[Rule], write_store: Callable[[], int]
+        self,
+        rules: dict[str, Rule],
+        changed_rules: list[Rule],
+        write_store: Callable[[], int],
+        early: dict[Network, int] | None = None,
     ) -> tuple[int, list[str]]:
-        """The change protocol for a new rule set; returns (revision, endpoints rewritten)."""
+        """The change protocol for a new rule set; returns (revision, endpoints rewritten).
+
+        `early`: CIDR identities reserved while the rules were checked (services.policy.reserve).
+        """
         wanted, held = self._rule_cidrs(rules.values()), self._held()
         added, removed = wanted - held, held - wanted
-        reserved = self._node.allocate(added, reserve_only=True) if added else {}
-        cidr_ids = {**self._cidr_ids(), **reserved}  # what _cidr_ids() gives once `reserved` is learned
+        reserved = {n: i for n, i in (early or {}).items() if n in added}
+        if early and len(reserved) < len(early):
+            self._release_quietly(early.keys() - added)  # not needed after all
         try:
+            rest = added - reserved.keys()
+            if rest:
+                reserved |= self._node.allocate(rest, reserve_only=True)
+            cidr_ids = {**self._cidr_ids(), **reserved}  # what _cidr_ids() gives once `reserved` is learned
             computer = self._computer(rules.values(), cidr_ids)
             affected = None if removed else self._affected(changed_rules, rules, added)
             if affected is None:
@@ -447,8 +460,8 @@ class Policy:
                 if added:
                     change.apply(lambda: self._node.allocate(added), undo=lambda: self._node.release(added))
         except BaseException:
-            if added:
-                self._release_quietly(added)
+            if reserved:
+                self._release_quietly(set(reserved))
             raise
         self._rules = rules
         self._computed = policies
@@ -512,7 +525,8 @@ class Policy:
         """Add or replace rules by key (namespace/name), all or none; returns (revision, endpoints rewritten).
 
         The request's sizes are checked first (services.policy.limits), then every rule,
-        before any identity is reserved or anything written.
+        before anything is written. A bulk request's CIDRs are reserved while its rules are
+        checked (after its sizes), and released if they are refused (services.policy.reserve).
         """
         incoming = list(messages)
         at_most(len(incoming), MAX_RULES_PER_REQUEST, "rules")
@@ -521,19 +535,30 @@ class Policy:
         if not incoming:
             raise InvalidArgument("no rules given: pass rules or a document")
         at_most(len(incoming), MAX_RULES_PER_REQUEST, "rules")
-        at_most(sum(rules_mod.cidr_count(m) for m in incoming), MAX_CIDRS_PER_REQUEST, "CIDRs (excepts included)")
-        parsed: dict[str, Rule] = {}
+        texts = [text for m in incoming for text in rules_mod.cidr_texts(m)]
+        at_most(len(texts), MAX_CIDRS_PER_REQUEST, "CIDRs (excepts included)")
         for message in incoming:
-            rule = rules_mod.from_proto(message)
-            if rule.key in parsed:
-                raise InvalidArgument(f"rule {rule.key} is given twice")
-            parsed[rule.key] = rule
+            rules_mod.check_limits(message)
+        early = reserve_early(self._node, texts, self._held)
+        parsed: dict[str, Rule] = {}
+        try:
+            for message in incoming:
+                rule = rules_mod.from_proto(message, sized=False)  # the limits are checked
+                if rule.key in parsed:
+                    raise InvalidArgument(f"rule {rule.key} is given twice")
+                parsed[rule.key] = rule
+        except BaseException:
+            if early is not None and (reserved := early.result()):
+                self._release_quietly(set(reserved))
+            raise
 
         def write() -> int:
             self._store.put_many(RULE, ((key, r.source) for key, r in parsed.items()))
             return self._store.bump_revision(RULE)
 
-        revision, changed = self._change_rules({**self._rules, **parsed}, list(parsed.values()), write)
+        revision, changed = self._change_rules(
+            {**self._rules, **parsed}, list(parsed.values()), write, early.result() if early is not None else None
+        )
         log.info("rules imported", rules=summary(sorted(parsed)), count=len(parsed), endpoints=summary(changed),
                  revision=revision)  # fmt: skip
         return revision, changed

@@ -492,6 +492,18 @@ def cidr_count(msg: pb.Rule) -> int:
     return count
 
 
+def cidr_texts(msg: pb.Rule) -> list[str]:
+    """The CIDRs (excepts included) a rule message names, its specs' too, as given (not parsed)."""
+    texts: list[str] = []
+    for part in (msg, *msg.specs) if msg.specs else (msg,):
+        for section in (part.ingress, part.egress, part.ingress_deny, part.egress_deny):
+            for peer in section:
+                for c in peer.cidrs:
+                    texts.append(c.cidr)
+                    texts.extend(getattr(c, "except"))
+    return texts
+
+
 def check_name(name: str) -> str:
     """A rule name, matched whole (a trailing newline is not part of a valid name)."""
     if not NAME_RE.fullmatch(name):
@@ -568,23 +580,31 @@ def _spec(msg: pb.Rule, name: str, namespace: str, where: str, specs: tuple[Rule
     )
 
 
+def check_limits(msg: pb.Rule) -> None:
+    """A rule message's name and the request limits on its sizes, from its counts alone."""
+    check_name(msg.name)
+    where = f"rule {msg.name}"
+    at_most(len(msg.specs), MAX_SPECS_PER_RULE, f"{where}: specs")
+    _check_sizes(msg, where)
+    for i, spec in enumerate(msg.specs):
+        _check_sizes(spec, f"{where}: specs[{i}]")
+
+
 def from_proto(msg: pb.Rule, sized: bool = True) -> Rule:
     """Validate one rule message; raises InvalidArgument (or Unimplemented) naming the faulty field.
 
-    `sized` applies the request limits too; a stored rule (accepted when the limits
-    may have been wider) is loaded without them. A namespaced rule's selectors are
-    confined to its namespace here, as Cilium does for a CiliumNetworkPolicy; the
-    rule's `source` is the message as enforced.
+    `sized` applies the request limits too (`check_limits`); a stored rule (accepted when
+    the limits may have been wider), or one whose limits were checked, goes without them.
+    A namespaced rule's selectors are confined to its namespace here, as Cilium does for a
+    CiliumNetworkPolicy; the rule's `source` is the message as enforced.
     """
-    check_name(msg.name)
+    if sized:
+        check_limits(msg)
+    else:
+        check_name(msg.name)
     where = f"rule {msg.name}"
     if msg.namespace:
         check_namespace(msg.namespace, where)
-    if sized:
-        at_most(len(msg.specs), MAX_SPECS_PER_RULE, f"{where}: specs")
-        _check_sizes(msg, where)
-        for i, spec in enumerate(msg.specs):
-            _check_sizes(spec, f"{where}: specs[{i}]")
     for i, spec in enumerate(msg.specs):
         if spec.name or spec.namespace or spec.specs:
             raise InvalidArgument(

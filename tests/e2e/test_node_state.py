@@ -14,6 +14,7 @@ import errno
 import ipaddress
 import itertools
 import sqlite3
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,14 +30,16 @@ from weir.policy.v1 import policy_pb2_grpc as pb_grpc
 from pybpf import Map, MapFullError
 from services.common.bpffs import remove_pins
 from services.common.datapath import CtKey, CtValue, EndpointInfo, IpcacheKey, IpcacheValue
-from services.common.errors import ResourceExhausted
+from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.objects import load_service_object
 from services.common.store import Store
+from services.common.validate import Network
 from services.orchestrator.identities import Identities
 from services.orchestrator.ipcache import Ipcache, ipcache_network
 from services.policy.compute import EndpointView, MapEntry
 from services.policy.maps import PolicyMaps
 from services.policy.policy import Policy
+from services.policy.reserve import EARLY_MIN_CIDRS
 from services.policy.sources import OWNER
 from tests.e2e.test_policy import known, sel, tcp, three_tier
 from tests.harness import traffic
@@ -325,6 +328,7 @@ class Local:
     ipcache: Ipcache
     endpoints: list[EndpointView]
     orch_store: Store
+    node: LocalNode
 
     def state(self) -> dict[str, Any]:
         """Everything a change may touch: policy maps, both stores, identities, the ipcache."""
@@ -341,7 +345,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
     root = Path("/sys/fs/bpf") / f"{pid_prefix()}fi{next(_counter)}"
     globals_dir = root / "globals"
     node_maps = load_service_object(BPF_BUILD / "node.o", globals_dir, root / "orchestrator", [])
-    orch_store, policy_store = Store(tmp_path / "orchestrator.db"), Store(tmp_path / "policy.db")
+    orch_store, policy_store = Store(tmp_path / "orchestrator.db", any_thread=True), Store(tmp_path / "policy.db")
     maps = FlakyMaps(BPF_BUILD, globals_dir, root / "policy", 256)
     try:
         ipcache = Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
@@ -352,9 +356,10 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
             endpoints.append(EndpointView(labels["app"], n, f"198.18.0.{n}", f"2001:db8:e::{n}", labels, identity))
             ids.endpoint_up(identity, [ipaddress.ip_network(f"198.18.0.{n}/32")])
         ids.sync_ipcache()
-        policy = Policy(maps, policy_store, LocalNode(ids, endpoints))
+        node = LocalNode(ids, endpoints)
+        policy = Policy(maps, policy_store, node)
         policy.start(wait_for_node=0)
-        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, orch_store)
+        yield Local(policy, maps, policy_store, ids, ipcache, endpoints, orch_store, node)
     finally:
         maps.close()
         node_maps.close()
@@ -446,3 +451,91 @@ def test_ipcache_precedence_and_a_failed_allocation_changes_nothing(local: Local
         ids.allocate_cidrs("lb", [ipaddress.ip_network("10.9.0.0/16"), address])
     vars(local.orch_store).pop("commit")
     assert (ids.all(), cache.read()) == before
+
+
+# ---- a bulk import's CIDRs are reserved while its rules are checked (services.policy.reserve) ----
+
+
+def _bulk(count: int, bad_last: bool = False) -> list[pb.Rule]:
+    """`count` rules over the three endpoints, each allowing egress to a /32 of its own; the last one
+    refused (a label key with an unknown source) with `bad_last`."""
+    apps = ("frontend", "backend", "db")
+    out = [
+        pb.Rule(name=f"bulk-{i}", endpoint_selector=sel(app=apps[i % 3]), egress=[
+            pb.PeerRule(cidrs=[pb.CidrRule(cidr=f"10.7.{i // 256}.{i % 256}/32")], ports=[tcp(443)]),
+        ])
+        for i in range(count)
+    ]  # fmt: skip
+    if bad_last:
+        out[-1].endpoint_selector.match_labels["nosuchsource:app"] = "db"
+    return out
+
+
+@dataclass
+class Calls:
+    """The policy service's calls to the node: (reserve_only, networks, on the caller's thread)."""
+
+    allocations: list[tuple[bool, int, bool]]
+    releases: list[int]
+
+
+def _recording(local: Local, monkeypatch: pytest.MonkeyPatch, fail: Exception | None = None) -> Calls:
+    calls = Calls([], [])
+    caller = threading.get_ident()
+    allocate, release = local.node.allocate, local.node.release
+
+    def recorded_allocate(networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
+        wanted = list(networks)
+        calls.allocations.append((reserve_only, len(wanted), threading.get_ident() == caller))
+        if fail is not None:
+            raise fail
+        return allocate(wanted, reserve_only)
+
+    def recorded_release(networks: Iterable[Network]) -> None:
+        wanted = list(networks)
+        calls.releases.append(len(wanted))
+        release(wanted)
+
+    monkeypatch.setattr(local.node, "allocate", recorded_allocate)
+    monkeypatch.setattr(local.node, "release", recorded_release)
+    return calls
+
+
+def test_a_bulk_import_reserves_its_cidrs_on_a_thread_while_its_rules_are_checked(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = _recording(local, monkeypatch)
+    _, changed = local.policy.import_rules(_bulk(EARLY_MIN_CIDRS + 44))
+    assert set(changed) == {"frontend", "backend", "db"}
+    # one reservation of every CIDR, made early on another thread; then one call publishes them
+    assert calls.allocations == [(True, EARLY_MIN_CIDRS + 44, False), (False, EARLY_MIN_CIDRS + 44, True)]
+    assert not calls.releases
+    cidrs = [i for i in local.identities.all() if i.labels and i.labels[0].startswith("cidr:10.7.")]
+    assert len(cidrs) == EARLY_MIN_CIDRS + 44 and all(OWNER in i.owners for i in cidrs)
+    published = local.ipcache.read()
+    assert all(published.get(ipaddress.ip_network(i.labels[0].removeprefix("cidr:"))) == i.id for i in cidrs)
+    # a small import reserves after its rules are checked, on the caller's thread
+    local.policy.import_rules([_with_cidrs()[-1]])
+    assert calls.allocations[2] == (True, 2, True)
+
+
+def test_a_refused_bulk_import_releases_what_it_reserved_early(local: Local, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = local.state()
+    calls = _recording(local, monkeypatch)
+    with pytest.raises(InvalidArgument, match="nosuchsource"):
+        local.policy.import_rules(_bulk(EARLY_MIN_CIDRS + 44, bad_last=True))
+    assert calls.allocations == [(True, EARLY_MIN_CIDRS + 44, False)]  # the early reservation did happen
+    assert calls.releases == [EARLY_MIN_CIDRS + 44]
+    assert local.state() == before
+
+
+def test_a_failed_early_reservation_is_reported_by_the_reservation_after_the_check(
+    local: Local, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = local.state()
+    calls = _recording(local, monkeypatch, fail=ResourceExhausted("no identity left between 16777216 and 33554431"))
+    with pytest.raises(ResourceExhausted, match="no identity left"):
+        local.policy.import_rules(_bulk(EARLY_MIN_CIDRS))
+    assert calls.allocations == [(True, EARLY_MIN_CIDRS, False), (True, EARLY_MIN_CIDRS, True)]
+    assert not calls.releases  # nothing was reserved, so nothing is released
+    assert local.state() == before

@@ -8,8 +8,9 @@ instead of an orchestrator process.
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from services.common.validate import Network
 from services.orchestrator.identities import Identities, IdentityInfo
@@ -25,21 +26,29 @@ def identity_view(info: IdentityInfo) -> IdentityView:
 
 @dataclass
 class LocalNode:
-    """The orchestrator's identity classes, called in-process instead of over gRPC."""
+    """The orchestrator's identity classes, called in-process instead of over gRPC.
+
+    Calls may come from the policy's threads (a bulk import reserves on one of its own), one at
+    a time, as the orchestrator's worker takes them: its store must be opened with `any_thread`.
+    """
 
     identities: Identities
     endpoints: list[EndpointView]
+    _lock: threading.Lock = field(default_factory=threading.Lock)
 
     def snapshot(self) -> tuple[list[EndpointView], list[IdentityView]]:
-        return list(self.endpoints), [identity_view(i) for i in self.identities.all()]
+        with self._lock:
+            return list(self.endpoints), [identity_view(i) for i in self.identities.all()]
 
     def allocate(self, networks: Iterable[Network], reserve_only: bool = False) -> dict[Network, int]:
         wanted = sorted(set(networks), key=str)
-        infos = self.identities.allocate_cidrs(OWNER, wanted, reserve_only)
+        with self._lock:
+            infos = self.identities.allocate_cidrs(OWNER, wanted, reserve_only)
         return {n: i.id for n, i in zip(wanted, infos, strict=True)}
 
     def release(self, networks: Iterable[Network]) -> None:
-        self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
+        with self._lock:
+            self.identities.release_cidrs(OWNER, sorted(set(networks), key=str))
 
     def policy_ready(self, installed: Iterable[tuple[str, int]], revision: int, resend: bool = False) -> None:
         """No endpoint waits for its policy here (there is no orchestrator)."""

@@ -78,7 +78,7 @@ def local(tmp_path: Path, built: Path) -> Iterator[Local]:
     root = Path("/sys/fs/bpf") / f"{pid_prefix()}pb{next(_counter)}"
     globals_dir = root / "globals"
     node_maps = load_service_object(BPF_BUILD / "node.o", globals_dir, root / "orchestrator", [])
-    orch_store, policy_store = Store(tmp_path / "orchestrator.db"), Store(tmp_path / "policy.db")
+    orch_store, policy_store = Store(tmp_path / "orchestrator.db", any_thread=True), Store(tmp_path / "policy.db")
     maps = PolicyMaps(BPF_BUILD, globals_dir, root / "policy", 65536)
     try:
         ipcache = Ipcache(node_maps.maps["ipcache"], node_maps.maps["ipcache_generation"])
