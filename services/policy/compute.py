@@ -507,14 +507,25 @@ def _l7_ports(direction: Direction, grants: list[Grant], entries: list[MapEntry]
 
 
 class _CidrIndex:
-    """CIDR identities sorted by address, to find those inside a prefix by bisection."""
+    """CIDR identities sorted by address, to find those inside a prefix by bisection.
+
+    A host prefix (/32, /128: a bulk list's usual entry) holds only itself: found by its
+    key, without the sorted rows, which are made on the first shorter prefix asked for.
+    """
 
     def __init__(self, identities: dict[Network, int]) -> None:
-        rows = sorted((n.version, int(n.network_address), n.prefixlen, i) for n, i in identities.items())
-        self._rows = rows
-        self._keys = [(v, a) for v, a, _, _ in rows]
+        self._identities = identities
+        self._rows: list[tuple[int, int, int, int]] | None = None
+        self._keys: list[tuple[int, int]] = []
 
     def within(self, network: Network) -> set[int]:
+        if network.prefixlen == network.max_prefixlen:
+            found = self._identities.get(network)
+            return {found} if found is not None else set()
+        if self._rows is None:
+            found_in = self._identities.items()
+            self._rows = sorted((n.version, int(n.network_address), n.prefixlen, i) for n, i in found_in)
+            self._keys = [(v, a) for v, a, _, _ in self._rows]
         first = int(network.network_address)
         last = first | ((1 << (network.max_prefixlen - network.prefixlen)) - 1)  # broadcast_address, cheaper
         lo = bisect.bisect_left(self._keys, (network.version, first))

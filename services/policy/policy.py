@@ -553,7 +553,7 @@ class Policy:
             raise
 
         def write() -> int:
-            self._store.put_many(RULE, ((key, r.source) for key, r in parsed.items()))
+            self._store.put_many_text(RULE, ((key, r.source_text) for key, r in parsed.items()))
             return self._store.bump_revision(RULE)
 
         revision, changed = self._change_rules(

@@ -386,6 +386,7 @@ def _fail_write(store: Store) -> None:
         raise sqlite3.OperationalError("database or disk is full")
 
     store.put_many = put_many  # type: ignore[method-assign,assignment]
+    store.put_many_text = put_many  # type: ignore[method-assign,assignment]
     store.delete_many = put_many  # type: ignore[method-assign,assignment]
 
 
@@ -417,7 +418,7 @@ def test_a_failed_rule_change_leaves_maps_stores_and_identities_as_they_were(
             policy.delete_rules(["fe-from-net", "db-in"])
     assert local.state() == before
     # and the service goes on: the same change succeeds once the fault is gone
-    for name in ("commit", "put_many", "delete_many"):
+    for name in ("commit", "put_many", "put_many_text", "delete_many"):
         vars(local.store).pop(name, None)
     local.maps.fail_at, local.maps.fail_after_swap = None, False
     if call == "import":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import itertools
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,6 +155,8 @@ def test_stored_rules_read_back_the_same_after_a_restart(local: Local) -> None:
     assert confined.endpoint_selector.match_labels["k8s:io.kubernetes.pod.namespace"] == "prod"
     after = local.restarted()
     assert listed(after) == before
+    for rule in map(rules_mod.from_proto, [*varied(), *bulk(3)]):  # the text written is the document's JSON
+        assert rule.source_text == json.dumps(rule.source, sort_keys=True, separators=(",", ":"))
     assert {ep.id: after.endpoint_policy(ep.name)[0].entries for ep in local.endpoints} == {
         ep.id: local.policy.endpoint_policy(ep.name)[0].entries for ep in local.endpoints
     }
