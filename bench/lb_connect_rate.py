@@ -104,13 +104,15 @@ while True:
 CLIENT = """
 import collections, json, socket, sys, time
 hosts, port, seconds, timeout = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-done = errors = 0
+STALL = float(sys.argv[5])
+done = errors = stalls = 0
 answers = collections.Counter()
 start = time.monotonic()
 end = start + seconds
 while time.monotonic() < end:
     sock = socket.socket()
     sock.settimeout(timeout)
+    began = time.monotonic()
     try:
         sock.connect((hosts[(done + errors) % len(hosts)], port))
         sock.sendall(b"x")
@@ -126,8 +128,9 @@ while time.monotonic() < end:
         errors += 1
     finally:
         sock.close()
+    stalls += time.monotonic() - began >= STALL
 print(json.dumps({"connections": done, "errors": errors, "seconds": time.monotonic() - start,
-                  "answers": dict(answers)}))
+                  "answers": dict(answers), "stalls": stalls}))
 """
 
 
@@ -136,8 +139,8 @@ print(json.dumps({"connections": done, "errors": errors, "seconds": time.monoton
 INTERLEAVED = """
 import json, socket, sys, time
 groups = json.loads(sys.argv[1])
-seconds, timeout, piece = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4])
-stats = [{"connections": 0, "errors": 0, "seconds": 0.0, "answers": {}} for _ in groups]
+seconds, timeout, piece, STALL = float(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+stats = [{"connections": 0, "errors": 0, "seconds": 0.0, "answers": {}, "stalls": 0} for _ in groups]
 end = time.monotonic() + seconds
 while time.monotonic() < end:
     for (hosts, port), s in zip(groups, stats):
@@ -146,6 +149,7 @@ while time.monotonic() < end:
         while time.monotonic() < stop:
             sock = socket.socket()
             sock.settimeout(timeout)
+            began = time.monotonic()
             try:
                 sock.connect((hosts[n % len(hosts)], port))
                 sock.sendall(b"x")
@@ -162,11 +166,13 @@ while time.monotonic() < end:
                 s["errors"] += 1
             finally:
                 sock.close()
+            s["stalls"] += time.monotonic() - began >= STALL
             n += 1
         s["seconds"] += time.monotonic() - start
 print(json.dumps(stats))
 """
 SLICE = 0.1
+STALL = 0.2  # a connection slower than this waited for a retransmission (the first SYN timeout is 1 s)
 
 
 # ---- kube-proxy's rules ----
@@ -288,6 +294,7 @@ class Rate:
     errors: int
     seconds: float
     answers: dict[str, int]
+    stalls: int = 0  # connections that took STALL seconds or more (a lost SYN or SYN-ACK waits 1 s)
 
     @property
     def per_second(self) -> float:
@@ -297,10 +304,21 @@ class Rate:
 def connect_rate(ns: str, host: str, port: int, seconds: float) -> Rate:
     """Run the client loop in `ns` against host:port for `seconds`."""
     out = run(
-        sys.executable, "-c", CLIENT, host, str(port), str(seconds), str(CONNECT_TIMEOUT), ns=ns, timeout=seconds + 60
+        sys.executable,
+        "-c",
+        CLIENT,
+        host,
+        str(port),
+        str(seconds),
+        str(CONNECT_TIMEOUT),
+        str(STALL),
+        ns=ns,
+        timeout=seconds + 60,
     ).stdout
     data = json.loads(out)
-    rate = Rate(int(data["connections"]), int(data["errors"]), float(data["seconds"]), dict(data["answers"]))
+    rate = Rate(
+        int(data["connections"]), int(data["errors"]), float(data["seconds"]), dict(data["answers"]), data["stalls"]
+    )
     if rate.connections == 0:
         raise RuntimeError(f"no connection from {ns} to {host}:{port} succeeded ({rate.errors} failed)")
     return rate
@@ -310,11 +328,12 @@ def interleaved_rates(ns: str, groups: list[tuple[list[str], int]], seconds: flo
     """Connection rates of several targets measured in turn, SLICE seconds each, for `seconds` in all."""
     spec = json.dumps([[hosts, port] for hosts, port in groups])
     out = run(
-        sys.executable, "-c", INTERLEAVED, spec, str(seconds), str(CONNECT_TIMEOUT), str(SLICE),
+        sys.executable, "-c", INTERLEAVED, spec, str(seconds), str(CONNECT_TIMEOUT), str(SLICE), str(STALL),
         ns=ns, timeout=seconds + 60,
     ).stdout  # fmt: skip
     rates = [
-        Rate(int(d["connections"]), int(d["errors"]), float(d["seconds"]), dict(d["answers"])) for d in json.loads(out)
+        Rate(int(d["connections"]), int(d["errors"]), float(d["seconds"]), dict(d["answers"]), d["stalls"])
+        for d in json.loads(out)
     ]
     for (hosts, port), rate in zip(groups, rates, strict=True):
         if rate.connections == 0:
@@ -516,14 +535,15 @@ def report(m: Measured, seconds: float, rounds: int) -> None:
         f"connections per second, {rounds} rounds of {seconds:g} s each (median, min..max); "
         "connect + 1 byte each way + close"
     )
-    print(f"{'set-up':<10}{'target':<26}{'conn/s':>9}{'range':>18}{'errors':>8}")
+    print(f"{'set-up':<10}{'target':<26}{'conn/s':>9}{'range':>18}{'errors':>8}{'stalls':>8}")
     medians = m.medians()
     for t in m.targets:
         rates = [r.per_second for r in m.results[t]]
         errors = sum(r.errors for r in m.results[t])
+        stalls = sum(r.stalls for r in m.results[t])
         print(
             f"{t.setup:<10}{t.label:<26}{medians[t.setup, t.label]:>9.0f}"
-            f"{f'{min(rates):.0f}..{max(rates):.0f}':>18}{errors:>8}"
+            f"{f'{min(rates):.0f}..{max(rates):.0f}':>18}{errors:>8}{stalls:>8}"
         )
     print("\nratio Weir / iptables (conn/s)")
     for label in dict.fromkeys(t.label for t in m.targets):
@@ -536,7 +556,8 @@ def report(m: Measured, seconds: float, rounds: int) -> None:
     for setup, by_label in m.interleaved.items():
         direct = by_label[DIRECT].per_second
         shown = "   ".join(
-            f"{label}: {r.per_second:.0f} ({r.per_second / direct:.2f})" for label, r in by_label.items()
+            f"{label}: {r.per_second:.0f} ({r.per_second / direct:.2f}, {r.stalls} stalls)"
+            for label, r in by_label.items()
         )
         print(f"  {setup:<10}{shown}")
 
