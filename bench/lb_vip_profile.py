@@ -31,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.lb_connect_rate import CLIENT, CONNECT_TIMEOUT, Processes, client_sysctls, teardown, weir_setup
+from bench.lb_connect_rate import CLIENT, CONNECT_TIMEOUT, STALL, Processes, client_sysctls, teardown, weir_setup
 from bench.lb_cost import BACKEND_PORT, PORT, vip
 from bench.netbench import exit_on_sigterm
 from tests.harness.node import Node, cpu_seconds
@@ -65,7 +65,8 @@ def client_run(ns: str, hosts: str, port: int, seconds: float) -> tuple[dict[str
     """The client loop; returns its JSON and its own CPU seconds (user + system)."""
     before = os.times()
     done = subprocess.run(
-        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, hosts, str(port), str(seconds), str(CONNECT_TIMEOUT)],
+        ["ip", "netns", "exec", ns, sys.executable, "-c", CLIENT, hosts, str(port), str(seconds),
+         str(CONNECT_TIMEOUT), str(STALL)],
         capture_output=True, text=True, check=True, timeout=seconds + 60,
     )  # fmt: skip
     after = os.times()
