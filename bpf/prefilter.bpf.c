@@ -170,15 +170,22 @@ static __always_inline struct weir_prefilter_entry *lookup_v4_block(__u32 gen, _
 	void *blocks, *hosts;
 	int len;
 
+	/* Two call sites, kept apart: the verifier inlines an array's lookup only where every
+	 * map reaching the call is that array (one shared call costs ~15 ns more per packet).
+	 */
 	if (page) {
 		blocks = bpf_map_lookup_elem(&pf_v4_page, &gen);
+		if (!blocks)
+			return 0;
 		slot = page - 1 + (slot & (WEIR_PREFILTER_V4_BLOCKS_PER_SPAN - 1));
+		blk = bpf_map_lookup_elem(blocks, &slot);
+		barrier_var(blk);
 	} else {
 		blocks = bpf_map_lookup_elem(&pf_v4_block, &gen);
+		if (!blocks)
+			return 0;
+		blk = bpf_map_lookup_elem(blocks, &slot);
 	}
-	if (!blocks)
-		return 0;
-	blk = bpf_map_lookup_elem(blocks, &slot);
 	if (!blk || !(blk->covered[(low >> 3) & 31] & (1u << (low & 7))))
 		return 0;
 	lengths = blk->lengths;
