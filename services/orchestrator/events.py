@@ -161,13 +161,21 @@ class EventHub:
         buffer (GetFlows right after traffic) waits for one full round to begin and end after
         its call: at most two EVENTS_POLL_MS periods.
         """
-        await asyncio.to_thread(self.wait_caught_up, timeout)
+        behind = self._behind(timeout)  # a plain sleep loop: a thread each would let many calls starve the pool
+        while behind():
+            await asyncio.sleep(EVENTS_POLL_MS / 4000)
 
     def wait_caught_up(self, timeout: float = 1.0) -> None:
         """caught_up for a thread other than the event loop's (the metrics scrape)."""
-        target, deadline = self._rounds + 2, time.monotonic() + timeout  # the round under way may be past consume
-        while self._reading() and self._rounds < target and time.monotonic() < deadline:
+        behind = self._behind(timeout)
+        while behind():
             time.sleep(EVENTS_POLL_MS / 4000)
+
+    def _behind(self, timeout: float) -> Callable[[], bool]:
+        """Whether a caller arriving now still waits: until two more rounds end (the round under
+        way may be past its consume), the reader stops, or `timeout` runs out."""
+        target, deadline = self._rounds + 2, time.monotonic() + timeout
+        return lambda: self._reading() and self._rounds < target and time.monotonic() < deadline
 
     def _reading(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop.is_set()
